@@ -1,0 +1,181 @@
+"""The per-patch draw, vectorised with NumPy.
+
+This is one of the two implementations of the per-patch draw (the other is the
+CUDA kernel in ``gpu_patching/kernels``); the test suite proves they agree bit
+for bit. The draw of patch ``i`` with draw number ``k``:
+
+1. ``s``: the sample whose patch range holds ``i``; ``j = i - patch_offset[s]``
+   is the stratum, ``n`` the sample's patch count, ``M`` its total mass.
+2. ``r``: the first Philox word of counter ``(i, k, PURPOSE_STRATUM)``.
+3. Stratum ``j`` owns the integer mass points ``[lo, hi)`` with
+   ``lo = floor(j * M / n)`` and ``hi = floor((j + 1) * M / n)``; the draw
+   takes ``x = lo + floor(r * (hi - lo) / 2**32)``. The strata tile ``[0, M)``
+   exactly, so every mass point, hence every corner, is reached with a
+   probability proportional to its mass.
+4. ``x`` is located: the region whose mass interval holds it, then the rank of
+   the corner inside the region (each corner owns ``q`` consecutive points),
+   then the sub-box and the corner inside the sub-box (row-major).
+
+All integer arithmetic is exact in int64/uint64 within the limits that
+``tables`` enforces (``n < 2**31``, total mass ``< 2**62``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .. import grid, rng
+from ..tables import RegionTables
+
+__all__ = ["NumpyBackend", "locate_corners", "stratum_points"]
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
+
+
+def stratum_points(
+    stratum: NDArray[np.int64],
+    n_patches: NDArray[np.int64],
+    mass_total: NDArray[np.int64],
+    word: NDArray[np.uint64],
+) -> NDArray[np.int64]:
+    """Return the mass point drawn in each stratum.
+
+    Parameters
+    ----------
+    stratum : numpy.ndarray of int64
+        Stratum ``j`` of each draw, ``0 <= j < n``.
+    n_patches : numpy.ndarray of int64
+        Number of strata ``n`` (the sample's patch count), ``0 < n < 2**31``.
+    mass_total : numpy.ndarray of int64
+        Total mass ``M`` of the sample, ``0 < M < 2**62``.
+    word : numpy.ndarray of uint64
+        A uniform 32-bit random word per draw.
+
+    Returns
+    -------
+    numpy.ndarray of int64
+        ``x`` in ``[floor(j M / n), floor((j + 1) M / n))``, or the lower end
+        when the stratum is empty (only possible when ``M < n``).
+    """
+    quotient, remainder = np.divmod(mass_total, n_patches)
+    # j * remainder < n**2 < 2**62: exact.
+    lower = stratum * quotient + (stratum * remainder) // n_patches
+    upper = (stratum + 1) * quotient + ((stratum + 1) * remainder) // n_patches
+    width = (upper - lower).astype(np.uint64)
+    # floor(word * width / 2**32) without a 96-bit product.
+    offset = word * (width >> _SHIFT32) + ((word * (width & _MASK32)) >> _SHIFT32)
+    return lower + offset.astype(np.int64)
+
+
+def locate_corners(
+    tables: RegionTables, sample: NDArray[np.int64], point: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """Return the corner that owns each mass point of a sample.
+
+    Parameters
+    ----------
+    tables : RegionTables
+        Tables on the NumPy backend.
+    sample : numpy.ndarray of int64
+        Flat sample number of each point.
+    point : numpy.ndarray of int64
+        Mass point relative to the sample, ``0 <= point < M``.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (len(point), d)
+        Patch corners (top-left, and first slice in 3D).
+    """
+    ndim = tables.ndim
+    global_point = tables.mass_offset[sample] + point
+    # The last region whose prefix is <= the point holds it; zero-mass regions
+    # share their prefix with the next region and are skipped by 'right'.
+    region = np.searchsorted(tables.mass_prefix, global_point, side="right") - 1
+    rank = (global_point - tables.mass_prefix[region]) // tables.weight[region]
+    mask = tables.subbox_mask[region]
+
+    cell = region - tables.region_offset[sample]
+    grid_shape = tables.grid_shape[sample]
+    spatial_shape = tables.spatial_shape[sample]
+    patch = np.asarray(tables.patch_size, dtype=np.int64)
+    cell_index = np.empty((len(point), ndim), dtype=np.int64)
+    for axis in range(ndim - 1, -1, -1):
+        cell, cell_index[:, axis] = np.divmod(cell, grid_shape[:, axis])
+    cell_start = cell_index * patch
+    last_corner = spatial_shape - patch
+    part0 = (cell_start <= last_corner).astype(np.int64)
+    part1 = np.clip(last_corner - cell_start, 0, patch - 1)
+
+    chosen = np.full(len(point), -1, dtype=np.int64)
+    box_rank = np.zeros(len(point), dtype=np.int64)
+    remaining = rank
+    boxes = grid.subbox_offsets(ndim)
+    for bit, box in enumerate(boxes):
+        size = ((mask >> bit) & 1).astype(np.int64)
+        for axis, b in enumerate(box):
+            size = size * (part1[:, axis] if b else part0[:, axis])
+        undecided = chosen < 0
+        take = undecided & (remaining < size)
+        chosen[take] = bit
+        box_rank[take] = remaining[take]
+        remaining = np.where(undecided & ~take, remaining - size, remaining)
+
+    box_table = np.asarray(boxes, dtype=np.int64)
+    in_part1 = box_table[chosen]
+    box_size = np.where(in_part1 == 1, part1, part0)
+    corner = np.empty((len(point), ndim), dtype=np.int64)
+    for axis in range(ndim - 1, -1, -1):
+        box_rank, offset = np.divmod(box_rank, box_size[:, axis])
+        corner[:, axis] = cell_start[:, axis] + in_part1[:, axis] * (1 + offset)
+    return corner
+
+
+class NumpyBackend:
+    """The host backend: NumPy tables and a vectorised per-patch draw."""
+
+    name = "numpy"
+    xp: Any = np
+
+    def draw(
+        self,
+        tables: RegionTables,
+        indices: NDArray[np.int64],
+        draw_number: int,
+        seed: int,
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """Draw the corners of the given global patch indices.
+
+        Parameters
+        ----------
+        tables : RegionTables
+            The sampler's tables.
+        indices : numpy.ndarray of int64
+            Global patch indices, each in ``[0, tables.total_patches)``.
+        draw_number : int
+            The draw number, in ``[0, 2**32)``.
+        seed : int
+            The 64-bit seed.
+
+        Returns
+        -------
+        sample : numpy.ndarray of int64
+            Flat sample number of each patch.
+        corner : numpy.ndarray of int64, shape (len(indices), d)
+            Patch corners.
+        """
+        sample = np.searchsorted(tables.patch_offset, indices, side="right") - 1
+        stratum = indices - tables.patch_offset[sample]
+        n_patches = tables.n_patches[sample]
+        mass_total = tables.mass_offset[sample + 1] - tables.mass_offset[sample]
+        word = rng.random_uint32(seed, indices, draw_number, rng.PURPOSE_STRATUM)
+        point = stratum_points(stratum, n_patches, mass_total, word)
+        return sample, locate_corners(tables, sample, point)
+
+    @staticmethod
+    def to_host(values: Any) -> NDArray[Any]:
+        """Return ``values`` as a NumPy array."""
+        return np.asarray(values)

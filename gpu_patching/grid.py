@@ -1,0 +1,276 @@
+"""Cells, sub-boxes, selectable areas and integer masses of sampling regions.
+
+Everything here is written once against an array namespace ``xp`` (NumPy or
+CuPy) and works on a batch of samples that share one spatial shape, so the same
+code builds the tables on the host and on the device.
+
+The model (see ``DESIGN.md`` section 2), per spatial axis ``a`` of length
+``D_a`` and patch size ``P_a``:
+
+* The grid has ``G_a = (D_a + 1) // P_a`` cells. Cell ``g`` holds the patch
+  corners ``c`` with ``g_a * P_a <= c_a < (g_a + 1) * P_a``; the valid corners
+  are ``0 <= c_a <= D_a - P_a``.
+* The *region* of cell ``g`` is every patch whose corner lies in cell ``g``.
+  Along one axis its corners split into offset 0 (part 0, at most one corner)
+  and offsets ``1 .. P_a - 1`` (part 1). A *sub-box* ``b`` in ``{0, 1}^d``
+  picks a part per axis; a patch in sub-box ``b`` overlaps cell ``g + o``
+  exactly when ``o <= b`` component-wise.
+* Excluding cell ``e`` forbids every patch that overlaps it, so sub-box ``b``
+  of region ``g`` is selectable iff no cell ``g + o`` with ``o <= b`` is
+  excluded. Sub-box ``b`` has bit ``b_0 * 2**(d-1) + ... + b_{d-1}`` in a
+  region's *sub-box mask*, and the region's *area* is the number of selectable
+  corners.
+* Probabilities are quantised to integers ``q`` (``PROB_ONE`` means 1) and a
+  region's *mass* is ``area * q``. Integer masses make every table and every
+  prefix sum exact, whatever the summation order of the backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = [
+    "MAX_PROBABILITY",
+    "PROB_ONE",
+    "axis_part_sizes",
+    "grid_shape",
+    "patches_per_sample",
+    "quantise_probabilities",
+    "region_areas",
+    "subbox_masks",
+    "subbox_offsets",
+]
+
+#: Quantisation step of probabilities: a probability ``p`` becomes the integer
+#: ``round(p * PROB_ONE)`` (at least 1 when ``p > 0``).
+PROB_ONE = 1 << 20
+#: Largest accepted probability. It keeps every quantised mass well inside int64.
+MAX_PROBABILITY = float(1 << 20)
+
+
+def grid_shape(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, ...]:
+    """Return the number of grid cells along each spatial axis.
+
+    Parameters
+    ----------
+    spatial_shape : sequence of int
+        The ``(Z)YX`` shape of one sample.
+    patch_size : sequence of int
+        The patch size, same length as ``spatial_shape``.
+
+    Returns
+    -------
+    tuple of int
+        ``(D_a + 1) // P_a`` for every axis ``a``. The ``+ 1`` keeps the last
+        corner inside the grid when ``D_a`` is a multiple of ``P_a``.
+    """
+    return tuple(
+        (int(size) + 1) // int(patch) for size, patch in zip(spatial_shape, patch_size)
+    )
+
+
+def subbox_offsets(ndim: int) -> list[tuple[int, ...]]:
+    """Return the sub-boxes ``b`` of a region in mask-bit order.
+
+    Parameters
+    ----------
+    ndim : int
+        Number of spatial dimensions (2 or 3).
+
+    Returns
+    -------
+    list of tuple of int
+        ``{0, 1}^ndim`` in row-major order; entry ``k`` owns bit ``k`` of the
+        sub-box mask and is also the ``k``-th sub-box in the corner order.
+    """
+    return list(itertools.product((0, 1), repeat=ndim))
+
+
+def axis_part_sizes(
+    spatial_length: int, patch_length: int, n_cells: int, xp: Any = np
+) -> tuple[Any, Any]:
+    """Return how many valid corners each cell has in part 0 and part 1 of an axis.
+
+    Parameters
+    ----------
+    spatial_length : int
+        ``D_a``, the length of the axis.
+    patch_length : int
+        ``P_a``, the patch size along the axis.
+    n_cells : int
+        ``G_a``, the number of grid cells along the axis.
+    xp : module
+        Array namespace (``numpy`` or ``cupy``).
+
+    Returns
+    -------
+    part0, part1 : array of int64, shape (n_cells,)
+        ``part0[g]`` is 1 when the corner ``g * P_a`` is valid, else 0;
+        ``part1[g]`` counts the valid corners ``g * P_a + 1 .. g * P_a + P_a - 1``.
+    """
+    last_corner = spatial_length - patch_length
+    cell_start = xp.arange(n_cells, dtype=xp.int64) * patch_length
+    part0 = (cell_start <= last_corner).astype(xp.int64)
+    part1 = xp.clip(last_corner - cell_start, 0, patch_length - 1).astype(xp.int64)
+    return part0, part1
+
+
+def subbox_masks(excluded: Any, xp: Any = np) -> Any:
+    """Return the sub-box mask of every region of a batch of samples.
+
+    Parameters
+    ----------
+    excluded : array of bool, shape (B, G_1, ..., G_d)
+        Excluded cells of ``B`` samples that share a grid shape.
+    xp : module
+        Array namespace (``numpy`` or ``cupy``).
+
+    Returns
+    -------
+    array of uint8, shape (B, G_1, ..., G_d)
+        Bit ``k`` is set when sub-box ``subbox_offsets(d)[k]`` is selectable,
+        i.e. no cell ``g + o`` with ``o <= b`` is excluded (cells outside the
+        grid are never excluded).
+    """
+    ndim = excluded.ndim - 1
+    offsets = subbox_offsets(ndim)
+    # shifted[o][g] = excluded[g + o], False past the far edge of the grid.
+    shifted = {}
+    for offset in offsets:
+        view = xp.zeros_like(excluded)
+        target = (slice(None),) + tuple(
+            slice(0, excluded.shape[1 + a] - o) for a, o in enumerate(offset)
+        )
+        source = (slice(None),) + tuple(slice(o, None) for o in offset)
+        view[target] = excluded[source]
+        shifted[offset] = view
+    mask = xp.zeros(excluded.shape, dtype=xp.uint8)
+    for bit, box in enumerate(offsets):
+        blocked = xp.zeros_like(excluded)
+        for offset in offsets:
+            if all(o <= b for o, b in zip(offset, box)):
+                blocked |= shifted[offset]
+        mask |= (~blocked).astype(xp.uint8) << bit
+    return mask
+
+
+def region_areas(
+    masks: Any, spatial_shape: Sequence[int], patch_size: Sequence[int], xp: Any = np
+) -> Any:
+    """Return the number of selectable corners of every region.
+
+    Parameters
+    ----------
+    masks : array of uint8, shape (B, G_1, ..., G_d)
+        Sub-box masks from :func:`subbox_masks`.
+    spatial_shape : sequence of int
+        The ``(Z)YX`` shape shared by the ``B`` samples.
+    patch_size : sequence of int
+        The patch size.
+    xp : module
+        Array namespace (``numpy`` or ``cupy``).
+
+    Returns
+    -------
+    array of int64, shape (B, G_1, ..., G_d)
+        Selectable corners per region.
+    """
+    ndim = len(patch_size)
+    cells = masks.shape[1:]
+    parts = [
+        axis_part_sizes(int(spatial_shape[a]), int(patch_size[a]), cells[a], xp)
+        for a in range(ndim)
+    ]
+    area = xp.zeros(masks.shape, dtype=xp.int64)
+    for bit, box in enumerate(subbox_offsets(ndim)):
+        box_size = xp.ones(cells, dtype=xp.int64)
+        for a, b in enumerate(box):
+            shape = [1] * ndim
+            shape[a] = cells[a]
+            box_size = box_size * parts[a][b].reshape(shape)
+        selectable = ((masks >> bit) & 1).astype(xp.int64)
+        area += selectable * box_size
+    return area
+
+
+def quantise_probabilities(probabilities: Any, xp: Any = np) -> Any:
+    """Return the integer weights ``q`` of probabilities.
+
+    Parameters
+    ----------
+    probabilities : array of float64
+        Validated probabilities: finite, in ``[0, MAX_PROBABILITY]``.
+    xp : module
+        Array namespace (``numpy`` or ``cupy``).
+
+    Returns
+    -------
+    array of int64
+        ``round(p * PROB_ONE)``, raised to 1 where ``p > 0`` so that a small
+        positive probability never switches a region off.
+    """
+    q = xp.rint(probabilities * PROB_ONE).astype(xp.int64)
+    return xp.where(probabilities > 0, xp.maximum(q, 1), 0)
+
+
+def patches_per_sample(
+    spatial_shapes: NDArray[np.int64],
+    patch_size: Sequence[int],
+    n_cells: NDArray[np.int64],
+    n_excluded: NDArray[np.int64],
+    weight_total: NDArray[np.int64],
+    mass_total: NDArray[np.int64],
+) -> NDArray[np.int64]:
+    """Return the number of patches of every sample (host-side, float64).
+
+    ``n = 0`` when a sample has no mass, else
+    ``max(1, ceil(prod(D / P) - sum_g (1 - p_g) - n_excluded))``.
+
+    ``prod(D / P)`` is evaluated exactly as the reference implementation does
+    (float64, axis order), so without probabilities the result equals the
+    reference's. ``sum_g (1 - p_g)`` uses the quantised probabilities, which
+    makes it an exact dyadic rational, identical on every backend; with
+    probabilities set, ``n`` may therefore differ from the reference's by the
+    quantisation only (at most 1).
+
+    Parameters
+    ----------
+    spatial_shapes : numpy.ndarray of int64, shape (S, d)
+        ``(Z)YX`` shape of every sample.
+    patch_size : sequence of int
+        The patch size.
+    n_cells : numpy.ndarray of int64, shape (S,)
+        Grid cells per sample.
+    n_excluded : numpy.ndarray of int64, shape (S,)
+        Excluded cells per sample.
+    weight_total : numpy.ndarray of int64, shape (S,)
+        Sum of the quantised probabilities ``q`` over the cells of each sample.
+    mass_total : numpy.ndarray of int64, shape (S,)
+        Total mass per sample.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (S,)
+        Patches per sample.
+    """
+    base = np.prod(
+        spatial_shapes.astype(np.float64) / np.asarray(patch_size, dtype=np.float64),
+        axis=1,
+    )
+    # (n_cells * PROB_ONE - weight_total) is an exact integer; dividing by a
+    # power of two is exact, so this term is the same bits everywhere.
+    shortfall = (n_cells * PROB_ONE - weight_total).astype(np.float64) / PROB_ONE
+    wanted = np.ceil(base - n_excluded.astype(np.float64) - shortfall)
+    n_patches = np.maximum(wanted, 1).astype(np.int64)
+    return np.where(mass_total > 0, n_patches, 0).astype(np.int64)
+
+
+def cell_count(shape: Sequence[int]) -> int:
+    """Return the number of cells of a grid shape (product of its lengths)."""
+    return math.prod(int(s) for s in shape)

@@ -1,0 +1,121 @@
+"""Counter-based random bits: Philox4x32-10 and the counter layout.
+
+This module turns counters into random 32-bit words and knows nothing about
+patches. Every random number the sampler uses is a pure function of
+``(seed, patch index, draw number, purpose)``: there is no generator state, so
+any order of evaluation, any device and any number of threads give the same
+bits. The CUDA kernels implement the same function in
+``gpu_patching/kernels/philox.cuh``; the test suite checks both against the
+published Random123 known-answer vectors.
+
+Counter layout (the only place it is defined on the Python side)::
+
+    counter = (index & 0xffffffff, draw_number, purpose, index >> 32)
+    key     = (seed & 0xffffffff, seed >> 32)
+
+For patch indices below ``2**32`` the last word is 0, which is the
+``(patch index, draw number, purpose, 0)`` layout of the design document; the
+last word only carries the high bits of larger indices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+__all__ = [
+    "PURPOSE_SHUFFLE",
+    "PURPOSE_STRATUM",
+    "philox4x32_10",
+    "random_uint32",
+]
+
+#: Purpose word of the draw that places a patch inside its stratum.
+PURPOSE_STRATUM = 0
+#: Purpose word reserved for epoch shuffling.
+PURPOSE_SHUFFLE = 1
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+_SHIFT32 = np.uint64(32)
+_PHILOX_M0 = np.uint64(0xD2511F53)
+_PHILOX_M1 = np.uint64(0xCD9E8D57)
+_PHILOX_W0 = 0x9E3779B9
+_PHILOX_W1 = 0xBB67AE85
+_ROUNDS = 10
+
+
+def _as_words(value: ArrayLike) -> NDArray[np.uint64]:
+    """Return ``value`` as uint64 holding 32-bit words, rejecting wider values."""
+    words = np.asarray(value)
+    if words.dtype.kind not in "ui":
+        raise TypeError(f"Philox words must be integers, got dtype {words.dtype}")
+    if words.size and (words.min() < 0 or words.max() > 0xFFFFFFFF):
+        raise ValueError("Philox words must lie in [0, 2**32)")
+    return words.astype(np.uint64, copy=False)
+
+
+def philox4x32_10(
+    counter: tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike],
+    key: tuple[int, int],
+) -> tuple[
+    NDArray[np.uint64], NDArray[np.uint64], NDArray[np.uint64], NDArray[np.uint64]
+]:
+    """Evaluate Philox4x32-10 element-wise (Salmon et al., SC'11; Random123).
+
+    Parameters
+    ----------
+    counter : tuple of four array_like of int
+        The four 32-bit counter words; arrays broadcast against each other.
+    key : tuple of two int
+        The two 32-bit key words.
+
+    Returns
+    -------
+    tuple of four numpy.ndarray of numpy.uint64
+        The four 32-bit output words (stored in uint64 arrays), broadcast to
+        the common shape of the counter words.
+    """
+    c0, c1, c2, c3 = np.broadcast_arrays(*(_as_words(c) for c in counter))
+    k0, k1 = (int(k) for k in key)
+    if not (0 <= k0 <= 0xFFFFFFFF and 0 <= k1 <= 0xFFFFFFFF):
+        raise ValueError(f"Philox key words must lie in [0, 2**32), got {key}")
+    for _ in range(_ROUNDS):
+        # Products of two 32-bit words fit exactly in uint64.
+        product0 = _PHILOX_M0 * c0
+        product1 = _PHILOX_M1 * c2
+        c0, c1, c2, c3 = (
+            (product1 >> _SHIFT32) ^ c1 ^ np.uint64(k0),
+            product1 & _MASK32,
+            (product0 >> _SHIFT32) ^ c3 ^ np.uint64(k1),
+            product0 & _MASK32,
+        )
+        k0 = (k0 + _PHILOX_W0) & 0xFFFFFFFF
+        k1 = (k1 + _PHILOX_W1) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def random_uint32(
+    seed: int, index: ArrayLike, draw_number: int, purpose: int
+) -> NDArray[np.uint64]:
+    """Return the first Philox output word for each patch index.
+
+    Parameters
+    ----------
+    seed : int
+        The 64-bit key, in ``[0, 2**64)``.
+    index : array_like of int
+        Non-negative patch indices, below ``2**63``.
+    draw_number : int
+        The draw number, in ``[0, 2**32)``.
+    purpose : int
+        What the bits are for (``PURPOSE_STRATUM``, ``PURPOSE_SHUFFLE``).
+
+    Returns
+    -------
+    numpy.ndarray of numpy.uint64
+        One uniformly distributed 32-bit word per index (in uint64 storage).
+    """
+    index = np.asarray(index, dtype=np.int64).astype(np.uint64)
+    counter = (index & _MASK32, draw_number, purpose, index >> _SHIFT32)
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    return philox4x32_10(counter, key)[0]

@@ -1,0 +1,473 @@
+"""``StratifiedPatching``: the public sampler (CAREamics' API, flat tables)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _validation as check
+from ._arrays import to_host
+from .backends import resolve_backend
+from .specs import PatchBatch, PatchSpecs
+from .tables import RegionTables
+
+__all__ = ["StratifiedPatching"]
+
+_DRAW_LIMIT = 1 << 32
+_CACHED_EPOCHS = 2
+
+
+@dataclass(frozen=True)
+class _HostEpoch:
+    """One epoch as Python objects, so ``get_patch_spec`` is a few list lookups."""
+
+    data_idx: list[int]
+    sample_idx: list[int]
+    coords: list[tuple[int, ...]]
+
+
+class StratifiedPatching:
+    """Stratified patching strategy allowing patches on a grid to be excluded.
+
+    A drop-in replacement for CAREamics' ``StratifiedPatching`` whose state
+    lives in flat arrays (on the GPU with ``backend="cuda"``) and whose draws
+    are a pure function of the seed, the patch index and the draw number.
+
+    Patches are sampled from sampling regions that are two times the patch size
+    in each dimension and lie on a grid with a spacing of the patch size, so
+    every patch position can be selected. Regions at the edge of an image, or
+    next to an excluded grid cell, are smaller.
+
+    Each epoch every sample's regions are laid along a line of integer "mass"
+    (selectable corners times the quantised region probability) that is cut
+    into as many equal strata as the sample has patches; patch index ``j`` of a
+    sample draws one point of stratum ``j``. Hence the same index keeps coming
+    from the same region (or its neighbours on the line) with high probability,
+    every selectable position is chosen with a probability proportional to its
+    region's probability, and the mean over pixels of the expected number of
+    times a pixel is covered per epoch is 1.
+
+    The number of patches is determined from the number of selectable patch
+    coordinates, exactly as in CAREamics.
+
+    Parameters
+    ----------
+    data_shapes : sequence of (sequence of int)
+        Shapes of the underlying data, one per image stack (axes ``SC(Z)YX``).
+    patch_size : sequence of int
+        Patch size per spatial dimension (length 2 or 3).
+    seed : int or None, default None
+        Seed for reproducibility, in ``[0, 2**64)``. When None a seed is drawn
+        from the operating system's entropy; either way it is available as
+        :attr:`seed`, so any run can be replayed.
+    backend : {"auto", "cuda", "numpy"}, default "auto"
+        Where the tables live and the draws run. ``"auto"`` picks ``"cuda"``
+        only when CuPy imports and a CUDA device is usable. All backends
+        return the same patches.
+
+    Attributes
+    ----------
+    seed : int
+        The seed in use.
+    backend : str
+        The backend in use, ``"numpy"`` or ``"cuda"``.
+
+    Notes
+    -----
+    Randomness is counter-based (Philox4x32-10): the ``k``-th call of
+    ``get_patch_spec(i)`` returns row ``i`` of ``sample_epoch(k)``, and
+    :meth:`set_epoch` moves the draw number of every index.
+
+    Examples
+    --------
+    >>> from gpu_patching import StratifiedPatching
+    >>> sampler = StratifiedPatching([(1, 1, 256, 256)], (64, 64), seed=42)
+    >>> sampler.n_patches
+    16
+    >>> sampler.exclude_patches(0, 0, [(1, 1)])
+    >>> sampler.n_patches
+    15
+    >>> spec = sampler.get_patch_spec(0)
+    >>> sorted(spec)
+    ['coords', 'data_idx', 'patch_size', 'sample_idx']
+    """
+
+    def __init__(
+        self,
+        data_shapes: Sequence[Sequence[int]],
+        patch_size: Sequence[int],
+        seed: int | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        patch = check.validate_patch_size(patch_size)
+        shapes = check.validate_data_shapes(data_shapes, patch)
+        self._seed = check.validate_seed(seed)
+        self._backend = resolve_backend(backend)
+        self._patch_size = patch
+        self._data_shapes = shapes
+        self._tables = RegionTables(
+            [shape[2:] for shape in shapes],
+            [shape[0] for shape in shapes],
+            patch,
+            self._backend.xp,
+        )
+        self._epoch_base = 0
+        self._calls: list[int] = [0] * self._tables.total_patches
+        self._host_epochs: OrderedDict[int, _HostEpoch] = OrderedDict()
+
+    # -- read-only state -------------------------------------------------------
+
+    @property
+    def n_patches(self) -> int:
+        """The number of patches that this patching strategy will return.
+
+        It also determines the maximum index that can be given to
+        :meth:`get_patch_spec`.
+
+        Returns
+        -------
+        int
+            Number of patches.
+        """
+        return self._tables.total_patches
+
+    @property
+    def seed(self) -> int:
+        """The 64-bit seed in use (drawn from OS entropy when None was given)."""
+        return self._seed
+
+    @property
+    def backend(self) -> str:
+        """The backend in use: ``"numpy"`` or ``"cuda"``."""
+        return self._backend.name
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """The patch size, one int per spatial axis."""
+        return self._patch_size
+
+    @property
+    def data_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The ``SC(Z)YX`` shape of every image stack."""
+        return self._data_shapes
+
+    @property
+    def epoch(self) -> int:
+        """The draw number the next call of every index would use after
+        :meth:`set_epoch` (0 until it is called)."""
+        return self._epoch_base
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(data_shapes={list(self._data_shapes)}, "
+            f"patch_size={self._patch_size}, seed={self._seed}, "
+            f"backend={self.backend!r}, n_patches={self.n_patches})"
+        )
+
+    # -- the seed API ----------------------------------------------------------
+
+    def exclude_patches(
+        self, data_idx: int, sample_idx: int, grid_coords: Sequence[tuple[int, ...]]
+    ) -> None:
+        """Exclude patches from being sampled.
+
+        Excluded patches must lie on a grid which starts at (0, 0) and has a
+        spacing of the given ``patch_size``.
+
+        After calling this method the number of patches will be recalculated
+        and the excluded patches will never be returned by
+        :meth:`get_patch_spec`: no returned patch overlaps an excluded cell.
+
+        Parameters
+        ----------
+        data_idx : int
+            The index of the "image stack" that the patches will be excluded
+            from.
+        sample_idx : int
+            An index that corresponds to the sample in the "image stack" that
+            the patches will be excluded from.
+        grid_coords : Sequence[tuple[int, ...]] or array
+            A sequence of 2D or 3D tuples (or an int array of shape ``(k, d)``).
+            Each tuple corresponds to a grid coordinate that will be excluded
+            from sampling. The grid starts at (0, 0) and has a spacing of the
+            given ``patch_size``. A boolean array of the sample's grid shape
+            is also accepted: its True cells are excluded. Excluding a cell
+            twice is harmless.
+
+        Raises
+        ------
+        IndexError
+            If ``data_idx`` or ``sample_idx`` is out of range.
+        ValueError
+            If a coordinate has the wrong length or lies outside the grid, or a
+            dense mask has the wrong shape.
+        TypeError
+            If the coordinates are not integers, or a dense mask is not boolean.
+        """
+        sample = self._sample(data_idx, sample_idx)
+        cells = self._tables.sample_grid(sample)
+        xp = self._backend.xp
+        if check.is_dense(grid_coords) and np.dtype(grid_coords.dtype) == np.bool_:
+            new_cells = check.dense_grid_array(grid_coords, cells, "grid_coords", xp)
+        else:
+            new_cells = xp.asarray(check.coords_to_mask(grid_coords, cells, "grid_coords"))
+        excluded = self._tables.excluded_grid(sample) | new_cells
+        self._update(sample, excluded, self._tables.probability_grid(sample))
+
+    def set_region_probs(
+        self,
+        data_idx: int,
+        sample_idx: int,
+        probs: Mapping[tuple[int, ...], float] | Any,
+    ) -> None:
+        """Set the probability that regions will be sampled from at each epoch.
+
+        A region's patches are drawn with a probability proportional to its
+        probability (default 1; 0 switches it off, above 1 oversamples), and
+        the number of patches shrinks by ``1 - p`` per region as in CAREamics.
+
+        Parameters
+        ----------
+        data_idx : int
+            The index of the "image stack" whose regions get the probabilities.
+        sample_idx : int
+            An index that corresponds to the sample in the "image stack".
+        probs : dict[tuple[int, ...], float] or array
+            The probabilities for each region. The keys of the dictionary
+            correspond to the grid coordinates of the regions, the values are
+            the probabilities; regions not named keep theirs. A float array of
+            the sample's grid shape sets every region at once.
+
+        Raises
+        ------
+        IndexError
+            If ``data_idx`` or ``sample_idx`` is out of range.
+        ValueError
+            If a coordinate lies outside the grid or has the wrong length, an
+            array has the wrong shape, or a probability is negative, NaN,
+            infinite or above ``gpu_patching.grid.MAX_PROBABILITY``.
+        TypeError
+            If ``probs`` is neither a mapping nor an array, or holds non-numbers.
+        """
+        sample = self._sample(data_idx, sample_idx)
+        cells = self._tables.sample_grid(sample)
+        xp = self._backend.xp
+        if check.is_dense(probs):
+            values = check.dense_grid_array(probs, cells, "probs", np)
+            probability = xp.asarray(check.check_probabilities(values, "probs"))
+        else:
+            current = to_host(self._tables.probability_grid(sample))
+            probability = xp.asarray(
+                check.probabilities_to_grid(probs, current, cells, "probs")
+            )
+        self._update(sample, self._tables.excluded_grid(sample), probability)
+
+    def get_patch_spec(self, index: int) -> PatchSpecs:
+        """Return the patch specs for a given index.
+
+        The ``k``-th call with the same index (counting from 0, or from the
+        last :meth:`set_epoch`) returns row ``index`` of ``sample_epoch(k)``.
+
+        Parameters
+        ----------
+        index : int
+            A patch index, ``0 <= index < n_patches``.
+
+        Returns
+        -------
+        PatchSpecs
+            A dictionary that specifies a single patch in a series of image
+            stacks: ``data_idx`` and ``sample_idx`` (int), ``coords`` (tuple of
+            int) and ``patch_size`` (tuple of int).
+
+        Raises
+        ------
+        IndexError
+            If ``index`` is negative or not below :attr:`n_patches`.
+        TypeError
+            If ``index`` is not an integer.
+        """
+        if type(index) is not int:  # the fast path takes plain ints only
+            index = check.as_int(index, "index")
+        calls = self._calls
+        if not 0 <= index < len(calls):
+            raise IndexError(
+                f"index {index} is out of range: expected 0 <= index < {len(calls)}"
+            )
+        epoch = self._host_epoch((self._epoch_base + calls[index]) % _DRAW_LIMIT)
+        calls[index] += 1
+        return {
+            "data_idx": epoch.data_idx[index],
+            "sample_idx": epoch.sample_idx[index],
+            "coords": epoch.coords[index],
+            "patch_size": self._patch_size,
+        }
+
+    def get_patch_indices(self, data_idx: int) -> Sequence[int]:
+        """Return the patch indices for a specific image stack.
+
+        The image stack corresponds to the given ``data_idx``.
+
+        Parameters
+        ----------
+        data_idx : int
+            An index that corresponds to a given image stack.
+
+        Returns
+        -------
+        sequence of int
+            The contiguous range of patch indices (a list of int) whose patches
+            come from that image stack.
+
+        Raises
+        ------
+        IndexError
+            If ``data_idx`` is out of range.
+        """
+        stack = check.check_index(data_idx, "data_idx", self._tables.n_stacks)
+        offsets = self._tables.patch_offset
+        first = self._tables.first_sample
+        return list(range(int(offsets[first[stack]]), int(offsets[first[stack + 1]])))
+
+    def get_all_grid_coords(self) -> dict[tuple[int, int], list[tuple[int, ...]]]:
+        """Get all the grid coordinates for sampling regions in the patching strategy.
+
+        Returns
+        -------
+        dict[tuple[int, int], list[tuple, ...]]
+            Dictionary with keys being (data_idx, sample_idx) and values
+            corresponding to the grid coords, in row-major order.
+        """
+        coords: dict[tuple[int, int], list[tuple[int, ...]]] = {}
+        tables = self._tables
+        for stack in range(tables.n_stacks):
+            first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
+            cells = tables.sample_grid(first)
+            stack_coords = list(itertools.product(*(range(g) for g in cells)))
+            for sample_idx in range(last - first):
+                coords[(stack, sample_idx)] = list(stack_coords)
+        return coords
+
+    def get_included_grid_coords(self) -> dict[tuple[int, int], list[tuple[int, ...]]]:
+        """Get all grid coordinates included in the patching strategy.
+
+        If a grid coordinate is not included, a patch can never be selected
+        from the region ``[grid_coord*patch_size, (grid_coord+1)*patch_size]``.
+
+        Returns
+        -------
+        dict[tuple[int, int], list[tuple, ...]]
+            Dictionary with keys being (data_idx, sample_idx) and values
+            corresponding to the grid coords that are not excluded, in
+            row-major order.
+        """
+        tables = self._tables
+        included: dict[tuple[int, int], list[tuple[int, ...]]] = {}
+        for sample in range(tables.n_samples):
+            kept = ~to_host(tables.excluded_grid(sample))
+            columns = [axis.tolist() for axis in np.nonzero(kept)]
+            key = (int(tables.stack_of_sample[sample]), int(tables.sample_in_stack[sample]))
+            included[key] = list(zip(*columns))
+        return included
+
+    # -- epochs ----------------------------------------------------------------
+
+    def sample_epoch(self, epoch: int) -> PatchBatch:
+        """Return every patch of an epoch at once.
+
+        Row ``i`` is what the ``epoch``-th call of ``get_patch_spec(i)``
+        returns. On the CUDA backend this is one kernel launch and the arrays
+        are CuPy arrays.
+
+        Parameters
+        ----------
+        epoch : int
+            The draw number, in ``[0, 2**32)``.
+
+        Returns
+        -------
+        PatchBatch
+            ``n_patches`` rows in index order.
+
+        Raises
+        ------
+        ValueError
+            If ``epoch`` is negative or not below ``2**32``.
+        TypeError
+            If ``epoch`` is not an integer.
+        """
+        draw = self._check_epoch(epoch)
+        xp = self._backend.xp
+        indices = xp.arange(self.n_patches, dtype=xp.int64)
+        sample, corner = self._backend.draw(self._tables, indices, draw, self._seed)
+        stack_of_sample = xp.asarray(self._tables.stack_of_sample)
+        sample_in_stack = xp.asarray(self._tables.sample_in_stack)
+        return PatchBatch(
+            data_idx=stack_of_sample[sample],
+            sample_idx=sample_in_stack[sample],
+            coords=corner,
+            indices=indices,
+            patch_size=self._patch_size,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next call of every index use draw number ``epoch``.
+
+        After ``set_epoch(e)``, the ``k``-th call of ``get_patch_spec(i)``
+        returns row ``i`` of ``sample_epoch(e + k)``. Call it at the start of
+        every epoch (as with PyTorch's ``DistributedSampler``) to make the
+        patches of an epoch independent of how often indices were used before.
+
+        Parameters
+        ----------
+        epoch : int
+            The draw number, in ``[0, 2**32)``.
+        """
+        self._epoch_base = self._check_epoch(epoch)
+        self._calls = [0] * self.n_patches
+
+    # -- internals -------------------------------------------------------------
+
+    def _sample(self, data_idx: Any, sample_idx: Any) -> int:
+        tables = self._tables
+        stack = check.check_index(data_idx, "data_idx", tables.n_stacks)
+        n_samples = int(tables.first_sample[stack + 1] - tables.first_sample[stack])
+        sample = check.check_index(sample_idx, "sample_idx", n_samples)
+        return tables.sample_id(stack, sample)
+
+    @staticmethod
+    def _check_epoch(epoch: Any) -> int:
+        value = check.as_int(epoch, "epoch")
+        if not 0 <= value < _DRAW_LIMIT:
+            raise ValueError(f"epoch must be in [0, 2**32), got {value}")
+        return value
+
+    def _update(self, sample: int, excluded: Any, probability: Any) -> None:
+        """Rebuild one sample's rows; indices keep their call counts."""
+        self._tables.update_sample(sample, excluded, probability)
+        n_patches = self.n_patches
+        calls = self._calls[:n_patches]
+        calls.extend([0] * (n_patches - len(calls)))
+        self._calls = calls
+        self._host_epochs.clear()
+
+    def _host_epoch(self, draw: int) -> _HostEpoch:
+        cached = self._host_epochs.get(draw)
+        if cached is not None:
+            return cached
+        batch = self.sample_epoch(draw).to_numpy()
+        epoch = _HostEpoch(
+            data_idx=batch.data_idx.tolist(),
+            sample_idx=batch.sample_idx.tolist(),
+            coords=list(zip(*batch.coords.T.tolist())),
+        )
+        self._host_epochs[draw] = epoch
+        while len(self._host_epochs) > _CACHED_EPOCHS:
+            self._host_epochs.popitem(last=False)
+        return epoch

@@ -1,0 +1,262 @@
+"""Flat region tables over every sample of every stack ("struct of arrays").
+
+A region is a row of flat arrays and a sample is a contiguous range of rows
+(``region_offset[s]:region_offset[s + 1]``), in ``(data_idx, sample_idx)``
+order and row-major grid order inside a sample. Per-region arrays live in the
+backend's array namespace (NumPy or CuPy); the handful of per-sample scalars
+the host needs (patch counts, offsets) are NumPy.
+
+``RegionTables`` knows how to rebuild the rows of one sample from its excluded
+cells and probabilities; it performs no input validation (``strategy`` does
+that) but it checks the numeric limits that keep every integer exact, and it
+computes everything before it commits, so a rejected update changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import grid
+from ._arrays import to_host
+
+__all__ = ["MAX_PATCHES_PER_SAMPLE", "MAX_TOTAL_MASS", "RegionTables"]
+
+#: Upper bound on the patches of one sample; keeps ``j * (M % n)`` in int64.
+MAX_PATCHES_PER_SAMPLE = (1 << 31) - 1
+#: Upper bound on the summed mass of all regions; keeps every prefix in int64.
+MAX_TOTAL_MASS = 1 << 62
+
+
+@dataclass
+class _SampleUpdate:
+    """Rows and scalars of one or more samples, computed but not yet committed."""
+
+    excluded: Any
+    probability: Any
+    weight: Any
+    subbox_mask: Any
+    mass: Any
+    n_excluded: NDArray[np.int64]
+    weight_total: NDArray[np.int64]
+    mass_total: NDArray[np.int64]
+
+
+class RegionTables:
+    """Per-region and per-sample tables of a stratified sampler.
+
+    Parameters
+    ----------
+    spatial_shapes : sequence of tuple of int
+        ``(Z)YX`` shape of each stack (all samples of a stack share it).
+    samples_per_stack : sequence of int
+        Number of samples ``S`` of each stack.
+    patch_size : tuple of int
+        Patch size per spatial axis.
+    xp : module
+        Array namespace for the per-region arrays (``numpy`` or ``cupy``).
+    """
+
+    def __init__(
+        self,
+        spatial_shapes: Sequence[tuple[int, ...]],
+        samples_per_stack: Sequence[int],
+        patch_size: tuple[int, ...],
+        xp: Any = np,
+    ) -> None:
+        self.xp = xp
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.ndim = len(self.patch_size)
+
+        stack_grids = [grid.grid_shape(shape, self.patch_size) for shape in spatial_shapes]
+        counts = np.asarray(samples_per_stack, dtype=np.int64)
+        self.first_sample = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.stack_of_sample = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        self.sample_in_stack = (
+            np.arange(int(counts.sum()), dtype=np.int64)
+            - self.first_sample[self.stack_of_sample]
+        )
+        self.spatial_shape = np.asarray(
+            [spatial_shapes[k] for k in self.stack_of_sample], dtype=np.int64
+        ).reshape(-1, self.ndim)
+        self.grid_shape = np.asarray(
+            [stack_grids[k] for k in self.stack_of_sample], dtype=np.int64
+        ).reshape(-1, self.ndim)
+        self.n_cells = np.prod(self.grid_shape, axis=1).astype(np.int64)
+        self.region_offset = np.concatenate([[0], np.cumsum(self.n_cells)]).astype(
+            np.int64
+        )
+        n_regions = int(self.region_offset[-1])
+        n_samples = len(self.n_cells)
+
+        self.excluded = xp.zeros(n_regions, dtype=bool)
+        self.probability = xp.ones(n_regions, dtype=xp.float64)
+        self.weight = xp.zeros(n_regions, dtype=xp.int64)
+        self.subbox_mask = xp.zeros(n_regions, dtype=xp.uint8)
+        self.mass = xp.zeros(n_regions, dtype=xp.int64)
+        self.n_excluded = np.zeros(n_samples, dtype=np.int64)
+        self.weight_total = np.zeros(n_samples, dtype=np.int64)
+        self.mass_total = np.zeros(n_samples, dtype=np.int64)
+
+        # Samples of one stack share a grid, so they are built as one batch.
+        for stack, cells in enumerate(stack_grids):
+            first, last = self.first_sample[stack], self.first_sample[stack + 1]
+            if first == last:
+                continue
+            batch = (int(last - first), *cells)
+            update = self._compute(
+                stack,
+                xp.zeros(batch, dtype=bool),
+                xp.ones(batch, dtype=xp.float64),
+            )
+            self._commit(int(first), int(last), update)
+        self._refresh_totals(self.mass_total)
+
+    # -- shape helpers ---------------------------------------------------------
+
+    @property
+    def n_samples(self) -> int:
+        """Number of samples over all stacks."""
+        return len(self.n_cells)
+
+    @property
+    def n_stacks(self) -> int:
+        """Number of stacks."""
+        return len(self.first_sample) - 1
+
+    def sample_id(self, data_idx: int, sample_idx: int) -> int:
+        """Return the flat sample number of ``(data_idx, sample_idx)``."""
+        return int(self.first_sample[data_idx]) + sample_idx
+
+    def sample_grid(self, sample: int) -> tuple[int, ...]:
+        """Return the grid shape of a flat sample."""
+        return tuple(int(g) for g in self.grid_shape[sample])
+
+    def sample_rows(self, sample: int) -> slice:
+        """Return the slice of region rows of a flat sample."""
+        return slice(int(self.region_offset[sample]), int(self.region_offset[sample + 1]))
+
+    def excluded_grid(self, sample: int) -> Any:
+        """Return a copy of a sample's excluded cells, shaped like its grid."""
+        return self.excluded[self.sample_rows(sample)].reshape(self.sample_grid(sample)).copy()
+
+    def probability_grid(self, sample: int) -> Any:
+        """Return a copy of a sample's probabilities, shaped like its grid."""
+        rows = self.sample_rows(sample)
+        return self.probability[rows].reshape(self.sample_grid(sample)).copy()
+
+    # -- updates ---------------------------------------------------------------
+
+    def update_sample(self, sample: int, excluded: Any, probability: Any) -> None:
+        """Replace the excluded cells and probabilities of one sample.
+
+        Parameters
+        ----------
+        sample : int
+            Flat sample number.
+        excluded : array of bool, shaped like the sample's grid
+            The new excluded cells (validated by the caller).
+        probability : array of float64, shaped like the sample's grid
+            The new probabilities (validated by the caller).
+
+        Raises
+        ------
+        ValueError
+            If the update would break a numeric limit (too many patches in one
+            sample, or masses beyond int64); the tables are then unchanged.
+        """
+        stack = int(self.stack_of_sample[sample])
+        update = self._compute(stack, excluded[None], probability[None])
+        mass_total = self.mass_total.copy()
+        mass_total[sample] = update.mass_total[0]
+        n_excluded = self.n_excluded.copy()
+        n_excluded[sample] = update.n_excluded[0]
+        weight_total = self.weight_total.copy()
+        weight_total[sample] = update.weight_total[0]
+        self._check_limits(mass_total, self._patches(n_excluded, weight_total, mass_total))
+        self._commit(sample, sample + 1, update)
+        self._refresh_totals(mass_total)
+
+    def _compute(self, stack: int, excluded: Any, probability: Any) -> _SampleUpdate:
+        """Compute the rows of a batch of samples of one stack (no commit)."""
+        xp = self.xp
+        first = int(self.first_sample[stack])
+        spatial = tuple(int(s) for s in self.spatial_shape[first])
+        masks = grid.subbox_masks(excluded, xp)
+        area = grid.region_areas(masks, spatial, self.patch_size, xp)
+        weight = grid.quantise_probabilities(probability, xp)
+        mass = area * weight
+        batch = excluded.shape[0]
+        flat = (batch, -1)
+        return _SampleUpdate(
+            excluded=excluded.reshape(-1),
+            probability=probability.reshape(-1),
+            weight=weight.reshape(-1),
+            subbox_mask=masks.reshape(-1),
+            mass=mass.reshape(-1),
+            n_excluded=to_host(excluded.reshape(flat).sum(axis=1), np.int64),
+            weight_total=to_host(weight.reshape(flat).sum(axis=1), np.int64),
+            mass_total=to_host(mass.reshape(flat).sum(axis=1), np.int64),
+        )
+
+    def _commit(self, first: int, last: int, update: _SampleUpdate) -> None:
+        rows = slice(int(self.region_offset[first]), int(self.region_offset[last]))
+        self.excluded[rows] = update.excluded
+        self.probability[rows] = update.probability
+        self.weight[rows] = update.weight
+        self.subbox_mask[rows] = update.subbox_mask
+        self.mass[rows] = update.mass
+        self.n_excluded[first:last] = update.n_excluded
+        self.weight_total[first:last] = update.weight_total
+        self.mass_total[first:last] = update.mass_total
+
+    def _patches(
+        self,
+        n_excluded: NDArray[np.int64],
+        weight_total: NDArray[np.int64],
+        mass_total: NDArray[np.int64],
+    ) -> NDArray[np.int64]:
+        return grid.patches_per_sample(
+            self.spatial_shape, self.patch_size, self.n_cells,
+            n_excluded, weight_total, mass_total,
+        )
+
+    def _check_limits(
+        self, mass_total: NDArray[np.int64], n_patches: NDArray[np.int64]
+    ) -> None:
+        # Python ints: the sum of int64 totals could itself wrap in int64.
+        if sum(int(m) for m in mass_total) >= MAX_TOTAL_MASS:
+            raise ValueError(
+                "the probabilities are too large: the weighted sampling mass of all "
+                f"samples exceeds 2**62; lower the probabilities (at most "
+                f"{grid.MAX_PROBABILITY:g}) or split the data"
+            )
+        if n_patches.size and int(n_patches.max()) > MAX_PATCHES_PER_SAMPLE:
+            sample = int(np.argmax(n_patches))
+            raise ValueError(
+                f"sample {sample} would have {int(n_patches[sample])} patches, more "
+                f"than the supported {MAX_PATCHES_PER_SAMPLE}; use a larger patch size"
+            )
+
+    def _refresh_totals(self, mass_total: NDArray[np.int64]) -> None:
+        """Recompute the derived per-sample scalars and the global prefix sums."""
+        xp = self.xp
+        n_patches = self._patches(self.n_excluded, self.weight_total, mass_total)
+        self._check_limits(mass_total, n_patches)
+        self.n_patches = n_patches
+        self.patch_offset = np.concatenate([[0], np.cumsum(n_patches)]).astype(np.int64)
+        self.mass_offset = np.concatenate([[0], np.cumsum(mass_total)]).astype(np.int64)
+        # Exclusive prefix of the region masses over all samples: region r of
+        # sample s holds the global mass points
+        # [mass_prefix[r], mass_prefix[r] + mass[r]).
+        self.mass_prefix = xp.cumsum(self.mass) - self.mass
+
+    @property
+    def total_patches(self) -> int:
+        """Number of patches over all samples."""
+        return int(self.patch_offset[-1])
+

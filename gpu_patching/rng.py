@@ -20,6 +20,8 @@ last word only carries the high bits of larger indices.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
@@ -54,6 +56,39 @@ def _as_words(value: ArrayLike) -> NDArray[np.uint64]:
     return words.astype(np.uint64, copy=False)
 
 
+def _philox_rounds(
+    c0: Any, c1: Any, c2: Any, c3: Any, k0: int, k1: int, *, first_word_only: bool
+) -> tuple[Any, ...]:
+    """Run the ten Philox rounds on words held as uint64 scalars or arrays.
+
+    Scalars stay scalars for as long as the data flow allows (the draw number
+    and purpose words are the same for every patch), and the arrays are
+    updated in place: this is the hot loop of the NumPy backend.
+    """
+    for round_number in range(_ROUNDS):
+        key0, key1 = np.uint64(k0), np.uint64(k1)
+        # Products of two 32-bit words fit exactly in uint64.
+        product1 = np.multiply(_PHILOX_M1, c2)
+        if first_word_only and round_number == _ROUNDS - 1:
+            product1 >>= _SHIFT32
+            product1 ^= c1
+            product1 ^= key0
+            return (product1,)
+        product0 = np.multiply(_PHILOX_M0, c0)
+        new0 = product1 >> _SHIFT32
+        new0 ^= c1
+        new0 ^= key0
+        product1 &= _MASK32
+        new2 = product0 >> _SHIFT32
+        new2 ^= c3
+        new2 ^= key1
+        product0 &= _MASK32
+        c0, c1, c2, c3 = new0, product1, new2, product0
+        k0 = (k0 + _PHILOX_W0) & 0xFFFFFFFF
+        k1 = (k1 + _PHILOX_W1) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
 def philox4x32_10(
     counter: tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike],
     key: tuple[int, int],
@@ -75,23 +110,13 @@ def philox4x32_10(
         The four 32-bit output words (stored in uint64 arrays), broadcast to
         the common shape of the counter words.
     """
-    c0, c1, c2, c3 = np.broadcast_arrays(*(_as_words(c) for c in counter))
+    words = [_as_words(c) for c in counter]
     k0, k1 = (int(k) for k in key)
     if not (0 <= k0 <= 0xFFFFFFFF and 0 <= k1 <= 0xFFFFFFFF):
         raise ValueError(f"Philox key words must lie in [0, 2**32), got {key}")
-    for _ in range(_ROUNDS):
-        # Products of two 32-bit words fit exactly in uint64.
-        product0 = _PHILOX_M0 * c0
-        product1 = _PHILOX_M1 * c2
-        c0, c1, c2, c3 = (
-            (product1 >> _SHIFT32) ^ c1 ^ np.uint64(k0),
-            product1 & _MASK32,
-            (product0 >> _SHIFT32) ^ c3 ^ np.uint64(k1),
-            product0 & _MASK32,
-        )
-        k0 = (k0 + _PHILOX_W0) & 0xFFFFFFFF
-        k1 = (k1 + _PHILOX_W1) & 0xFFFFFFFF
-    return c0, c1, c2, c3
+    shape = np.broadcast_shapes(*(w.shape for w in words))
+    out = _philox_rounds(*words, k0, k1, first_word_only=False)
+    return tuple(np.broadcast_to(w, shape).astype(np.uint64) for w in out)  # type: ignore[return-value]
 
 
 def random_uint32(
@@ -116,6 +141,16 @@ def random_uint32(
         One uniformly distributed 32-bit word per index (in uint64 storage).
     """
     index = np.asarray(index, dtype=np.int64).astype(np.uint64)
-    counter = (index & _MASK32, draw_number, purpose, index >> _SHIFT32)
-    key = (seed & 0xFFFFFFFF, seed >> 32)
-    return philox4x32_10(counter, key)[0]
+    high = index >> _SHIFT32
+    # Below 2**32 the high word is the scalar 0, which keeps round one cheap.
+    high_word = high if high.size and high.max() > 0 else np.uint64(0)
+    (word,) = _philox_rounds(
+        index & _MASK32,
+        np.uint64(draw_number),
+        np.uint64(purpose),
+        high_word,
+        seed & 0xFFFFFFFF,
+        seed >> 32,
+        first_word_only=True,
+    )
+    return np.broadcast_to(word, index.shape).astype(np.uint64, copy=False)

@@ -90,7 +90,36 @@ def locate_corners(
     numpy.ndarray of int64, shape (len(point), d)
         Patch corners (top-left, and first slice in 3D).
     """
+    corner = np.empty((len(point), tables.ndim), dtype=np.int64)
+    # Samples of one stack share their grid, so each stack is located with
+    # scalar shapes; a loop over stacks, never over regions or patches.
+    stack = tables.stack_of_sample[sample]
+    if len(stack) < 2 or bool(np.all(stack[1:] >= stack[:-1])):
+        order = None
+        stack_sorted = stack
+    else:
+        order = np.argsort(stack, kind="stable")
+        stack_sorted = stack[order]
+    bounds = np.searchsorted(stack_sorted, np.arange(tables.n_stacks + 1))
+    for k in range(tables.n_stacks):
+        if bounds[k] == bounds[k + 1]:
+            continue
+        rows: Any = slice(bounds[k], bounds[k + 1])
+        if order is not None:
+            rows = order[rows]
+        corner[rows] = _locate_in_stack(tables, k, sample[rows], point[rows])
+    return corner
+
+
+def _locate_in_stack(
+    tables: RegionTables, stack: int, sample: NDArray[np.int64], point: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """:func:`locate_corners` for points whose samples all belong to ``stack``."""
     ndim = tables.ndim
+    first = tables.first_sample[stack]
+    grid_shape = [int(g) for g in tables.grid_shape[first]]
+    last_corner = [int(s - p) for s, p in zip(tables.spatial_shape[first], tables.patch_size)]
+
     global_point = tables.mass_offset[sample] + point
     # The last region whose prefix is <= the point holds it; zero-mass regions
     # share their prefix with the next region and are skipped by 'right'.
@@ -98,39 +127,39 @@ def locate_corners(
     rank = (global_point - tables.mass_prefix[region]) // tables.weight[region]
     mask = tables.subbox_mask[region]
 
+    # Row-major cell coordinates, then the corner counts of both parts per axis.
     cell = region - tables.region_offset[sample]
-    grid_shape = tables.grid_shape[sample]
-    spatial_shape = tables.spatial_shape[sample]
-    patch = np.asarray(tables.patch_size, dtype=np.int64)
-    cell_index = np.empty((len(point), ndim), dtype=np.int64)
+    cell_start = [np.empty(0, dtype=np.int64)] * ndim
     for axis in range(ndim - 1, -1, -1):
-        cell, cell_index[:, axis] = np.divmod(cell, grid_shape[:, axis])
-    cell_start = cell_index * patch
-    last_corner = spatial_shape - patch
-    part0 = (cell_start <= last_corner).astype(np.int64)
-    part1 = np.clip(last_corner - cell_start, 0, patch - 1)
+        cell, index = np.divmod(cell, grid_shape[axis])
+        cell_start[axis] = index * tables.patch_size[axis]
+    part0 = [(start <= last).astype(np.int64) for start, last in zip(cell_start, last_corner)]
+    part1 = [
+        np.clip(last - start, 0, patch - 1)
+        for start, last, patch in zip(cell_start, last_corner, tables.patch_size)
+    ]
 
-    chosen = np.full(len(point), -1, dtype=np.int64)
-    box_rank = np.zeros(len(point), dtype=np.int64)
-    remaining = rank
+    # Walk the sub-boxes in bit order until the rank falls inside one.
     boxes = grid.subbox_offsets(ndim)
+    chosen = np.zeros(len(point), dtype=np.int64)
+    box_rank = rank.copy()
+    undecided = np.ones(len(point), dtype=bool)
     for bit, box in enumerate(boxes):
         size = ((mask >> bit) & 1).astype(np.int64)
         for axis, b in enumerate(box):
-            size = size * (part1[:, axis] if b else part0[:, axis])
-        undecided = chosen < 0
-        take = undecided & (remaining < size)
-        chosen[take] = bit
-        box_rank[take] = remaining[take]
-        remaining = np.where(undecided & ~take, remaining - size, remaining)
+            size *= part1[axis] if b else part0[axis]
+        inside = undecided & (box_rank < size)
+        chosen[inside] = bit
+        undecided &= ~inside
+        box_rank -= np.where(undecided, size, 0)
 
-    box_table = np.asarray(boxes, dtype=np.int64)
-    in_part1 = box_table[chosen]
-    box_size = np.where(in_part1 == 1, part1, part0)
+    # Row-major offsets inside the chosen sub-box.
     corner = np.empty((len(point), ndim), dtype=np.int64)
     for axis in range(ndim - 1, -1, -1):
-        box_rank, offset = np.divmod(box_rank, box_size[:, axis])
-        corner[:, axis] = cell_start[:, axis] + in_part1[:, axis] * (1 + offset)
+        in_part1 = (chosen >> (ndim - 1 - axis)) & 1
+        box_length = np.where(in_part1 == 1, part1[axis], part0[axis])
+        box_rank, offset = np.divmod(box_rank, box_length)
+        corner[:, axis] = cell_start[axis] + in_part1 * (1 + offset)
     return corner
 
 

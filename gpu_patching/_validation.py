@@ -185,21 +185,44 @@ def coords_array(grid_coords: Any, cells: tuple[int, ...], name: str) -> np.ndar
             raise TypeError(
                 f"{name} must be a sequence of {ndim}-tuples of ints, got {grid_coords!r}"
             )
-        rows = []
-        for coord in grid_coords:
-            row = _int_sequence(coord, f"{name} entry {coord!r}")
-            if len(row) != ndim:
-                raise ValueError(
-                    f"{name} entry {coord!r} has {len(row)} values; the grid is "
-                    f"{ndim}D with shape {cells}"
-                )
-            rows.append(row)
-        coords = np.asarray(rows, dtype=np.int64).reshape(-1, ndim)
+        coords = _fast_coords(grid_coords, ndim)
+        if coords is None:  # slow path: find the first bad entry and name it
+            rows = []
+            for coord in grid_coords:
+                row = _int_sequence(coord, f"{name} entry {coord!r}")
+                if len(row) != ndim:
+                    raise ValueError(
+                        f"{name} entry {coord!r} has {len(row)} values; the grid is "
+                        f"{ndim}D with shape {cells}"
+                    )
+                if any(not 0 <= c < g for c, g in zip(row, cells)):
+                    raise ValueError(
+                        f"{name} entry {row} lies outside the grid of shape {cells}"
+                    )
+                rows.append(row)
+            coords = np.asarray(rows, dtype=np.int64).reshape(-1, ndim)
     outside = np.any((coords < 0) | (coords >= np.asarray(cells)), axis=1)
     if outside.any():
         bad = tuple(int(c) for c in coords[np.argmax(outside)])
         raise ValueError(f"{name} entry {bad} lies outside the grid of shape {cells}")
     return coords
+
+
+def _fast_coords(grid_coords: Any, ndim: int) -> np.ndarray | None:
+    """Convert well-formed coordinates in one NumPy call; None if not well formed."""
+    if isinstance(grid_coords, (set, frozenset)):
+        grid_coords = list(grid_coords)
+    if len(grid_coords) == 0:
+        return np.zeros((0, ndim), dtype=np.int64)
+    try:
+        array = np.asarray(grid_coords)
+    except (ValueError, TypeError, OverflowError):  # ragged or exotic entries
+        return None
+    if array.dtype.kind not in "iu" or array.ndim != 2 or array.shape[1] != ndim:
+        return None
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        return None
+    return array.astype(np.int64)
 
 
 def check_probabilities(values: np.ndarray, name: str) -> np.ndarray:

@@ -32,7 +32,14 @@ from ..tables import RegionTables
 
 __all__ = ["NumpyBackend", "locate_corners", "stratum_points"]
 
+#: Patches drawn per vectorised pass; 8192 int64 values are 64 KiB.
+_CHUNK = 8192
 _MASK32 = np.uint64(0xFFFFFFFF)
+#: _MASK_BITS[n_boxes][bit, mask] is bit ``bit`` of the sub-box mask ``mask``.
+_MASK_BITS = {
+    n_boxes: ((np.arange(256)[None, :] >> np.arange(n_boxes)[:, None]) & 1).astype(np.uint8)
+    for n_boxes in (4, 8)
+}
 _SHIFT32 = np.uint64(32)
 
 
@@ -130,37 +137,60 @@ def _locate_in_stack(
     # Row-major cell coordinates, then the corner counts of both parts per axis.
     cell = region - tables.region_offset[sample]
     cell_start = [np.empty(0, dtype=np.int64)] * ndim
-    for axis in range(ndim - 1, -1, -1):
-        cell, index = np.divmod(cell, grid_shape[axis])
-        cell_start[axis] = index * tables.patch_size[axis]
+    for axis in range(ndim - 1, 0, -1):
+        # floor_divide by a scalar is much faster than divmod in NumPy.
+        quotient = cell // grid_shape[axis]
+        cell_start[axis] = (cell - quotient * grid_shape[axis]) * tables.patch_size[axis]
+        cell = quotient
+    cell_start[0] = cell * tables.patch_size[0]
     part0 = [(start <= last).astype(np.int64) for start, last in zip(cell_start, last_corner)]
     part1 = [
         np.clip(last - start, 0, patch - 1)
         for start, last, patch in zip(cell_start, last_corner, tables.patch_size)
     ]
 
-    # Walk the sub-boxes in bit order until the rank falls inside one.
+    # Sub-boxes in bit order: the chosen one is the first whose cumulative end
+    # exceeds the rank (empty sub-boxes end where the previous one did). The
+    # last sub-box ends at the region's area, which always exceeds the rank.
     boxes = grid.subbox_offsets(ndim)
+    selectable = _MASK_BITS[len(boxes)][:, mask]
     chosen = np.zeros(len(point), dtype=np.int64)
-    box_rank = rank.copy()
-    undecided = np.ones(len(point), dtype=bool)
-    for bit, box in enumerate(boxes):
-        size = ((mask >> bit) & 1).astype(np.int64)
+    box_start = np.zeros(len(point), dtype=np.int64)
+    box_end = np.zeros(len(point), dtype=np.int64)
+    for bit, box in enumerate(boxes[:-1]):
+        size = selectable[bit].astype(np.int64)
         for axis, b in enumerate(box):
             size *= part1[axis] if b else part0[axis]
-        inside = undecided & (box_rank < size)
-        chosen[inside] = bit
-        undecided &= ~inside
-        box_rank -= np.where(undecided, size, 0)
+        box_end += size
+        passed = box_end <= rank
+        chosen += passed
+        box_start = np.where(passed, box_end, box_start)
+    box_rank = rank - box_start
 
     # Row-major offsets inside the chosen sub-box.
     corner = np.empty((len(point), ndim), dtype=np.int64)
     for axis in range(ndim - 1, -1, -1):
         in_part1 = (chosen >> (ndim - 1 - axis)) & 1
-        box_length = np.where(in_part1 == 1, part1[axis], part0[axis])
-        box_rank, offset = np.divmod(box_rank, box_length)
+        if axis > 0:
+            box_length = np.where(in_part1 == 1, part1[axis], part0[axis])
+            box_rank, offset = np.divmod(box_rank, box_length)
+        else:  # what is left of the rank is the offset along the first axis
+            offset = box_rank
         corner[:, axis] = cell_start[axis] + in_part1 * (1 + offset)
     return corner
+
+
+def _draw_chunk(
+    tables: RegionTables, indices: NDArray[np.int64], draw_number: int, seed: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """:meth:`NumpyBackend.draw` for one chunk of indices."""
+    sample = np.searchsorted(tables.patch_offset, indices, side="right") - 1
+    stratum = indices - tables.patch_offset[sample]
+    n_patches = tables.n_patches[sample]
+    mass_total = tables.mass_offset[sample + 1] - tables.mass_offset[sample]
+    word = rng.random_uint32(seed, indices, draw_number, rng.PURPOSE_STRATUM)
+    point = stratum_points(stratum, n_patches, mass_total, word)
+    return sample, locate_corners(tables, sample, point)
 
 
 class NumpyBackend:
@@ -196,13 +226,17 @@ class NumpyBackend:
         corner : numpy.ndarray of int64, shape (len(indices), d)
             Patch corners.
         """
-        sample = np.searchsorted(tables.patch_offset, indices, side="right") - 1
-        stratum = indices - tables.patch_offset[sample]
-        n_patches = tables.n_patches[sample]
-        mass_total = tables.mass_offset[sample + 1] - tables.mass_offset[sample]
-        word = rng.random_uint32(seed, indices, draw_number, rng.PURPOSE_STRATUM)
-        point = stratum_points(stratum, n_patches, mass_total, word)
-        return sample, locate_corners(tables, sample, point)
+        indices = np.asarray(indices, dtype=np.int64)
+        sample = np.empty(len(indices), dtype=np.int64)
+        corner = np.empty((len(indices), tables.ndim), dtype=np.int64)
+        # Chunks keep every temporary small: cache-resident, and recycled by
+        # the allocator instead of being mapped (and page-faulted) afresh.
+        for start in range(0, len(indices), _CHUNK):
+            rows = slice(start, start + _CHUNK)
+            sample[rows], corner[rows] = _draw_chunk(
+                tables, indices[rows], draw_number, seed
+            )
+        return sample, corner
 
     @staticmethod
     def to_host(values: Any) -> NDArray[Any]:

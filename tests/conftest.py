@@ -1,0 +1,326 @@
+"""Shared helpers for the test suite.
+
+The helpers here are written straight from the definitions of DESIGN.md
+section 2, independently of the library's grid code, so that the tests compare
+the library against the specification rather than against itself:
+
+* a corner ``c`` is valid iff ``0 <= c_a <= D_a - P_a``;
+* the patch of corner ``c`` covers ``[c, c + P)``; grid cell ``e`` covers
+  ``[e * P, (e + 1) * P)``; a corner is selectable iff its patch overlaps no
+  excluded cell;
+* the region of a corner is its cell ``c // P``.
+
+Test modules import the plain helpers with ``from conftest import ...`` (the
+tests folder is on ``sys.path`` under pytest's default import mode).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpu_patching import StratifiedPatching
+from gpu_patching.backends.numpy_backend import locate_corners
+from gpu_patching.testing import load_reference
+
+Cell = tuple[int, ...]
+
+
+# -- the reference implementation ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def reference() -> Any:
+    """CAREamics' ``StratifiedPatching`` class; the test is skipped without it."""
+    try:
+        return load_reference()
+    except ImportError as error:
+        pytest.skip(
+            f"the CAREamics reference implementation cannot be loaded ({error}); "
+            "install it with 'pip install --no-deps careamics==0.3.5'"
+        )
+
+
+# -- building samplers -----------------------------------------------------------
+
+
+def numpy_sampler(
+    data_shapes: Sequence[Sequence[int]], patch_size: Sequence[int], seed: int = 0
+) -> StratifiedPatching:
+    """A sampler on the NumPy backend (the backend this suite is about)."""
+    return StratifiedPatching(data_shapes, patch_size, seed=seed, backend="numpy")
+
+
+def grid_shape(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> Cell:
+    """``G_a = (D_a + 1) // P_a`` cells per axis (DESIGN.md section 2)."""
+    return tuple((d + 1) // p for d, p in zip(spatial_shape, patch_size))
+
+
+def all_cells(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> list[Cell]:
+    """Every grid cell in row-major order."""
+    return list(itertools.product(*(range(g) for g in grid_shape(spatial_shape, patch_size))))
+
+
+def random_cells(
+    rng: np.random.Generator,
+    spatial_shape: Sequence[int],
+    patch_size: Sequence[int],
+    fraction: float,
+) -> list[Cell]:
+    """A random subset of the grid cells, about ``fraction`` of them."""
+    cells = all_cells(spatial_shape, patch_size)
+    count = int(round(fraction * len(cells)))
+    chosen = rng.choice(len(cells), size=count, replace=False)
+    return [cells[int(k)] for k in sorted(chosen)]
+
+
+# -- brute force: which corners are selectable -------------------------------------
+
+
+def selectable_mask(
+    spatial_shape: Sequence[int],
+    patch_size: Sequence[int],
+    excluded_cells: Iterable[Sequence[int]],
+) -> np.ndarray:
+    """Brute force: which valid corners have a patch that overlaps no excluded cell.
+
+    Returns a boolean array of shape ``D - P + 1`` (one entry per valid corner).
+    The patch ``[c, c + P)`` overlaps the cell ``[e * P, (e + 1) * P)`` iff the
+    two intervals intersect along every axis.
+    """
+    ndim = len(patch_size)
+    excluded = np.asarray(list(excluded_cells), dtype=np.int64).reshape(-1, ndim)
+    corner_range = [np.arange(d - p + 1) for d, p in zip(spatial_shape, patch_size)]
+    if len(excluded) == 0:
+        return np.ones([len(r) for r in corner_range], dtype=bool)
+    # overlap[a][c_a, k]: the patch interval of corner c_a meets cell k along axis a.
+    overlap = []
+    for a in range(ndim):
+        corner = corner_range[a][:, None]
+        cell_start = excluded[None, :, a] * patch_size[a]
+        cell_stop = cell_start + patch_size[a]
+        overlap.append((corner < cell_stop) & (cell_start < corner + patch_size[a]))
+    blocked = np.zeros([len(r) for r in corner_range], dtype=bool)
+    # Chunk over cells to bound memory; each chunk broadcasts to (*corners, k).
+    for start in range(0, len(excluded), 256):
+        chunk = slice(start, start + 256)
+        meets = overlap[0][(slice(None),) + (None,) * (ndim - 1) + (chunk,)]
+        for a in range(1, ndim):
+            index = [None] * ndim + [chunk]
+            index[a] = slice(None)
+            meets = meets & overlap[a][tuple(index)]
+        blocked |= meets.any(axis=-1)
+    return ~blocked
+
+
+def selectable_corners(
+    spatial_shape: Sequence[int],
+    patch_size: Sequence[int],
+    excluded_cells: Iterable[Sequence[int]],
+) -> set[Cell]:
+    """Brute force: the set of selectable corners (see :func:`selectable_mask`)."""
+    mask = selectable_mask(spatial_shape, patch_size, excluded_cells)
+    return {tuple(int(v) for v in c) for c in np.argwhere(mask)}
+
+
+def corners_are_selectable(
+    corners: np.ndarray, selectable: np.ndarray
+) -> np.ndarray:
+    """Whether each corner (rows of ``corners``) is a selectable corner."""
+    corners = np.asarray(corners, dtype=np.int64)
+    in_bounds = np.all((corners >= 0) & (corners < np.asarray(selectable.shape)), axis=1)
+    result = np.zeros(len(corners), dtype=bool)
+    result[in_bounds] = selectable[tuple(corners[in_bounds].T)]
+    return result
+
+
+def patches_overlap_cells(
+    corners: np.ndarray, patch_size: Sequence[int], cells: Iterable[Sequence[int]]
+) -> np.ndarray:
+    """For each patch corner, whether its patch overlaps any of ``cells``."""
+    corners = np.asarray(corners, dtype=np.int64)
+    cells_array = np.asarray(list(cells), dtype=np.int64).reshape(-1, len(patch_size))
+    patch = np.asarray(patch_size, dtype=np.int64)
+    hits = np.zeros(len(corners), dtype=bool)
+    for cell in cells_array:
+        start = cell * patch
+        hits |= np.all((corners < start + patch) & (start < corners + patch), axis=1)
+    return hits
+
+
+# -- the patch-count formula ---------------------------------------------------------
+
+
+def expected_sample_patches(
+    spatial_shape: Sequence[int],
+    patch_size: Sequence[int],
+    excluded_cells: Iterable[Sequence[int]],
+    probabilities: Mapping[Cell, float] | None = None,
+) -> int:
+    """The number of patches of one sample, recomputed from DESIGN.md section 2.
+
+    ``n = 0`` when no selectable corner lies in a region with ``p > 0``, else
+    ``max(1, ceil(prod(D / P) - sum_g (1 - p_g) - n_excluded))``.
+
+    ``prod(D / P)`` is taken in float64 in axis order, exactly as the reference
+    implementation does (so that ``n_patches`` equals the reference's); the rest
+    is exact rational arithmetic, which is why tests give probabilities that
+    are dyadic (exact in the library's 2**-20 quantisation).
+    """
+    probabilities = dict(probabilities or {})
+    excluded = {tuple(int(v) for v in cell) for cell in excluded_cells}
+    selectable = selectable_corners(spatial_shape, patch_size, excluded)
+    has_mass = any(
+        probabilities.get(tuple(c // p for c, p in zip(corner, patch_size)), 1.0) > 0
+        for corner in selectable
+    )
+    if not has_mass:
+        return 0
+    base = 1.0
+    for d, p in zip(spatial_shape, patch_size):
+        base *= float(d) / float(p)
+    shortfall = sum(Fraction(1) - Fraction(p) for p in probabilities.values())
+    wanted = Fraction(base) - shortfall - len(excluded)
+    return max(1, math.ceil(wanted))
+
+
+# -- per-sample views of an epoch -------------------------------------------------------
+
+
+def sample_rows(batch: Any, data_idx: int, sample_idx: int) -> np.ndarray:
+    """The rows of a ``PatchBatch`` that come from one sample."""
+    batch = batch.to_numpy()
+    return np.flatnonzero((batch.data_idx == data_idx) & (batch.sample_idx == sample_idx))
+
+
+def epoch_corners(
+    sampler: StratifiedPatching, data_idx: int, sample_idx: int, epochs: Iterable[int]
+) -> np.ndarray:
+    """The corners of one sample's patches over several epochs, stacked."""
+    corners = []
+    for epoch in epochs:
+        batch = sampler.sample_epoch(epoch).to_numpy()
+        corners.append(batch.coords[sample_rows(batch, data_idx, sample_idx)])
+    return np.concatenate(corners)
+
+
+# -- the rank mapping of the draw algorithm ----------------------------------------------
+
+
+def rank_corners(
+    sampler: StratifiedPatching, data_idx: int, sample_idx: int
+) -> dict[Cell, dict[str, Any]]:
+    """Map every rank of every region of a sample to its corner.
+
+    Inside the sample's mass line, region ``r`` owns the points
+    ``[mass_prefix[r], mass_prefix[r] + mass[r])`` and each of its corners owns
+    ``weight[r]`` consecutive points (rank ``k`` owns
+    ``[k * weight, (k + 1) * weight)`` relative to the region). This helper
+    reads those (NumPy-backend) tables and runs
+    :func:`gpu_patching.backends.numpy_backend.locate_corners` on the first
+    and the last point of every rank.
+
+    Returns, for each region (grid cell) with a positive weight, a dict with
+    ``prefix`` (its first mass point, relative to the sample), ``mass``,
+    ``weight``, ``first`` (corners of the first point of each rank,
+    shape ``(mass // weight, d)``) and ``last`` (same for the last point).
+    """
+    tables = sampler._tables  # the tables are the object under test here
+    sample = tables.sample_id(data_idx, sample_idx)
+    cells = list(itertools.product(*(range(g) for g in tables.sample_grid(sample))))
+    rows = tables.sample_rows(sample)
+    mass = np.asarray(tables.mass[rows], dtype=np.int64)
+    weight = np.asarray(tables.weight[rows], dtype=np.int64)
+    prefix = np.asarray(tables.mass_prefix[rows], dtype=np.int64) - int(
+        tables.mass_offset[sample]
+    )
+    result: dict[Cell, dict[str, Any]] = {}
+    for cell, region_mass, region_weight, region_prefix in zip(
+        cells, mass, weight, prefix
+    ):
+        if region_weight <= 0:
+            continue
+        n_ranks = int(region_mass // region_weight)
+        first = region_prefix + np.arange(n_ranks, dtype=np.int64) * region_weight
+        last = first + region_weight - 1
+        samples = np.full(n_ranks, sample, dtype=np.int64)
+        result[cell] = {
+            "prefix": int(region_prefix),
+            "mass": int(region_mass),
+            "weight": int(region_weight),
+            "first": locate_corners(tables, samples, first),
+            "last": locate_corners(tables, samples, last),
+        }
+    return result
+
+
+def expected_corner_counts(
+    sampler: StratifiedPatching, data_idx: int, sample_idx: int, n_patches: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact expected number of draws of every corner of a sample per epoch.
+
+    Stratum ``j`` of ``n`` owns the mass points ``[lo_j, hi_j)`` with
+    ``lo_j = floor(j * M / n)`` and draws one of them uniformly, so point ``x``
+    of stratum ``j`` is drawn with probability ``1 / (hi_j - lo_j)``. The
+    expected count of a corner is the sum of that over its points, computed
+    with the piecewise-linear cumulative count ``F(x) = j + (x - lo_j) / w_j``.
+
+    Returns ``(corners, expected)`` with one row per corner reachable by the
+    rank mapping.
+    """
+    ranks = rank_corners(sampler, data_idx, sample_idx)
+    total_mass = sum(region["mass"] for region in ranks.values())
+    # Python ints: j * M can exceed int64 before the division.
+    bounds = np.array(
+        [j * total_mass // n_patches for j in range(n_patches + 1)], dtype=np.int64
+    )
+
+    def cumulative(points: np.ndarray) -> np.ndarray:
+        stratum = np.clip(np.searchsorted(bounds, points, side="right") - 1, 0, n_patches - 1)
+        width = (bounds[stratum + 1] - bounds[stratum]).astype(np.float64)
+        return stratum + (points - bounds[stratum]) / width
+
+    corners, expected = [], []
+    for region in ranks.values():
+        rank = np.arange(len(region["first"]), dtype=np.int64)
+        corner_start = region["prefix"] + rank * region["weight"]
+        expected.append(
+            cumulative(corner_start + region["weight"]) - cumulative(corner_start)
+        )
+        corners.append(region["first"])
+    return np.concatenate(corners), np.concatenate(expected)
+
+
+def coverage_map(
+    spatial_shape: Sequence[int],
+    patch_size: Sequence[int],
+    corners: np.ndarray,
+    weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """How often each pixel is covered by the given patches (optionally weighted)."""
+    ndim = len(patch_size)
+    if weights is None:
+        weights = np.ones(len(corners))
+    # Accumulate at the corners, then spread each over its patch with a box sum.
+    density = np.zeros([d - p + 1 for d, p in zip(spatial_shape, patch_size)])
+    np.add.at(density, tuple(np.asarray(corners, dtype=np.int64).T), weights)
+    coverage = np.zeros([d + 1 for d in spatial_shape])
+    coverage[tuple(slice(0, d - p + 1) for d, p in zip(spatial_shape, patch_size))] = (
+        density
+    )
+    # Difference-array trick: mark +w at c and -w at c + P per axis, then cumsum.
+    for a in range(ndim):
+        shifted = np.zeros_like(coverage)
+        source = [slice(None)] * ndim
+        target = [slice(None)] * ndim
+        source[a] = slice(0, coverage.shape[a] - patch_size[a])
+        target[a] = slice(patch_size[a], None)
+        shifted[tuple(target)] = coverage[tuple(source)]
+        coverage = np.cumsum(coverage - shifted, axis=a)
+    return coverage[tuple(slice(0, d) for d in spatial_shape)]

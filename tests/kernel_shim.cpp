@@ -1,0 +1,44 @@
+// Host build of the kernel headers, for tests/test_kernels_host.py.
+//
+// It compiles the exact per-patch code the GPU runs (gpu_patching/kernels) with
+// the host C++ compiler and exposes it through a C ABI for ctypes. draw_epoch
+// plays the GPU's threads one after another: row t runs the same draw_row as
+// thread t of sample_epoch, with the same arguments in the same order.
+#include "philox.cuh"
+#include "stratified.cuh"
+
+extern "C" {
+
+// Philox4x32-10 of one counter and key (for the known-answer vectors).
+void philox(const unsigned int* counter, const unsigned int* key, unsigned int* out) {
+    gp::Words4 words = {{counter[0], counter[1], counter[2], counter[3]}};
+    const gp::Words4 result = gp::philox4x32_10(words, key[0], key[1]);
+    for (int k = 0; k < 4; ++k) out[k] = result.w[k];
+}
+
+// The first Philox word of (seed, index, draw number, purpose).
+unsigned int random_u32(unsigned long long seed, long long index, unsigned int draw_number,
+                        unsigned int purpose) {
+    return gp::random_u32(seed, index, draw_number, purpose);
+}
+
+// sample_epoch on the host: the kernel's parameter list, rows in order.
+void draw_epoch(const long long* patch_offset, const long long* n_patches,
+                const long long* mass_offset, const long long* region_offset,
+                const long long* grid_shape, const long long* spatial_shape,
+                const long long* patch_size, const long long* mass_prefix,
+                const long long* weight, const unsigned char* subbox_mask,
+                long long n_samples, long long n_regions, int ndim,
+                const long long* indices, long long first_index, long long n_rows,
+                unsigned int draw_number, unsigned long long seed, long long* sample,
+                long long* coords) {
+    const gp::TableView tables = {
+        patch_offset, n_patches, mass_offset, region_offset, grid_shape,
+        spatial_shape, patch_size, mass_prefix, weight, subbox_mask,
+        n_samples, n_regions, ndim};
+    for (long long row = 0; row < n_rows; ++row) {
+        gp::draw_row(tables, indices, first_index, row, draw_number, seed, sample, coords);
+    }
+}
+
+}  // extern "C"

@@ -24,7 +24,7 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(VENV)/.demo-installed
-	$(BIN)/python benchmarks/demo.py
+	$(BIN)/python -m gpu_patching.demo
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest

@@ -1,0 +1,224 @@
+"""CPU benchmark: gpu-patching's NumPy backend side by side with the reference.
+
+Both implementations run in this one process on the same shapes:
+
+* ``setup``: building the sampler;
+* ``epoch``: every patch of one epoch. Ours is one ``sample_epoch`` call; the
+  reference has only the per-patch path, so its epoch is its measured cost per
+  ``get_patch_spec`` call times the number of patches;
+* ``per call``: ``get_patch_spec`` amortised over a whole epoch (ours includes
+  the epoch computation it serves calls from);
+* ``exclude 5%``: ``exclude_patches`` with 5% of one sample's grid cells.
+
+The ratios are reference time / our time. A second table shows our cost per
+region from ~1k to ~1M regions (it should be flat). Run it with
+``python benchmarks/bench_cpu.py`` (``--quick`` for a smoke run, ``--no-reference``
+without CAREamics); the markdown goes to ``benchmarks/results/cpu.md`` unless
+``--output`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpu_patching import StratifiedPatching
+from gpu_patching.testing import load_reference
+
+# (label, data_shapes, patch_size): ~1k, ~66k and ~264k regions.
+CASES = [
+    ("~1k regions: 2500x1690, 64x64", [(1, 1, 2500, 1690)], (64, 64)),
+    ("~66k regions: 10000x6760, 32x32", [(1, 1, 10000, 6760)], (32, 32)),
+    ("~264k regions: 4 x 10000x6760, 32x32", [(4, 1, 10000, 6760)], (32, 32)),
+]
+# Our cost per region, ~1k to ~1M regions.
+SCALING = [
+    ("1k", [(1, 1, 2048, 2048)], (64, 64)),
+    ("16k", [(1, 1, 4096, 4096)], (32, 32)),
+    ("66k", [(1, 1, 10000, 6760)], (32, 32)),
+    ("264k", [(4, 1, 10000, 6760)], (32, 32)),
+    ("1M", [(16, 1, 8192, 8192)], (32, 32)),
+]
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu.md"
+
+
+def timed(function: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls, after one warm-up call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def once(function: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = function()
+    return time.perf_counter() - start, value
+
+
+def five_percent(sampler: Any, seed: int = 0) -> list[tuple[int, ...]]:
+    cells = sampler.get_all_grid_coords()[(0, 0)]
+    pick = np.random.default_rng(seed).choice(len(cells), len(cells) // 20, replace=False)
+    return [cells[i] for i in sorted(pick)]
+
+
+def measure_ours(shapes: list, patch: tuple, repeats: int) -> dict[str, float]:
+    setup = timed(lambda: StratifiedPatching(shapes, patch, seed=1, backend="numpy"), repeats)
+    sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+    n_patches = sampler.n_patches
+    epoch = timed(lambda: sampler.sample_epoch(3), repeats)
+
+    def one_epoch_of_calls() -> None:
+        for index in range(n_patches):
+            sampler.get_patch_spec(index)
+
+    per_call = timed(one_epoch_of_calls, max(1, repeats // 3)) / n_patches
+    cells = five_percent(sampler)
+
+    def exclude() -> None:
+        fresh = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+        start = time.perf_counter()
+        fresh.exclude_patches(0, 0, cells)
+        timings.append(time.perf_counter() - start)
+
+    timings: list[float] = []
+    for _ in range(max(3, repeats // 2)):
+        exclude()
+    return {
+        "n_patches": n_patches,
+        "regions": sum(len(v) for v in sampler.get_all_grid_coords().values()),
+        "setup": setup,
+        "epoch": epoch,
+        "per_call": per_call,
+        "exclude": statistics.median(timings),
+    }
+
+
+def measure_reference(reference: Any, shapes: list, patch: tuple, calls: int) -> dict[str, float]:
+    setup, sampler = once(lambda: reference(shapes, list(patch), seed=1))
+    n_patches = sampler.n_patches
+    indices = np.random.default_rng(0).integers(0, n_patches, calls)
+    sampler.get_patch_spec(int(indices[0]))
+    per_call, _ = once(lambda: [sampler.get_patch_spec(int(i)) for i in indices])
+    per_call /= calls
+    cells = five_percent(sampler)
+    exclude, _ = once(lambda: sampler.exclude_patches(0, 0, cells))
+    return {
+        "n_patches": n_patches,
+        "setup": setup,
+        "epoch": per_call * n_patches,
+        "per_call": per_call,
+        "exclude": exclude,
+    }
+
+
+def fmt(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.2f} us"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return (
+        f"CPU: {cpu} ({os.cpu_count()} logical cores); Python {platform.python_version()}; "
+        f"NumPy {np.__version__}"
+    )
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    parser.add_argument("--no-reference", action="store_true", help="skip CAREamics")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    args = parser.parse_args(argv)
+
+    cases = CASES[:1] if args.quick else CASES
+    scaling = SCALING[:2] if args.quick else SCALING
+    repeats = 3 if args.quick else 15
+    reference = None
+    if not args.no_reference:
+        try:
+            reference = load_reference()
+        except ImportError as error:
+            print(f"reference not available ({error}); showing gpu-patching only")
+
+    lines = ["# CPU benchmark: NumPy backend vs the reference (CAREamics 0.3.5)", ""]
+    lines += [machine(), "", "Times are medians (ours) or single runs (reference).", ""]
+    header = (
+        "| case | patches | what | reference | gpu-patching (numpy) | ratio |\n"
+        "|---|---:|---|---:|---:|---:|"
+    )
+    lines.append(header)
+    for label, shapes, patch in cases:
+        ours = measure_ours(shapes, patch, repeats)
+        theirs = (
+            measure_reference(reference, shapes, patch, calls=200 if args.quick else 400)
+            if reference is not None
+            else None
+        )
+        rows = [
+            ("setup", "setup"),
+            ("epoch", "epoch (all patches)"),
+            ("per_call", "get_patch_spec, per call"),
+            ("exclude", "exclude 5% of cells"),
+        ]
+        for key, what in rows:
+            ref_text = fmt(theirs[key]) if theirs else "n/a"
+            ratio = f"x{theirs[key] / ours[key]:,.0f}" if theirs else "n/a"
+            lines.append(
+                f"| {label} | {ours['n_patches']:,} | {what} | {ref_text} | "
+                f"{fmt(ours[key])} | {ratio} |"
+            )
+        if theirs:
+            lines.append(
+                f"| {label} | | epoch cost per patch | {fmt(theirs['per_call'])} | "
+                f"{fmt(ours['epoch'] / ours['n_patches'])} | "
+                f"x{theirs['per_call'] * ours['n_patches'] / ours['epoch']:,.0f} |"
+            )
+        print("\n".join(lines[-5:]), flush=True)
+
+    lines += ["", "## Cost per region (gpu-patching, NumPy backend)", ""]
+    lines.append("| regions | patches | setup / region | epoch / patch | exclude 5% / region |")
+    lines.append("|---:|---:|---:|---:|---:|")
+    for label, shapes, patch in scaling:
+        ours = measure_ours(shapes, patch, max(3, repeats // 3))
+        regions = ours["regions"]
+        lines.append(
+            f"| {label} ({regions:,}) | {ours['n_patches']:,} | "
+            f"{ours['setup'] / regions * 1e9:.0f} ns | "
+            f"{ours['epoch'] / ours['n_patches'] * 1e9:.0f} ns | "
+            f"{ours['exclude'] / regions * 1e9:.0f} ns |"
+        )
+        print(lines[-1], flush=True)
+
+    report = "\n".join(lines) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    print(f"\nwritten to {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

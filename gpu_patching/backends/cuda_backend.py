@@ -1,0 +1,474 @@
+"""The per-patch draw on a CUDA device: one kernel launch per epoch.
+
+The kernel source lives beside this module in ``gpu_patching/kernels``
+(``sample_epoch.cu`` and the ``__host__ __device__`` headers it includes); it
+is the CUDA twin of :mod:`gpu_patching.backends.numpy_backend` and returns the
+same integers bit for bit. CuPy compiles it with NVRTC on first use, once per
+device, with :data:`COMPILE_OPTIONS` (no FMA contraction: the draw is integer
+arithmetic, and it stays exact if that ever changes).
+
+Launch contract (checked by the test suite without a GPU):
+
+* :data:`SAMPLE_EPOCH_PARAMS` lists the kernel's parameters, names and C types
+  in order; a test parses the C signature of ``sample_epoch`` and compares.
+* :func:`_launch_args` is the only place that builds the argument tuple. It is
+  driven by :data:`SAMPLE_EPOCH_PARAMS`, passes arrays through as pointers and
+  makes every scalar a NumPy scalar of the exact C width (:data:`C_SCALAR_TYPES`):
+  CuPy passes a bare Python int as 64 bits, and an ``int`` parameter would then
+  read garbage.
+* :func:`launch_grid` sizes the grid; the kernel's grid-stride loop covers
+  every row exactly once for any grid size.
+
+Indices: :meth:`CudaBackend.draw` takes either a ``range`` with step 1 (the
+kernel computes each index from the row, no index array is read; an epoch is
+``range(n_patches)``) or an array of arbitrary indices (read through a
+pointer). Both are one launch. A range is checked against
+``[0, total_patches)`` on the host; an index array is not (that would need a
+device reduction and a synchronisation): a row whose index is out of range is
+written as ``-1`` (sample and coordinates) rather than raising as NumPy does.
+
+Tables: the per-region arrays (``mass_prefix``, ``weight``, ``subbox_mask``)
+are CuPy arrays that stay on the device. The small per-sample arrays are NumPy
+on the host; they are packed into one int64 buffer, uploaded in one copy, and
+the upload is reused while their contents are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .._arrays import to_host
+from ..tables import RegionTables
+
+__all__ = [
+    "COMPILE_OPTIONS",
+    "C_SCALAR_TYPES",
+    "KERNEL_NAME",
+    "SAMPLE_EPOCH_PARAMS",
+    "THREADS_PER_BLOCK",
+    "CudaBackend",
+    "compile_options",
+    "kernel_code",
+    "kernel_dir",
+    "launch_grid",
+    "pack_sample_table",
+    "split_sample_table",
+]
+
+#: NVRTC options of every compile of the kernels (the include path is added by
+#: :func:`compile_options`). CuPy adds the target architecture.
+COMPILE_OPTIONS = ("--std=c++17", "--fmad=false")
+#: The ``.cu`` file that holds the epoch kernel, and its entry point.
+KERNEL_FILE = "sample_epoch.cu"
+KERNEL_NAME = "sample_epoch"
+#: Threads per block of the epoch kernel.
+THREADS_PER_BLOCK = 256
+# CUDA's limit on gridDim.x.
+_MAX_BLOCKS = (1 << 31) - 1
+
+#: Parameters of ``sample_epoch`` in order, as ``(name, C type)``. This mirrors
+#: the C signature in ``kernels/sample_epoch.cu`` (a test compares them) and
+#: drives :func:`_launch_args`.
+SAMPLE_EPOCH_PARAMS: tuple[tuple[str, str], ...] = (
+    ("patch_offset", "const long long*"),
+    ("n_patches", "const long long*"),
+    ("mass_offset", "const long long*"),
+    ("region_offset", "const long long*"),
+    ("grid_shape", "const long long*"),
+    ("spatial_shape", "const long long*"),
+    ("patch_size", "const long long*"),
+    ("mass_prefix", "const long long*"),
+    ("weight", "const long long*"),
+    ("subbox_mask", "const unsigned char*"),
+    ("n_samples", "long long"),
+    ("n_regions", "long long"),
+    ("ndim", "int"),
+    ("indices", "const long long*"),
+    ("first_index", "long long"),
+    ("n_rows", "long long"),
+    ("draw_number", "unsigned int"),
+    ("seed", "unsigned long long"),
+    ("sample", "long long*"),
+    ("coords", "long long*"),
+)
+
+#: The NumPy scalar type of each C type used by the kernels; a pointer's
+#: element type maps the same way (``const long long*`` -> int64 arrays).
+C_SCALAR_TYPES: dict[str, type[np.generic]] = {
+    "int": np.int32,
+    "unsigned int": np.uint32,
+    "long long": np.int64,
+    "unsigned long long": np.uint64,
+    "unsigned char": np.uint8,
+}
+
+# The per-sample host arrays packed into one buffer, in this order.
+_SAMPLE_ARRAYS = (
+    "patch_offset",
+    "n_patches",
+    "mass_offset",
+    "region_offset",
+    "grid_shape",
+    "spatial_shape",
+    "patch_size",
+)
+
+
+def kernel_dir() -> Path:
+    """Return the folder that holds the kernel sources.
+
+    Returns
+    -------
+    pathlib.Path
+        ``gpu_patching/kernels`` of the installed package; it is also the
+        include path of every compile.
+    """
+    return Path(str(importlib.resources.files("gpu_patching") / "kernels"))
+
+
+def compile_options() -> tuple[str, ...]:
+    """Return the NVRTC options of the kernels, include path included.
+
+    Returns
+    -------
+    tuple of str
+        :data:`COMPILE_OPTIONS` and ``-I<kernel_dir()>``.
+    """
+    return (*COMPILE_OPTIONS, f"-I{kernel_dir()}")
+
+
+def kernel_code() -> str:
+    """Return the source of the epoch kernel as handed to CuPy.
+
+    CuPy caches compiled kernels on disk keyed on the source text and the
+    options, not on the headers that the source includes. The first line is
+    therefore a digest of every file in :func:`kernel_dir`, so editing a header
+    can never bring back a stale binary.
+
+    Returns
+    -------
+    str
+        The text of ``sample_epoch.cu`` after one comment line.
+    """
+    folder = kernel_dir()
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.cu*")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    source = (folder / KERNEL_FILE).read_text()
+    return f"// gpu-patching kernel sources sha256 {digest.hexdigest()}\n{source}"
+
+
+def launch_grid(n_rows: int, threads: int = THREADS_PER_BLOCK) -> tuple[int, int]:
+    """Return ``(blocks, threads)`` for a launch over ``n_rows`` rows.
+
+    One thread per row while the grid allows it; beyond CUDA's block limit the
+    kernel's grid-stride loop gives each thread several rows, so every row is
+    covered exactly once for any result.
+
+    Parameters
+    ----------
+    n_rows : int
+        Number of output rows, ``>= 0``.
+    threads : int, default THREADS_PER_BLOCK
+        Threads per block.
+
+    Returns
+    -------
+    blocks, threads : int
+        At least one block.
+    """
+    if n_rows < 0:
+        raise ValueError(f"n_rows must be >= 0, got {n_rows}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    blocks = min(max(1, math.ceil(n_rows / threads)), _MAX_BLOCKS)
+    return blocks, threads
+
+
+def pack_sample_table(tables: RegionTables) -> NDArray[np.int64]:
+    """Pack the per-sample host arrays of the tables into one int64 buffer.
+
+    Parameters
+    ----------
+    tables : RegionTables
+        Tables of any backend (their per-sample arrays are NumPy).
+
+    Returns
+    -------
+    numpy.ndarray of int64
+        ``patch_offset, n_patches, mass_offset, region_offset, grid_shape,
+        spatial_shape, patch_size``, flattened and concatenated; see
+        :func:`split_sample_table`.
+
+    Raises
+    ------
+    ValueError
+        If an array's length does not match the number of samples.
+    """
+    n_samples, ndim = tables.n_samples, tables.ndim
+    parts = [
+        np.asarray(getattr(tables, name), dtype=np.int64).reshape(-1)
+        for name in _SAMPLE_ARRAYS
+    ]
+    for name, part, length in zip(_SAMPLE_ARRAYS, parts, _sample_lengths(n_samples, ndim)):
+        if part.size != length:
+            raise ValueError(
+                f"tables.{name} has {part.size} values, expected {length} "
+                f"for {n_samples} samples of {ndim} dimensions"
+            )
+    return np.concatenate(parts)
+
+
+def split_sample_table(buffer: Any, n_samples: int, ndim: int) -> dict[str, Any]:
+    """Return views of the arrays packed by :func:`pack_sample_table`.
+
+    Parameters
+    ----------
+    buffer : numpy.ndarray or cupy.ndarray of int64
+        A packed buffer, on the host or on the device.
+    n_samples : int
+        Number of samples.
+    ndim : int
+        Number of spatial dimensions.
+
+    Returns
+    -------
+    dict of str to array
+        One contiguous 1-D view of ``buffer`` per packed array.
+
+    Raises
+    ------
+    ValueError
+        If the buffer's length does not match ``n_samples`` and ``ndim``.
+    """
+    lengths = _sample_lengths(n_samples, ndim)
+    if buffer.ndim != 1 or buffer.size != sum(lengths):
+        raise ValueError(
+            f"sample table has shape {buffer.shape}, expected ({sum(lengths)},)"
+        )
+    views = {}
+    start = 0
+    for name, length in zip(_SAMPLE_ARRAYS, lengths):
+        views[name] = buffer[start : start + length]
+        start += length
+    return views
+
+
+def _sample_lengths(n_samples: int, ndim: int) -> tuple[int, ...]:
+    """Lengths of the packed per-sample arrays, in ``_SAMPLE_ARRAYS`` order."""
+    s, d = n_samples, ndim
+    return (s + 1, s, s + 1, s + 1, s * d, s * d, d)
+
+
+def _check_array(name: str, array: Any, dtype: type[np.generic], size: int) -> None:
+    """Check an array argument's metadata (never its contents: no device sync)."""
+    if np.dtype(array.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {array.dtype}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if array.size != size:
+        raise ValueError(f"{name} has {array.size} values, expected {size}")
+
+
+def _launch_args(
+    tables: RegionTables,
+    sample_arrays: dict[str, Any],
+    indices: Any,
+    first_index: int,
+    n_rows: int,
+    draw_number: int,
+    seed: int,
+    sample: Any,
+    coords: Any,
+) -> tuple[Any, ...]:
+    """Build the argument tuple of ``sample_epoch``, in SAMPLE_EPOCH_PARAMS order.
+
+    Arrays pass through unchanged (CuPy passes an array as its device pointer,
+    ``None`` as a null pointer); every scalar becomes a NumPy scalar of the
+    exact C width, which also rejects out-of-range values. The lengths of all
+    arrays are checked here, because the kernel trusts them: with the lengths
+    right, no table contents can make it read or write out of bounds. Works on
+    NumPy arrays too, so the tests can call it without a GPU.
+    """
+    n_samples, ndim = tables.n_samples, tables.ndim
+    n_regions = int(tables.mass_prefix.size)
+    if ndim not in (2, 3):
+        raise ValueError(f"the kernels support 2 or 3 spatial dimensions, got {ndim}")
+    lengths = dict(zip(_SAMPLE_ARRAYS, _sample_lengths(n_samples, ndim)))
+    for name, length in lengths.items():
+        _check_array(name, sample_arrays[name], np.int64, length)
+    _check_array("mass_prefix", tables.mass_prefix, np.int64, n_regions)
+    _check_array("weight", tables.weight, np.int64, n_regions)
+    _check_array("subbox_mask", tables.subbox_mask, np.uint8, n_regions)
+    if n_rows < 0:
+        raise ValueError(f"n_rows must be >= 0, got {n_rows}")
+    if indices is not None:
+        _check_array("indices", indices, np.int64, n_rows)
+    _check_array("sample", sample, np.int64, n_rows)
+    _check_array("coords", coords, np.int64, n_rows * ndim)
+
+    values = {
+        **sample_arrays,
+        "mass_prefix": tables.mass_prefix,
+        "weight": tables.weight,
+        "subbox_mask": tables.subbox_mask,
+        "n_samples": n_samples,
+        "n_regions": n_regions,
+        "ndim": ndim,
+        "indices": indices,
+        "first_index": first_index,
+        "n_rows": n_rows,
+        "draw_number": draw_number,
+        "seed": seed,
+        "sample": sample,
+        "coords": coords,
+    }
+    args = []
+    for name, c_type in SAMPLE_EPOCH_PARAMS:
+        value = values[name]
+        if c_type.endswith("*"):
+            args.append(value)
+        else:
+            # NumPy >= 2 raises OverflowError rather than wrapping.
+            args.append(C_SCALAR_TYPES[c_type](int(value)))
+    return tuple(args)
+
+
+# Compiled epoch kernels, one per device id.
+_KERNELS: dict[int, Any] = {}
+
+
+class CudaBackend:
+    """The CUDA backend: CuPy tables on the current device and one launch per draw.
+
+    Attributes
+    ----------
+    launch_count : int
+        Kernel launches made by this backend (for tests and benchmarks).
+    """
+
+    name = "cuda"
+    xp: Any
+
+    def __init__(self) -> None:
+        import cupy
+
+        self.xp = cupy
+        self.launch_count = 0
+        # device id -> (packed host buffer, its device copy)
+        self._uploads: dict[int, tuple[NDArray[np.int64], Any]] = {}
+
+    def draw(
+        self,
+        tables: RegionTables,
+        indices: Any,
+        draw_number: int,
+        seed: int,
+    ) -> tuple[Any, Any]:
+        """Draw the corners of the given global patch indices, in one launch.
+
+        Parameters
+        ----------
+        tables : RegionTables
+            The sampler's tables, built with ``xp=cupy``.
+        indices : range or array of int
+            Global patch indices. A ``range`` with step 1 (an epoch is
+            ``range(n_patches)``) must lie in ``[0, tables.total_patches)``;
+            an array (NumPy or CuPy, 1-D) is read by the kernel, and a row with
+            an index outside that interval is written as ``-1``.
+        draw_number : int
+            The draw number, in ``[0, 2**32)``.
+        seed : int
+            The 64-bit seed, in ``[0, 2**64)``.
+
+        Returns
+        -------
+        sample : cupy.ndarray of int64
+            Flat sample number of each patch.
+        corner : cupy.ndarray of int64, shape (len(indices), d)
+            Patch corners.
+
+        Raises
+        ------
+        IndexError
+            If a range of indices leaves ``[0, tables.total_patches)``.
+        ValueError
+            If a range has a step other than 1, an index array is not 1-D, or
+            ``draw_number`` / ``seed`` is out of range.
+        """
+        cupy = self.xp
+        if not 0 <= draw_number < 1 << 32:
+            raise ValueError(f"draw_number must be in [0, 2**32), got {draw_number}")
+        if not 0 <= seed < 1 << 64:
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        index_array, first_index, n_rows = self._rows(tables, indices)
+        sample = cupy.empty(n_rows, dtype=cupy.int64)
+        corner = cupy.empty((n_rows, tables.ndim), dtype=cupy.int64)
+        if n_rows == 0:
+            return sample, corner
+        sample_arrays = split_sample_table(
+            self._sample_table(tables), tables.n_samples, tables.ndim
+        )
+        args = _launch_args(
+            tables, sample_arrays, index_array, first_index, n_rows,
+            draw_number, seed, sample, corner,
+        )
+        blocks, threads = launch_grid(n_rows)
+        self._kernel()((blocks,), (threads,), args)
+        self.launch_count += 1
+        return sample, corner
+
+    @staticmethod
+    def to_host(values: Any) -> NDArray[Any]:
+        """Return ``values`` (CuPy or NumPy) as a NumPy array."""
+        return to_host(values)
+
+    def _rows(self, tables: RegionTables, indices: Any) -> tuple[Any, int, int]:
+        """Return ``(index array or None, first index, rows)`` for ``indices``."""
+        if isinstance(indices, range):
+            n_rows = len(indices)
+            if n_rows > 1 and indices.step != 1:
+                raise ValueError(f"a range of indices must have step 1, got {indices}")
+            if n_rows and not (
+                0 <= indices.start and indices[-1] < tables.total_patches
+            ):
+                raise IndexError(
+                    f"indices {indices} leave [0, {tables.total_patches})"
+                )
+            return None, indices.start if n_rows else 0, n_rows
+        array = self.xp.asarray(indices)
+        if array.ndim != 1:
+            raise ValueError(f"indices must be 1-D, got shape {array.shape}")
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"indices must be integers, got dtype {array.dtype}")
+        array = self.xp.ascontiguousarray(array, dtype=self.xp.int64)
+        return array, 0, int(array.size)
+
+    def _sample_table(self, tables: RegionTables) -> Any:
+        """Return the packed per-sample arrays on the current device."""
+        host = pack_sample_table(tables)
+        device_id = self.xp.cuda.Device().id
+        cached = self._uploads.get(device_id)
+        if cached is not None and np.array_equal(cached[0], host):
+            return cached[1]
+        uploaded = self.xp.asarray(host)
+        self._uploads[device_id] = (host, uploaded)
+        return uploaded
+
+    def _kernel(self) -> Any:
+        """Return the epoch kernel compiled for the current device (memoised)."""
+        device_id = self.xp.cuda.Device().id
+        kernel = _KERNELS.get(device_id)
+        if kernel is None:
+            module = self.xp.RawModule(code=kernel_code(), options=compile_options())
+            kernel = module.get_function(KERNEL_NAME)
+            _KERNELS[device_id] = kernel
+        return kernel

@@ -83,9 +83,7 @@ def validate_data_shapes(
     Each shape must have ``len(patch_size) + 2`` axes and a spatial part at
     least as large as the patch along every axis.
     """
-    if isinstance(data_shapes, (str, bytes)) or not isinstance(
-        data_shapes, (Sequence, np.ndarray)
-    ):
+    if isinstance(data_shapes, (str, bytes)) or not isinstance(data_shapes, (Sequence, np.ndarray)):
         raise TypeError(f"data_shapes must be a sequence of shapes, got {data_shapes!r}")
     if len(data_shapes) == 0:
         raise ValueError("data_shapes is empty: give the SC(Z)YX shape of at least one stack")
@@ -102,7 +100,7 @@ def validate_data_shapes(
         if min(shape) < 1:
             raise ValueError(f"data_shapes[{k}] = {shape} has a non-positive size")
         spatial = shape[2:]
-        if any(p > s for p, s in zip(patch_size, spatial)):
+        if any(p > s for p, s in zip(patch_size, spatial, strict=True)):
             raise ValueError(
                 f"patch_size {patch_size} is larger than the spatial shape {spatial} "
                 f"of data_shapes[{k}] = {shape}"
@@ -130,17 +128,13 @@ def dense_grid_array(value: Any, cells: tuple[int, ...], name: str, xp: Any) -> 
     """Return a dense per-cell array as an ``xp`` array, checking its shape."""
     shape = tuple(int(s) for s in value.shape)
     if shape != cells:
-        raise ValueError(
-            f"{name} has shape {shape}, but the sample's grid has shape {cells}"
-        )
+        raise ValueError(f"{name} has shape {shape}, but the sample's grid has shape {cells}")
     if xp is np:
         return to_host(value)
     return xp.asarray(value)
 
 
-def coords_to_mask(
-    grid_coords: Any, cells: tuple[int, ...], name: str
-) -> np.ndarray:
+def coords_to_mask(grid_coords: Any, cells: tuple[int, ...], name: str) -> np.ndarray:
     """Return a boolean grid that is True at each of ``grid_coords``.
 
     Parameters
@@ -174,8 +168,7 @@ def coords_array(grid_coords: Any, cells: tuple[int, ...], name: str) -> np.ndar
             array = array.reshape(0, ndim)
         if array.ndim != 2 or array.shape[1] != ndim:
             raise ValueError(
-                f"{name} must have shape (k, {ndim}) for a {ndim}D grid, "
-                f"got {array.shape}"
+                f"{name} must have shape (k, {ndim}) for a {ndim}D grid, got {array.shape}"
             )
         coords = array.astype(np.int64)
     else:
@@ -195,10 +188,8 @@ def coords_array(grid_coords: Any, cells: tuple[int, ...], name: str) -> np.ndar
                         f"{name} entry {coord!r} has {len(row)} values; the grid is "
                         f"{ndim}D with shape {cells}"
                     )
-                if any(not 0 <= c < g for c, g in zip(row, cells)):
-                    raise ValueError(
-                        f"{name} entry {row} lies outside the grid of shape {cells}"
-                    )
+                if any(not 0 <= c < g for c, g in zip(row, cells, strict=True)):
+                    raise ValueError(f"{name} entry {row} lies outside the grid of shape {cells}")
                 rows.append(row)
             coords = np.asarray(rows, dtype=np.int64).reshape(-1, ndim)
     outside = np.any((coords < 0) | (coords >= np.asarray(cells)), axis=1)
@@ -234,9 +225,7 @@ def check_probabilities(values: np.ndarray, name: str) -> np.ndarray:
     bad |= probabilities > grid.MAX_PROBABILITY
     if bad.any():
         value = probabilities.reshape(-1)[np.argmax(bad.reshape(-1))]
-        raise ValueError(
-            f"{name} must be finite and in [0, {grid.MAX_PROBABILITY:g}], got {value}"
-        )
+        raise ValueError(f"{name} must be finite and in [0, {grid.MAX_PROBABILITY:g}], got {value}")
     return probabilities
 
 

@@ -83,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = tuple(args.size)
     patch = tuple(args.patch)
     sampler = StratifiedPatching([(1, 1, *shape)], patch, seed=args.seed, backend=args.backend)
-    grid_y, grid_x = (len(set(axis)) for axis in zip(*sampler.get_all_grid_coords()[(0, 0)]))
+    grid_y, grid_x = (
+        len(set(axis)) for axis in zip(*sampler.get_all_grid_coords()[(0, 0)], strict=True)
+    )
     print(f"image {shape[0]}x{shape[1]}, patch {patch[0]}x{patch[1]}, grid {grid_y}x{grid_x}")
     print(f"backend {sampler.backend}, seed {sampler.seed}, {sampler.n_patches} patches per epoch")
 
@@ -95,12 +97,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     probabilities[:2] = 0.25
     sampler.set_region_probs(0, 0, probabilities)
     n_patches = sampler.n_patches
-    print(f"after holding out {len(held_out)} cells and down-weighting 2 rows: "
-          f"{n_patches} patches per epoch")
+    print(
+        f"after holding out {len(held_out)} cells and down-weighting 2 rows: "
+        f"{n_patches} patches per epoch"
+    )
 
     keep = np.ones(shape, dtype=bool)  # pixels outside the held-out block
     (y0, x0), (y1, x1) = held_out[0], held_out[-1]
-    block = (slice(y0 * patch[0], (y1 + 1) * patch[0]), slice(x0 * patch[1], (x1 + 1) * patch[1]))
+    block = (
+        slice(y0 * patch[0], (y1 + 1) * patch[0]),
+        slice(x0 * patch[1], (x1 + 1) * patch[1]),
+    )
     keep[block] = False
     keep[: 2 * patch[0]] = False  # and outside the down-weighted band
 
@@ -118,13 +125,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         corners = random.integers(0, last_corner + 1, size=(n_patches, 2))
         uniform += coverage_map(corners, patch, shape)
         if epoch in (0, args.epochs - 1):
-            print(f"after {epoch + 1:2d} epoch(s): stratified {_stats(stratified, epoch + 1, keep)}")
+            print(
+                f"after {epoch + 1:2d} epoch(s): stratified {_stats(stratified, epoch + 1, keep)}"
+            )
             print(f"{'':16s}uniform    {_stats(uniform, epoch + 1, keep)}")
 
     touched = stratified[block].max()
     print(f"\nheld-out block covered by {int(touched)} stratified patches (must be 0)")
-    print(f"time per epoch: {np.median(epoch_times) * 1e3:.2f} ms "
-          f"({np.median(epoch_times) / n_patches * 1e9:.0f} ns per patch, {sampler.backend})")
+    print(
+        f"time per epoch: {np.median(epoch_times) * 1e3:.2f} ms "
+        f"({np.median(epoch_times) / n_patches * 1e9:.0f} ns per patch, {sampler.backend})"
+    )
     return 0
 
 

@@ -71,7 +71,7 @@ def grid_shape(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> tuple
         corner inside the grid when ``D_a`` is a multiple of ``P_a``.
     """
     return tuple(
-        (int(size) + 1) // int(patch) for size, patch in zip(spatial_shape, patch_size)
+        (int(size) + 1) // int(patch) for size, patch in zip(spatial_shape, patch_size, strict=True)
     )
 
 
@@ -154,7 +154,7 @@ def subbox_masks(excluded: Any, xp: Any = np) -> Any:
     for bit, box in enumerate(offsets):
         blocked = xp.zeros_like(excluded)
         for offset in offsets:
-            if all(o <= b for o, b in zip(offset, box)):
+            if all(o <= b for o, b in zip(offset, box, strict=True)):
                 blocked |= shifted[offset]
         mask |= (~blocked).astype(xp.uint8) << bit
     return mask

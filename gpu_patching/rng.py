@@ -92,9 +92,7 @@ def _philox_rounds(
 def philox4x32_10(
     counter: tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike],
     key: tuple[int, int],
-) -> tuple[
-    NDArray[np.uint64], NDArray[np.uint64], NDArray[np.uint64], NDArray[np.uint64]
-]:
+) -> tuple[NDArray[np.uint64], NDArray[np.uint64], NDArray[np.uint64], NDArray[np.uint64]]:
     """Evaluate Philox4x32-10 element-wise (Salmon et al., SC'11; Random123).
 
     Parameters

@@ -69,8 +69,7 @@ class PatchBatch:
         """Return the rows selected by a slice, an index array or a boolean mask."""
         if isinstance(rows, (int, np.integer)):
             raise TypeError(
-                "index a PatchBatch with a slice or an index array; "
-                "use .spec(k) for a single patch"
+                "index a PatchBatch with a slice or an index array; use .spec(k) for a single patch"
             )
         return PatchBatch(
             data_idx=self.data_idx[rows],

@@ -159,8 +159,7 @@ class StratifiedPatching:
 
     @property
     def epoch(self) -> int:
-        """The draw number the next call of every index would use after
-        :meth:`set_epoch` (0 until it is called)."""
+        """The draw number set by the last :meth:`set_epoch` (0 until it is called)."""
         return self._epoch_base
 
     def __repr__(self) -> str:
@@ -263,9 +262,7 @@ class StratifiedPatching:
             probability = xp.asarray(check.check_probabilities(values, "probs"))
         else:
             current = to_host(self._tables.probability_grid(sample))
-            probability = xp.asarray(
-                check.probabilities_to_grid(probs, current, cells, "probs")
-            )
+            probability = xp.asarray(check.probabilities_to_grid(probs, current, cells, "probs"))
         self._update(sample, self._tables.excluded_grid(sample), probability)
 
     def get_patch_spec(self, index: int) -> PatchSpecs:
@@ -297,9 +294,7 @@ class StratifiedPatching:
             index = check.as_int(index, "index")
         calls = self._calls
         if not 0 <= index < len(calls):
-            raise IndexError(
-                f"index {index} is out of range: expected 0 <= index < {len(calls)}"
-            )
+            raise IndexError(f"index {index} is out of range: expected 0 <= index < {len(calls)}")
         epoch = self._host_epoch((self._epoch_base + calls[index]) % _DRAW_LIMIT)
         calls[index] += 1
         return {
@@ -347,7 +342,10 @@ class StratifiedPatching:
         coords: dict[tuple[int, int], list[tuple[int, ...]]] = {}
         tables = self._tables
         for stack in range(tables.n_stacks):
-            first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
+            first, last = (
+                int(tables.first_sample[stack]),
+                int(tables.first_sample[stack + 1]),
+            )
             cells = tables.sample_grid(first)
             stack_coords = list(itertools.product(*(range(g) for g in cells)))
             for sample_idx in range(last - first):
@@ -372,8 +370,11 @@ class StratifiedPatching:
         for sample in range(tables.n_samples):
             kept = ~to_host(tables.excluded_grid(sample))
             columns = [axis.tolist() for axis in np.nonzero(kept)]
-            key = (int(tables.stack_of_sample[sample]), int(tables.sample_in_stack[sample]))
-            included[key] = list(zip(*columns))
+            key = (
+                int(tables.stack_of_sample[sample]),
+                int(tables.sample_in_stack[sample]),
+            )
+            included[key] = list(zip(*columns, strict=True))
         return included
 
     # -- epochs ----------------------------------------------------------------
@@ -465,7 +466,7 @@ class StratifiedPatching:
         epoch = _HostEpoch(
             data_idx=batch.data_idx.tolist(),
             sample_idx=batch.sample_idx.tolist(),
-            coords=list(zip(*batch.coords.T.tolist())),
+            coords=list(zip(*batch.coords.T.tolist(), strict=True)),
         )
         self._host_epochs[draw] = epoch
         while len(self._host_epochs) > _CACHED_EPOCHS:

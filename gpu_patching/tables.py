@@ -77,8 +77,7 @@ class RegionTables:
         self.first_sample = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.stack_of_sample = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
         self.sample_in_stack = (
-            np.arange(int(counts.sum()), dtype=np.int64)
-            - self.first_sample[self.stack_of_sample]
+            np.arange(int(counts.sum()), dtype=np.int64) - self.first_sample[self.stack_of_sample]
         )
         self.spatial_shape = np.asarray(
             [spatial_shapes[k] for k in self.stack_of_sample], dtype=np.int64
@@ -87,9 +86,7 @@ class RegionTables:
             [stack_grids[k] for k in self.stack_of_sample], dtype=np.int64
         ).reshape(-1, self.ndim)
         self.n_cells = np.prod(self.grid_shape, axis=1).astype(np.int64)
-        self.region_offset = np.concatenate([[0], np.cumsum(self.n_cells)]).astype(
-            np.int64
-        )
+        self.region_offset = np.concatenate([[0], np.cumsum(self.n_cells)]).astype(np.int64)
         n_regions = int(self.region_offset[-1])
         n_samples = len(self.n_cells)
 
@@ -221,13 +218,15 @@ class RegionTables:
         mass_total: NDArray[np.int64],
     ) -> NDArray[np.int64]:
         return grid.patches_per_sample(
-            self.spatial_shape, self.patch_size, self.n_cells,
-            n_excluded, weight_total, mass_total,
+            self.spatial_shape,
+            self.patch_size,
+            self.n_cells,
+            n_excluded,
+            weight_total,
+            mass_total,
         )
 
-    def _check_limits(
-        self, mass_total: NDArray[np.int64], n_patches: NDArray[np.int64]
-    ) -> None:
+    def _check_limits(self, mass_total: NDArray[np.int64], n_patches: NDArray[np.int64]) -> None:
         # Python ints: the sum of int64 totals could itself wrap in int64.
         if sum(int(m) for m in mass_total) >= MAX_TOTAL_MASS:
             raise ValueError(
@@ -259,4 +258,3 @@ class RegionTables:
     def total_patches(self) -> int:
         """Number of patches over all samples."""
         return int(self.patch_offset[-1])
-

@@ -86,7 +86,7 @@ def test_mean_expected_coverage_of_the_pixels_left_is_one_after_exclusion():
     left = np.ones(spatial, dtype=bool)
     for cell in excluded:
         left[tuple(slice(c * p, (c + 1) * p) for c, p in zip(cell, patch))] = False
-    assert np.all(coverage[~left] == 0)
+    assert np.all(np.abs(coverage[~left]) < 1e-9)
     mean_left = coverage[left].mean()
     pixels_per_patch = math.prod(patch)
     assert 1 - 1e-9 <= mean_left < 1 + pixels_per_patch / left.sum()
@@ -158,7 +158,7 @@ def test_tiny_positive_probability_keeps_a_region_reachable():
     assert len(ranks[(2, 2)]["first"]) == 16
 
 
-def test_probability_of_a_region_is_proportional_in_the_masses():
+def test_region_weight_is_the_quantised_probability():
     patch = (4, 4)
     sampler = numpy_sampler([(1, 1, 32, 32)], patch, seed=14)
     sampler.set_region_probs(0, 0, {(1, 1): 0.5, (2, 2): 1.5, (3, 3): 0.0})
@@ -519,7 +519,7 @@ def test_sample_epoch_returns_a_patch_batch_of_numpy_arrays_in_index_order():
 
 
 def test_get_all_grid_coords_lists_the_whole_grid_row_major_for_every_sample():
-    sampler = numpy_sampler([(2, 1, 20, 24), (1, 1, 9, 10, 11)[:4]], (4, 6), seed=66)
+    sampler = numpy_sampler([(2, 1, 20, 24), (1, 1, 9, 10)], (4, 6), seed=66)
     grids = sampler.get_all_grid_coords()
     assert list(grids) == [(0, 0), (0, 1), (1, 0)]
     assert grids[(0, 0)] == list(itertools.product(range(5), range(4)))
@@ -584,7 +584,10 @@ N_PATCH_CASES = [
     pytest.param((12, 14, 16), (3, 5, 4), 0.0, {}, id="3d"),
     pytest.param((12, 14, 16), (3, 5, 4), 0.15, {(1, 1, 1): 0.25}, id="3d-excluded-probs"),
     pytest.param((7, 7), (5, 5), 0.0, {(0, 0): 0.0}, id="no-mass"),
-    pytest.param((9, 9), (5, 5), 0.0, {(0, 0): 0.0, (1, 1): 0.0, (0, 1): 0.0}, id="floor-one"),
+    pytest.param(
+        (9, 9), (5, 5), 0.0, {(0, 0): 0.125, (0, 1): 0.0, (1, 0): 0.0, (1, 1): 0.0},
+        id="floor-one",
+    ),
 ]
 
 

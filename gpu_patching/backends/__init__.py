@@ -26,7 +26,7 @@ class BackendUnavailableError(RuntimeError):
 def _cuda_problem() -> str:
     """Return why the CUDA backend cannot run here."""
     try:
-        import cupy  # noqa: F401
+        import cupy
     except ImportError:
         return (
             "CuPy is not installed; install it with "
@@ -43,8 +43,7 @@ def _cuda_problem() -> str:
     except Exception as error:
         return f"CuPy is installed but no CUDA device is usable ({error})"
     return (
-        "the CUDA backend is not implemented in this version of gpu-patching; "
-        "use backend='numpy'"
+        "the CUDA backend is not implemented in this version of gpu-patching; use backend='numpy'"
     )
 
 
@@ -77,7 +76,5 @@ def resolve_backend(name: Any) -> NumpyBackend:
     if name == "numpy":
         return NumpyBackend()
     if name == "cuda":
-        raise BackendUnavailableError(
-            f"backend='cuda' is unavailable: {_cuda_problem()}"
-        )
+        raise BackendUnavailableError(f"backend='cuda' is unavailable: {_cuda_problem()}")
     return NumpyBackend()

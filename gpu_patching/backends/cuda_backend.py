@@ -215,10 +215,10 @@ def pack_sample_table(tables: RegionTables) -> NDArray[np.int64]:
     """
     n_samples, ndim = tables.n_samples, tables.ndim
     parts = [
-        np.asarray(getattr(tables, name), dtype=np.int64).reshape(-1)
-        for name in _SAMPLE_ARRAYS
+        np.asarray(getattr(tables, name), dtype=np.int64).reshape(-1) for name in _SAMPLE_ARRAYS
     ]
-    for name, part, length in zip(_SAMPLE_ARRAYS, parts, _sample_lengths(n_samples, ndim)):
+    lengths = _sample_lengths(n_samples, ndim)
+    for name, part, length in zip(_SAMPLE_ARRAYS, parts, lengths, strict=True):
         if part.size != length:
             raise ValueError(
                 f"tables.{name} has {part.size} values, expected {length} "
@@ -251,12 +251,10 @@ def split_sample_table(buffer: Any, n_samples: int, ndim: int) -> dict[str, Any]
     """
     lengths = _sample_lengths(n_samples, ndim)
     if buffer.ndim != 1 or buffer.size != sum(lengths):
-        raise ValueError(
-            f"sample table has shape {buffer.shape}, expected ({sum(lengths)},)"
-        )
+        raise ValueError(f"sample table has shape {buffer.shape}, expected ({sum(lengths)},)")
     views = {}
     start = 0
-    for name, length in zip(_SAMPLE_ARRAYS, lengths):
+    for name, length in zip(_SAMPLE_ARRAYS, lengths, strict=True):
         views[name] = buffer[start : start + length]
         start += length
     return views
@@ -302,7 +300,7 @@ def _launch_args(
     n_regions = int(tables.mass_prefix.size)
     if ndim not in (2, 3):
         raise ValueError(f"the kernels support 2 or 3 spatial dimensions, got {ndim}")
-    lengths = dict(zip(_SAMPLE_ARRAYS, _sample_lengths(n_samples, ndim)))
+    lengths = dict(zip(_SAMPLE_ARRAYS, _sample_lengths(n_samples, ndim), strict=True))
     for name, length in lengths.items():
         _check_array(name, sample_arrays[name], np.int64, length)
     _check_array("mass_prefix", tables.mass_prefix, np.int64, n_regions)
@@ -349,6 +347,13 @@ _KERNELS: dict[int, Any] = {}
 class CudaBackend:
     """The CUDA backend: CuPy tables on the current device and one launch per draw.
 
+    Parameters
+    ----------
+    xp : module, optional
+        The device array namespace; CuPy when omitted. The host tests pass
+        NumPy together with a host-compiled kernel, to run this class's launch
+        path without a GPU.
+
     Attributes
     ----------
     launch_count : int
@@ -358,10 +363,10 @@ class CudaBackend:
     name = "cuda"
     xp: Any
 
-    def __init__(self) -> None:
-        import cupy
-
-        self.xp = cupy
+    def __init__(self, xp: Any = None) -> None:
+        if xp is None:
+            import cupy as xp
+        self.xp = xp
         self.launch_count = 0
         # device id -> (packed host buffer, its device copy)
         self._uploads: dict[int, tuple[NDArray[np.int64], Any]] = {}
@@ -418,8 +423,15 @@ class CudaBackend:
             self._sample_table(tables), tables.n_samples, tables.ndim
         )
         args = _launch_args(
-            tables, sample_arrays, index_array, first_index, n_rows,
-            draw_number, seed, sample, corner,
+            tables,
+            sample_arrays,
+            index_array,
+            first_index,
+            n_rows,
+            draw_number,
+            seed,
+            sample,
+            corner,
         )
         blocks, threads = launch_grid(n_rows)
         self._kernel()((blocks,), (threads,), args)
@@ -437,12 +449,8 @@ class CudaBackend:
             n_rows = len(indices)
             if n_rows > 1 and indices.step != 1:
                 raise ValueError(f"a range of indices must have step 1, got {indices}")
-            if n_rows and not (
-                0 <= indices.start and indices[-1] < tables.total_patches
-            ):
-                raise IndexError(
-                    f"indices {indices} leave [0, {tables.total_patches})"
-                )
+            if n_rows and not (0 <= indices.start and indices[-1] < tables.total_patches):
+                raise IndexError(f"indices {indices} leave [0, {tables.total_patches})")
             return None, indices.start if n_rows else 0, n_rows
         array = self.xp.asarray(indices)
         if array.ndim != 1:
@@ -455,7 +463,7 @@ class CudaBackend:
     def _sample_table(self, tables: RegionTables) -> Any:
         """Return the packed per-sample arrays on the current device."""
         host = pack_sample_table(tables)
-        device_id = self.xp.cuda.Device().id
+        device_id = self._device_id()
         cached = self._uploads.get(device_id)
         if cached is not None and np.array_equal(cached[0], host):
             return cached[1]
@@ -463,9 +471,13 @@ class CudaBackend:
         self._uploads[device_id] = (host, uploaded)
         return uploaded
 
+    def _device_id(self) -> int:
+        """Return the id of the current CUDA device."""
+        return int(self.xp.cuda.Device().id)
+
     def _kernel(self) -> Any:
         """Return the epoch kernel compiled for the current device (memoised)."""
-        device_id = self.xp.cuda.Device().id
+        device_id = self._device_id()
         kernel = _KERNELS.get(device_id)
         if kernel is None:
             module = self.xp.RawModule(code=kernel_code(), options=compile_options())

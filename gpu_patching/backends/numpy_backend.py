@@ -119,13 +119,18 @@ def locate_corners(
 
 
 def _locate_in_stack(
-    tables: RegionTables, stack: int, sample: NDArray[np.int64], point: NDArray[np.int64]
+    tables: RegionTables,
+    stack: int,
+    sample: NDArray[np.int64],
+    point: NDArray[np.int64],
 ) -> NDArray[np.int64]:
     """:func:`locate_corners` for points whose samples all belong to ``stack``."""
     ndim = tables.ndim
     first = tables.first_sample[stack]
     grid_shape = [int(g) for g in tables.grid_shape[first]]
-    last_corner = [int(s - p) for s, p in zip(tables.spatial_shape[first], tables.patch_size)]
+    last_corner = [
+        int(s - p) for s, p in zip(tables.spatial_shape[first], tables.patch_size, strict=True)
+    ]
 
     global_point = tables.mass_offset[sample] + point
     # The last region whose prefix is <= the point holds it; zero-mass regions
@@ -143,10 +148,13 @@ def _locate_in_stack(
         cell_start[axis] = (cell - quotient * grid_shape[axis]) * tables.patch_size[axis]
         cell = quotient
     cell_start[0] = cell * tables.patch_size[0]
-    part0 = [(start <= last).astype(np.int64) for start, last in zip(cell_start, last_corner)]
+    part0 = [
+        (start <= last).astype(np.int64)
+        for start, last in zip(cell_start, last_corner, strict=True)
+    ]
     part1 = [
         np.clip(last - start, 0, patch - 1)
-        for start, last, patch in zip(cell_start, last_corner, tables.patch_size)
+        for start, last, patch in zip(cell_start, last_corner, tables.patch_size, strict=True)
     ]
 
     # Sub-boxes in bit order: the chosen one is the first whose cumulative end
@@ -233,9 +241,7 @@ class NumpyBackend:
         # the allocator instead of being mapped (and page-faulted) afresh.
         for start in range(0, len(indices), _CHUNK):
             rows = slice(start, start + _CHUNK)
-            sample[rows], corner[rows] = _draw_chunk(
-                tables, indices[rows], draw_number, seed
-            )
+            sample[rows], corner[rows] = _draw_chunk(tables, indices[rows], draw_number, seed)
         return sample, corner
 
     @staticmethod

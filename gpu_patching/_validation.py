@@ -206,8 +206,12 @@ def _fast_coords(grid_coords: Any, ndim: int) -> np.ndarray | None:
     if len(grid_coords) == 0:
         return np.zeros((0, ndim), dtype=np.int64)
     try:
+        # NumPy would silently read True as 1: leave bools to the slow path.
+        value_types = {type(value) for coord in grid_coords for value in coord}
         array = np.asarray(grid_coords)
     except (ValueError, TypeError, OverflowError):  # ragged or exotic entries
+        return None
+    if bool in value_types or np.bool_ in value_types:
         return None
     if array.dtype.kind not in "iu" or array.ndim != 2 or array.shape[1] != ndim:
         return None

@@ -50,8 +50,9 @@ __all__ = [
 #: Quantisation step of probabilities: a probability ``p`` becomes the integer
 #: ``round(p * PROB_ONE)`` (at least 1 when ``p > 0``).
 PROB_ONE = 1 << 20
-#: Largest accepted probability. It keeps every quantised mass well inside int64.
-MAX_PROBABILITY = float(1 << 20)
+#: Largest accepted probability (1024 times the default). With it a sample's
+#: summed weights stay below ``2**61`` for up to ``2**31`` cells.
+MAX_PROBABILITY = float(1 << 10)
 
 
 def grid_shape(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,11 @@ __all__ = ["StratifiedPatching"]
 
 _DRAW_LIMIT = 1 << 32
 _CACHED_EPOCHS = 2
+
+
+def _zero_counters(length: int) -> array:
+    """Return ``length`` zero call counters (unsigned 32-bit)."""
+    return array("I", bytes(4 * length))
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,9 @@ class StratifiedPatching:
             self._backend.xp,
         )
         self._epoch_base = 0
-        self._calls: list[int] = [0] * self._tables.total_patches
+        # Calls per index since the last set_epoch, modulo 2**32 (the draw
+        # number is): 4 bytes per index, and indexing yields Python ints.
+        self._calls = _zero_counters(self._tables.total_patches)
         self._host_epochs: OrderedDict[int, _HostEpoch] = OrderedDict()
 
     # -- read-only state -------------------------------------------------------
@@ -295,8 +303,9 @@ class StratifiedPatching:
         calls = self._calls
         if not 0 <= index < len(calls):
             raise IndexError(f"index {index} is out of range: expected 0 <= index < {len(calls)}")
-        epoch = self._host_epoch((self._epoch_base + calls[index]) % _DRAW_LIMIT)
-        calls[index] += 1
+        count = calls[index]
+        epoch = self._host_epoch((self._epoch_base + count) % _DRAW_LIMIT)
+        calls[index] = (count + 1) % _DRAW_LIMIT
         return {
             "data_idx": epoch.data_idx[index],
             "sample_idx": epoch.sample_idx[index],
@@ -404,15 +413,13 @@ class StratifiedPatching:
             If ``epoch`` is not an integer.
         """
         draw = self._check_epoch(epoch)
-        xp = self._backend.xp
-        indices = xp.arange(self.n_patches, dtype=xp.int64)
-        sample, corner = self._backend.draw(self._tables, indices, draw, self._seed)
-        stack_of_sample = xp.asarray(self._tables.stack_of_sample)
-        sample_in_stack = xp.asarray(self._tables.sample_in_stack)
+        data_idx, sample_idx, coords, indices = self._backend.draw(
+            self._tables, range(self.n_patches), draw, self._seed
+        )
         return PatchBatch(
-            data_idx=stack_of_sample[sample],
-            sample_idx=sample_in_stack[sample],
-            coords=corner,
+            data_idx=data_idx,
+            sample_idx=sample_idx,
+            coords=coords,
             indices=indices,
             patch_size=self._patch_size,
         )
@@ -431,7 +438,7 @@ class StratifiedPatching:
             The draw number, in ``[0, 2**32)``.
         """
         self._epoch_base = self._check_epoch(epoch)
-        self._calls = [0] * self.n_patches
+        self._calls = _zero_counters(self.n_patches)
 
     # -- internals -------------------------------------------------------------
 
@@ -454,7 +461,7 @@ class StratifiedPatching:
         self._tables.update_sample(sample, excluded, probability)
         n_patches = self.n_patches
         calls = self._calls[:n_patches]
-        calls.extend([0] * (n_patches - len(calls)))
+        calls.extend(_zero_counters(n_patches - len(calls)))
         self._calls = calls
         self._host_epochs.clear()
 

@@ -44,6 +44,7 @@ class _SampleUpdate:
     n_excluded: NDArray[np.int64]
     weight_total: NDArray[np.int64]
     mass_total: NDArray[np.int64]
+    mass_estimate: NDArray[np.float64]
 
 
 class RegionTables:
@@ -98,6 +99,8 @@ class RegionTables:
         self.n_excluded = np.zeros(n_samples, dtype=np.int64)
         self.weight_total = np.zeros(n_samples, dtype=np.int64)
         self.mass_total = np.zeros(n_samples, dtype=np.int64)
+        # Float64 totals: they cannot wrap, so they tell when int64 would.
+        self.mass_estimate = np.zeros(n_samples, dtype=np.float64)
 
         # Samples of one stack share a grid, so they are built as one batch.
         for stack, cells in enumerate(stack_grids):
@@ -111,7 +114,7 @@ class RegionTables:
                 xp.ones(batch, dtype=xp.float64),
             )
             self._commit(int(first), int(last), update)
-        self._refresh_totals(self.mass_total)
+        self._refresh_totals()
 
     # -- shape helpers ---------------------------------------------------------
 
@@ -170,13 +173,15 @@ class RegionTables:
         update = self._compute(stack, excluded[None], probability[None])
         mass_total = self.mass_total.copy()
         mass_total[sample] = update.mass_total[0]
+        mass_estimate = self.mass_estimate.copy()
+        mass_estimate[sample] = update.mass_estimate[0]
         n_excluded = self.n_excluded.copy()
         n_excluded[sample] = update.n_excluded[0]
         weight_total = self.weight_total.copy()
         weight_total[sample] = update.weight_total[0]
-        self._check_limits(mass_total, self._patches(n_excluded, weight_total, mass_total))
+        self._check_limits(mass_estimate, self._patches(n_excluded, weight_total, mass_total))
         self._commit(sample, sample + 1, update)
-        self._refresh_totals(mass_total)
+        self._refresh_totals()
 
     def _compute(self, stack: int, excluded: Any, probability: Any) -> _SampleUpdate:
         """Compute the rows of a batch of samples of one stack (no commit)."""
@@ -198,6 +203,9 @@ class RegionTables:
             n_excluded=to_host(excluded.reshape(flat).sum(axis=1), np.int64),
             weight_total=to_host(weight.reshape(flat).sum(axis=1), np.int64),
             mass_total=to_host(mass.reshape(flat).sum(axis=1), np.int64),
+            mass_estimate=to_host(
+                (area.astype(xp.float64) * weight).reshape(flat).sum(axis=1), np.float64
+            ),
         )
 
     def _commit(self, first: int, last: int, update: _SampleUpdate) -> None:
@@ -210,6 +218,7 @@ class RegionTables:
         self.n_excluded[first:last] = update.n_excluded
         self.weight_total[first:last] = update.weight_total
         self.mass_total[first:last] = update.mass_total
+        self.mass_estimate[first:last] = update.mass_estimate
 
     def _patches(
         self,
@@ -226,13 +235,16 @@ class RegionTables:
             mass_total,
         )
 
-    def _check_limits(self, mass_total: NDArray[np.int64], n_patches: NDArray[np.int64]) -> None:
-        # Python ints: the sum of int64 totals could itself wrap in int64.
-        if sum(int(m) for m in mass_total) >= MAX_TOTAL_MASS:
+    def _check_limits(
+        self, mass_estimate: NDArray[np.float64], n_patches: NDArray[np.int64]
+    ) -> None:
+        # The float64 estimate is within a relative 1e-12 of the exact total;
+        # int64 holds up to 2**63, so the margin to 2**62 absorbs its error.
+        if float(np.sum(mass_estimate)) >= MAX_TOTAL_MASS:
             raise ValueError(
-                "the probabilities are too large: the weighted sampling mass of all "
-                f"samples exceeds 2**62; lower the probabilities (at most "
-                f"{grid.MAX_PROBABILITY:g}) or split the data"
+                "the probabilities are too large for this much data: the weighted "
+                "sampling mass of all samples would exceed 2**62 (the exact integer "
+                "range); lower the largest probabilities or split the data"
             )
         if n_patches.size and int(n_patches.max()) > MAX_PATCHES_PER_SAMPLE:
             sample = int(np.argmax(n_patches))
@@ -241,14 +253,14 @@ class RegionTables:
                 f"than the supported {MAX_PATCHES_PER_SAMPLE}; use a larger patch size"
             )
 
-    def _refresh_totals(self, mass_total: NDArray[np.int64]) -> None:
+    def _refresh_totals(self) -> None:
         """Recompute the derived per-sample scalars and the global prefix sums."""
         xp = self.xp
-        n_patches = self._patches(self.n_excluded, self.weight_total, mass_total)
-        self._check_limits(mass_total, n_patches)
+        n_patches = self._patches(self.n_excluded, self.weight_total, self.mass_total)
+        self._check_limits(self.mass_estimate, n_patches)
         self.n_patches = n_patches
         self.patch_offset = np.concatenate([[0], np.cumsum(n_patches)]).astype(np.int64)
-        self.mass_offset = np.concatenate([[0], np.cumsum(mass_total)]).astype(np.int64)
+        self.mass_offset = np.concatenate([[0], np.cumsum(self.mass_total)]).astype(np.int64)
         # Exclusive prefix of the region masses over all samples: region r of
         # sample s holds the global mass points
         # [mass_prefix[r], mass_prefix[r] + mass[r]).

@@ -32,7 +32,7 @@ from gpu_patching.testing import load_reference
 Cell = tuple[int, ...]
 
 
-# -- the reference implementation ----------------------------------------------
+# -- the reference implementation ------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +47,7 @@ def reference() -> Any:
         )
 
 
-# -- building samplers -----------------------------------------------------------
+# -- building samplers -----------------------------------------------------------------
 
 
 def numpy_sampler(
@@ -59,7 +59,7 @@ def numpy_sampler(
 
 def grid_shape(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> Cell:
     """``G_a = (D_a + 1) // P_a`` cells per axis (DESIGN.md section 2)."""
-    return tuple((d + 1) // p for d, p in zip(spatial_shape, patch_size))
+    return tuple((d + 1) // p for d, p in zip(spatial_shape, patch_size, strict=True))
 
 
 def all_cells(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> list[Cell]:
@@ -75,12 +75,12 @@ def random_cells(
 ) -> list[Cell]:
     """A random subset of the grid cells, about ``fraction`` of them."""
     cells = all_cells(spatial_shape, patch_size)
-    count = int(round(fraction * len(cells)))
+    count = round(fraction * len(cells))
     chosen = rng.choice(len(cells), size=count, replace=False)
     return [cells[int(k)] for k in sorted(chosen)]
 
 
-# -- brute force: which corners are selectable -------------------------------------
+# -- brute force: which corners are selectable -----------------------------------------
 
 
 def selectable_mask(
@@ -96,7 +96,7 @@ def selectable_mask(
     """
     ndim = len(patch_size)
     excluded = np.asarray(list(excluded_cells), dtype=np.int64).reshape(-1, ndim)
-    corner_range = [np.arange(d - p + 1) for d, p in zip(spatial_shape, patch_size)]
+    corner_range = [np.arange(d - p + 1) for d, p in zip(spatial_shape, patch_size, strict=True)]
     if len(excluded) == 0:
         return np.ones([len(r) for r in corner_range], dtype=bool)
     # overlap[a][c_a, k]: the patch interval of corner c_a meets cell k along axis a.
@@ -129,9 +129,7 @@ def selectable_corners(
     return {tuple(int(v) for v in c) for c in np.argwhere(mask)}
 
 
-def corners_are_selectable(
-    corners: np.ndarray, selectable: np.ndarray
-) -> np.ndarray:
+def corners_are_selectable(corners: np.ndarray, selectable: np.ndarray) -> np.ndarray:
     """Whether each corner (rows of ``corners``) is a selectable corner."""
     corners = np.asarray(corners, dtype=np.int64)
     in_bounds = np.all((corners >= 0) & (corners < np.asarray(selectable.shape)), axis=1)
@@ -154,7 +152,7 @@ def patches_overlap_cells(
     return hits
 
 
-# -- the patch-count formula ---------------------------------------------------------
+# -- the patch-count formula -----------------------------------------------------------
 
 
 def expected_sample_patches(
@@ -177,20 +175,20 @@ def expected_sample_patches(
     excluded = {tuple(int(v) for v in cell) for cell in excluded_cells}
     selectable = selectable_corners(spatial_shape, patch_size, excluded)
     has_mass = any(
-        probabilities.get(tuple(c // p for c, p in zip(corner, patch_size)), 1.0) > 0
+        probabilities.get(tuple(c // p for c, p in zip(corner, patch_size, strict=True)), 1.0) > 0
         for corner in selectable
     )
     if not has_mass:
         return 0
     base = 1.0
-    for d, p in zip(spatial_shape, patch_size):
+    for d, p in zip(spatial_shape, patch_size, strict=True):
         base *= float(d) / float(p)
     shortfall = sum(Fraction(1) - Fraction(p) for p in probabilities.values())
     wanted = Fraction(base) - shortfall - len(excluded)
     return max(1, math.ceil(wanted))
 
 
-# -- per-sample views of an epoch -------------------------------------------------------
+# -- per-sample views of an epoch ------------------------------------------------------
 
 
 def sample_rows(batch: Any, data_idx: int, sample_idx: int) -> np.ndarray:
@@ -210,7 +208,7 @@ def epoch_corners(
     return np.concatenate(corners)
 
 
-# -- the rank mapping of the draw algorithm ----------------------------------------------
+# -- the rank mapping of the draw algorithm --------------------------------------------
 
 
 def rank_corners(
@@ -237,25 +235,26 @@ def rank_corners(
     rows = tables.sample_rows(sample)
     mass = np.asarray(tables.mass[rows], dtype=np.int64)
     weight = np.asarray(tables.weight[rows], dtype=np.int64)
-    prefix = np.asarray(tables.mass_prefix[rows], dtype=np.int64) - int(
-        tables.mass_offset[sample]
-    )
+    prefix = np.asarray(tables.mass_prefix[rows], dtype=np.int64) - int(tables.mass_offset[sample])
+    kept = np.flatnonzero(weight > 0)
+    n_ranks = mass[kept] // weight[kept]
+    # One locate_corners call for every rank of every region of the sample.
+    region_start = np.concatenate([[0], np.cumsum(n_ranks)])
+    rank = np.arange(int(region_start[-1]), dtype=np.int64) - np.repeat(region_start[:-1], n_ranks)
+    first = np.repeat(prefix[kept], n_ranks) + rank * np.repeat(weight[kept], n_ranks)
+    last = first + np.repeat(weight[kept], n_ranks) - 1
+    samples = np.full(len(first), sample, dtype=np.int64)
+    first_corners = locate_corners(tables, samples, first)
+    last_corners = locate_corners(tables, samples, last)
     result: dict[Cell, dict[str, Any]] = {}
-    for cell, region_mass, region_weight, region_prefix in zip(
-        cells, mass, weight, prefix
-    ):
-        if region_weight <= 0:
-            continue
-        n_ranks = int(region_mass // region_weight)
-        first = region_prefix + np.arange(n_ranks, dtype=np.int64) * region_weight
-        last = first + region_weight - 1
-        samples = np.full(n_ranks, sample, dtype=np.int64)
-        result[cell] = {
-            "prefix": int(region_prefix),
-            "mass": int(region_mass),
-            "weight": int(region_weight),
-            "first": locate_corners(tables, samples, first),
-            "last": locate_corners(tables, samples, last),
+    for k, row in enumerate(kept):
+        ranks = slice(int(region_start[k]), int(region_start[k + 1]))
+        result[cells[row]] = {
+            "prefix": int(prefix[row]),
+            "mass": int(mass[row]),
+            "weight": int(weight[row]),
+            "first": first_corners[ranks],
+            "last": last_corners[ranks],
         }
     return result
 
@@ -277,9 +276,7 @@ def expected_corner_counts(
     ranks = rank_corners(sampler, data_idx, sample_idx)
     total_mass = sum(region["mass"] for region in ranks.values())
     # Python ints: j * M can exceed int64 before the division.
-    bounds = np.array(
-        [j * total_mass // n_patches for j in range(n_patches + 1)], dtype=np.int64
-    )
+    bounds = np.array([j * total_mass // n_patches for j in range(n_patches + 1)], dtype=np.int64)
 
     def cumulative(points: np.ndarray) -> np.ndarray:
         stratum = np.clip(np.searchsorted(bounds, points, side="right") - 1, 0, n_patches - 1)
@@ -290,9 +287,7 @@ def expected_corner_counts(
     for region in ranks.values():
         rank = np.arange(len(region["first"]), dtype=np.int64)
         corner_start = region["prefix"] + rank * region["weight"]
-        expected.append(
-            cumulative(corner_start + region["weight"]) - cumulative(corner_start)
-        )
+        expected.append(cumulative(corner_start + region["weight"]) - cumulative(corner_start))
         corners.append(region["first"])
     return np.concatenate(corners), np.concatenate(expected)
 
@@ -308,10 +303,10 @@ def coverage_map(
     if weights is None:
         weights = np.ones(len(corners))
     # Accumulate at the corners, then spread each over its patch with a box sum.
-    density = np.zeros([d - p + 1 for d, p in zip(spatial_shape, patch_size)])
+    density = np.zeros([d - p + 1 for d, p in zip(spatial_shape, patch_size, strict=True)])
     np.add.at(density, tuple(np.asarray(corners, dtype=np.int64).T), weights)
     coverage = np.zeros([d + 1 for d in spatial_shape])
-    coverage[tuple(slice(0, d - p + 1) for d, p in zip(spatial_shape, patch_size))] = (
+    coverage[tuple(slice(0, d - p + 1) for d, p in zip(spatial_shape, patch_size, strict=True))] = (
         density
     )
     # Difference-array trick: mark +w at c and -w at c + P per axis, then cumsum.

@@ -26,18 +26,20 @@ unsigned int random_u32(unsigned long long seed, long long index, unsigned int d
 void draw_epoch(const long long* patch_offset, const long long* n_patches,
                 const long long* mass_offset, const long long* region_offset,
                 const long long* grid_shape, const long long* spatial_shape,
-                const long long* patch_size, const long long* mass_prefix,
+                const long long* patch_size, const long long* stack_of_sample,
+                const long long* sample_in_stack, const long long* mass_prefix,
                 const long long* weight, const unsigned char* subbox_mask,
                 long long n_samples, long long n_regions, int ndim,
                 const long long* indices, long long first_index, long long n_rows,
-                unsigned int draw_number, unsigned long long seed, long long* sample,
-                long long* coords) {
+                unsigned int draw_number, unsigned long long seed, long long* data_idx,
+                long long* sample_idx, long long* coords, long long* patch_index) {
     const gp::TableView tables = {
         patch_offset, n_patches, mass_offset, region_offset, grid_shape,
-        spatial_shape, patch_size, mass_prefix, weight, subbox_mask,
-        n_samples, n_regions, ndim};
+        spatial_shape, patch_size, stack_of_sample, sample_in_stack, mass_prefix,
+        weight, subbox_mask, n_samples, n_regions, ndim};
+    const gp::RowOutputs out = {data_idx, sample_idx, coords, patch_index};
     for (long long row = 0; row < n_rows; ++row) {
-        gp::draw_row(tables, indices, first_index, row, draw_number, seed, sample, coords);
+        gp::draw_row(tables, indices, first_index, row, draw_number, seed, out);
     }
 }
 

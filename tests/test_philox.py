@@ -51,9 +51,7 @@ def test_vectorised_philox_equals_element_by_element_evaluation():
     vectorised = rng.philox4x32_10(tuple(counters), key)
     for column in range(counters.shape[1]):
         single = rng.philox4x32_10(tuple(int(c) for c in counters[:, column]), key)
-        assert tuple(int(w) for w in single) == tuple(
-            int(w[column]) for w in vectorised
-        )
+        assert tuple(int(w) for w in single) == tuple(int(w[column]) for w in vectorised)
 
 
 def test_philox_broadcasts_scalar_counter_words_against_arrays():
@@ -63,7 +61,7 @@ def test_philox_broadcasts_scalar_counter_words_against_arrays():
     explicit = rng.philox4x32_10(
         (index, np.full(50, 5), np.zeros(50, np.int64), np.zeros(50, np.int64)), key
     )
-    for got, want in zip(broadcast, explicit):
+    for got, want in zip(broadcast, explicit, strict=True):
         np.testing.assert_array_equal(got, want)
 
 
@@ -76,7 +74,7 @@ def test_random_uint32_uses_the_documented_counter_layout(seed, purpose):
     draw_number = 17
     words = rng.random_uint32(seed, np.asarray(indices, dtype=np.int64), draw_number, purpose)
     key = (seed & 0xFFFFFFFF, seed >> 32)
-    for index, word in zip(indices, words):
+    for index, word in zip(indices, words, strict=True):
         counter = (index & 0xFFFFFFFF, draw_number, purpose, index >> 32)
         assert int(word) == int(rng.philox4x32_10(counter, key)[0])
 

@@ -34,6 +34,7 @@ from conftest import (
 )
 
 from gpu_patching import PatchBatch, StratifiedPatching
+from gpu_patching.backends.numpy_backend import stratum_points
 
 PROB_ONE = 1 << 20  # the quantisation step of DESIGN.md section 2
 
@@ -48,7 +49,7 @@ def draws_in_cell(corners: np.ndarray, patch_size, cell) -> int:
     return int(np.all(cell_of(corners, patch_size) == np.asarray(cell), axis=1).sum())
 
 
-# -- coverage: the mean expected pixel coverage per epoch is ~1 ------------------
+# -- coverage: the mean expected pixel coverage per epoch is ~1 ------------------------
 
 COVERAGE_CASES = [
     pytest.param((40, 40), (8, 8), id="2d-dividing"),
@@ -85,7 +86,7 @@ def test_mean_expected_coverage_of_the_pixels_left_is_one_after_exclusion():
     coverage = coverage_map(spatial, patch, corners, expected)
     left = np.ones(spatial, dtype=bool)
     for cell in excluded:
-        left[tuple(slice(c * p, (c + 1) * p) for c, p in zip(cell, patch))] = False
+        left[tuple(slice(c * p, (c + 1) * p) for c, p in zip(cell, patch, strict=True))] = False
     assert np.all(np.abs(coverage[~left]) < 1e-9)
     mean_left = coverage[left].mean()
     pixels_per_patch = math.prod(patch)
@@ -259,9 +260,7 @@ RANK_CASES = [
 
 
 @pytest.mark.parametrize(("spatial", "patch", "fraction"), RANK_CASES)
-def test_ranks_of_each_region_map_one_to_one_onto_its_selectable_corners(
-    spatial, patch, fraction
-):
+def test_ranks_of_each_region_map_one_to_one_onto_its_selectable_corners(spatial, patch, fraction):
     generator = np.random.default_rng(31)
     excluded = random_cells(generator, spatial, patch, fraction)
     sampler = numpy_sampler([(1, 1, *spatial)], patch)
@@ -269,7 +268,9 @@ def test_ranks_of_each_region_map_one_to_one_onto_its_selectable_corners(
     selectable = selectable_corners(spatial, patch, excluded)
     by_region: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
     for corner in selectable:
-        by_region.setdefault(tuple(c // p for c, p in zip(corner, patch)), set()).add(corner)
+        by_region.setdefault(tuple(c // p for c, p in zip(corner, patch, strict=True)), set()).add(
+            corner
+        )
     ranks = rank_corners(sampler, 0, 0)
     for cell in all_cells(spatial, patch):
         region = ranks[cell]
@@ -298,7 +299,55 @@ def test_drawn_corners_are_exactly_the_selectable_corners_over_many_epochs():
     assert drawn == selectable_corners(spatial, patch, excluded)
 
 
-# -- strata and indices ------------------------------------------------------------------
+# -- strata and indices ----------------------------------------------------------------
+
+
+def _stratum_draw(mass_total: int, n_patches: int, strata, words) -> list[int]:
+    strata = np.asarray(strata, dtype=np.int64)
+    return stratum_points(
+        strata,
+        np.full(len(strata), n_patches, dtype=np.int64),
+        np.full(len(strata), mass_total, dtype=np.int64),
+        np.asarray(words, dtype=np.uint64),
+    ).tolist()
+
+
+@pytest.mark.parametrize(
+    ("mass_total", "n_patches"),
+    [
+        (10, 3),
+        (7, 7),
+        (1234567, 89),
+        ((1 << 40) + 7, 1000),
+        ((1 << 62) - 1, (1 << 31) - 1),  # the largest tables allow
+    ],
+)
+def test_strata_tile_the_mass_line_and_each_reaches_both_of_its_ends(mass_total, n_patches):
+    # Stratum j owns [floor(j M / n), floor((j + 1) M / n)); checked with
+    # Python ints on the first and the last strata.
+    strata = sorted({*range(min(n_patches, 300)), *range(max(0, n_patches - 300), n_patches)})
+    lowest = _stratum_draw(mass_total, n_patches, strata, [0] * len(strata))
+    highest = _stratum_draw(mass_total, n_patches, strata, [(1 << 32) - 1] * len(strata))
+    for j, low, high in zip(strata, lowest, highest, strict=True):
+        assert low == j * mass_total // n_patches
+        assert high == (j + 1) * mass_total // n_patches - 1
+
+
+@pytest.mark.parametrize(("mass_total", "n_patches"), [(10, 3), (1000, 7), (99991, 2)])
+def test_every_mass_point_of_a_stratum_is_drawn_by_an_equal_share_of_words(mass_total, n_patches):
+    for j in range(n_patches):
+        low, high = j * mass_total // n_patches, (j + 1) * mass_total // n_patches
+        width = high - low
+        # Word ceil(k 2**32 / w) is the first that lands on point low + k, so
+        # each point gets floor(2**32 / w) or ceil(2**32 / w) of the 2**32 words.
+        first_word = [-(-k * (1 << 32) // width) for k in range(width)]
+        assert _stratum_draw(mass_total, n_patches, [j] * width, first_word) == list(
+            range(low, high)
+        )
+        before = [w - 1 for w in first_word[1:]]
+        assert _stratum_draw(mass_total, n_patches, [j] * (width - 1), before) == list(
+            range(low, high - 1)
+        )
 
 
 def test_an_index_draws_only_from_the_regions_its_stratum_overlaps():
@@ -310,7 +359,9 @@ def test_an_index_draws_only_from_the_regions_its_stratum_overlaps():
     sampler.set_region_probs(0, 0, probabilities)
     # Mass line recomputed from the brute-force areas (row-major regions).
     selectable = selectable_corners(spatial, patch, excluded)
-    area = Counter(tuple(c // p for c, p in zip(corner, patch)) for corner in selectable)
+    area = Counter(
+        tuple(c // p for c, p in zip(corner, patch, strict=True)) for corner in selectable
+    )
     cells = all_cells(spatial, patch)
     mass = [area[cell] * round(probabilities.get(cell, 1.0) * PROB_ONE) for cell in cells]
     prefix = np.concatenate([[0], np.cumsum(mass)])
@@ -320,7 +371,7 @@ def test_an_index_draws_only_from_the_regions_its_stratum_overlaps():
         low, high = index * total // n_patches, (index + 1) * total // n_patches
         allowed = {
             cell
-            for cell, start, stop in zip(cells, prefix[:-1], prefix[1:])
+            for cell, start, stop in zip(cells, prefix[:-1], prefix[1:], strict=True)
             if start < high and low < stop
         }
         drawn = {tuple(b.coords[index] // np.asarray(patch)) for b in batches}
@@ -330,9 +381,7 @@ def test_an_index_draws_only_from_the_regions_its_stratum_overlaps():
 def test_the_same_index_usually_comes_from_the_same_region():
     patch = (8, 8)
     sampler = numpy_sampler([(1, 1, 64, 64)], patch, seed=42)
-    regions = np.stack(
-        [cell_of(sampler.sample_epoch(epoch).coords, patch) for epoch in range(300)]
-    )
+    regions = np.stack([cell_of(sampler.sample_epoch(epoch).coords, patch) for epoch in range(300)])
     modal_share = [
         Counter(map(tuple, regions[:, index].tolist())).most_common(1)[0][1] / 300
         for index in range(sampler.n_patches)
@@ -361,13 +410,13 @@ def test_indices_run_through_samples_in_data_idx_then_sample_idx_order():
     sampler = numpy_sampler([(3, 1, 16, 16), (2, 1, 12, 12)], (4, 4), seed=44)
     sampler.exclude_patches(0, 1, [(1, 1)])
     batch = sampler.sample_epoch(0).to_numpy()
-    keys = list(zip(batch.data_idx.tolist(), batch.sample_idx.tolist()))
+    keys = list(zip(batch.data_idx.tolist(), batch.sample_idx.tolist(), strict=True))
     assert keys == sorted(keys)
     counts = Counter(keys)
     assert counts == {(0, 0): 16, (0, 1): 15, (0, 2): 16, (1, 0): 9, (1, 1): 9}
 
 
-# -- determinism and the draw number -------------------------------------------------------
+# -- determinism and the draw number ---------------------------------------------------
 
 
 def _spec_sequence(sampler: StratifiedPatching, rounds: int = 3) -> list:
@@ -445,7 +494,7 @@ def test_sample_epoch_does_not_advance_get_patch_spec():
     assert sampler.get_patch_spec(2) == zeroth.spec(2)
 
 
-# -- types of inputs and outputs -------------------------------------------------------------
+# -- types of inputs and outputs -------------------------------------------------------
 
 
 @pytest.mark.parametrize("integer_type", [np.int64, np.int32, np.uint16, np.intp])
@@ -526,7 +575,7 @@ def test_get_all_grid_coords_lists_the_whole_grid_row_major_for_every_sample():
     assert grids[(1, 0)] == list(itertools.product(range(2), range(1)))
 
 
-# -- fully excluded samples -----------------------------------------------------------------------
+# -- fully excluded samples ------------------------------------------------------------
 
 
 def test_fully_excluded_sample_has_no_patches_and_the_others_still_work():
@@ -573,7 +622,7 @@ def test_sampler_with_every_sample_excluded_has_an_empty_epoch():
     assert list(sampler.get_patch_indices(0)) == []
 
 
-# -- the number of patches ---------------------------------------------------------------------------
+# -- the number of patches -------------------------------------------------------------
 
 N_PATCH_CASES = [
     pytest.param((64, 64), (8, 8), 0.0, {}, id="2d-dividing"),
@@ -585,7 +634,10 @@ N_PATCH_CASES = [
     pytest.param((12, 14, 16), (3, 5, 4), 0.15, {(1, 1, 1): 0.25}, id="3d-excluded-probs"),
     pytest.param((7, 7), (5, 5), 0.0, {(0, 0): 0.0}, id="no-mass"),
     pytest.param(
-        (9, 9), (5, 5), 0.0, {(0, 0): 0.125, (0, 1): 0.0, (1, 0): 0.0, (1, 1): 0.0},
+        (9, 9),
+        (5, 5),
+        0.0,
+        {(0, 0): 0.125, (0, 1): 0.0, (1, 0): 0.0, (1, 1): 0.0},
         id="floor-one",
     ),
 ]
@@ -609,7 +661,7 @@ def test_n_patches_follows_the_documented_formula(spatial, patch, fraction, prob
 def test_n_patches_without_exclusions_is_ceil_of_the_patches_that_fit():
     for spatial, patch in [((64, 64), (8, 8)), ((65, 64), (8, 8)), ((10, 10, 10), (3, 3, 3))]:
         sampler = numpy_sampler([(3, 1, *spatial)], patch)
-        fit = math.prod(d / p for d, p in zip(spatial, patch))
+        fit = math.prod(d / p for d, p in zip(spatial, patch, strict=True))
         assert sampler.n_patches == 3 * math.ceil(fit)
 
 
@@ -635,7 +687,7 @@ def test_grid_has_d_plus_one_floor_p_cells_per_axis():
         assert sampler.get_all_grid_coords()[(0, 0)] == expected
 
 
-# -- seeds ------------------------------------------------------------------------------------------------
+# -- seeds -----------------------------------------------------------------------------
 
 
 def test_seed_none_draws_a_64_bit_seed_that_replays_the_run():
@@ -651,9 +703,7 @@ def test_seed_none_draws_a_64_bit_seed_that_replays_the_run():
 
 
 def test_seed_none_gives_a_fresh_seed_each_time():
-    seeds = {
-        StratifiedPatching([(1, 1, 8, 8)], (4, 4), backend="numpy").seed for _ in range(4)
-    }
+    seeds = {StratifiedPatching([(1, 1, 8, 8)], (4, 4), backend="numpy").seed for _ in range(4)}
     assert len(seeds) == 4
 
 
@@ -669,12 +719,10 @@ def test_seeds_differing_only_in_the_high_word_give_different_patches():
     assert not np.array_equal(low.sample_epoch(0).coords, high.sample_epoch(0).coords)
 
 
-# -- dense forms ------------------------------------------------------------------------------------------
+# -- dense forms -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("spatial", "patch"), [((30, 26), (4, 5)), ((12, 14, 16), (3, 5, 4))]
-)
+@pytest.mark.parametrize(("spatial", "patch"), [((30, 26), (4, 5)), ((12, 14, 16), (3, 5, 4))])
 def test_boolean_exclusion_mask_equals_the_coordinate_list(spatial, patch):
     generator = np.random.default_rng(91)
     cells = random_cells(generator, spatial, patch, 0.3)
@@ -695,9 +743,7 @@ def test_boolean_exclusion_mask_equals_the_coordinate_list(spatial, patch):
             )
 
 
-@pytest.mark.parametrize(
-    ("spatial", "patch"), [((30, 26), (4, 5)), ((12, 14, 16), (3, 5, 4))]
-)
+@pytest.mark.parametrize(("spatial", "patch"), [((30, 26), (4, 5)), ((12, 14, 16), (3, 5, 4))])
 def test_probability_array_equals_the_probability_dict(spatial, patch):
     generator = np.random.default_rng(92)
     cells = grid_shape(spatial, patch)

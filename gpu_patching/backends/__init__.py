@@ -9,11 +9,23 @@ same integers for the same inputs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from .numpy_backend import NumpyBackend
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "NumpyBackend", "resolve_backend"]
+if TYPE_CHECKING:
+    from .cuda_backend import CudaBackend
+
+#: What :func:`resolve_backend` returns.
+Backend = Union[NumpyBackend, "CudaBackend"]
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendUnavailableError",
+    "NumpyBackend",
+    "resolve_backend",
+]
 
 #: Accepted values of the ``backend`` argument.
 BACKENDS = ("auto", "cuda", "numpy")
@@ -23,8 +35,8 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run on this machine."""
 
 
-def _cuda_problem() -> str:
-    """Return why the CUDA backend cannot run here."""
+def _cuda_problem() -> str | None:
+    """Return why the CUDA backend cannot run here, or None when it can."""
     try:
         import cupy
     except ImportError:
@@ -36,18 +48,14 @@ def _cuda_problem() -> str:
     except Exception as error:  # a broken CUDA install raises all sorts
         return f"CuPy failed to import ({type(error).__name__}: {error})"
     try:
-        import cupy
-
         if cupy.cuda.runtime.getDeviceCount() < 1:
             return "CuPy is installed but no CUDA device is visible"
-    except Exception as error:
+    except Exception as error:  # e.g. no driver: cudaErrorInsufficientDriver
         return f"CuPy is installed but no CUDA device is usable ({error})"
-    return (
-        "the CUDA backend is not implemented in this version of gpu-patching; use backend='numpy'"
-    )
+    return None
 
 
-def resolve_backend(name: Any) -> NumpyBackend:
+def resolve_backend(name: Any) -> Backend:
     """Return the backend object for a ``backend`` argument.
 
     Parameters
@@ -57,7 +65,7 @@ def resolve_backend(name: Any) -> NumpyBackend:
 
     Returns
     -------
-    NumpyBackend
+    NumpyBackend or CudaBackend
         The backend that will hold the tables and run the draws.
 
     Raises
@@ -75,6 +83,12 @@ def resolve_backend(name: Any) -> NumpyBackend:
         raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
     if name == "numpy":
         return NumpyBackend()
+    problem = _cuda_problem()
+    if problem is None:
+        # Imported here: the CUDA module is only needed where CuPy works.
+        from .cuda_backend import CudaBackend
+
+        return CudaBackend()
     if name == "cuda":
-        raise BackendUnavailableError(f"backend='cuda' is unavailable: {_cuda_problem()}")
+        raise BackendUnavailableError(f"backend='cuda' is unavailable: {problem}")
     return NumpyBackend()

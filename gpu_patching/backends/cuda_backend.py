@@ -22,15 +22,23 @@ Launch contract (checked by the test suite without a GPU):
 Indices: :meth:`CudaBackend.draw` takes either a ``range`` with step 1 (the
 kernel computes each index from the row, no index array is read; an epoch is
 ``range(n_patches)``) or an array of arbitrary indices (read through a
-pointer). Both are one launch. A range is checked against
+pointer). Both are one launch (an index array that is not C-contiguous int64
+is converted first, which is a copy). A range is checked against
 ``[0, total_patches)`` on the host; an index array is not (that would need a
 device reduction and a synchronisation): a row whose index is out of range is
-written as ``-1`` (sample and coordinates) rather than raising as NumPy does.
+written as ``-1`` in every column rather than raising as NumPy does.
+
+Outputs: the kernel writes all four columns of the result (``data_idx``,
+``sample_idx``, ``coords`` and the global index of each row) into arrays made
+with ``cupy.empty``, which allocates without launching anything. An epoch is
+therefore exactly one kernel launch, and the arrays returned are the very
+arrays the kernel wrote.
 
 Tables: the per-region arrays (``mass_prefix``, ``weight``, ``subbox_mask``)
-are CuPy arrays that stay on the device. The small per-sample arrays are NumPy
-on the host; they are packed into one int64 buffer, uploaded in one copy, and
-the upload is reused while their contents are unchanged.
+are CuPy arrays that stay on the device. The small per-sample arrays
+(``stack_of_sample`` and ``sample_in_stack`` included) are NumPy on the host;
+they are packed into one int64 buffer, uploaded in one copy (a memory copy,
+not a kernel), and the upload is reused while their contents are unchanged.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ __all__ = [
     "COMPILE_OPTIONS",
     "C_SCALAR_TYPES",
     "KERNEL_NAME",
+    "OUTPUT_PARAMS",
     "SAMPLE_EPOCH_PARAMS",
     "THREADS_PER_BLOCK",
     "CudaBackend",
@@ -84,6 +93,8 @@ SAMPLE_EPOCH_PARAMS: tuple[tuple[str, str], ...] = (
     ("grid_shape", "const long long*"),
     ("spatial_shape", "const long long*"),
     ("patch_size", "const long long*"),
+    ("stack_of_sample", "const long long*"),
+    ("sample_in_stack", "const long long*"),
     ("mass_prefix", "const long long*"),
     ("weight", "const long long*"),
     ("subbox_mask", "const unsigned char*"),
@@ -95,9 +106,14 @@ SAMPLE_EPOCH_PARAMS: tuple[tuple[str, str], ...] = (
     ("n_rows", "long long"),
     ("draw_number", "unsigned int"),
     ("seed", "unsigned long long"),
-    ("sample", "long long*"),
+    ("data_idx", "long long*"),
+    ("sample_idx", "long long*"),
     ("coords", "long long*"),
+    ("patch_index", "long long*"),
 )
+
+#: The output parameters of ``sample_epoch``, in order: the columns of a draw.
+OUTPUT_PARAMS = ("data_idx", "sample_idx", "coords", "patch_index")
 
 #: The NumPy scalar type of each C type used by the kernels; a pointer's
 #: element type maps the same way (``const long long*`` -> int64 arrays).
@@ -118,6 +134,8 @@ _SAMPLE_ARRAYS = (
     "grid_shape",
     "spatial_shape",
     "patch_size",
+    "stack_of_sample",
+    "sample_in_stack",
 )
 
 
@@ -205,8 +223,8 @@ def pack_sample_table(tables: RegionTables) -> NDArray[np.int64]:
     -------
     numpy.ndarray of int64
         ``patch_offset, n_patches, mass_offset, region_offset, grid_shape,
-        spatial_shape, patch_size``, flattened and concatenated; see
-        :func:`split_sample_table`.
+        spatial_shape, patch_size, stack_of_sample, sample_in_stack``,
+        flattened and concatenated; see :func:`split_sample_table`.
 
     Raises
     ------
@@ -263,7 +281,7 @@ def split_sample_table(buffer: Any, n_samples: int, ndim: int) -> dict[str, Any]
 def _sample_lengths(n_samples: int, ndim: int) -> tuple[int, ...]:
     """Lengths of the packed per-sample arrays, in ``_SAMPLE_ARRAYS`` order."""
     s, d = n_samples, ndim
-    return (s + 1, s, s + 1, s + 1, s * d, s * d, d)
+    return (s + 1, s, s + 1, s + 1, s * d, s * d, d, s, s)
 
 
 def _check_array(name: str, array: Any, dtype: type[np.generic], size: int) -> None:
@@ -284,8 +302,7 @@ def _launch_args(
     n_rows: int,
     draw_number: int,
     seed: int,
-    sample: Any,
-    coords: Any,
+    outputs: tuple[Any, Any, Any, Any],
 ) -> tuple[Any, ...]:
     """Build the argument tuple of ``sample_epoch``, in SAMPLE_EPOCH_PARAMS order.
 
@@ -295,6 +312,10 @@ def _launch_args(
     arrays are checked here, because the kernel trusts them: with the lengths
     right, no table contents can make it read or write out of bounds. Works on
     NumPy arrays too, so the tests can call it without a GPU.
+
+    ``outputs`` is ``(data_idx, sample_idx, coords, patch_index)``
+    (:data:`OUTPUT_PARAMS`): int64 arrays of ``n_rows``, ``n_rows``,
+    ``n_rows * ndim`` and ``n_rows`` values.
     """
     n_samples, ndim = tables.n_samples, tables.ndim
     n_regions = int(tables.mass_prefix.size)
@@ -310,8 +331,11 @@ def _launch_args(
         raise ValueError(f"n_rows must be >= 0, got {n_rows}")
     if indices is not None:
         _check_array("indices", indices, np.int64, n_rows)
-    _check_array("sample", sample, np.int64, n_rows)
-    _check_array("coords", coords, np.int64, n_rows * ndim)
+    if len(outputs) != len(OUTPUT_PARAMS):
+        raise ValueError(f"expected {len(OUTPUT_PARAMS)} output arrays, got {len(outputs)}")
+    output_values = dict(zip(OUTPUT_PARAMS, outputs, strict=True))
+    for name, array in output_values.items():
+        _check_array(name, array, np.int64, n_rows * ndim if name == "coords" else n_rows)
 
     values = {
         **sample_arrays,
@@ -326,8 +350,7 @@ def _launch_args(
         "n_rows": n_rows,
         "draw_number": draw_number,
         "seed": seed,
-        "sample": sample,
-        "coords": coords,
+        **output_values,
     }
     args = []
     for name, c_type in SAMPLE_EPOCH_PARAMS:
@@ -365,7 +388,9 @@ class CudaBackend:
 
     def __init__(self, xp: Any = None) -> None:
         if xp is None:
-            import cupy as xp
+            import cupy
+
+            xp = cupy
         self.xp = xp
         self.launch_count = 0
         # device id -> (packed host buffer, its device copy)
@@ -377,8 +402,12 @@ class CudaBackend:
         indices: Any,
         draw_number: int,
         seed: int,
-    ) -> tuple[Any, Any]:
-        """Draw the corners of the given global patch indices, in one launch.
+    ) -> tuple[Any, Any, Any, Any]:
+        """Draw the patches of the given global patch indices, in one launch.
+
+        The kernel writes every returned array itself: apart from the launch,
+        this makes only allocations (``cupy.empty``) and, when the per-sample
+        arrays changed, one host-to-device copy. No other kernel runs.
 
         Parameters
         ----------
@@ -388,7 +417,8 @@ class CudaBackend:
             Global patch indices. A ``range`` with step 1 (an epoch is
             ``range(n_patches)``) must lie in ``[0, tables.total_patches)``;
             an array (NumPy or CuPy, 1-D) is read by the kernel, and a row with
-            an index outside that interval is written as ``-1``.
+            an index outside that interval is written as ``-1`` in every
+            column.
         draw_number : int
             The draw number, in ``[0, 2**32)``.
         seed : int
@@ -396,15 +426,22 @@ class CudaBackend:
 
         Returns
         -------
-        sample : cupy.ndarray of int64
-            Flat sample number of each patch.
-        corner : cupy.ndarray of int64, shape (len(indices), d)
+        data_idx : cupy.ndarray of int64, shape (N,)
+            Stack of each patch.
+        sample_idx : cupy.ndarray of int64, shape (N,)
+            Sample (within its stack) of each patch.
+        coords : cupy.ndarray of int64, shape (N, d)
             Patch corners.
+        indices : cupy.ndarray of int64, shape (N,)
+            Global patch index of each row: ``first + row`` for a range, a
+            copy of the index array otherwise.
 
         Raises
         ------
         IndexError
             If a range of indices leaves ``[0, tables.total_patches)``.
+        TypeError
+            If an index array does not hold integers.
         ValueError
             If a range has a step other than 1, an index array is not 1-D, or
             ``draw_number`` / ``seed`` is out of range.
@@ -415,10 +452,16 @@ class CudaBackend:
         if not 0 <= seed < 1 << 64:
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
         index_array, first_index, n_rows = self._rows(tables, indices)
-        sample = cupy.empty(n_rows, dtype=cupy.int64)
-        corner = cupy.empty((n_rows, tables.ndim), dtype=cupy.int64)
+        # cupy.empty only allocates (from the memory pool): no kernel runs.
+        outputs = (
+            cupy.empty(n_rows, dtype=cupy.int64),
+            cupy.empty(n_rows, dtype=cupy.int64),
+            cupy.empty((n_rows, tables.ndim), dtype=cupy.int64),
+            cupy.empty(n_rows, dtype=cupy.int64),
+        )
         if n_rows == 0:
-            return sample, corner
+            # Nothing to write; a launch of no rows would only cost time.
+            return outputs
         sample_arrays = split_sample_table(
             self._sample_table(tables), tables.n_samples, tables.ndim
         )
@@ -430,13 +473,12 @@ class CudaBackend:
             n_rows,
             draw_number,
             seed,
-            sample,
-            corner,
+            outputs,
         )
         blocks, threads = launch_grid(n_rows)
         self._kernel()((blocks,), (threads,), args)
         self.launch_count += 1
-        return sample, corner
+        return outputs
 
     @staticmethod
     def to_host(values: Any) -> NDArray[Any]:

@@ -210,18 +210,19 @@ class NumpyBackend:
     def draw(
         self,
         tables: RegionTables,
-        indices: NDArray[np.int64],
+        indices: range | NDArray[np.int64],
         draw_number: int,
         seed: int,
-    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-        """Draw the corners of the given global patch indices.
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+        """Draw the patches of the given global patch indices.
 
         Parameters
         ----------
         tables : RegionTables
             The sampler's tables.
-        indices : numpy.ndarray of int64
-            Global patch indices, each in ``[0, tables.total_patches)``.
+        indices : range or numpy.ndarray of int64
+            Global patch indices, each in ``[0, tables.total_patches)``; an
+            epoch is ``range(total_patches)``.
         draw_number : int
             The draw number, in ``[0, 2**32)``.
         seed : int
@@ -229,12 +230,17 @@ class NumpyBackend:
 
         Returns
         -------
-        sample : numpy.ndarray of int64
-            Flat sample number of each patch.
-        corner : numpy.ndarray of int64, shape (len(indices), d)
+        data_idx, sample_idx : numpy.ndarray of int64, shape (N,)
+            Stack, and sample within the stack, of each patch.
+        coords : numpy.ndarray of int64, shape (N, d)
             Patch corners.
+        indices : numpy.ndarray of int64, shape (N,)
+            The global patch index of each row.
         """
-        indices = np.asarray(indices, dtype=np.int64)
+        if isinstance(indices, range):
+            indices = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64)
+        else:
+            indices = np.array(indices, dtype=np.int64)
         sample = np.empty(len(indices), dtype=np.int64)
         corner = np.empty((len(indices), tables.ndim), dtype=np.int64)
         # Chunks keep every temporary small: cache-resident, and recycled by
@@ -242,7 +248,9 @@ class NumpyBackend:
         for start in range(0, len(indices), _CHUNK):
             rows = slice(start, start + _CHUNK)
             sample[rows], corner[rows] = _draw_chunk(tables, indices[rows], draw_number, seed)
-        return sample, corner
+        data_idx = tables.stack_of_sample[sample]
+        sample_idx = tables.sample_in_stack[sample]
+        return data_idx, sample_idx, corner, indices
 
     @staticmethod
     def to_host(values: Any) -> NDArray[Any]:

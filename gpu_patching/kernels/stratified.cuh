@@ -1,4 +1,4 @@
-// The per-patch draw: global patch index -> (flat sample, corner).
+// The per-patch draw: global patch index -> (data_idx, sample_idx, corner).
 //
 // This is the CUDA twin of gpu_patching/backends/numpy_backend.py (its module
 // docstring states the algorithm) and must agree with NumpyBackend.draw bit for
@@ -32,6 +32,8 @@ struct TableView {
     const i64* grid_shape;     // [S * d] grid cells per axis, row-major (S, d)
     const i64* spatial_shape;  // [S * d] (Z)YX shape, row-major (S, d)
     const i64* patch_size;     // [d]
+    const i64* stack_of_sample;  // [S]   data_idx of each sample
+    const i64* sample_in_stack;  // [S]   sample_idx of each sample
     const i64* mass_prefix;    // [R]     exclusive prefix sum of region masses
     const i64* weight;         // [R]     quantised probability q of each region
     const u8* subbox_mask;     // [R]     selectable sub-boxes (grid.subbox_masks)
@@ -76,7 +78,7 @@ GP_HD i64 last_at_most(const i64* sorted, i64 first, i64 last, i64 value) {
     return first - 1;
 }
 
-// Sub-box `bit` picks part `subbox_part(bit, axis, NDIM)` along `axis`: bit k is
+// Sub-box `bit` picks part `subbox_part<NDIM>(bit, axis)` along `axis`: bit k is
 // itertools.product((0, 1), repeat=NDIM)[k] (grid.subbox_offsets), whose first
 // axis is the most significant bit.
 template <int NDIM>
@@ -100,6 +102,9 @@ GP_HD bool locate_corner(const TableView& tables, i64 sample, i64 point, i64* co
     const i64 weight = tables.weight[region];
     if (weight <= 0) return false;
     const i64 rank = (global_point - tables.mass_prefix[region]) / weight;
+    // Non-negative by the search; checked so that wrapped arithmetic on absurd
+    // tables cannot pick an empty sub-box below (and divide by its zero size).
+    if (rank < 0) return false;
     const u32 mask = tables.subbox_mask[region];
 
     // Unravel the cell row-major and size both parts of every axis
@@ -149,12 +154,12 @@ GP_HD bool locate_corner(const TableView& tables, i64 sample, i64 point, i64* co
     return true;
 }
 
-// Draw global patch `index`: its flat sample and its corner (`ndim` values).
-// Returns false, leaving the outputs untouched, when the index is outside
-// [0, patch_offset[S]) or the tables are inconsistent.
+// Draw global patch `index` (NDIM == tables.ndim): its flat sample and its
+// corner (NDIM values). Returns false, leaving the outputs untouched, when the
+// index is outside [0, patch_offset[S]) or the tables are inconsistent.
 template <int NDIM>
-GP_HD bool draw_patch_nd(const TableView& tables, i64 index, u32 draw_number,
-                         u64 seed, i64* sample_out, i64* corner) {
+GP_HD bool draw_patch(const TableView& tables, i64 index, u32 draw_number, u64 seed,
+                      i64* sample_out, i64* corner) {
     if (tables.n_samples < 1 || index < 0) return false;
     if (index < tables.patch_offset[0] || index >= tables.patch_offset[tables.n_samples]) {
         return false;
@@ -175,56 +180,59 @@ GP_HD bool draw_patch_nd(const TableView& tables, i64 index, u32 draw_number,
     return true;
 }
 
-// draw_patch_nd for the runtime dimensionality of the tables; `corner` holds
-// MAX_NDIM values.
-GP_HD bool draw_patch(const TableView& tables, i64 index, u32 draw_number, u64 seed,
-                      i64* sample_out, i64* corner) {
-    switch (tables.ndim) {
-        case 2:
-            return draw_patch_nd<2>(tables, index, draw_number, seed, sample_out, corner);
-        case 3:
-            return draw_patch_nd<3>(tables, index, draw_number, seed, sample_out, corner);
-        default:
-            return false;
-    }
+// The output columns of a launch of N rows, all C-contiguous int64. The kernel
+// writes the whole result itself, so the host needs no further kernel to map
+// flat samples to (data_idx, sample_idx) or to build the index column.
+struct RowOutputs {
+    i64* data_idx;     // [N]     stack of each patch
+    i64* sample_idx;   // [N]     sample (within its stack) of each patch
+    i64* coords;       // [N * d] corner of each patch, row-major (N, d)
+    i64* patch_index;  // [N]     global patch index of each row
+};
+
+// Write row `row` as a failed draw: -1 in every column. `width` values of coords.
+GP_HD void write_failed_row(const RowOutputs& out, i64 row, int width) {
+    out.data_idx[row] = -1;
+    out.sample_idx[row] = -1;
+    out.patch_index[row] = -1;
+    for (int axis = 0; axis < width; ++axis) out.coords[row * width + axis] = -1;
 }
 
-// One output row: the patch of `indices[row]` (or of `first_index + row` when
-// `indices` is null) into sample[row] and coords[row * NDIM .. + NDIM). A failed
-// draw writes -1 everywhere in the row, so every row is always written.
+// One output row (NDIM == tables.ndim): the patch of `indices[row]` (or of
+// `first_index + row` when `indices` is null). A failed draw (an index outside
+// the epoch, or inconsistent tables) writes -1 in every column, index included,
+// so every row is always written and a bad row is recognisable in any column.
 template <int NDIM>
 GP_HD void draw_row_nd(const TableView& tables, const i64* indices, i64 first_index,
-                       i64 row, u32 draw_number, u64 seed, i64* sample, i64* coords) {
+                       i64 row, u32 draw_number, u64 seed, const RowOutputs& out) {
     const i64 index = indices ? indices[row] : first_index + row;
-    i64 found_sample = -1;
+    i64 sample = -1;
     i64 corner[NDIM];
-    const bool ok =
-        draw_patch_nd<NDIM>(tables, index, draw_number, seed, &found_sample, corner);
-    sample[row] = ok ? found_sample : -1;
-    for (int axis = 0; axis < NDIM; ++axis) {
-        coords[row * NDIM + axis] = ok ? corner[axis] : -1;
+    if (!draw_patch<NDIM>(tables, index, draw_number, seed, &sample, corner)) {
+        write_failed_row(out, row, NDIM);
+        return;
     }
+    // draw_patch returned a sample in [0, S): both reads are in bounds.
+    out.data_idx[row] = tables.stack_of_sample[sample];
+    out.sample_idx[row] = tables.sample_in_stack[sample];
+    out.patch_index[row] = index;
+    for (int axis = 0; axis < NDIM; ++axis) out.coords[row * NDIM + axis] = corner[axis];
 }
 
 // draw_row_nd for the runtime dimensionality of the tables (a row of an
 // unsupported dimensionality is all -1). The caller keeps `row` in [0, N) for
-// outputs of N rows: `sample` holds N values and `coords` N * ndim.
+// outputs of N rows (see RowOutputs; coords holds N * max(ndim, 0) values).
 GP_HD void draw_row(const TableView& tables, const i64* indices, i64 first_index,
-                    i64 row, u32 draw_number, u64 seed, i64* sample, i64* coords) {
+                    i64 row, u32 draw_number, u64 seed, const RowOutputs& out) {
     switch (tables.ndim) {
         case 2:
-            draw_row_nd<2>(tables, indices, first_index, row, draw_number, seed, sample,
-                           coords);
+            draw_row_nd<2>(tables, indices, first_index, row, draw_number, seed, out);
             return;
         case 3:
-            draw_row_nd<3>(tables, indices, first_index, row, draw_number, seed, sample,
-                           coords);
+            draw_row_nd<3>(tables, indices, first_index, row, draw_number, seed, out);
             return;
         default:
-            sample[row] = -1;
-            for (int axis = 0; axis < tables.ndim; ++axis) {
-                coords[row * tables.ndim + axis] = -1;
-            }
+            write_failed_row(out, row, tables.ndim);
     }
 }
 

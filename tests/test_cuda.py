@@ -1,0 +1,202 @@
+"""The CUDA backend on a real device (skipped cleanly without CuPy or a GPU).
+
+The GPU kernel must return exactly what the NumPy backend returns, in one
+launch per epoch, from tables that stay on the device.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpu_patching import StratifiedPatching
+from gpu_patching.backends.numpy_backend import NumpyBackend
+from gpu_patching.tables import RegionTables
+
+
+def _usable_cupy() -> tuple[Any, str]:
+    try:
+        import cupy
+    except Exception as error:  # not installed, or a broken CUDA install
+        return None, f"CuPy is not importable ({type(error).__name__}: {error})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None, "CuPy is installed but no CUDA device is visible"
+        cupy.arange(4).sum().item()  # a usable device runs a kernel
+    except Exception as error:
+        return None, f"no usable CUDA device ({type(error).__name__}: {error})"
+    return cupy, ""
+
+
+cupy, _WHY_SKIPPED = _usable_cupy()
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(cupy is None, reason=_WHY_SKIPPED)]
+
+SEEDS = (0, 42, 2**64 - 1)
+DRAWS = (0, 1, 2**32 - 1)
+
+
+def _configured_sampler(name: str) -> StratifiedPatching:
+    """A NumPy sampler with exclusions and probabilities, for each named case."""
+    generator = np.random.default_rng(len(name))
+    if name == "2d":
+        sampler = StratifiedPatching(
+            [(3, 1, 97, 64), (2, 2, 40, 50)], (8, 6), seed=7, backend="numpy"
+        )
+    elif name == "3d":
+        sampler = StratifiedPatching(
+            [(2, 1, 20, 33, 31), (1, 1, 9, 9, 9)], (4, 5, 3), seed=7, backend="numpy"
+        )
+    elif name == "large":
+        return StratifiedPatching([(4, 1, 1024, 1024)], (4, 4), seed=7, backend="numpy")
+    else:
+        raise ValueError(name)
+    tables = sampler._tables
+    for flat in range(tables.n_samples):
+        data_idx = int(tables.stack_of_sample[flat])
+        sample_idx = int(tables.sample_in_stack[flat])
+        cells = list(itertools.product(*map(range, tables.sample_grid(flat))))
+        if flat == 1:  # one sample loses every cell
+            sampler.exclude_patches(data_idx, sample_idx, cells)
+            continue
+        picks = generator.choice(len(cells), size=len(cells) // 5, replace=False)
+        sampler.exclude_patches(data_idx, sample_idx, [cells[k] for k in picks])
+        values = generator.choice([0.0, 1e-9, 0.25, 1.0, 3.5, 40.0], size=len(cells))
+        sampler.set_region_probs(data_idx, sample_idx, dict(zip(cells, values, strict=True)))
+    return sampler
+
+
+def _device_tables(sampler: StratifiedPatching) -> RegionTables:
+    """The sampler's tables rebuilt on the device from its exclusions and probabilities."""
+    host = sampler._tables
+    shapes = sampler.data_shapes
+    tables = RegionTables(
+        [shape[2:] for shape in shapes],
+        [shape[0] for shape in shapes],
+        sampler.patch_size,
+        cupy,
+    )
+    for flat in range(host.n_samples):
+        tables.update_sample(
+            flat,
+            cupy.asarray(host.excluded_grid(flat)),
+            cupy.asarray(host.probability_grid(flat)),
+        )
+    return tables
+
+
+def _backend() -> Any:
+    from gpu_patching.backends.cuda_backend import CudaBackend
+
+    return CudaBackend()
+
+
+@pytest.fixture(scope="module", params=["2d", "3d", "large"])
+def case(request: pytest.FixtureRequest) -> tuple[StratifiedPatching, RegionTables]:
+    sampler = _configured_sampler(request.param)
+    return sampler, _device_tables(sampler)
+
+
+def test_device_tables_equal_host_tables(case: Any) -> None:
+    sampler, tables = case
+    host = sampler._tables
+    for name in ("mass_prefix", "weight", "subbox_mask"):
+        np.testing.assert_array_equal(cupy.asnumpy(getattr(tables, name)), getattr(host, name))
+    np.testing.assert_array_equal(tables.patch_offset, host.patch_offset)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("draw", DRAWS)
+def test_gpu_draw_equals_numpy_draw_bit_for_bit(case: Any, seed: int, draw: int) -> None:
+    sampler, tables = case
+    n = tables.total_patches
+    expected = NumpyBackend().draw(sampler._tables, np.arange(n), draw, seed)
+    sample, corner = _backend().draw(tables, range(n), draw, seed)
+    np.testing.assert_array_equal(cupy.asnumpy(sample), expected[0])
+    np.testing.assert_array_equal(cupy.asnumpy(corner), expected[1])
+
+
+def test_gpu_draw_equals_numpy_draw_for_an_index_array(case: Any) -> None:
+    sampler, tables = case
+    n = tables.total_patches
+    indices = np.random.default_rng(3).integers(0, n, size=5000)
+    expected = NumpyBackend().draw(sampler._tables, indices, 12, 99)
+    sample, corner = _backend().draw(tables, cupy.asarray(indices), 12, 99)
+    np.testing.assert_array_equal(cupy.asnumpy(sample), expected[0])
+    np.testing.assert_array_equal(cupy.asnumpy(corner), expected[1])
+
+
+def test_gpu_writes_minus_one_for_indices_out_of_range(case: Any) -> None:
+    _, tables = case
+    n = tables.total_patches
+    indices = cupy.asarray([-1, n, 2**63 - 1, 0], dtype=cupy.int64)
+    sample, corner = _backend().draw(tables, indices, 0, 0)
+    assert cupy.asnumpy(sample).tolist()[:3] == [-1, -1, -1]
+    assert (cupy.asnumpy(corner)[:3] == -1).all() and cupy.asnumpy(sample)[3] >= 0
+
+
+def test_one_kernel_launch_per_epoch(case: Any) -> None:
+    _, tables = case
+    backend = _backend()
+    for draw in range(3):
+        backend.draw(tables, range(tables.total_patches), draw, 5)
+        assert backend.launch_count == draw + 1
+
+
+def test_tables_and_outputs_live_on_the_device(case: Any) -> None:
+    _, tables = case
+    for name in ("mass_prefix", "weight", "subbox_mask", "excluded", "probability"):
+        assert isinstance(getattr(tables, name), cupy.ndarray), name
+    backend = _backend()
+    sample, corner = backend.draw(tables, range(tables.total_patches), 0, 1)
+    assert isinstance(sample, cupy.ndarray) and isinstance(corner, cupy.ndarray)
+    device_id = cupy.cuda.Device().id
+    assert isinstance(backend._uploads[device_id][1], cupy.ndarray)
+
+
+def test_kernel_is_compiled_once_per_device(case: Any) -> None:
+    from gpu_patching.backends import cuda_backend
+
+    _, tables = case
+    _backend().draw(tables, range(1), 0, 1)
+    kernel = cuda_backend._KERNELS[cupy.cuda.Device().id]
+    _backend().draw(tables, range(1), 1, 1)
+    assert cuda_backend._KERNELS[cupy.cuda.Device().id] is kernel
+
+
+def test_sampler_on_cuda_matches_sampler_on_numpy() -> None:
+    host = _configured_sampler("2d")
+    device = StratifiedPatching(host.data_shapes, host.patch_size, seed=host.seed, backend="cuda")
+    for flat in range(host._tables.n_samples):
+        data_idx = int(host._tables.stack_of_sample[flat])
+        sample_idx = int(host._tables.sample_in_stack[flat])
+        device.set_region_probs(data_idx, sample_idx, host._tables.probability_grid(flat))
+        excluded = host._tables.excluded_grid(flat)
+        if excluded.any():
+            device.exclude_patches(data_idx, sample_idx, excluded)
+    assert device.backend == "cuda" and device.n_patches == host.n_patches
+    launches = device._backend.launch_count
+    batch = device.sample_epoch(3)
+    assert device._backend.launch_count == launches + 1
+    expected = host.sample_epoch(3).to_numpy()
+    actual = batch.to_numpy()
+    np.testing.assert_array_equal(actual.data_idx, expected.data_idx)
+    np.testing.assert_array_equal(actual.sample_idx, expected.sample_idx)
+    np.testing.assert_array_equal(actual.coords, expected.coords)
+    for index in (0, host.n_patches // 2, host.n_patches - 1):
+        assert device.get_patch_spec(index) == host.get_patch_spec(index)
+
+
+def test_epoch_reaches_torch_through_dlpack_without_a_copy(case: Any) -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA support here")
+    sampler, tables = case
+    _, corner = _backend().draw(tables, range(tables.total_patches), 4, 4)
+    tensor = torch.from_dlpack(corner)
+    assert tensor.is_cuda and tensor.dtype == torch.int64
+    assert tensor.data_ptr() == corner.data.ptr
+    expected = NumpyBackend().draw(sampler._tables, np.arange(tables.total_patches), 4, 4)
+    np.testing.assert_array_equal(tensor.cpu().numpy(), expected[1])

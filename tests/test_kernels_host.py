@@ -1,0 +1,580 @@
+"""The CUDA kernel source, compiled for the host, equals the NumPy draw bit for bit.
+
+``tests/kernel_shim.cpp`` includes the very headers the GPU kernel is built
+from and runs the kernel's per-row function for every row. It is driven
+through ``CudaBackend`` itself (with NumPy as its array namespace and the shim
+as its kernel), so the argument tuple, the index handling and the table
+packing are the ones a GPU launch uses. No GPU is needed.
+
+Both backends' ``draw`` return ``(data_idx, sample_idx, coords, indices)``;
+every column is compared, and the kernel writes all four itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpu_patching import StratifiedPatching, rng
+from gpu_patching.backends.cuda_backend import (
+    OUTPUT_PARAMS,
+    SAMPLE_EPOCH_PARAMS,
+    CudaBackend,
+    _launch_args,
+    kernel_dir,
+    pack_sample_table,
+    split_sample_table,
+)
+from gpu_patching.backends.numpy_backend import NumpyBackend
+from gpu_patching.tables import RegionTables
+
+SHIM_SOURCE = Path(__file__).with_name("kernel_shim.cpp")
+HOST_FLAGS = ["-O2", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-Wall", "-Wextra"]
+
+_CTYPES = {
+    "int": ctypes.c_int,
+    "unsigned int": ctypes.c_uint,
+    "long long": ctypes.c_longlong,
+    "unsigned long long": ctypes.c_ulonglong,
+}
+
+_N_ROWS = [name for name, _ in SAMPLE_EPOCH_PARAMS].index("n_rows")
+
+# -- building and calling the shim -----------------------------------------------------
+
+
+def _cxx() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build_shim(directory: Path, extra_flags: list[str]) -> Path:
+    compiler = _cxx()
+    if compiler is None:
+        pytest.skip("no C++ compiler (c++, g++ or clang++) on PATH to build the host kernel")
+    library = directory / "kernel_shim.so"
+    command = [
+        compiler,
+        *HOST_FLAGS,
+        *extra_flags,
+        f"-I{kernel_dir()}",
+        str(SHIM_SOURCE),
+        "-o",
+        str(library),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr}"
+    return library
+
+
+def _load_shim(library: Path) -> ctypes.CDLL:
+    shim = ctypes.CDLL(str(library))
+    shim.philox.argtypes = [ctypes.POINTER(ctypes.c_uint)] * 3
+    shim.philox.restype = None
+    shim.random_u32.argtypes = [ctypes.c_ulonglong, ctypes.c_longlong, ctypes.c_uint, ctypes.c_uint]
+    shim.random_u32.restype = ctypes.c_uint
+    # draw_epoch has the kernel's parameter list (test_kernels_nvrtc checks it).
+    shim.draw_epoch.argtypes = [
+        ctypes.c_void_p if c_type.endswith("*") else _CTYPES[c_type]
+        for _, c_type in SAMPLE_EPOCH_PARAMS
+    ]
+    shim.draw_epoch.restype = None
+    return shim
+
+
+@pytest.fixture(scope="session")
+def shim(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    return _load_shim(_build_shim(tmp_path_factory.mktemp("kernel_shim"), []))
+
+
+def _call_draw_epoch(shim: ctypes.CDLL, args: tuple[Any, ...]) -> None:
+    """Call the shim with a ``_launch_args`` tuple; arrays become raw pointers."""
+    converted = []
+    for (_, c_type), value in zip(SAMPLE_EPOCH_PARAMS, args, strict=True):
+        if c_type.endswith("*"):
+            converted.append(None if value is None else value.ctypes.data)
+        else:
+            assert type(value) is not int, "launch arguments are NumPy scalars"
+            converted.append(_CTYPES[c_type](int(value)))
+    shim.draw_epoch(*converted)  # `args` keeps every array alive meanwhile
+
+
+class HostLaunchedBackend(CudaBackend):
+    """``CudaBackend`` with NumPy as its device and the host shim as its kernel."""
+
+    def __init__(self, shim: ctypes.CDLL) -> None:
+        super().__init__(xp=np)
+        self._shim = shim
+
+    def _device_id(self) -> int:
+        return 0
+
+    def _kernel(self) -> Any:
+        def launch(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
+            assert grid[0] * block[0] >= int(args[_N_ROWS]), "grid covers every row"
+            _call_draw_epoch(self._shim, args)
+
+        return launch
+
+
+Draw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+COLUMNS = ("data_idx", "sample_idx", "coords", "indices")
+
+
+def _numpy_draw(tables: RegionTables, indices: Any, draw: int, seed: int) -> Draw:
+    """NumpyBackend.draw; a list of indices becomes an int64 array, a range stays one."""
+    if not isinstance(indices, range):
+        indices = np.asarray(indices, dtype=np.int64)
+    return NumpyBackend().draw(tables, indices, draw, seed)
+
+
+def _assert_same_draws(expected: Draw, actual: Draw) -> None:
+    """All four columns equal, with the same dtypes and shapes."""
+    assert len(actual) == len(expected) == len(COLUMNS)
+    for name, want, got in zip(COLUMNS, expected, actual, strict=True):
+        assert isinstance(got, np.ndarray), name
+        assert got.dtype == np.int64 and want.dtype == np.int64, name
+        assert got.shape == want.shape, f"{name}: {got.shape} != {want.shape}"
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def _assert_failed_rows(draw: Draw, rows: np.ndarray) -> None:
+    """The given rows of a draw hold -1 in every column."""
+    for name, column in zip(COLUMNS, draw, strict=True):
+        assert (column[rows] == -1).all(), name
+
+
+# -- Philox ----------------------------------------------------------------------------
+
+KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    (
+        (0xFFFFFFFF,) * 4,
+        (0xFFFFFFFF,) * 2,
+        (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD),
+    ),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize(("counter", "key", "expected"), KNOWN_ANSWERS)
+def test_host_philox_matches_random123_known_answers(
+    shim: ctypes.CDLL, counter: tuple[int, ...], key: tuple[int, ...], expected: tuple[int, ...]
+) -> None:
+    out = (ctypes.c_uint * 4)()
+    shim.philox((ctypes.c_uint * 4)(*counter), (ctypes.c_uint * 2)(*key), out)
+    assert tuple(out) == expected
+
+
+def test_host_counter_layout_matches_rng(shim: ctypes.CDLL) -> None:
+    generator = np.random.default_rng(7)
+    for _ in range(500):
+        seed = int(generator.integers(0, 2**64, dtype=np.uint64))
+        index = int(generator.integers(0, 2**63, dtype=np.int64)) >> int(generator.integers(0, 63))
+        draw = int(generator.integers(0, 2**32))
+        purpose = int(generator.integers(0, 2))
+        expected = int(rng.random_uint32(seed, [index], draw, purpose)[0])
+        assert shim.random_u32(seed, index, draw, purpose) == expected
+
+
+# -- the per-patch draw ----------------------------------------------------------------
+
+PROBABILITIES = st.one_of(
+    st.sampled_from([0.0, 1e-9, 2.0**-20, 0.5, 1.0, 2.0, 10.0]),
+    st.floats(0.0, 1.0),
+    st.floats(1.0, 20.0),
+)
+
+
+@st.composite
+def samplers(draw: st.DrawFn) -> StratifiedPatching:
+    """A NumPy sampler on random stacks, with random exclusions and probabilities."""
+    ndim = draw(st.sampled_from([2, 3]))
+    largest_patch = 7 if ndim == 2 else 4
+    patch = tuple(draw(st.integers(1, largest_patch)) for _ in range(ndim))
+    shapes = []
+    for _ in range(draw(st.integers(1, 3))):
+        spatial = tuple(draw(st.integers(p, 4 * p + 3)) for p in patch)
+        shapes.append((draw(st.integers(1, 3)), draw(st.integers(1, 2)), *spatial))
+    seed = draw(st.integers(0, 2**64 - 1))
+    sampler = StratifiedPatching(shapes, patch, seed=seed, backend="numpy")
+    for data_idx, shape in enumerate(shapes):
+        for sample_idx in range(shape[0]):
+            flat = sampler._tables.sample_id(data_idx, sample_idx)
+            cells = list(itertools.product(*map(range, sampler._tables.sample_grid(flat))))
+            mode = draw(st.sampled_from(["none", "some", "some", "all"]))
+            if mode == "all":
+                sampler.exclude_patches(data_idx, sample_idx, cells)
+            elif mode == "some":
+                excluded = draw(st.lists(st.sampled_from(cells), max_size=len(cells)))
+                if excluded:
+                    sampler.exclude_patches(data_idx, sample_idx, excluded)
+            probs = draw(st.dictionaries(st.sampled_from(cells), PROBABILITIES))
+            if probs:
+                sampler.set_region_probs(data_idx, sample_idx, probs)
+    return sampler
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(sampler=samplers(), draw=st.integers(0, 2**32 - 1))
+def test_host_kernel_equals_numpy_draw_on_random_tables(
+    shim: ctypes.CDLL, sampler: StratifiedPatching, draw: int
+) -> None:
+    tables = sampler._tables
+    n = tables.total_patches
+    expected = _numpy_draw(tables, range(n), draw, sampler.seed)
+    actual = HostLaunchedBackend(shim).draw(tables, range(n), draw, sampler.seed)
+    _assert_same_draws(expected, actual)
+    # The same epoch given as an index array: the same rows.
+    _assert_same_draws(expected, _numpy_draw(tables, np.arange(n), draw, sampler.seed))
+    np.testing.assert_array_equal(actual[3], np.arange(n))
+    for name, column in zip(COLUMNS, actual, strict=True):
+        assert (column >= 0).all(), f"{name}: every row of a valid range is a real patch"
+    # The kernel's (data_idx, sample_idx) is the flat sample's, and that sample
+    # owns the row's index.
+    flat = tables.first_sample[actual[0]] + actual[1]
+    assert (tables.patch_offset[flat] <= actual[3]).all()
+    assert (actual[3] < tables.patch_offset[flat + 1]).all()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(sampler=samplers(), draw=st.integers(0, 2**32 - 1), data=st.data())
+def test_host_kernel_equals_numpy_draw_for_arbitrary_indices(
+    shim: ctypes.CDLL, sampler: StratifiedPatching, draw: int, data: st.DataObject
+) -> None:
+    n = sampler._tables.total_patches
+    if n == 0:
+        return
+    indices = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=64))
+    index_array = np.asarray(indices, dtype=np.int64)
+    expected = _numpy_draw(sampler._tables, index_array, draw, sampler.seed)
+    actual = HostLaunchedBackend(shim).draw(sampler._tables, index_array, draw, sampler.seed)
+    _assert_same_draws(expected, actual)
+    # The index column is a copy written by the kernel, not the input array.
+    assert actual[3] is not index_array
+    np.testing.assert_array_equal(actual[3], index_array)
+
+
+def test_host_kernel_skips_a_sample_whose_every_cell_is_excluded(shim: ctypes.CDLL) -> None:
+    sampler = StratifiedPatching(
+        [(3, 1, 40, 36), (1, 1, 17, 23)], (8, 6), seed=2**64 - 1, backend="numpy"
+    )
+    grid = sampler._tables.sample_grid(1)
+    sampler.exclude_patches(0, 1, list(itertools.product(*map(range, grid))))
+    tables = sampler._tables
+    assert tables.n_patches[1] == 0 and tables.total_patches > 0
+    for draw in (0, 1, 2**32 - 1):
+        expected = _numpy_draw(tables, range(tables.total_patches), draw, sampler.seed)
+        actual = HostLaunchedBackend(shim).draw(
+            tables, range(tables.total_patches), draw, sampler.seed
+        )
+        _assert_same_draws(expected, actual)
+        # Flat sample 1 is (data_idx 0, sample_idx 1); the other two are drawn.
+        pairs = set(zip(actual[0].tolist(), actual[1].tolist(), strict=True))
+        assert pairs == {(0, 0), (0, 2), (1, 0)}
+
+
+def test_host_kernel_draws_nothing_when_every_cell_of_every_sample_is_excluded(
+    shim: ctypes.CDLL,
+) -> None:
+    sampler = StratifiedPatching([(2, 1, 12, 12, 12)], (4, 4, 4), seed=3, backend="numpy")
+    cells = list(itertools.product(range(3), repeat=3))
+    sampler.exclude_patches(0, 0, cells)
+    sampler.exclude_patches(0, 1, cells)
+    assert sampler._tables.total_patches == 0
+    backend = HostLaunchedBackend(shim)
+    empty = backend.draw(sampler._tables, range(0), 5, 3)
+    assert [column.shape for column in empty] == [(0,), (0,), (0, 3), (0,)]
+    assert all(column.dtype == np.int64 for column in empty)
+    assert backend.launch_count == 0, "nothing to draw, nothing launched"
+    _assert_same_draws(_numpy_draw(sampler._tables, range(0), 5, 3), empty)
+    # The kernel itself refuses any index of an empty epoch.
+    _assert_failed_rows(_raw_draw(shim, sampler._tables, range(0, 4), 5, 3), np.arange(4))
+
+
+def test_host_kernel_handles_large_masses(shim: ctypes.CDLL) -> None:
+    # p = 2**20 (the largest accepted) makes masses ~2**40 per corner and
+    # ~10**6 patches: the 64-bit arithmetic of the stratum points is exercised.
+    sampler = StratifiedPatching([(2, 1, 64, 48)], (8, 8), seed=11, backend="numpy")
+    sampler.set_region_probs(0, 1, {(0, 0): 2.0**20, (3, 2): 0.0, (7, 5): 1e-9})
+    tables = sampler._tables
+    indices = np.random.default_rng(0).integers(0, tables.total_patches, size=4000)
+    expected = _numpy_draw(tables, indices, 77, sampler.seed)
+    actual = HostLaunchedBackend(shim).draw(tables, indices, 77, sampler.seed)
+    _assert_same_draws(expected, actual)
+
+
+def _raw_draw(shim: ctypes.CDLL, tables: RegionTables, indices: Any, draw: int, seed: int) -> Draw:
+    """Run the shim directly (no host-side index checks).
+
+    The outputs start out as a sentinel that no draw writes, so a row the kernel
+    skipped cannot pass for a failed (-1) or a real one.
+    """
+    if isinstance(indices, range):
+        index_array, first, n = None, indices.start, len(indices)
+    else:
+        index_array = np.ascontiguousarray(indices, dtype=np.int64)
+        first, n = 0, len(index_array)
+    sentinel = -(2**62)
+    outputs = (
+        np.full(n, sentinel, dtype=np.int64),
+        np.full(n, sentinel, dtype=np.int64),
+        np.full((n, tables.ndim), sentinel, dtype=np.int64),
+        np.full(n, sentinel, dtype=np.int64),
+    )
+    arrays = split_sample_table(pack_sample_table(tables), tables.n_samples, tables.ndim)
+    args = _launch_args(tables, arrays, index_array, first, n, draw, seed, outputs)
+    _call_draw_epoch(shim, args)
+    for name, column in zip(COLUMNS, outputs, strict=True):
+        assert (column != sentinel).all(), f"{name}: a row was not written"
+    return outputs
+
+
+def test_host_kernel_writes_minus_one_for_indices_out_of_range(shim: ctypes.CDLL) -> None:
+    sampler = StratifiedPatching([(1, 1, 30, 30)], (5, 5), seed=5, backend="numpy")
+    tables = sampler._tables
+    n = tables.total_patches
+    indices = np.array([-(2**63), -1, 0, n - 1, n, n + 7, 2**63 - 1], dtype=np.int64)
+    bad = np.array([True, True, False, False, True, True, True])
+    for actual in (
+        _raw_draw(shim, tables, indices, 9, 5),
+        # The backend does not check an index array (that would synchronise).
+        HostLaunchedBackend(shim).draw(tables, indices, 9, 5),
+    ):
+        _assert_failed_rows(actual, bad)
+        good = _numpy_draw(tables, indices[~bad], 9, 5)
+        _assert_same_draws(good, tuple(column[~bad] for column in actual))  # type: ignore[arg-type]
+    # A range past the end: the kernel writes -1 rows, the backend refuses it.
+    past_end = _raw_draw(shim, tables, range(n - 2, n + 2), 9, 5)
+    _assert_failed_rows(past_end, np.array([False, False, True, True]))
+    _assert_same_draws(
+        _numpy_draw(tables, range(n - 2, n), 9, 5),
+        tuple(column[:2] for column in past_end),  # type: ignore[arg-type]
+    )
+    with pytest.raises(IndexError):
+        HostLaunchedBackend(shim).draw(tables, range(n - 2, n + 2), 9, 5)
+
+
+def test_host_backend_launches_once_per_draw_and_reuses_the_upload(
+    shim: ctypes.CDLL,
+) -> None:
+    sampler = StratifiedPatching([(2, 1, 20, 20)], (4, 4), seed=1, backend="numpy")
+    backend = HostLaunchedBackend(shim)
+    n = sampler.n_patches
+    first = backend.draw(sampler._tables, range(n), 0, 1)
+    uploaded = backend._uploads[0][1]
+    backend.draw(sampler._tables, range(n), 1, 1)
+    assert backend.launch_count == 2
+    assert backend._uploads[0][1] is uploaded
+    # An update changes the per-sample arrays: they are uploaded again.
+    sampler.exclude_patches(0, 0, [(1, 1)])
+    n_after = sampler.n_patches
+    after = backend.draw(sampler._tables, range(n_after), 0, 1)
+    assert backend._uploads[0][1] is not uploaded
+    _assert_same_draws(_numpy_draw(sampler._tables, range(n_after), 0, 1), after)
+    assert n_after < n and all(column.shape[0] == n for column in first)
+
+
+def test_host_backend_returns_the_arrays_the_kernel_wrote(shim: ctypes.CDLL) -> None:
+    # The result is exactly the kernel's output arguments: nothing is computed
+    # from them afterwards (on a GPU that would be another kernel).
+    sampler = StratifiedPatching([(2, 1, 20, 20), (1, 1, 9, 13)], (4, 4), seed=8, backend="numpy")
+    backend = HostLaunchedBackend(shim)
+    launched: list[tuple[Any, ...]] = []
+    kernel = backend._kernel()
+
+    def recording_kernel(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
+        launched.append(args)
+        kernel(grid, block, args)
+
+    backend._kernel = lambda: recording_kernel  # type: ignore[method-assign]
+    n = sampler.n_patches
+    result = backend.draw(sampler._tables, range(n), 2, 8)
+    assert len(launched) == 1 and backend.launch_count == 1
+    values = dict(zip((name for name, _ in SAMPLE_EPOCH_PARAMS), launched[0], strict=True))
+    assert values["indices"] is None, "an epoch reads no index array"
+    for column, name in zip(result, OUTPUT_PARAMS, strict=True):
+        assert column is values[name], name
+    _assert_same_draws(_numpy_draw(sampler._tables, range(n), 2, 8), result)
+
+
+# -- inconsistent tables never make the kernel leave its arrays ------------------------
+
+_FUZZ_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, itertools, sys
+    import numpy as np
+
+    from gpu_patching import StratifiedPatching
+    from gpu_patching.backends.cuda_backend import pack_sample_table, split_sample_table
+
+    shim = ctypes.CDLL(sys.argv[1])
+    generator = np.random.default_rng(12345)
+    P = ctypes.c_void_p
+    L = ctypes.c_longlong
+
+    def real_tables():
+        ndim = int(generator.choice([2, 3]))
+        patch = [int(p) for p in generator.integers(1, 5, size=ndim)]
+        shapes = [
+            (int(generator.integers(1, 3)), 1,
+             *(p + int(generator.integers(0, 3 * p + 3)) for p in patch))
+            for _ in range(int(generator.integers(1, 3)))
+        ]
+        sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+        tables = sampler._tables
+        for data_idx, shape in enumerate(shapes):
+            for sample_idx in range(shape[0]):
+                grid = tables.sample_grid(tables.sample_id(data_idx, sample_idx))
+                cells = list(itertools.product(*map(range, grid)))
+                picks = generator.integers(0, len(cells), size=len(cells) // 3)
+                if generator.random() < 0.5 and len(picks):
+                    sampler.exclude_patches(data_idx, sample_idx, [cells[k] for k in picks])
+                if generator.random() < 0.5:
+                    sampler.set_region_probs(
+                        data_idx, sample_idx, {cells[0]: 0.0, cells[-1]: 3.0}
+                    )
+        views = split_sample_table(pack_sample_table(tables), tables.n_samples, ndim)
+        arrays = [views[name].copy() for name in (
+            "patch_offset", "n_patches", "mass_offset", "region_offset",
+            "grid_shape", "spatial_shape", "patch_size", "stack_of_sample",
+            "sample_in_stack")]
+        arrays += [tables.mass_prefix.copy(), tables.weight.copy(),
+                   tables.subbox_mask.copy()]
+        return ndim, tables.n_samples, tables.mass_prefix.size, arrays
+
+    def corrupt(array):
+        # A few entries replaced by values around the array's own range: the
+        # tables stay plausible, so the draw gets deep before it goes wrong.
+        span = int(np.abs(array.astype(np.int64)).max()) + 3
+        for _ in range(int(generator.integers(1, 4))):
+            position = int(generator.integers(0, array.size))
+            if array.dtype == np.uint8:
+                array[position] = int(generator.integers(0, 256))
+            else:
+                array[position] = int(generator.integers(-span, 2 * span))
+
+    for trial in range(300):
+        ndim, n_samples, n_regions, arrays = real_tables()
+        if trial % 10 == 0:
+            ndim = int(generator.choice([0, 1, 4]))  # unsupported: rows of -1
+        if trial % 10 != 1:  # every tenth trial runs the intact tables
+            for k in generator.choice(len(arrays), size=int(generator.integers(1, 4))):
+                if arrays[k].size:
+                    corrupt(arrays[k])
+        total = min(max(int(arrays[0][-1]), 0), 10**6)
+        n_rows = int(generator.integers(1, 200))
+        first_index = int(generator.integers(-3, max(total, 1) + 3))
+        indices = generator.integers(-3, total + 3, size=n_rows, dtype=np.int64)
+        use_indices = trial % 2 == 0
+        # Every output its own allocation of exactly its documented length (so
+        # ASan catches a write past it), filled with a value no row can hold.
+        sentinel = -(2**62)
+        data_idx, sample_idx, patch_index = (
+            np.full(n_rows, sentinel, dtype=np.int64) for _ in range(3)
+        )
+        coords = np.full(n_rows * max(ndim, 0), sentinel, dtype=np.int64)
+        shim.draw_epoch(
+            *[P(a.ctypes.data if a.size else None) for a in arrays],
+            L(n_samples), L(n_regions), ctypes.c_int(ndim),
+            P(indices.ctypes.data if use_indices else None),
+            L(first_index), L(n_rows),
+            ctypes.c_uint(int(generator.integers(0, 2**32))),
+            ctypes.c_ulonglong(int(generator.integers(0, 2**63))),
+            P(data_idx.ctypes.data), P(sample_idx.ctypes.data),
+            P(coords.ctypes.data if coords.size else None),
+            P(patch_index.ctypes.data),
+        )
+        # Every value of every row written; a row is either failed (-1 in
+        # every column) or carries the index it was asked for.
+        for column in (data_idx, sample_idx, coords, patch_index):
+            assert (column != sentinel).all(), trial
+        wanted = indices if use_indices else first_index + np.arange(n_rows)
+        failed = patch_index == -1
+        assert (patch_index[~failed] == wanted[~failed]).all(), trial
+        assert (data_idx[failed] == -1).all() and (sample_idx[failed] == -1).all(), trial
+        assert (coords.reshape(n_rows, -1)[failed] == -1).all(), trial
+    print("ok")
+    """
+)
+
+
+def test_host_kernel_stays_in_bounds_on_inconsistent_tables(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Corrupted tables (right lengths, wrong contents) under AddressSanitizer.
+
+    Real tables with a few entries overwritten: every array is its own
+    allocation with red zones, so a read or write outside the lengths
+    documented on ``TableView`` aborts the child process, and
+    UndefinedBehaviorSanitizer aborts it on a division by zero.
+    """
+    compiler = _cxx()
+    if compiler is None:
+        pytest.skip("no C++ compiler on PATH")
+    runtime = subprocess.run(
+        [compiler, "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    if not runtime or not Path(runtime).exists():
+        pytest.skip(f"{compiler} has no AddressSanitizer runtime")
+    directory = tmp_path_factory.mktemp("kernel_shim_asan")
+    library = _build_shim(
+        directory,
+        ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
+    )
+    script = directory / "fuzz.py"
+    script.write_text(_FUZZ_SCRIPT)
+    environment = {
+        **os.environ,
+        "LD_PRELOAD": runtime,
+        "ASAN_OPTIONS": "detect_leaks=0",
+    }
+    # Some kernels' address-space layouts defeat a preloaded ASan runtime; only
+    # a failure of the fuzz run itself (not of a bare interpreter) is a bug.
+    bare = subprocess.run(
+        [sys.executable, "-c", "pass"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+        timeout=60,
+    )
+    if bare.returncode != 0:
+        pytest.skip(f"AddressSanitizer cannot run Python here: {bare.stderr[-300:]}")
+    result = subprocess.run(
+        [sys.executable, str(script), str(library)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+        timeout=300,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-4000:]

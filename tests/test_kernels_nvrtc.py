@@ -1,0 +1,266 @@
+"""The kernels compile with NVRTC, and the launch code matches their C signature.
+
+NVRTC comes from the ``nvidia-cuda-nvrtc-cu12`` wheel and needs no GPU, so
+these checks run in CI: the exact source CuPy is handed compiles for every
+architecture we support, and the Python argument tuple has the order and the
+exact scalar widths of the kernel's parameters.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpu_patching import StratifiedPatching
+from gpu_patching.backends import cuda_backend
+from gpu_patching.backends.cuda_backend import (
+    C_SCALAR_TYPES,
+    KERNEL_NAME,
+    SAMPLE_EPOCH_PARAMS,
+    _launch_args,
+    compile_options,
+    kernel_code,
+    kernel_dir,
+    launch_grid,
+    pack_sample_table,
+    split_sample_table,
+)
+
+ARCHITECTURES = ["compute_70", "compute_90"]
+SHIM_SOURCE = Path(__file__).with_name("kernel_shim.cpp")
+
+# -- NVRTC through ctypes --------------------------------------------------------------
+
+
+def _nvrtc_library() -> Path | None:
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        found = sorted(glob.glob(str(Path(root) / "cuda_nvrtc" / "lib" / "libnvrtc.so*")))
+        if found:
+            return Path(found[0])
+    return None
+
+
+@pytest.fixture(scope="module")
+def nvrtc() -> ctypes.CDLL:
+    library = _nvrtc_library()
+    if library is None:
+        pytest.skip(
+            "NVRTC is not installed: pip install nvidia-cuda-nvrtc-cu12 "
+            "(Linux) to compile the kernels without a GPU"
+        )
+    lib = ctypes.CDLL(str(library))
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+def _compile(nvrtc: ctypes.CDLL, source: str, name: str, options: list[str]) -> str:
+    """Compile one source to PTX; fail with NVRTC's log on any error."""
+    program = ctypes.c_void_p()
+    status = nvrtc.nvrtcCreateProgram(
+        ctypes.byref(program), source.encode(), name.encode(), 0, None, None
+    )
+    assert status == 0, nvrtc.nvrtcGetErrorString(status).decode()
+    try:
+        encoded = [option.encode() for option in options]
+        status = nvrtc.nvrtcCompileProgram(
+            program, len(encoded), (ctypes.c_char_p * len(encoded))(*encoded)
+        )
+        log_size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(log_size))
+        log = ctypes.create_string_buffer(log_size.value)
+        nvrtc.nvrtcGetProgramLog(program, log)
+        message = nvrtc.nvrtcGetErrorString(status).decode()
+        assert status == 0, f"NVRTC failed on {name} ({message}):\n{log.value.decode()}"
+        ptx_size = ctypes.c_size_t()
+        assert nvrtc.nvrtcGetPTXSize(program, ctypes.byref(ptx_size)) == 0
+        ptx = ctypes.create_string_buffer(ptx_size.value)
+        assert nvrtc.nvrtcGetPTX(program, ptx) == 0
+        return ptx.value.decode()
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_epoch_kernel_compiles_with_nvrtc(nvrtc: ctypes.CDLL, architecture: str) -> None:
+    # kernel_code() is the exact text CuPy compiles (digest line included).
+    options = [*compile_options(), f"--gpu-architecture={architecture}"]
+    ptx = _compile(nvrtc, kernel_code(), cuda_backend.KERNEL_FILE, options)
+    assert re.search(rf"\.entry\s+{KERNEL_NAME}\s*\(", ptx), "no sample_epoch entry"
+    # One thread keeps its few values in registers: no local-memory stack.
+    assert ".local" not in ptx
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("source", sorted(p.name for p in kernel_dir().glob("*.cu")))
+def test_every_kernel_file_compiles_with_nvrtc(
+    nvrtc: ctypes.CDLL, source: str, architecture: str
+) -> None:
+    options = [*compile_options(), f"--gpu-architecture={architecture}"]
+    ptx = _compile(nvrtc, (kernel_dir() / source).read_text(), source, options)
+    assert ".entry" in ptx
+
+
+# -- the C signature -------------------------------------------------------------------
+
+
+def parse_c_signature(source: str, function: str) -> list[tuple[str, str]]:
+    """Return ``(name, C type)`` of every parameter of a C function in ``source``.
+
+    Comments are dropped, and a type is normalised to single spaces with ``*``
+    attached to the type (``const long long *p`` -> ``const long long*``).
+    """
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source, flags=re.DOTALL)
+    match = re.search(rf"\b{function}\s*\(([^)]*)\)\s*\{{", text)
+    assert match, f"no definition of {function}"
+    params = []
+    for raw in match.group(1).split(","):
+        declaration = re.sub(r"\s*\*\s*", "* ", " ".join(raw.split())).strip()
+        c_type, name = declaration.rsplit(" ", 1)
+        params.append((name, c_type.strip()))
+    return params
+
+
+def test_kernel_signature_is_the_launch_codes() -> None:
+    source = (kernel_dir() / cuda_backend.KERNEL_FILE).read_text()
+    assert re.search(rf'extern\s+"C"\s+__global__\s+void\s+{KERNEL_NAME}\s*\(', source)
+    assert parse_c_signature(source, KERNEL_NAME) == list(SAMPLE_EPOCH_PARAMS)
+
+
+def test_host_shim_signature_is_the_kernels() -> None:
+    assert parse_c_signature(SHIM_SOURCE.read_text(), "draw_epoch") == list(SAMPLE_EPOCH_PARAMS)
+
+
+@pytest.mark.parametrize(
+    ("c_type", "c_scalar"),
+    [
+        ("int", ctypes.c_int),
+        ("unsigned int", ctypes.c_uint),
+        ("long long", ctypes.c_longlong),
+        ("unsigned long long", ctypes.c_ulonglong),
+        ("unsigned char", ctypes.c_ubyte),
+    ],
+)
+def test_numpy_twin_of_each_c_type_has_its_width_and_sign(
+    c_type: str, c_scalar: type[ctypes._SimpleCData]
+) -> None:
+    dtype = np.dtype(C_SCALAR_TYPES[c_type])
+    assert dtype.itemsize == ctypes.sizeof(c_scalar)
+    assert (dtype.kind == "i") == (not c_type.startswith("unsigned"))
+
+
+def test_every_kernel_parameter_type_has_a_numpy_twin() -> None:
+    for name, c_type in SAMPLE_EPOCH_PARAMS:
+        base = c_type.removeprefix("const ").removesuffix("*")
+        assert base in C_SCALAR_TYPES, f"{name}: {c_type}"
+
+
+# -- the argument tuple ----------------------------------------------------------------
+
+
+def _small_tables(ndim: int):
+    shapes = [(2, 1, 20, 18), (1, 1, 9, 30)] if ndim == 2 else [(2, 1, 9, 10, 11)]
+    patch = (4, 5) if ndim == 2 else (3, 3, 4)
+    sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+    return sampler._tables
+
+
+def _args_for(tables, *, indices=None, n_rows=None, draw=3, seed=2**64 - 1):
+    n_rows = tables.total_patches if n_rows is None else n_rows
+    arrays = split_sample_table(pack_sample_table(tables), tables.n_samples, tables.ndim)
+    sample = np.empty(n_rows, dtype=np.int64)
+    coords = np.empty((n_rows, tables.ndim), dtype=np.int64)
+    return _launch_args(tables, arrays, indices, 0, n_rows, draw, seed, sample, coords)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_launch_args_scalars_are_numpy_scalars_of_the_exact_c_type(ndim: int) -> None:
+    tables = _small_tables(ndim)
+    args = _args_for(tables)
+    assert len(args) == len(SAMPLE_EPOCH_PARAMS)
+    for (name, c_type), value in zip(SAMPLE_EPOCH_PARAMS, args, strict=True):
+        if c_type.endswith("*"):
+            if name == "indices":
+                assert value is None  # a null pointer: the kernel computes the index
+                continue
+            element = C_SCALAR_TYPES[c_type.removeprefix("const ").removesuffix("*")]
+            assert isinstance(value, np.ndarray), name
+            assert value.dtype == np.dtype(element), name
+            assert value.flags.c_contiguous, name
+        else:
+            assert type(value) is C_SCALAR_TYPES[c_type], f"{name}: {type(value)}"
+    values = dict(zip((n for n, _ in SAMPLE_EPOCH_PARAMS), args, strict=True))
+    assert values["ndim"] == ndim
+    assert values["n_samples"] == tables.n_samples
+    assert values["n_regions"] == tables.mass_prefix.size
+    assert values["seed"] == np.uint64(2**64 - 1)
+
+
+def test_launch_args_pass_an_index_array_through() -> None:
+    tables = _small_tables(2)
+    indices = np.arange(5, dtype=np.int64)
+    args = _args_for(tables, indices=indices, n_rows=5)
+    position = [name for name, _ in SAMPLE_EPOCH_PARAMS].index("indices")
+    assert args[position] is indices
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("draw", 2**32), ("draw", -1), ("seed", 2**64), ("seed", -1)]
+)
+def test_launch_args_refuse_scalars_that_do_not_fit_their_c_type(field: str, value: int) -> None:
+    tables = _small_tables(2)
+    with pytest.raises(OverflowError):
+        _args_for(tables, **{field: value})
+
+
+def test_launch_args_refuse_a_table_of_the_wrong_dtype_or_length() -> None:
+    tables = _small_tables(2)
+    tables.weight = tables.weight.astype(np.int32)
+    with pytest.raises(TypeError, match="weight"):
+        _args_for(tables)
+    tables = _small_tables(2)
+    tables.subbox_mask = tables.subbox_mask[:-1]
+    with pytest.raises(ValueError, match="subbox_mask"):
+        _args_for(tables)
+    tables = _small_tables(2)
+    with pytest.raises(ValueError, match="indices"):
+        _args_for(tables, indices=np.arange(3, dtype=np.int64), n_rows=4)
+
+
+def _rows_of_each_thread(n_rows: int, blocks: int, threads: int) -> list[int]:
+    """The rows the kernel's grid-stride loop visits, over all threads."""
+    stride = blocks * threads
+    visited: list[int] = []
+    for thread in range(stride):
+        visited.extend(range(thread, n_rows, stride))
+    return visited
+
+
+@pytest.mark.parametrize("n_rows", [0, 1, 255, 256, 257, 1000, 4097])
+def test_launch_grid_covers_every_row_exactly_once(n_rows: int) -> None:
+    blocks, threads = launch_grid(n_rows)
+    assert blocks >= 1 and threads == cuda_backend.THREADS_PER_BLOCK
+    assert blocks * threads >= n_rows
+    assert sorted(_rows_of_each_thread(n_rows, blocks, threads)) == list(range(n_rows))
+
+
+def test_launch_grid_stays_within_cuda_limits_for_huge_epochs() -> None:
+    blocks, threads = launch_grid(2**45)
+    assert 1 <= blocks <= 2**31 - 1 and threads <= 1024
+
+
+def test_grid_stride_covers_every_row_when_the_grid_is_capped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cuda_backend, "_MAX_BLOCKS", 3)
+    blocks, threads = launch_grid(1000, threads=32)
+    assert blocks == 3 and blocks * threads < 1000
+    assert sorted(_rows_of_each_thread(1000, blocks, threads)) == list(range(1000))

@@ -30,6 +30,7 @@ __all__ = [
     "PURPOSE_STRATUM",
     "philox4x32_10",
     "random_uint32",
+    "random_uint64",
 ]
 
 #: Purpose word of the draw that places a patch inside its stratum.
@@ -57,23 +58,25 @@ def _as_words(value: ArrayLike) -> NDArray[np.uint64]:
 
 
 def _philox_rounds(
-    c0: Any, c1: Any, c2: Any, c3: Any, k0: int, k1: int, *, first_word_only: bool
+    c0: Any, c1: Any, c2: Any, c3: Any, k0: int, k1: int, *, n_words: int = 4
 ) -> tuple[Any, ...]:
     """Run the ten Philox rounds on words held as uint64 scalars or arrays.
 
     Scalars stay scalars for as long as the data flow allows (the draw number
     and purpose words are the same for every patch), and the arrays are
-    updated in place: this is the hot loop of the NumPy backend.
+    updated in place: this is the hot loop of the NumPy backend. With
+    ``n_words`` 1 or 2 the last round computes only the output words asked for.
     """
     for round_number in range(_ROUNDS):
         key0, key1 = np.uint64(k0), np.uint64(k1)
         # Products of two 32-bit words fit exactly in uint64.
         product1 = np.multiply(_PHILOX_M1, c2)
-        if first_word_only and round_number == _ROUNDS - 1:
-            product1 >>= _SHIFT32
-            product1 ^= c1
-            product1 ^= key0
-            return (product1,)
+        if n_words <= 2 and round_number == _ROUNDS - 1:
+            word0 = product1 >> _SHIFT32
+            word0 ^= c1
+            word0 ^= key0
+            product1 &= _MASK32
+            return (word0, product1)[:n_words]
         product0 = np.multiply(_PHILOX_M0, c0)
         new0 = product1 >> _SHIFT32
         new0 ^= c1
@@ -113,14 +116,34 @@ def philox4x32_10(
     if not (0 <= k0 <= 0xFFFFFFFF and 0 <= k1 <= 0xFFFFFFFF):
         raise ValueError(f"Philox key words must lie in [0, 2**32), got {key}")
     shape = np.broadcast_shapes(*(w.shape for w in words))
-    out = _philox_rounds(*words, k0, k1, first_word_only=False)
+    out = _philox_rounds(*words, k0, k1)
     return tuple(np.broadcast_to(w, shape).astype(np.uint64) for w in out)  # type: ignore[return-value]
+
+
+def _counter_words(
+    seed: int, index: ArrayLike, draw_number: int, purpose: int, n_words: int
+) -> tuple[NDArray[np.uint64], ...]:
+    """Return the first ``n_words`` Philox output words of each index's counter."""
+    index = np.asarray(index, dtype=np.int64).astype(np.uint64)
+    high = index >> _SHIFT32
+    # Below 2**32 the high word is the scalar 0, which keeps round one cheap.
+    high_word = high if high.size and high.max() > 0 else np.uint64(0)
+    words = _philox_rounds(
+        index & _MASK32,
+        np.uint64(draw_number),
+        np.uint64(purpose),
+        high_word,
+        seed & 0xFFFFFFFF,
+        seed >> 32,
+        n_words=n_words,
+    )
+    return tuple(np.broadcast_to(w, index.shape).astype(np.uint64, copy=False) for w in words)
 
 
 def random_uint32(
     seed: int, index: ArrayLike, draw_number: int, purpose: int
 ) -> NDArray[np.uint64]:
-    """Return the first Philox output word for each patch index.
+    """Return the first Philox output word of each patch index's counter.
 
     Parameters
     ----------
@@ -138,17 +161,20 @@ def random_uint32(
     numpy.ndarray of numpy.uint64
         One uniformly distributed 32-bit word per index (in uint64 storage).
     """
-    index = np.asarray(index, dtype=np.int64).astype(np.uint64)
-    high = index >> _SHIFT32
-    # Below 2**32 the high word is the scalar 0, which keeps round one cheap.
-    high_word = high if high.size and high.max() > 0 else np.uint64(0)
-    (word,) = _philox_rounds(
-        index & _MASK32,
-        np.uint64(draw_number),
-        np.uint64(purpose),
-        high_word,
-        seed & 0xFFFFFFFF,
-        seed >> 32,
-        first_word_only=True,
-    )
-    return np.broadcast_to(word, index.shape).astype(np.uint64, copy=False)
+    return _counter_words(seed, index, draw_number, purpose, 1)[0]
+
+
+def random_uint64(
+    seed: int, index: ArrayLike, draw_number: int, purpose: int
+) -> NDArray[np.uint64]:
+    """Return ``word1 << 32 | word0`` of each patch index's Philox output.
+
+    Parameters are those of :func:`random_uint32`.
+
+    Returns
+    -------
+    numpy.ndarray of numpy.uint64
+        One uniformly distributed 64-bit word per index.
+    """
+    word0, word1 = _counter_words(seed, index, draw_number, purpose, 2)
+    return (word1 << _SHIFT32) | word0

@@ -1,7 +1,8 @@
 """The CUDA backend on a real device (skipped cleanly without CuPy or a GPU).
 
-The GPU kernel must return exactly what the NumPy backend returns, in one
-launch per epoch, from tables that stay on the device.
+The GPU kernel must return exactly what the NumPy backend returns (all four
+columns: data_idx, sample_idx, coords, indices), in one launch per epoch and
+no other kernel, from tables that stay on the device.
 """
 
 from __future__ import annotations
@@ -93,6 +94,46 @@ def _backend() -> Any:
     return CudaBackend()
 
 
+COLUMNS = ("data_idx", "sample_idx", "coords", "indices")
+
+
+def _assert_same_draws(expected: tuple[np.ndarray, ...], actual: tuple[Any, ...]) -> None:
+    """A device draw equals a NumPy draw in all four columns, dtypes and shapes."""
+    assert len(actual) == len(expected) == len(COLUMNS)
+    for name, want, got in zip(COLUMNS, expected, actual, strict=True):
+        assert isinstance(got, cupy.ndarray), name
+        assert got.dtype == cupy.int64 and got.shape == want.shape, name
+        np.testing.assert_array_equal(cupy.asnumpy(got), want, err_msg=name)
+
+
+def _record_launches(backend: Any) -> list[tuple[Any, ...]]:
+    """Make ``backend`` record the argument tuple of each launch of its kernel."""
+    kernel = backend._kernel()
+    launched: list[tuple[Any, ...]] = []
+
+    def recording_kernel(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
+        launched.append(args)
+        kernel(grid, block, args)
+
+    backend._kernel = lambda: recording_kernel
+    return launched
+
+
+def _allocation_counter(sizes: list[int]) -> Any:
+    """A CuPy memory hook that records the size of every memory-pool allocation."""
+
+    # Through Any: `cupy` is a module variable (None without CuPy) to mypy.
+    hook_base: Any = cupy.cuda.MemoryHook
+
+    class AllocationCounter(hook_base):  # type: ignore[misc]
+        name = "AllocationCounter"
+
+        def malloc_preprocess(self, **kwargs: Any) -> None:
+            sizes.append(int(kwargs["size"]))
+
+    return AllocationCounter()
+
+
 @pytest.fixture(scope="module", params=["2d", "3d", "large"])
 def case(request: pytest.FixtureRequest) -> tuple[StratifiedPatching, RegionTables]:
     sampler = _configured_sampler(request.param)
@@ -112,10 +153,8 @@ def test_device_tables_equal_host_tables(case: Any) -> None:
 def test_gpu_draw_equals_numpy_draw_bit_for_bit(case: Any, seed: int, draw: int) -> None:
     sampler, tables = case
     n = tables.total_patches
-    expected = NumpyBackend().draw(sampler._tables, np.arange(n), draw, seed)
-    sample, corner = _backend().draw(tables, range(n), draw, seed)
-    np.testing.assert_array_equal(cupy.asnumpy(sample), expected[0])
-    np.testing.assert_array_equal(cupy.asnumpy(corner), expected[1])
+    expected = NumpyBackend().draw(sampler._tables, range(n), draw, seed)
+    _assert_same_draws(expected, _backend().draw(tables, range(n), draw, seed))
 
 
 def test_gpu_draw_equals_numpy_draw_for_an_index_array(case: Any) -> None:
@@ -123,18 +162,23 @@ def test_gpu_draw_equals_numpy_draw_for_an_index_array(case: Any) -> None:
     n = tables.total_patches
     indices = np.random.default_rng(3).integers(0, n, size=5000)
     expected = NumpyBackend().draw(sampler._tables, indices, 12, 99)
-    sample, corner = _backend().draw(tables, cupy.asarray(indices), 12, 99)
-    np.testing.assert_array_equal(cupy.asnumpy(sample), expected[0])
-    np.testing.assert_array_equal(cupy.asnumpy(corner), expected[1])
+    device_indices = cupy.asarray(indices)
+    actual = _backend().draw(tables, device_indices, 12, 99)
+    _assert_same_draws(expected, actual)
+    assert actual[3] is not device_indices, "the index column is the kernel's copy"
+    # A host index array is uploaded and gives the same rows.
+    _assert_same_draws(expected, _backend().draw(tables, indices, 12, 99))
 
 
 def test_gpu_writes_minus_one_for_indices_out_of_range(case: Any) -> None:
     _, tables = case
     n = tables.total_patches
     indices = cupy.asarray([-1, n, 2**63 - 1, 0], dtype=cupy.int64)
-    sample, corner = _backend().draw(tables, indices, 0, 0)
-    assert cupy.asnumpy(sample).tolist()[:3] == [-1, -1, -1]
-    assert (cupy.asnumpy(corner)[:3] == -1).all() and cupy.asnumpy(sample)[3] >= 0
+    actual = [cupy.asnumpy(column) for column in _backend().draw(tables, indices, 0, 0)]
+    for name, column in zip(COLUMNS, actual, strict=True):
+        assert (column[:3] == -1).all(), name
+        assert (column[3:] >= 0).all(), name
+    assert actual[3][3] == 0
 
 
 def test_one_kernel_launch_per_epoch(case: Any) -> None:
@@ -150,8 +194,9 @@ def test_tables_and_outputs_live_on_the_device(case: Any) -> None:
     for name in ("mass_prefix", "weight", "subbox_mask", "excluded", "probability"):
         assert isinstance(getattr(tables, name), cupy.ndarray), name
     backend = _backend()
-    sample, corner = backend.draw(tables, range(tables.total_patches), 0, 1)
-    assert isinstance(sample, cupy.ndarray) and isinstance(corner, cupy.ndarray)
+    result = backend.draw(tables, range(tables.total_patches), 0, 1)
+    assert len(result) == 4
+    assert all(isinstance(column, cupy.ndarray) for column in result)
     device_id = cupy.cuda.Device().id
     assert isinstance(backend._uploads[device_id][1], cupy.ndarray)
 
@@ -166,8 +211,8 @@ def test_kernel_is_compiled_once_per_device(case: Any) -> None:
     assert cuda_backend._KERNELS[cupy.cuda.Device().id] is kernel
 
 
-def test_sampler_on_cuda_matches_sampler_on_numpy() -> None:
-    host = _configured_sampler("2d")
+def _cuda_twin(host: StratifiedPatching) -> StratifiedPatching:
+    """A sampler with backend="cuda" configured like ``host``, through the public API."""
     device = StratifiedPatching(host.data_shapes, host.patch_size, seed=host.seed, backend="cuda")
     for flat in range(host._tables.n_samples):
         data_idx = int(host._tables.stack_of_sample[flat])
@@ -177,16 +222,57 @@ def test_sampler_on_cuda_matches_sampler_on_numpy() -> None:
         if excluded.any():
             device.exclude_patches(data_idx, sample_idx, excluded)
     assert device.backend == "cuda" and device.n_patches == host.n_patches
-    launches = device._backend.launch_count
+    return device
+
+
+def test_sampler_on_cuda_matches_sampler_on_numpy() -> None:
+    host = _configured_sampler("2d")
+    device = _cuda_twin(host)
+    backend: Any = device._backend
+    launches = backend.launch_count
     batch = device.sample_epoch(3)
-    assert device._backend.launch_count == launches + 1
+    assert backend.launch_count == launches + 1
     expected = host.sample_epoch(3).to_numpy()
     actual = batch.to_numpy()
-    np.testing.assert_array_equal(actual.data_idx, expected.data_idx)
-    np.testing.assert_array_equal(actual.sample_idx, expected.sample_idx)
-    np.testing.assert_array_equal(actual.coords, expected.coords)
+    for name in COLUMNS:
+        np.testing.assert_array_equal(getattr(actual, name), getattr(expected, name), name)
     for index in (0, host.n_patches // 2, host.n_patches - 1):
         assert device.get_patch_spec(index) == host.get_patch_spec(index)
+
+
+def test_sample_epoch_is_one_kernel_launch_and_no_other_kernel() -> None:
+    from gpu_patching.backends.cuda_backend import OUTPUT_PARAMS, SAMPLE_EPOCH_PARAMS
+
+    host = _configured_sampler("3d")
+    device = _cuda_twin(host)
+    backend: Any = device._backend
+    launched = _record_launches(backend)
+    device.sample_epoch(0)  # compiles the kernel and uploads the per-sample arrays
+    launched.clear()
+    launches = backend.launch_count
+    sizes: list[int] = []
+    # A fresh pool makes every allocation go through the hook, whatever
+    # allocator the process had set; it stays referenced while the batch is used.
+    pool = cupy.cuda.MemoryPool()
+    with cupy.cuda.using_allocator(pool.malloc), _allocation_counter(sizes):
+        batch = device.sample_epoch(1)
+    n, d = device.n_patches, len(device.patch_size)
+    # Exactly one launch of our kernel, over the epoch as a range: no index
+    # array was made for it.
+    assert backend.launch_count == launches + 1 and len(launched) == 1
+    values = dict(zip((name for name, _ in SAMPLE_EPOCH_PARAMS), launched[0], strict=True))
+    assert values["indices"] is None and int(values["n_rows"]) == n
+    # The batch holds the very arrays the kernel wrote: no gather, no copy.
+    for column, name in zip(COLUMNS, OUTPUT_PARAMS, strict=True):
+        assert getattr(batch, column) is values[name], column
+    # Any other CuPy kernel that made an array (arange, a gather, a conversion)
+    # would have allocated it: the only allocations are the four outputs.
+    assert sorted(sizes) == sorted([8 * n, 8 * n, 8 * n * d, 8 * n])
+    expected = host.sample_epoch(1).to_numpy()
+    for column in COLUMNS:
+        np.testing.assert_array_equal(
+            cupy.asnumpy(getattr(batch, column)), getattr(expected, column), column
+        )
 
 
 def test_epoch_reaches_torch_through_dlpack_without_a_copy(case: Any) -> None:
@@ -194,9 +280,9 @@ def test_epoch_reaches_torch_through_dlpack_without_a_copy(case: Any) -> None:
     if not torch.cuda.is_available():
         pytest.skip("PyTorch has no CUDA support here")
     sampler, tables = case
-    _, corner = _backend().draw(tables, range(tables.total_patches), 4, 4)
+    corner = _backend().draw(tables, range(tables.total_patches), 4, 4)[2]
     tensor = torch.from_dlpack(corner)
     assert tensor.is_cuda and tensor.dtype == torch.int64
     assert tensor.data_ptr() == corner.data.ptr
-    expected = NumpyBackend().draw(sampler._tables, np.arange(tables.total_patches), 4, 4)
-    np.testing.assert_array_equal(tensor.cpu().numpy(), expected[1])
+    expected = NumpyBackend().draw(sampler._tables, range(tables.total_patches), 4, 4)
+    np.testing.assert_array_equal(tensor.cpu().numpy(), expected[2])

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpu_patching import StratifiedPatching, rng
+from gpu_patching import StratifiedPatching, grid, rng
 from gpu_patching.backends.cuda_backend import (
     OUTPUT_PARAMS,
     SAMPLE_EPOCH_PARAMS,
@@ -321,15 +321,21 @@ def test_host_kernel_draws_nothing_when_every_cell_of_every_sample_is_excluded(
 
 
 def test_host_kernel_handles_large_masses(shim: ctypes.CDLL) -> None:
-    # p = 2**20 (the largest accepted) makes masses ~2**40 per corner and
-    # ~10**6 patches: the 64-bit arithmetic of the stratum points is exercised.
-    sampler = StratifiedPatching([(2, 1, 64, 48)], (8, 8), seed=11, backend="numpy")
-    sampler.set_region_probs(0, 1, {(0, 0): 2.0**20, (3, 2): 0.0, (7, 5): 1e-9})
-    tables = sampler._tables
-    indices = np.random.default_rng(0).integers(0, tables.total_patches, size=4000)
-    expected = _numpy_draw(tables, indices, 77, sampler.seed)
-    actual = HostLaunchedBackend(shim).draw(tables, indices, 77, sampler.seed)
-    _assert_same_draws(expected, actual)
+    # The largest accepted probability makes the masses ~2**36 per region and
+    # ~10**3 patches: the 64-bit arithmetic of the stratum points is exercised.
+    heavy = StratifiedPatching([(2, 1, 64, 48)], (8, 8), seed=11, backend="numpy")
+    heavy.set_region_probs(0, 1, {(0, 0): grid.MAX_PROBABILITY, (3, 2): 0.0, (7, 5): 1e-9})
+    # Huge patches on few cells: a stratum is wider than 2**32 mass points, so
+    # the high word of the width takes part in placing the point.
+    wide = StratifiedPatching([(1, 1, 1000, 1000)], (500, 500), seed=12, backend="numpy")
+    wide.set_region_probs(0, 0, {(0, 0): grid.MAX_PROBABILITY})
+    assert int(wide._tables.mass_offset[-1]) // wide._tables.total_patches > 2**32
+    for sampler in (heavy, wide):
+        tables = sampler._tables
+        indices = np.random.default_rng(0).integers(0, tables.total_patches, size=4000)
+        expected = _numpy_draw(tables, indices, 77, sampler.seed)
+        actual = HostLaunchedBackend(shim).draw(tables, indices, 77, sampler.seed)
+        _assert_same_draws(expected, actual)
 
 
 def _raw_draw(shim: ctypes.CDLL, tables: RegionTables, indices: Any, draw: int, seed: int) -> Draw:

@@ -22,6 +22,7 @@ from gpu_patching.backends import cuda_backend
 from gpu_patching.backends.cuda_backend import (
     C_SCALAR_TYPES,
     KERNEL_NAME,
+    OUTPUT_PARAMS,
     SAMPLE_EPOCH_PARAMS,
     _launch_args,
     compile_options,
@@ -173,12 +174,19 @@ def _small_tables(ndim: int):
     return sampler._tables
 
 
-def _args_for(tables, *, indices=None, n_rows=None, draw=3, seed=2**64 - 1):
+def _outputs(n_rows: int, ndim: int) -> tuple[np.ndarray, ...]:
+    """Output arrays of a launch of ``n_rows`` rows, in OUTPUT_PARAMS order."""
+    return tuple(
+        np.empty((n_rows, ndim) if name == "coords" else n_rows, dtype=np.int64)
+        for name in OUTPUT_PARAMS
+    )
+
+
+def _args_for(tables, *, indices=None, n_rows=None, draw=3, seed=2**64 - 1, outputs=None):
     n_rows = tables.total_patches if n_rows is None else n_rows
     arrays = split_sample_table(pack_sample_table(tables), tables.n_samples, tables.ndim)
-    sample = np.empty(n_rows, dtype=np.int64)
-    coords = np.empty((n_rows, tables.ndim), dtype=np.int64)
-    return _launch_args(tables, arrays, indices, 0, n_rows, draw, seed, sample, coords)
+    outputs = _outputs(n_rows, tables.ndim) if outputs is None else outputs
+    return _launch_args(tables, arrays, indices, 0, n_rows, draw, seed, outputs)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -198,6 +206,8 @@ def test_launch_args_scalars_are_numpy_scalars_of_the_exact_c_type(ndim: int) ->
         else:
             assert type(value) is C_SCALAR_TYPES[c_type], f"{name}: {type(value)}"
     values = dict(zip((n for n, _ in SAMPLE_EPOCH_PARAMS), args, strict=True))
+    np.testing.assert_array_equal(values["stack_of_sample"], tables.stack_of_sample)
+    np.testing.assert_array_equal(values["sample_in_stack"], tables.sample_in_stack)
     assert values["ndim"] == ndim
     assert values["n_samples"] == tables.n_samples
     assert values["n_regions"] == tables.mass_prefix.size
@@ -210,6 +220,29 @@ def test_launch_args_pass_an_index_array_through() -> None:
     args = _args_for(tables, indices=indices, n_rows=5)
     position = [name for name, _ in SAMPLE_EPOCH_PARAMS].index("indices")
     assert args[position] is indices
+
+
+def test_launch_args_pass_the_output_arrays_through_in_order() -> None:
+    # The kernel writes the result into these very arrays; the backend returns
+    # them as they are.
+    tables = _small_tables(3)
+    outputs = _outputs(7, tables.ndim)
+    args = _args_for(tables, n_rows=7, outputs=outputs)
+    names = [name for name, _ in SAMPLE_EPOCH_PARAMS]
+    assert names[-len(OUTPUT_PARAMS) :] == list(OUTPUT_PARAMS)
+    for name, array in zip(OUTPUT_PARAMS, outputs, strict=True):
+        assert args[names.index(name)] is array, name
+
+
+def test_every_sample_array_is_packed_once() -> None:
+    # The per-sample pointers of the kernel are exactly the packed arrays.
+    tables = _small_tables(2)
+    packed = split_sample_table(pack_sample_table(tables), tables.n_samples, tables.ndim)
+    pointers = [name for name, c_type in SAMPLE_EPOCH_PARAMS if c_type.startswith("const")]
+    per_region = {"mass_prefix", "weight", "subbox_mask", "indices"}
+    assert sorted(packed) == sorted(set(pointers) - per_region)
+    for name, view in packed.items():
+        np.testing.assert_array_equal(view, np.asarray(getattr(tables, name)).reshape(-1))
 
 
 @pytest.mark.parametrize(
@@ -233,6 +266,22 @@ def test_launch_args_refuse_a_table_of_the_wrong_dtype_or_length() -> None:
     tables = _small_tables(2)
     with pytest.raises(ValueError, match="indices"):
         _args_for(tables, indices=np.arange(3, dtype=np.int64), n_rows=4)
+
+
+@pytest.mark.parametrize("name", OUTPUT_PARAMS)
+def test_launch_args_refuse_an_output_of_the_wrong_dtype_or_length(name: str) -> None:
+    tables = _small_tables(2)
+    position = OUTPUT_PARAMS.index(name)
+    short = list(_outputs(4, tables.ndim))
+    short[position] = short[position][:-1]
+    with pytest.raises(ValueError, match=name):
+        _args_for(tables, n_rows=4, outputs=tuple(short))
+    narrow = list(_outputs(4, tables.ndim))
+    narrow[position] = narrow[position].astype(np.int32)
+    with pytest.raises(TypeError, match=name):
+        _args_for(tables, n_rows=4, outputs=tuple(narrow))
+    with pytest.raises(ValueError, match="output arrays"):
+        _args_for(tables, n_rows=4, outputs=_outputs(4, tables.ndim)[:3])
 
 
 def _rows_of_each_thread(n_rows: int, blocks: int, threads: int) -> list[int]:

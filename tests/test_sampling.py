@@ -327,7 +327,7 @@ def test_strata_tile_the_mass_line_and_each_reaches_both_of_its_ends(mass_total,
     # Python ints on the first and the last strata.
     strata = sorted({*range(min(n_patches, 300)), *range(max(0, n_patches - 300), n_patches)})
     lowest = _stratum_draw(mass_total, n_patches, strata, [0] * len(strata))
-    highest = _stratum_draw(mass_total, n_patches, strata, [(1 << 32) - 1] * len(strata))
+    highest = _stratum_draw(mass_total, n_patches, strata, [(1 << 64) - 1] * len(strata))
     for j, low, high in zip(strata, lowest, highest, strict=True):
         assert low == j * mass_total // n_patches
         assert high == (j + 1) * mass_total // n_patches - 1
@@ -338,9 +338,9 @@ def test_every_mass_point_of_a_stratum_is_drawn_by_an_equal_share_of_words(mass_
     for j in range(n_patches):
         low, high = j * mass_total // n_patches, (j + 1) * mass_total // n_patches
         width = high - low
-        # Word ceil(k 2**32 / w) is the first that lands on point low + k, so
-        # each point gets floor(2**32 / w) or ceil(2**32 / w) of the 2**32 words.
-        first_word = [-(-k * (1 << 32) // width) for k in range(width)]
+        # Word ceil(k 2**64 / w) is the first that lands on point low + k, so
+        # each point gets floor(2**64 / w) or ceil(2**64 / w) of the 2**64 words.
+        first_word = [-(-k * (1 << 64) // width) for k in range(width)]
         assert _stratum_draw(mass_total, n_patches, [j] * width, first_word) == list(
             range(low, high)
         )

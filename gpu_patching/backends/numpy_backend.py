@@ -6,10 +6,11 @@ for bit. The draw of patch ``i`` with draw number ``k``:
 
 1. ``s``: the sample whose patch range holds ``i``; ``j = i - patch_offset[s]``
    is the stratum, ``n`` the sample's patch count, ``M`` its total mass.
-2. ``r``: the first Philox word of counter ``(i, k, PURPOSE_STRATUM)``.
+2. ``r``: the 64-bit word ``w1 << 32 | w0`` of the first two Philox output
+   words of counter ``(i, k, PURPOSE_STRATUM)``.
 3. Stratum ``j`` owns the integer mass points ``[lo, hi)`` with
    ``lo = floor(j * M / n)`` and ``hi = floor((j + 1) * M / n)``; the draw
-   takes ``x = lo + floor(r * (hi - lo) / 2**32)``. The strata tile ``[0, M)``
+   takes ``x = lo + floor(r * (hi - lo) / 2**64)``. The strata tile ``[0, M)``
    exactly, so every mass point, hence every corner, is reached with a
    probability proportional to its mass.
 4. ``x`` is located: the region whose mass interval holds it, then the rank of
@@ -43,6 +44,27 @@ _MASK_BITS = {
 _SHIFT32 = np.uint64(32)
 
 
+def mulhi64(a: NDArray[np.uint64], b: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    """Return the high 64 bits of the 128-bit products ``a * b``, exactly.
+
+    Parameters
+    ----------
+    a, b : numpy.ndarray of uint64
+        Factors.
+
+    Returns
+    -------
+    numpy.ndarray of uint64
+        ``floor(a * b / 2**64)``, from 32-bit limbs whose products fit uint64.
+    """
+    a_low, a_high = a & _MASK32, a >> _SHIFT32
+    b_low, b_high = b & _MASK32, b >> _SHIFT32
+    high_low = a_high * b_low
+    # (low*low >> 32) + low 32 bits of high*low + low*high < 2**64: no overflow.
+    middle = ((a_low * b_low) >> _SHIFT32) + (high_low & _MASK32) + a_low * b_high
+    return a_high * b_high + (high_low >> _SHIFT32) + (middle >> _SHIFT32)
+
+
 def stratum_points(
     stratum: NDArray[np.int64],
     n_patches: NDArray[np.int64],
@@ -60,22 +82,22 @@ def stratum_points(
     mass_total : numpy.ndarray of int64
         Total mass ``M`` of the sample, ``0 < M < 2**62``.
     word : numpy.ndarray of uint64
-        A uniform 32-bit random word per draw.
+        A uniform 64-bit random word per draw.
 
     Returns
     -------
     numpy.ndarray of int64
-        ``x`` in ``[floor(j M / n), floor((j + 1) M / n))``, or the lower end
-        when the stratum is empty (only possible when ``M < n``).
+        ``x = lo + floor(word * (hi - lo) / 2**64)`` in ``[lo, hi)`` with
+        ``lo = floor(j M / n)`` and ``hi = floor((j + 1) M / n)``, or ``lo``
+        when the stratum is empty (only possible when ``M < n``). A stratum is
+        narrower than ``2**62``, so 64 random bits reach every one of its points.
     """
     quotient, remainder = np.divmod(mass_total, n_patches)
     # j * remainder < n**2 < 2**62: exact.
     lower = stratum * quotient + (stratum * remainder) // n_patches
     upper = (stratum + 1) * quotient + ((stratum + 1) * remainder) // n_patches
     width = (upper - lower).astype(np.uint64)
-    # floor(word * width / 2**32) without a 96-bit product.
-    offset = word * (width >> _SHIFT32) + ((word * (width & _MASK32)) >> _SHIFT32)
-    return lower + offset.astype(np.int64)
+    return lower + mulhi64(word, width).astype(np.int64)
 
 
 def locate_corners(
@@ -196,7 +218,7 @@ def _draw_chunk(
     stratum = indices - tables.patch_offset[sample]
     n_patches = tables.n_patches[sample]
     mass_total = tables.mass_offset[sample + 1] - tables.mass_offset[sample]
-    word = rng.random_uint32(seed, indices, draw_number, rng.PURPOSE_STRATUM)
+    word = rng.random_uint64(seed, indices, draw_number, rng.PURPOSE_STRATUM)
     point = stratum_points(stratum, n_patches, mass_total, word)
     return sample, locate_corners(tables, sample, point)
 

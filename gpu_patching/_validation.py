@@ -178,8 +178,10 @@ def coords_array(grid_coords: Any, cells: tuple[int, ...], name: str) -> np.ndar
             raise TypeError(
                 f"{name} must be a sequence of {ndim}-tuples of ints, got {grid_coords!r}"
             )
-        coords = _fast_coords(grid_coords, ndim)
-        if coords is None:  # slow path: find the first bad entry and name it
+        fast = _fast_coords(grid_coords, ndim)
+        if fast is not None:
+            coords = fast
+        else:  # slow path: find the first bad entry and name it
             rows = []
             for coord in grid_coords:
                 row = _int_sequence(coord, f"{name} entry {coord!r}")

@@ -116,7 +116,7 @@ def philox4x32_10(
     if not (0 <= k0 <= 0xFFFFFFFF and 0 <= k1 <= 0xFFFFFFFF):
         raise ValueError(f"Philox key words must lie in [0, 2**32), got {key}")
     shape = np.broadcast_shapes(*(w.shape for w in words))
-    out = _philox_rounds(*words, k0, k1)
+    out = _philox_rounds(words[0], words[1], words[2], words[3], k0, k1)
     return tuple(np.broadcast_to(w, shape).astype(np.uint64) for w in out)  # type: ignore[return-value]
 
 

@@ -220,8 +220,9 @@ class StratifiedPatching:
         sample = self._sample(data_idx, sample_idx)
         cells = self._tables.sample_grid(sample)
         xp = self._backend.xp
-        if check.is_dense(grid_coords) and np.dtype(grid_coords.dtype) == np.bool_:
-            new_cells = check.dense_grid_array(grid_coords, cells, "grid_coords", xp)
+        dense: Any = grid_coords
+        if check.is_dense(dense) and np.dtype(dense.dtype) == np.bool_:
+            new_cells = check.dense_grid_array(dense, cells, "grid_coords", xp)
         else:
             new_cells = xp.asarray(check.coords_to_mask(grid_coords, cells, "grid_coords"))
         excluded = self._tables.excluded_grid(sample) | new_cells

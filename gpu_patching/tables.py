@@ -81,10 +81,10 @@ class RegionTables:
             np.arange(int(counts.sum()), dtype=np.int64) - self.first_sample[self.stack_of_sample]
         )
         self.spatial_shape = np.asarray(
-            [spatial_shapes[k] for k in self.stack_of_sample], dtype=np.int64
+            [spatial_shapes[int(k)] for k in self.stack_of_sample], dtype=np.int64
         ).reshape(-1, self.ndim)
         self.grid_shape = np.asarray(
-            [stack_grids[k] for k in self.stack_of_sample], dtype=np.int64
+            [stack_grids[int(k)] for k in self.stack_of_sample], dtype=np.int64
         ).reshape(-1, self.ndim)
         self.n_cells = np.prod(self.grid_shape, axis=1).astype(np.int64)
         self.region_offset = np.concatenate([[0], np.cumsum(self.n_cells)]).astype(np.int64)

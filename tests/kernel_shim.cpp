@@ -22,6 +22,17 @@ unsigned int random_u32(unsigned long long seed, long long index, unsigned int d
     return gp::random_u32(seed, index, draw_number, purpose);
 }
 
+// `word1 << 32 | word0` of (seed, index, draw number, purpose): the stratum draw.
+unsigned long long random_u64(unsigned long long seed, long long index,
+                              unsigned int draw_number, unsigned int purpose) {
+    return gp::random_u64(seed, index, draw_number, purpose);
+}
+
+// The high 64 bits of a 128-bit product.
+unsigned long long mulhi64(unsigned long long a, unsigned long long b) {
+    return gp::mulhi64(a, b);
+}
+
 // sample_epoch on the host: the kernel's parameter list, rows in order.
 void draw_epoch(const long long* patch_offset, const long long* n_patches,
                 const long long* mass_offset, const long long* region_offset,

@@ -37,7 +37,7 @@ from gpu_patching.backends.cuda_backend import (
     pack_sample_table,
     split_sample_table,
 )
-from gpu_patching.backends.numpy_backend import NumpyBackend
+from gpu_patching.backends.numpy_backend import NumpyBackend, mulhi64
 from gpu_patching.tables import RegionTables
 
 SHIM_SOURCE = Path(__file__).with_name("kernel_shim.cpp")
@@ -87,6 +87,15 @@ def _load_shim(library: Path) -> ctypes.CDLL:
     shim.philox.restype = None
     shim.random_u32.argtypes = [ctypes.c_ulonglong, ctypes.c_longlong, ctypes.c_uint, ctypes.c_uint]
     shim.random_u32.restype = ctypes.c_uint
+    shim.random_u64.argtypes = [
+        ctypes.c_ulonglong,
+        ctypes.c_longlong,
+        ctypes.c_uint,
+        ctypes.c_uint,
+    ]
+    shim.random_u64.restype = ctypes.c_ulonglong
+    shim.mulhi64.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong]
+    shim.mulhi64.restype = ctypes.c_ulonglong
     # draw_epoch has the kernel's parameter list (test_kernels_nvrtc checks it).
     shim.draw_epoch.argtypes = [
         ctypes.c_void_p if c_type.endswith("*") else _CTYPES[c_type]
@@ -193,6 +202,22 @@ def test_host_counter_layout_matches_rng(shim: ctypes.CDLL) -> None:
         purpose = int(generator.integers(0, 2))
         expected = int(rng.random_uint32(seed, [index], draw, purpose)[0])
         assert shim.random_u32(seed, index, draw, purpose) == expected
+        expected64 = int(rng.random_uint64(seed, [index], draw, purpose)[0])
+        assert shim.random_u64(seed, index, draw, purpose) == expected64
+
+
+def test_host_mulhi64_is_the_exact_high_word_and_equals_numpys(shim: ctypes.CDLL) -> None:
+    generator = np.random.default_rng(8)
+    edges = [0, 1, 2**32 - 1, 2**32, 2**62 - 1, 2**63, 2**64 - 1]
+    pairs = [(a, b) for a in edges for b in edges]
+    pairs += [
+        (int(a), int(b)) for a, b in generator.integers(0, 2**64, size=(2000, 2), dtype=np.uint64)
+    ]
+    a = np.array([p[0] for p in pairs], dtype=np.uint64)
+    b = np.array([p[1] for p in pairs], dtype=np.uint64)
+    numpy_high = mulhi64(a, b)
+    for k, (x, y) in enumerate(pairs):
+        assert shim.mulhi64(x, y) == (x * y) >> 64 == int(numpy_high[k]), (x, y)
 
 
 # -- the per-patch draw ----------------------------------------------------------------

@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 from .. import grid, rng
 from ..tables import RegionTables
 
-__all__ = ["NumpyBackend", "locate_corners", "stratum_points"]
+__all__ = ["NumpyBackend", "locate_corners", "mulhi64", "stratum_points"]
 
 #: Patches drawn per vectorised pass; 8192 int64 values are 64 KiB.
 _CHUNK = 8192

@@ -59,4 +59,15 @@ GP_HD u32 random_u32(u64 seed, i64 index, u32 draw_number, u32 purpose) {
                          static_cast<u32>(seed >> 32)).w[0];
 }
 
+// `word1 << 32 | word0` of the Philox output for a (seed, index, draw number,
+// purpose): rng.random_uint64 for one index. `index` must be non-negative.
+GP_HD u64 random_u64(u64 seed, i64 index, u32 draw_number, u32 purpose) {
+    const u64 bits = static_cast<u64>(index);
+    Words4 counter = {{static_cast<u32>(bits), draw_number, purpose,
+                       static_cast<u32>(bits >> 32)}};
+    const Words4 out =
+        philox4x32_10(counter, static_cast<u32>(seed), static_cast<u32>(seed >> 32));
+    return (static_cast<u64>(out.w[1]) << 32) | out.w[0];
+}
+
 }  // namespace gp

@@ -8,7 +8,7 @@
 // Safety: every table read is at an index that a clamped search or an explicit
 // range check keeps inside the array lengths implied by `TableView` (listed on
 // its fields), whatever the table contents; inconsistent tables make a draw
-// fail (draw_patch returns false and the row is written as -1) instead of
+// fail (draw_patch returns false and the row is -1 in every column) instead of
 // reading out of bounds or dividing by zero. Only the lengths are trusted, and
 // the launch code checks them before every launch.
 #pragma once
@@ -42,21 +42,33 @@ struct TableView {
     int ndim;                  // d in [MIN_NDIM, MAX_NDIM]
 };
 
+// The high 64 bits of the 128-bit product a * b: numpy_backend.mulhi64, with
+// the same 32-bit limbs. Written out rather than __umul64hi so that the GPU
+// runs exactly the code the host build is tested with (both are exact anyway).
+GP_HD u64 mulhi64(u64 a, u64 b) {
+    const u64 mask = 0xFFFFFFFFull;
+    const u64 a_low = a & mask, a_high = a >> 32;
+    const u64 b_low = b & mask, b_high = b >> 32;
+    const u64 high_low = a_high * b_low;
+    // (low*low >> 32) + low 32 bits of high*low + low*high < 2**64: no overflow.
+    const u64 middle = ((a_low * b_low) >> 32) + (high_low & mask) + a_low * b_high;
+    return a_high * b_high + (high_low >> 32) + (middle >> 32);
+}
+
 // The mass point drawn in stratum j of n over [0, M): numpy_backend.stratum_points
 // for one draw. With q, r = divmod(M, n) the stratum owns
 // [j q + (j r) / n, (j + 1) q + ((j + 1) r) / n); all products stay below 2**62
-// for the limits tables.py enforces (n < 2**31, M < 2**62).
-GP_HD i64 stratum_point(i64 stratum, i64 n_patches, i64 mass_total, u32 word) {
+// for the limits tables.py enforces (n < 2**31, M < 2**62). The point is
+// lo + floor(word * width / 2**64): a stratum is narrower than 2**62 points, so
+// the 64 random bits reach every one of them.
+GP_HD i64 stratum_point(i64 stratum, i64 n_patches, i64 mass_total, u64 word) {
     const i64 quotient = mass_total / n_patches;
     const i64 remainder = mass_total % n_patches;
     const i64 lower = stratum * quotient + (stratum * remainder) / n_patches;
     const i64 upper =
         (stratum + 1) * quotient + ((stratum + 1) * remainder) / n_patches;
     const u64 width = static_cast<u64>(upper - lower);
-    const u64 w = word;
-    // floor(word * width / 2**32) without a 96-bit product, as in NumPy.
-    const u64 offset = w * (width >> 32) + ((w * (width & 0xFFFFFFFFull)) >> 32);
-    return lower + static_cast<i64>(offset);
+    return lower + static_cast<i64>(mulhi64(word, width));
 }
 
 // The last k in [first, last) with sorted[k] <= value, or first - 1 if there is
@@ -171,7 +183,7 @@ GP_HD bool draw_patch(const TableView& tables, i64 index, u32 draw_number, u64 s
     if (n_patches <= 0 || stratum < 0 || stratum >= n_patches) return false;
     const i64 mass_total = tables.mass_offset[sample + 1] - tables.mass_offset[sample];
     if (mass_total <= 0) return false;
-    const u32 word = random_u32(seed, index, draw_number, PURPOSE_STRATUM);
+    const u64 word = random_u64(seed, index, draw_number, PURPOSE_STRATUM);
     const i64 point = stratum_point(stratum, n_patches, mass_total, word);
     i64 found[NDIM];
     if (!locate_corner<NDIM>(tables, sample, point, found)) return false;

@@ -1,0 +1,1027 @@
+"""GPU benchmark: the CUDA backend's epoch throughput, latency and update cost.
+
+Everything is measured in this one process, on one card, side by side with the
+NumPy backend on the same host and the same shapes:
+
+* ``bandwidth``: the card's device-to-device copy bandwidth, measured here with
+  CuPy on a large buffer (a ``cudaMemcpyAsync`` and ``cupy.copyto``), and the
+  bandwidth of a write-only fill kernel. The **copy roofline** is the issue's
+  definition: the write-only equivalent of the faster copy, ``bytes / time``
+  (the read+write bandwidth ``2 * bytes / time`` is printed beside it). The
+  stricter **fill roofline** is ``bytes / time`` of ``ndarray.fill``, a kernel
+  that only writes, as ours does.
+* ``epoch throughput`` at ~1e5, 1e6, 1e7 and 1e8 patches over ~1k, ~66k and
+  ~1M regions (the patch count is set with a uniform dense probability per
+  region, ``set_region_probs``; combinations that would need a probability
+  above ``gpu_patching.grid.MAX_PROBABILITY`` are listed as not possible). The
+  kernel writes ``(3 + d) * 8`` bytes per patch (int64 ``data_idx``,
+  ``sample_idx``, global index and ``d`` coordinates); the fraction of a
+  roofline is those bytes divided by the time per epoch, over the roofline.
+  The time per epoch for throughput is that of back-to-back epochs (CUDA events
+  around a burst, divided by its length); the isolated time is one epoch from
+  the host call to the result being ready.
+* ``end-to-end`` time per epoch at ~1e5 patches: CUDA events around one
+  ``sample_epoch`` call (then an event synchronize), and ``perf_counter``
+  around the call plus a stream synchronize; medians over many repeats, and the
+  kernel launches per epoch (``CudaBackend.launch_count``; and, in a child
+  process, every kernel CUPTI sees through ``torch.profiler`` when PyTorch is
+  installed: CuPy itself has no launch counter).
+* ``table updates`` at ~1M regions (synchronised): ``exclude_patches`` of 5%
+  of the cells and ``set_region_probs`` with a dense array.
+
+Targets printed beside the results: >= 50% of the write roofline at 1e8
+patches, <= 30 us per epoch at 1e5 patches, updates <= 1 ms at 1M regions, one
+launch per epoch. Run it with ``python benchmarks/bench_gpu.py`` (``--quick``
+for small sizes only); the markdown goes to
+``benchmarks/results/gpu-<card>.md`` unless ``--output`` says otherwise. Where
+no usable CUDA device exists it says so in one line and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpu_patching import StratifiedPatching
+from gpu_patching.grid import MAX_PROBABILITY, cell_count, grid_shape
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# -- targets (from the issue) -----------------------------------------------------------
+
+TARGET_ROOFLINE_FRACTION = 0.5  # of the write roofline, at 1e8 patches
+TARGET_EPOCH_SECONDS = 30e-6  # end-to-end per epoch, at 1e5 patches
+TARGET_UPDATE_SECONDS = 1e-3  # exclude / set probabilities, at 1M regions
+TARGET_LAUNCHES = 1  # kernel launches per epoch
+
+# -- the cases ----------------------------------------------------------------------------
+
+# (label, data_shapes, patch_size): 1,024, 65,536 and 1,048,576 regions.
+REGION_SETS: list[tuple[str, tuple[tuple[int, ...], ...], tuple[int, ...]]] = [
+    ("~1k", ((1, 1, 2048, 2048),), (64, 64)),
+    ("~66k", ((1, 1, 8192, 8192),), (32, 32)),
+    ("~1M", ((1, 1, 32768, 32768),), (32, 32)),
+]
+PATCH_TARGETS = (10**5, 10**6, 10**7, 10**8)
+QUICK_REGION_SETS = REGION_SETS[:2]
+QUICK_PATCH_TARGETS = (10**5, 10**6)
+#: Patches of the end-to-end (latency) cases.
+LATENCY_PATCHES = 10**5
+#: The NumPy comparison is skipped above this many patches (1e8 takes ~15-20 s
+#: and several GB of host memory there).
+NUMPY_MAX_PATCHES = 10**7
+#: Bytes of each buffer of the bandwidth measurement.
+BANDWIDTH_BYTES = 1 << 30
+QUICK_BANDWIDTH_BYTES = 1 << 28
+#: int64 columns the kernel writes besides the d coordinates.
+SCALAR_COLUMNS = 3
+#: Seconds the child process that counts launches with torch.profiler may take.
+PROBE_TIMEOUT_S = 180
+PROBE_PREFIX = "LAUNCH_PROBE "
+
+
+@dataclass(frozen=True)
+class Case:
+    """One epoch-throughput case: a region set and a target number of patches."""
+
+    regions_label: str
+    data_shapes: tuple[tuple[int, ...], ...]
+    patch_size: tuple[int, ...]
+    n_regions: int
+    target_patches: int
+    #: Uniform probability per region that gives ~target_patches; None when it
+    #: would exceed MAX_PROBABILITY (the combination is not possible).
+    probability: float | None
+
+    @property
+    def feasible(self) -> bool:
+        return self.probability is not None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.patch_size)
+
+    def grid(self) -> tuple[int, ...]:
+        """Grid shape of the (single) sample of the case."""
+        return grid_shape(self.data_shapes[0][2:], self.patch_size)
+
+
+def count_regions(data_shapes: Sequence[Sequence[int]], patch_size: Sequence[int]) -> int:
+    """Number of regions (grid cells) over every sample of every stack."""
+    return sum(int(shape[0]) * cell_count(grid_shape(shape[2:], patch_size)) for shape in data_shapes)
+
+
+def probability_for(target_patches: int, n_regions: int) -> float | None:
+    """Uniform probability per region giving ~target_patches, or None if too large.
+
+    With no exclusions and region probability ``p`` everywhere, a sample has
+    ``ceil(sum(p))`` patches (when its shape is a multiple of the patch size).
+    """
+    probability = target_patches / n_regions
+    return probability if probability <= MAX_PROBABILITY else None
+
+
+def build_cases(
+    region_sets: Sequence[tuple[str, Sequence[Sequence[int]], Sequence[int]]],
+    targets: Sequence[int],
+) -> list[Case]:
+    """Every (region set, target) pair, feasible or not, in region-set order."""
+    cases = []
+    for label, shapes, patch in region_sets:
+        shapes_t = tuple(tuple(int(s) for s in shape) for shape in shapes)
+        patch_t = tuple(int(p) for p in patch)
+        n_regions = count_regions(shapes_t, patch_t)
+        for target in targets:
+            cases.append(
+                Case(
+                    regions_label=label,
+                    data_shapes=shapes_t,
+                    patch_size=patch_t,
+                    n_regions=n_regions,
+                    target_patches=int(target),
+                    probability=probability_for(int(target), n_regions),
+                )
+            )
+    return cases
+
+
+# -- roofline arithmetic -------------------------------------------------------------------
+
+
+def bytes_per_patch(ndim: int) -> int:
+    """Bytes the epoch kernel writes per patch: 3 int64 columns plus d coordinates."""
+    return (SCALAR_COLUMNS + ndim) * 8
+
+
+def epoch_bytes(n_patches: int, ndim: int) -> int:
+    """Bytes the epoch kernel writes for ``n_patches`` patches."""
+    return n_patches * bytes_per_patch(ndim)
+
+
+def copy_bandwidth(nbytes: int, seconds: float) -> tuple[float, float]:
+    """``(read+write, write-only equivalent)`` bandwidth of copying ``nbytes``.
+
+    A copy reads and writes ``nbytes`` each: ``2 * nbytes / seconds`` moved in
+    all, of which ``nbytes / seconds`` written.
+    """
+    return 2 * nbytes / seconds, nbytes / seconds
+
+
+def write_rate(n_patches: int, ndim: int, seconds: float) -> float:
+    """Bytes per second that an epoch of ``n_patches`` written in ``seconds`` achieves."""
+    return epoch_bytes(n_patches, ndim) / seconds
+
+
+def roofline_fraction(n_patches: int, ndim: int, seconds: float, bandwidth: float) -> float:
+    """Fraction of a write roofline (bytes/s) achieved by one epoch."""
+    return write_rate(n_patches, ndim, seconds) / bandwidth
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def fmt_rate(per_second: float) -> str:
+    """Patches per second, with an SI prefix."""
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if per_second >= scale:
+            return f"{per_second / scale:.2f} {prefix}/s"
+    return f"{per_second:.0f} /s"
+
+
+def fmt_bandwidth(bytes_per_second: float) -> str:
+    """Bytes per second in GB/s (1 GB = 1e9 bytes)."""
+    return f"{bytes_per_second / 1e9:,.0f} GB/s"
+
+
+def fmt_bytes(nbytes: int) -> str:
+    for scale, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def fmt_percent(fraction: float) -> str:
+    return f"{fraction * 100:.1f}%"
+
+
+def fmt_verdict(met: bool | None) -> str:
+    return "n/a" if met is None else ("yes" if met else "NO")
+
+
+def slug(name: str) -> str:
+    """File-name slug of a GPU name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-gpu"
+
+
+def cuda_version(value: int) -> str:
+    """CUDA's integer version (1000 * major + 10 * minor) as 'major.minor'."""
+    if value <= 0:
+        return "unknown"
+    return f"{value // 1000}.{(value % 1000) // 10}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
+    """Lines of a markdown table; ``align`` has one 'l' or 'r' per column."""
+    if len(align) != len(header):
+        raise ValueError(f"align has {len(align)} columns, header has {len(header)}")
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+    ]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"row {row!r} has {len(row)} cells, expected {len(header)}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def cpu_model() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({os.cpu_count()} logical cores)"
+
+
+def repeats_for(n_patches: int, budget_patches: float, low: int, high: int) -> int:
+    """Repeats so that about ``budget_patches`` patches are drawn, within [low, high]."""
+    return max(low, min(high, int(budget_patches // max(1, n_patches))))
+
+
+# -- timing helpers (the sync callable makes them backend-agnostic) ----------------------------
+
+
+def time_wall(
+    function: Callable[[int], Any],
+    repeats: int,
+    sync: Callable[[], None] = lambda: None,
+    warmup: bool = True,
+) -> list[float]:
+    """``perf_counter`` time of each of ``repeats`` calls ``function(k)``, each followed by sync.
+
+    The result of each call stays alive until the next call returns, as in a
+    training loop.
+    """
+    if warmup:
+        function(0)
+        sync()
+    times = []
+    result = None
+    for k in range(repeats):
+        start = time.perf_counter()
+        result = function(k)
+        sync()
+        times.append(time.perf_counter() - start)
+    del result
+    return times
+
+
+def time_events(cupy: Any, function: Callable[[int], Any], repeats: int) -> list[float]:
+    """CUDA-event time of each of ``repeats`` calls, each synchronised before the next."""
+    stream = cupy.cuda.get_current_stream()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    function(0)
+    stream.synchronize()
+    times = []
+    result = None
+    for k in range(repeats):
+        start.record(stream)
+        result = function(k)
+        end.record(stream)
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) * 1e-3)
+    del result
+    return times
+
+
+def time_burst(cupy: Any, function: Callable[[int], Any], per_burst: int, rounds: int) -> float:
+    """Median over ``rounds`` of the CUDA-event time of ``per_burst`` back-to-back calls, per call."""
+    stream = cupy.cuda.get_current_stream()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    function(0)
+    stream.synchronize()
+    per_call = []
+    for _ in range(rounds):
+        result = None
+        start.record(stream)
+        for k in range(per_burst):
+            result = function(k)
+        end.record(stream)
+        end.synchronize()
+        del result
+        per_call.append(cupy.cuda.get_elapsed_time(start, end) * 1e-3 / per_burst)
+    return statistics.median(per_call)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def free_device_memory(cupy: Any) -> None:
+    cupy.get_default_memory_pool().free_all_blocks()
+    cupy.get_default_pinned_memory_pool().free_all_blocks()
+
+
+# -- the device -------------------------------------------------------------------------------
+
+
+def usable_cupy() -> tuple[Any, str]:
+    """Return ``(cupy, "")`` when a CUDA device runs a kernel, else ``(None, why)``."""
+    try:
+        import cupy
+    except Exception as error:  # not installed, or a broken CUDA install
+        return None, f"CuPy is not importable ({type(error).__name__}: {error})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None, "CuPy is installed but no CUDA device is visible"
+        cupy.arange(4).sum().item()  # a usable device runs a kernel
+    except Exception as error:
+        return None, f"{type(error).__name__}: {error}"
+    return cupy, ""
+
+
+def device_info(cupy: Any) -> dict[str, Any]:
+    device_id = int(cupy.cuda.Device().id)
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    name = props["name"]
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    # memoryClockRate (kHz) is gone from CUDA 13's cudaDeviceProp: optional.
+    clock_khz = props.get("memoryClockRate", 0)
+    bus_bits = props.get("memoryBusWidth", 0)
+    peak = 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
+    try:
+        driver = cuda_version(cupy.cuda.runtime.driverGetVersion())
+    except Exception:
+        driver = "unknown"
+    return {
+        "id": device_id,
+        "name": name,
+        "sms": props.get("multiProcessorCount"),
+        "memory": int(props.get("totalGlobalMem", 0)),
+        "peak": peak,
+        "runtime": cuda_version(cupy.cuda.runtime.runtimeGetVersion()),
+        "driver": driver,
+        "cupy": cupy.__version__,
+    }
+
+
+def header_lines(info: dict[str, Any]) -> list[str]:
+    peak = f"; theoretical DRAM peak {fmt_bandwidth(info['peak'])}" if info["peak"] else ""
+    return [
+        f"GPU: {info['name']} (device {info['id']}, {info['sms']} SMs, "
+        f"{fmt_bytes(info['memory'])}{peak})",
+        "",
+        f"CUDA runtime {info['runtime']}, driver {info['driver']}; CuPy {info['cupy']}; "
+        f"NumPy {np.__version__}; Python {platform.python_version()}",
+        "",
+        f"CPU: {cpu_model()}",
+    ]
+
+
+def measure_bandwidth(cupy: Any, nbytes: int, per_burst: int, rounds: int) -> dict[str, float]:
+    """Seconds per operation on ``nbytes``: D2D memcpy, cupy.copyto and a fill."""
+    words = nbytes // 8
+    nbytes = words * 8
+    src = cupy.ones(words, dtype=cupy.uint64)
+    dst = cupy.zeros(words, dtype=cupy.uint64)
+    stream = cupy.cuda.get_current_stream()
+    operations = {
+        "memcpy": lambda _k: dst.data.copy_from_device_async(src.data, nbytes, stream),
+        "copyto": lambda _k: cupy.copyto(dst, src),
+        "fill": lambda k: dst.fill(k + 1),
+    }
+    seconds = {name: time_burst(cupy, op, per_burst, rounds) for name, op in operations.items()}
+    if not bool((dst[:16] == per_burst).all()):  # the fill really ran
+        raise RuntimeError("the bandwidth measurement did not write what it should")
+    del src, dst
+    free_device_memory(cupy)
+    return seconds
+
+
+def backend_launches(sampler: StratifiedPatching) -> int:
+    # The sampler's CudaBackend counts its launches; the sampler has no public
+    # accessor for its backend object.
+    return int(sampler._backend.launch_count)
+
+
+def set_uniform_probability(sampler: StratifiedPatching, case: Case) -> None:
+    sampler.set_region_probs(0, 0, np.full(case.grid(), case.probability, dtype=np.float64))
+
+
+def same_batches(a: Any, b: Any) -> bool:
+    return all(
+        np.array_equal(getattr(a, name), getattr(b, name))
+        for name in ("data_idx", "sample_idx", "coords", "indices")
+    )
+
+
+def measure_epoch(
+    cupy: Any,
+    sampler: StratifiedPatching,
+    numpy_sampler: StratifiedPatching | None,
+    quick: bool,
+) -> dict[str, Any]:
+    """Throughput of one case on the GPU (and NumPy when given)."""
+    n = sampler.n_patches
+    draw = sampler.sample_epoch
+    per_burst = repeats_for(n, 2e8 if quick else 1e9, 3, 200)
+    rounds = 3 if quick else 5
+    burst = time_burst(cupy, draw, per_burst, rounds)
+    isolated = statistics.median(time_events(cupy, draw, per_burst))
+    result: dict[str, Any] = {"n_patches": n, "burst": burst, "isolated": isolated}
+    if numpy_sampler is not None:
+        if numpy_sampler.n_patches != n:
+            raise RuntimeError(f"NumPy has {numpy_sampler.n_patches} patches, the GPU {n}")
+        small = n <= 10**6
+        times = time_wall(
+            lambda _k: numpy_sampler.sample_epoch(0), 5 if small else 1, warmup=small
+        )
+        result["numpy"] = statistics.median(times)
+        reference = numpy_sampler.sample_epoch(0)
+        result["same"] = same_batches(sampler.sample_epoch(0).to_numpy(), reference)
+        del reference
+    return result
+
+
+def measure_latency(cupy: Any, sampler: StratifiedPatching, repeats: int) -> dict[str, Any]:
+    """End-to-end time of one epoch (host call to result ready), two ways."""
+    stream = cupy.cuda.get_current_stream()
+    draw = sampler.sample_epoch
+    events = time_events(cupy, draw, repeats)
+    before = backend_launches(sampler)
+    wall = time_wall(draw, repeats, stream.synchronize, warmup=False)
+    launches = (backend_launches(sampler) - before) / repeats
+    return {
+        "n_patches": sampler.n_patches,
+        "events": statistics.median(events),
+        "events_p10": percentile(events, 10),
+        "events_p90": percentile(events, 90),
+        "wall": statistics.median(wall),
+        "wall_p10": percentile(wall, 10),
+        "wall_p90": percentile(wall, 90),
+        "launches": launches,
+    }
+
+
+UPDATE_ROWS = (
+    ("exclude_coords", "exclude_patches, 5% of cells as a (k, d) int array (host)"),
+    ("exclude_mask", "exclude_patches, 5% of cells as a dense bool mask (backend's memory)"),
+    ("probs_host", "set_region_probs, dense float64 array (host)"),
+    ("probs_native", "set_region_probs, dense float64 array (backend's memory)"),
+)
+
+
+def measure_updates(
+    backend: str,
+    shapes: Sequence[Sequence[int]],
+    patch: Sequence[int],
+    repeats: int,
+    cupy: Any = None,
+) -> dict[str, float]:
+    """Median synchronised time of each table update (UPDATE_ROWS) on one backend.
+
+    Excluding the same cells again costs the same (the sample is rebuilt) and
+    changes nothing, so every repeat does the same work; the probabilities
+    alternate between two arrays.
+    """
+    sampler = StratifiedPatching(shapes, patch, seed=1, backend=backend)
+    cells = grid_shape(shapes[0][2:], patch)
+    generator = np.random.default_rng(0)
+    total = cell_count(cells)
+    picks = np.sort(generator.choice(total, total // 20, replace=False))
+    coords = np.stack(np.unravel_index(picks, cells), axis=1).astype(np.int64)
+    mask = np.zeros(cells, dtype=bool)
+    mask[tuple(coords.T)] = True
+    probs = [generator.uniform(0.5, 2.0, cells), generator.uniform(0.5, 2.0, cells)]
+    if backend == "cuda":
+        native_mask = cupy.asarray(mask)
+        native_probs = [cupy.asarray(p) for p in probs]
+        sync = cupy.cuda.get_current_stream().synchronize
+    else:
+        native_mask, native_probs = mask, probs
+
+        def sync() -> None:
+            return None
+
+    updates: dict[str, Callable[[int], Any]] = {
+        "exclude_coords": lambda _k: sampler.exclude_patches(0, 0, coords),
+        "exclude_mask": lambda _k: sampler.exclude_patches(0, 0, native_mask),
+        "probs_host": lambda k: sampler.set_region_probs(0, 0, probs[k % 2]),
+        "probs_native": lambda k: sampler.set_region_probs(0, 0, native_probs[k % 2]),
+    }
+    return {
+        name: statistics.median(time_wall(update, repeats, sync))
+        for name, update in updates.items()
+    }
+
+
+# -- launch count through CUPTI (torch.profiler), in a child process ---------------------------
+
+
+def launch_probe() -> dict[str, Any]:
+    """Count the CUDA activity of a few epochs with torch.profiler (CUPTI).
+
+    Runs in a child process (``--launch-probe``) so that a PyTorch that cannot
+    profile, or crashes, costs this one line of the report only.
+    """
+    cupy, why = usable_cupy()
+    if cupy is None:
+        return {"error": f"no usable CUDA device ({why})"}
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except Exception as error:
+        return {"error": f"PyTorch is not importable ({type(error).__name__}: {error})"}
+    if not torch.cuda.is_available():
+        return {"error": "PyTorch sees no CUDA device"}
+    torch.zeros(1, device="cuda").sum().item()  # initialise PyTorch's CUDA state
+    case = build_cases(REGION_SETS[:1], (LATENCY_PATCHES,))[0]
+    sampler = StratifiedPatching(case.data_shapes, case.patch_size, seed=1, backend="cuda")
+    set_uniform_probability(sampler, case)
+    sampler.sample_epoch(0)
+    cupy.cuda.Device().synchronize()
+    epochs = 5
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities):  # a first session warms CUPTI up
+        sampler.sample_epoch(1)
+        cupy.cuda.Device().synchronize()
+    before = backend_launches(sampler)
+    with profile(activities=activities) as prof:
+        for k in range(epochs):
+            sampler.sample_epoch(k + 2)
+        cupy.cuda.Device().synchronize()
+    launches = backend_launches(sampler) - before
+    device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e.name for e in device if not e.name.lower().startswith(("memcpy", "memset"))]
+    copies = [e.name for e in device if e.name.lower().startswith(("memcpy", "memset"))]
+    return {
+        "epochs": epochs,
+        "launch_count": launches,
+        "kernels": len(kernels),
+        "kernel_names": sorted(set(kernels)),
+        "copies": len(copies),
+        "torch": torch.__version__,
+    }
+
+
+def run_launch_probe() -> dict[str, Any]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--launch-probe"]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"the torch.profiler probe took more than {PROBE_TIMEOUT_S} s"}
+    for line in done.stdout.splitlines():
+        if line.startswith(PROBE_PREFIX):
+            return json.loads(line[len(PROBE_PREFIX) :])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"error": f"the torch.profiler probe exited with {done.returncode}: {tail[0]}"}
+
+
+def probe_text(probe: dict[str, Any]) -> str:
+    if "error" in probe:
+        return f"not measured: {probe['error']}"
+    epochs = probe["epochs"]
+    if probe["kernels"] == 0:
+        return (
+            f"CUPTI (torch {probe['torch']}) recorded no kernel over {epochs} epochs "
+            f"(launch_count says {probe['launch_count']}): profiling unavailable here"
+        )
+    names = ", ".join(probe["kernel_names"])
+    return (
+        f"{probe['kernels'] / epochs:g} kernel(s) per epoch over {epochs} epochs "
+        f"(names: {names}); memcpy/memset: {probe['copies']}; "
+        f"launch_count over the same epochs: {probe['launch_count'] / epochs:g} per epoch "
+        f"(torch {probe['torch']})"
+    )
+
+
+def probe_verdict(probe: dict[str, Any]) -> bool | None:
+    if "error" in probe or probe["kernels"] == 0:
+        return None
+    return probe["kernels"] == TARGET_LAUNCHES * probe["epochs"]
+
+
+# -- the report -------------------------------------------------------------------------------
+
+
+def bandwidth_section(seconds: dict[str, float], nbytes: int) -> tuple[list[str], float, float]:
+    """Lines of the bandwidth table, the copy roofline and the fill roofline (bytes/s)."""
+    rows = []
+    labels = {
+        "memcpy": "D2D cudaMemcpyAsync",
+        "copyto": "cupy.copyto (copy kernel)",
+        "fill": "ndarray.fill (write-only kernel)",
+    }
+    for name, label in labels.items():
+        both, written = copy_bandwidth(nbytes, seconds[name])
+        rows.append(
+            [
+                f"{label}, {fmt_bytes(nbytes)}",
+                fmt_time(seconds[name]),
+                "n/a (writes only)" if name == "fill" else fmt_bandwidth(both),
+                fmt_bandwidth(written),
+            ]
+        )
+    copy_roof = max(copy_bandwidth(nbytes, seconds[n])[1] for n in ("memcpy", "copyto"))
+    fill_roof = nbytes / seconds["fill"]
+    lines = markdown_table(
+        ["operation", "time (median)", "read+write: 2*bytes/time", "written: bytes/time"],
+        rows,
+        "lrrr",
+    )
+    lines += [
+        "",
+        f"**Copy roofline** (the issue's definition: write-only equivalent of a D2D copy, "
+        f"bytes/time of the faster copy): {fmt_bandwidth(copy_roof)}. "
+        f"**Fill roofline** (stricter: a kernel that only writes): {fmt_bandwidth(fill_roof)}.",
+    ]
+    return lines, copy_roof, fill_roof
+
+
+def throughput_row(
+    case: Case, result: dict[str, Any] | None, note: str, copy_roof: float, fill_roof: float
+) -> list[str]:
+    prefix = [f"{case.regions_label} ({case.n_regions:,})"]
+    if result is None:
+        patches = f"~{case.target_patches:.0e}"
+        return [*prefix, patches, note, *["n/a"] * 10]
+    n, d = result["n_patches"], case.ndim
+    burst = result["burst"]
+    numpy_time = result.get("numpy")
+    same = result.get("same")
+    return [
+        *prefix,
+        f"{n:,}",
+        f"{case.probability:.4g}",
+        fmt_time(burst),
+        fmt_time(result["isolated"]),
+        fmt_rate(n / burst),
+        fmt_bytes(epoch_bytes(n, d)),
+        fmt_bandwidth(write_rate(n, d, burst)),
+        fmt_percent(roofline_fraction(n, d, burst, copy_roof)),
+        fmt_percent(roofline_fraction(n, d, burst, fill_roof)),
+        fmt_time(numpy_time) if numpy_time is not None else note or "skipped",
+        f"x{numpy_time / result['isolated']:,.0f}" if numpy_time is not None else "n/a",
+        ("yes" if same else "NO") if same is not None else "n/a",
+    ]
+
+
+THROUGHPUT_HEADER = [
+    "regions",
+    "patches",
+    "p per region",
+    "GPU epoch, back-to-back",
+    "GPU epoch, isolated",
+    "patches/s",
+    "written/epoch",
+    "write rate",
+    "% copy roofline",
+    "% fill roofline",
+    "NumPy epoch",
+    "GPU/NumPy speed",
+    "same patches as NumPy",
+]
+
+
+def latency_row(label: str, result: dict[str, Any]) -> list[str]:
+    worst = max(result["events"], result["wall"])
+    return [
+        label,
+        f"{result['n_patches']:,}",
+        f"{fmt_time(result['events'])} ({fmt_time(result['events_p10'])} - "
+        f"{fmt_time(result['events_p90'])})",
+        f"{fmt_time(result['wall'])} ({fmt_time(result['wall_p10'])} - "
+        f"{fmt_time(result['wall_p90'])})",
+        f"{result['launches']:g}",
+        fmt_verdict(worst <= TARGET_EPOCH_SECONDS),
+    ]
+
+
+LATENCY_HEADER = [
+    "regions",
+    "patches",
+    "CUDA events: median (p10 - p90)",
+    "perf_counter + stream sync: median (p10 - p90)",
+    "launches/epoch (launch_count)",
+    "<= 30 us",
+]
+
+
+def update_rows(gpu: dict[str, float], host: dict[str, float] | None) -> list[list[str]]:
+    rows = []
+    for key, label in UPDATE_ROWS:
+        numpy_time = host[key] if host else None
+        rows.append(
+            [
+                label,
+                fmt_time(gpu[key]),
+                fmt_time(numpy_time),
+                f"x{numpy_time / gpu[key]:,.1f}" if numpy_time is not None else "n/a",
+                fmt_verdict(gpu[key] <= TARGET_UPDATE_SECONDS),
+            ]
+        )
+    return rows
+
+
+UPDATE_HEADER = ["update", "GPU (median, synced)", "NumPy (median)", "GPU/NumPy speed", "<= 1 ms"]
+
+
+def targets_table(
+    roofline: tuple[float, float] | None,
+    latency: dict[str, dict[str, Any]],
+    updates: dict[str, float] | None,
+    update_label: str,
+    launches: float | None,
+    probe: dict[str, Any] | None,
+) -> list[str]:
+    rows = []
+    if roofline is None:
+        rows.append([">= 50% of the write roofline at 1e8 patches", "not measured", "n/a"])
+    else:
+        copy_fraction, fill_fraction = roofline
+        rows.append(
+            [
+                ">= 50% of the write roofline at 1e8 patches",
+                f"{fmt_percent(copy_fraction)} of the copy roofline "
+                f"({fmt_percent(fill_fraction)} of the fill roofline)",
+                f"{fmt_verdict(copy_fraction >= TARGET_ROOFLINE_FRACTION)} (copy), "
+                f"{fmt_verdict(fill_fraction >= TARGET_ROOFLINE_FRACTION)} (fill)",
+            ]
+        )
+    if latency:
+        worst = max(max(r["events"], r["wall"]) for r in latency.values())
+        rows.append(
+            [
+                "<= 30 us per epoch at 1e5 patches (end to end)",
+                f"worst median over region sets and methods: {fmt_time(worst)}",
+                fmt_verdict(worst <= TARGET_EPOCH_SECONDS),
+            ]
+        )
+    else:
+        rows.append(["<= 30 us per epoch at 1e5 patches (end to end)", "not measured", "n/a"])
+    if updates:
+        worst = max(updates.values())
+        rows.append(
+            [
+                f"updates <= 1 ms at 1M regions (measured at {update_label})",
+                f"slowest: {fmt_time(worst)}",
+                fmt_verdict(worst <= TARGET_UPDATE_SECONDS),
+            ]
+        )
+    if launches is not None:
+        rows.append(
+            [
+                "1 kernel launch per epoch (CudaBackend.launch_count)",
+                f"{launches:g}",
+                fmt_verdict(launches == TARGET_LAUNCHES),
+            ]
+        )
+    if probe is not None:
+        rows.append(
+            [
+                "1 kernel launch per epoch (CUPTI via torch.profiler)",
+                probe_text(probe),
+                fmt_verdict(probe_verdict(probe)),
+            ]
+        )
+    return markdown_table(["target", "measured", "met"], rows, "lll")
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, cupy: Any) -> str:
+    quick = args.quick
+    region_sets = QUICK_REGION_SETS if quick else REGION_SETS
+    targets = QUICK_PATCH_TARGETS if quick else PATCH_TARGETS
+    numpy_max = 0 if args.no_numpy else args.numpy_max_patches
+    info = device_info(cupy)
+    output = args.output or RESULTS_DIR / f"gpu-{slug(info['name'])}{'-quick' if quick else ''}.md"
+
+    lines = [f"# GPU benchmark: gpu-patching CUDA backend ({info['name']})", ""]
+    lines += header_lines(info)
+    print("\n".join(lines), flush=True)
+
+    # The first epoch compiles the kernel (NVRTC) and CuPy's table kernels.
+    start = time.perf_counter()
+    warm = StratifiedPatching([(1, 1, 256, 256)], (32, 32), seed=1, backend="cuda")
+    warm.sample_epoch(0)
+    cupy.cuda.Device().synchronize()
+    first_call = time.perf_counter() - start
+    del warm
+    lines += [
+        "",
+        f"First sampler + epoch in this process (kernel compile or disk cache): "
+        f"{fmt_time(first_call)}. Times are medians; 1 GB = 1e9 bytes.",
+    ]
+
+    # -- bandwidth
+    nbytes = QUICK_BANDWIDTH_BYTES if quick else BANDWIDTH_BYTES
+    bandwidth = measure_bandwidth(cupy, nbytes, per_burst=10 if quick else 20, rounds=5)
+    table, copy_roof, fill_roof = bandwidth_section(bandwidth, nbytes)
+    lines += ["", "## Bandwidth (measured in this run)", "", *table]
+    print("\n".join(lines[-len(table) - 2 :]), flush=True)
+
+    # -- throughput, and latency where the case has ~1e5 patches
+    lines += [
+        "",
+        "## Epoch throughput",
+        "",
+        f"One sample per region set; every region gets the same probability p (dense "
+        f"`set_region_probs`), which sets the patch count. Bytes written per patch: "
+        f"(3 + d) * 8 = {bytes_per_patch(2)} (d = 2). *Back-to-back*: CUDA events around a "
+        f"burst of epochs, per epoch (patches/s, write rate and the roofline fractions use "
+        f"it); *isolated*: CUDA events around one call, synchronised. NumPy: the same "
+        f"shapes and probabilities on this host (skipped above {numpy_max:,} patches); "
+        f"GPU/NumPy speed = NumPy epoch / isolated GPU epoch.",
+        "",
+        *markdown_table(THROUGHPUT_HEADER, [], "l" + "r" * (len(THROUGHPUT_HEADER) - 1)),
+    ]
+    print("\n".join(lines[-3:]), flush=True)
+    cases = build_cases(region_sets, targets)
+    latency: dict[str, dict[str, Any]] = {}
+    top_fractions: tuple[float, float] | None = None
+    for label, shapes, patch in region_sets:
+        sampler = StratifiedPatching(shapes, patch, seed=1, backend="cuda")
+        numpy_sampler = None
+        for case in (c for c in cases if c.regions_label == label):
+            if not case.feasible:
+                note = f"not possible: needs p > {MAX_PROBABILITY:g}"
+                lines.append("| " + " | ".join(throughput_row(case, None, note, 1, 1)) + " |")
+                print(lines[-1], flush=True)
+                continue
+            set_uniform_probability(sampler, case)
+            n = sampler.n_patches
+            free_device_memory(cupy)
+            free, _ = cupy.cuda.runtime.memGetInfo()
+            if 2.2 * epoch_bytes(n, case.ndim) > free:
+                note = f"skipped: needs ~{fmt_bytes(2 * epoch_bytes(n, case.ndim))} free"
+                lines.append("| " + " | ".join(throughput_row(case, None, note, 1, 1)) + " |")
+                print(lines[-1], flush=True)
+                continue
+            use_numpy = n <= numpy_max
+            if use_numpy:
+                if numpy_sampler is None:
+                    numpy_sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+                set_uniform_probability(numpy_sampler, case)
+            note = "" if use_numpy else "skipped (size)"
+            try:
+                result = measure_epoch(cupy, sampler, numpy_sampler if use_numpy else None, quick)
+            except cupy.cuda.memory.OutOfMemoryError:
+                free_device_memory(cupy)
+                note = "skipped: out of device memory"
+                lines.append("| " + " | ".join(throughput_row(case, None, note, 1, 1)) + " |")
+                print(lines[-1], flush=True)
+                continue
+            lines.append(
+                "| "
+                + " | ".join(throughput_row(case, result, note, copy_roof, fill_roof))
+                + " |"
+            )
+            print(lines[-1], flush=True)
+            if case.target_patches == max(PATCH_TARGETS) and label == REGION_SETS[-1][0]:
+                top_fractions = (
+                    roofline_fraction(n, case.ndim, result["burst"], copy_roof),
+                    roofline_fraction(n, case.ndim, result["burst"], fill_roof),
+                )
+            if case.target_patches == LATENCY_PATCHES:
+                latency[f"{label} ({case.n_regions:,})"] = measure_latency(
+                    cupy, sampler, 300 if quick else 2000
+                )
+            free_device_memory(cupy)
+        del sampler, numpy_sampler
+        free_device_memory(cupy)
+
+    # -- end to end
+    lines += [
+        "",
+        f"## End-to-end time per epoch at ~{LATENCY_PATCHES:.0e} patches",
+        "",
+        "From the host call `sample_epoch(k)` to the result being ready: CUDA events recorded "
+        "before and after the call, then `Event.synchronize`; and `time.perf_counter` around "
+        "the call plus `Stream.synchronize`. The result of each epoch is kept until the next "
+        "returns, as in training.",
+        "",
+        *markdown_table(
+            LATENCY_HEADER,
+            [latency_row(label, result) for label, result in latency.items()],
+            "lrrrrl",
+        ),
+    ]
+    print("\n".join(lines[-len(latency) - 2 :]), flush=True)
+    launches = max((r["launches"] for r in latency.values()), default=None)
+
+    # -- updates
+    update_label, update_shapes, update_patch = region_sets[-1]
+    n_regions = count_regions(update_shapes, update_patch)
+    update_label = f"{update_label} ({n_regions:,}) regions"
+    repeats = 5 if quick else 20
+    gpu_updates = measure_updates("cuda", update_shapes, update_patch, repeats, cupy)
+    free_device_memory(cupy)
+    host_updates = (
+        None
+        if args.no_numpy
+        else measure_updates("numpy", update_shapes, update_patch, max(3, repeats // 4))
+    )
+    lines += [
+        "",
+        f"## Table updates at {update_label}",
+        "",
+        "`perf_counter` around the call plus a stream synchronize, median. 5% of the cells "
+        "are excluded (the same cells each repeat: the sample is rebuilt every time); the "
+        "probabilities alternate between two dense arrays. *Backend's memory*: a CuPy array "
+        "on the GPU, a NumPy array on NumPy.",
+        "",
+        *markdown_table(UPDATE_HEADER, update_rows(gpu_updates, host_updates), "lrrrl"),
+    ]
+    print("\n".join(lines[-len(UPDATE_ROWS) - 2 :]), flush=True)
+
+    def report(probe: dict[str, Any] | None) -> str:
+        summary = [
+            "",
+            "## Targets",
+            "",
+            *targets_table(top_fractions, latency, gpu_updates, update_label, launches, probe),
+        ]
+        text = "\n".join(lines + summary) + "\n"
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        return text
+
+    report(None)  # in case the profiler probe below does not come back
+    probe = None
+    if not args.no_torch_profile:
+        print("\ncounting launches with torch.profiler in a child process ...", flush=True)
+        probe = run_launch_probe()
+    text = report(probe)
+    print("\n".join(text.splitlines()[-9:]))
+    print(f"\nwritten to {output}")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes only, fewer repeats")
+    parser.add_argument("--output", type=Path, default=None, help="markdown file to write")
+    parser.add_argument(
+        "--numpy-max-patches",
+        type=int,
+        default=NUMPY_MAX_PATCHES,
+        help="skip the NumPy comparison above this many patches",
+    )
+    parser.add_argument("--no-numpy", action="store_true", help="skip the NumPy comparison")
+    parser.add_argument(
+        "--no-torch-profile",
+        action="store_true",
+        help="skip counting launches with torch.profiler (CUPTI)",
+    )
+    parser.add_argument("--launch-probe", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.launch_probe:
+        try:
+            probe = launch_probe()
+        except Exception as error:
+            probe = {"error": f"{type(error).__name__}: {error}"}
+        print(PROBE_PREFIX + json.dumps(probe), flush=True)
+        return 0
+
+    cupy, why = usable_cupy()
+    if cupy is None:
+        print(f"no usable CUDA device ({why}); skipping the GPU benchmark")
+        return 0
+    run(args, cupy)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,12 +4,12 @@ Everything is measured in this one process, on one card, side by side with the
 NumPy backend on the same host and the same shapes:
 
 * ``bandwidth``: the card's device-to-device copy bandwidth, measured here with
-  CuPy on a large buffer (a ``cudaMemcpyAsync`` and ``cupy.copyto``), and the
-  bandwidth of a write-only fill kernel. The **copy roofline** is the issue's
-  definition: the write-only equivalent of the faster copy, ``bytes / time``
-  (the read+write bandwidth ``2 * bytes / time`` is printed beside it). The
-  stricter **fill roofline** is ``bytes / time`` of ``ndarray.fill``, a kernel
-  that only writes, as ours does.
+  CuPy on a large buffer (a ``cudaMemcpyAsync``, which is what ``cupy.copyto``
+  does, and a copy kernel), and the bandwidth of a write-only fill kernel. The
+  **copy roofline** is the issue's definition: the write-only equivalent of
+  the faster copy, ``bytes / time`` (the read+write bandwidth
+  ``2 * bytes / time`` is printed beside it). The stricter **fill roofline** is
+  ``bytes / time`` of the fill kernel, which only writes, as ours does.
 * ``epoch throughput`` at ~1e5, 1e6, 1e7 and 1e8 patches over ~1k, ~66k and
   ~1M regions (the patch count is set with a uniform dense probability per
   region, ``set_region_probs``; combinations that would need a probability
@@ -33,8 +33,10 @@ Targets printed beside the results: >= 50% of the write roofline at 1e8
 patches, <= 30 us per epoch at 1e5 patches, updates <= 1 ms at 1M regions, one
 launch per epoch. Run it with ``python benchmarks/bench_gpu.py`` (``--quick``
 for small sizes only); the markdown goes to
-``benchmarks/results/gpu-<card>.md`` unless ``--output`` says otherwise. Where
-no usable CUDA device exists it says so in one line and exits with status 0.
+``benchmarks/results/gpu-<card>.md`` (``gpu-<card>-quick.md`` with ``--quick``)
+unless ``--output`` says otherwise; ``--time-budget`` (default 420 s) skips
+throughput cases that would overrun it. Where no usable CUDA device exists it
+says so in one line and exits with status 0.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from gpu_patching import StratifiedPatching
+from gpu_patching.backends.cuda_backend import KERNEL_NAME
 from gpu_patching.grid import MAX_PROBABILITY, cell_count, grid_shape
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -83,6 +86,13 @@ LATENCY_PATCHES = 10**5
 #: The NumPy comparison is skipped above this many patches (1e8 takes ~15-20 s
 #: and several GB of host memory there).
 NUMPY_MAX_PATCHES = 10**7
+#: Seconds of GPU time each throughput case aims at (bursts and isolated epochs).
+EPOCH_BUDGET_S = 4.0
+#: The run skips cases that would not finish within this many seconds (the
+#: machine it is meant for stops a command after 10 minutes).
+TIME_BUDGET_S = 420.0
+#: Seconds kept back for the updates, the launch probe and the report.
+RESERVE_S = 150.0
 #: Bytes of each buffer of the bandwidth measurement.
 BANDWIDTH_BYTES = 1 << 30
 QUICK_BANDWIDTH_BYTES = 1 << 28
@@ -121,7 +131,7 @@ class Case:
 
 def count_regions(data_shapes: Sequence[Sequence[int]], patch_size: Sequence[int]) -> int:
     """Number of regions (grid cells) over every sample of every stack."""
-    return sum(int(shape[0]) * cell_count(grid_shape(shape[2:], patch_size)) for shape in data_shapes)
+    return sum(int(s[0]) * cell_count(grid_shape(s[2:], patch_size)) for s in data_shapes)
 
 
 def probability_for(target_patches: int, n_regions: int) -> float | None:
@@ -248,14 +258,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: 
     if len(align) != len(header):
         raise ValueError(f"align has {len(align)} columns, header has {len(header)}")
     lines = [
-        "| " + " | ".join(header) + " |",
+        markdown_row(header),
         "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
     ]
     for row in rows:
         if len(row) != len(header):
             raise ValueError(f"row {row!r} has {len(row)} cells, expected {len(header)}")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(markdown_row(row))
     return lines
+
+
+def markdown_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def cpu_model() -> str:
@@ -268,11 +282,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return f"{cpu} ({os.cpu_count()} logical cores)"
-
-
-def repeats_for(n_patches: int, budget_patches: float, low: int, high: int) -> int:
-    """Repeats so that about ``budget_patches`` patches are drawn, within [low, high]."""
-    return max(low, min(high, int(budget_patches // max(1, n_patches))))
 
 
 # -- timing helpers (the sync callable makes them backend-agnostic) ----------------------------
@@ -322,7 +331,7 @@ def time_events(cupy: Any, function: Callable[[int], Any], repeats: int) -> list
 
 
 def time_burst(cupy: Any, function: Callable[[int], Any], per_burst: int, rounds: int) -> float:
-    """Median over ``rounds`` of the CUDA-event time of ``per_burst`` back-to-back calls, per call."""
+    """Per-call CUDA-event time of ``per_burst`` back-to-back calls, median of ``rounds``."""
     stream = cupy.cuda.get_current_stream()
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     function(0)
@@ -406,23 +415,29 @@ def header_lines(info: dict[str, Any]) -> list[str]:
 
 
 def measure_bandwidth(cupy: Any, nbytes: int, per_burst: int, rounds: int) -> dict[str, float]:
-    """Seconds per operation on ``nbytes``: D2D memcpy, cupy.copyto and a fill."""
+    """Seconds per operation on ``nbytes``: a D2D memcpy, a copy kernel and a fill kernel.
+
+    ``cupy.copyto`` of contiguous arrays of one dtype is the same
+    ``cudaMemcpyAsync`` as the first; the two kernels are one thread per
+    element, so the fill writes only.
+    """
     words = nbytes // 8
     nbytes = words * 8
     src = cupy.ones(words, dtype=cupy.uint64)
     dst = cupy.zeros(words, dtype=cupy.uint64)
+    copy_kernel = cupy.ElementwiseKernel("T x", "T y", "y = x", "gpu_patching_bench_copy")
+    fill_kernel = cupy.ElementwiseKernel("T v", "T y", "y = v", "gpu_patching_bench_fill")
     stream = cupy.cuda.get_current_stream()
     operations = {
         "memcpy": lambda _k: dst.data.copy_from_device_async(src.data, nbytes, stream),
-        "copyto": lambda _k: cupy.copyto(dst, src),
-        "fill": lambda k: dst.fill(k + 1),
+        "copy": lambda _k: copy_kernel(src, dst),
+        "fill": lambda k: fill_kernel(np.uint64(k + 2), dst),
     }
     seconds = {name: time_burst(cupy, op, per_burst, rounds) for name, op in operations.items()}
-    if not bool((dst[:16] == per_burst).all()):  # the fill really ran
+    # The last fill wrote per_burst + 1 everywhere: check the kernels really ran.
+    if not bool((dst == per_burst + 1).all()):
         raise RuntimeError("the bandwidth measurement did not write what it should")
-    del src, dst
-    free_device_memory(cupy)
-    return seconds
+    return seconds  # the caller frees the buffers' memory
 
 
 def backend_launches(sampler: StratifiedPatching) -> int:
@@ -442,29 +457,47 @@ def same_batches(a: Any, b: Any) -> bool:
     )
 
 
+def epoch_repeats(first_epoch_s: float, budget_s: float, rounds: int) -> tuple[int, int]:
+    """``(epochs per burst, isolated repeats)`` that fit ``budget_s`` (half each), in [1, 200]."""
+    per_epoch = max(first_epoch_s, 1e-6)
+    per_burst = max(1, min(200, int(budget_s / 2 / rounds / per_epoch)))
+    isolated = max(1, min(200, int(budget_s / 2 / per_epoch)))
+    return per_burst, isolated
+
+
 def measure_epoch(
     cupy: Any,
     sampler: StratifiedPatching,
     numpy_sampler: StratifiedPatching | None,
     quick: bool,
 ) -> dict[str, Any]:
-    """Throughput of one case on the GPU (and NumPy when given)."""
+    """Throughput of one case on the GPU (and NumPy when given).
+
+    The repeats are sized from a first synchronised epoch, so a case takes a
+    few seconds of GPU time whatever the kernel's speed.
+    """
     n = sampler.n_patches
     draw = sampler.sample_epoch
-    per_burst = repeats_for(n, 2e8 if quick else 1e9, 3, 200)
+    stream = cupy.cuda.get_current_stream()
+    first = min(time_wall(draw, 2, stream.synchronize, warmup=False))
     rounds = 3 if quick else 5
+    per_burst, repeats = epoch_repeats(first, 1.0 if quick else EPOCH_BUDGET_S, rounds)
     burst = time_burst(cupy, draw, per_burst, rounds)
-    isolated = statistics.median(time_events(cupy, draw, per_burst))
+    isolated = statistics.median(time_events(cupy, draw, repeats))
     result: dict[str, Any] = {"n_patches": n, "burst": burst, "isolated": isolated}
     if numpy_sampler is not None:
         if numpy_sampler.n_patches != n:
             raise RuntimeError(f"NumPy has {numpy_sampler.n_patches} patches, the GPU {n}")
+        # Above 1e6 patches: a single run, no warm-up (a 1e7 epoch takes seconds).
         small = n <= 10**6
-        times = time_wall(
-            lambda _k: numpy_sampler.sample_epoch(0), 5 if small else 1, warmup=small
-        )
+        if small:
+            numpy_sampler.sample_epoch(0)
+        times = []
+        for _ in range(5 if small else 1):
+            start = time.perf_counter()
+            reference = numpy_sampler.sample_epoch(0)
+            times.append(time.perf_counter() - start)
         result["numpy"] = statistics.median(times)
-        reference = numpy_sampler.sample_epoch(0)
         result["same"] = same_batches(sampler.sample_epoch(0).to_numpy(), reference)
         del reference
     return result
@@ -578,27 +611,37 @@ def launch_probe() -> dict[str, Any]:
             sampler.sample_epoch(k + 2)
         cupy.cuda.Device().synchronize()
     launches = backend_launches(sampler) - before
-    device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels = [e.name for e in device if not e.name.lower().startswith(("memcpy", "memset"))]
-    copies = [e.name for e in device if e.name.lower().startswith(("memcpy", "memset"))]
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"epochs": epochs, "launch_count": launches, **classify_device_events(names)}
+
+
+def classify_device_events(names: Sequence[str]) -> dict[str, Any]:
+    """Split the names of the device events of a profile into ours, copies and the rest.
+
+    Kineto also reports some bookkeeping of its own on the device timeline
+    (activity-buffer requests, overhead); those are listed apart, not counted
+    as kernels.
+    """
+    ours = [n for n in names if KERNEL_NAME in n]
+    copies = [n for n in names if n.lower().startswith(("memcpy", "memset"))]
+    rest = [n for n in names if KERNEL_NAME not in n and n not in copies]
+    bookkeeping = [n for n in rest if any(w in n.lower() for w in ("buffer", "overhead"))]
     return {
-        "epochs": epochs,
-        "launch_count": launches,
-        "kernels": len(kernels),
-        "kernel_names": sorted(set(kernels)),
-        "copies": len(copies),
-        "torch": torch.__version__,
+        "ours": len(ours),
+        "copies": sorted(copies),
+        "other_kernels": sorted(n for n in rest if n not in bookkeeping),
+        "bookkeeping": sorted(set(bookkeeping)),
     }
 
 
-def run_launch_probe() -> dict[str, Any]:
+def run_launch_probe(timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
     command = [sys.executable, str(Path(__file__).resolve()), "--launch-probe"]
     try:
         done = subprocess.run(
-            command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, check=False
+            command, capture_output=True, text=True, timeout=timeout_s, check=False
         )
     except subprocess.TimeoutExpired:
-        return {"error": f"the torch.profiler probe took more than {PROBE_TIMEOUT_S} s"}
+        return {"error": f"the torch.profiler probe took more than {timeout_s:.0f} s"}
     for line in done.stdout.splitlines():
         if line.startswith(PROBE_PREFIX):
             return json.loads(line[len(PROBE_PREFIX) :])
@@ -606,28 +649,36 @@ def run_launch_probe() -> dict[str, Any]:
     return {"error": f"the torch.profiler probe exited with {done.returncode}: {tail[0]}"}
 
 
+def _names(names: Sequence[str], limit: int = 5) -> str:
+    unique = sorted(set(names))
+    more = f", ... ({len(unique) - limit} more)" if len(unique) > limit else ""
+    return ", ".join(unique[:limit]) + more if unique else "none"
+
+
 def probe_text(probe: dict[str, Any]) -> str:
     if "error" in probe:
         return f"not measured: {probe['error']}"
     epochs = probe["epochs"]
-    if probe["kernels"] == 0:
+    if probe["ours"] == 0 and not probe["other_kernels"]:
         return (
             f"CUPTI (torch {probe['torch']}) recorded no kernel over {epochs} epochs "
             f"(launch_count says {probe['launch_count']}): profiling unavailable here"
         )
-    names = ", ".join(probe["kernel_names"])
-    return (
-        f"{probe['kernels'] / epochs:g} kernel(s) per epoch over {epochs} epochs "
-        f"(names: {names}); memcpy/memset: {probe['copies']}; "
-        f"launch_count over the same epochs: {probe['launch_count'] / epochs:g} per epoch "
-        f"(torch {probe['torch']})"
+    text = (
+        f"{probe['ours'] / epochs:g} {KERNEL_NAME} kernel(s) per epoch over {epochs} epochs; "
+        f"other kernels: {len(probe['other_kernels'])} ({_names(probe['other_kernels'])}); "
+        f"memcpy/memset: {len(probe['copies'])}; launch_count over the same epochs: "
+        f"{probe['launch_count'] / epochs:g} per epoch (torch {probe['torch']})"
     )
+    if probe["bookkeeping"]:
+        text += f"; profiler bookkeeping not counted: {_names(probe['bookkeeping'])}"
+    return text
 
 
 def probe_verdict(probe: dict[str, Any]) -> bool | None:
-    if "error" in probe or probe["kernels"] == 0:
+    if "error" in probe or (probe["ours"] == 0 and not probe["other_kernels"]):
         return None
-    return probe["kernels"] == TARGET_LAUNCHES * probe["epochs"]
+    return probe["ours"] == TARGET_LAUNCHES * probe["epochs"] and not probe["other_kernels"]
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -637,9 +688,9 @@ def bandwidth_section(seconds: dict[str, float], nbytes: int) -> tuple[list[str]
     """Lines of the bandwidth table, the copy roofline and the fill roofline (bytes/s)."""
     rows = []
     labels = {
-        "memcpy": "D2D cudaMemcpyAsync",
-        "copyto": "cupy.copyto (copy kernel)",
-        "fill": "ndarray.fill (write-only kernel)",
+        "memcpy": "D2D cudaMemcpyAsync (what cupy.copyto does)",
+        "copy": "copy kernel (ElementwiseKernel y = x)",
+        "fill": "fill kernel (ElementwiseKernel y = v, writes only)",
     }
     for name, label in labels.items():
         both, written = copy_bandwidth(nbytes, seconds[name])
@@ -651,7 +702,7 @@ def bandwidth_section(seconds: dict[str, float], nbytes: int) -> tuple[list[str]
                 fmt_bandwidth(written),
             ]
         )
-    copy_roof = max(copy_bandwidth(nbytes, seconds[n])[1] for n in ("memcpy", "copyto"))
+    copy_roof = max(copy_bandwidth(nbytes, seconds[n])[1] for n in ("memcpy", "copy"))
     fill_roof = nbytes / seconds["fill"]
     lines = markdown_table(
         ["operation", "time (median)", "read+write: 2*bytes/time", "written: bytes/time"],
@@ -672,8 +723,7 @@ def throughput_row(
 ) -> list[str]:
     prefix = [f"{case.regions_label} ({case.n_regions:,})"]
     if result is None:
-        patches = f"~{case.target_patches:.0e}"
-        return [*prefix, patches, note, *["n/a"] * 10]
+        return [*prefix, f"~{case.target_patches:,}", note, *["n/a"] * 10]
     n, d = result["n_patches"], case.ndim
     burst = result["burst"]
     numpy_time = result.get("numpy")
@@ -820,6 +870,7 @@ def targets_table(
 
 
 def run(args: argparse.Namespace, cupy: Any) -> str:
+    run_start = time.perf_counter()
     quick = args.quick
     region_sets = QUICK_REGION_SETS if quick else REGION_SETS
     targets = QUICK_PATCH_TARGETS if quick else PATCH_TARGETS
@@ -827,9 +878,14 @@ def run(args: argparse.Namespace, cupy: Any) -> str:
     info = device_info(cupy)
     output = args.output or RESULTS_DIR / f"gpu-{slug(info['name'])}{'-quick' if quick else ''}.md"
 
-    lines = [f"# GPU benchmark: gpu-patching CUDA backend ({info['name']})", ""]
-    lines += header_lines(info)
-    print("\n".join(lines), flush=True)
+    lines: list[str] = []
+
+    def emit(*new: str) -> None:
+        """Add lines to the report and print them as they come."""
+        lines.extend(new)
+        print("\n".join(new), flush=True)
+
+    emit(f"# GPU benchmark: gpu-patching CUDA backend ({info['name']})", "", *header_lines(info))
 
     # The first epoch compiles the kernel (NVRTC) and CuPy's table kernels.
     start = time.perf_counter()
@@ -838,21 +894,28 @@ def run(args: argparse.Namespace, cupy: Any) -> str:
     cupy.cuda.Device().synchronize()
     first_call = time.perf_counter() - start
     del warm
-    lines += [
+    emit(
         "",
         f"First sampler + epoch in this process (kernel compile or disk cache): "
         f"{fmt_time(first_call)}. Times are medians; 1 GB = 1e9 bytes.",
-    ]
+    )
 
     # -- bandwidth
     nbytes = QUICK_BANDWIDTH_BYTES if quick else BANDWIDTH_BYTES
     bandwidth = measure_bandwidth(cupy, nbytes, per_burst=10 if quick else 20, rounds=5)
+    free_device_memory(cupy)
     table, copy_roof, fill_roof = bandwidth_section(bandwidth, nbytes)
-    lines += ["", "## Bandwidth (measured in this run)", "", *table]
-    print("\n".join(lines[-len(table) - 2 :]), flush=True)
+    emit("", "## Bandwidth (measured in this run)", "", *table)
 
     # -- throughput, and latency where the case has ~1e5 patches
-    lines += [
+    numpy_text = (
+        "NumPy: not run (--no-numpy)."
+        if args.no_numpy
+        else f"NumPy: the same shapes and probabilities on this host (skipped above "
+        f"{numpy_max:,} patches, or where it would take too long); GPU/NumPy speed = "
+        f"NumPy epoch / isolated GPU epoch."
+    )
+    emit(
         "",
         "## Epoch throughput",
         "",
@@ -860,71 +923,77 @@ def run(args: argparse.Namespace, cupy: Any) -> str:
         f"`set_region_probs`), which sets the patch count. Bytes written per patch: "
         f"(3 + d) * 8 = {bytes_per_patch(2)} (d = 2). *Back-to-back*: CUDA events around a "
         f"burst of epochs, per epoch (patches/s, write rate and the roofline fractions use "
-        f"it); *isolated*: CUDA events around one call, synchronised. NumPy: the same "
-        f"shapes and probabilities on this host (skipped above {numpy_max:,} patches); "
-        f"GPU/NumPy speed = NumPy epoch / isolated GPU epoch.",
+        f"it); *isolated*: CUDA events around one call, synchronised. {numpy_text}",
         "",
         *markdown_table(THROUGHPUT_HEADER, [], "l" + "r" * (len(THROUGHPUT_HEADER) - 1)),
-    ]
-    print("\n".join(lines[-3:]), flush=True)
+    )
     cases = build_cases(region_sets, targets)
     latency: dict[str, dict[str, Any]] = {}
     top_fractions: tuple[float, float] | None = None
+    # Seconds per patch seen so far (the slowest), to skip what would overrun.
+    gpu_per_patch = 0.0
+    numpy_per_patch = 0.0
     for label, shapes, patch in region_sets:
         sampler = StratifiedPatching(shapes, patch, seed=1, backend="cuda")
         numpy_sampler = None
         for case in (c for c in cases if c.regions_label == label):
             if not case.feasible:
                 note = f"not possible: needs p > {MAX_PROBABILITY:g}"
-                lines.append("| " + " | ".join(throughput_row(case, None, note, 1, 1)) + " |")
-                print(lines[-1], flush=True)
+                emit(markdown_row(throughput_row(case, None, note, 1, 1)))
                 continue
             set_uniform_probability(sampler, case)
             n = sampler.n_patches
+            left = args.time_budget - RESERVE_S - (time.perf_counter() - run_start)
+            if EPOCH_BUDGET_S + 4 * gpu_per_patch * n > left:
+                note = "skipped: would overrun --time-budget"
+                emit(markdown_row(throughput_row(case, None, note, 1, 1)))
+                continue
             free_device_memory(cupy)
             free, _ = cupy.cuda.runtime.memGetInfo()
             if 2.2 * epoch_bytes(n, case.ndim) > free:
                 note = f"skipped: needs ~{fmt_bytes(2 * epoch_bytes(n, case.ndim))} free"
-                lines.append("| " + " | ".join(throughput_row(case, None, note, 1, 1)) + " |")
-                print(lines[-1], flush=True)
+                emit(markdown_row(throughput_row(case, None, note, 1, 1)))
                 continue
-            use_numpy = n <= numpy_max
+            numpy_estimate = numpy_per_patch * n * (7 if n <= 10**6 else 2)
+            use_numpy = n <= numpy_max and numpy_estimate < min(30.0, left / 2)
             if use_numpy:
                 if numpy_sampler is None:
                     numpy_sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
                 set_uniform_probability(numpy_sampler, case)
-            note = "" if use_numpy else "skipped (size)"
+                note = ""
+            elif args.no_numpy:
+                note = "skipped (--no-numpy)"
+            elif n > numpy_max:
+                note = "skipped (size)"
+            else:
+                note = "skipped (time)"
             try:
                 result = measure_epoch(cupy, sampler, numpy_sampler if use_numpy else None, quick)
             except cupy.cuda.memory.OutOfMemoryError:
                 free_device_memory(cupy)
                 note = "skipped: out of device memory"
-                lines.append("| " + " | ".join(throughput_row(case, None, note, 1, 1)) + " |")
-                print(lines[-1], flush=True)
+                emit(markdown_row(throughput_row(case, None, note, 1, 1)))
                 continue
-            lines.append(
-                "| "
-                + " | ".join(throughput_row(case, result, note, copy_roof, fill_roof))
-                + " |"
-            )
-            print(lines[-1], flush=True)
+            emit(markdown_row(throughput_row(case, result, note, copy_roof, fill_roof)))
+            gpu_per_patch = max(gpu_per_patch, result["isolated"] / n)
+            if "numpy" in result:
+                numpy_per_patch = max(numpy_per_patch, result["numpy"] / n)
             if case.target_patches == max(PATCH_TARGETS) and label == REGION_SETS[-1][0]:
                 top_fractions = (
                     roofline_fraction(n, case.ndim, result["burst"], copy_roof),
                     roofline_fraction(n, case.ndim, result["burst"], fill_roof),
                 )
             if case.target_patches == LATENCY_PATCHES:
-                latency[f"{label} ({case.n_regions:,})"] = measure_latency(
-                    cupy, sampler, 300 if quick else 2000
-                )
+                repeats = max(100, min(300 if quick else 2000, int(2.0 / result["isolated"])))
+                latency[f"{label} ({case.n_regions:,})"] = measure_latency(cupy, sampler, repeats)
             free_device_memory(cupy)
         del sampler, numpy_sampler
         free_device_memory(cupy)
 
     # -- end to end
-    lines += [
+    emit(
         "",
-        f"## End-to-end time per epoch at ~{LATENCY_PATCHES:.0e} patches",
+        f"## End-to-end time per epoch at ~{LATENCY_PATCHES:,} patches",
         "",
         "From the host call `sample_epoch(k)` to the result being ready: CUDA events recorded "
         "before and after the call, then `Event.synchronize`; and `time.perf_counter` around "
@@ -936,8 +1005,7 @@ def run(args: argparse.Namespace, cupy: Any) -> str:
             [latency_row(label, result) for label, result in latency.items()],
             "lrrrrl",
         ),
-    ]
-    print("\n".join(lines[-len(latency) - 2 :]), flush=True)
+    )
     launches = max((r["launches"] for r in latency.values()), default=None)
 
     # -- updates
@@ -952,7 +1020,7 @@ def run(args: argparse.Namespace, cupy: Any) -> str:
         if args.no_numpy
         else measure_updates("numpy", update_shapes, update_patch, max(3, repeats // 4))
     )
-    lines += [
+    emit(
         "",
         f"## Table updates at {update_label}",
         "",
@@ -962,30 +1030,29 @@ def run(args: argparse.Namespace, cupy: Any) -> str:
         "on the GPU, a NumPy array on NumPy.",
         "",
         *markdown_table(UPDATE_HEADER, update_rows(gpu_updates, host_updates), "lrrrl"),
-    ]
-    print("\n".join(lines[-len(UPDATE_ROWS) - 2 :]), flush=True)
+    )
 
-    def report(probe: dict[str, Any] | None) -> str:
+    def report(probe: dict[str, Any] | None) -> list[str]:
         summary = [
             "",
             "## Targets",
             "",
             *targets_table(top_fractions, latency, gpu_updates, update_label, launches, probe),
         ]
-        text = "\n".join(lines + summary) + "\n"
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
-        return text
+        output.write_text("\n".join(lines + summary) + "\n")
+        return summary
 
     report(None)  # in case the profiler probe below does not come back
     probe = None
     if not args.no_torch_profile:
         print("\ncounting launches with torch.profiler in a child process ...", flush=True)
-        probe = run_launch_probe()
-    text = report(probe)
-    print("\n".join(text.splitlines()[-9:]))
+        elapsed = time.perf_counter() - run_start
+        probe = run_launch_probe(max(30.0, min(PROBE_TIMEOUT_S, args.time_budget + 150 - elapsed)))
+    summary = report(probe)
+    print("\n".join(summary))
     print(f"\nwritten to {output}")
-    return text
+    return "\n".join(lines + summary) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -999,6 +1066,12 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the NumPy comparison above this many patches",
     )
     parser.add_argument("--no-numpy", action="store_true", help="skip the NumPy comparison")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=TIME_BUDGET_S,
+        help="seconds the whole run may take; throughput cases that would overrun are skipped",
+    )
     parser.add_argument(
         "--no-torch-profile",
         action="store_true",

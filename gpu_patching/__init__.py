@@ -9,15 +9,29 @@ The public names:
 """
 
 from .backends import BackendUnavailableError
+from .crop import extract_patches
+from .filters import (
+    FilterResult,
+    filter_background,
+    filter_map,
+    region_statistics,
+    validation_split,
+)
 from .specs import PatchBatch, PatchSpecs
 from .strategy import StratifiedPatching
 
 __all__ = [
     "BackendUnavailableError",
+    "FilterResult",
     "PatchBatch",
     "PatchSpecs",
     "StratifiedPatching",
     "__version__",
+    "extract_patches",
+    "filter_background",
+    "filter_map",
+    "region_statistics",
+    "validation_split",
 ]
 
 __version__ = "0.1.0"

@@ -1,24 +1,25 @@
-"""A short demonstration: stratified against uniform random patching.
+"""The demonstration behind ``gpu-patching demo`` (and ``make demo``).
 
-Run it with ``python -m gpu_patching.demo`` (``make demo`` does). It builds a
-sampler over a synthetic 2D stack, holds out a block of grid cells as a
-validation area, lowers the probability of a "background" band, draws a few
-epochs and prints how evenly the patches cover the image, side by side with
-plain uniform random patch corners (the same number of patches per epoch).
+On one 2D microscopy image it builds a sampler, holds out validation patches,
+samples background regions less often, draws epochs, and compares how evenly
+the patches cover the image with plain uniform random patching (the same
+number of patches per epoch). It prints a table and writes pictures.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from . import StratifiedPatching
+from .filters import filter_background, validation_split
 
-__all__ = ["coverage_map", "main"]
+__all__ = ["coverage_map", "run_demo"]
 
 
 def coverage_map(
@@ -53,91 +54,164 @@ def coverage_map(
     return diff.cumsum(axis=0).cumsum(axis=1)[:height, :width]
 
 
-def _stats(coverage: NDArray[np.int64], epochs: int, keep: NDArray[np.bool_]) -> str:
-    per_epoch = coverage[keep] / epochs
-    uncovered = float(np.mean(coverage[keep] == 0))
-    return f"{per_epoch.mean():9.3f} {per_epoch.std():9.3f} {uncovered:10.2%}"
+def _summary(coverage: NDArray[np.int64], epochs: int, pixels: NDArray[np.bool_]) -> list[str]:
+    per_epoch = coverage[pixels] / epochs
+    return [
+        f"{per_epoch.mean():.3f}",
+        f"{per_epoch.std():.3f}",
+        f"{np.mean(coverage[pixels] == 0):.1%}",
+    ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demonstration and print its table.
+def run_demo(
+    image: NDArray[Any],
+    *,
+    name: str,
+    patch_size: tuple[int, ...] = (32, 32),
+    epochs: int = 20,
+    seed: int | None = 2026,
+    backend: str = "auto",
+    output: Path | None = None,
+    validation_fraction: float = 0.05,
+    background_quantile: float = 0.3,
+    filtered_prob: float = 0.1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the demonstration on one 2D image.
 
     Parameters
     ----------
-    argv : sequence of str, optional
-        Command-line arguments (default: ``sys.argv[1:]``).
+    image : numpy.ndarray, shape (Y, X)
+        The image.
+    name : str
+        How to name the image in the printout.
+    patch_size : tuple of int
+        Patch size ``(py, px)``.
+    epochs : int
+        Epochs to draw (at least 1).
+    seed : int or None
+        Sampler seed.
+    backend : {"auto", "cuda", "numpy"}
+        Sampler backend.
+    output : pathlib.Path, optional
+        Folder for the pictures; none are drawn when None.
+    validation_fraction : float
+        Fraction of the patches to hold out for validation, in ``[0, 0.5]``.
+    background_quantile : float
+        Regions whose mean intensity is below this quantile of all region
+        means are background, in ``[0, 1]``.
+    filtered_prob : float
+        Probability given to background regions.
+    progress : bool
+        Show a progress bar (tqdm).
 
     Returns
     -------
-    int
-        The exit status, 0.
+    dict
+        The numbers of the printed table.
     """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, nargs=2, default=(1024, 1536), metavar=("Y", "X"))
-    parser.add_argument("--patch", type=int, nargs=2, default=(64, 64), metavar=("PY", "PX"))
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--backend", default="auto", choices=("auto", "cuda", "numpy"))
-    args = parser.parse_args(argv)
+    if image.ndim != 2:
+        raise ValueError(f"the demo needs a 2D image, got shape {image.shape}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if not 0 <= validation_fraction <= 0.5:
+        raise ValueError(f"validation fraction must be in [0, 0.5], got {validation_fraction}")
+    if not 0 <= background_quantile <= 1:
+        raise ValueError(f"background quantile must be in [0, 1], got {background_quantile}")
+    shape = tuple(int(s) for s in image.shape)
+    stack = image[np.newaxis, np.newaxis]
+    sampler = StratifiedPatching([stack.shape], patch_size, seed=seed, backend=backend)
+    print(f"image: {name}, {shape[0]}x{shape[1]}; patch {patch_size[0]}x{patch_size[1]}")
+    print(f"sampler: backend {sampler.backend}, seed {sampler.seed}, {sampler.n_patches} patches")
 
-    shape = tuple(args.size)
-    patch = tuple(args.patch)
-    sampler = StratifiedPatching([(1, 1, *shape)], patch, seed=args.seed, backend=args.backend)
-    grid_y, grid_x = (
-        len(set(axis)) for axis in zip(*sampler.get_all_grid_coords()[(0, 0)], strict=True)
+    n_validation = round(validation_fraction * sampler.n_patches)
+    validation = validation_split(sampler, n_validation, seed=sampler.seed) if n_validation else []
+    print(f"validation: {len(validation)} patches held out -> {sampler.n_patches} patches")
+
+    from .filters import region_statistics
+
+    means = region_statistics(stack, patch_size, stats=("mean",))["mean"]
+    threshold = float(np.quantile(means, background_quantile))
+    filtered = filter_background(
+        sampler, [stack], stat="mean", threshold=threshold, filtered_prob=filtered_prob
     )
-    print(f"image {shape[0]}x{shape[1]}, patch {patch[0]}x{patch[1]}, grid {grid_y}x{grid_x}")
-    print(f"backend {sampler.backend}, seed {sampler.seed}, {sampler.n_patches} patches per epoch")
-
-    # Hold out a 3x3 block of cells (e.g. for validation) and sample the top
-    # band of cells (say, background) four times less often.
-    held_out = [(grid_y // 2 + dy, grid_x // 2 + dx) for dy in range(3) for dx in range(3)]
-    sampler.exclude_patches(0, 0, held_out)
-    probabilities = np.ones((grid_y, grid_x))
-    probabilities[:2] = 0.25
-    sampler.set_region_probs(0, 0, probabilities)
-    n_patches = sampler.n_patches
     print(
-        f"after holding out {len(held_out)} cells and down-weighting 2 rows: "
-        f"{n_patches} patches per epoch"
+        f"background: regions with mean < {threshold:.1f} get probability {filtered_prob} "
+        f"-> {sampler.n_patches} patches per epoch"
     )
+    del filtered
 
-    keep = np.ones(shape, dtype=bool)  # pixels outside the held-out block
-    (y0, x0), (y1, x1) = held_out[0], held_out[-1]
-    block = (
-        slice(y0 * patch[0], (y1 + 1) * patch[0]),
-        slice(x0 * patch[1], (x1 + 1) * patch[1]),
-    )
-    keep[block] = False
-    keep[: 2 * patch[0]] = False  # and outside the down-weighted band
+    # Pixels the comparison is about: outside validation patches.
+    pixels = np.ones(shape, dtype=bool)
+    for spec in validation:
+        y, x = spec["coords"]
+        pixels[y : y + patch_size[0], x : x + patch_size[1]] = False
 
+    n_patches = sampler.n_patches
     stratified = np.zeros(shape, dtype=np.int64)
     uniform = np.zeros(shape, dtype=np.int64)
-    random = np.random.default_rng(args.seed)
-    last_corner = np.asarray(shape) - np.asarray(patch)
-    epoch_times = []
-    print(f"\n{'':24s}{'mean':>9s} {'std':>9s} {'uncovered':>10s}   (coverage per epoch)")
-    for epoch in range(args.epochs):
+    snapshots: dict[str, NDArray[np.int64]] = {}
+    random = np.random.default_rng(sampler.seed)
+    last_corner = np.asarray(shape) - np.asarray(patch_size)
+    epoch_seconds = []
+    touched_validation = 0
+    rounds: Any = range(epochs)
+    if progress:
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc="epochs", unit="epoch", leave=False)
+    for epoch in rounds:
         start = time.perf_counter()
         batch = sampler.sample_epoch(epoch).to_numpy()
-        epoch_times.append(time.perf_counter() - start)
-        stratified += coverage_map(batch.coords, patch, shape)
+        epoch_seconds.append(time.perf_counter() - start)
+        epoch_cover = coverage_map(batch.coords, patch_size, shape)
+        stratified += epoch_cover
+        touched_validation += int(epoch_cover[~pixels].sum())
         corners = random.integers(0, last_corner + 1, size=(n_patches, 2))
-        uniform += coverage_map(corners, patch, shape)
-        if epoch in (0, args.epochs - 1):
-            print(
-                f"after {epoch + 1:2d} epoch(s): stratified {_stats(stratified, epoch + 1, keep)}"
-            )
-            print(f"{'':16s}uniform    {_stats(uniform, epoch + 1, keep)}")
+        uniform += coverage_map(corners, patch_size, shape)
+        if epoch == 0:
+            snapshots["stratified, 1 epoch"] = stratified.copy()
+            snapshots["uniform, 1 epoch"] = uniform.copy()
+    snapshots[f"stratified, {epochs} epochs"] = stratified
+    snapshots[f"uniform, {epochs} epochs"] = uniform
 
-    touched = stratified[block].max()
-    print(f"\nheld-out block covered by {int(touched)} stratified patches (must be 0)")
+    rows = [
+        ("stratified", 1, snapshots["stratified, 1 epoch"]),
+        ("uniform", 1, snapshots["uniform, 1 epoch"]),
+        ("stratified", epochs, stratified),
+        ("uniform", epochs, uniform),
+    ]
+    print(f"\n{'sampling':12s} {'epochs':>6s} {'mean':>7s} {'std':>7s} {'uncovered':>10s}")
+    results: dict[str, Any] = {"rows": []}
+    for label, count, cover in rows:
+        mean, std, uncovered = _summary(cover, count, pixels)
+        print(f"{label:12s} {count:6d} {mean:>7s} {std:>7s} {uncovered:>10s}")
+        results["rows"].append((label, count, mean, std, uncovered))
+    per_epoch = float(np.median(epoch_seconds))
     print(
-        f"time per epoch: {np.median(epoch_times) * 1e3:.2f} ms "
-        f"({np.median(epoch_times) / n_patches * 1e9:.0f} ns per patch, {sampler.backend})"
+        f"\n(coverage per pixel per epoch, outside validation patches)\n"
+        f"patches per epoch: {n_patches}; time per epoch: {per_epoch * 1e3:.2f} ms "
+        f"({sampler.backend}); validation pixels covered by training patches: "
+        f"{touched_validation}"
     )
-    return 0
+    results.update(
+        n_patches=n_patches,
+        seconds_per_epoch=per_epoch,
+        backend=sampler.backend,
+        validation=len(validation),
+        touched_validation=touched_validation,
+    )
+    if output is not None:
+        from ._pictures import draw_demo_pictures
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        written = draw_demo_pictures(
+            output,
+            image=image,
+            sampler=sampler,
+            validation=validation,
+            snapshots=snapshots,
+            epochs=epochs,
+        )
+        print("pictures:", ", ".join(str(p) for p in written))
+        results["pictures"] = written
+    return results

@@ -31,11 +31,12 @@ __all__ = [
     "philox4x32_10",
     "random_uint32",
     "random_uint64",
+    "random_words",
 ]
 
 #: Purpose word of the draw that places a patch inside its stratum.
 PURPOSE_STRATUM = 0
-#: Purpose word reserved for epoch shuffling.
+#: Purpose word of the round keys of the epoch shuffle (``permutation``).
 PURPOSE_SHUFFLE = 1
 
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -121,23 +122,25 @@ def philox4x32_10(
 
 
 def _counter_words(
-    seed: int, index: ArrayLike, draw_number: int, purpose: int, n_words: int
+    seed: int, index: ArrayLike, draw_number: ArrayLike, purpose: int, n_words: int
 ) -> tuple[NDArray[np.uint64], ...]:
     """Return the first ``n_words`` Philox output words of each index's counter."""
     index = np.asarray(index, dtype=np.int64).astype(np.uint64)
+    draw = np.asarray(draw_number, dtype=np.uint64)
+    shape = np.broadcast_shapes(index.shape, draw.shape)
     high = index >> _SHIFT32
     # Below 2**32 the high word is the scalar 0, which keeps round one cheap.
     high_word = high if high.size and high.max() > 0 else np.uint64(0)
     words = _philox_rounds(
         index & _MASK32,
-        np.uint64(draw_number),
+        draw if draw.ndim else np.uint64(draw),
         np.uint64(purpose),
         high_word,
         seed & 0xFFFFFFFF,
         seed >> 32,
         n_words=n_words,
     )
-    return tuple(np.broadcast_to(w, index.shape).astype(np.uint64, copy=False) for w in words)
+    return tuple(np.broadcast_to(w, shape).astype(np.uint64, copy=False) for w in words)
 
 
 def random_uint32(
@@ -178,3 +181,27 @@ def random_uint64(
     """
     word0, word1 = _counter_words(seed, index, draw_number, purpose, 2)
     return (word1 << _SHIFT32) | word0
+
+
+def random_words(
+    seed: int, index: ArrayLike, draw_number: ArrayLike, purpose: int
+) -> tuple[NDArray[np.uint64], NDArray[np.uint64], NDArray[np.uint64], NDArray[np.uint64]]:
+    """Return all four Philox output words of each counter.
+
+    Parameters
+    ----------
+    seed : int
+        The 64-bit key, in ``[0, 2**64)``.
+    index : array_like of int
+        Non-negative indices, below ``2**63`` (the counter's index words).
+    draw_number : int or array_like of int
+        Draw numbers in ``[0, 2**32)``; broadcasts against ``index``.
+    purpose : int
+        What the bits are for (``PURPOSE_STRATUM``, ``PURPOSE_SHUFFLE``).
+
+    Returns
+    -------
+    tuple of four numpy.ndarray of numpy.uint64
+        The 32-bit output words (in uint64 storage), broadcast shape.
+    """
+    return _counter_words(seed, index, draw_number, purpose, 4)  # type: ignore[return-value]

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from . import _validation as check
 from ._arrays import to_host
 from .backends import resolve_backend
+from .permutation import EpochOrder
 from .specs import PatchBatch, PatchSpecs
 from .tables import RegionTables
 
@@ -389,33 +391,77 @@ class StratifiedPatching:
 
     # -- epochs ----------------------------------------------------------------
 
-    def sample_epoch(self, epoch: int) -> PatchBatch:
-        """Return every patch of an epoch at once.
+    def sample_epoch(
+        self,
+        epoch: int,
+        *,
+        shuffle: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> PatchBatch:
+        """Return every patch of an epoch at once, optionally shuffled and sharded.
 
-        Row ``i`` is what the ``epoch``-th call of ``get_patch_spec(i)``
-        returns. On the CUDA backend this is one kernel launch and the arrays
-        are CuPy arrays.
+        Row ``j`` holds the patch of global index ``indices[j]``, and that
+        patch is what the ``epoch``-th call of ``get_patch_spec(indices[j])``
+        returns: where an index lands in the order never changes its draw. By
+        default the rows are all ``n_patches`` indices in order. On the CUDA
+        backend this is one kernel launch, shuffled and sharded or not, and
+        the arrays are CuPy arrays.
+
+        Shuffling and sharding follow PyTorch's ``DistributedSampler``: the
+        epoch's order is a permutation of ``range(n_patches)`` (a function of
+        the seed and ``epoch`` only, so every rank computes the same one
+        without communicating); with ``N = n_patches`` each rank gets
+        ``ceil(N / world_size)`` rows, the order padded by wrapping round to
+        its start, or ``N // world_size`` rows with ``drop_last``; rank ``r``
+        takes positions ``r, r + world_size, ...`` of the order.
 
         Parameters
         ----------
         epoch : int
-            The draw number, in ``[0, 2**32)``.
+            The draw number, in ``[0, 2**32)``; it also keys the shuffle.
+        shuffle : bool, default False
+            Permute the order of the indices (a different permutation every
+            epoch).
+        rank : int, default 0
+            This process's rank, ``0 <= rank < world_size``.
+        world_size : int, default 1
+            Number of processes sharing the epoch (one per GPU with DDP).
+        drop_last : bool, default False
+            Drop the tail of the order so that the shards are disjoint and of
+            equal size, instead of padding it so that every index is drawn.
 
         Returns
         -------
         PatchBatch
-            ``n_patches`` rows in index order.
+            This rank's rows of the epoch.
 
         Raises
         ------
         ValueError
-            If ``epoch`` is negative or not below ``2**32``.
+            If ``epoch`` is negative or not below ``2**32``, ``world_size`` is
+            below 1 or ``rank`` is outside ``[0, world_size)``.
         TypeError
-            If ``epoch`` is not an integer.
+            If ``epoch``, ``rank`` or ``world_size`` is not an integer, or
+            ``shuffle`` or ``drop_last`` is not a bool.
+
+        Examples
+        --------
+        Each of two DDP ranks draws its own half of a shuffled epoch:
+
+        >>> from gpu_patching import StratifiedPatching
+        >>> sampler = StratifiedPatching([(1, 1, 256, 256)], (64, 64), seed=42)
+        >>> shard = sampler.sample_epoch(3, shuffle=True, rank=1, world_size=2)
+        >>> len(shard)
+        8
         """
         draw = self._check_epoch(epoch)
+        order = EpochOrder.shard(
+            self.n_patches, shuffle=shuffle, rank=rank, world_size=world_size, drop_last=drop_last
+        )
         data_idx, sample_idx, coords, indices = self._backend.draw(
-            self._tables, range(self.n_patches), draw, self._seed
+            self._tables, order, draw, self._seed
         )
         return PatchBatch(
             data_idx=data_idx,
@@ -424,6 +470,45 @@ class StratifiedPatching:
             indices=indices,
             patch_size=self._patch_size,
         )
+
+    def epoch_indices(
+        self,
+        epoch: int,
+        *,
+        shuffle: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> NDArray[np.int64]:
+        """Return the global patch indices of this rank's rows of an epoch.
+
+        The ``indices`` column of :meth:`sample_epoch` with the same
+        arguments, computed on the host without drawing any patch: what a
+        sampler hands to a dataset that calls :meth:`get_patch_spec`.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch, in ``[0, 2**32)`` (keys the shuffle).
+        shuffle, rank, world_size, drop_last
+            As in :meth:`sample_epoch`.
+
+        Returns
+        -------
+        numpy.ndarray of int64
+            ``ceil(n_patches / world_size)`` indices, or
+            ``n_patches // world_size`` with ``drop_last``.
+
+        Raises
+        ------
+        ValueError, TypeError
+            As in :meth:`sample_epoch`.
+        """
+        draw = self._check_epoch(epoch)
+        order = EpochOrder.shard(
+            self.n_patches, shuffle=shuffle, rank=rank, world_size=world_size, drop_last=drop_last
+        )
+        return order.indices(self._seed, draw)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next call of every index use draw number ``epoch``.

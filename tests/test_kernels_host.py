@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpu_patching import StratifiedPatching, grid, rng
+from gpu_patching import StratifiedPatching, grid, permutation, rng
 from gpu_patching.backends.cuda_backend import (
     OUTPUT_PARAMS,
     SAMPLE_EPOCH_PARAMS,
@@ -38,6 +38,7 @@ from gpu_patching.backends.cuda_backend import (
     split_sample_table,
 )
 from gpu_patching.backends.numpy_backend import NumpyBackend, mulhi64
+from gpu_patching.permutation import EpochOrder
 from gpu_patching.tables import RegionTables
 
 SHIM_SOURCE = Path(__file__).with_name("kernel_shim.cpp")
@@ -96,6 +97,23 @@ def _load_shim(library: Path) -> ctypes.CDLL:
     shim.random_u64.restype = ctypes.c_ulonglong
     shim.mulhi64.argtypes = [ctypes.c_ulonglong, ctypes.c_ulonglong]
     shim.mulhi64.restype = ctypes.c_ulonglong
+    shim.shuffle_parameters.argtypes = [
+        ctypes.c_longlong,
+        ctypes.c_ulonglong,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
+    shim.shuffle_parameters.restype = None
+    shim.shuffle_positions.argtypes = [
+        ctypes.c_longlong,
+        ctypes.c_ulonglong,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+        ctypes.c_longlong,
+        ctypes.c_void_p,
+    ]
+    shim.shuffle_positions.restype = None
     # draw_epoch has the kernel's parameter list (test_kernels_nvrtc checks it).
     shim.draw_epoch.argtypes = [
         ctypes.c_void_p if c_type.endswith("*") else _CTYPES[c_type]
@@ -369,11 +387,15 @@ def _raw_draw(shim: ctypes.CDLL, tables: RegionTables, indices: Any, draw: int, 
     The outputs start out as a sentinel that no draw writes, so a row the kernel
     skipped cannot pass for a failed (-1) or a real one.
     """
+    rows: Any
     if isinstance(indices, range):
-        index_array, first, n = None, indices.start, len(indices)
+        rows = EpochOrder.contiguous(indices.start, indices.stop)
+        n = rows.n_rows
+    elif isinstance(indices, EpochOrder):
+        rows, n = indices, indices.n_rows
     else:
-        index_array = np.ascontiguousarray(indices, dtype=np.int64)
-        first, n = 0, len(index_array)
+        rows = np.ascontiguousarray(indices, dtype=np.int64)
+        n = len(rows)
     sentinel = -(2**62)
     outputs = (
         np.full(n, sentinel, dtype=np.int64),
@@ -382,7 +404,7 @@ def _raw_draw(shim: ctypes.CDLL, tables: RegionTables, indices: Any, draw: int, 
         np.full(n, sentinel, dtype=np.int64),
     )
     arrays = split_sample_table(pack_sample_table(tables), tables.n_samples, tables.ndim)
-    args = _launch_args(tables, arrays, index_array, first, n, draw, seed, outputs)
+    args = _launch_args(tables, arrays, rows, draw, seed, outputs)
     _call_draw_epoch(shim, args)
     for name, column in zip(COLUMNS, outputs, strict=True):
         assert (column != sentinel).all(), f"{name}: a row was not written"
@@ -457,6 +479,132 @@ def test_host_backend_returns_the_arrays_the_kernel_wrote(shim: ctypes.CDLL) -> 
     _assert_same_draws(_numpy_draw(sampler._tables, range(n), 2, 8), result)
 
 
+# -- the epoch order: shuffle and shard ------------------------------------------------
+
+PRIMES = [2, 3, 5, 7, 13, 31, 61, 127, 8191, 65537, 131071, 524287, 2147483647]
+POWERS_OF_TWO = [2**k for k in (1, 2, 3, 6, 7, 10, 16, 17, 31, 32, 40, 62)]
+ORDER_SIZES = st.one_of(
+    st.sampled_from([0, 1, *PRIMES, *POWERS_OF_TWO, 63, 64, 65, 128, 129, 2**62 - 1]),
+    st.integers(0, 5000),
+    st.integers(0, 2**62),
+)
+SEEDS = st.integers(0, 2**64 - 1)
+DRAWS = st.integers(0, 2**32 - 1)
+
+
+def _host_shuffle(shim: ctypes.CDLL, n: int, seed: int, draw: int, positions: np.ndarray):
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    out = np.full(len(positions), -(2**62), dtype=np.int64)
+    shim.shuffle_positions(n, seed, draw, positions.ctypes.data, len(positions), out.ctypes.data)
+    return out
+
+
+def _some_positions(n: int, generator: np.random.Generator) -> np.ndarray:
+    """Every position of a small order; the ends and a random sample of a big one."""
+    if n <= 600:
+        return np.arange(n, dtype=np.int64)
+    sample = generator.integers(0, n, size=500, dtype=np.int64)
+    return np.concatenate([[0, 1, n // 2, n - 2, n - 1], sample])
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(n=ORDER_SIZES, seed=SEEDS, draw=DRAWS)
+def test_host_shuffle_domain_and_round_keys_equal_numpys(
+    shim: ctypes.CDLL, n: int, seed: int, draw: int
+) -> None:
+    domain = np.zeros(2, dtype=np.int64)
+    keys = np.zeros(permutation.SHUFFLE_ROUNDS, dtype=np.uint32)
+    shim.shuffle_parameters(n, seed, draw, domain.ctypes.data, keys.ctypes.data)
+    assert tuple(domain.tolist()) == permutation.feistel_domain(n)
+    np.testing.assert_array_equal(keys, permutation.round_keys(seed, draw))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(n=ORDER_SIZES.filter(lambda n: n > 0), seed=SEEDS, draw=DRAWS)
+def test_host_shuffle_equals_numpy_permutation(
+    shim: ctypes.CDLL, n: int, seed: int, draw: int
+) -> None:
+    positions = _some_positions(n, np.random.default_rng(seed % 2**32))
+    expected = permutation.permute(positions, n, seed, draw)
+    np.testing.assert_array_equal(_host_shuffle(shim, n, seed, draw, positions), expected)
+
+
+def test_host_shuffle_refuses_positions_outside_the_order(shim: ctypes.CDLL) -> None:
+    positions = np.array([-(2**63), -1, 0, 9, 10, 2**63 - 1], dtype=np.int64)
+    got = _host_shuffle(shim, 10, 5, 6, positions)
+    np.testing.assert_array_equal(got[[0, 1, 4, 5]], -1)
+    assert 0 <= got[2] < 10 and 0 <= got[3] < 10
+    # An empty order has no valid position at all.
+    np.testing.assert_array_equal(_host_shuffle(shim, 0, 5, 6, np.arange(3)), -1)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    sampler=samplers(),
+    draw=DRAWS,
+    shuffle=st.booleans(),
+    world_size=st.integers(1, 6),
+    drop_last=st.booleans(),
+    data=st.data(),
+)
+def test_host_kernel_equals_numpy_for_shuffled_sharded_epochs(
+    shim: ctypes.CDLL,
+    sampler: StratifiedPatching,
+    draw: int,
+    shuffle: bool,
+    world_size: int,
+    drop_last: bool,
+    data: st.DataObject,
+) -> None:
+    rank = data.draw(st.integers(0, world_size - 1))
+    tables = sampler._tables
+    order = EpochOrder.shard(
+        tables.total_patches,
+        shuffle=shuffle,
+        rank=rank,
+        world_size=world_size,
+        drop_last=drop_last,
+    )
+    expected = NumpyBackend().draw(tables, order, draw, sampler.seed)
+    backend = HostLaunchedBackend(shim)
+    actual = backend.draw(tables, order, draw, sampler.seed)
+    _assert_same_draws(expected, actual)
+    assert backend.launch_count == (1 if order.n_rows else 0)
+    np.testing.assert_array_equal(actual[3], order.indices(sampler.seed, draw))
+
+
+def test_host_kernel_draws_a_shuffled_shard_in_one_launch_without_an_index_array(
+    shim: ctypes.CDLL,
+) -> None:
+    sampler = StratifiedPatching([(3, 1, 40, 36)], (8, 6), seed=9, backend="numpy")
+    backend = HostLaunchedBackend(shim)
+    launched: list[tuple[Any, ...]] = []
+    kernel = backend._kernel()
+
+    def recording_kernel(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
+        launched.append(args)
+        kernel(grid, block, args)
+
+    backend._kernel = lambda: recording_kernel  # type: ignore[method-assign]
+    order = EpochOrder.shard(sampler.n_patches, shuffle=True, rank=1, world_size=4)
+    result = backend.draw(sampler._tables, order, 7, sampler.seed)
+    assert len(launched) == 1
+    values = dict(zip((name for name, _ in SAMPLE_EPOCH_PARAMS), launched[0], strict=True))
+    assert values["indices"] is None, "the kernel computes every row's index"
+    assert (values["first_position"], values["position_step"], values["shuffle"]) == (1, 4, 1)
+    for column, name in zip(result, OUTPUT_PARAMS, strict=True):
+        assert column is values[name], name
+    batch = sampler.sample_epoch(7, shuffle=True, rank=1, world_size=4)
+    _assert_same_draws(
+        (batch.data_idx, batch.sample_idx, batch.coords, batch.indices), result
+    )
+
+
 # -- inconsistent tables never make the kernel leave its arrays ------------------------
 
 _FUZZ_SCRIPT = textwrap.dedent(
@@ -523,7 +671,21 @@ _FUZZ_SCRIPT = textwrap.dedent(
                     corrupt(arrays[k])
         total = min(max(int(arrays[0][-1]), 0), 10**6)
         n_rows = int(generator.integers(1, 200))
-        first_index = int(generator.integers(-3, max(total, 1) + 3))
+        first_position = int(generator.integers(-3, max(total, 1) + 3))
+        # Rows without an index array take, a third each, a plain range, a
+        # shard (any step, wrapping round any length, shuffled or not), or
+        # absurd order values.
+        position_step, n_positions, shuffle = 1, 0, 0
+        mode = (trial // 2) % 3
+        if mode == 1:
+            position_step = int(generator.integers(1, 5))
+            n_positions = int(generator.integers(0, total + 3))
+            shuffle = int(generator.integers(0, 2))
+        elif mode == 2:
+            first_position = int(generator.integers(-(2**63), 2**63 - 1))
+            position_step = int(generator.integers(-(2**63), 2**63 - 1))
+            n_positions = int(generator.integers(-(2**63), 2**63 - 1))
+            shuffle = int(generator.integers(0, 2))
         indices = generator.integers(-3, total + 3, size=n_rows, dtype=np.int64)
         use_indices = trial % 2 == 0
         # Every output its own allocation of exactly its documented length (so
@@ -537,7 +699,8 @@ _FUZZ_SCRIPT = textwrap.dedent(
             *[P(a.ctypes.data if a.size else None) for a in arrays],
             L(n_samples), L(n_regions), ctypes.c_int(ndim),
             P(indices.ctypes.data if use_indices else None),
-            L(first_index), L(n_rows),
+            L(first_position), L(position_step), L(n_positions), ctypes.c_int(shuffle),
+            L(n_rows),
             ctypes.c_uint(int(generator.integers(0, 2**32))),
             ctypes.c_ulonglong(int(generator.integers(0, 2**63))),
             P(data_idx.ctypes.data), P(sample_idx.ctypes.data),
@@ -548,9 +711,10 @@ _FUZZ_SCRIPT = textwrap.dedent(
         # every column) or carries the index it was asked for.
         for column in (data_idx, sample_idx, coords, patch_index):
             assert (column != sentinel).all(), trial
-        wanted = indices if use_indices else first_index + np.arange(n_rows)
         failed = patch_index == -1
-        assert (patch_index[~failed] == wanted[~failed]).all(), trial
+        if use_indices or mode == 0:
+            wanted = indices if use_indices else first_position + np.arange(n_rows)
+            assert (patch_index[~failed] == wanted[~failed]).all(), trial
         assert (data_idx[failed] == -1).all() and (sample_idx[failed] == -1).all(), trial
         assert (coords.reshape(n_rows, -1)[failed] == -1).all(), trial
     print("ok")

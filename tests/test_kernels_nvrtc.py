@@ -32,6 +32,7 @@ from gpu_patching.backends.cuda_backend import (
     pack_sample_table,
     split_sample_table,
 )
+from gpu_patching.permutation import EpochOrder
 
 ARCHITECTURES = ["compute_70", "compute_90"]
 SHIM_SOURCE = Path(__file__).with_name("kernel_shim.cpp")
@@ -182,11 +183,17 @@ def _outputs(n_rows: int, ndim: int) -> tuple[np.ndarray, ...]:
     )
 
 
-def _args_for(tables, *, indices=None, n_rows=None, draw=3, seed=2**64 - 1, outputs=None):
+def _args_for(
+    tables, *, indices=None, n_rows=None, draw=3, seed=2**64 - 1, outputs=None, order=None
+):
     n_rows = tables.total_patches if n_rows is None else n_rows
     arrays = split_sample_table(pack_sample_table(tables), tables.n_samples, tables.ndim)
     outputs = _outputs(n_rows, tables.ndim) if outputs is None else outputs
-    return _launch_args(tables, arrays, indices, 0, n_rows, draw, seed, outputs)
+    if indices is None:
+        rows = EpochOrder.contiguous(0, n_rows) if order is None else order
+    else:
+        rows = indices
+    return _launch_args(tables, arrays, rows, draw, seed, outputs)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -265,7 +272,36 @@ def test_launch_args_refuse_a_table_of_the_wrong_dtype_or_length() -> None:
         _args_for(tables)
     tables = _small_tables(2)
     with pytest.raises(ValueError, match="indices"):
+        _args_for(tables, indices=np.arange(4, dtype=np.int64).reshape(2, 2), n_rows=4)
+    with pytest.raises(TypeError, match="indices"):
+        _args_for(tables, indices=np.arange(4, dtype=np.int32), n_rows=4)
+
+
+def test_launch_args_take_the_rows_from_the_index_array() -> None:
+    # An index array sets the row count: outputs of another length are refused.
+    tables = _small_tables(2)
+    with pytest.raises(ValueError, match="data_idx"):
         _args_for(tables, indices=np.arange(3, dtype=np.int64), n_rows=4)
+
+
+def test_launch_args_carry_the_epoch_order_of_a_shuffled_shard() -> None:
+    tables = _small_tables(2)
+    n = tables.total_patches
+    order = EpochOrder.shard(n, shuffle=True, rank=2, world_size=3)
+    args = _args_for(tables, n_rows=order.n_rows, order=order)
+    values = dict(zip((name for name, _ in SAMPLE_EPOCH_PARAMS), args, strict=True))
+    assert values["indices"] is None
+    assert values["first_position"] == 2 and values["position_step"] == 3
+    assert values["n_positions"] == n and values["shuffle"] == 1
+    assert values["n_rows"] == -(-n // 3)
+    assert type(values["shuffle"]) is np.int32
+
+
+def test_launch_args_of_an_index_array_leave_the_order_inert() -> None:
+    tables = _small_tables(2)
+    args = _args_for(tables, indices=np.arange(5, dtype=np.int64), n_rows=5)
+    values = dict(zip((name for name, _ in SAMPLE_EPOCH_PARAMS), args, strict=True))
+    assert values["shuffle"] == 0 and values["n_positions"] == 0 and values["n_rows"] == 5
 
 
 @pytest.mark.parametrize("name", OUTPUT_PARAMS)

@@ -19,14 +19,17 @@ Launch contract (checked by the test suite without a GPU):
 * :func:`launch_grid` sizes the grid; the kernel's grid-stride loop covers
   every row exactly once for any grid size.
 
-Indices: :meth:`CudaBackend.draw` takes either a ``range`` with step 1 (the
-kernel computes each index from the row, no index array is read; an epoch is
-``range(n_patches)``) or an array of arbitrary indices (read through a
-pointer). Both are one launch (an index array that is not C-contiguous int64
-is converted first, which is a copy). A range is checked against
-``[0, total_patches)`` on the host; an index array is not (that would need a
-device reduction and a synchronisation): a row whose index is out of range is
-written as ``-1`` in every column rather than raising as NumPy does.
+Indices: :meth:`CudaBackend.draw` takes an
+:class:`~gpu_patching.permutation.EpochOrder` (the kernel computes each row's
+index from the row number: position, wrap for a DDP shard's padding, and the
+seed-and-epoch keyed permutation when shuffling; no index array exists), a
+``range`` with step 1 (a plain order), or an array of arbitrary indices (read
+through a pointer). Each is one launch (an index array that is not
+C-contiguous int64 is converted first, which is a copy). A range is checked
+against ``[0, total_patches)`` on the host, and an order is built within it;
+an index array is not checked (that would need a device reduction and a
+synchronisation): a row whose index is out of range is written as ``-1`` in
+every column rather than raising as NumPy does.
 
 Outputs: the kernel writes all four columns of the result (``data_idx``,
 ``sample_idx``, ``coords`` and the global index of each row) into arrays made
@@ -53,6 +56,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .._arrays import to_host
+from ..permutation import EpochOrder
 from ..tables import RegionTables
 
 __all__ = [
@@ -102,7 +106,10 @@ SAMPLE_EPOCH_PARAMS: tuple[tuple[str, str], ...] = (
     ("n_regions", "long long"),
     ("ndim", "int"),
     ("indices", "const long long*"),
-    ("first_index", "long long"),
+    ("first_position", "long long"),
+    ("position_step", "long long"),
+    ("n_positions", "long long"),
+    ("shuffle", "int"),
     ("n_rows", "long long"),
     ("draw_number", "unsigned int"),
     ("seed", "unsigned long long"),
@@ -297,9 +304,7 @@ def _check_array(name: str, array: Any, dtype: type[np.generic], size: int) -> N
 def _launch_args(
     tables: RegionTables,
     sample_arrays: dict[str, Any],
-    indices: Any,
-    first_index: int,
-    n_rows: int,
+    rows: EpochOrder | Any,
     draw_number: int,
     seed: int,
     outputs: tuple[Any, Any, Any, Any],
@@ -313,10 +318,21 @@ def _launch_args(
     right, no table contents can make it read or write out of bounds. Works on
     NumPy arrays too, so the tests can call it without a GPU.
 
-    ``outputs`` is ``(data_idx, sample_idx, coords, patch_index)``
-    (:data:`OUTPUT_PARAMS`): int64 arrays of ``n_rows``, ``n_rows``,
-    ``n_rows * ndim`` and ``n_rows`` values.
+    ``rows`` is an :class:`~gpu_patching.permutation.EpochOrder` (no index
+    array: the kernel computes each row's index) or a 1-D int64 index array
+    (one row per index). ``outputs`` is ``(data_idx, sample_idx, coords,
+    patch_index)`` (:data:`OUTPUT_PARAMS`): int64 arrays of ``n_rows``,
+    ``n_rows``, ``n_rows * ndim`` and ``n_rows`` values.
     """
+    if isinstance(rows, EpochOrder):
+        indices = None
+        order = rows
+        n_rows = order.n_rows
+    else:
+        indices = rows
+        # Unused by the kernel when it reads indices; zeros for clarity.
+        order = EpochOrder(0, 0, int(indices.size), 0, False)
+        n_rows = int(indices.size)
     n_samples, ndim = tables.n_samples, tables.ndim
     n_regions = int(tables.mass_prefix.size)
     if ndim not in (2, 3):
@@ -331,6 +347,8 @@ def _launch_args(
         raise ValueError(f"n_rows must be >= 0, got {n_rows}")
     if indices is not None:
         _check_array("indices", indices, np.int64, n_rows)
+        if indices.ndim != 1:
+            raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
     if len(outputs) != len(OUTPUT_PARAMS):
         raise ValueError(f"expected {len(OUTPUT_PARAMS)} output arrays, got {len(outputs)}")
     output_values = dict(zip(OUTPUT_PARAMS, outputs, strict=True))
@@ -346,7 +364,10 @@ def _launch_args(
         "n_regions": n_regions,
         "ndim": ndim,
         "indices": indices,
-        "first_index": first_index,
+        "first_position": order.first_position,
+        "position_step": order.position_step,
+        "n_positions": order.n_positions,
+        "shuffle": int(order.shuffle),
         "n_rows": n_rows,
         "draw_number": draw_number,
         "seed": seed,
@@ -413,12 +434,14 @@ class CudaBackend:
         ----------
         tables : RegionTables
             The sampler's tables, built with ``xp=cupy``.
-        indices : range or array of int
-            Global patch indices. A ``range`` with step 1 (an epoch is
-            ``range(n_patches)``) must lie in ``[0, tables.total_patches)``;
-            an array (NumPy or CuPy, 1-D) is read by the kernel, and a row with
-            an index outside that interval is written as ``-1`` in every
-            column.
+        indices : EpochOrder, range or array of int
+            Which global patch index each row draws. An
+            :class:`~gpu_patching.permutation.EpochOrder` (a shuffled or
+            sharded epoch) or a ``range`` with step 1 (an epoch is
+            ``range(n_patches)``) must stay in ``[0, tables.total_patches)``;
+            the kernel computes each row's index. An array (NumPy or CuPy,
+            1-D) is read by the kernel, and a row with an index outside that
+            interval is written as ``-1`` in every column.
         draw_number : int
             The draw number, in ``[0, 2**32)``.
         seed : int
@@ -433,13 +456,13 @@ class CudaBackend:
         coords : cupy.ndarray of int64, shape (N, d)
             Patch corners.
         indices : cupy.ndarray of int64, shape (N,)
-            Global patch index of each row: ``first + row`` for a range, a
-            copy of the index array otherwise.
+            Global patch index of each row, written by the kernel (a copy of
+            an index array).
 
         Raises
         ------
         IndexError
-            If a range of indices leaves ``[0, tables.total_patches)``.
+            If a range or an order leaves ``[0, tables.total_patches)``.
         TypeError
             If an index array does not hold integers.
         ValueError
@@ -451,7 +474,8 @@ class CudaBackend:
             raise ValueError(f"draw_number must be in [0, 2**32), got {draw_number}")
         if not 0 <= seed < 1 << 64:
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-        index_array, first_index, n_rows = self._rows(tables, indices)
+        rows = self._rows(tables, indices)
+        n_rows = rows.n_rows if isinstance(rows, EpochOrder) else int(rows.size)
         # cupy.empty only allocates (from the memory pool): no kernel runs.
         outputs = (
             cupy.empty(n_rows, dtype=cupy.int64),
@@ -465,16 +489,7 @@ class CudaBackend:
         sample_arrays = split_sample_table(
             self._sample_table(tables), tables.n_samples, tables.ndim
         )
-        args = _launch_args(
-            tables,
-            sample_arrays,
-            index_array,
-            first_index,
-            n_rows,
-            draw_number,
-            seed,
-            outputs,
-        )
+        args = _launch_args(tables, sample_arrays, rows, draw_number, seed, outputs)
         blocks, threads = launch_grid(n_rows)
         self._kernel()((blocks,), (threads,), args)
         self.launch_count += 1
@@ -485,22 +500,21 @@ class CudaBackend:
         """Return ``values`` (CuPy or NumPy) as a NumPy array."""
         return to_host(values)
 
-    def _rows(self, tables: RegionTables, indices: Any) -> tuple[Any, int, int]:
-        """Return ``(index array or None, first index, rows)`` for ``indices``."""
+    def _rows(self, tables: RegionTables, indices: Any) -> Any:
+        """Return the checked order, or the device index array, of ``indices``."""
         if isinstance(indices, range):
-            n_rows = len(indices)
-            if n_rows > 1 and indices.step != 1:
+            if len(indices) > 1 and indices.step != 1:
                 raise ValueError(f"a range of indices must have step 1, got {indices}")
-            if n_rows and not (0 <= indices.start and indices[-1] < tables.total_patches):
-                raise IndexError(f"indices {indices} leave [0, {tables.total_patches})")
-            return None, indices.start if n_rows else 0, n_rows
+            indices = EpochOrder.contiguous(indices.start, indices.stop)
+        if isinstance(indices, EpochOrder):
+            indices.check_within(tables.total_patches)
+            return indices
         array = self.xp.asarray(indices)
         if array.ndim != 1:
             raise ValueError(f"indices must be 1-D, got shape {array.shape}")
         if array.dtype.kind not in "iu":
             raise TypeError(f"indices must be integers, got dtype {array.dtype}")
-        array = self.xp.ascontiguousarray(array, dtype=self.xp.int64)
-        return array, 0, int(array.size)
+        return self.xp.ascontiguousarray(array, dtype=self.xp.int64)
 
     def _sample_table(self, tables: RegionTables) -> Any:
         """Return the packed per-sample arrays on the current device."""

@@ -210,14 +210,14 @@ GP_HD void write_failed_row(const RowOutputs& out, i64 row, int width) {
     for (int axis = 0; axis < width; ++axis) out.coords[row * width + axis] = -1;
 }
 
-// One output row (NDIM == tables.ndim): the patch of `indices[row]` (or of
-// `first_index + row` when `indices` is null). A failed draw (an index outside
-// the epoch, or inconsistent tables) writes -1 in every column, index included,
-// so every row is always written and a bad row is recognisable in any column.
+// One output row (NDIM == tables.ndim): the patch of global index `index`
+// (permutation.cuh's row_index says which index a row draws). A failed draw
+// (an index outside the epoch, or inconsistent tables) writes -1 in every
+// column, index included, so every row is always written and a bad row is
+// recognisable in any column.
 template <int NDIM>
-GP_HD void draw_row_nd(const TableView& tables, const i64* indices, i64 first_index,
-                       i64 row, u32 draw_number, u64 seed, const RowOutputs& out) {
-    const i64 index = indices ? indices[row] : first_index + row;
+GP_HD void draw_row_nd(const TableView& tables, i64 index, i64 row, u32 draw_number,
+                       u64 seed, const RowOutputs& out) {
     i64 sample = -1;
     i64 corner[NDIM];
     if (!draw_patch<NDIM>(tables, index, draw_number, seed, &sample, corner)) {
@@ -234,14 +234,14 @@ GP_HD void draw_row_nd(const TableView& tables, const i64* indices, i64 first_in
 // draw_row_nd for the runtime dimensionality of the tables (a row of an
 // unsupported dimensionality is all -1). The caller keeps `row` in [0, N) for
 // outputs of N rows (see RowOutputs; coords holds N * max(ndim, 0) values).
-GP_HD void draw_row(const TableView& tables, const i64* indices, i64 first_index,
-                    i64 row, u32 draw_number, u64 seed, const RowOutputs& out) {
+GP_HD void draw_row(const TableView& tables, i64 index, i64 row, u32 draw_number, u64 seed,
+                    const RowOutputs& out) {
     switch (tables.ndim) {
         case 2:
-            draw_row_nd<2>(tables, indices, first_index, row, draw_number, seed, out);
+            draw_row_nd<2>(tables, index, row, draw_number, seed, out);
             return;
         case 3:
-            draw_row_nd<3>(tables, indices, first_index, row, draw_number, seed, out);
+            draw_row_nd<3>(tables, index, row, draw_number, seed, out);
             return;
         default:
             write_failed_row(out, row, tables.ndim);

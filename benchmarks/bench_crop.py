@@ -1,0 +1,449 @@
+"""Crop benchmark: extract_patches against CuPy fancy indexing and a per-patch slicing loop.
+
+Cases (issue 5): 64x64 and 32x64x64 float32 patches, batches of 256 and 4096
+rows, one stack per case (2D: 8 samples of 1024x1024; 3D: 4 samples of
+128x256x256), random corners (fixed seed). Throughput is reported as patches/s
+and as GB/s of bytes read + written: each patch element is read once from its
+stack and written once to the output, so ``2 * output bytes / time``.
+
+* **CPU** (always): ``extract_patches`` on NumPy stacks (the vectorised gather)
+  against a per-patch slicing loop (``out[k] = stack[s, :, y:y+py, x:x+px]``),
+  each with a fresh output and with a reused one. Median wall time of several
+  calls.
+* **GPU** (when a usable CUDA device exists): on CuPy stacks, ``extract_patches``
+  (the crop kernel alone, launched back to back with prepared arguments; and
+  the whole call with host rows, and with device rows, which adds the row-check
+  kernel and its one scalar copy back) against CuPy fancy indexing (broadcast
+  index arrays built on the device from the corners, then one gather) and a
+  per-patch slicing loop (one copy kernel per patch). CUDA-event times; bursts
+  of back-to-back calls, median of several bursts. Beside them, the card's
+  device-to-device copy bandwidth measured here (``cudaMemcpyAsync`` of 1 GiB,
+  read + write); the target is the crop kernel at >= 70% of it at batch 4096.
+
+Run ``python benchmarks/bench_crop.py`` (``--quick`` for fewer repeats). The
+CPU markdown goes to ``benchmarks/results/crop-cpu.md``, the GPU markdown to
+``benchmarks/results/crop-gpu-<card>.md``; without a GPU the GPU part is
+skipped and the script says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bench_gpu import (
+    cpu_model,
+    device_info,
+    fmt_bandwidth,
+    fmt_bytes,
+    fmt_percent,
+    fmt_rate,
+    fmt_time,
+    free_device_memory,
+    header_lines,
+    markdown_table,
+    measure_bandwidth,
+    slug,
+    time_burst,
+    usable_cupy,
+)
+
+from gpu_patching import PatchBatch, extract_patches
+from gpu_patching import crop as crop_module
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TARGET_COPY_FRACTION = 0.70  # of the D2D copy bandwidth, at batch 4096
+TARGET_BATCH = 4096
+BATCHES = (256, 4096)
+BANDWIDTH_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Case:
+    """One stack and one patch size; the batches run over it."""
+
+    label: str
+    stack_shape: tuple[int, ...]
+    patch_size: tuple[int, ...]
+
+
+CASES = (
+    Case("64x64 float32", (8, 1, 1024, 1024), (64, 64)),
+    Case("32x64x64 float32", (4, 1, 128, 256, 256), (32, 64, 64)),
+)
+
+
+def make_stack(case: Case) -> np.ndarray:
+    return np.random.default_rng(0).random(case.stack_shape, dtype=np.float32)
+
+
+def make_batch(case: Case, n_rows: int, seed: int = 1) -> PatchBatch:
+    """Random valid rows over the case's stack (NumPy arrays)."""
+    generator = np.random.default_rng(seed)
+    spatial = case.stack_shape[2:]
+    coords = np.stack(
+        [
+            generator.integers(0, d - p + 1, size=n_rows)
+            for d, p in zip(spatial, case.patch_size, strict=True)
+        ],
+        axis=1,
+    )
+    return PatchBatch(
+        data_idx=np.zeros(n_rows, dtype=np.int64),
+        sample_idx=generator.integers(0, case.stack_shape[0], size=n_rows),
+        coords=coords.astype(np.int64),
+        indices=np.arange(n_rows, dtype=np.int64),
+        patch_size=case.patch_size,
+    )
+
+
+def output_bytes(case: Case, n_rows: int) -> int:
+    return n_rows * case.stack_shape[1] * int(np.prod(case.patch_size)) * 4
+
+
+def moved_bytes(case: Case, n_rows: int) -> int:
+    """Bytes read + written by one batch: every output element is read once and written once."""
+    return 2 * output_bytes(case, n_rows)
+
+
+# -- the methods compared ------------------------------------------------------------------
+
+
+def slicing_loop(stack: Any, batch: PatchBatch, xp: Any, out: Any = None) -> Any:
+    """The per-patch loop: one slice assignment per patch (host corners)."""
+    n_rows = len(batch)
+    if out is None:
+        out = xp.empty((n_rows, stack.shape[1], *batch.patch_size), dtype=stack.dtype)
+    samples = batch.sample_idx.tolist()
+    corners = batch.coords.tolist()
+    for k in range(n_rows):
+        window = tuple(slice(c, c + p) for c, p in zip(corners[k], batch.patch_size, strict=True))
+        out[k] = stack[(samples[k], slice(None), *window)]
+    return out
+
+
+def fancy_indexing(
+    stack: Any, sample_idx: Any, coords: Any, patch_size: tuple[int, ...], xp: Any
+) -> Any:
+    """One gather with broadcast index arrays of shape (N, C, *patch) built from the corners."""
+    rank = coords.shape[1] + 2
+
+    def along(axis: int, values: Any) -> Any:
+        shape = [1] * rank
+        shape[axis] = -1
+        return values.reshape(shape)
+
+    index = [along(0, sample_idx), along(1, xp.arange(stack.shape[1]))]
+    for axis, size in enumerate(patch_size):
+        index.append(along(0, coords[:, axis]) + along(2 + axis, xp.arange(size)))
+    return stack[tuple(index)]
+
+
+# -- CPU ------------------------------------------------------------------------------------
+
+
+def median_wall(function: Callable[[], Any], repeats: int) -> float:
+    function()  # warm-up (page faults of the first allocation, caches)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - start)
+        del result
+    return statistics.median(times)
+
+
+def measure_cpu(case: Case, stack: np.ndarray, n_rows: int, quick: bool) -> dict[str, Any]:
+    """One case and batch on the host."""
+    batch = make_batch(case, n_rows)
+    same = bool(np.array_equal(extract_patches([stack], batch), slicing_loop(stack, batch, np)))
+    repeats = 1 if (quick or output_bytes(case, n_rows) > 1 << 30) else 5
+    out = np.empty((n_rows, stack.shape[1], *case.patch_size), dtype=stack.dtype)
+    timings = {
+        "extract_patches (NumPy)": median_wall(lambda: extract_patches([stack], batch), repeats),
+        "extract_patches (NumPy), out= reused": median_wall(
+            lambda: extract_patches([stack], batch, out=out), repeats
+        ),
+        "per-patch slicing loop": median_wall(lambda: slicing_loop(stack, batch, np), repeats),
+        "per-patch slicing loop, out reused": median_wall(
+            lambda: slicing_loop(stack, batch, np, out), repeats
+        ),
+    }
+    return {"case": case, "n_rows": n_rows, "times": timings, "same": same}
+
+
+def run_cpu(quick: bool) -> list[dict[str, Any]]:
+    results = []
+    for case in CASES:
+        stack = make_stack(case)
+        for n_rows in BATCHES:
+            result = measure_cpu(case, stack, n_rows, quick)
+            results.append(result)
+            print(f"cpu {case.label} batch {n_rows}: {timing_text(result)}", flush=True)
+    return results
+
+
+def timing_text(result: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {fmt_time(t)}" for name, t in result["times"].items())
+
+
+def result_rows(
+    results: list[dict[str, Any]],
+    baseline: str,
+    extra: Callable[[dict[str, Any], str, float], list[str]] | None = None,
+) -> list[list[str]]:
+    rows = []
+    for result in results:
+        case, n_rows = result["case"], result["n_rows"]
+        reference = result["times"][baseline]
+        for method, seconds in result["times"].items():
+            row = [
+                case.label,
+                f"{n_rows:,}",
+                method,
+                fmt_time(seconds),
+                fmt_rate(n_rows / seconds),
+                f"{moved_bytes(case, n_rows) / seconds / 1e9:,.2f}",
+                f"x{reference / seconds:,.1f}",
+            ]
+            if extra is not None:
+                row += extra(result, method, seconds)
+            rows.append(row)
+    return rows
+
+
+def cpu_markdown(results: list[dict[str, Any]], gpu_note: str) -> str:
+    lines = [
+        "# Crop benchmark (CPU): extract_patches on NumPy stacks vs a per-patch slicing loop",
+        "",
+        f"CPU: {cpu_model()}; Python {platform.python_version()}; NumPy {np.__version__}",
+        "",
+        "One float32 stack per case (2D: 8 x 1024x1024; 3D: 4 x 128x256x256), random corners. "
+        "GB/s counts bytes read + written (2 x the output's bytes). Times are medians of "
+        "several calls (one call where the output exceeds 1 GiB); each call allocates its "
+        "output unless it says 'reused' (a fresh output costs its page faults). 'speed-up' is "
+        "against the per-patch loop that allocates. With out= given, the NumPy path gathers "
+        "into a temporary and copies it into out (NumPy's fancy indexing has no out=).",
+        "",
+        *markdown_table(
+            ["patch", "batch", "method", "time per batch", "patches/s", "GB/s", "speed-up"],
+            result_rows(results, "per-patch slicing loop"),
+            "lrlrrrr",
+        ),
+        "",
+        "Both methods give identical arrays in every case: "
+        + ("yes" if all(r["same"] for r in results) else "NO"),
+        "",
+        f"GPU part: {gpu_note}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- GPU ------------------------------------------------------------------------------------
+
+
+def run_gpu(cupy: Any, quick: bool) -> tuple[list[dict[str, Any]], float]:
+    """Every case and batch on the device; returns the results and the D2D copy bandwidth."""
+    rounds = 3 if quick else 5
+    seconds = measure_bandwidth(cupy, BANDWIDTH_BYTES, 5 if quick else 20, rounds)
+    copy_bandwidth = 2 * BANDWIDTH_BYTES / seconds["memcpy"]  # read + write
+    free_device_memory(cupy)
+    print(f"D2D copy bandwidth (read + write): {fmt_bandwidth(copy_bandwidth)}", flush=True)
+    results = []
+    for case in CASES:
+        stack = cupy.asarray(make_stack(case))
+        for n_rows in BATCHES:
+            result = measure_gpu(cupy, case, stack, n_rows, rounds)
+            results.append(result)
+            print(f"gpu {case.label} batch {n_rows}: {timing_text(result)}", flush=True)
+            free_device_memory(cupy)
+        del stack
+        free_device_memory(cupy)
+    return results, copy_bandwidth
+
+
+def measure_gpu(cupy: Any, case: Case, stack: Any, n_rows: int, rounds: int) -> dict[str, Any]:
+    """One case and batch on the device: every method, and whether they agree."""
+    batch = make_batch(case, n_rows)
+    columns = ("data_idx", "sample_idx", "coords", "indices")
+    device_batch = PatchBatch(
+        *(cupy.asarray(getattr(batch, name)) for name in columns), patch_size=batch.patch_size
+    )
+    sample_idx, coords = device_batch.sample_idx, device_batch.coords
+    out = cupy.empty((n_rows, 1, *case.patch_size), dtype=cupy.float32)
+    kernel, grid, block, args = prepared_kernel(cupy, stack, batch, out)
+    per_burst = 20 if output_bytes(case, n_rows) < 1 << 28 else 3
+    methods: dict[str, tuple[Callable[[int], Any], int, int]] = {
+        "crop kernel (ours, prepared launch)": (
+            lambda _k: kernel(grid, block, args),
+            per_burst,
+            rounds,
+        ),
+        "extract_patches, host rows (ours)": (
+            lambda _k: extract_patches([stack], batch, out=out),
+            per_burst,
+            rounds,
+        ),
+        "extract_patches, device rows (ours)": (
+            lambda _k: extract_patches([stack], device_batch, out=out),
+            per_burst,
+            rounds,
+        ),
+        "CuPy fancy indexing": (
+            lambda _k: fancy_indexing(stack, sample_idx, coords, case.patch_size, cupy),
+            max(1, per_burst // 2),
+            rounds,
+        ),
+        # One copy kernel per patch: a single call per round is plenty.
+        "per-patch slicing loop (CuPy)": (
+            lambda _k: slicing_loop(stack, batch, cupy),
+            1,
+            1 if n_rows > 1000 else rounds,
+        ),
+    }
+    timings = {
+        name: time_burst(cupy, function, burst, repeats)
+        for name, (function, burst, repeats) in methods.items()
+    }
+    ours = extract_patches([stack], device_batch)
+    same = bool(
+        cupy.array_equal(ours, fancy_indexing(stack, sample_idx, coords, case.patch_size, cupy))
+    )
+    same = same and bool(cupy.array_equal(ours, slicing_loop(stack, batch, cupy)))
+    return {"case": case, "n_rows": n_rows, "times": timings, "same": same}
+
+
+def prepared_kernel(
+    cupy: Any, cropper: Any, stack: Any, batch: PatchBatch, out: Any
+) -> tuple[Any, Any, Any, Any]:
+    """The crop kernel and its arguments for one batch, prepared once (as extract_patches does)."""
+    itemsize = stack.dtype.itemsize
+    table = cupy.asarray(
+        crop_module.stack_table(
+            [stack.data.ptr], [stack.shape], [tuple(s // itemsize for s in stack.strides)]
+        )
+    )
+    rows = (
+        cupy.asarray(batch.data_idx, dtype=cupy.int64),
+        cupy.asarray(batch.sample_idx, dtype=cupy.int64),
+        cupy.asarray(batch.coords, dtype=cupy.int64).reshape(-1),
+    )
+    n_rows, n_channels = len(batch), stack.shape[1]
+    args = crop_module.crop_launch_args(table, rows, n_rows, n_channels, batch.patch_size, out)
+    launch = crop_module.crop_launch(n_rows, n_channels, batch.patch_size)
+    cropper = crop_module._device_crop()
+    kernel = cropper.kernel(int(cupy.cuda.Device().id), crop_module.crop_kernel_name(itemsize))
+    return kernel, launch.grid, launch.block, args
+
+
+def gpu_markdown(
+    cupy: Any, results: list[dict[str, Any]], copy_bandwidth: float, cpu: list[dict[str, Any]]
+) -> str:
+    kernel_label = "crop kernel (ours, prepared launch)"
+
+    def fraction(result: dict[str, Any], method: str, seconds: float) -> list[str]:
+        rate = moved_bytes(result["case"], result["n_rows"]) / seconds
+        return [fmt_percent(rate / copy_bandwidth)]
+
+    verdicts = []
+    for result in results:
+        if result["n_rows"] != TARGET_BATCH:
+            continue
+        rate = moved_bytes(result["case"], result["n_rows"]) / result["times"][kernel_label]
+        met = rate / copy_bandwidth >= TARGET_COPY_FRACTION
+        verdicts.append(
+            f"- {result['case'].label}, batch {TARGET_BATCH}: crop kernel at "
+            f"{fmt_percent(rate / copy_bandwidth)} of the D2D copy bandwidth: "
+            + ("met" if met else "NOT met")
+        )
+    info = device_info(cupy)
+    lines = [
+        "# Crop benchmark (GPU): extract_patches vs CuPy fancy indexing and a per-patch loop",
+        "",
+        *header_lines(info),
+        "",
+        f"D2D copy bandwidth measured here (cudaMemcpyAsync of {fmt_bytes(BANDWIDTH_BYTES)}, "
+        f"read + write = 2 x bytes / time): **{fmt_bandwidth(copy_bandwidth)}**.",
+        "",
+        "One float32 stack per case (2D: 8 x 1024x1024; 3D: 4 x 128x256x256), random corners. "
+        "GB/s counts bytes read + written (2 x the output's bytes); '% of copy' is that over "
+        "the D2D copy bandwidth. CUDA-event times per call of back-to-back bursts (medians); "
+        "the per-patch loop is timed over single calls. 'speed-up' is against CuPy fancy "
+        "indexing. 'extract_patches, device rows' includes the row-check kernel and its "
+        "8-byte copy back, which waits for the stream.",
+        "",
+        *markdown_table(
+            [
+                "patch",
+                "batch",
+                "method",
+                "time per batch",
+                "patches/s",
+                "GB/s",
+                "speed-up",
+                "% of copy",
+            ],
+            result_rows(results, "CuPy fancy indexing", fraction),
+            "lrlrrrrr",
+        ),
+        "",
+        "All methods give identical arrays in every case: "
+        + ("yes" if all(r["same"] for r in results) else "NO"),
+        "",
+        f"## Target: crop kernel >= {TARGET_COPY_FRACTION:.0%} of the D2D copy bandwidth "
+        f"at batch {TARGET_BATCH}",
+        "",
+        *verdicts,
+        "",
+        "## The same cases on this machine's CPU (NumPy stacks)",
+        "",
+        *markdown_table(
+            ["patch", "batch", "method", "time per batch", "patches/s", "GB/s", "speed-up"],
+            result_rows(cpu, "per-patch slicing loop"),
+            "lrlrrrr",
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument(
+        "--output-dir", type=Path, default=RESULTS_DIR, help="where the markdown goes"
+    )
+    args = parser.parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    cpu = run_cpu(args.quick)
+    cupy, why = usable_cupy()
+    gpu_note = (
+        "skipped: no usable CUDA device" + (f" ({why})" if why else "")
+        if cupy is None
+        else "see crop-gpu-<card>.md"
+    )
+    cpu_text = cpu_markdown(cpu, gpu_note)
+    (args.output_dir / "crop-cpu.md").write_text(cpu_text)
+    print(cpu_text)
+    print(f"written to {args.output_dir / 'crop-cpu.md'}")
+    if cupy is None:
+        print(f"GPU part skipped: no usable CUDA device ({why})")
+        return 0
+    gpu, copy_bandwidth = run_gpu(cupy, args.quick)
+    gpu_text = gpu_markdown(cupy, gpu, copy_bandwidth, cpu)
+    output = args.output_dir / f"crop-gpu-{slug(device_info(cupy)['name'])}.md"
+    output.write_text(gpu_text)
+    print(gpu_text)
+    print(f"written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

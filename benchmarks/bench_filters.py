@@ -1,0 +1,334 @@
+"""Region statistics and background filtering vs the region-by-region loop.
+
+The case of issue 6: one 10000x6760 uint16 image, 32x32 patches, so 65,832
+sampling regions. The baseline is what users do today: for every region, cut
+the 2x-patch crop ``image[g*P:(g+2)*P, ...]`` and compute the statistic in
+Python (NumPy on the crop; ``np.histogram`` for the entropy). When the loop
+would take more than a few seconds it runs on an evenly spread subset of the
+regions and its time is extrapolated to all of them; the table says so.
+
+Rows:
+
+* one per statistic: ``region_statistics(stack, P, stats=(name,))``;
+* ``mean + std + max``: the three in one call;
+* ``filter_background``: scoring (mean) and updating the sampler, against the
+  loop plus one ``set_region_probs`` call with a dict of the filtered regions;
+* ``filter_map`` and ``validation_split`` (1,000 patches): ours only.
+
+The CPU half always runs; the GPU half runs when CuPy finds a usable device
+(the stack already on the device; the loop baseline there is the same loop on
+CuPy crops) and the report says why it did not run otherwise. Run it with
+``python benchmarks/bench_filters.py`` (``--quick`` for a small smoke run);
+the markdown goes to ``benchmarks/results/filters.md`` unless ``--output``
+says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpu_patching import (
+    StratifiedPatching,
+    filter_background,
+    filter_map,
+    region_statistics,
+    validation_split,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results" / "filters.md"
+PATCH = (32, 32)
+BINS = 64
+THRESHOLD = 400.0  # between the background (~100) and the foreground (~1000)
+# The loop runs on all regions when that takes at most this long, else on a subset.
+LOOP_BUDGET_S = 3.0
+PILOT_REGIONS = 1500
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def make_image(shape: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A microscopy-like uint16 image (1, 1, Y, X) and its foreground mask (1, Y, X).
+
+    Background ~100 with noise, blob-shaped foreground ~1000 over about a
+    third of the image (a coarse random field, upsampled and thresholded).
+    """
+    generator = np.random.default_rng(seed)
+    coarse = generator.random((shape[0] // 200 + 2, shape[1] // 200 + 2))
+    rows = np.minimum(np.arange(shape[0]) // 200, coarse.shape[0] - 1)
+    cols = np.minimum(np.arange(shape[1]) // 200, coarse.shape[1] - 1)
+    foreground = coarse[rows[:, None], cols[None, :]] > 0.66
+    image = generator.integers(80, 121, size=shape, dtype=np.uint16)
+    image[foreground] += 900
+    return image[None, None], foreground[None]
+
+
+# -- the baseline: one region at a time -------------------------------------------------
+
+
+def entropy_of(crop: np.ndarray, value_range: tuple[float, float]) -> float:
+    counts, _ = np.histogram(crop, bins=BINS, range=value_range)
+    fraction = counts[counts > 0] / crop.size
+    return float(-(fraction * np.log2(fraction)).sum())
+
+
+def loop_scorers(value_range: tuple[float, float]) -> dict[str, Callable[..., Any]]:
+    """How a user scores one crop, per statistic (``mask`` is the crop of the mask)."""
+    return {
+        "mean": lambda crop, mask: crop.mean(),
+        "std": lambda crop, mask: crop.std(),
+        "max": lambda crop, mask: crop.max(),
+        "mean + std + max": lambda crop, mask: (crop.mean(), crop.std(), crop.max()),
+        "entropy": lambda crop, mask: entropy_of(crop, value_range),
+        "coverage": lambda crop, mask: mask.mean(),
+    }
+
+
+def loop_over(
+    image: Any, mask: Any, cells: list[tuple[int, int]], score: Callable[..., Any]
+) -> list[Any]:
+    """The region-by-region loop: cut the 2x-patch crop, score it."""
+    py, px = PATCH
+    scores = []
+    for gy, gx in cells:
+        box = (slice(gy * py, (gy + 2) * py), slice(gx * px, (gx + 2) * px))
+        scores.append(score(image[box], mask[box]))
+    return scores
+
+
+def time_loop(
+    image: Any, mask: Any, cells: list[tuple[int, int]], score: Callable[..., Any], sync: Callable
+) -> tuple[float, str]:
+    """Time the loop over every cell, or over a spread subset and extrapolate."""
+    stride = max(1, len(cells) // PILOT_REGIONS)
+    pilot = cells[::stride]
+    start = time.perf_counter()
+    loop_over(image, mask, pilot, score)
+    sync()
+    pilot_s = time.perf_counter() - start
+    estimate = pilot_s / len(pilot) * len(cells)
+    if estimate <= LOOP_BUDGET_S:
+        start = time.perf_counter()
+        loop_over(image, mask, cells, score)
+        sync()
+        return time.perf_counter() - start, "all regions"
+    return estimate, f"extrapolated from {len(pilot):,} regions"
+
+
+def timed(function: Callable[[], Any], repeats: int, sync: Callable) -> float:
+    """Median wall time of ``repeats`` calls, after one warm-up call."""
+    function()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- one device -------------------------------------------------------------------------
+
+
+def measure(
+    stack: Any, mask_stack: Any, xp: Any, repeats: int, sync: Callable
+) -> list[tuple[str, float, float | None, str]]:
+    """Rows ``(what, ours_s, loop_s or None, how the loop was timed)`` for one device."""
+    image, mask = stack[0, 0], mask_stack[0]
+    shape = tuple(int(s) for s in stack.shape)
+    cells = list(
+        itertools.product(*(range((d + 1) // p) for d, p in zip(shape[2:], PATCH, strict=True)))
+    )
+    value_range = (float(image.min()), float(image.max()))
+    scorers = loop_scorers(value_range)
+    if xp is not np:  # the loop on GPU crops: np.histogram has no CuPy twin
+        scorers["entropy"] = lambda crop, m: _cupy_entropy(xp, crop, value_range)
+    rows = []
+    # Not a feature: one reduction over every pixel, the least any statistic of
+    # every region can cost. The loop / floor ratio bounds the attainable speed-up.
+    floor = timed(lambda: image.max(), repeats, sync)
+    rows.append(("floor: `image.max()`, one pass over the pixels", floor, None, ""))
+    for what, score in scorers.items():
+        names = tuple(what.split(" + "))
+        kwargs = {"mask": mask_stack} if what == "coverage" else {}
+        ours = timed(
+            lambda names=names, kwargs=kwargs: region_statistics(
+                stack, PATCH, stats=names, bins=BINS, **kwargs
+            ),
+            repeats,
+            sync,
+        )
+        loop_s, how = time_loop(image, mask, cells, score, sync)
+        rows.append((what, ours, loop_s, how))
+        print(f"  {what}: ours {fmt(ours)}, loop {fmt(loop_s)} ({how})", flush=True)
+
+    backend = "numpy" if xp is np else "cuda"
+
+    def ours_filter() -> None:
+        sampler = StratifiedPatching([shape], PATCH, seed=0, backend=backend)
+        filter_background(sampler, [stack], threshold=THRESHOLD, filtered_prob=0.1)
+
+    def loop_filter() -> None:
+        sampler = StratifiedPatching([shape], PATCH, seed=0, backend=backend)
+        means = loop_over(image, mask, cells, scorers["mean"])
+        probs = {cell: 0.1 for cell, mean in zip(cells, means, strict=True) if mean < THRESHOLD}
+        sampler.set_region_probs(0, 0, probs)
+
+    ours = timed(ours_filter, repeats, sync)
+    # The sampler setup is in both; it is a few ms (benchmarks/results/cpu.md).
+    loop_setup = timed(lambda: StratifiedPatching([shape], PATCH, backend=backend), 3, sync)
+    mean_row = next(row for row in rows if row[0] == "mean")
+    if mean_row[3] == "all regions":
+        loop_s, how = timed(loop_filter, 1, sync), "all regions"
+    else:  # extrapolated scoring + a measured dict update
+        sampler = StratifiedPatching([shape], PATCH, seed=0, backend=backend)
+        probs = {cell: 0.1 for cell in cells[::3]}
+        update = timed(lambda: sampler.set_region_probs(0, 0, probs), 1, sync)
+        loop_s, how = mean_row[2] + update + loop_setup, mean_row[3]
+    rows.append(("filter_background (mean < threshold)", ours, loop_s, how))
+    print(f"  filter_background: ours {fmt(ours)}, loop {fmt(loop_s)} ({how})", flush=True)
+
+    mean = region_statistics(stack, PATCH, stats="mean")["mean"]
+    ours = timed(lambda: filter_map(mean, PATCH, shape[2:]), repeats, sync)
+    rows.append(("filter_map (image-shaped max)", ours, None, ""))
+
+    def split() -> None:
+        sampler = StratifiedPatching([shape], PATCH, seed=0, backend=backend)
+        validation_split(sampler, min(1000, len(cells) // 4), seed=1)
+
+    ours = timed(split, repeats, sync)
+    rows.append((f"validation_split ({min(1000, len(cells) // 4):,} patches)", ours, None, ""))
+    return rows
+
+
+def _cupy_entropy(xp: Any, crop: Any, value_range: tuple[float, float]) -> float:
+    counts, _ = xp.histogram(crop, bins=BINS, range=value_range)
+    fraction = counts[counts > 0] / crop.size
+    return float(-(fraction * xp.log2(fraction)).sum())
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def fmt(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical cores)"
+
+
+def usable_cupy() -> tuple[Any, str]:
+    try:
+        import cupy
+    except Exception as error:
+        return None, f"CuPy is not importable ({type(error).__name__}: {error})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None, "CuPy is installed but no CUDA device is visible"
+        cupy.arange(4).sum().item()
+    except Exception as error:
+        return None, f"no usable CUDA device ({type(error).__name__}: {error})"
+    return cupy, ""
+
+
+def table(rows: list[tuple[str, float, float | None, str]], regions: int) -> list[str]:
+    lines = [
+        "| what | region-by-region loop | gpu-patching | speed-up | ours per region "
+        "| loop timed on |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for what, ours, loop_s, how in rows:
+        loop_text = fmt(loop_s) if loop_s is not None else "n/a"
+        ratio = f"x{loop_s / ours:,.0f}" if loop_s is not None else "n/a"
+        lines.append(
+            f"| {what} | {loop_text} | {fmt(ours)} | {ratio} | "
+            f"{ours / regions * 1e9:,.0f} ns | {how or 'n/a'} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a 2500x1690 image, few repeats")
+    parser.add_argument("--no-gpu", action="store_true", help="skip the GPU half")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    args = parser.parse_args(argv)
+
+    shape = (2500, 1690) if args.quick else (10000, 6760)
+    repeats = 3 if args.quick else 7
+    stack, mask_stack = make_image(shape)
+    regions = ((shape[0] + 1) // PATCH[0]) * ((shape[1] + 1) // PATCH[1])
+    label = f"{shape[0]}x{shape[1]} uint16, {PATCH[0]}x{PATCH[1]} patches, {regions:,} regions"
+
+    lines = ["# Region statistics and background filtering vs the region-by-region loop", ""]
+    lines += [
+        f"Case: one {label}; {BINS}-bin histograms for the entropy; about a third of "
+        "the image is foreground.",
+        "",
+        "The loop is what users do today: for each region, cut the 2x-patch crop and "
+        "compute the statistic (NumPy on the crop, `np.histogram` for the entropy). "
+        f"When it would take more than {LOOP_BUDGET_S:g} s it runs on an evenly spread "
+        "subset of the regions and is extrapolated (last column). gpu-patching times "
+        f"are medians of {repeats} runs after a warm-up.",
+        "",
+        f"## CPU: {cpu_name()}",
+        "",
+        f"Python {platform.python_version()}, NumPy {np.__version__}; `region_statistics` "
+        "on a NumPy stack.",
+        "",
+    ]
+    print(f"CPU, {label}", flush=True)
+    cpu_rows = measure(stack, mask_stack, np, repeats, lambda: None)
+    lines += table(cpu_rows, regions)
+
+    lines += ["", "## GPU", ""]
+    cupy, why = (None, "skipped with --no-gpu") if args.no_gpu else usable_cupy()
+    if cupy is None:
+        lines.append(f"Not run: {why}.")
+    else:
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+        name = name.decode() if isinstance(name, bytes) else name
+        lines += [
+            f"Device: {name}; CuPy {cupy.__version__}. The stack is on the device "
+            "before timing; the loop runs on CuPy crops.",
+            "",
+        ]
+        print(f"GPU ({name})", flush=True)
+        synchronize = cupy.cuda.Device().synchronize
+        gpu_rows = measure(
+            cupy.asarray(stack), cupy.asarray(mask_stack), cupy, repeats, synchronize
+        )
+        lines += table(gpu_rows, regions)
+    report = "\n".join(lines) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
+    print(f"\nwritten to {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

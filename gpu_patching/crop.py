@@ -1,0 +1,1117 @@
+"""Cut the patches of a batch out of image stacks: :func:`extract_patches`.
+
+This is the last stage of the data flow (shapes -> grid -> ... -> corners ->
+crops): given the stacks a sampler was built for and a :class:`PatchBatch`
+(for instance ``sampler.sample_epoch(e)`` or a slice of it), it returns the
+patches as one array of shape ``(len(batch), C, *patch_size)``; row ``k`` is
+``stacks[d][s, :, z:z+pz, y:y+py, x:x+px]`` with ``d, s = batch.data_idx[k],
+batch.sample_idx[k]`` and ``(z,) y, x = batch.coords[k]``.
+
+Where it runs. The work happens where the stacks live:
+
+* **Host stacks** (NumPy arrays, or anything ``numpy.asarray`` accepts): a
+  vectorised NumPy gather, fancy indexing of a strided window view of each
+  stack (no Python loop over patches). With ``out`` or several stacks, rows are
+  gathered in chunks of about :data:`HOST_CHUNK_BYTES` and copied into place
+  (NumPy's fancy indexing has no ``out=``; a cache-sized temporary keeps that
+  copy cheap and the extra memory bounded). A batch on the device is copied to
+  the host first. Any dtype.
+* **Device stacks** (CuPy arrays, or any CUDA array with
+  ``__cuda_array_interface__`` or DLPack, such as a PyTorch CUDA tensor; they
+  are wrapped without a copy, and DLPack is preferred because it orders the
+  producer's stream before CuPy's): **one** launch of a custom CUDA kernel per
+  call gathers every patch from every stack, on CuPy's current stream. It reads
+  each stack through its strides (views, slices and transposes work without a
+  copy), threads map to consecutive ``x`` of a patch row (coalesced), and it
+  copies bits, so every dtype of 1, 2, 4 or 8 bytes works (uint8, uint16,
+  int32, float16, float32, float64 and the other integer, bool and float
+  types). Every stack, ``out`` and the batch must be on one device.
+
+The path follows the stacks, not the sampler's backend: a NumPy sampler's
+batch crops device stacks on the device (its rows are uploaded in one copy),
+and a CUDA sampler's batch crops host stacks on the host.
+
+Validation happens before any work: the batch's shapes, the stacks' number of
+axes, channel counts, dtypes and sizes (at least the patch size), ``out``
+(shape, dtype, C-contiguity, device, no overlap with a stack), and every row
+(``data_idx`` and ``sample_idx`` in range, corner within ``[0, D - P]``).
+For a batch whose rows are NumPy arrays the rows are checked on the host. For
+rows that live on the device the check is one small kernel (``check_crop_rows``,
+the same rule as the host's, from the same header as the crop kernel) and one
+8-byte copy back, which waits for the stream: the price of raising before the
+crop kernel writes anything, instead of flagging bad rows after ``out`` was
+written. The crop kernel also clamps every index into its stack, so no row
+contents can make it read outside a stack.
+
+Stacks that do not fit on the device are out of scope for now. The recipes:
+keep them on the host (NumPy arrays, or ``numpy.memmap`` for data larger than
+memory) and crop there, then move the (much smaller) batch of patches to the
+GPU; or split each stack into tiles that fit, sample each tile as a stack of
+its own (``data_shapes`` of the tiles) and keep only the tiles in use on the
+device.
+
+Launch contract (checked by the test suite without a GPU), as in
+:mod:`gpu_patching.backends.cuda_backend`: :func:`crop_params` and
+:data:`CHECK_PARAMS` list the kernels' parameters and C types in order (a test
+parses the C signatures in ``kernels/crop_patches.cu``);
+:func:`crop_launch_args` and :func:`check_launch_args` are the only places that
+build argument tuples, with every scalar a NumPy scalar of the exact C width;
+:func:`crop_launch` sizes the launch (grid-stride loops cover every element
+exactly once for any grid).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from numpy.typing import NDArray
+
+from ._arrays import to_host
+from ._validation import validate_patch_size
+from .backends import BackendUnavailableError
+from .backends.cuda_backend import compile_options, kernel_dir
+from .specs import PatchBatch
+
+__all__ = [
+    "CHECK_KERNEL_NAME",
+    "CHECK_PARAMS",
+    "CROP_KERNEL_FILE",
+    "CROP_LINES_PER_THREAD",
+    "CROP_SCALAR_TYPES",
+    "ELEMENT_C_TYPES",
+    "HOST_CHUNK_BYTES",
+    "STACK_FIELDS",
+    "CropLaunch",
+    "DeviceCrop",
+    "check_launch_args",
+    "crop_kernel_code",
+    "crop_kernel_name",
+    "crop_launch",
+    "crop_launch_args",
+    "crop_params",
+    "extract_patches",
+    "stack_table",
+]
+
+#: The ``.cu`` file of the crop kernels.
+CROP_KERNEL_FILE = "crop_patches.cu"
+#: The row-check kernel's entry point.
+CHECK_KERNEL_NAME = "check_crop_rows"
+#: The unsigned C type the crop kernel copies, per element size in bytes.
+ELEMENT_C_TYPES: dict[int, str] = {
+    1: "unsigned char",
+    2: "unsigned short",
+    4: "unsigned int",
+    8: "unsigned long long",
+}
+#: The NumPy scalar type of each scalar C type of the crop kernels.
+CROP_SCALAR_TYPES: dict[str, type[np.generic]] = {
+    "int": np.int32,
+    "long long": np.int64,
+}
+#: ``long long`` values per stack in the stack table: address, 5 sizes, 5 strides.
+STACK_FIELDS = 11
+#: Lines of a patch each thread copies per chunk (``CROP_LINES_PER_THREAD`` in crop.cuh).
+CROP_LINES_PER_THREAD = 8
+#: Threads per block of the crop kernel (at most; a narrow patch uses fewer).
+CROP_THREADS_PER_BLOCK = 256
+#: Bytes of the temporary of each gather on the host when it is copied into place.
+HOST_CHUNK_BYTES = 1 << 20
+#: Threads per block of the row-check kernel.
+CHECK_THREADS_PER_BLOCK = 256
+# CUDA's limits on gridDim.x and gridDim.y.
+_MAX_GRID_X = (1 << 31) - 1
+_MAX_GRID_Y = 65535
+# DLPack device types of CUDA memory: kDLCUDA and kDLCUDAManaged.
+_DLPACK_CUDA_DEVICES = (2, 13)
+
+# Parameters shared by both kernels, up to the patch size.
+_ROW_PARAMS: tuple[tuple[str, str], ...] = (
+    ("stack_table", "const long long*"),
+    ("n_stacks", "long long"),
+    ("data_idx", "const long long*"),
+    ("sample_idx", "const long long*"),
+    ("coords", "const long long*"),
+    ("ndim", "int"),
+    ("n_rows", "long long"),
+)
+
+#: Parameters of ``check_crop_rows`` in order, as ``(name, C type)``.
+CHECK_PARAMS: tuple[tuple[str, str], ...] = (
+    *_ROW_PARAMS,
+    ("patch_z", "long long"),
+    ("patch_y", "long long"),
+    ("patch_x", "long long"),
+    ("first_bad", "long long*"),
+)
+
+
+def crop_params(itemsize: int) -> tuple[tuple[str, str], ...]:
+    """Return the parameters of the crop kernel for one element size.
+
+    Parameters
+    ----------
+    itemsize : int
+        Element size in bytes: 1, 2, 4 or 8.
+
+    Returns
+    -------
+    tuple of (str, str)
+        ``(name, C type)`` of every parameter of ``crop_patches_<itemsize>``,
+        in order; only the type of ``out`` depends on the size.
+    """
+    return (
+        *_ROW_PARAMS,
+        ("n_channels", "long long"),
+        ("patch_z", "long long"),
+        ("patch_y", "long long"),
+        ("patch_x", "long long"),
+        ("out", f"{_element_c_type(itemsize)}*"),
+    )
+
+
+def crop_kernel_name(itemsize: int) -> str:
+    """Return the crop kernel's entry point for an element size in bytes (1, 2, 4, 8)."""
+    _element_c_type(itemsize)
+    return f"crop_patches_{itemsize}"
+
+
+def _element_c_type(itemsize: int) -> str:
+    try:
+        return ELEMENT_C_TYPES[itemsize]
+    except KeyError:
+        raise ValueError(
+            f"the crop kernel copies elements of 1, 2, 4 or 8 bytes, not {itemsize}"
+        ) from None
+
+
+def crop_kernel_code() -> str:
+    """Return the source of the crop kernels as handed to CuPy.
+
+    As for the epoch kernel, the first line is a digest of every kernel file,
+    so that editing a header can never bring back a stale binary from CuPy's
+    cache (keyed on the source text, not on the headers it includes).
+
+    Returns
+    -------
+    str
+        The text of ``crop_patches.cu`` after one comment line.
+    """
+    folder = kernel_dir()
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.cu*")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    source = (folder / CROP_KERNEL_FILE).read_text()
+    return f"// gpu-patching kernel sources sha256 {digest.hexdigest()}\n{source}"
+
+
+# -- the public call ---------------------------------------------------------------------
+
+
+def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None) -> Any:
+    """Cut every patch of a batch out of the stacks, as one array.
+
+    Parameters
+    ----------
+    stacks : sequence of arrays
+        One array per stack, shaped like the sampler's ``data_shapes``: axes
+        ``SC(Z)YX``, the same channel count and dtype for all, each spatial
+        size at least the patch size. Either all on the host (NumPy arrays, or
+        anything ``numpy.asarray`` accepts) or all on one CUDA device (CuPy
+        arrays, or arrays with ``__cuda_array_interface__`` or DLPack such as
+        PyTorch CUDA tensors, read in place through their strides).
+    batch : PatchBatch
+        The patches: ``data_idx``, ``sample_idx`` and ``coords`` (NumPy or
+        CuPy arrays of integers) and ``patch_size``.
+    out : array, optional
+        Where to write the patches: C-contiguous, of shape
+        ``(len(batch), C, *patch_size)`` and the stacks' dtype, on the host for
+        host stacks and on the stacks' device for device stacks, sharing no
+        memory with any stack. It is returned.
+
+    Returns
+    -------
+    numpy.ndarray or cupy.ndarray
+        ``out`` when given; otherwise a new C-contiguous array of shape
+        ``(len(batch), C, *patch_size)`` and the stacks' dtype, NumPy for host
+        stacks and CuPy for device stacks. Row ``k`` equals
+        ``stacks[d][s, :, z:z+pz, y:y+py, x:x+px]`` for
+        ``d = batch.data_idx[k]``, ``s = batch.sample_idx[k]`` and
+        ``(z,) y, x = batch.coords[k]``.
+
+    Raises
+    ------
+    TypeError
+        If ``batch`` is not a ``PatchBatch``, its arrays are not integers,
+        ``stacks`` is not a sequence, the stacks mix host and device arrays or
+        dtypes, a device stack's dtype is not 1, 2, 4 or 8 bytes of bool,
+        integer or float, or ``out`` has the wrong type or dtype.
+    ValueError
+        If a stack has the wrong number of axes, an empty axis, a spatial size
+        smaller than the patch or another channel count; if a corner leaves
+        ``[0, D - P]``; if the batch's arrays have inconsistent shapes; if the
+        arrays are on different devices, a device array is misaligned for its
+        dtype; or if ``out`` has the wrong shape, is not C-contiguous, is
+        read-only or overlaps a stack.
+    IndexError
+        If a row's ``data_idx`` or ``sample_idx`` is out of range.
+
+    Notes
+    -----
+    Every check runs before any work, so a rejected call writes nothing (not
+    even into ``out``). On the device, one crop kernel runs per call; rows
+    that live on the device are first checked by one small kernel and one
+    scalar copy back (see the module docstring). Stacks that do not fit on the
+    device are out of scope for now; crop them on the host or tile them (see
+    the module docstring).
+    """
+    patch_size, n_rows = _check_batch(batch)
+    stack_list = _stack_list(stacks)
+    on_device = [_is_device_array(stack) for stack in stack_list]
+    if any(on_device) and not all(on_device):
+        host = on_device.index(False)
+        device = on_device.index(True)
+        raise TypeError(
+            f"stacks must all be host arrays or all be device arrays: stacks[{device}] "
+            f"is a device array ({type(stack_list[device]).__name__}) and stacks[{host}] "
+            f"is not ({type(stack_list[host]).__name__})"
+        )
+    if all(on_device):
+        return _device_crop().extract(stack_list, batch, patch_size, n_rows, out)
+    return _extract_host(stack_list, batch, patch_size, n_rows, out)
+
+
+# -- checks shared by both paths -----------------------------------------------------------
+
+
+def _check_batch(batch: Any) -> tuple[tuple[int, ...], int]:
+    """Return ``(patch_size, n_rows)`` after checking the batch's array metadata."""
+    if not isinstance(batch, PatchBatch):
+        raise TypeError(f"batch must be a PatchBatch, got {type(batch).__name__}")
+    patch_size = validate_patch_size(batch.patch_size)
+    ndim = len(patch_size)
+    for name in ("data_idx", "sample_idx", "coords"):
+        array = getattr(batch, name)
+        if not (hasattr(array, "shape") and hasattr(array, "dtype")):
+            raise TypeError(f"batch.{name} must be an array, got {type(array).__name__}")
+        if np.dtype(array.dtype).kind not in "iu":
+            raise TypeError(f"batch.{name} must hold integers, got dtype {array.dtype}")
+    if len(batch.data_idx.shape) != 1:
+        raise ValueError(f"batch.data_idx must be 1-D, got shape {tuple(batch.data_idx.shape)}")
+    n_rows = int(batch.data_idx.shape[0])
+    for name, shape in (("sample_idx", (n_rows,)), ("coords", (n_rows, ndim))):
+        actual = tuple(int(s) for s in getattr(batch, name).shape)
+        if actual != shape:
+            raise ValueError(
+                f"batch.{name} has shape {actual}; with {n_rows} rows and a {ndim}D "
+                f"patch_size it must have shape {shape}"
+            )
+    return patch_size, n_rows
+
+
+def _stack_list(stacks: Any) -> list[Any]:
+    """Return the stacks as a non-empty list."""
+    if isinstance(stacks, (str, bytes)) or not isinstance(stacks, (Sequence, np.ndarray)):
+        raise TypeError(
+            f"stacks must be a sequence of arrays (one per stack), got {type(stacks).__name__}"
+        )
+    if len(stacks) == 0:
+        raise ValueError("stacks is empty: give one SC(Z)YX array per stack")
+    return list(stacks)
+
+
+def _check_stacks(
+    shapes: Sequence[tuple[int, ...]], dtypes: Sequence[np.dtype[Any]], patch_size: tuple[int, ...]
+) -> tuple[int, np.dtype[Any]]:
+    """Return ``(n_channels, dtype)`` after checking the stacks' metadata."""
+    ndim = len(patch_size)
+    axes = "SCZYX" if ndim == 3 else "SCYX"
+    for k, shape in enumerate(shapes):
+        if len(shape) != ndim + 2:
+            raise ValueError(
+                f"stacks[{k}] has shape {shape} ({len(shape)} axes); with a {ndim}D "
+                f"patch_size every stack must have {ndim + 2} axes ({axes})"
+            )
+        if min(shape) < 1:
+            raise ValueError(f"stacks[{k}] has shape {shape}, with an empty axis")
+        if any(p > s for p, s in zip(patch_size, shape[2:], strict=True)):
+            raise ValueError(
+                f"patch_size {patch_size} is larger than the spatial shape {shape[2:]} "
+                f"of stacks[{k}] (shape {shape})"
+            )
+        if shape[1] != shapes[0][1]:
+            raise ValueError(
+                f"every stack must have the same number of channels: stacks[0] has "
+                f"{shapes[0][1]} (shape {shapes[0]}), stacks[{k}] has {shape[1]} (shape {shape})"
+            )
+        if dtypes[k] != dtypes[0]:
+            raise TypeError(
+                f"every stack must have the same dtype: stacks[0] is {dtypes[0]}, "
+                f"stacks[{k}] is {dtypes[k]}"
+            )
+    return shapes[0][1], dtypes[0]
+
+
+def _bad_rows(
+    data_idx: NDArray[np.int64],
+    sample_idx: NDArray[np.int64],
+    coords: NDArray[np.int64],
+    shapes: Sequence[tuple[int, ...]],
+    patch_size: tuple[int, ...],
+) -> NDArray[np.bool_]:
+    """Which rows name a patch outside its stack (``gp::row_in_range``, vectorised)."""
+    n_stacks = len(shapes)
+    table = np.asarray(shapes, dtype=np.int64)  # (n_stacks, 2 + d)
+    stack_ok = (data_idx >= 0) & (data_idx < n_stacks)
+    stack = np.where(stack_ok, data_idx, 0)
+    sample_ok = (sample_idx >= 0) & (sample_idx < table[stack, 0])
+    last_corner = table[stack, 2:] - np.asarray(patch_size, dtype=np.int64)
+    corner_ok = np.all((coords >= 0) & (coords <= last_corner), axis=1)
+    bad: NDArray[np.bool_] = ~(stack_ok & sample_ok & corner_ok)
+    return bad
+
+
+def _raise_for_row(
+    row: int,
+    data_idx: int,
+    sample_idx: int,
+    corner: tuple[int, ...],
+    shapes: Sequence[tuple[int, ...]],
+    patch_size: tuple[int, ...],
+) -> None:
+    """Raise the error that names why ``row`` is out of range (it must be)."""
+    if not 0 <= data_idx < len(shapes):
+        raise IndexError(
+            f"batch.data_idx[{row}] = {data_idx} is out of range: there are "
+            f"{len(shapes)} stacks, expected 0 <= data_idx < {len(shapes)}"
+        )
+    shape = shapes[data_idx]
+    if not 0 <= sample_idx < shape[0]:
+        raise IndexError(
+            f"batch.sample_idx[{row}] = {sample_idx} is out of range: stacks[{data_idx}] "
+            f"(shape {shape}) has {shape[0]} samples"
+        )
+    last_corner = tuple(d - p for d, p in zip(shape[2:], patch_size, strict=True))
+    raise ValueError(
+        f"batch.coords[{row}] = {corner} puts the {patch_size} patch outside "
+        f"stacks[{data_idx}] (spatial shape {shape[2:]}): expected "
+        f"0 <= corner <= {last_corner} on every axis"
+    )
+
+
+def _check_host_rows(
+    rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
+    shapes: Sequence[tuple[int, ...]],
+    patch_size: tuple[int, ...],
+) -> None:
+    """Raise for the first row of host ``(data_idx, sample_idx, coords)`` out of range."""
+    data_idx, sample_idx, coords = rows
+    bad = _bad_rows(data_idx, sample_idx, coords, shapes, patch_size)
+    if bad.any():
+        row = int(np.argmax(bad))
+        corner = tuple(int(c) for c in coords[row])
+        _raise_for_row(row, int(data_idx[row]), int(sample_idx[row]), corner, shapes, patch_size)
+
+
+def _host_rows(
+    batch: PatchBatch,
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """Return the batch's rows as int64 NumPy arrays (copied from the device if needed)."""
+    return (
+        to_host(batch.data_idx, np.int64),
+        to_host(batch.sample_idx, np.int64),
+        to_host(batch.coords, np.int64),
+    )
+
+
+# -- the NumPy path ------------------------------------------------------------------------
+
+
+def _extract_host(
+    stacks: list[Any],
+    batch: PatchBatch,
+    patch_size: tuple[int, ...],
+    n_rows: int,
+    out: Any,
+) -> NDArray[Any]:
+    """``extract_patches`` for host stacks: one fancy-indexing gather per stack."""
+    arrays = [np.asarray(stack) for stack in stacks]
+    shapes = [tuple(int(s) for s in array.shape) for array in arrays]
+    n_channels, dtype = _check_stacks(shapes, [array.dtype for array in arrays], patch_size)
+    result_shape = (n_rows, n_channels, *patch_size)
+    if out is not None:
+        _check_host_out(out, result_shape, dtype, arrays)
+    rows = _host_rows(batch)
+    _check_host_rows(rows, shapes, patch_size)
+
+    data_idx, sample_idx, coords = rows
+    spatial_axes = tuple(range(2, 2 + len(patch_size)))
+    # The rows of each stack: a slice when there is one stack, else index arrays
+    # from one stable sort (O(N log N) for any number of stacks).
+    groups: list[tuple[int, Any]]
+    if len(arrays) == 1:
+        groups = [(0, np.s_[:])]
+    else:
+        order = np.argsort(data_idx, kind="stable")
+        bounds = np.searchsorted(data_idx[order], np.arange(len(arrays) + 1))
+        groups = [
+            (k, order[bounds[k] : bounds[k + 1]])
+            for k in range(len(arrays))
+            if bounds[k + 1] > bounds[k]
+        ]
+
+    def gather(stack: int, rows: Any) -> NDArray[Any]:
+        # windows[s, c, z, y, x, pz, py, px] is the patch of corner (z, y, x): a
+        # view. Advanced indices around a slice put the row axis first, giving
+        # (rows, C, *patch_size).
+        windows = sliding_window_view(arrays[stack], patch_size, axis=spatial_axes)
+        index = (sample_idx[rows], slice(None), *coords[rows].T)
+        gathered: NDArray[Any] = windows[index]
+        return gathered
+
+    if out is None and len(groups) == 1:
+        # One gather straight into a new array: each element is read once and
+        # written once.
+        return np.ascontiguousarray(gather(*groups[0]))
+    target = np.empty(result_shape, dtype=dtype) if out is None else out
+    # Fancy indexing has no out=: gather a chunk of rows into a temporary and
+    # copy it into place. Chunks of HOST_CHUNK_BYTES keep the temporary in
+    # cache (the copy is then cheap) and bound the extra memory.
+    row_bytes = max(1, math.prod(result_shape[1:]) * dtype.itemsize)
+    step = max(1, HOST_CHUNK_BYTES // row_bytes)
+    for stack, rows in groups:
+        positions = np.arange(n_rows) if isinstance(rows, slice) else rows
+        for start in range(0, len(positions), step):
+            chunk = positions[start : start + step]
+            if isinstance(rows, slice):  # contiguous rows: a plain slice of target
+                target[start : start + len(chunk)] = gather(stack, chunk)
+            else:
+                target[chunk] = gather(stack, chunk)
+    return target
+
+
+def _check_host_out(
+    out: Any, shape: tuple[int, ...], dtype: np.dtype[Any], stacks: list[NDArray[Any]]
+) -> None:
+    """Check a caller's ``out`` for host stacks."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array for host stacks, got {type(out).__name__}")
+    _check_out_metadata(out, shape, dtype)
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    for k, stack in enumerate(stacks):
+        if np.may_share_memory(out, stack):
+            raise ValueError(f"out shares memory with stacks[{k}]; give a separate buffer")
+
+
+def _check_out_metadata(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    """Check the shape, dtype and C-contiguity of a caller's ``out``."""
+    actual = tuple(int(s) for s in out.shape)
+    if actual != shape:
+        raise ValueError(f"out has shape {actual}, expected (len(batch), C, *patch_size) = {shape}")
+    if np.dtype(out.dtype) != dtype:
+        raise TypeError(f"out has dtype {out.dtype}, expected the stacks' dtype {dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+
+
+# -- the CUDA path: pure functions the tests check without a GPU ---------------------------
+
+
+def stack_table(
+    addresses: Sequence[int],
+    shapes: Sequence[Sequence[int]],
+    element_strides: Sequence[Sequence[int]],
+) -> NDArray[np.int64]:
+    """Return the stack table the crop kernels read: one row of 11 int64 per stack.
+
+    Parameters
+    ----------
+    addresses : sequence of int
+        Address of element ``(0, 0, ...)`` of each stack.
+    shapes : sequence of tuple of int
+        ``SC(Z)YX`` shape of each stack, every size ``>= 1``.
+    element_strides : sequence of tuple of int
+        Strides of each stack, in elements (negative allowed).
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (n_stacks, 11)
+        ``address, S, C, Z, Y, X, stride_S, stride_C, stride_Z, stride_Y,
+        stride_X`` per stack; a 2D stack gets ``Z = 1`` and ``stride_Z = 0``.
+
+    Raises
+    ------
+    ValueError
+        If the lengths disagree, a stack has an empty axis, or it has neither
+        4 nor 5 axes.
+    """
+    if not len(addresses) == len(shapes) == len(element_strides):
+        raise ValueError("addresses, shapes and element_strides must have one entry per stack")
+    table = np.empty((len(shapes), STACK_FIELDS), dtype=np.int64)
+    for k, (address, shape, strides) in enumerate(
+        zip(addresses, shapes, element_strides, strict=True)
+    ):
+        shape = tuple(int(s) for s in shape)
+        strides = tuple(int(s) for s in strides)
+        if len(shape) not in (4, 5) or len(strides) != len(shape):
+            raise ValueError(
+                f"stack {k}: expected 4 or 5 sizes and strides, got {shape}, {strides}"
+            )
+        if min(shape) < 1:
+            raise ValueError(f"stack {k} has an empty axis: {shape}")
+        if len(shape) == 4:  # 2D: one z-slice, never stepped over
+            shape = (*shape[:2], 1, *shape[2:])
+            strides = (*strides[:2], 0, *strides[2:])
+        # Addresses above 2**63 are stored as their two's complement.
+        table[k, 0] = np.uint64(address).view(np.int64)
+        table[k, 1:6] = shape
+        table[k, 6:11] = strides
+    return table
+
+
+@dataclass(frozen=True)
+class CropLaunch:
+    """The launch configuration of the crop kernel.
+
+    Attributes
+    ----------
+    grid : tuple of int
+        ``(rows, chunks)``: blocks along the batch rows and along the chunks
+        of ``blockDim.y * CROP_LINES_PER_THREAD`` lines of a patch.
+    block : tuple of int
+        ``(threads along x, threads along lines)``.
+    """
+
+    grid: tuple[int, int]
+    block: tuple[int, int]
+
+
+def crop_launch(n_rows: int, n_channels: int, patch_size: Sequence[int]) -> CropLaunch:
+    """Return the launch configuration of the crop kernel for a batch.
+
+    Threads along X cover a patch row (``patch_x`` rounded up to a warp, at
+    most :data:`CROP_THREADS_PER_BLOCK`), the rest of the block takes that
+    many lines at once. Each block copies one chunk of one row's lines; beyond
+    CUDA's grid limits the kernel's grid-stride loops give a block several, so
+    every element is covered exactly once for any result.
+
+    Parameters
+    ----------
+    n_rows : int
+        Rows of the batch, ``>= 0``.
+    n_channels : int
+        Channels, ``>= 1``.
+    patch_size : sequence of int
+        ``(PY, PX)`` or ``(PZ, PY, PX)``.
+
+    Returns
+    -------
+    CropLaunch
+        At least one block of at least one thread.
+    """
+    if n_rows < 0 or n_channels < 1:
+        raise ValueError(f"need n_rows >= 0 and n_channels >= 1, got {n_rows}, {n_channels}")
+    patch = validate_patch_size(tuple(patch_size))
+    width = patch[-1]
+    lines_per_patch = n_channels * math.prod(patch[:-1])
+    threads_x = min(CROP_THREADS_PER_BLOCK, 32 * math.ceil(width / 32))
+    threads_y = max(1, min(CROP_THREADS_PER_BLOCK // threads_x, lines_per_patch))
+    lines_per_chunk = threads_y * CROP_LINES_PER_THREAD
+    grid = (
+        min(max(1, n_rows), _MAX_GRID_X),
+        min(math.ceil(lines_per_patch / lines_per_chunk), _MAX_GRID_Y),
+    )
+    return CropLaunch(grid=grid, block=(threads_x, threads_y))
+
+
+def _check_launch_array(
+    name: str, array: Any, size: int, dtype: Any = np.int64, itemsize: int | None = None
+) -> None:
+    """Check an array argument's metadata (never its contents: no device sync)."""
+    if itemsize is not None:
+        if np.dtype(array.dtype).itemsize != itemsize:
+            raise TypeError(f"{name} must have {itemsize}-byte elements, got dtype {array.dtype}")
+    elif np.dtype(array.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {array.dtype}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if int(array.size) != size:
+        raise ValueError(f"{name} has {array.size} values, expected {size}")
+
+
+def _row_values(
+    table: Any,
+    rows: tuple[Any, Any, Any],
+    n_rows: int,
+    patch_size: Sequence[int],
+) -> dict[str, Any]:
+    """Check the arrays shared by both kernels and return their parameter values."""
+    ndim = len(patch_size)
+    if ndim not in (2, 3):
+        raise ValueError(f"the crop kernels support 2 or 3 spatial dimensions, got {ndim}")
+    if n_rows < 0:
+        raise ValueError(f"n_rows must be >= 0, got {n_rows}")
+    if table.ndim != 2 or table.shape[1] != STACK_FIELDS or table.shape[0] < 1:
+        raise ValueError(f"stack_table must have shape (n_stacks >= 1, {STACK_FIELDS})")
+    n_stacks = int(table.shape[0])
+    _check_launch_array("stack_table", table, n_stacks * STACK_FIELDS)
+    data_idx, sample_idx, coords = rows
+    _check_launch_array("data_idx", data_idx, n_rows)
+    _check_launch_array("sample_idx", sample_idx, n_rows)
+    _check_launch_array("coords", coords, n_rows * ndim)
+    patch_z = patch_size[0] if ndim == 3 else 1
+    return {
+        "stack_table": table,
+        "n_stacks": n_stacks,
+        "data_idx": data_idx,
+        "sample_idx": sample_idx,
+        "coords": coords,
+        "ndim": ndim,
+        "n_rows": n_rows,
+        "patch_z": patch_z,
+        "patch_y": patch_size[-2],
+        "patch_x": patch_size[-1],
+    }
+
+
+def _arguments(params: Sequence[tuple[str, str]], values: dict[str, Any]) -> tuple[Any, ...]:
+    """Arrays pass through (CuPy passes their pointers); scalars get their exact C width."""
+    args = []
+    for name, c_type in params:
+        value = values[name]
+        if c_type.endswith("*"):
+            args.append(value)
+        else:
+            # NumPy >= 2 raises OverflowError rather than wrapping.
+            args.append(CROP_SCALAR_TYPES[c_type](int(value)))
+    return tuple(args)
+
+
+def crop_launch_args(
+    table: Any,
+    rows: tuple[Any, Any, Any],
+    n_rows: int,
+    n_channels: int,
+    patch_size: Sequence[int],
+    out: Any,
+) -> tuple[Any, ...]:
+    """Build the argument tuple of ``crop_patches_<size>``, in :func:`crop_params` order.
+
+    The lengths and dtypes of every array are checked here, because the kernel
+    trusts them (and clamps everything else). Works on NumPy arrays too, so
+    the tests can call it without a GPU.
+
+    Parameters
+    ----------
+    table : array of int64, shape (n_stacks, 11)
+        The stack table (:func:`stack_table`), on the launch's device.
+    rows : tuple of arrays
+        ``(data_idx, sample_idx, coords)``: C-contiguous int64 of ``n_rows``,
+        ``n_rows`` and ``n_rows * d`` values.
+    n_rows : int
+        Rows of the batch.
+    n_channels : int
+        Channels of every stack.
+    patch_size : sequence of int
+        ``(PY, PX)`` or ``(PZ, PY, PX)``.
+    out : array
+        C-contiguous, ``n_rows * n_channels * prod(patch_size)`` elements of
+        1, 2, 4 or 8 bytes.
+
+    Returns
+    -------
+    tuple
+        The arguments of the crop kernel for ``out.dtype.itemsize``.
+    """
+    values = _row_values(table, rows, n_rows, patch_size)
+    itemsize = np.dtype(out.dtype).itemsize
+    _element_c_type(itemsize)
+    if n_channels < 1:
+        raise ValueError(f"n_channels must be >= 1, got {n_channels}")
+    size = n_rows * n_channels * math.prod(patch_size)
+    _check_launch_array("out", out, size, itemsize=itemsize)
+    values.update(n_channels=n_channels, out=out)
+    return _arguments(crop_params(itemsize), values)
+
+
+def check_launch_args(
+    table: Any,
+    rows: tuple[Any, Any, Any],
+    n_rows: int,
+    patch_size: Sequence[int],
+    first_bad: Any,
+) -> tuple[Any, ...]:
+    """Build the argument tuple of ``check_crop_rows``, in :data:`CHECK_PARAMS` order.
+
+    Parameters
+    ----------
+    table, rows, n_rows, patch_size
+        As for :func:`crop_launch_args`.
+    first_bad : array of int64, one value
+        Holds ``n_rows`` before the launch; the first row out of range after.
+
+    Returns
+    -------
+    tuple
+        The arguments of ``check_crop_rows``.
+    """
+    values = _row_values(table, rows, n_rows, patch_size)
+    _check_launch_array("first_bad", first_bad, 1)
+    values["first_bad"] = first_bad
+    return _arguments(CHECK_PARAMS, values)
+
+
+def _check_grid(n_rows: int) -> tuple[int, int]:
+    """``(blocks, threads)`` of the row-check kernel (grid-stride: any size covers all)."""
+    blocks = min(max(1, math.ceil(n_rows / CHECK_THREADS_PER_BLOCK)), _MAX_GRID_X)
+    return blocks, CHECK_THREADS_PER_BLOCK
+
+
+# -- the CUDA path --------------------------------------------------------------------------
+
+
+def _is_device_array(value: Any) -> bool:
+    """Whether ``value`` is a CUDA array (``__cuda_array_interface__`` or CUDA DLPack)."""
+    if isinstance(value, np.ndarray):
+        return False
+    if hasattr(value, "__cuda_array_interface__"):
+        return True
+    return _dlpack_device_type(value) in _DLPACK_CUDA_DEVICES
+
+
+def _dlpack_device_type(value: Any) -> int | None:
+    """Return the DLPack device type of ``value``, or None if it has none."""
+    dlpack_device = getattr(value, "__dlpack_device__", None)
+    if not callable(dlpack_device):
+        return None
+    try:
+        return int(dlpack_device()[0])
+    except Exception:  # a producer that cannot say: not a device array to us
+        return None
+
+
+def _supports_device_dtype(dtype: np.dtype[Any]) -> bool:
+    return dtype.kind in "biufc" and dtype.itemsize in ELEMENT_C_TYPES
+
+
+def _byte_extent(
+    address: int, shape: Sequence[int], byte_strides: Sequence[int], itemsize: int
+) -> tuple[int, int]:
+    """``[low, high)`` byte range an array's elements occupy."""
+    low = address + sum((n - 1) * s for n, s in zip(shape, byte_strides, strict=True) if s < 0)
+    high = address + sum((n - 1) * s for n, s in zip(shape, byte_strides, strict=True) if s > 0)
+    return low, high + itemsize
+
+
+class DeviceCrop:
+    """The CUDA path of :func:`extract_patches`: one crop launch per call.
+
+    Parameters
+    ----------
+    xp : module, optional
+        The device array namespace; CuPy when omitted. The host tests pass
+        NumPy together with host-compiled kernels, to run this class's
+        validation and launch path without a GPU.
+
+    Attributes
+    ----------
+    launch_count : int
+        Crop kernel launches made (for tests and benchmarks).
+    check_count : int
+        Row-check kernel launches made.
+    """
+
+    def __init__(self, xp: Any = None) -> None:
+        if xp is None:
+            import cupy
+
+            xp = cupy
+        self.xp = xp
+        self.launch_count = 0
+        self.check_count = 0
+        # (device id, stream) -> (host stack table, its device copy)
+        self._tables: dict[tuple[int, int], tuple[NDArray[np.int64], Any]] = {}
+        # device id -> {kernel name: compiled kernel}
+        self._kernels: dict[int, dict[str, Any]] = {}
+
+    # The few places that differ between CuPy and the host tests' NumPy stand-in.
+
+    def as_device_array(self, value: Any) -> Any:
+        """Wrap a device array as an ``xp`` array without copying it."""
+        xp = self.xp
+        if isinstance(value, xp.ndarray):
+            return value
+        # DLPack first: the producer orders its stream before ours.
+        if _dlpack_device_type(value) in _DLPACK_CUDA_DEVICES and hasattr(value, "__dlpack__"):
+            return xp.from_dlpack(value)
+        return xp.asarray(value)
+
+    def is_device_array(self, value: Any) -> bool:
+        """Whether ``value`` is a device array this class can wrap."""
+        return _is_device_array(value)
+
+    def rows_on_device(self, columns: list[Any]) -> bool:
+        """Whether the batch's rows live on the device (then a kernel checks them)."""
+        return any(self.is_device_array(column) for column in columns)
+
+    def address(self, array: Any) -> int:
+        """Address of element ``(0, ...)`` of an ``xp`` array."""
+        return int(array.data.ptr)
+
+    def device_id(self, array: Any) -> int:
+        """Return the id of the device an ``xp`` array lives on."""
+        return int(array.device.id)
+
+    def on_device(self, device_id: int) -> Any:
+        """Return a context manager that makes ``device_id`` current."""
+        return self.xp.cuda.Device(device_id)
+
+    def stream_key(self) -> int:
+        """Return the current stream (device copies are only reused on their stream)."""
+        return int(self.xp.cuda.get_current_stream().ptr)
+
+    def kernel(self, device_id: int, name: str) -> Any:
+        """Return a kernel compiled for ``device_id`` (memoised, one module per device)."""
+        kernels = self._kernels.setdefault(device_id, {})
+        if name not in kernels:
+            module = _device_module(self.xp, device_id)
+            kernels[name] = module.get_function(name)
+        return kernels[name]
+
+    # The path itself.
+
+    def extract(
+        self,
+        stacks: list[Any],
+        batch: PatchBatch,
+        patch_size: tuple[int, ...],
+        n_rows: int,
+        out: Any,
+        *,
+        trusted_rows: bool = False,
+    ) -> Any:
+        """Validate everything, then crop every row in one launch.
+
+        Parameters
+        ----------
+        stacks : list of device arrays
+            The stacks (wrapped here without copies).
+        batch : PatchBatch
+            The rows; NumPy or ``xp`` arrays.
+        patch_size : tuple of int
+            ``batch.patch_size``, checked.
+        n_rows : int
+            ``len(batch)``.
+        out : device array or None
+            The caller's buffer.
+        trusted_rows : bool, default False
+            Skip the row check of device rows (the check kernel and its copy
+            back, which waits for the stream). Only for callers whose rows are
+            in range by construction, such as the epochs of a sampler built
+            with these stacks' shapes; the crop kernel still clamps every read
+            into its stack.
+
+        Returns
+        -------
+        array
+            ``out`` itself when given, else a new ``xp`` array.
+        """
+        xp = self.xp
+        arrays = [self.as_device_array(stack) for stack in stacks]
+        shapes = [tuple(int(s) for s in array.shape) for array in arrays]
+        dtypes = [np.dtype(array.dtype) for array in arrays]
+        n_channels, dtype = _check_stacks(shapes, dtypes, patch_size)
+        if not _supports_device_dtype(dtype):
+            raise TypeError(
+                f"device stacks of dtype {dtype} are not supported: the crop kernel "
+                f"copies bool, integer, float or complex elements of 1, 2, 4 or 8 bytes"
+            )
+        device_id = self._common_device(arrays)
+        addresses = [self.address(array) for array in arrays]
+        element_strides = [
+            self._element_strides(f"stacks[{k}]", array, address)
+            for k, (array, address) in enumerate(zip(arrays, addresses, strict=True))
+        ]
+        result_shape = (n_rows, n_channels, *patch_size)
+        target = None
+        if out is not None:
+            target = self._check_out(out, result_shape, dtype, device_id, arrays, addresses)
+        columns = {"data_idx": batch.data_idx, "sample_idx": batch.sample_idx}
+        columns["coords"] = batch.coords
+        if self.rows_on_device(list(columns.values())):
+            for name, column in columns.items():
+                if self.is_device_array(column):
+                    column_device = self.device_id(self.as_device_array(column))
+                    if column_device != device_id:
+                        raise ValueError(
+                            f"batch.{name} is on device {column_device}, the stacks on "
+                            f"device {device_id}"
+                        )
+            host_rows = None
+        else:
+            # Host rows are checked here, with no device work.
+            host_rows = _host_rows(batch)
+            _check_host_rows(host_rows, shapes, patch_size)
+
+        with self.on_device(device_id):
+            if n_rows == 0:
+                return out if out is not None else xp.empty(result_shape, dtype=dtype)
+            table = self._device_table(device_id, stack_table(addresses, shapes, element_strides))
+            if host_rows is None:
+                # Already C-contiguous int64 for a sampler's batch: then no copy.
+                rows = tuple(
+                    xp.ascontiguousarray(self.as_device_array(column), dtype=xp.int64).reshape(-1)
+                    for column in columns.values()
+                )
+                if not trusted_rows:
+                    self._check_device_rows(device_id, table, rows, n_rows, shapes, patch_size)
+            else:
+                rows = self._upload_rows(host_rows, n_rows)
+            if target is None:
+                # xp.empty only allocates (from the memory pool): no kernel runs.
+                target = xp.empty(result_shape, dtype=dtype)
+            args = crop_launch_args(table, rows, n_rows, n_channels, patch_size, target)
+            launch = crop_launch(n_rows, n_channels, patch_size)
+            kernel = self.kernel(device_id, crop_kernel_name(dtype.itemsize))
+            kernel(launch.grid, launch.block, args)
+            self.launch_count += 1
+        return out if out is not None else target
+
+    def _common_device(self, arrays: list[Any]) -> int:
+        device_ids = [self.device_id(array) for array in arrays]
+        for k, device_id in enumerate(device_ids):
+            if device_id != device_ids[0]:
+                raise ValueError(
+                    f"every stack must be on one device: stacks[0] is on device "
+                    f"{device_ids[0]}, stacks[{k}] on device {device_id}"
+                )
+        return device_ids[0]
+
+    @staticmethod
+    def _element_strides(name: str, array: Any, address: int) -> tuple[int, ...]:
+        """Strides in elements; misaligned arrays would fault in the kernel's typed loads."""
+        itemsize = np.dtype(array.dtype).itemsize
+        strides = tuple(int(s) for s in array.strides)
+        if address % itemsize or any(s % itemsize for s in strides):
+            raise ValueError(
+                f"{name} is not aligned to its {itemsize}-byte elements (address "
+                f"{address:#x}, strides {strides}); pass an aligned copy"
+            )
+        return tuple(s // itemsize for s in strides)
+
+    def _check_out(
+        self,
+        out: Any,
+        shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        device_id: int,
+        stacks: list[Any],
+        addresses: list[int],
+    ) -> Any:
+        """Check a caller's ``out`` for device stacks; return it as an ``xp`` array."""
+        if not self.is_device_array(out):
+            raise TypeError(
+                f"out must be a device array on the stacks' device, got {type(out).__name__}"
+            )
+        target = self.as_device_array(out)
+        _check_out_metadata(target, shape, dtype)
+        if self.device_id(target) != device_id:
+            raise ValueError(
+                f"out is on device {self.device_id(target)}, the stacks on device {device_id}"
+            )
+        out_address = self.address(target)
+        self._element_strides("out", target, out_address)
+        low, high = _byte_extent(out_address, target.shape, target.strides, dtype.itemsize)
+        for k, (stack, address) in enumerate(zip(stacks, addresses, strict=True)):
+            stack_low, stack_high = _byte_extent(
+                address, stack.shape, stack.strides, dtype.itemsize
+            )
+            if low < stack_high and stack_low < high:
+                raise ValueError(f"out shares memory with stacks[{k}]; give a separate buffer")
+        return target
+
+    def _device_table(self, device_id: int, host: NDArray[np.int64]) -> Any:
+        """Return the stack table on the device: one small copy, reused while unchanged."""
+        key = (device_id, self.stream_key())
+        cached = self._tables.get(key)
+        if cached is not None and np.array_equal(cached[0], host):
+            return cached[1]
+        uploaded = self.xp.asarray(host)
+        self._tables[key] = (host, uploaded)
+        return uploaded
+
+    def _upload_rows(
+        self, host_rows: tuple[NDArray[np.int64], ...], n_rows: int
+    ) -> tuple[Any, Any, Any]:
+        """Host rows in one int64 buffer, uploaded in one copy; views of it per column."""
+        packed = np.concatenate([np.ascontiguousarray(part).reshape(-1) for part in host_rows])
+        uploaded = self.xp.asarray(packed)
+        return (
+            uploaded[:n_rows],
+            uploaded[n_rows : 2 * n_rows],
+            uploaded[2 * n_rows :],
+        )
+
+    def _check_device_rows(
+        self,
+        device_id: int,
+        table: Any,
+        rows: tuple[Any, ...],
+        n_rows: int,
+        shapes: Sequence[tuple[int, ...]],
+        patch_size: tuple[int, ...],
+    ) -> None:
+        """One check launch and one 8-byte copy back; raise for the first bad row."""
+        first_bad = self.xp.asarray(np.array([n_rows], dtype=np.int64))
+        args = check_launch_args(table, (rows[0], rows[1], rows[2]), n_rows, patch_size, first_bad)
+        blocks, threads = _check_grid(n_rows)
+        self.kernel(device_id, CHECK_KERNEL_NAME)((blocks,), (threads,), args)
+        self.check_count += 1
+        row = int(to_host(first_bad)[0])
+        if row < n_rows:
+            ndim = len(patch_size)
+            corner = tuple(int(c) for c in to_host(rows[2][row * ndim : (row + 1) * ndim]))
+            _raise_for_row(
+                row,
+                int(to_host(rows[0][row : row + 1])[0]),
+                int(to_host(rows[1][row : row + 1])[0]),
+                corner,
+                shapes,
+                patch_size,
+            )
+
+
+# Compiled crop modules, one per device id.
+_MODULES: dict[int, Any] = {}
+# The DeviceCrop of extract_patches (created on first use: it imports CuPy).
+_DEVICE_CROP: list[DeviceCrop] = []
+
+
+def _device_module(xp: Any, device_id: int) -> Any:
+    module = _MODULES.get(device_id)
+    if module is None:
+        with xp.cuda.Device(device_id):
+            module = xp.RawModule(code=crop_kernel_code(), options=compile_options())
+        _MODULES[device_id] = module
+    return module
+
+
+def _device_crop() -> DeviceCrop:
+    """Return the process's :class:`DeviceCrop` (CuPy), created on first use."""
+    if not _DEVICE_CROP:
+        try:
+            _DEVICE_CROP.append(DeviceCrop())
+        except ImportError as error:
+            raise BackendUnavailableError(
+                "the stacks are CUDA arrays, but CuPy is not installed to crop them on the "
+                "device: pip install 'gpu-patching[cuda12]' (or move the stacks to the host)"
+            ) from error
+    return _DEVICE_CROP[0]

@@ -21,6 +21,11 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps $(REFERENCE)
+	# PyTorch, for the tests of gpu_patching.torch and the two-process DDP test
+	# (they skip without it). Pinned to 2.13.0 because this CI image keeps that
+	# version's CPU build on disk (pip's find-links); any other version would
+	# make pip download a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
 	touch $@
 
 demo: $(VENV)/.demo-installed

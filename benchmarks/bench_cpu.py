@@ -11,7 +11,10 @@ Both implementations run in this one process on the same shapes:
 * ``exclude 5%``: ``exclude_patches`` with 5% of one sample's grid cells.
 
 The ratios are reference time / our time. A second table shows our cost per
-region from ~1k to ~1M regions (it should be flat). Run it with
+region from ~1k to ~1M regions (it should be flat). A third compares a plain
+epoch with a shuffled one and with one rank's share of a shuffled epoch
+sharded over 4 ranks (the target: shuffling and sharding cost less than 20%
+over the plain epoch, per patch). Run it with
 ``python benchmarks/bench_cpu.py`` (``--quick`` for a smoke run, ``--no-reference``
 without CAREamics); the markdown goes to ``benchmarks/results/cpu.md`` unless
 ``--output`` says otherwise.
@@ -46,6 +49,9 @@ SCALING = [
     ("264k", [(4, 1, 10000, 6760)], (32, 32)),
     ("1M", [(16, 1, 8192, 8192)], (32, 32)),
 ]
+# Shuffled and sharded epochs: ~66k and ~264k regions.
+ORDER_CASES = CASES[1:]
+ORDER_WORLD_SIZE = 4
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu.md"
 
 
@@ -119,6 +125,32 @@ def measure_reference(reference: Any, shapes: list, patch: tuple, calls: int) ->
         "epoch": per_call * n_patches,
         "per_call": per_call,
         "exclude": exclude,
+    }
+
+
+def measure_orders(shapes: list, patch: tuple, repeats: int) -> dict[str, Any]:
+    """Median epoch times: plain, shuffled, and one rank of a shuffled 4-rank shard.
+
+    The variants are timed in turns, so that drifts of the machine's speed
+    touch all three alike.
+    """
+    sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+    variants: dict[str, dict[str, Any]] = {
+        "plain": {},
+        "shuffled": {"shuffle": True},
+        "sharded": {"shuffle": True, "rank": 1, "world_size": ORDER_WORLD_SIZE},
+    }
+    rows = {name: len(sampler.sample_epoch(3, **options)) for name, options in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        for name, options in variants.items():
+            start = time.perf_counter()
+            sampler.sample_epoch(3 + repeat, **options)
+            times[name].append(time.perf_counter() - start)
+    return {
+        "n_patches": sampler.n_patches,
+        "rows": rows,
+        **{name: statistics.median(values) for name, values in times.items()},
     }
 
 
@@ -210,6 +242,30 @@ def main(argv: list[str] | None = None) -> str:
             f"{ours['setup'] / regions * 1e9:.0f} ns | "
             f"{ours['epoch'] / ours['n_patches'] * 1e9:.0f} ns | "
             f"{ours['exclude'] / regions * 1e9:.0f} ns |"
+        )
+        print(lines[-1], flush=True)
+
+    lines += [
+        "",
+        "## Shuffled and sharded epochs (gpu-patching, NumPy backend)",
+        "",
+        f"Medians of {repeats} epochs of each kind, timed in turns. The shard is rank 1 of "
+        f"{ORDER_WORLD_SIZE} (a quarter of the rows); 'per patch' compares costs per row "
+        "with the plain epoch's.",
+        "",
+        "| case | patches | plain epoch | shuffled epoch | shuffled, per patch | "
+        f"shuffled shard (1 of {ORDER_WORLD_SIZE}) | shard, per patch |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, shapes, patch in CASES[:1] if args.quick else ORDER_CASES:
+        orders = measure_orders(shapes, patch, repeats)
+        plain = orders["plain"] / orders["rows"]["plain"]
+        shuffled = orders["shuffled"] / orders["rows"]["shuffled"]
+        sharded = orders["sharded"] / orders["rows"]["sharded"]
+        lines.append(
+            f"| {label} | {orders['n_patches']:,} | {fmt(orders['plain'])} | "
+            f"{fmt(orders['shuffled'])} | {shuffled / plain - 1:+.0%} | "
+            f"{fmt(orders['sharded'])} | {sharded / plain - 1:+.0%} |"
         )
         print(lines[-1], flush=True)
 

@@ -4,8 +4,15 @@ The public names:
 
 * :class:`StratifiedPatching`, a drop-in replacement for CAREamics'
   stratified patching strategy, on a NumPy or a CUDA backend;
-* :class:`PatchBatch`, every patch of an epoch as parallel arrays;
-* :class:`PatchSpecs`, the dictionary that names one patch.
+* :class:`PatchBatch`, patches as parallel arrays (an epoch, or a slice);
+  :class:`PatchSpecs`, the dictionary that names one patch;
+* :func:`extract_patches`, patches cut out of host or device stacks, and
+  :class:`PatchLoader`, an epoch of cropped batches ready to train on;
+* :func:`region_statistics`, :func:`filter_background`, :func:`filter_map`
+  and :func:`validation_split`: background filtering and validation splits
+  from per-region statistics computed in one pass.
+
+PyTorch glue (samplers, datasets, DDP) lives in :mod:`gpu_patching.torch`.
 """
 
 from .backends import BackendUnavailableError
@@ -17,6 +24,7 @@ from .filters import (
     region_statistics,
     validation_split,
 )
+from .loader import PatchLoader
 from .specs import PatchBatch, PatchSpecs
 from .strategy import StratifiedPatching
 
@@ -24,6 +32,7 @@ __all__ = [
     "BackendUnavailableError",
     "FilterResult",
     "PatchBatch",
+    "PatchLoader",
     "PatchSpecs",
     "StratifiedPatching",
     "__version__",

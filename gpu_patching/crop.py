@@ -43,12 +43,21 @@ crop kernel writes anything, instead of flagging bad rows after ``out`` was
 written. The crop kernel also clamps every index into its stack, so no row
 contents can make it read outside a stack.
 
-Stacks that do not fit on the device are out of scope for now. The recipes:
-keep them on the host (NumPy arrays, or ``numpy.memmap`` for data larger than
-memory) and crop there, then move the (much smaller) batch of patches to the
-GPU; or split each stack into tiles that fit, sample each tile as a stack of
-its own (``data_shapes`` of the tiles) and keep only the tiles in use on the
-device.
+Stacks that do not fit on the device are out of scope for now: device stacks
+must be whole arrays in device memory. Two recipes meanwhile:
+
+* **Host stacks.** Keep the stacks in host memory (NumPy arrays, or a
+  ``numpy.memmap`` for data larger than RAM: only the pages a batch touches are
+  read), sample with ``backend="numpy"`` (or any backend: the crop follows the
+  stacks), crop each batch on the host and move only the patches to the
+  device (``len(batch) * C * prod(patch_size)`` elements; e.g.
+  ``cupy.asarray(patches)``, or ``torch.from_numpy(patches).pin_memory()``
+  then ``.cuda(non_blocking=True)`` to overlap the copy with training).
+* **Tiles.** Cut each stack into tiles that fit on the device, overlapping by
+  ``patch_size - 1`` so that every patch of the stack lies inside a tile, and
+  give the tiles to the sampler as stacks of their own (``data_shapes`` of the
+  tiles); keep the tiles in use on the device. Patches near tile borders are
+  then drawn slightly more often than with the whole stack.
 
 Launch contract (checked by the test suite without a GPU), as in
 :mod:`gpu_patching.backends.cuda_backend`: :func:`crop_params` and
@@ -441,7 +450,7 @@ def _extract_host(
     n_rows: int,
     out: Any,
 ) -> NDArray[Any]:
-    """``extract_patches`` for host stacks: one fancy-indexing gather per stack."""
+    """``extract_patches`` for host stacks: fancy-indexing gathers, no loop over patches."""
     arrays = [np.asarray(stack) for stack in stacks]
     shapes = [tuple(int(s) for s in array.shape) for array in arrays]
     n_channels, dtype = _check_stacks(shapes, [array.dtype for array in arrays], patch_size)
@@ -487,13 +496,10 @@ def _extract_host(
     row_bytes = max(1, math.prod(result_shape[1:]) * dtype.itemsize)
     step = max(1, HOST_CHUNK_BYTES // row_bytes)
     for stack, rows in groups:
-        positions = np.arange(n_rows) if isinstance(rows, slice) else rows
-        for start in range(0, len(positions), step):
-            chunk = positions[start : start + step]
-            if isinstance(rows, slice):  # contiguous rows: a plain slice of target
-                target[start : start + len(chunk)] = gather(stack, chunk)
-            else:
-                target[chunk] = gather(stack, chunk)
+        one_stack = isinstance(rows, slice)  # then the rows are target's, in order
+        for start in range(0, n_rows if one_stack else len(rows), step):
+            chunk = slice(start, start + step) if one_stack else rows[start : start + step]
+            target[chunk] = gather(stack, chunk)
     return target
 
 

@@ -23,8 +23,8 @@ never takes a second pass (a power-of-two domain would need two on average
 just above a power of two, and on a GPU the slowest thread of a warp sets the
 pace). The :data:`SHUFFLE_ROUNDS` rounds alternate::
 
-    L ^= top k bits of F(R, key_r)                   (even r)
-    R  = (R + floor(F(L, key_r) * B / 2**32)) mod B  (odd r)
+    L ^= top k bits of F(R, key_r)                          (even r)
+    R  = (R + floor((F(L, key_r) >> 16) * B / 2**16)) mod B  (odd r)
 
 Each round changes one half by a function of the other, so it is undone by
 the inverse operation with the same key: the network is a bijection of
@@ -66,8 +66,8 @@ __all__ = [
 #: Rounds of the Feistel network, each of which changes one half (a classic
 #: Feistel round): twice the four of Luby and Rackoff's strong permutation.
 SHUFFLE_ROUNDS = 8
-#: Largest ``N`` the permutation orders: keeps ``B < 2**31``, so ``R + r``
-#: never wraps 32 bits.
+#: Largest ``N`` the permutation orders: keeps ``B <= 2**31``, so ``R + r``
+#: (below ``2 B``) never wraps 32 bits.
 MAX_POSITIONS = 1 << 62
 # Smallest halves: a round on one- or two-bit halves picks among so few
 # functions that eight rounds leave pairs of positions visibly correlated, so
@@ -146,35 +146,30 @@ class _Network:
         self.high32 = np.uint32(self.high_size)
         self.low_shift = np.uint32(32 - self.low_bits)
 
-    def _add_mulhi(
+    def _add_step(
         self,
         high: NDArray[np.uint32],
         mixed: NDArray[np.uint32],
-        scratch: NDArray[np.uint32],
         step: NDArray[np.uint64],
     ) -> None:
-        """``high += mulhi32(mixed, B)``; clobbers ``mixed`` and ``scratch``."""
+        """``high += ((mixed >> 16) * B) >> 16``, in ``[0, B)``; clobbers ``mixed``.
+
+        Lemire's multiply-shift range reduction of ``F``'s top 16 bits: one
+        formula for every ``B <= 2**31`` (the CUDA twin computes it in 64
+        bits), and one multiply in uint32 whenever ``B < 2**16``.
+        """
+        mixed >>= np.uint32(16)
         if self.high_size < 1 << 16:
-            # Exact in 32 bits (and much faster than NumPy's uint64 path):
-            # with F = 2**16 h + l, floor(F B / 2**32) =
-            # floor((h B + floor(l B / 2**16)) / 2**16), and h B + l B / 2**16
-            # stays below 2**32 for B < 2**16.
-            np.bitwise_and(mixed, np.uint32(0xFFFF), out=scratch)
-            scratch *= self.high32
-            scratch >>= np.uint32(16)
-            mixed >>= np.uint32(16)
+            # The product stays below 2**32: all in uint32, NumPy's fast path.
             mixed *= self.high32
-            mixed += scratch
             mixed >>= np.uint32(16)
             high += mixed
         else:
             np.multiply(mixed, self.high64, out=step, dtype=np.uint64)
-            step >>= np.uint64(32)
+            step >>= np.uint64(16)
             np.add(high, step, out=high, casting="unsafe")
 
-    def apply(
-        self, value: NDArray[np.int64], keys: list[Any], out: NDArray[np.int64]
-    ) -> None:
+    def apply(self, value: NDArray[np.int64], keys: list[Any], out: NDArray[np.int64]) -> None:
         """One pass of the network: ``out = network(value)`` (each below ``D``).
 
         Written as in-place ufunc calls on small uint32 buffers: this is the
@@ -185,6 +180,7 @@ class _Network:
         high = (value >> self.low_bits).astype(np.uint32)
         mixed = np.empty_like(low)
         scratch = np.empty_like(low)
+        # Only orders of more than 2**32 positions need the uint64 product.
         step = np.empty(len(low) if self.high_size >= 1 << 16 else 0, dtype=np.uint64)
         for round_number, key in enumerate(keys):
             # F(x, key): fmix32's two multiply/xor-shift steps of x ^ key.
@@ -199,9 +195,8 @@ class _Network:
                 mixed >>= self.low_shift
                 low ^= mixed
             else:
-                # R = (R + mulhi32(F, B)) mod B; mulhi32(F, B) = floor(F * B / 2**32)
-                # is in [0, B) (Lemire's range reduction).
-                self._add_mulhi(high, mixed, scratch, step)
+                # R = (R + r) mod B, r = ((F >> 16) * B) >> 16 in [0, B).
+                self._add_step(high, mixed, step)
                 # (R + r) mod B for R + r < 2 B: when R + r < B the difference
                 # wraps round to a huge value and the minimum keeps R + r.
                 np.subtract(high, self.high32, out=scratch)
@@ -233,8 +228,9 @@ def _walk(
             rows = slice(start, start + _CHUNK)
             network.apply(position[rows], scalar_keys, value[rows])
     pending = np.flatnonzero(value >= n_positions)
-    # Fewer than 2**k of the D values lie at or above N: a second pass is
-    # rare, and each pass shrinks the set again.
+    # From N = 129 on, fewer than 2**k of the D values lie at or above N: a
+    # second pass is rare, and each pass shrinks the set again. (Smaller
+    # orders walk in a domain of 64 values: more passes, over a few rows.)
     while pending.size:
         pass_keys = list(keys[:, pending]) if keys.ndim == 2 else scalar_keys
         stepped = value[pending]

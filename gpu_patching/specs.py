@@ -51,7 +51,9 @@ class PatchBatch:
         Top-left corner (and first z-slice in 3D) of each patch.
     indices : array of int64, shape (N,)
         Global patch index of each row: row ``k`` is what
-        ``get_patch_spec(indices[k])`` returns for the same draw number.
+        ``get_patch_spec(indices[k])`` returns for the same draw number. In
+        index order for a plain epoch; in the epoch's order for a shuffled or
+        sharded one (a row's patch never depends on where its index lands).
     patch_size : tuple of int
         The patch size.
     """

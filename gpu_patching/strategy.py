@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import itertools
+import json
+import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -19,10 +24,92 @@ from .permutation import EpochOrder
 from .specs import PatchBatch, PatchSpecs
 from .tables import RegionTables
 
-__all__ = ["StratifiedPatching"]
+__all__ = ["STATE_FORMAT", "STATE_VERSION", "StratifiedPatching"]
 
 _DRAW_LIMIT = 1 << 32
 _CACHED_EPOCHS = 2
+
+#: The ``format`` entry of every :meth:`StratifiedPatching.state_dict`.
+STATE_FORMAT = "gpu_patching.StratifiedPatching"
+#: The layout version of :meth:`StratifiedPatching.state_dict`.
+STATE_VERSION = 1
+_STATE_KEYS = frozenset(
+    {
+        "format",
+        "version",
+        "seed",
+        "data_shapes",
+        "patch_size",
+        "epoch_base",
+        "n_patches",
+        "excluded",
+        "probability",
+        "calls",
+        "checksum",
+    }
+)
+_ARRAY_KEYS = frozenset({"dtype", "length", "encoding", "data"})
+_ARRAY_ENCODING = "zlib+base64"
+
+
+def _encode_array(values: NDArray[Any]) -> dict[str, Any]:
+    """Return a 1-D array as JSON data: little-endian bytes, zlib, base64 text.
+
+    Booleans are packed eight to a byte first. Per-region and per-index arrays
+    are mostly runs of one value (no exclusion, probability 1, equal call
+    counts), which zlib shrinks by orders of magnitude.
+    """
+    if values.dtype == np.bool_:
+        dtype = "bool"
+        raw = np.packbits(values, bitorder="little").tobytes()
+    else:
+        little = values.dtype.newbyteorder("<")
+        dtype = little.str
+        raw = values.astype(little, copy=False).tobytes()
+    return {
+        "dtype": dtype,
+        "length": len(values),
+        "encoding": _ARRAY_ENCODING,
+        "data": base64.b64encode(zlib.compress(raw)).decode("ascii"),
+    }
+
+
+def _decode_array(entry: Any, name: str, dtype: str, length: int) -> NDArray[Any]:
+    """Return an array made by :func:`_encode_array`, checking what it claims to be."""
+    where = f"state[{name!r}]"
+    if not isinstance(entry, Mapping) or set(entry) != _ARRAY_KEYS:
+        raise ValueError(f"{where} must be an encoded array with keys {sorted(_ARRAY_KEYS)}")
+    if entry["dtype"] != dtype or entry["encoding"] != _ARRAY_ENCODING:
+        raise ValueError(
+            f"{where} is {entry['dtype']!r} data encoded as {entry['encoding']!r}, "
+            f"expected {dtype!r} encoded as {_ARRAY_ENCODING!r}"
+        )
+    if entry["length"] != length:
+        raise ValueError(f"{where} holds {entry['length']} values, this sampler needs {length}")
+    try:
+        raw = zlib.decompress(base64.b64decode(entry["data"], validate=True))
+    except (binascii.Error, zlib.error, TypeError, ValueError) as error:
+        raise ValueError(f"{where} cannot be decoded: {error}") from None
+    if dtype == "bool":
+        expected_bytes = -(-length // 8)
+    else:
+        expected_bytes = length * np.dtype(dtype).itemsize
+    if len(raw) != expected_bytes:
+        raise ValueError(f"{where} decodes to {len(raw)} bytes, expected {expected_bytes}")
+    if dtype == "bool":
+        bits = np.frombuffer(raw, dtype=np.uint8)
+        return np.unpackbits(bits, count=length, bitorder="little").astype(bool)
+    return np.frombuffer(raw, dtype=dtype).astype(np.dtype(dtype).newbyteorder("="))
+
+
+def _state_checksum(state: Mapping[str, Any]) -> str:
+    """Return the SHA-256 of a state's canonical JSON text, its checksum excluded."""
+    body = {key: value for key, value in state.items() if key != "checksum"}
+    try:
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"state is not plain JSON data: {error}") from None
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _zero_counters(length: int) -> array:
@@ -90,6 +177,13 @@ class StratifiedPatching:
     Randomness is counter-based (Philox4x32-10): the ``k``-th call of
     ``get_patch_spec(i)`` returns row ``i`` of ``sample_epoch(k)``, and
     :meth:`set_epoch` moves the draw number of every index.
+
+    ``sample_epoch(epoch, shuffle=True, rank=r, world_size=w)`` shuffles and
+    shards an epoch by the rules of PyTorch's ``DistributedSampler`` (one
+    kernel launch on the GPU, and no communication between ranks);
+    :mod:`gpu_patching.torch` has the PyTorch sampler, dataset and DDP recipe.
+    :meth:`state_dict` and :meth:`load_state_dict` checkpoint and resume the
+    sampler exactly, as plain JSON data.
 
     Examples
     --------
@@ -389,6 +483,31 @@ class StratifiedPatching:
             included[key] = list(zip(*columns, strict=True))
         return included
 
+    def get_region_probs(self, data_idx: int, sample_idx: int) -> NDArray[np.float64]:
+        """Return the probability of every region of a sample, shaped like its grid.
+
+        The values given to :meth:`set_region_probs` (1 where none was).
+
+        Parameters
+        ----------
+        data_idx : int
+            The index of the image stack.
+        sample_idx : int
+            The index of the sample in that stack.
+
+        Returns
+        -------
+        numpy.ndarray of float64
+            A host copy, of the sample's grid shape.
+
+        Raises
+        ------
+        IndexError
+            If ``data_idx`` or ``sample_idx`` is out of range.
+        """
+        sample = self._sample(data_idx, sample_idx)
+        return to_host(self._tables.probability_grid(sample), np.float64)
+
     # -- epochs ----------------------------------------------------------------
 
     def sample_epoch(
@@ -525,6 +644,169 @@ class StratifiedPatching:
         """
         self._epoch_base = self._check_epoch(epoch)
         self._calls = _zero_counters(self.n_patches)
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return everything that determines future draws, as plain JSON data.
+
+        Save it with ``json.dump`` (or inside a PyTorch checkpoint) and give it
+        to :meth:`load_state_dict` of a sampler built on the same shapes, on
+        either backend, to continue exactly where this one is: the same
+        :meth:`get_patch_spec` results and the same epochs.
+
+        Returns
+        -------
+        dict
+            ``format`` and ``version``; ``seed``, ``data_shapes``,
+            ``patch_size``; ``epoch_base`` (the last :meth:`set_epoch`);
+            ``n_patches``; ``excluded`` (one bool per grid cell of every
+            sample), ``probability`` (one float64 per cell) and ``calls``
+            (the per-index call counters since the last :meth:`set_epoch`),
+            each encoded as ``{"dtype", "length", "encoding", "data"}`` with
+            the bytes zlib-compressed and base64-encoded (compact: mostly runs
+            of one value); and ``checksum``, the SHA-256 of everything else, so
+            that a modified or corrupted state is refused. Only dicts, lists,
+            strings and ints: no pickle.
+        """
+        tables = self._tables
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "seed": self._seed,
+            "data_shapes": [list(shape) for shape in self._data_shapes],
+            "patch_size": list(self._patch_size),
+            "epoch_base": self._epoch_base,
+            "n_patches": self.n_patches,
+            "excluded": _encode_array(to_host(tables.excluded, bool)),
+            "probability": _encode_array(to_host(tables.probability, np.float64)),
+            "calls": _encode_array(np.frombuffer(self._calls, dtype=np.uint32)),
+        }
+        state["checksum"] = _state_checksum(state)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a state made by :meth:`state_dict`.
+
+        The seed, exclusions, probabilities, call counters and epoch base are
+        replaced by the state's; the backend stays this sampler's. The whole
+        state is checked before anything changes: a refused state leaves the
+        sampler exactly as it was.
+
+        Parameters
+        ----------
+        state : Mapping
+            What :meth:`state_dict` returned (possibly through JSON).
+
+        Raises
+        ------
+        TypeError
+            If ``state`` is not a mapping.
+        ValueError
+            If it is not a state of this format and version, its checksum does
+            not match its contents (it was modified or corrupted), it was made
+            for other data shapes or another patch size, or its contents are
+            inconsistent.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"state must be a mapping from state_dict(), got {type(state).__name__}"
+            )
+        missing, unknown = _STATE_KEYS - set(state), set(state) - _STATE_KEYS
+        if missing or unknown:
+            raise ValueError(
+                f"not a StratifiedPatching state: missing keys {sorted(missing)}, "
+                f"unknown keys {sorted(map(str, unknown))}"
+            )
+        if state["format"] != STATE_FORMAT:
+            raise ValueError(f"state format is {state['format']!r}, expected {STATE_FORMAT!r}")
+        if state["version"] != STATE_VERSION:
+            raise ValueError(
+                f"state version {state['version']!r} is not supported (this gpu-patching "
+                f"reads version {STATE_VERSION})"
+            )
+        if state["checksum"] != _state_checksum(state):
+            raise ValueError(
+                "state checksum does not match its contents: the state was modified or "
+                "corrupted after state_dict() made it"
+            )
+        patch = check.validate_patch_size(state["patch_size"])
+        shapes = check.validate_data_shapes(state["data_shapes"], patch)
+        if shapes != self._data_shapes or patch != self._patch_size:
+            raise ValueError(
+                f"the state is for data_shapes {list(shapes)} and patch_size {patch}, but "
+                f"this sampler has data_shapes {list(self._data_shapes)} and patch_size "
+                f"{self._patch_size}"
+            )
+        if state["seed"] is None:
+            raise ValueError("state['seed'] is None; a state always holds the seed in use")
+        seed = check.validate_seed(state["seed"])
+        epoch_base = self._check_epoch(state["epoch_base"])
+        n_patches = check.as_int(state["n_patches"], "state['n_patches']")
+        n_regions = int(self._tables.region_offset[-1])
+        excluded = _decode_array(state["excluded"], "excluded", "bool", n_regions)
+        probability = check.check_probabilities(
+            _decode_array(state["probability"], "probability", "<f8", n_regions),
+            "state['probability']",
+        )
+        calls = _decode_array(state["calls"], "calls", "<u4", n_patches)
+        tables = self._tables_with(excluded, probability)
+        if tables.total_patches != n_patches:
+            raise ValueError(
+                f"the state is inconsistent: its exclusions and probabilities give "
+                f"{tables.total_patches} patches, but it says n_patches = {n_patches}"
+            )
+        # Everything is checked: commit.
+        self._seed = seed
+        self._tables = tables
+        self._epoch_base = epoch_base
+        self._calls = array("I", calls.astype(np.uint32).tobytes())
+        self._host_epochs.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle as the backend's name and :meth:`state_dict`.
+
+        The tables hold their array module (NumPy or CuPy), which does not
+        pickle; PyTorch's DataLoader pickles the dataset, and with it the
+        sampler, for each worker it starts with ``spawn`` or ``forkserver``.
+        """
+        return {"backend": self.backend, "state": self.state_dict()}
+
+    def __setstate__(self, pickled: dict[str, Any]) -> None:
+        state = pickled["state"]
+        fresh = StratifiedPatching(
+            state["data_shapes"], state["patch_size"], state["seed"], backend=pickled["backend"]
+        )
+        fresh.load_state_dict(state)
+        self.__dict__.update(fresh.__dict__)
+
+    def _tables_with(self, excluded: NDArray[np.bool_], probability: NDArray[Any]) -> RegionTables:
+        """Return new tables (on this backend) with the given per-cell rows.
+
+        One batch per stack, as the constructor builds them, rather than an
+        update per sample: each update refreshes the prefix sums of all rows.
+        """
+        xp = self._backend.xp
+        shapes = self._data_shapes
+        tables = RegionTables(
+            [shape[2:] for shape in shapes], [shape[0] for shape in shapes], self._patch_size, xp
+        )
+        for stack in range(tables.n_stacks):
+            first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
+            rows = slice(int(tables.region_offset[first]), int(tables.region_offset[last]))
+            if not (excluded[rows].any() or (probability[rows] != 1.0).any()):
+                continue  # the constructor's rows are already these
+            batch = (last - first, *tables.sample_grid(first))
+            # RegionTables computes every row before it commits; its limits
+            # are checked again by _refresh_totals, before self changes.
+            update = tables._compute(
+                stack,
+                xp.asarray(excluded[rows].reshape(batch)),
+                xp.asarray(probability[rows].reshape(batch)),
+            )
+            tables._commit(first, last, update)
+        tables._refresh_totals()
+        return tables
 
     # -- internals -------------------------------------------------------------
 

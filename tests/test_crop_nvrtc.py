@@ -194,7 +194,7 @@ def test_crop_launch_args_refuse_arrays_of_the_wrong_dtype_length_or_layout() ->
     with pytest.raises(ValueError, match="out"):
         crop_launch_args(table, rows, 5, 3, patch, np.asfortranarray(out))
     with pytest.raises(ValueError, match="1, 2, 4 or 8 bytes"):
-        crop_launch_args(table, rows, 5, 3, patch, out.astype(np.complex128))
+        crop_launch_args(table, rows, 5, 3, patch, np.zeros(out.shape, np.complex128))
     with pytest.raises(ValueError, match="2 or 3 spatial dimensions"):
         crop_launch_args(table, rows, 5, 3, (1, 2, 3, 4), out)
     with pytest.raises(ValueError, match="first_bad"):

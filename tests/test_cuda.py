@@ -15,6 +15,7 @@ import pytest
 
 from gpu_patching import StratifiedPatching
 from gpu_patching.backends.numpy_backend import NumpyBackend
+from gpu_patching.permutation import EpochOrder
 from gpu_patching.tables import RegionTables
 
 
@@ -240,14 +241,23 @@ def test_sampler_on_cuda_matches_sampler_on_numpy() -> None:
         assert device.get_patch_spec(index) == host.get_patch_spec(index)
 
 
-def test_sample_epoch_is_one_kernel_launch_and_no_other_kernel() -> None:
+EPOCH_OPTIONS = [
+    {},
+    {"shuffle": True},
+    {"shuffle": True, "rank": 1, "world_size": 4},
+    {"rank": 2, "world_size": 3, "drop_last": True},
+]
+
+
+@pytest.mark.parametrize("options", EPOCH_OPTIONS)
+def test_sample_epoch_is_one_kernel_launch_and_no_other_kernel(options: dict[str, Any]) -> None:
     from gpu_patching.backends.cuda_backend import OUTPUT_PARAMS, SAMPLE_EPOCH_PARAMS
 
     host = _configured_sampler("3d")
     device = _cuda_twin(host)
     backend: Any = device._backend
     launched = _record_launches(backend)
-    device.sample_epoch(0)  # compiles the kernel and uploads the per-sample arrays
+    device.sample_epoch(0, **options)  # compiles the kernel and uploads the per-sample arrays
     launched.clear()
     launches = backend.launch_count
     sizes: list[int] = []
@@ -255,24 +265,73 @@ def test_sample_epoch_is_one_kernel_launch_and_no_other_kernel() -> None:
     # allocator the process had set; it stays referenced while the batch is used.
     pool = cupy.cuda.MemoryPool()
     with cupy.cuda.using_allocator(pool.malloc), _allocation_counter(sizes):
-        batch = device.sample_epoch(1)
-    n, d = device.n_patches, len(device.patch_size)
-    # Exactly one launch of our kernel, over the epoch as a range: no index
-    # array was made for it.
+        batch = device.sample_epoch(1, **options)
+    n, d = len(batch), len(device.patch_size)
+    # Exactly one launch of our kernel, over the epoch as an order: no index
+    # array was made for it, shuffled and sharded or not.
     assert backend.launch_count == launches + 1 and len(launched) == 1
     values = dict(zip((name for name, _ in SAMPLE_EPOCH_PARAMS), launched[0], strict=True))
     assert values["indices"] is None and int(values["n_rows"]) == n
+    assert int(values["shuffle"]) == int(options.get("shuffle", False))
     # The batch holds the very arrays the kernel wrote: no gather, no copy.
     for column, name in zip(COLUMNS, OUTPUT_PARAMS, strict=True):
         assert getattr(batch, column) is values[name], column
     # Any other CuPy kernel that made an array (arange, a gather, a conversion)
     # would have allocated it: the only allocations are the four outputs.
     assert sorted(sizes) == sorted([8 * n, 8 * n, 8 * n * d, 8 * n])
-    expected = host.sample_epoch(1).to_numpy()
+    expected = host.sample_epoch(1, **options).to_numpy()
     for column in COLUMNS:
         np.testing.assert_array_equal(
             cupy.asnumpy(getattr(batch, column)), getattr(expected, column), column
         )
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_gpu_shuffled_shards_equal_numpy_bit_for_bit(
+    case: Any, world_size: int, drop_last: bool
+) -> None:
+    sampler, tables = case
+    for rank in range(world_size):
+        order = EpochOrder.shard(
+            tables.total_patches,
+            shuffle=True,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+        )
+        for seed, draw in ((0, 0), (2**64 - 1, 2**32 - 1)):
+            expected = NumpyBackend().draw(sampler._tables, order, draw, seed)
+            _assert_same_draws(expected, _backend().draw(tables, order, draw, seed))
+
+
+def test_state_moves_between_backends() -> None:
+    host = _configured_sampler("2d")
+    host.set_epoch(4)
+    for index in (0, 1, 1, 5):
+        host.get_patch_spec(index)
+    device = StratifiedPatching(host.data_shapes, host.patch_size, backend="cuda")
+    device.load_state_dict(host.state_dict())
+    assert device.backend == "cuda" and device.state_dict() == host.state_dict()
+    for index in (1, 1, 0, 7):
+        assert device.get_patch_spec(index) == host.get_patch_spec(index)
+    back = StratifiedPatching(host.data_shapes, host.patch_size, backend="numpy")
+    back.load_state_dict(device.state_dict())
+    assert back.state_dict() == device.state_dict()
+
+
+def test_shuffled_shard_reaches_torch_through_dlpack_without_a_copy() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA support here")
+    from gpu_patching.torch import to_tensors
+
+    device = _cuda_twin(_configured_sampler("2d"))
+    batch = device.sample_epoch(2, shuffle=True, rank=0, world_size=2)
+    tensors = to_tensors(batch)
+    for name in COLUMNS:
+        tensor, array = getattr(tensors, name), getattr(batch, name)
+        assert tensor.is_cuda and tensor.data_ptr() == array.data.ptr, name
 
 
 def test_epoch_reaches_torch_through_dlpack_without_a_copy(case: Any) -> None:

@@ -669,8 +669,14 @@ def test_validation_split_rejects_bad_arguments(
     strategy = sampler if arguments[0] == "sampler" else arguments[0]
     with pytest.raises(error, match=match):
         validation_split(strategy, arguments[1])
+
+
+def test_validation_split_rejects_a_seed_out_of_range() -> None:
+    sampler = numpy_sampler([(1, 1, 64, 64)], (16, 16))
     with pytest.raises(ValueError, match="seed"):
         validation_split(sampler, 1, seed=-1)
+    with pytest.raises(TypeError, match="seed"):
+        validation_split(sampler, 1, seed=1.5)
 
 
 # -- CuPy agrees with NumPy ----------------------------------------------------

@@ -600,9 +600,7 @@ def test_host_kernel_draws_a_shuffled_shard_in_one_launch_without_an_index_array
     for column, name in zip(result, OUTPUT_PARAMS, strict=True):
         assert column is values[name], name
     batch = sampler.sample_epoch(7, shuffle=True, rank=1, world_size=4)
-    _assert_same_draws(
-        (batch.data_idx, batch.sample_idx, batch.coords, batch.indices), result
-    )
+    _assert_same_draws((batch.data_idx, batch.sample_idx, batch.coords, batch.indices), result)
 
 
 # -- inconsistent tables never make the kernel leave its arrays ------------------------

@@ -19,6 +19,11 @@ for bit. The draw of patch ``i`` with draw number ``k``:
 
 All integer arithmetic is exact in int64/uint64 within the limits that
 ``tables`` enforces (``n < 2**31``, total mass ``< 2**62``).
+
+A shuffled or sharded epoch (:class:`~gpu_patching.permutation.EpochOrder`)
+changes only which index each row draws, never the draw of an index: its
+indices are drawn in increasing order (cache-friendly) and the rows gathered
+into the epoch's order.
 """
 
 from __future__ import annotations
@@ -262,6 +267,11 @@ class NumpyBackend:
             Patch corners.
         indices : numpy.ndarray of int64, shape (N,)
             The global patch index of each row.
+
+        Raises
+        ------
+        IndexError
+            If an order draws indices outside ``[0, tables.total_patches)``.
         """
         if isinstance(indices, EpochOrder):
             indices.check_within(tables.total_patches)
@@ -279,16 +289,26 @@ class NumpyBackend:
 
     @staticmethod
     def _draw_samples(
-        tables: RegionTables, indices: NDArray[np.int64], draw_number: int, seed: int
+        tables: RegionTables,
+        indices: range | NDArray[np.int64],
+        draw_number: int,
+        seed: int,
     ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         """Flat sample and corner of each index (fastest when the indices increase)."""
         sample = np.empty(len(indices), dtype=np.int64)
         corner = np.empty((len(indices), tables.ndim), dtype=np.int64)
         # Chunks keep every temporary small: cache-resident, and recycled by
-        # the allocator instead of being mapped (and page-faulted) afresh.
+        # the allocator instead of being mapped (and page-faulted) afresh. A
+        # range is never made into an array as long as the epoch.
         for start in range(0, len(indices), _CHUNK):
             rows = slice(start, start + _CHUNK)
-            sample[rows], corner[rows] = _draw_chunk(tables, indices[rows], draw_number, seed)
+            if isinstance(indices, range):
+                chunk = np.arange(
+                    indices.start + start, min(indices.stop, indices.start + start + _CHUNK)
+                )
+            else:
+                chunk = indices[rows]
+            sample[rows], corner[rows] = _draw_chunk(tables, chunk, draw_number, seed)
         return sample, corner
 
     def _draw_order(
@@ -304,15 +324,18 @@ class NumpyBackend:
         """
         wanted = order.indices(seed, draw_number)
         n_patches = tables.total_patches
+        drawn: range | NDArray[np.int64]
         if order.n_rows == order.n_positions == n_patches and order.position_step == 1:
             # A whole shuffled epoch: every index once, so row k is index k.
-            drawn: NDArray[np.int64] = np.arange(n_patches, dtype=np.int64)
+            drawn = range(n_patches)
             row_of = wanted
         else:
             present = np.zeros(n_patches, dtype=bool)
             present[wanted] = True
             drawn = np.flatnonzero(present)
-            row_of = (np.cumsum(present, dtype=np.int64) - 1)[wanted]
+            # Index i is row (number of drawn indices up to i) - 1 of `drawn`.
+            row_of = np.cumsum(present, dtype=np.int64)[wanted]
+            row_of -= 1
         sample, corner = self._draw_samples(tables, drawn, draw_number, seed)
         # np.take, not fancy indexing: ten times faster on the (N, d) corners.
         sample = np.take(sample, row_of)

@@ -72,11 +72,11 @@ struct ThreadPlace {
 // sizes and strides copied into registers once per row rather than read from
 // the table once per line.
 struct RowSource {
-    i64 address;      // the stack's address
+    i64 address;        // the stack's address
     i64 sample_offset;  // sample * (sample stride), in elements
-    i64 corner[3];    // z0 (0 in 2D), y0, x0
-    i64 last[4];      // largest index along C, Z, Y, X
-    i64 stride[4];    // element strides along C, Z, Y, X
+    i64 corner[3];      // z0 (0 in 2D), y0, x0
+    i64 last[4];        // largest index along C, Z, Y, X
+    i64 stride[4];      // element strides along C, Z, Y, X
 };
 
 GP_HD i64 clamp_index(i64 value, i64 low, i64 high) {

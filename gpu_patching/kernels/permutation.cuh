@@ -7,9 +7,9 @@
 // shuffle_position is a permutation of [0, N) keyed by (seed, epoch): a Feistel
 // network on [0, B * 2**k) with cycle walking. A value is R * 2**k + L (L: the
 // low k bits, R in [0, B)); even rounds set L ^= top k bits of F(R), odd rounds
-// R = (R + mulhi32(F(L), B)) mod B. Each round is undone by its inverse, so the
-// network is a bijection, and walking (re-applying it until the value is below
-// N) is a bijection of [0, N). Everything is computed per row, from scalars:
+// R = (R + (((F(L) >> 16) * B) >> 16)) mod B. Each round is undone by its
+// inverse, so the network is a bijection, and walking (re-applying it until the
+// value is below N) is a bijection of [0, N). Everything is computed per row, from scalars:
 // no sort, no table, no communication.
 #pragma once
 
@@ -29,6 +29,7 @@ namespace gp {
 // permutation.SHUFFLE_ROUNDS: rounds of the network (a multiple of 4, the
 // key words of one Philox call).
 constexpr int SHUFFLE_ROUNDS = 8;
+static_assert(SHUFFLE_ROUNDS % 4 == 0, "round keys come four to a Philox call");
 // permutation._MIN_LOW_BITS and _MIN_HIGH_SIZE: the smallest halves.
 constexpr int SHUFFLE_MIN_LOW_BITS = 3;
 constexpr u64 SHUFFLE_MIN_HIGH_SIZE = 8;
@@ -99,11 +100,11 @@ GP_SHUFFLE_UNROLL
         if (round % 2 == 0) {
             low ^= shuffle_mix(high, shuffle.keys[round]) >> (32 - low_bits);
         } else {
-            // mulhi32(F, B) = floor(F * B / 2**32) is in [0, B); high + step
-            // < 2 B <= 2**32, so one subtraction reduces it.
-            const u64 product =
-                static_cast<u64>(shuffle_mix(low, shuffle.keys[round])) * shuffle.high_size;
-            high += static_cast<u32>(product >> 32);
+            // Lemire's range reduction of F's top 16 bits: ((F >> 16) * B) >> 16
+            // is in [0, B) (the product < 2**47 fits 64 bits for B <= 2**31),
+            // and high + step < 2 B <= 2**32, so one subtraction reduces it.
+            const u64 top = shuffle_mix(low, shuffle.keys[round]) >> 16;
+            high += static_cast<u32>((top * shuffle.high_size) >> 16);
             if (high >= shuffle.high_size) high -= shuffle.high_size;
         }
     }

@@ -1,0 +1,214 @@
+"""``PatchLoader``: an epoch of patches, cut out batch by batch, ready to train on.
+
+Per epoch the loader draws this rank's rows with one
+:meth:`~gpu_patching.StratifiedPatching.sample_epoch` call (one kernel launch
+on the CUDA backend) and cuts each batch out of the stacks with one
+:func:`~gpu_patching.extract_patches` call (one crop launch for device
+stacks). With device stacks the crop of batch ``k + 1`` is enqueued on the
+loader's stream before batch ``k`` is handed over, so it is prepared while
+``k`` trains; the consumer's current stream waits for the crop of ``k``
+through an event, without blocking the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from . import _validation as check
+from .crop import _device_crop, _is_device_array, extract_patches
+from .permutation import EpochOrder
+from .specs import PatchBatch
+from .strategy import StratifiedPatching
+
+__all__ = ["PatchLoader"]
+
+
+class PatchLoader:
+    """Iterate over one rank's epoch as ``(patches, batch)`` pairs.
+
+    Parameters
+    ----------
+    stacks : sequence of arrays
+        The image stacks the strategy was built for, one per ``data_idx``,
+        axes ``SC(Z)YX`` and exactly the strategy's ``data_shapes``. Host
+        arrays (NumPy) are cropped on the host; device arrays (CuPy, or CUDA
+        arrays with ``__cuda_array_interface__``/DLPack such as PyTorch CUDA
+        tensors) by one CUDA kernel per batch. Stacks must fit in the memory
+        they live in; see :mod:`gpu_patching.crop` for larger data.
+    strategy : StratifiedPatching
+        The sampler.
+    batch_size : int
+        Patches per batch; the last batch of an epoch may be smaller.
+    shuffle : bool, default True
+        Shuffle each epoch (a different order every epoch).
+    rank, world_size : int, default 0 and 1
+        This process's share of the epoch, by ``DistributedSampler``'s rules
+        (see :meth:`~gpu_patching.StratifiedPatching.sample_epoch`).
+    drop_last : bool, default False
+        Passed to ``sample_epoch``: drop the tail of the order so that every
+        rank gets the same, disjoint rows, instead of padding it.
+    as_torch : bool, default False
+        Yield the patches as a PyTorch tensor (through DLPack, no copy).
+    stream : cupy.cuda.Stream, optional
+        CUDA stream for the epoch draw and the crops (device stacks only);
+        default: the stream current when iteration starts.
+
+    Notes
+    -----
+    ``set_epoch(e)`` selects the epoch of the next passes, exactly as with
+    PyTorch's ``DistributedSampler``: call it at the start of every epoch. A
+    pass without a new ``set_epoch`` repeats the epoch (same order, same
+    patches), as :class:`gpu_patching.torch.PatchSampler` does.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from gpu_patching import PatchLoader, StratifiedPatching
+    >>> stack = np.zeros((2, 1, 128, 128), dtype=np.float32)
+    >>> strategy = StratifiedPatching([stack.shape], (32, 32), seed=0)
+    >>> loader = PatchLoader([stack], strategy, batch_size=16)
+    >>> patches, batch = next(iter(loader))
+    >>> patches.shape
+    (16, 1, 32, 32)
+    """
+
+    def __init__(
+        self,
+        stacks: Sequence[Any],
+        strategy: StratifiedPatching,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        as_torch: bool = False,
+        stream: Any = None,
+    ) -> None:
+        if not isinstance(strategy, StratifiedPatching):
+            raise TypeError(f"strategy must be a StratifiedPatching, got {type(strategy).__name__}")
+        size = check.as_int(batch_size, "batch_size")
+        if size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {size}")
+        # Checks rank, world_size and the flags now rather than at the first pass.
+        EpochOrder.shard(
+            strategy.n_patches,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+        )
+        if isinstance(stacks, (str, bytes)) or not isinstance(stacks, Sequence):
+            raise TypeError(f"stacks must be a sequence of arrays, got {type(stacks).__name__}")
+        shapes = [tuple(int(s) for s in getattr(stack, "shape", ())) for stack in stacks]
+        expected = [tuple(shape) for shape in strategy.data_shapes]
+        if shapes != expected:
+            raise ValueError(
+                f"the stacks' shapes {shapes} differ from the strategy's data_shapes {expected}"
+            )
+        on_device = {_is_device_array(stack) for stack in stacks}
+        if len(on_device) > 1:
+            raise TypeError("stacks must all be host arrays or all be device arrays")
+        if as_torch:
+            import torch  # noqa: F401  (fail now, not at the first batch)
+        self._stacks = list(stacks)
+        self._on_device = on_device == {True}
+        self._strategy = strategy
+        self._batch_size = size
+        self._options: dict[str, Any] = {
+            "shuffle": shuffle,
+            "rank": rank,
+            "world_size": world_size,
+            "drop_last": drop_last,
+        }
+        self._as_torch = bool(as_torch)
+        self._stream = stream
+        self._epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next passes (0 until :meth:`set_epoch`)."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch of the next passes.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch, in ``[0, 2**32)``.
+        """
+        value = check.as_int(epoch, "epoch")
+        if not 0 <= value < 1 << 32:
+            raise ValueError(f"epoch must be in [0, 2**32), got {value}")
+        self._epoch = value
+
+    def __len__(self) -> int:
+        rows = EpochOrder.shard(self._strategy.n_patches, **self._options).n_rows
+        return -(-rows // self._batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Any, PatchBatch]]:
+        if self._on_device:
+            return self._device_batches(self._epoch)
+        return self._host_batches(self._epoch)
+
+    # -- host stacks -----------------------------------------------------------
+
+    def _host_batches(self, epoch: int) -> Iterator[tuple[Any, PatchBatch]]:
+        rows = self._strategy.sample_epoch(epoch, **self._options).to_numpy()
+        for start in range(0, len(rows), self._batch_size):
+            batch = rows[start : start + self._batch_size]
+            yield self._convert(extract_patches(self._stacks, batch)), batch
+
+    # -- device stacks ---------------------------------------------------------
+
+    def _device_batches(self, epoch: int) -> Iterator[tuple[Any, PatchBatch]]:
+        import cupy
+
+        stream = self._stream if self._stream is not None else cupy.cuda.get_current_stream()
+        with stream:
+            rows = self._strategy.sample_epoch(epoch, **self._options)
+        starts = list(range(0, len(rows), self._batch_size))
+        pending = self._enqueue_crop(rows, starts[0], stream) if starts else None
+        for k in range(len(starts)):
+            ready = pending
+            # Enqueue the next crop before handing this batch over, so that
+            # the device prepares it while the consumer trains on this one.
+            pending = (
+                self._enqueue_crop(rows, starts[k + 1], stream) if k + 1 < len(starts) else None
+            )
+            assert ready is not None
+            patches, batch, done = ready
+            cupy.cuda.get_current_stream().wait_event(done)
+            yield self._convert(patches), batch
+
+    def _enqueue_crop(
+        self, rows: PatchBatch, start: int, stream: Any
+    ) -> tuple[Any, PatchBatch, Any]:
+        import cupy
+
+        batch = rows[start : start + self._batch_size]
+        with stream:
+            # The rows come from the strategy built for these shapes, so they
+            # are in range by construction: skip the row check (and its wait).
+            patches = _device_crop().extract(
+                self._stacks,
+                batch,
+                batch.patch_size,
+                len(batch),
+                None,
+                trusted_rows=True,
+            )
+            done = cupy.cuda.Event(disable_timing=True)
+            done.record(stream)
+        return patches, batch, done
+
+    def _convert(self, patches: Any) -> Any:
+        if not self._as_torch:
+            return patches
+        import torch
+
+        if self._on_device:
+            return torch.from_dlpack(patches)
+        return torch.from_numpy(patches)

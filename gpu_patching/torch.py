@@ -1,0 +1,301 @@
+"""PyTorch glue: a DDP-aware sampler, a map-style dataset, and batches as tensors.
+
+Optional: it needs PyTorch (``pip install gpu-patching[torch]``), and the rest
+of the package never imports it.
+
+* :class:`PatchSampler` is a ``torch.utils.data.Sampler`` with the rules of
+  ``DistributedSampler``: it yields this rank's patch indices of the current
+  epoch (shuffled, sharded, padded or dropped; see
+  :meth:`~gpu_patching.StratifiedPatching.sample_epoch`), and its
+  :meth:`~PatchSampler.set_epoch` also moves the sampling strategy to that
+  epoch.
+* :class:`PatchDataset` is the map-style path that CAREamics takes: item
+  ``i`` calls ``strategy.get_patch_spec(i)`` and cuts that patch out of the
+  image stacks.
+* :func:`to_tensors` turns a :class:`~gpu_patching.PatchBatch` into tensors
+  through DLPack: zero-copy on the GPU (CuPy arrays), and ``torch.from_numpy``
+  (also zero-copy) on the CPU.
+
+Epochs and DataLoader workers
+-----------------------------
+With ``num_workers > 0`` and ``persistent_workers=False``, every epoch's
+workers are made afresh from the main process and get a copy of the dataset,
+hence of the strategy, as it is at that moment. Whatever a worker's
+``get_patch_spec`` calls count is lost with the worker, so the epoch has to
+reach the workers from the main process: :meth:`PatchSampler.set_epoch`
+calls ``strategy.set_epoch(epoch)`` there, before the DataLoader makes the
+workers, and every worker then draws epoch ``epoch``'s patches. Call it at the
+start of every epoch, exactly as with ``DistributedSampler`` (PyTorch
+Lightning does so by itself). A pass without a new ``set_epoch`` repeats the
+epoch: the same order and the same patches, with or without workers.
+
+Multi-GPU training (DDP)
+------------------------
+One process per GPU, e.g. started with ``torchrun --nproc-per-node=4
+train.py``; every rank builds the same strategy (same shapes, same explicit
+seed: with ``seed=None`` each rank would draw its own) and computes its own
+shard, with no communication::
+
+    import os
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader
+    from gpu_patching import StratifiedPatching
+    from gpu_patching.torch import PatchDataset, PatchSampler
+
+    dist.init_process_group("nccl")
+    # Before building the strategy: CuPy puts its tables on the current device.
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    strategy = StratifiedPatching(shapes, patch_size, seed=1234)
+    sampler = PatchSampler(strategy, shuffle=True)  # rank, world size: from dist
+    loader = DataLoader(PatchDataset(strategy, stacks), batch_size=64, sampler=sampler,
+                        num_workers=4)
+    for epoch in range(n_epochs):
+        sampler.set_epoch(epoch)
+        for patches in loader:
+            ...
+
+Without a DataLoader, the GPU path is one kernel launch per epoch and no copy:
+``to_tensors(strategy.sample_epoch(epoch, shuffle=True, rank=rank,
+world_size=world_size))`` gives this rank's patch corners as CUDA tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
+
+from .permutation import EpochOrder
+from .specs import PatchBatch
+from .strategy import StratifiedPatching
+
+__all__ = ["PatchDataset", "PatchSampler", "PatchTensors", "to_tensors"]
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+class PatchSampler(Sampler[int]):
+    """Yield this rank's patch indices of the current epoch (``DistributedSampler`` rules).
+
+    With ``N = strategy.n_patches``, each of ``num_replicas`` ranks gets
+    ``ceil(N / num_replicas)`` indices (the epoch's order padded by wrapping
+    round to its start) or ``N // num_replicas`` with ``drop_last``; rank
+    ``r`` takes positions ``r, r + num_replicas, ...`` of the order. The
+    order is ``range(N)``, or with ``shuffle`` a permutation that depends only
+    on the strategy's seed and the epoch, so every rank computes the same one.
+
+    Parameters
+    ----------
+    strategy : StratifiedPatching
+        The sampling strategy; the dataset that gets these indices calls its
+        ``get_patch_spec``.
+    num_replicas : int, optional
+        Number of ranks; ``torch.distributed``'s world size when it is
+        initialised, else 1.
+    rank : int, optional
+        This rank; ``torch.distributed``'s rank when it is initialised, else 0.
+    shuffle : bool, default True
+        Shuffle the order every epoch.
+    drop_last : bool, default False
+        Drop the tail of the order instead of padding it (disjoint shards).
+
+    Raises
+    ------
+    ValueError
+        If ``num_replicas < 1`` or ``rank`` is outside ``[0, num_replicas)``.
+    TypeError
+        If ``num_replicas`` or ``rank`` is not an integer.
+
+    Notes
+    -----
+    :meth:`set_epoch` forwards the epoch to ``strategy.set_epoch``, and so
+    does the start of every pass: each pass of epoch ``e`` hands out the
+    patches of ``strategy.sample_epoch(e)`` (row ``i`` for index ``i``), in
+    the main process or in DataLoader workers alike. See the module
+    docstring for the DDP recipe.
+    """
+
+    def __init__(
+        self,
+        strategy: StratifiedPatching,
+        *,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        # Validates rank, world size and flags, raising before anything is set.
+        EpochOrder.shard(
+            strategy.n_patches,
+            shuffle=shuffle,
+            rank=rank,
+            world_size=num_replicas,
+            drop_last=drop_last,
+        )
+        self.strategy = strategy
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.shuffle = bool(shuffle)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "shuffle": self.shuffle,
+            "rank": self.rank,
+            "world_size": self.num_replicas,
+            "drop_last": self.drop_last,
+        }
+
+    def __iter__(self) -> Iterator[int]:
+        # Reset the call counters in this process too, so that a pass in the
+        # main process (num_workers=0) draws the same patches as workers do.
+        self.strategy.set_epoch(self.epoch)
+        indices = self.strategy.epoch_indices(self.epoch, **self._options())
+        return iter(indices.tolist())
+
+    def __len__(self) -> int:
+        return EpochOrder.shard(
+            self.strategy.n_patches,
+            shuffle=self.shuffle,
+            rank=self.rank,
+            world_size=self.num_replicas,
+            drop_last=self.drop_last,
+        ).n_rows
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch of the order, and move the strategy to it.
+
+        Call it at the start of every epoch, before iterating a DataLoader
+        over this sampler (as with ``DistributedSampler``): its workers copy
+        the strategy when they start.
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch, in ``[0, 2**32)``.
+        """
+        epoch = _as_int(epoch, "epoch")
+        self.strategy.set_epoch(epoch)  # validates the range first
+        self.epoch = epoch
+
+
+class PatchDataset(Dataset[torch.Tensor]):
+    """Map-style dataset: item ``i`` is the patch ``strategy.get_patch_spec(i)`` names.
+
+    The CAREamics way to use a patching strategy: a sampler (e.g.
+    :class:`PatchSampler`) hands out patch indices, and the dataset asks the
+    strategy where each patch lies and cuts it out.
+
+    Parameters
+    ----------
+    strategy : StratifiedPatching
+        The sampling strategy.
+    stacks : sequence of array_like
+        One ``SC(Z)YX`` array per image stack, of the shapes the strategy was
+        built for (NumPy arrays, memory maps, or anything that slices like
+        them).
+    transform : callable, optional
+        Applied to each patch tensor (e.g. a normalisation or augmentation).
+
+    Raises
+    ------
+    ValueError
+        If the stacks' shapes are not the strategy's ``data_shapes``.
+    """
+
+    def __init__(
+        self,
+        strategy: StratifiedPatching,
+        stacks: Sequence[Any],
+        *,
+        transform: Callable[[torch.Tensor], Any] | None = None,
+    ) -> None:
+        shapes = tuple(tuple(int(s) for s in stack.shape) for stack in stacks)
+        if shapes != strategy.data_shapes:
+            raise ValueError(
+                f"the stacks have shapes {list(shapes)}, but the strategy was built for "
+                f"{list(strategy.data_shapes)}"
+            )
+        self.strategy = strategy
+        self.stacks = list(stacks)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.strategy.n_patches
+
+    def __getitem__(self, index: int) -> Any:
+        """Return the patch of index ``index``: a ``C(Z)YX`` tensor (or its transform)."""
+        spec = self.strategy.get_patch_spec(index)
+        window = tuple(
+            slice(start, start + size)
+            for start, size in zip(spec["coords"], spec["patch_size"], strict=True)
+        )
+        where = (spec["sample_idx"], slice(None), *window)
+        patch = np.ascontiguousarray(self.stacks[spec["data_idx"]][where])
+        tensor = torch.from_numpy(patch)
+        return tensor if self.transform is None else self.transform(tensor)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move the strategy to ``epoch`` (for samplers that do not do it themselves).
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch, in ``[0, 2**32)``.
+        """
+        self.strategy.set_epoch(epoch)
+
+
+class PatchTensors(NamedTuple):
+    """The columns of a :class:`~gpu_patching.PatchBatch` as tensors (int64)."""
+
+    data_idx: torch.Tensor
+    sample_idx: torch.Tensor
+    coords: torch.Tensor
+    indices: torch.Tensor
+
+
+def _tensor(values: Any) -> torch.Tensor:
+    if isinstance(values, np.ndarray):
+        return torch.from_numpy(values)
+    # CuPy (and any other DLPack producer): the tensor shares the memory.
+    return torch.from_dlpack(values)
+
+
+def to_tensors(batch: PatchBatch) -> PatchTensors:
+    """Return the columns of a batch as tensors that share its memory.
+
+    Parameters
+    ----------
+    batch : PatchBatch
+        From ``sample_epoch``: CuPy arrays on the CUDA backend, NumPy arrays
+        on the NumPy backend.
+
+    Returns
+    -------
+    PatchTensors
+        ``data_idx``, ``sample_idx``, ``coords`` (``(N, d)``) and ``indices``
+        as int64 tensors on the batch's device, without a copy: through DLPack
+        for CuPy arrays, ``torch.from_numpy`` for NumPy arrays.
+    """
+    return PatchTensors(
+        data_idx=_tensor(batch.data_idx),
+        sample_idx=_tensor(batch.sample_idx),
+        coords=_tensor(batch.coords),
+        indices=_tensor(batch.indices),
+    )

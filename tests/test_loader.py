@@ -1,0 +1,152 @@
+"""PatchLoader: an epoch's batches, cropped, in the shuffled epoch's order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpu_patching import PatchLoader, StratifiedPatching
+
+SHAPES = [(2, 2, 90, 70), (1, 2, 64, 120)]
+PATCH = (16, 16)
+
+
+def make_stacks(shapes=SHAPES, dtype=np.float32):
+    rng = np.random.default_rng(3)
+    return [rng.random(shape).astype(dtype) for shape in shapes]
+
+
+def make_strategy(shapes=SHAPES, patch=PATCH, seed=11):
+    return StratifiedPatching(shapes, patch, seed=seed, backend="numpy")
+
+
+def slice_patch(stacks, d, s, corner, patch):
+    window = tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True))
+    return stacks[d][(s, slice(None), *window)]
+
+
+@pytest.mark.parametrize(
+    ("rank", "world_size", "drop_last"), [(0, 1, False), (1, 3, False), (2, 3, True)]
+)
+def test_concatenated_batches_are_the_shuffled_epoch_of_this_rank(rank, world_size, drop_last):
+    stacks, strategy = make_stacks(), make_strategy()
+    loader = PatchLoader(
+        stacks, strategy, 10, rank=rank, world_size=world_size, drop_last=drop_last
+    )
+    loader.set_epoch(4)
+    batches = [batch for _, batch in loader]
+    epoch = strategy.sample_epoch(
+        4, shuffle=True, rank=rank, world_size=world_size, drop_last=drop_last
+    )
+    np.testing.assert_array_equal(np.concatenate([b.indices for b in batches]), epoch.indices)
+    np.testing.assert_array_equal(np.concatenate([b.coords for b in batches]), epoch.coords)
+    assert len(batches) == len(loader)
+
+
+def test_every_patch_equals_plain_slicing_of_its_row():
+    stacks, strategy = make_stacks(), make_strategy()
+    for patches, batch in PatchLoader(stacks, strategy, 9):
+        assert patches.shape == (len(batch), 2, *PATCH)
+        for k in range(len(batch)):
+            expected = slice_patch(
+                stacks, batch.data_idx[k], batch.sample_idx[k], batch.coords[k], PATCH
+            )
+            np.testing.assert_array_equal(patches[k], expected)
+
+
+def test_batches_have_batch_size_rows_except_possibly_the_last():
+    stacks, strategy = make_stacks(), make_strategy()
+    loader = PatchLoader(stacks, strategy, 8, shuffle=False)
+    sizes = [len(batch) for _, batch in loader]
+    assert sizes[:-1] == [8] * (len(sizes) - 1)
+    assert 1 <= sizes[-1] <= 8
+    assert sum(sizes) == strategy.n_patches
+    assert len(loader) == -(-strategy.n_patches // 8)
+
+
+def test_unshuffled_loader_walks_the_indices_in_order():
+    stacks, strategy = make_stacks(), make_strategy()
+    indices = np.concatenate(
+        [b.indices for _, b in PatchLoader(stacks, strategy, 5, shuffle=False)]
+    )
+    np.testing.assert_array_equal(indices, np.arange(strategy.n_patches))
+
+
+def test_set_epoch_changes_the_patches_and_a_pass_without_it_repeats_them():
+    stacks, strategy = make_stacks(), make_strategy()
+    loader = PatchLoader(stacks, strategy, 64)
+
+    def corners():
+        return np.concatenate([batch.coords for _, batch in loader])
+
+    first, again = corners(), corners()
+    loader.set_epoch(1)
+    second = corners()
+    np.testing.assert_array_equal(first, again)
+    assert loader.epoch == 1
+    assert not np.array_equal(first, second)
+
+
+def test_loader_keeps_the_stacks_dtype():
+    stacks = make_stacks(dtype=np.uint16)
+    patches, _ = next(iter(PatchLoader(stacks, make_strategy(), 4)))
+    assert patches.dtype == np.uint16
+
+
+def test_as_torch_yields_tensors_sharing_memory_with_the_crop():
+    torch = pytest.importorskip("torch")
+    stacks, strategy = make_stacks(), make_strategy()
+    patches, batch = next(iter(PatchLoader(stacks, strategy, 6, as_torch=True)))
+    assert isinstance(patches, torch.Tensor)
+    assert tuple(patches.shape) == (6, 2, *PATCH)
+    expected = slice_patch(stacks, batch.data_idx[0], batch.sample_idx[0], batch.coords[0], PATCH)
+    np.testing.assert_array_equal(patches[0].numpy(), expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"batch_size": 0}, ValueError, "batch_size must be at least 1, got 0"),
+        ({"batch_size": 2.0}, TypeError, "batch_size"),
+        ({"rank": 3, "world_size": 3}, ValueError, "rank"),
+        ({"world_size": 0}, ValueError, "world_size"),
+        ({"shuffle": "yes"}, TypeError, "shuffle"),
+    ],
+)
+def test_bad_arguments_are_rejected_when_the_loader_is_built(kwargs, error, message):
+    arguments = {"batch_size": 4, **kwargs}
+    batch_size = arguments.pop("batch_size")
+    with pytest.raises(error, match=message):
+        PatchLoader(make_stacks(), make_strategy(), batch_size, **arguments)
+
+
+def test_stacks_must_have_the_strategys_shapes():
+    stacks = make_stacks()
+    stacks[1] = stacks[1][:, :, :60]
+    with pytest.raises(ValueError, match="differ from the strategy's data_shapes"):
+        PatchLoader(stacks, make_strategy(), 4)
+
+
+def test_strategy_must_be_a_stratified_patching():
+    with pytest.raises(TypeError, match="StratifiedPatching"):
+        PatchLoader(make_stacks(), object(), 4)
+
+
+@pytest.mark.cuda
+def test_device_stacks_give_the_same_batches_as_host_stacks():
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception as error:  # no driver
+        pytest.skip(f"no usable CUDA device ({error})")
+    stacks, strategy = make_stacks(), make_strategy()
+    device_stacks = [cupy.asarray(stack) for stack in stacks]
+    host = list(PatchLoader(stacks, strategy, 16))
+    device = list(PatchLoader(device_stacks, strategy, 16))
+    assert len(host) == len(device)
+    for (host_patches, host_batch), (device_patches, device_batch) in zip(
+        host, device, strict=True
+    ):
+        np.testing.assert_array_equal(host_batch.indices, cupy.asnumpy(device_batch.indices))
+        np.testing.assert_array_equal(host_patches, cupy.asnumpy(device_patches))

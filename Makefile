@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 # The reference implementation, for side-by-side tests and benchmarks. It is
 # installed without its (heavy) dependencies: we only load its patching module.
 REFERENCE := careamics==0.3.5
+TORCH ?= torch==2.13.0+cpu
 
 .PHONY: demo test lint bench clean
 
@@ -15,28 +16,31 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[cli]'
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps $(REFERENCE)
 	# PyTorch, for the tests of gpu_patching.torch and the two-process DDP test
-	# (they skip without it). Pinned to 2.13.0 because this CI image keeps that
-	# version's CPU build on disk (pip's find-links); any other version would
-	# make pip download a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
+	# (they skip without it). The CPU build: the CI image keeps torch 2.13.0+cpu
+	# on disk (pip's find-links); elsewhere this fails fast instead of pulling a
+	# multi-GB CUDA build (set TORCH=... to choose another).
+	$(BIN)/python -m pip install --quiet '$(TORCH)' \
+		|| echo "note: no local $(TORCH) wheel; the PyTorch tests will be skipped"
 	touch $@
 
 demo: $(VENV)/.demo-installed
-	$(BIN)/python -m gpu_patching.demo
+	$(BIN)/gpu-patching demo --output demo-output
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.test-installed
-	$(BIN)/python -m pip install --quiet ruff
+	$(BIN)/python -m pip install --quiet ruff mypy
 	$(BIN)/python -m ruff check gpu_patching tests benchmarks
+	$(BIN)/python -m ruff format --check gpu_patching tests benchmarks
+	$(BIN)/python -m mypy gpu_patching
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python benchmarks/bench_cpu.py

@@ -26,12 +26,23 @@ NumPy backend on the same host and the same shapes:
   kernel launches per epoch (``CudaBackend.launch_count``; and, in a child
   process, every kernel CUPTI sees through ``torch.profiler`` when PyTorch is
   installed: CuPy itself has no launch counter).
+* ``shuffled and sharded epochs`` at ~1e6 and ~1e7 patches over ~1M regions
+  (the throughput cases' construction): a plain epoch, a shuffled one and
+  rank 1's share of a shuffled epoch sharded over 4 and over 8 ranks
+  (``sample_epoch(epoch, shuffle=True, rank=1, world_size=w)``), timed in
+  turns as back-to-back bursts. Each gets its cost per patch against the plain
+  epoch's (as ``bench_cpu.py`` reports it for the NumPy backend), each shard
+  also against a plain draw of as many rows (which separates shuffling and
+  sharding from the fixed cost of a call), and its launches per call
+  (``CudaBackend.launch_count``). For the smaller case every variant is
+  checked, row for row, against the NumPy backend's.
 * ``table updates`` at ~1M regions (synchronised): ``exclude_patches`` of 5%
   of the cells and ``set_region_probs`` with a dense array.
 
 Targets printed beside the results: >= 50% of the write roofline at 1e8
 patches, <= 30 us per epoch at 1e5 patches, updates <= 1 ms at 1M regions, one
-launch per epoch. Run it with ``python benchmarks/bench_gpu.py`` (``--quick``
+launch per epoch, shuffling and sharding cost < 20% over the plain epoch (per
+patch) and still one launch per call. Run it with ``python benchmarks/bench_gpu.py`` (``--quick``
 for small sizes only); the markdown goes to
 ``benchmarks/results/gpu-<card>.md`` (``gpu-<card>-quick.md`` with ``--quick``)
 unless ``--output`` says otherwise; ``--time-budget`` (default 420 s) skips
@@ -60,6 +71,7 @@ import numpy as np
 from gpu_patching import StratifiedPatching
 from gpu_patching.backends.cuda_backend import KERNEL_NAME
 from gpu_patching.grid import MAX_PROBABILITY, cell_count, grid_shape
+from gpu_patching.permutation import EpochOrder
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -68,7 +80,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_ROOFLINE_FRACTION = 0.5  # of the write roofline, at 1e8 patches
 TARGET_EPOCH_SECONDS = 30e-6  # end-to-end per epoch, at 1e5 patches
 TARGET_UPDATE_SECONDS = 1e-3  # exclude / set probabilities, at 1M regions
-TARGET_LAUNCHES = 1  # kernel launches per epoch
+TARGET_LAUNCHES = 1  # kernel launches per epoch (shuffled and sharded ones too)
+TARGET_ORDER_OVERHEAD = 0.2  # shuffling and sharding, per patch, over the plain epoch
 
 # -- the cases ----------------------------------------------------------------------------
 
@@ -93,6 +106,9 @@ EPOCH_BUDGET_S = 4.0
 TIME_BUDGET_S = 420.0
 #: Seconds kept back for the updates, the launch probe and the report.
 RESERVE_S = 150.0
+#: Seconds the throughput cases leave for the shuffled and sharded epochs
+#: (which take ~10-15 s on an H100), on top of RESERVE_S.
+ORDER_RESERVE_S = 30.0
 #: Bytes of each buffer of the bandwidth measurement.
 BANDWIDTH_BYTES = 1 << 30
 QUICK_BANDWIDTH_BYTES = 1 << 28
@@ -101,6 +117,21 @@ SCALAR_COLUMNS = 3
 #: Seconds the child process that counts launches with torch.profiler may take.
 PROBE_TIMEOUT_S = 180
 PROBE_PREFIX = "LAUNCH_PROBE "
+
+# -- shuffled and sharded epochs: ~1e6 and ~1e7 patches over ~1M regions
+ORDER_REGION_SET = REGION_SETS[-1]
+ORDER_PATCH_TARGETS = (10**6, 10**7)
+QUICK_ORDER_REGION_SET = QUICK_REGION_SETS[-1]
+QUICK_ORDER_PATCH_TARGETS = (10**5, 10**6)
+#: The shards measured: rank ORDER_RANK of each world size.
+ORDER_RANK = 1
+ORDER_WORLD_SIZES = (4, 8)
+#: Seconds of GPU time each timed draw of a case aims at (quick: a quarter).
+ORDER_BUDGET_S = 0.5
+#: The epoch whose rows are compared with the NumPy backend's.
+ORDER_CHECK_EPOCH = 7
+#: NumPy seconds per patch assumed for the comparison when none was measured.
+NUMPY_FALLBACK_PER_PATCH = 1e-6
 
 
 @dataclass(frozen=True)
@@ -573,6 +604,127 @@ def measure_updates(
         name: statistics.median(time_wall(update, repeats, sync))
         for name, update in updates.items()
     }
+
+
+# -- shuffled and sharded epochs ------------------------------------------------------------
+
+
+def order_cases(quick: bool) -> list[Case]:
+    """The cases of the shuffled and sharded epochs (built like the throughput cases)."""
+    region_set = QUICK_ORDER_REGION_SET if quick else ORDER_REGION_SET
+    return build_cases([region_set], QUICK_ORDER_PATCH_TARGETS if quick else ORDER_PATCH_TARGETS)
+
+
+def order_variants() -> list[tuple[str, str, dict[str, Any]]]:
+    """``(key, label, sample_epoch keywords)`` of each epoch measured, the plain one first."""
+    variants: list[tuple[str, str, dict[str, Any]]] = [
+        ("plain", "plain epoch", {}),
+        ("shuffled", "shuffled epoch", {"shuffle": True}),
+    ]
+    for world_size in ORDER_WORLD_SIZES:
+        variants.append(
+            (
+                f"shard{world_size}",
+                f"shuffled shard (rank {ORDER_RANK} of {world_size})",
+                {"shuffle": True, "rank": ORDER_RANK, "world_size": world_size},
+            )
+        )
+    return variants
+
+
+def epoch_draw(sampler: StratifiedPatching, options: dict[str, Any]) -> Callable[[int], Any]:
+    """``k -> sampler.sample_epoch(k, **options)``."""
+    return lambda k: sampler.sample_epoch(k, **options)
+
+
+def plain_rows_draw(sampler: StratifiedPatching, n_rows: int) -> Callable[[int], Any]:
+    """``k ->`` a plain draw of the first ``n_rows`` patches of epoch ``k``, in one launch.
+
+    The baseline of a shard of ``n_rows`` rows: the same call path, kernel and
+    bytes written, but neither shuffled nor strided. The sampler's public API
+    draws whole epochs only, so this calls its backend directly.
+    """
+    order = EpochOrder.contiguous(0, n_rows)
+    backend, tables, seed = sampler._backend, sampler._tables, sampler.seed
+    return lambda k: backend.draw(tables, order, k, seed)
+
+
+def burst_length(first_call_s: float, budget_s: float, rounds: int) -> int:
+    """Calls per burst so that ``rounds`` bursts take about ``budget_s``, in [1, 200]."""
+    return max(1, min(200, int(budget_s / rounds / max(first_call_s, 1e-6))))
+
+
+def per_patch_overhead(seconds: float, rows: int, base_seconds: float, base_rows: int) -> float:
+    """Extra cost per row of ``rows`` rows in ``seconds`` over a baseline (0.1 = +10%)."""
+    return (seconds / rows) / (base_seconds / base_rows) - 1.0
+
+
+def measure_orders(
+    cupy: Any, sampler: StratifiedPatching, budget_s: float, rounds: int
+) -> dict[str, Any]:
+    """Per-call time of every order_variants() epoch, and of each shard's plain baseline.
+
+    Each draw is timed as ``rounds`` bursts of back-to-back calls (CUDA events
+    around the burst, divided by its length), the draws in turns, so that a
+    drift of the card's clocks touches all alike; the result is the median
+    burst. The launches per call are ``CudaBackend.launch_count`` over every
+    call made here (the bursts' warm-up calls included).
+    """
+    stream = cupy.cuda.get_current_stream()
+    draws: dict[str, Callable[[int], Any]] = {}
+    rows: dict[str, int] = {}
+    baselines: dict[str, str] = {}  # shard key -> key of its plain baseline
+    for key, _label, options in order_variants():
+        draws[key] = epoch_draw(sampler, options)
+        rows[key] = len(sampler.sample_epoch(0, **options))
+    for key, _label, options in order_variants():
+        if options.get("world_size", 1) > 1:
+            baselines[key] = f"{key} baseline"
+            draws[baselines[key]] = plain_rows_draw(sampler, rows[key])
+            rows[baselines[key]] = rows[key]
+    per_burst = {
+        key: burst_length(min(time_wall(draw, 2, stream.synchronize)), budget_s, rounds)
+        for key, draw in draws.items()
+    }
+    times: dict[str, list[float]] = {key: [] for key in draws}
+    launches = dict.fromkeys(draws, 0)
+    calls = dict.fromkeys(draws, 0)
+    for _ in range(rounds):
+        for key, draw in draws.items():
+            before = backend_launches(sampler)
+            times[key].append(time_burst(cupy, draw, per_burst[key], 1))
+            launches[key] += backend_launches(sampler) - before
+            calls[key] += per_burst[key] + 1  # time_burst makes one warm-up call
+    timed = {
+        key: {
+            "rows": rows[key],
+            "time": statistics.median(times[key]),
+            "launches": launches[key] / calls[key],
+        }
+        for key in draws
+    }
+    return {
+        "n_patches": sampler.n_patches,
+        "variants": {key: timed[key] for key, _, _ in order_variants()},
+        "baselines": {key: timed[base] for key, base in baselines.items()},
+        "same": None,
+    }
+
+
+def compare_orders(
+    sampler: StratifiedPatching, numpy_sampler: StratifiedPatching, epoch: int
+) -> dict[str, bool]:
+    """Whether each order_variants() epoch has the same rows on both samplers."""
+    if numpy_sampler.n_patches != sampler.n_patches:
+        raise RuntimeError(
+            f"NumPy has {numpy_sampler.n_patches} patches, the GPU {sampler.n_patches}"
+        )
+    same = {}
+    for key, _label, options in order_variants():
+        gpu = sampler.sample_epoch(epoch, **options).to_numpy()
+        same[key] = same_batches(gpu, numpy_sampler.sample_epoch(epoch, **options))
+        del gpu
+    return same
 
 
 # -- launch count through CUPTI (torch.profiler), in a child process ---------------------------

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .demo import cell_map
 from .specs import PatchSpecs
 from .strategy import StratifiedPatching
 
@@ -67,8 +68,7 @@ def draw_demo_pictures(
     figure, axes = plt.subplots(figsize=(7, 7 * image.shape[0] / image.shape[1] + 0.6))
     axes.imshow(image, cmap="gray")
     # Background regions (probability below 1) tinted, one cell per region.
-    height, width = image.shape
-    tint = np.kron(probabilities < 1, np.ones((patch_y, patch_x)))[:height, :width]
+    tint = cell_map(probabilities < 1, sampler.patch_size, image.shape)
     overlay = np.zeros((*image.shape, 4))
     overlay[..., 2] = 1.0
     overlay[..., 3] = 0.25 * tint
@@ -99,7 +99,8 @@ def draw_demo_pictures(
     plt.close(figure)
     written.append(path)
 
-    figure, grid = plt.subplots(2, 2, figsize=(10, 10 * image.shape[0] / image.shape[1] + 0.8))
+    ratio = image.shape[0] / image.shape[1]
+    figure, grid = plt.subplots(2, 2, figsize=(10, 8.4 * ratio + 1), layout="constrained")
     order = [
         "stratified, 1 epoch",
         "uniform, 1 epoch",

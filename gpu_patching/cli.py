@@ -92,7 +92,9 @@ def _load_demo_image(args: argparse.Namespace) -> tuple[np.ndarray, str]:
     if args.image is None:
         from skimage import data
 
-        return data.cell().astype(np.float32), "scikit-image 'cell' (fluorescence microscopy)"
+        return data.cell().astype(
+            np.float32
+        ), "scikit-image 'cell' (quantitative phase image of a cell in saline)"
     stack = read_stack(args.image, args.axes)
     if stack.ndim != 4:
         raise CommandError("demo shows 2D images; give a 2D stack or use 'sample' for 3D data")
@@ -115,6 +117,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         backend=args.backend,
         output=output,
         validation_fraction=args.validation_fraction,
+        background_stat=args.background_stat,
         background_quantile=args.background_quantile,
         filtered_prob=args.filtered_prob,
         progress=not args.no_progress,
@@ -204,10 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the patches held out for validation (default 0.05)",
     )
     demo.add_argument(
+        "--background-stat",
+        default="std",
+        choices=("mean", "std", "max", "entropy"),
+        help="region statistic that tells background: low values are background (default std)",
+    )
+    demo.add_argument(
         "--background-quantile",
         type=float,
         default=0.3,
-        help="regions whose mean is below this quantile count as background (default 0.3)",
+        help="regions below this quantile of the statistic are background (default 0.3)",
     )
     demo.add_argument(
         "--filtered-prob",

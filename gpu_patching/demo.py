@@ -17,9 +17,32 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import StratifiedPatching
-from .filters import filter_background, validation_split
+from .filters import filter_background, region_statistics, validation_split
 
-__all__ = ["coverage_map", "run_demo"]
+__all__ = ["cell_map", "coverage_map", "run_demo"]
+
+
+def cell_map(values: NDArray[Any], patch_size: Sequence[int], shape: Sequence[int]) -> NDArray[Any]:
+    """Spread per-cell values over the pixels of a 2D image.
+
+    Parameters
+    ----------
+    values : numpy.ndarray, shape (Gy, Gx)
+        One value per grid cell.
+    patch_size : sequence of int
+        ``(py, px)``, the cell size.
+    shape : sequence of int
+        ``(Y, X)`` of the image.
+
+    Returns
+    -------
+    numpy.ndarray, shape ``shape``
+        The value of the cell of each pixel; pixels past the last cell (the
+        grid has ``(D + 1) // P`` cells) take the last cell's value.
+    """
+    rows = np.minimum(np.arange(shape[0]) // patch_size[0], values.shape[0] - 1)
+    cols = np.minimum(np.arange(shape[1]) // patch_size[1], values.shape[1] - 1)
+    return values[np.ix_(rows, cols)]
 
 
 def coverage_map(
@@ -73,6 +96,7 @@ def run_demo(
     backend: str = "auto",
     output: Path | None = None,
     validation_fraction: float = 0.05,
+    background_stat: str = "std",
     background_quantile: float = 0.3,
     filtered_prob: float = 0.1,
     progress: bool = True,
@@ -97,9 +121,14 @@ def run_demo(
         Folder for the pictures; none are drawn when None.
     validation_fraction : float
         Fraction of the patches to hold out for validation, in ``[0, 0.5]``.
+    background_stat : str
+        The region statistic that tells background (see
+        :func:`~gpu_patching.region_statistics`); ``"std"`` suits both
+        fluorescence and transmitted-light images (flat regions are
+        background), ``"mean"`` dark-background fluorescence.
     background_quantile : float
-        Regions whose mean intensity is below this quantile of all region
-        means are background, in ``[0, 1]``.
+        Regions whose statistic is below this quantile of all regions' are
+        background, in ``[0, 1]``.
     filtered_prob : float
         Probability given to background regions.
     progress : bool
@@ -128,18 +157,15 @@ def run_demo(
     validation = validation_split(sampler, n_validation, seed=sampler.seed) if n_validation else []
     print(f"validation: {len(validation)} patches held out -> {sampler.n_patches} patches")
 
-    from .filters import region_statistics
-
-    means = region_statistics(stack, patch_size, stats=("mean",))["mean"]
-    threshold = float(np.quantile(means, background_quantile))
+    scores = region_statistics(stack, patch_size, stats=(background_stat,))[background_stat]
+    threshold = float(np.quantile(scores, background_quantile))
     filtered = filter_background(
-        sampler, [stack], stat="mean", threshold=threshold, filtered_prob=filtered_prob
+        sampler, [stack], stat=background_stat, threshold=threshold, filtered_prob=filtered_prob
     )
     print(
-        f"background: regions with mean < {threshold:.1f} get probability {filtered_prob} "
-        f"-> {sampler.n_patches} patches per epoch"
+        f"background: {sum(filtered.filtered.values())} regions with {background_stat} < "
+        f"{threshold:.2f} get probability {filtered_prob} -> {sampler.n_patches} patches per epoch"
     )
-    del filtered
 
     # Pixels the comparison is about: foreground (cells that kept probability
     # 1) outside validation patches. Background is sampled less on purpose.
@@ -147,12 +173,7 @@ def run_demo(
     for spec in validation:
         y, x = spec["coords"]
         held_out[y : y + patch_size[0], x : x + patch_size[1]] = True
-    cell_probability = np.kron(
-        sampler.get_region_probs(0, 0), np.ones(patch_size, dtype=np.float64)
-    )
-    foreground = np.zeros(shape, dtype=bool)
-    rows, cols = min(shape[0], cell_probability.shape[0]), min(shape[1], cell_probability.shape[1])
-    foreground[:rows, :cols] = cell_probability[:rows, :cols] >= 1
+    foreground = cell_map(sampler.get_region_probs(0, 0), patch_size, shape) >= 1
     pixels = foreground & ~held_out
 
     n_patches = sampler.n_patches

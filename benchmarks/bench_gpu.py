@@ -42,12 +42,13 @@ NumPy backend on the same host and the same shapes:
 Targets printed beside the results: >= 50% of the write roofline at 1e8
 patches, <= 30 us per epoch at 1e5 patches, updates <= 1 ms at 1M regions, one
 launch per epoch, shuffling and sharding cost < 20% over the plain epoch (per
-patch) and still one launch per call. Run it with ``python benchmarks/bench_gpu.py`` (``--quick``
-for small sizes only); the markdown goes to
-``benchmarks/results/gpu-<card>.md`` (``gpu-<card>-quick.md`` with ``--quick``)
-unless ``--output`` says otherwise; ``--time-budget`` (default 420 s) skips
-throughput cases that would overrun it. Where no usable CUDA device exists it
-says so in one line and exits with status 0.
+patch) and still one launch per call. Run it with
+``python benchmarks/bench_gpu.py`` (``--quick`` for small sizes only); the
+markdown goes to ``benchmarks/results/gpu-<card>.md`` (``gpu-<card>-quick.md``
+with ``--quick``) unless ``--output`` says otherwise; ``--time-budget``
+(default 420 s) skips throughput cases, and shuffled and sharded ones, that
+would overrun it. Where no usable CUDA device exists it says so in one line
+and exits with status 0.
 """
 
 from __future__ import annotations
@@ -957,6 +958,103 @@ def update_rows(gpu: dict[str, float], host: dict[str, float] | None) -> list[li
 UPDATE_HEADER = ["update", "GPU (median, synced)", "NumPy (median)", "GPU/NumPy speed", "<= 1 ms"]
 
 
+def fmt_overhead(fraction: float) -> str:
+    """A relative cost as bench_cpu.py prints it: '+12%'."""
+    return f"{fraction:+.0%}"
+
+
+def order_rows(case: Case, result: dict[str, Any] | None, note: str) -> list[list[str]]:
+    """Rows of the shuffled-and-sharded table for one case (one row when not measured)."""
+    prefix = [f"{case.regions_label} ({case.n_regions:,})"]
+    if result is None:
+        return [[*prefix, f"~{case.target_patches:,}", note, *["n/a"] * (len(ORDER_HEADER) - 3)]]
+    variants, baselines, same = result["variants"], result["baselines"], result["same"]
+    plain = variants["plain"]
+    rows = []
+    for key, label, _options in order_variants():
+        timed = variants[key]
+        baseline = baselines.get(key)
+        rows.append(
+            [
+                *prefix,
+                f"{result['n_patches']:,}",
+                label,
+                f"{timed['rows']:,}",
+                fmt_time(timed["time"]),
+                fmt_rate(timed["rows"] / timed["time"]),
+                "(the baseline)"
+                if key == "plain"
+                else fmt_overhead(
+                    per_patch_overhead(timed["time"], timed["rows"], plain["time"], plain["rows"])
+                ),
+                fmt_overhead(
+                    per_patch_overhead(
+                        timed["time"], timed["rows"], baseline["time"], baseline["rows"]
+                    )
+                )
+                if baseline is not None
+                else "n/a",
+                f"{timed['launches']:g}",
+                fmt_verdict(same[key]) if same is not None else note or "n/a",
+            ]
+        )
+    return rows
+
+
+ORDER_HEADER = [
+    "regions",
+    "patches",
+    "epoch",
+    "rows",
+    "time per epoch, back-to-back",
+    "rows/s",
+    "per patch, vs plain epoch",
+    "per patch, vs plain draw of as many rows",
+    "launches per call (launch_count)",
+    "same rows as NumPy",
+]
+
+
+def order_summary(orders: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The worst per-patch overhead over every measured case, and the launches per call.
+
+    ``None`` when no case was measured.
+    """
+    if not orders:
+        return None
+    labels = {key: label for key, label, _ in order_variants()}
+    worst: tuple[float, str, int] | None = None
+    worst_same_rows: float | None = None
+    launches = []
+    for result in orders:
+        plain = result["variants"]["plain"]
+        for key, timed in result["variants"].items():
+            launches.append(timed["launches"])
+            if key == "plain":
+                continue
+            overhead = per_patch_overhead(
+                timed["time"], timed["rows"], plain["time"], plain["rows"]
+            )
+            if worst is None or overhead > worst[0]:
+                worst = (overhead, labels[key], result["n_patches"])
+            baseline = result["baselines"].get(key)
+            if baseline is not None:
+                against = per_patch_overhead(
+                    timed["time"], timed["rows"], baseline["time"], baseline["rows"]
+                )
+                if worst_same_rows is None or against > worst_same_rows:
+                    worst_same_rows = against
+    assert worst is not None
+    return {
+        "overhead": worst[0],
+        "variant": worst[1],
+        "n_patches": worst[2],
+        "overhead_same_rows": worst_same_rows,
+        "launches": (min(launches), max(launches)),
+        "cases": len(orders),
+    }
+
+
 def targets_table(
     roofline: tuple[float, float] | None,
     latency: dict[str, dict[str, Any]],
@@ -964,6 +1062,7 @@ def targets_table(
     update_label: str,
     launches: float | None,
     probe: dict[str, Any] | None,
+    orders: Sequence[dict[str, Any]] | None = None,
 ) -> list[str]:
     rows = []
     if roofline is None:
@@ -1015,10 +1114,134 @@ def targets_table(
                 fmt_verdict(probe_verdict(probe)),
             ]
         )
+    summary = order_summary(orders or [])
+    order_target = "shuffling and sharding cost < 20% over the plain epoch"
+    if summary is None:
+        rows.append([order_target, "not measured", "n/a"])
+    else:
+        same_rows = summary["overhead_same_rows"]
+        against = (
+            f"; shards against a plain draw of as many rows: at most {fmt_overhead(same_rows)}"
+            if same_rows is not None
+            else ""
+        )
+        rows.append(
+            [
+                order_target,
+                f"worst per patch over {summary['cases']} case(s): "
+                f"{fmt_overhead(summary['overhead'])} ({summary['variant']}, "
+                f"{summary['n_patches']:,} patches){against}",
+                fmt_verdict(summary["overhead"] < TARGET_ORDER_OVERHEAD),
+            ]
+        )
+        low, high = summary["launches"]
+        rows.append(
+            [
+                "1 kernel launch per call, shuffled and sharded (CudaBackend.launch_count)",
+                f"{high:g}" if low == high else f"{low:g} to {high:g}",
+                fmt_verdict(low == high == TARGET_LAUNCHES),
+            ]
+        )
     return markdown_table(["target", "measured", "met"], rows, "lll")
 
 
 # -- main -------------------------------------------------------------------------------------
+
+
+def orders_section(
+    cupy: Any,
+    args: argparse.Namespace,
+    run_start: float,
+    gpu_per_patch: float,
+    numpy_per_patch: float,
+    emit: Callable[..., None],
+    backend: str = "cuda",
+) -> list[dict[str, Any]]:
+    """Measure and emit the shuffled and sharded epochs; return each measured case's result.
+
+    ``gpu_per_patch`` and ``numpy_per_patch`` (seconds, the slowest seen by
+    the throughput cases, 0 when none) size the estimates that skip what would
+    overrun ``--time-budget``. ``backend`` is for the tests, which run this on
+    the host.
+    """
+    quick = args.quick
+    cases = order_cases(quick)
+    rounds = 3 if quick else 5
+    budget_s = ORDER_BUDGET_S / 4 if quick else ORDER_BUDGET_S
+    numpy_max = 0 if args.no_numpy else args.numpy_max_patches
+    checked = min(c.target_patches for c in cases)
+    sizes = " and ".join(f"{w}" for w in ORDER_WORLD_SIZES)
+    emit(
+        "",
+        "## Shuffled and sharded epochs (gpu-patching, CUDA backend)",
+        "",
+        f"`sample_epoch(k)`, `sample_epoch(k, shuffle=True)` and `sample_epoch(k, shuffle=True, "
+        f"rank={ORDER_RANK}, world_size=w)` for w = {sizes}; the cases are built as for the "
+        f"throughput (one sample, uniform p). Medians of {rounds} bursts of back-to-back calls "
+        f"per kind (CUDA events around the burst, per call), the kinds timed in turns. "
+        f"'Per patch' compares costs per "
+        f"row with the plain epoch's, as `bench_cpu.py` does for the NumPy backend; a shard is "
+        f"also compared with a plain draw of as many rows (the first ones, through the backend), "
+        f"which leaves out the fixed cost of a call. Launches per call: "
+        f"`CudaBackend.launch_count` over every call timed. Same rows as NumPy: every column "
+        f"of epoch {ORDER_CHECK_EPOCH} against the NumPy backend's, for the "
+        f"~{checked:,}-patch case.",
+        "",
+        *markdown_table(ORDER_HEADER, [], "lrlrrrrrrl"),
+    )
+    results: list[dict[str, Any]] = []
+    n_draws = len(order_variants()) + len(ORDER_WORLD_SIZES)  # the shards' baselines too
+    first = cases[0]
+    sampler = StratifiedPatching(first.data_shapes, first.patch_size, seed=1, backend=backend)
+    for case in cases:
+
+        def skip(note: str, case: Case = case) -> None:
+            emit(*(markdown_row(row) for row in order_rows(case, None, note)))
+
+        if not case.feasible:
+            skip(f"not possible: needs p > {MAX_PROBABILITY:g}")
+            continue
+        set_uniform_probability(sampler, case)
+        n = sampler.n_patches
+        left = args.time_budget - RESERVE_S - (time.perf_counter() - run_start)
+        if n_draws * (budget_s + 3 * gpu_per_patch * n) > left:
+            skip("skipped: would overrun --time-budget")
+            continue
+        free_device_memory(cupy)
+        free, _ = cupy.cuda.runtime.memGetInfo()
+        if 2.2 * epoch_bytes(n, case.ndim) > free:
+            skip(f"skipped: needs ~{fmt_bytes(2 * epoch_bytes(n, case.ndim))} free")
+            continue
+        # The NumPy side draws each kind once (a shuffle costs more than a plain epoch).
+        numpy_estimate = max(numpy_per_patch, NUMPY_FALLBACK_PER_PATCH) * n * 6
+        note = ""
+        if case.target_patches != checked:
+            note = "not checked (larger case)"
+        elif args.no_numpy:
+            note = "skipped (--no-numpy)"
+        elif n > numpy_max:
+            note = "skipped (size)"
+        elif numpy_estimate >= min(30.0, left / 2):
+            note = "skipped (time)"
+        try:
+            result = measure_orders(cupy, sampler, budget_s, rounds)
+            if not note:
+                numpy_sampler = StratifiedPatching(
+                    case.data_shapes, case.patch_size, seed=1, backend="numpy"
+                )
+                set_uniform_probability(numpy_sampler, case)
+                result["same"] = compare_orders(sampler, numpy_sampler, ORDER_CHECK_EPOCH)
+                del numpy_sampler
+        except cupy.cuda.memory.OutOfMemoryError:
+            free_device_memory(cupy)
+            skip("skipped: out of device memory")
+            continue
+        results.append(result)
+        emit(*(markdown_row(row) for row in order_rows(case, result, note)))
+        free_device_memory(cupy)
+    del sampler
+    free_device_memory(cupy)
+    return results
 
 
 def run(args: argparse.Namespace, cupy: Any) -> str:
@@ -1095,7 +1318,8 @@ def run(args: argparse.Namespace, cupy: Any) -> str:
                 continue
             set_uniform_probability(sampler, case)
             n = sampler.n_patches
-            left = args.time_budget - RESERVE_S - (time.perf_counter() - run_start)
+            elapsed = time.perf_counter() - run_start
+            left = args.time_budget - RESERVE_S - ORDER_RESERVE_S - elapsed
             if EPOCH_BUDGET_S + 4 * gpu_per_patch * n > left:
                 note = "skipped: would overrun --time-budget"
                 emit(markdown_row(throughput_row(case, None, note, 1, 1)))
@@ -1160,6 +1384,9 @@ def run(args: argparse.Namespace, cupy: Any) -> str:
     )
     launches = max((r["launches"] for r in latency.values()), default=None)
 
+    # -- shuffled and sharded epochs
+    orders = orders_section(cupy, args, run_start, gpu_per_patch, numpy_per_patch, emit)
+
     # -- updates
     update_label, update_shapes, update_patch = region_sets[-1]
     n_regions = count_regions(update_shapes, update_patch)
@@ -1189,7 +1416,9 @@ def run(args: argparse.Namespace, cupy: Any) -> str:
             "",
             "## Targets",
             "",
-            *targets_table(top_fractions, latency, gpu_updates, update_label, launches, probe),
+            *targets_table(
+                top_fractions, latency, gpu_updates, update_label, launches, probe, orders
+            ),
         ]
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text("\n".join(lines + summary) + "\n")

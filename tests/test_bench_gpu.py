@@ -3,22 +3,27 @@
 The GPU measurements themselves only run on a device; these tests check the
 parts that do not: the case list (patch counts land on their targets), the
 roofline arithmetic, the report formatting, the NumPy side of the update
-measurement and the exit path where no CUDA device is usable.
+measurement, the shuffled-and-sharded section (run on the NumPy backend with a
+stand-in for CuPy's events) and the exit path where no CUDA device is usable.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 import pytest
 
 from gpu_patching import StratifiedPatching
+from gpu_patching.backends.numpy_backend import NumpyBackend
 from gpu_patching.grid import MAX_PROBABILITY
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
@@ -68,6 +73,29 @@ def test_quick_cases_are_small() -> None:
     assert max(c.n_regions for c in cases) <= 1 << 16
 
 
+def test_order_cases_are_the_1e6_and_1e7_cases_at_1m_regions() -> None:
+    cases = bench.order_cases(quick=False)
+    assert [c.target_patches for c in cases] == [10**6, 10**7]
+    assert all(c.feasible and c.n_regions == 1 << 20 for c in cases)
+    # The same construction as the throughput cases of that region set.
+    throughput = bench.build_cases(bench.REGION_SETS[-1:], (10**6, 10**7))
+    assert cases == throughput
+    quick = bench.order_cases(quick=True)
+    assert quick and all(c.feasible for c in quick)
+    assert max(c.target_patches for c in quick) <= 10**6
+    assert max(c.n_regions for c in quick) <= 1 << 16
+
+
+def test_order_variants() -> None:
+    variants = bench.order_variants()
+    assert [key for key, _, _ in variants] == ["plain", "shuffled", "shard4", "shard8"]
+    assert variants[0][2] == {}
+    assert variants[1][2] == {"shuffle": True}
+    for (_, label, options), world_size in zip(variants[2:], (4, 8), strict=True):
+        assert options == {"shuffle": True, "rank": 1, "world_size": world_size}
+        assert label == f"shuffled shard (rank 1 of {world_size})"
+
+
 def test_patch_counts_land_on_their_targets() -> None:
     cases = bench.build_cases(bench.REGION_SETS, bench.PATCH_TARGETS)
     samplers: dict[str, StratifiedPatching] = {}
@@ -113,6 +141,18 @@ def test_epoch_repeats_fit_the_budget() -> None:
     # Very slow epochs still run at least once each.
     assert bench.epoch_repeats(100.0, 4.0, 5) == (1, 1)
     assert bench.epoch_repeats(0.0, 4.0, 5) == (200, 200)
+
+
+def test_burst_length_and_overhead() -> None:
+    assert bench.burst_length(1e-3, 0.5, 5) == 100
+    assert bench.burst_length(10e-6, 0.5, 5) == 200
+    assert bench.burst_length(1.0, 0.5, 5) == 1
+    assert bench.burst_length(0.0, 0.5, 5) == 200
+    # A quarter of the rows in a quarter of the time costs the same per patch.
+    assert bench.per_patch_overhead(1.0, 250, 4.0, 1000) == pytest.approx(0.0)
+    assert bench.per_patch_overhead(1.1, 1000, 1.0, 1000) == pytest.approx(0.1)
+    assert bench.fmt_overhead(0.123) == "+12%"
+    assert bench.fmt_overhead(-0.05) == "-5%"
 
 
 # -- formatting -----------------------------------------------------------------------------
@@ -207,6 +247,52 @@ def test_targets_table() -> None:
     assert "1 sample_epoch kernel(s) per epoch" in text
 
 
+def _order_result(n: int, plain: float, others: float, same: Any = None) -> dict[str, Any]:
+    """A made-up result of measure_orders: every variant ``others`` over plain, per patch."""
+    variants = {}
+    baselines = {}
+    for key, _, options in bench.order_variants():
+        rows = -(-n // options.get("world_size", 1))
+        seconds = plain * rows / n * (1 if key == "plain" else 1 + others)
+        variants[key] = {"rows": rows, "time": seconds, "launches": 1.0}
+        if "world_size" in options:
+            baselines[key] = {"rows": rows, "time": plain * rows / n, "launches": 1.0}
+    return {"n_patches": n, "variants": variants, "baselines": baselines, "same": same}
+
+
+def test_order_rows_and_target() -> None:
+    case = bench.order_cases(quick=False)[0]
+    same = {key: True for key, _, _ in bench.order_variants()}
+    result = _order_result(10**6, 1e-4, 0.1, same)
+    rows = bench.order_rows(case, result, "")
+    assert len(rows) == len(bench.order_variants())
+    assert all(len(r) == len(bench.ORDER_HEADER) for r in rows)
+    assert rows[0][6] == "(the baseline)"
+    assert [r[6] for r in rows[1:]] == ["+10%"] * 3
+    assert [r[7] for r in rows] == ["n/a", "n/a", "+10%", "+10%"]
+    assert [r[4] for r in rows] == ["100.0 us", "110.0 us", "27.5 us", "13.8 us"]
+    assert [r[3] for r in rows] == ["1,000,000", "1,000,000", "250,000", "125,000"]
+    assert all(r[-1] == "yes" for r in rows)
+    unchecked = bench.order_rows(case, _order_result(10**6, 1e-4, 0.1), "skipped (size)")
+    assert all(r[-1] == "skipped (size)" for r in unchecked)
+    skipped = bench.order_rows(case, None, "skipped: would overrun --time-budget")
+    assert len(skipped) == 1 and len(skipped[0]) == len(bench.ORDER_HEADER)
+
+    target = "shuffling and sharding cost < 20% over the plain epoch"
+    fast = "\n".join(bench.targets_table(None, {}, None, "~1M", None, None, [result]))
+    assert f"| {target} | worst per patch over 1 case(s): +10%" in fast
+    assert fast.count("| yes |") == 2  # the overhead and the launches per call
+    slow = [result, _order_result(10**7, 1e-3, 0.3)]
+    text = "\n".join(bench.targets_table(None, {}, None, "~1M", None, None, slow))
+    assert "+30% (shuffled epoch, 10,000,000 patches)" in text
+    assert f"| {target} |" in text and "| NO |" in text
+    slow[1]["variants"]["shard8"]["launches"] = 2.0
+    text = "\n".join(bench.targets_table(None, {}, None, "~1M", None, None, slow))
+    assert "| 1 to 2 | NO |" in text
+    missing = "\n".join(bench.targets_table(None, {}, None, "~1M", None, None, []))
+    assert f"| {target} | not measured | n/a |" in missing
+
+
 def test_probe_verdicts() -> None:
     def probe(names: list[str]) -> dict[str, object]:
         events = bench.classify_device_events(names)
@@ -238,6 +324,131 @@ def test_time_wall_calls_and_syncs() -> None:
     assert calls == [0, 0, 1, 2, 3]  # one warm-up call
     assert len(syncs) == 5
     assert len(times) == 4 and all(t >= 0 for t in times)
+
+
+def test_compare_orders() -> None:
+    shapes, patch = [(1, 1, 512, 512)], (32, 32)
+    a = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+    b = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+    assert bench.compare_orders(a, b, 7) == {key: True for key, _, _ in bench.order_variants()}
+    other = StratifiedPatching(shapes, patch, seed=2, backend="numpy")
+    assert not any(bench.compare_orders(a, other, 7).values())
+    b.set_region_probs(0, 0, {(0, 0): 0.0})
+    with pytest.raises(RuntimeError):
+        bench.compare_orders(a, b, 7)
+
+
+class _Event:
+    def record(self, stream: Any = None) -> None:
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        return None
+
+
+def _host_cupy() -> Any:
+    """What the timing code uses of CuPy, on the host (events are perf_counter)."""
+    pool = SimpleNamespace(free_all_blocks=lambda: None)
+    stream = SimpleNamespace(synchronize=lambda: None)
+    return SimpleNamespace(
+        cuda=SimpleNamespace(
+            Event=_Event,
+            get_current_stream=lambda: stream,
+            get_elapsed_time=lambda start, end: (end.at - start.at) * 1e3,
+            runtime=SimpleNamespace(memGetInfo=lambda: (1 << 34, 1 << 34)),
+            memory=SimpleNamespace(OutOfMemoryError=MemoryError),
+        ),
+        get_default_memory_pool=lambda: pool,
+        get_default_pinned_memory_pool=lambda: pool,
+    )
+
+
+@pytest.fixture
+def counting_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NumPy samplers count their draws as CudaBackend.launch_count counts launches."""
+    draw = NumpyBackend.draw
+
+    def counting_draw(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.launch_count = getattr(self, "launch_count", 0) + 1
+        return draw(self, *args, **kwargs)
+
+    monkeypatch.setattr(NumpyBackend, "draw", counting_draw)
+    # Small cases, so the section runs in a moment on the host.
+    monkeypatch.setattr(bench, "QUICK_ORDER_REGION_SET", bench.REGION_SETS[0])
+    monkeypatch.setattr(bench, "QUICK_ORDER_PATCH_TARGETS", (10**3, 10**4))
+
+
+def _collect(lines: list[str]) -> Any:
+    """An ``emit`` (as run() has) that keeps the lines."""
+
+    def emit(*new: str) -> None:
+        lines.extend(new)
+
+    return emit
+
+
+def _orders_args(**overrides: Any) -> argparse.Namespace:
+    values = {"quick": True, "time_budget": 420.0, "no_numpy": False, "numpy_max_patches": 10**7}
+    return argparse.Namespace(**{**values, **overrides})
+
+
+@pytest.mark.usefixtures("counting_numpy")
+def test_orders_section_on_the_host() -> None:
+    lines: list[str] = []
+    results = bench.orders_section(
+        _host_cupy(), _orders_args(), time.perf_counter(), 0.0, 0.0, _collect(lines), "numpy"
+    )
+    assert [r["n_patches"] for r in results] == [1000, 10000]
+    for result in results:
+        variants = result["variants"]
+        assert [v["rows"] for v in variants.values()] == [
+            result["n_patches"],
+            result["n_patches"],
+            -(-result["n_patches"] // 4),
+            -(-result["n_patches"] // 8),
+        ]
+        assert all(v["launches"] == 1 and v["time"] > 0 for v in variants.values())
+        assert set(result["baselines"]) == {"shard4", "shard8"}
+    # Only the smaller case is compared with NumPy (here NumPy against itself).
+    assert results[0]["same"] == {key: True for key, _, _ in bench.order_variants()}
+    assert results[1]["same"] is None
+    table = [line for line in lines if line.startswith("| ~1k")]
+    assert len(table) == 2 * len(bench.order_variants())
+    assert all(line.endswith("| yes |") for line in table[:4])
+    assert all(line.endswith("| not checked (larger case) |") for line in table[4:])
+    text = "\n".join(bench.targets_table(None, {}, None, "~1k", None, None, results))
+    assert (
+        "| 1 kernel launch per call, shuffled and sharded (CudaBackend.launch_count) | 1 | yes |"
+        in text
+    )
+
+
+@pytest.mark.usefixtures("counting_numpy")
+def test_orders_section_keeps_to_the_time_budget() -> None:
+    lines: list[str] = []
+    results = bench.orders_section(
+        _host_cupy(),
+        _orders_args(time_budget=bench.RESERVE_S),
+        time.perf_counter(),
+        0.0,
+        0.0,
+        _collect(lines),
+        "numpy",
+    )
+    assert results == []
+    rows = [line for line in lines if line.startswith("| ~1k")]
+    assert len(rows) == 2 and all("would overrun --time-budget" in line for line in rows)
+    no_numpy = bench.orders_section(
+        _host_cupy(),
+        _orders_args(no_numpy=True),
+        time.perf_counter(),
+        0.0,
+        0.0,
+        _collect(lines),
+        "numpy",
+    )
+    assert all(r["same"] is None for r in no_numpy)
+    assert any(line.endswith("| skipped (--no-numpy) |") for line in lines)
 
 
 def test_numpy_updates() -> None:

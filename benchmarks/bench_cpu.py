@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from gpu_patching import StratifiedPatching
-from gpu_patching.testing import load_reference
+from gpu_patching.testing import cpu_model, load_reference
 
 # (label, data_shapes, patch_size): ~1k, ~66k and ~264k regions.
 CASES = [
@@ -162,23 +162,6 @@ def fmt(seconds: float) -> str:
     return f"{seconds * 1e6:.2f} us"
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return (
-        f"CPU: {cpu} ({os.cpu_count()} logical cores); Python {platform.python_version()}; "
-        f"NumPy {np.__version__}"
-    )
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
@@ -197,7 +180,12 @@ def main(argv: list[str] | None = None) -> str:
             print(f"reference not available ({error}); showing gpu-patching only")
 
     lines = ["# CPU benchmark: NumPy backend vs the reference (CAREamics 0.3.5)", ""]
-    lines += [machine(), "", "Times are medians (ours) or single runs (reference).", ""]
+    lines += [
+        f"CPU: {cpu_model()}; Python {platform.python_version()}; NumPy {np.__version__}",
+        "",
+        "Times are medians (ours) or single runs (reference).",
+        "",
+    ]
     header = (
         "| case | patches | what | reference | gpu-patching (numpy) | ratio |\n"
         "|---|---:|---|---:|---:|---:|"

@@ -417,28 +417,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument(
-        "--output-dir", type=Path, default=RESULTS_DIR, help="where the markdown goes"
+        "--output",
+        type=Path,
+        default=RESULTS_DIR / "crop-cpu.md",
+        help="the CPU markdown; the GPU markdown goes beside it as crop-gpu-<card>.md",
     )
     args = parser.parse_args(argv)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
 
     cpu = run_cpu(args.quick)
     cupy, why = usable_cupy()
-    gpu_note = (
-        "skipped: no usable CUDA device" + (f" ({why})" if why else "")
-        if cupy is None
-        else "see crop-gpu-<card>.md"
-    )
+    gpu_note = f"skipped: {why}" if cupy is None else "see crop-gpu-<card>.md"
     cpu_text = cpu_markdown(cpu, gpu_note)
-    (args.output_dir / "crop-cpu.md").write_text(cpu_text)
+    args.output.write_text(cpu_text)
     print(cpu_text)
-    print(f"written to {args.output_dir / 'crop-cpu.md'}")
+    print(f"written to {args.output}")
     if cupy is None:
-        print(f"GPU part skipped: no usable CUDA device ({why})")
+        print(f"GPU part skipped: {why}")
         return 0
     gpu, copy_bandwidth = run_gpu(cupy, args.quick)
     gpu_text = gpu_markdown(cupy, gpu, copy_bandwidth, cpu)
-    output = args.output_dir / f"crop-gpu-{slug(device_info(cupy)['name'])}.md"
+    output = args.output.parent / f"crop-gpu-{slug(device_info(cupy)['name'])}.md"
     output.write_text(gpu_text)
     print(gpu_text)
     print(f"written to {output}")

@@ -44,6 +44,7 @@ from gpu_patching import (
     region_statistics,
     validation_split,
 )
+from gpu_patching.testing import cpu_model, usable_cupy
 
 RESULTS = Path(__file__).resolve().parent / "results" / "filters.md"
 PATCH = (32, 32)
@@ -281,32 +282,6 @@ def fmt(seconds: float) -> str:
     return f"{seconds * 1e6:.0f} us"
 
 
-def cpu_name() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({os.cpu_count()} logical cores)"
-
-
-def usable_cupy() -> tuple[Any, str]:
-    try:
-        import cupy
-    except Exception as error:
-        return None, f"CuPy is not importable ({type(error).__name__}: {error})"
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None, "CuPy is installed but no CUDA device is visible"
-        cupy.arange(4).sum().item()
-    except Exception as error:
-        return None, f"no usable CUDA device ({type(error).__name__}: {error})"
-    return cupy, ""
-
-
 def table(rows: list[tuple[str, float, float | None, str]], regions: int) -> list[str]:
     lines = [
         "| what | region-by-region loop | gpu-patching | speed-up | ours per region "
@@ -347,7 +322,7 @@ def main(argv: list[str] | None = None) -> str:
         "subset of the regions and is extrapolated (last column). gpu-patching times "
         f"are medians of {repeats} runs after a warm-up.",
         "",
-        f"## CPU: {cpu_name()}",
+        f"## CPU: {cpu_model()}",
         "",
         f"Python {platform.python_version()}, NumPy {np.__version__}; `region_statistics` "
         "on a NumPy stack. Load average before the run (the cores may be shared): "

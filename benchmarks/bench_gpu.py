@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import statistics
@@ -73,6 +72,7 @@ from gpu_patching import StratifiedPatching
 from gpu_patching.backends.cuda_backend import KERNEL_NAME
 from gpu_patching.grid import MAX_PROBABILITY, cell_count, grid_shape
 from gpu_patching.permutation import EpochOrder
+from gpu_patching.testing import cpu_model, usable_cupy
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -304,21 +304,6 @@ def markdown_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def cpu_model() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} logical cores)"
-
-
-# -- timing helpers (the sync callable makes them backend-agnostic) ----------------------------
-
-
 def time_wall(
     function: Callable[[int], Any],
     repeats: int,
@@ -391,21 +376,6 @@ def free_device_memory(cupy: Any) -> None:
 
 
 # -- the device -------------------------------------------------------------------------------
-
-
-def usable_cupy() -> tuple[Any, str]:
-    """Return ``(cupy, "")`` when a CUDA device runs a kernel, else ``(None, why)``."""
-    try:
-        import cupy
-    except Exception as error:  # not installed, or a broken CUDA install
-        return None, f"CuPy is not importable ({type(error).__name__}: {error})"
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None, "CuPy is installed but no CUDA device is visible"
-        cupy.arange(4).sum().item()  # a usable device runs a kernel
-    except Exception as error:
-        return None, f"{type(error).__name__}: {error}"
-    return cupy, ""
 
 
 def device_info(cupy: Any) -> dict[str, Any]:
@@ -739,7 +709,7 @@ def launch_probe() -> dict[str, Any]:
     """
     cupy, why = usable_cupy()
     if cupy is None:
-        return {"error": f"no usable CUDA device ({why})"}
+        return {"error": why}
     try:
         import torch
         from torch.profiler import ProfilerActivity, profile
@@ -1471,7 +1441,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cupy, why = usable_cupy()
     if cupy is None:
-        print(f"no usable CUDA device ({why}); skipping the GPU benchmark")
+        print(f"{why}; skipping the GPU benchmark")
         return 0
     run(args, cupy)
     return 0

@@ -71,7 +71,6 @@ exactly once for any grid).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,7 +83,7 @@ from numpy.typing import NDArray
 from ._arrays import to_host
 from ._validation import validate_patch_size
 from .backends import BackendUnavailableError
-from .backends.cuda_backend import compile_options, kernel_dir
+from .backends.cuda_backend import compile_options, kernel_source
 from .specs import PatchBatch
 
 __all__ = [
@@ -201,24 +200,8 @@ def _element_c_type(itemsize: int) -> str:
 
 
 def crop_kernel_code() -> str:
-    """Return the source of the crop kernels as handed to CuPy.
-
-    As for the epoch kernel, the first line is a digest of every kernel file,
-    so that editing a header can never bring back a stale binary from CuPy's
-    cache (keyed on the source text, not on the headers it includes).
-
-    Returns
-    -------
-    str
-        The text of ``crop_patches.cu`` after one comment line.
-    """
-    folder = kernel_dir()
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.cu*")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    source = (folder / CROP_KERNEL_FILE).read_text()
-    return f"// gpu-patching kernel sources sha256 {digest.hexdigest()}\n{source}"
+    """Return the source of the crop kernels as handed to CuPy (see ``kernel_source``)."""
+    return kernel_source(CROP_KERNEL_FILE)
 
 
 # -- the public call ---------------------------------------------------------------------

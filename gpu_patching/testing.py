@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: loading the reference implementation.
+"""Helpers for tests and benchmarks: the reference implementation, the machine.
 
 The reference is CAREamics' ``StratifiedPatching`` (``careamics==0.3.5``).
 Importing ``careamics`` pulls in PyTorch and much more, so we load only its
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import platform
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REFERENCE_VERSION", "load_reference"]
+__all__ = ["REFERENCE_VERSION", "cpu_model", "load_reference", "usable_cupy"]
 
 #: The CAREamics release whose behaviour gpu-patching reproduces.
 REFERENCE_VERSION = "0.3.5"
@@ -59,3 +61,40 @@ def load_reference() -> Any:
         del sys.modules[_ALIAS]
         raise
     return module.StratifiedPatching
+
+
+def usable_cupy() -> tuple[Any, str]:
+    """Return ``(cupy, "")`` when a CUDA device runs a kernel, else ``(None, why)``.
+
+    Returns
+    -------
+    tuple
+        The ``cupy`` module (or None) and, when None, the reason in words:
+        CuPy missing or broken, no device visible, or a device that cannot
+        run a kernel (for instance no driver).
+    """
+    try:
+        import cupy
+    except Exception as error:  # not installed, or a broken CUDA install
+        return None, f"CuPy is not importable ({type(error).__name__}: {error})"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None, "CuPy is installed but no CUDA device is visible"
+        cupy.arange(4).sum().item()  # a usable device runs a kernel
+    except Exception as error:
+        return None, f"no usable CUDA device ({type(error).__name__}: {error})"
+    return cupy, ""
+
+
+def cpu_model() -> str:
+    """Return the CPU's model name and logical core count, for benchmark headers."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical cores)"

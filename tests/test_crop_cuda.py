@@ -14,23 +14,9 @@ import pytest
 
 from gpu_patching import PatchBatch, StratifiedPatching, extract_patches
 from gpu_patching import crop as crop_module
+from gpu_patching.testing import usable_cupy
 
-
-def _usable_cupy() -> tuple[Any, str]:
-    try:
-        import cupy
-    except Exception as error:  # not installed, or a broken CUDA install
-        return None, f"CuPy is not importable ({type(error).__name__}: {error})"
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None, "CuPy is installed but no CUDA device is visible"
-        cupy.arange(4).sum().item()  # a usable device runs a kernel
-    except Exception as error:
-        return None, f"no usable CUDA device ({type(error).__name__}: {error})"
-    return cupy, ""
-
-
-cupy, _WHY_SKIPPED = _usable_cupy()
+cupy, _WHY_SKIPPED = usable_cupy()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(cupy is None, reason=_WHY_SKIPPED)]
 
 DTYPES = [np.uint8, np.uint16, np.int32, np.float16, np.float32, np.float64, np.int64, np.bool_]

@@ -17,23 +17,9 @@ from gpu_patching import StratifiedPatching
 from gpu_patching.backends.numpy_backend import NumpyBackend
 from gpu_patching.permutation import EpochOrder
 from gpu_patching.tables import RegionTables
+from gpu_patching.testing import usable_cupy
 
-
-def _usable_cupy() -> tuple[Any, str]:
-    try:
-        import cupy
-    except Exception as error:  # not installed, or a broken CUDA install
-        return None, f"CuPy is not importable ({type(error).__name__}: {error})"
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None, "CuPy is installed but no CUDA device is visible"
-        cupy.arange(4).sum().item()  # a usable device runs a kernel
-    except Exception as error:
-        return None, f"no usable CUDA device ({type(error).__name__}: {error})"
-    return cupy, ""
-
-
-cupy, _WHY_SKIPPED = _usable_cupy()
+cupy, _WHY_SKIPPED = usable_cupy()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(cupy is None, reason=_WHY_SKIPPED)]
 
 SEEDS = (0, 42, 2**64 - 1)

@@ -28,6 +28,7 @@ from gpu_patching import (
     region_statistics,
     validation_split,
 )
+from gpu_patching.testing import usable_cupy
 
 ALL_STATS = ("mean", "std", "min", "max", "entropy", "coverage")
 
@@ -682,21 +683,7 @@ def test_validation_split_rejects_a_seed_out_of_range() -> None:
 # -- CuPy agrees with NumPy ----------------------------------------------------
 
 
-def _usable_cupy() -> tuple[Any, str]:
-    try:
-        import cupy
-    except Exception as error:  # not installed, or a broken CUDA install
-        return None, f"CuPy is not importable ({type(error).__name__}: {error})"
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None, "CuPy is installed but no CUDA device is visible"
-        cupy.arange(4).sum().item()  # a usable device runs a kernel
-    except Exception as error:
-        return None, f"no usable CUDA device ({type(error).__name__}: {error})"
-    return cupy, ""
-
-
-cupy, _WHY_NO_CUDA = _usable_cupy()
+cupy, _WHY_NO_CUDA = usable_cupy()
 
 
 @pytest.mark.parametrize(("shape", "patch"), CASES_2D_3D)

@@ -169,26 +169,36 @@ def compile_options() -> tuple[str, ...]:
     return (*COMPILE_OPTIONS, f"-I{kernel_dir()}")
 
 
-def kernel_code() -> str:
-    """Return the source of the epoch kernel as handed to CuPy.
+def kernel_source(file_name: str) -> str:
+    """Return a ``.cu`` file of :func:`kernel_dir` as handed to CuPy.
 
     CuPy caches compiled kernels on disk keyed on the source text and the
     options, not on the headers that the source includes. The first line is
     therefore a digest of every file in :func:`kernel_dir`, so editing a header
     can never bring back a stale binary.
 
+    Parameters
+    ----------
+    file_name : str
+        The ``.cu`` file, e.g. ``"sample_epoch.cu"``.
+
     Returns
     -------
     str
-        The text of ``sample_epoch.cu`` after one comment line.
+        The file's text after one comment line.
     """
     folder = kernel_dir()
     digest = hashlib.sha256()
     for path in sorted(folder.glob("*.cu*")):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
-    source = (folder / KERNEL_FILE).read_text()
+    source = (folder / file_name).read_text()
     return f"// gpu-patching kernel sources sha256 {digest.hexdigest()}\n{source}"
+
+
+def kernel_code() -> str:
+    """Return the source of the epoch kernel as handed to CuPy (see :func:`kernel_source`)."""
+    return kernel_source(KERNEL_FILE)
 
 
 def launch_grid(n_rows: int, threads: int = THREADS_PER_BLOCK) -> tuple[int, int]:

@@ -463,7 +463,7 @@ def test_numpy_updates() -> None:
 def test_main_without_a_device_prints_one_line_and_returns_0(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(bench, "usable_cupy", lambda: (None, "no driver"))
+    monkeypatch.setattr(bench, "usable_cupy", lambda: (None, "no usable CUDA device (no driver)"))
     output = tmp_path / "out.md"
     assert bench.main(["--output", str(output)]) == 0
     out = capsys.readouterr().out.strip().splitlines()

@@ -781,31 +781,15 @@ class StratifiedPatching:
         self.__dict__.update(fresh.__dict__)
 
     def _tables_with(self, excluded: NDArray[np.bool_], probability: NDArray[Any]) -> RegionTables:
-        """Return new tables (on this backend) with the given per-cell rows.
-
-        One batch per stack, as the constructor builds them, rather than an
-        update per sample: each update refreshes the prefix sums of all rows.
-        """
-        xp = self._backend.xp
+        """Return new tables (on this backend) with the given per-cell rows."""
         shapes = self._data_shapes
         tables = RegionTables(
-            [shape[2:] for shape in shapes], [shape[0] for shape in shapes], self._patch_size, xp
+            [shape[2:] for shape in shapes],
+            [shape[0] for shape in shapes],
+            self._patch_size,
+            self._backend.xp,
         )
-        for stack in range(tables.n_stacks):
-            first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
-            rows = slice(int(tables.region_offset[first]), int(tables.region_offset[last]))
-            if not (excluded[rows].any() or (probability[rows] != 1.0).any()):
-                continue  # the constructor's rows are already these
-            batch = (last - first, *tables.sample_grid(first))
-            # RegionTables computes every row before it commits; its limits
-            # are checked again by _refresh_totals, before self changes.
-            update = tables._compute(
-                stack,
-                xp.asarray(excluded[rows].reshape(batch)),
-                xp.asarray(probability[rows].reshape(batch)),
-            )
-            tables._commit(first, last, update)
-        tables._refresh_totals()
+        tables.replace_all_rows(excluded, probability)
         return tables
 
     # -- internals -------------------------------------------------------------

@@ -183,6 +183,42 @@ class RegionTables:
         self._commit(sample, sample + 1, update)
         self._refresh_totals()
 
+    def replace_all_rows(self, excluded: NDArray[np.bool_], probability: NDArray[Any]) -> None:
+        """Set the excluded cells and probabilities of every sample of fresh tables.
+
+        One batch per stack, as the constructor builds them, rather than an
+        update per sample (each of which refreshes the prefix sums of all rows).
+        Meant for tables just built: a stack whose new rows are all defaults
+        (nothing excluded, probability 1) keeps the rows the constructor made.
+
+        Parameters
+        ----------
+        excluded : numpy.ndarray of bool, shape (n_regions,)
+            Excluded cells of all samples, in row order (validated by the caller).
+        probability : numpy.ndarray of float64, shape (n_regions,)
+            Probabilities of all cells, in row order (validated by the caller).
+
+        Raises
+        ------
+        ValueError
+            If the rows would break a numeric limit. Tables built for one call
+            of this method should then be dropped: rows may be half replaced.
+        """
+        xp = self.xp
+        for stack in range(self.n_stacks):
+            first, last = int(self.first_sample[stack]), int(self.first_sample[stack + 1])
+            rows = slice(int(self.region_offset[first]), int(self.region_offset[last]))
+            if not (excluded[rows].any() or (probability[rows] != 1.0).any()):
+                continue  # the constructor's rows are already these
+            batch = (last - first, *self.sample_grid(first))
+            update = self._compute(
+                stack,
+                xp.asarray(excluded[rows].reshape(batch)),
+                xp.asarray(probability[rows].reshape(batch)),
+            )
+            self._commit(first, last, update)
+        self._refresh_totals()
+
     def _compute(self, stack: int, excluded: Any, probability: Any) -> _SampleUpdate:
         """Compute the rows of a batch of samples of one stack (no commit)."""
         xp = self.xp

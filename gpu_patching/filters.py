@@ -41,7 +41,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -1255,7 +1255,7 @@ def validation_split(
         excluded = np.zeros(grid_shape(shape, strategy.patch_size), dtype=bool)
         excluded[tuple(chosen.T)] = True
         # The dense boolean form: one call per sample (typed as a sequence there).
-        strategy.exclude_patches(data_idx, sample_idx, cast(Any, excluded))
+        strategy.exclude_patches(data_idx, sample_idx, excluded)
     logger.info(
         "validation_split: %d validation patches from %d samples (seed %d); n_patches %d -> %d",
         len(specs),

@@ -276,7 +276,7 @@ class StratifiedPatching:
     # -- the seed API ----------------------------------------------------------
 
     def exclude_patches(
-        self, data_idx: int, sample_idx: int, grid_coords: Sequence[tuple[int, ...]]
+        self, data_idx: int, sample_idx: int, grid_coords: Sequence[tuple[int, ...]] | NDArray[Any]
     ) -> None:
         """Exclude patches from being sampled.
 

@@ -483,7 +483,8 @@ def test_script_without_a_device_exits_0(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("no usable CUDA device"), done.stdout
+    # One line with the reason: CuPy missing, no device visible, or none usable.
+    assert len(lines) == 1 and lines[0].endswith("; skipping the GPU benchmark"), done.stdout
     assert not output.exists()
 
 

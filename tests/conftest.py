@@ -24,10 +24,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from gpu_patching import StratifiedPatching
 from gpu_patching.backends.numpy_backend import locate_corners
 from gpu_patching.testing import load_reference
+
+# Every property test is derandomized, with no example database and no
+# deadline: the same examples on every run and machine, so CI cannot flake.
+# A test's own @settings still sets its example count.
+settings.register_profile("gpu-patching", derandomize=True, database=None, deadline=None)
+settings.load_profile("gpu-patching")
 
 Cell = tuple[int, ...]
 

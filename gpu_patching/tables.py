@@ -96,6 +96,9 @@ class RegionTables:
         self.weight = xp.zeros(n_regions, dtype=xp.int64)
         self.subbox_mask = xp.zeros(n_regions, dtype=xp.uint8)
         self.mass = xp.zeros(n_regions, dtype=xp.int64)
+        # Counts the changes of the tables, so that copies elsewhere (the CUDA
+        # backend's upload of the per-sample arrays) know when they are stale.
+        self.version = 0
         self.n_excluded = np.zeros(n_samples, dtype=np.int64)
         self.weight_total = np.zeros(n_samples, dtype=np.int64)
         self.mass_total = np.zeros(n_samples, dtype=np.int64)
@@ -294,6 +297,7 @@ class RegionTables:
         xp = self.xp
         n_patches = self._patches(self.n_excluded, self.weight_total, self.mass_total)
         self._check_limits(self.mass_estimate, n_patches)
+        self.version += 1
         self.n_patches = n_patches
         self.patch_offset = np.concatenate([[0], np.cumsum(n_patches)]).astype(np.int64)
         self.mass_offset = np.concatenate([[0], np.cumsum(self.mass_total)]).astype(np.int64)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import math
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -425,7 +426,7 @@ class CudaBackend:
         self.xp = xp
         self.launch_count = 0
         # device id -> (packed host buffer, its device copy)
-        self._uploads: dict[int, tuple[NDArray[np.int64], Any]] = {}
+        self._uploads: dict[int, tuple[weakref.ref[RegionTables], Any, int]] = {}
 
     def draw(
         self,
@@ -527,14 +528,18 @@ class CudaBackend:
         return self.xp.ascontiguousarray(array, dtype=self.xp.int64)
 
     def _sample_table(self, tables: RegionTables) -> Any:
-        """Return the packed per-sample arrays on the current device."""
-        host = pack_sample_table(tables)
+        """Return the packed per-sample arrays on the current device.
+
+        The upload is kept per device with the tables it came from and their
+        :attr:`~gpu_patching.tables.RegionTables.version`, so an epoch of
+        unchanged tables neither packs nor copies anything.
+        """
         device_id = self._device_id()
         cached = self._uploads.get(device_id)
-        if cached is not None and np.array_equal(cached[0], host):
+        if cached is not None and cached[0]() is tables and cached[2] == tables.version:
             return cached[1]
-        uploaded = self.xp.asarray(host)
-        self._uploads[device_id] = (host, uploaded)
+        uploaded = self.xp.asarray(pack_sample_table(tables))
+        self._uploads[device_id] = (weakref.ref(tables), uploaded, tables.version)
         return uploaded
 
     def _device_id(self) -> int:

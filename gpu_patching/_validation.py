@@ -19,6 +19,7 @@ from ._arrays import to_host
 __all__ = [
     "as_int",
     "check_index",
+    "check_stack_shape",
     "coords_to_mask",
     "dense_grid_array",
     "is_dense",
@@ -87,26 +88,41 @@ def validate_data_shapes(
         raise TypeError(f"data_shapes must be a sequence of shapes, got {data_shapes!r}")
     if len(data_shapes) == 0:
         raise ValueError("data_shapes is empty: give the SC(Z)YX shape of at least one stack")
-    axes = "SCZYX" if len(patch_size) == 3 else "SCYX"
     shapes = []
     for k, raw in enumerate(data_shapes):
         shape = _int_sequence(raw, f"data_shapes[{k}]")
-        if len(shape) != len(axes):
-            raise ValueError(
-                f"data_shapes[{k}] = {shape} has {len(shape)} axes; with a "
-                f"{len(patch_size)}D patch_size every shape must have {len(axes)} "
-                f"axes ({axes})"
-            )
-        if min(shape) < 1:
-            raise ValueError(f"data_shapes[{k}] = {shape} has a non-positive size")
-        spatial = shape[2:]
-        if any(p > s for p, s in zip(patch_size, spatial, strict=True)):
-            raise ValueError(
-                f"patch_size {patch_size} is larger than the spatial shape {spatial} "
-                f"of data_shapes[{k}] = {shape}"
-            )
+        check_stack_shape(shape, patch_size, f"data_shapes[{k}]")
         shapes.append(shape)
     return tuple(shapes)
+
+
+def check_stack_shape(shape: tuple[int, ...], patch_size: tuple[int, ...], name: str) -> None:
+    """Check one ``SC(Z)YX`` shape against the patch size; ``ValueError`` names it.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The shape, ``len(patch_size) + 2`` axes, every size positive, the
+        spatial part at least the patch along every axis.
+    patch_size : tuple of int
+        The patch size (2 or 3 entries).
+    name : str
+        How the shape's owner is named in the message, e.g. ``"stacks[1]"``.
+    """
+    ndim = len(patch_size)
+    axes = "SCZYX" if ndim == 3 else "SCYX"
+    if len(shape) != ndim + 2:
+        raise ValueError(
+            f"{name} has shape {shape} ({len(shape)} axes); with a {ndim}D patch_size "
+            f"it must have {ndim + 2} axes ({axes})"
+        )
+    if min(shape) < 1:
+        raise ValueError(f"{name} has shape {shape}, with an empty or negative axis")
+    if any(p > s for p, s in zip(patch_size, shape[2:], strict=True)):
+        raise ValueError(
+            f"patch_size {patch_size} is larger than the spatial shape {shape[2:]} "
+            f"of {name} (shape {shape})"
+        )
 
 
 def validate_seed(seed: Any) -> int:

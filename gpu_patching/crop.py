@@ -81,7 +81,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 from ._arrays import to_host
-from ._validation import validate_patch_size
+from ._validation import check_stack_shape, validate_patch_size
 from .backends import BackendUnavailableError
 from .backends.cuda_backend import compile_options, kernel_source
 from .specs import PatchBatch
@@ -323,21 +323,8 @@ def _check_stacks(
     shapes: Sequence[tuple[int, ...]], dtypes: Sequence[np.dtype[Any]], patch_size: tuple[int, ...]
 ) -> tuple[int, np.dtype[Any]]:
     """Return ``(n_channels, dtype)`` after checking the stacks' metadata."""
-    ndim = len(patch_size)
-    axes = "SCZYX" if ndim == 3 else "SCYX"
     for k, shape in enumerate(shapes):
-        if len(shape) != ndim + 2:
-            raise ValueError(
-                f"stacks[{k}] has shape {shape} ({len(shape)} axes); with a {ndim}D "
-                f"patch_size every stack must have {ndim + 2} axes ({axes})"
-            )
-        if min(shape) < 1:
-            raise ValueError(f"stacks[{k}] has shape {shape}, with an empty axis")
-        if any(p > s for p, s in zip(patch_size, shape[2:], strict=True)):
-            raise ValueError(
-                f"patch_size {patch_size} is larger than the spatial shape {shape[2:]} "
-                f"of stacks[{k}] (shape {shape})"
-            )
+        check_stack_shape(shape, patch_size, f"stacks[{k}]")
         if shape[1] != shapes[0][1]:
             raise ValueError(
                 f"every stack must have the same number of channels: stacks[0] has "

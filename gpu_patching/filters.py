@@ -109,17 +109,7 @@ def _check_stack(stack: Any, patch: tuple[int, ...], name: str) -> Any:
         raise TypeError(
             f"{name} must hold integers or floats, got dtype {np.dtype(stack.dtype).name}"
         )
-    ndim = len(patch)
-    axes = "SCZYX" if ndim == 3 else "SCYX"
-    shape = tuple(int(s) for s in stack.shape)
-    if len(shape) != ndim + 2:
-        raise ValueError(
-            f"{name} has shape {shape}; with a {ndim}D patch_size it must have "
-            f"{ndim + 2} axes ({axes})"
-        )
-    if min(shape) < 1:
-        raise ValueError(f"{name} has shape {shape}, with an empty axis")
-    _check_patch_fits(shape[2:], patch, f"{name} (shape {shape})")
+    check.check_stack_shape(tuple(int(s) for s in stack.shape), patch, name)
     return xp
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "PURPOSE_STRATUM",
     "philox4x32_10",
     "random_uint32",
+    "random_uint32_pair",
     "random_uint64",
     "random_words",
 ]
@@ -125,14 +126,19 @@ def _counter_words(
     seed: int, index: ArrayLike, draw_number: ArrayLike, purpose: int, n_words: int
 ) -> tuple[NDArray[np.uint64], ...]:
     """Return the first ``n_words`` Philox output words of each index's counter."""
-    index = np.asarray(index, dtype=np.int64).astype(np.uint64)
+    index = np.asarray(index, dtype=np.int64)
     draw = np.asarray(draw_number, dtype=np.uint64)
     shape = np.broadcast_shapes(index.shape, draw.shape)
-    high = index >> _SHIFT32
-    # Below 2**32 the high word is the scalar 0, which keeps round one cheap.
-    high_word = high if high.size and high.max() > 0 else np.uint64(0)
+    # Indices are non-negative, so their uint64 view is the same integers.
+    unsigned = index.view(np.uint64)
+    if index.size and int(index.max()) > 0xFFFFFFFF:
+        low_word, high_word = unsigned & _MASK32, unsigned >> _SHIFT32
+    else:
+        # Below 2**32 the index is its low word (the rounds never write into
+        # their inputs) and the high word is the scalar 0: round one is cheap.
+        low_word, high_word = unsigned, np.uint64(0)
     words = _philox_rounds(
-        index & _MASK32,
+        low_word,
         draw if draw.ndim else np.uint64(draw),
         np.uint64(purpose),
         high_word,
@@ -140,7 +146,9 @@ def _counter_words(
         seed >> 32,
         n_words=n_words,
     )
-    return tuple(np.broadcast_to(w, shape).astype(np.uint64, copy=False) for w in words)
+    return tuple(
+        w if np.shape(w) == shape else np.broadcast_to(w, shape).astype(np.uint64) for w in words
+    )
 
 
 def random_uint32(
@@ -165,6 +173,22 @@ def random_uint32(
         One uniformly distributed 32-bit word per index (in uint64 storage).
     """
     return _counter_words(seed, index, draw_number, purpose, 1)[0]
+
+
+def random_uint32_pair(
+    seed: int, index: ArrayLike, draw_number: int, purpose: int
+) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
+    """Return the first two Philox output words of each patch index's counter.
+
+    Parameters are those of :func:`random_uint32`.
+
+    Returns
+    -------
+    word0, word1 : numpy.ndarray of numpy.uint64
+        The low and the high half of :func:`random_uint64`'s word.
+    """
+    word0, word1 = _counter_words(seed, index, draw_number, purpose, 2)
+    return word0, word1
 
 
 def random_uint64(

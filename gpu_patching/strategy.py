@@ -508,6 +508,32 @@ class StratifiedPatching:
         sample = self._sample(data_idx, sample_idx)
         return to_host(self._tables.probability_grid(sample), np.float64)
 
+    def get_excluded_cells(self, data_idx: int, sample_idx: int) -> NDArray[np.bool_]:
+        """Return which grid cells of a sample are excluded, shaped like its grid.
+
+        The dense form of :meth:`get_included_grid_coords` for one sample (True
+        where a cell is excluded), in the form :meth:`exclude_patches` accepts.
+
+        Parameters
+        ----------
+        data_idx : int
+            The index of the image stack.
+        sample_idx : int
+            The index of the sample in that stack.
+
+        Returns
+        -------
+        numpy.ndarray of bool
+            A host copy, of the sample's grid shape.
+
+        Raises
+        ------
+        IndexError
+            If ``data_idx`` or ``sample_idx`` is out of range.
+        """
+        sample = self._sample(data_idx, sample_idx)
+        return to_host(self._tables.excluded_grid(sample), np.bool_)
+
     # -- epochs ----------------------------------------------------------------
 
     def sample_epoch(

@@ -286,3 +286,22 @@ def test_region_probabilities_read_back_as_set() -> None:
     assert probabilities[4, 7] == 0.125 and probabilities[1, 1] == 1.0
     with pytest.raises(IndexError):
         sampler.get_region_probs(2, 0)
+
+
+def test_excluded_cells_read_back_as_the_complement_of_the_included_coords() -> None:
+    sampler = configured_sampler()
+    excluded = sampler.get_excluded_cells(0, 1)
+    assert isinstance(excluded, np.ndarray) and excluded.dtype == np.bool_
+    assert np.argwhere(excluded).tolist() == [[1, 1], [2, 3], [11, 9]]
+    included = sampler.get_included_grid_coords()
+    for (data_idx, sample_idx), cells in included.items():
+        kept = ~sampler.get_excluded_cells(data_idx, sample_idx)
+        assert [tuple(c) for c in np.argwhere(kept).tolist()] == cells
+    # A copy: writing into it changes nothing; and it round-trips as a dense mask.
+    excluded[0, 0] = True
+    assert not sampler.get_excluded_cells(0, 1)[0, 0]
+    twin = numpy_sampler(SHAPES, PATCH, seed=7)
+    twin.exclude_patches(0, 1, sampler.get_excluded_cells(0, 1))
+    assert twin.get_included_grid_coords() == included
+    with pytest.raises(IndexError):
+        sampler.get_excluded_cells(0, 3)

@@ -31,7 +31,10 @@ into the epoch's order.
 
 from __future__ import annotations
 
+import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -329,7 +332,8 @@ def _draw_chunk(
     sample_out[:] = sample
     word0, word1 = rng.random_uint32_pair(seed, indices, draw_number, rng.PURPOSE_STRATUM)
     first, last = int(sample[0]), int(sample[-1])
-    if increasing and first == last and indices[-1] - indices[0] == len(indices) - 1:
+    one_sample = increasing and first == last
+    if one_sample and indices[-1] - indices[0] == len(indices) - 1:
         # Consecutive indices of one sample (an epoch's chunks, mostly): the
         # stratum bounds are one row of a single sequence, with scalar n, M.
         n_patches = int(tables.n_patches[first])
@@ -346,25 +350,103 @@ def _draw_chunk(
         bound += int(tables.mass_offset[first])
         lower, upper = bound[:-1], bound[1:]
         delta: int | NDArray[np.int64] = int(index.delta[first])
+    elif one_sample:
+        # Increasing indices of one sample (a shard's chunks): scalar n, M.
+        n_patches = int(tables.n_patches[first])
+        quotient, remainder = divmod(int(tables.mass_total[first]), n_patches)
+        offset = int(tables.mass_offset[first])
+        stratum = indices - int(tables.patch_offset[first])
+        lower, upper = _stratum_bounds(stratum, quotient, remainder, n_patches, offset)
+        delta = int(index.delta[first])
     else:
         stratum = indices - tables.patch_offset[sample]
         n_patches_of = tables.n_patches[sample]
         quotient_of, remainder_of = np.divmod(tables.mass_total[sample], n_patches_of)
-        offset = tables.mass_offset[sample]
-        lower = stratum * quotient_of + (stratum * remainder_of) // n_patches_of + offset
-        stratum += 1
-        upper = stratum * quotient_of + (stratum * remainder_of) // n_patches_of + offset
+        lower, upper = _stratum_bounds(
+            stratum, quotient_of, remainder_of, n_patches_of, tables.mass_offset[sample]
+        )
         delta = np.take(index.delta, sample)
     point = _mulhi64_halves(word0, word1, (upper - lower).view(np.uint64)).view(np.int64)
     point += lower
     index.locate(point, delta, corner_out)
 
 
+def _stratum_bounds(
+    stratum: NDArray[np.int64], quotient: Any, remainder: Any, n_patches: Any, offset: Any
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Global mass bounds ``offset + floor(j M / n)`` of strata ``j`` and ``j + 1``.
+
+    ``M = quotient * n + remainder``; the other arguments are scalars or arrays
+    (per row). ``j * remainder < n**2 < 2**62``: exact in int64.
+    """
+    bounds = []
+    for j in (stratum, stratum + 1):
+        bound = j * remainder
+        bound //= n_patches
+        bound += j * quotient
+        bound += offset
+        bounds.append(bound)
+    return bounds[0], bounds[1]
+
+
+def _sample_names(
+    tables: RegionTables, sample: NDArray[np.int64], rows: NDArray[np.int64] | None = None
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Return ``(data_idx, sample_idx)`` of flat sample numbers (of ``sample[rows]``)."""
+    n_rows = len(sample) if rows is None else len(rows)
+    if tables.n_samples == 1:
+        # np.zeros maps zero pages lazily: no pass over the memory here.
+        return np.zeros(n_rows, dtype=np.int64), np.zeros(n_rows, dtype=np.int64)
+    # Rows and flat samples are valid: mode="clip" only skips the bounds checks.
+    if rows is not None:
+        sample = np.take(sample, rows, mode="clip")
+    return (
+        np.take(tables.stack_of_sample, sample, mode="clip"),
+        np.take(tables.sample_in_stack, sample, mode="clip"),
+    )
+
+
 class NumpyBackend:
-    """The host backend: NumPy tables and a vectorised per-patch draw."""
+    """The host backend: NumPy tables and a vectorised per-patch draw.
+
+    A backend belongs to one sampler. It keeps two scratch arrays between
+    draws (the flat sample of each row, and the corners of a shuffled epoch in
+    index order, ``(1 + d) * 8`` bytes per patch): fresh memory of that size
+    costs a page fault per 4 KiB when first written, which is a sizeable part
+    of an epoch's time on the CPU. The arrays it returns never share memory
+    with the scratch, and concurrent draws from several threads each get their
+    own (only one at a time uses the scratch).
+    """
 
     name = "numpy"
     xp: Any = np
+
+    def __init__(self) -> None:
+        self._scratch_lock = threading.Lock()
+        self._scratch_sample = np.empty(0, dtype=np.int64)
+        self._scratch_corner = np.empty((0, 0), dtype=np.int64)
+
+    @contextmanager
+    def _scratch(
+        self, n_rows: int, ndim: int, *, corners: bool
+    ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.int64] | None]]:
+        """Lend ``n_rows`` rows of scratch: samples, and corners if asked for."""
+        if not self._scratch_lock.acquire(blocking=False):
+            # Another thread is drawing: this draw uses its own memory.
+            corner = np.empty((n_rows, ndim), dtype=np.int64) if corners else None
+            yield np.empty(n_rows, dtype=np.int64), corner
+            return
+        try:
+            if len(self._scratch_sample) < n_rows:
+                self._scratch_sample = np.empty(n_rows, dtype=np.int64)
+            corner = None
+            if corners:
+                if len(self._scratch_corner) < n_rows or self._scratch_corner.shape[1] != ndim:
+                    self._scratch_corner = np.empty((n_rows, ndim), dtype=np.int64)
+                corner = self._scratch_corner[:n_rows]
+            yield self._scratch_sample[:n_rows], corner
+        finally:
+            self._scratch_lock.release()
 
     def draw(
         self,
@@ -414,11 +496,12 @@ class NumpyBackend:
             indices = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64)
         else:
             indices = np.array(indices, dtype=np.int64)
-        sample, corner = self._draw_samples(
-            tables, indices, draw_number, seed, increasing=increasing
-        )
-        data_idx = tables.stack_of_sample[sample]
-        sample_idx = tables.sample_in_stack[sample]
+        corner = np.empty((len(indices), tables.ndim), dtype=np.int64)
+        with self._scratch(len(indices), tables.ndim, corners=False) as (sample, _):
+            self._draw_samples(
+                tables, indices, draw_number, seed, sample, corner, increasing=increasing
+            )
+            data_idx, sample_idx = _sample_names(tables, sample)
         return data_idx, sample_idx, corner, indices
 
     @staticmethod
@@ -427,15 +510,16 @@ class NumpyBackend:
         indices: range | NDArray[np.int64],
         draw_number: int,
         seed: int,
+        sample: NDArray[np.int64],
+        corner: NDArray[np.int64],
         *,
         increasing: bool,
-    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-        """Flat sample and corner of each index (fastest when the indices increase).
+    ) -> None:
+        """Write the flat sample and corner of each index into ``sample``, ``corner``.
 
-        ``increasing`` says the indices are known to be strictly increasing.
+        Fastest when the indices increase; ``increasing`` says they are known
+        to increase strictly.
         """
-        sample = np.empty(len(indices), dtype=np.int64)
-        corner = np.empty((len(indices), tables.ndim), dtype=np.int64)
         index = _box_index(tables)
         # Chunks keep every temporary small: cache-resident, and recycled by
         # the allocator instead of being mapped (and page-faulted) afresh. A
@@ -458,7 +542,6 @@ class NumpyBackend:
                 corner[rows],
                 increasing=increasing,
             )
-        return sample, corner
 
     def _draw_order(
         self, tables: RegionTables, order: EpochOrder, draw_number: int, seed: int
@@ -482,16 +565,21 @@ class NumpyBackend:
             present = np.zeros(n_patches, dtype=bool)
             present[wanted] = True
             drawn = np.flatnonzero(present)
-            # Index i is row (number of drawn indices up to i) - 1 of `drawn`.
-            row_of = np.cumsum(present, dtype=np.int64)[wanted]
+            # Index i is row (number of drawn indices up to i) - 1 of `drawn`;
+            # the running count in 32 bits when it fits (half the memory).
+            count_type = np.int32 if n_patches < 1 << 31 else np.int64
+            row_of = np.cumsum(present, dtype=count_type)[wanted].astype(np.int64)
             row_of -= 1
-        # Both kinds of `drawn` increase strictly.
-        sample, corner = self._draw_samples(tables, drawn, draw_number, seed, increasing=True)
-        # np.take, not fancy indexing: ten times faster on the (N, d) corners.
-        sample = np.take(sample, row_of)
-        data_idx = tables.stack_of_sample[sample]
-        sample_idx = tables.sample_in_stack[sample]
-        return data_idx, sample_idx, np.take(corner, row_of, axis=0), wanted
+        with self._scratch(len(drawn), tables.ndim, corners=True) as (sample, corner):
+            assert corner is not None
+            # Both kinds of `drawn` increase strictly.
+            self._draw_samples(tables, drawn, draw_number, seed, sample, corner, increasing=True)
+            # np.take, not fancy indexing: ten times faster on the (N, d)
+            # corners; every row_of is a valid row, so mode="clip" only skips
+            # the bounds checks.
+            data_idx, sample_idx = _sample_names(tables, sample, row_of)
+            coords = np.take(corner, row_of, axis=0, mode="clip")
+        return data_idx, sample_idx, coords, wanted
 
     @staticmethod
     def to_host(values: Any) -> NDArray[Any]:

@@ -828,3 +828,32 @@ def test_drawn_patches_are_always_inside_the_image_and_selectable():
     assert corners.min() >= 0
     assert np.all(corners <= np.asarray(spatial) - np.asarray(patch))
     assert corners_are_selectable(corners, selectable_mask(spatial, patch, excluded)).all()
+
+
+def test_epochs_own_their_arrays_and_threads_can_draw_at_once():
+    # The NumPy backend reuses scratch memory between draws: what it returns
+    # must never change afterwards, and threads drawing at once must each get
+    # the epoch they would get alone.
+    from concurrent.futures import ThreadPoolExecutor
+
+    sampler = numpy_sampler([(2, 1, 300, 220), (1, 1, 90, 400)], (8, 8), seed=27)
+    options = [
+        {},
+        {"shuffle": True},
+        {"shuffle": True, "rank": 1, "world_size": 3},
+        {"shuffle": True, "rank": 0, "world_size": 2, "drop_last": True},
+    ]
+    jobs = [(epoch, kind) for epoch in range(6) for kind in range(len(options))]
+    alone = {job: sampler.sample_epoch(job[0], **options[job[1]]).to_numpy() for job in jobs}
+    kept = {job: batch.coords.copy() for job, batch in alone.items()}
+    with ThreadPoolExecutor(4) as pool:
+        together = list(
+            pool.map(lambda job: sampler.sample_epoch(job[0], **options[job[1]]), jobs * 3)
+        )
+    for job, batch in zip(jobs * 3, together, strict=True):
+        np.testing.assert_array_equal(batch.coords, alone[job].coords)
+        np.testing.assert_array_equal(batch.indices, alone[job].indices)
+        np.testing.assert_array_equal(batch.data_idx, alone[job].data_idx)
+        np.testing.assert_array_equal(batch.sample_idx, alone[job].sample_idx)
+    for job, coords in kept.items():
+        np.testing.assert_array_equal(alone[job].coords, coords)

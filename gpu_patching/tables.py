@@ -106,17 +106,11 @@ class RegionTables:
         self.mass_estimate = np.zeros(n_samples, dtype=np.float64)
 
         # Samples of one stack share a grid, so they are built as one batch.
-        for stack, cells in enumerate(stack_grids):
+        for stack in range(len(stack_grids)):
             first, last = self.first_sample[stack], self.first_sample[stack + 1]
             if first == last:
                 continue
-            batch = (int(last - first), *cells)
-            update = self._compute(
-                stack,
-                xp.zeros(batch, dtype=bool),
-                xp.ones(batch, dtype=xp.float64),
-            )
-            self._commit(int(first), int(last), update)
+            self._commit(int(first), int(last), self._default_rows(stack))
         self._refresh_totals()
 
     # -- shape helpers ---------------------------------------------------------
@@ -221,6 +215,41 @@ class RegionTables:
             )
             self._commit(first, last, update)
         self._refresh_totals()
+
+    def _default_rows(self, stack: int) -> _SampleUpdate:
+        """Return the rows of a stack's samples with nothing excluded, probability 1.
+
+        The same rows as ``_compute`` with those inputs, without its general
+        steps: every sub-box is selectable, so a region's area is the product
+        over the axes of its corners along each axis (part 0 plus part 1).
+        """
+        xp = self.xp
+        first, last = int(self.first_sample[stack]), int(self.first_sample[stack + 1])
+        spatial = tuple(int(s) for s in self.spatial_shape[first])
+        cells = self.sample_grid(first)
+        area = xp.ones(cells, dtype=xp.int64)
+        for axis, (length, patch) in enumerate(zip(spatial, self.patch_size, strict=True)):
+            part0, part1 = grid.axis_part_sizes(length, patch, cells[axis], xp)
+            shape = [1] * self.ndim
+            shape[axis] = cells[axis]
+            area *= (part0 + part1).reshape(shape)
+        one_sample = area.reshape(-1)
+        batch, n_cells = last - first, int(one_sample.size)
+        n_regions = batch * n_cells
+        mass = xp.tile(one_sample * grid.PROB_ONE, batch)
+        per_sample = np.ones(batch, dtype=np.int64)
+        return _SampleUpdate(
+            excluded=xp.zeros(n_regions, dtype=bool),
+            probability=xp.ones(n_regions, dtype=xp.float64),
+            weight=xp.full(n_regions, grid.PROB_ONE, dtype=xp.int64),
+            subbox_mask=xp.full(n_regions, (1 << (1 << self.ndim)) - 1, dtype=xp.uint8),
+            mass=mass,
+            n_excluded=per_sample * 0,
+            weight_total=per_sample * (n_cells * grid.PROB_ONE),
+            mass_total=per_sample * to_host(mass[:n_cells].sum(), np.int64),
+            mass_estimate=per_sample
+            * to_host((one_sample.astype(xp.float64) * grid.PROB_ONE).sum(), np.float64),
+        )
 
     def _compute(self, stack: int, excluded: Any, probability: Any) -> _SampleUpdate:
         """Compute the rows of a batch of samples of one stack (no commit)."""

@@ -857,3 +857,31 @@ def test_epochs_own_their_arrays_and_threads_can_draw_at_once():
         np.testing.assert_array_equal(batch.sample_idx, alone[job].sample_idx)
     for job, coords in kept.items():
         np.testing.assert_array_equal(alone[job].coords, coords)
+
+
+@pytest.mark.parametrize(
+    ("spatial_shapes", "counts", "patch"),
+    [
+        pytest.param([(2500, 1690)], [1], (64, 64), id="2d"),
+        pytest.param([(37, 29), (40, 41)], [3, 2], (5, 7), id="2d-stacks"),
+        pytest.param([(8, 8)], [2], (8, 8), id="2d-one-cell"),
+        pytest.param([(12, 14, 16), (9, 13, 11)], [2, 1], (3, 5, 4), id="3d"),
+    ],
+)
+def test_fresh_tables_are_the_general_rows_of_nothing_excluded_at_probability_one(
+    spatial_shapes, counts, patch
+):
+    # A new sampler's tables take a shortcut; it must build the very rows the
+    # general update computes.
+    from gpu_patching.tables import RegionTables
+
+    tables = RegionTables(spatial_shapes, counts, patch)
+    for stack in range(len(spatial_shapes)):
+        first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
+        batch = (last - first, *tables.sample_grid(first))
+        general = tables._compute(stack, np.zeros(batch, dtype=bool), np.ones(batch))
+        shortcut = tables._default_rows(stack)
+        for field in general.__dataclass_fields__:
+            expected, got = getattr(general, field), getattr(shortcut, field)
+            assert np.asarray(got).dtype == np.asarray(expected).dtype, field
+            np.testing.assert_array_equal(got, expected, err_msg=field)

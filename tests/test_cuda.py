@@ -237,7 +237,7 @@ EPOCH_OPTIONS = [
 
 @pytest.mark.parametrize("options", EPOCH_OPTIONS)
 def test_sample_epoch_is_one_kernel_launch_and_no_other_kernel(options: dict[str, Any]) -> None:
-    from gpu_patching.backends.cuda_backend import OUTPUT_PARAMS, SAMPLE_EPOCH_PARAMS
+    from gpu_patching.backends.cuda_backend import NULL_POINTER, OUTPUT_PARAMS, SAMPLE_EPOCH_PARAMS
 
     host = _configured_sampler("3d")
     device = _cuda_twin(host)
@@ -257,7 +257,7 @@ def test_sample_epoch_is_one_kernel_launch_and_no_other_kernel(options: dict[str
     # array was made for it, shuffled and sharded or not.
     assert backend.launch_count == launches + 1 and len(launched) == 1
     values = dict(zip((name for name, _ in SAMPLE_EPOCH_PARAMS), launched[0], strict=True))
-    assert values["indices"] is None and int(values["n_rows"]) == n
+    assert values["indices"] is NULL_POINTER and int(values["n_rows"]) == n
     assert int(values["shuffle"]) == int(options.get("shuffle", False))
     # The batch holds the very arrays the kernel wrote: no gather, no copy.
     for column, name in zip(COLUMNS, OUTPUT_PARAMS, strict=True):

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from gpu_patching import StratifiedPatching, grid, permutation, rng
 from gpu_patching.backends.cuda_backend import (
+    NULL_POINTER,
     OUTPUT_PARAMS,
     SAMPLE_EPOCH_PARAMS,
     CudaBackend,
@@ -133,7 +134,7 @@ def _call_draw_epoch(shim: ctypes.CDLL, args: tuple[Any, ...]) -> None:
     converted = []
     for (_, c_type), value in zip(SAMPLE_EPOCH_PARAMS, args, strict=True):
         if c_type.endswith("*"):
-            converted.append(None if value is None else value.ctypes.data)
+            converted.append(None if value is NULL_POINTER else value.ctypes.data)
         else:
             assert type(value) is not int, "launch arguments are NumPy scalars"
             converted.append(_CTYPES[c_type](int(value)))
@@ -473,7 +474,7 @@ def test_host_backend_returns_the_arrays_the_kernel_wrote(shim: ctypes.CDLL) -> 
     result = backend.draw(sampler._tables, range(n), 2, 8)
     assert len(launched) == 1 and backend.launch_count == 1
     values = dict(zip((name for name, _ in SAMPLE_EPOCH_PARAMS), launched[0], strict=True))
-    assert values["indices"] is None, "an epoch reads no index array"
+    assert values["indices"] is NULL_POINTER, "an epoch reads no index array"
     for column, name in zip(result, OUTPUT_PARAMS, strict=True):
         assert column is values[name], name
     _assert_same_draws(_numpy_draw(sampler._tables, range(n), 2, 8), result)
@@ -595,7 +596,7 @@ def test_host_kernel_draws_a_shuffled_shard_in_one_launch_without_an_index_array
     result = backend.draw(sampler._tables, order, 7, sampler.seed)
     assert len(launched) == 1
     values = dict(zip((name for name, _ in SAMPLE_EPOCH_PARAMS), launched[0], strict=True))
-    assert values["indices"] is None, "the kernel computes every row's index"
+    assert values["indices"] is NULL_POINTER, "the kernel computes every row's index"
     assert (values["first_position"], values["position_step"], values["shuffle"]) == (1, 4, 1)
     for column, name in zip(result, OUTPUT_PARAMS, strict=True):
         assert column is values[name], name

@@ -22,6 +22,7 @@ from gpu_patching.backends import cuda_backend
 from gpu_patching.backends.cuda_backend import (
     C_SCALAR_TYPES,
     KERNEL_NAME,
+    NULL_POINTER,
     OUTPUT_PARAMS,
     SAMPLE_EPOCH_PARAMS,
     _launch_args,
@@ -204,7 +205,10 @@ def test_launch_args_scalars_are_numpy_scalars_of_the_exact_c_type(ndim: int) ->
     for (name, c_type), value in zip(SAMPLE_EPOCH_PARAMS, args, strict=True):
         if c_type.endswith("*"):
             if name == "indices":
-                assert value is None  # a null pointer: the kernel computes the index
+                # A null pointer (the kernel computes the index): a 64-bit
+                # zero, never None, which CuPy passes as 0xffffffff.
+                assert value is NULL_POINTER
+                assert type(value) is np.uint64 and value == 0
                 continue
             element = C_SCALAR_TYPES[c_type.removeprefix("const ").removesuffix("*")]
             assert isinstance(value, np.ndarray), name
@@ -290,7 +294,7 @@ def test_launch_args_carry_the_epoch_order_of_a_shuffled_shard() -> None:
     order = EpochOrder.shard(n, shuffle=True, rank=2, world_size=3)
     args = _args_for(tables, n_rows=order.n_rows, order=order)
     values = dict(zip((name for name, _ in SAMPLE_EPOCH_PARAMS), args, strict=True))
-    assert values["indices"] is None
+    assert values["indices"] is NULL_POINTER
     assert values["first_position"] == 2 and values["position_step"] == 3
     assert values["n_positions"] == n and values["shuffle"] == 1
     assert values["n_rows"] == -(-n // 3)

@@ -64,6 +64,7 @@ __all__ = [
     "COMPILE_OPTIONS",
     "C_SCALAR_TYPES",
     "KERNEL_NAME",
+    "NULL_POINTER",
     "OUTPUT_PARAMS",
     "SAMPLE_EPOCH_PARAMS",
     "THREADS_PER_BLOCK",
@@ -132,6 +133,11 @@ C_SCALAR_TYPES: dict[str, type[np.generic]] = {
     "unsigned long long": np.uint64,
     "unsigned char": np.uint8,
 }
+
+#: The argument that passes a null pointer to a kernel: a 64-bit zero. CuPy
+#: passes a NumPy scalar by value at its width, but turns ``None`` into the
+#: address 0xffffffff, not 0 (cupy/cupy issue 9046).
+NULL_POINTER = np.uint64(0)
 
 # The per-sample host arrays packed into one buffer, in this order.
 _SAMPLE_ARRAYS = (
@@ -322,8 +328,9 @@ def _launch_args(
 ) -> tuple[Any, ...]:
     """Build the argument tuple of ``sample_epoch``, in SAMPLE_EPOCH_PARAMS order.
 
-    Arrays pass through unchanged (CuPy passes an array as its device pointer,
-    ``None`` as a null pointer); every scalar becomes a NumPy scalar of the
+    Arrays pass through unchanged (CuPy passes an array as its device
+    pointer), a missing array as :data:`NULL_POINTER`; every scalar becomes a
+    NumPy scalar of the
     exact C width, which also rejects out-of-range values. The lengths of all
     arrays are checked here, because the kernel trusts them: with the lengths
     right, no table contents can make it read or write out of bounds. Works on
@@ -388,7 +395,7 @@ def _launch_args(
     for name, c_type in SAMPLE_EPOCH_PARAMS:
         value = values[name]
         if c_type.endswith("*"):
-            args.append(value)
+            args.append(NULL_POINTER if value is None else value)
         else:
             # NumPy >= 2 raises OverflowError rather than wrapping.
             args.append(C_SCALAR_TYPES[c_type](int(value)))

@@ -38,7 +38,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -345,13 +348,19 @@ def _by_pieces(
 
 
 def _chunks(
-    n_samples: int, spatial: tuple[int, ...], patch: tuple[int, ...], budget: int
+    n_samples: int,
+    spatial: tuple[int, ...],
+    patch: tuple[int, ...],
+    budget: int,
+    row_budget: int | None = None,
 ) -> list[tuple[slice, list[slice]]]:
     """Cut a stack into groups of whole samples, and a group into row slices.
 
     Every group is finished (blocks combined into regions) before the next
-    starts, so block temporaries stay small. Row slices start at multiples of
-    ``P_1``, so the blocks of consecutive slices line up.
+    starts, so block temporaries stay small. A sample larger than ``budget``
+    elements is a group of its own, cut into row slices of about
+    ``row_budget`` elements (``budget`` when None). Row slices start at
+    multiples of ``P_1``, so the blocks of consecutive slices line up.
     """
     sample_elements = math.prod(spatial)
     if sample_elements <= budget:
@@ -361,7 +370,8 @@ def _chunks(
             for start in range(0, n_samples, per_group)
         ]
     row_elements = sample_elements // spatial[0]
-    rows = max(1, budget // (patch[0] * row_elements)) * patch[0]
+    per_slice = budget if row_budget is None else row_budget
+    rows = max(1, per_slice // (patch[0] * row_elements)) * patch[0]
     row_slices = [slice(start, start + rows) for start in range(0, spatial[0], rows)]
     return [(slice(s, s + 1), row_slices) for s in range(n_samples)]
 
@@ -527,6 +537,65 @@ def _reduce_blocks(
     return _merge(parts, 1, xp)
 
 
+def _check_workers(workers: Any) -> int:
+    """Return the number of threads for host reductions (``None``: every usable core)."""
+    if workers is None:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # no sched_getaffinity (macOS, Windows)
+            return max(1, os.cpu_count() or 1)
+    count = check.as_int(workers, "workers")
+    if count < 1:
+        raise ValueError(f"workers must be >= 1 (or None for every core), got {count}")
+    return count
+
+
+@contextmanager
+def _worker_pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    """Yield a thread pool for ``workers > 1``, else None (the calling thread works)."""
+    if workers == 1:
+        yield None
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpu-patching") as pool:
+        yield pool
+
+
+def _reduce_group(
+    image: Any,
+    mask: Any,
+    samples: slice,
+    row_slices: list[slice],
+    plan: _BlockPlan,
+    xp: Any,
+    pool: ThreadPoolExecutor | None,
+    workers: int,
+) -> dict[str, Any]:
+    """:func:`_reduce_blocks` of one group, its rows (or samples) spread over ``pool``.
+
+    NumPy releases the GIL inside its loops, so ``workers`` threads reduce
+    separate rows (or samples) of the image at once; every piece writes only
+    its own arrays.
+    """
+    if pool is None:
+        return _reduce_blocks(image, mask, samples, row_slices, plan, xp)
+
+    def rows_of(rows: slice) -> dict[str, Any]:
+        return _reduce_blocks(image, mask, samples, [rows], plan, xp)
+
+    def samples_of(share: slice) -> dict[str, Any]:
+        return _reduce_blocks(image, mask, share, row_slices, plan, xp)
+
+    if len(row_slices) > 1:
+        return _merge(list(pool.map(rows_of, row_slices)), 1, xp)
+    # A group of whole samples: a share of the samples per thread.
+    step = max(1, -(-(samples.stop - samples.start) // workers))
+    shares = [
+        slice(first, min(first + step, samples.stop))
+        for first in range(samples.start, samples.stop, step)
+    ]
+    return _merge(list(pool.map(samples_of, shares)), 0, xp)
+
+
 def region_statistics(
     stack: Any,
     patch_size: Sequence[int],
@@ -536,6 +605,7 @@ def region_statistics(
     bins: int = DEFAULT_BINS,
     value_range: tuple[float, float] | None = None,
     mask: Any = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Return statistics of every sampling region of every sample of a stack.
 
@@ -579,6 +649,11 @@ def region_statistics(
         Required by ``"coverage"`` (and only accepted with it): a boolean mask
         of shape ``(S, *spatial)``, ``(S, 1, *spatial)`` or the stack's shape
         (then channel ``channel`` is used). Moved to the stack's device.
+    workers : int or None, default None
+        Threads that reduce a NumPy stack, each its own rows or samples (NumPy
+        releases the GIL in its loops); None uses every core this process may
+        run on, 1 works in the calling thread. Ignored for CuPy stacks, which
+        the GPU reduces.
 
     Returns
     -------
@@ -633,6 +708,7 @@ def region_statistics(
     if bins < 1:
         raise ValueError(f"bins must be positive, got {bins}")
     value_range = _check_value_range(value_range)
+    n_workers = _check_workers(workers)
     if "coverage" in names and mask is None:
         raise ValueError("the 'coverage' statistic needs a mask: pass mask=<boolean stack>")
     if mask is not None and "coverage" not in names:
@@ -658,7 +734,6 @@ def region_statistics(
     shift = _stack_shift(image, xp) if wants_squares else 0.0
 
     pixels = _region_pixels(spatial, patch, grid, xp)
-    empty = pixels == 0
     results = {name: xp.empty((n_samples, *grid), dtype=xp.float64) for name in names}
     on_host = xp is np
 
@@ -676,30 +751,57 @@ def region_statistics(
     group_budget = _GROUP_ELEMENTS_CPU if on_host else _GROUP_ELEMENTS_GPU
     if wants_entropy:  # a block's histogram is (bins + 1) counts: small blocks, large groups
         group_budget = min(group_budget, _HISTOGRAM_ELEMENTS * math.prod(patch) // (bins + 1))
-    for samples, row_slices in _chunks(n_samples, spatial, patch, group_budget):
-        blocks = _reduce_blocks(image, plain_mask, samples, row_slices, plan, xp)
-        region = {
-            key: _combine_neighbours(value, grid, *_BLOCK_COMBINE[key], xp)
-            for key, value in blocks.items()
-        }
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if wants_sum:
-                mean_shifted = region["sum"] / pixels
-                if "mean" in names:
-                    results["mean"][samples] = mean_shifted + shift
-                if wants_squares:
-                    variance = region["squares"] / pixels - mean_shifted**2
-                    results["std"][samples] = xp.sqrt(xp.maximum(variance, 0.0))
-            if "max" in names:
-                results["max"][samples] = xp.where(empty, xp.nan, region["max"])
-            if "min" in names:
-                results["min"][samples] = xp.where(empty, xp.nan, region["min"])
-            if wants_entropy:
-                entropy = _entropy_bits(region["hist"], pixels, xp)
-                results["entropy"][samples] = xp.where(empty, xp.nan, entropy)
-            if plain_mask is not None:
-                results["coverage"][samples] = region["mask"] / pixels
+    n_workers = n_workers if on_host else 1
+    # With threads, a large sample is cut into about two row slices per thread
+    # (no thinner than a sixteenth of a group, so Python's share stays small).
+    row_budget = (
+        None if n_workers == 1 else max(group_budget // (2 * n_workers), group_budget // 16)
+    )
+    with _worker_pool(n_workers) as pool:
+        for samples, row_slices in _chunks(n_samples, spatial, patch, group_budget, row_budget):
+            blocks = _reduce_group(
+                image, plain_mask, samples, row_slices, plan, xp, pool, n_workers
+            )
+            _finish_group(blocks, samples, results, grid, pixels, shift, xp)
     return results
+
+
+def _finish_group(
+    blocks: dict[str, Any],
+    samples: slice,
+    results: dict[str, Any],
+    grid: tuple[int, ...],
+    pixels: Any,
+    shift: float,
+    xp: Any,
+) -> None:
+    """Combine a group's blocks into regions and write its rows of ``results``.
+
+    ``results`` has the names asked for; sums and squares are of the values
+    minus ``shift``.
+    """
+    region = {
+        key: _combine_neighbours(value, grid, *_BLOCK_COMBINE[key], xp)
+        for key, value in blocks.items()
+    }
+    empty = pixels == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if "sum" in region:
+            mean_shifted = region["sum"] / pixels
+            if "mean" in results:
+                results["mean"][samples] = mean_shifted + shift
+            if "std" in results:
+                variance = region["squares"] / pixels - mean_shifted**2
+                results["std"][samples] = xp.sqrt(xp.maximum(variance, 0.0))
+        if "max" in results:
+            results["max"][samples] = xp.where(empty, xp.nan, region["max"])
+        if "min" in results:
+            results["min"][samples] = xp.where(empty, xp.nan, region["min"])
+        if "entropy" in results:
+            entropy = _entropy_bits(region["hist"], pixels, xp)
+            results["entropy"][samples] = xp.where(empty, xp.nan, entropy)
+        if "coverage" in results:
+            results["coverage"][samples] = region["mask"] / pixels
 
 
 # -- looking at a statistic ----------------------------------------------------
@@ -888,6 +990,7 @@ def filter_background(
     coverage: float | None = None,
     bins: int = DEFAULT_BINS,
     value_range: tuple[float, float] | None = None,
+    workers: int | None = None,
 ) -> FilterResult:
     """Sample background regions less often.
 
@@ -928,6 +1031,9 @@ def filter_background(
     value_range : (float, float) or None, default None
         Histogram range, for ``stat="entropy"``; None uses each stack's own
         range (give one to make several stacks comparable).
+    workers : int or None, default None
+        Threads that score a NumPy stack (see :func:`region_statistics`);
+        None uses every core this process may run on.
 
     Returns
     -------
@@ -985,6 +1091,7 @@ def filter_background(
         raise ValueError("coverage needs mask_stacks: one boolean mask per stack")
     if min_coverage is None and mask_stacks is not None:
         raise ValueError("mask_stacks is only used with coverage=<fraction>")
+    _check_workers(workers)
     masks = (
         [None] * n_stacks
         if mask_stacks is None
@@ -1011,6 +1118,7 @@ def filter_background(
             bins=bins,
             value_range=value_range,
             mask=mask,
+            workers=workers,
         )
         below: NDArray[np.bool_] | None = None
         if limit is not None:

@@ -163,6 +163,21 @@ def test_row_chunks_and_sample_groups_give_the_same_statistics(
             assert_statistics_match(chunked, whole, ALL_STATS)
 
 
+@pytest.mark.parametrize("workers", [2, 3, 5])
+def test_threads_give_the_statistics_of_one_thread(
+    monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    stack = random_stack((5, 2, 45, 38), np.float32, seed=4)
+    mask = stack[:, 0] > 0.5
+    alone = region_statistics(stack, (6, 5), stats=ALL_STATS, mask=mask, workers=1)
+    # Samples larger than a group (cut into row slices), and groups of samples.
+    for group in (6 * 38 * 2 + 1, 45 * 38 * 3):
+        monkeypatch.setattr(filters, "_GROUP_ELEMENTS_CPU", group)
+        threaded = region_statistics(stack, (6, 5), stats=ALL_STATS, mask=mask, workers=workers)
+        for name in ALL_STATS:
+            np.testing.assert_array_equal(threaded[name], alone[name], err_msg=name)
+
+
 def test_small_histogram_groups_and_untabulated_entropy_give_the_same_entropy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -279,6 +294,9 @@ def test_input_stack_is_not_modified() -> None:
         ({"mask": np.ones((1, 8, 8), dtype=bool)}, ValueError, "only used"),
         ({"stats": "coverage", "mask": np.ones((1, 8, 8))}, TypeError, "boolean"),
         ({"stats": "coverage", "mask": np.ones((2, 8, 8), dtype=bool)}, ValueError, "mask has"),
+        ({"workers": 0}, ValueError, "workers must be >= 1"),
+        ({"workers": 2.0}, TypeError, "workers"),
+        ({"workers": True}, TypeError, "workers"),
     ],
 )
 def test_bad_arguments_are_rejected_with_a_clear_message(
@@ -511,6 +529,7 @@ def test_filter_background_logs_a_summary(caplog: pytest.LogCaptureFixture) -> N
             "coverage",
         ),
         ({"channel": 2}, IndexError, "channel"),
+        ({"workers": -1}, ValueError, "workers"),
         ({"strategy": "sampler"}, TypeError, "StratifiedPatching"),
     ],
 )

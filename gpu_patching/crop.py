@@ -226,7 +226,11 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
         Where to write the patches: C-contiguous, of shape
         ``(len(batch), C, *patch_size)`` and the stacks' dtype, on the host for
         host stacks and on the stacks' device for device stacks, sharing no
-        memory with any stack. It is returned.
+        memory with any stack. It is returned. The crop is enqueued on CuPy's
+        current stream; an ``out`` from another library (a PyTorch tensor)
+        is written after that library's pending work, but reading it on
+        another stream needs ordering by the caller (e.g.
+        ``torch.cuda.current_stream().wait_stream(...)`` or a synchronize).
 
     Returns
     -------
@@ -758,8 +762,14 @@ def _is_device_array(value: Any) -> bool:
     """Whether ``value`` is a CUDA array (``__cuda_array_interface__`` or CUDA DLPack)."""
     if isinstance(value, np.ndarray):
         return False
-    if hasattr(value, "__cuda_array_interface__"):
-        return True
+    try:
+        if hasattr(value, "__cuda_array_interface__"):
+            return True
+    except RuntimeError as error:  # PyTorch: a CUDA tensor that requires grad
+        raise TypeError(
+            "a CUDA tensor that requires grad cannot be shared without a copy; pass "
+            f"tensor.detach() ({error})"
+        ) from None
     return _dlpack_device_type(value) in _DLPACK_CUDA_DEVICES
 
 
@@ -825,10 +835,16 @@ class DeviceCrop:
         xp = self.xp
         if isinstance(value, xp.ndarray):
             return value
-        # DLPack first: the producer orders its stream before ours.
-        if _dlpack_device_type(value) in _DLPACK_CUDA_DEVICES and hasattr(value, "__dlpack__"):
-            return xp.from_dlpack(value)
-        return xp.asarray(value)
+        try:
+            # DLPack first: the producer orders its stream before ours.
+            if _dlpack_device_type(value) in _DLPACK_CUDA_DEVICES and hasattr(value, "__dlpack__"):
+                return xp.from_dlpack(value)
+            return xp.asarray(value)
+        except NotImplementedError as error:  # CuPy: a dtype it lacks, e.g. bfloat16
+            raise TypeError(
+                f"device stacks of dtype {getattr(value, 'dtype', '?')} are not supported: "
+                f"the crop kernel copies bool, integer, float or complex elements ({error})"
+            ) from None
 
     def is_device_array(self, value: Any) -> bool:
         """Whether ``value`` is a device array this class can wrap."""

@@ -8,12 +8,23 @@ stacks). With device stacks the crop of batch ``k + 1`` is enqueued on the
 loader's stream before batch ``k`` is handed over, so it is prepared while
 ``k`` trains; the consumer's current stream waits for the crop of ``k``
 through an event, without blocking the host.
+
+The ordering goes both ways. Before the epoch draw and before each crop, the
+loader's stream waits (through an event, again without blocking the host) for
+the work enqueued so far on the consumer's stream (CuPy's current stream, or
+PyTorch's with ``as_torch``): uploads of the stacks and updates of the
+sampler that precede the pass, and the training steps on earlier batches.
+CuPy's memory pool hands the memory of a batch the consumer has dropped back
+to the loader's stream, and the crop that reuses it must not overwrite it
+while a training step still reads it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+import numpy as np
 
 from . import _validation as check
 from .crop import _device_crop, _is_device_array, extract_patches
@@ -50,6 +61,9 @@ class PatchLoader:
         rank gets the same, disjoint rows, instead of padding it.
     as_torch : bool, default False
         Yield the patches as a PyTorch tensor (through DLPack, no copy).
+        Stacks of unsigned integers wider than 8 bits (uint16 microscopy data)
+        need PyTorch 2.3 or later, and most PyTorch operations do not take
+        such tensors: convert the batches (``patches.float()``) or the stacks.
     stream : cupy.cuda.Stream, optional
         CUDA stream for the epoch draw and the crops (device stacks only);
         default: the stream current when iteration starts.
@@ -111,7 +125,16 @@ class PatchLoader:
         if len(on_device) > 1:
             raise TypeError("stacks must all be host arrays or all be device arrays")
         if as_torch:
-            import torch  # noqa: F401  (fail now, not at the first batch)
+            import torch  # fail now, not at the first batch
+
+            for stack in stacks:
+                dtype = np.dtype(getattr(stack, "dtype", np.float32))
+                wide_unsigned = dtype.kind == "u" and dtype.itemsize > 1
+                if wide_unsigned and getattr(torch, str(dtype), None) is None:
+                    raise TypeError(
+                        f"as_torch=True: PyTorch {torch.__version__} has no {dtype} tensors "
+                        "(PyTorch 2.3 added them); convert the stacks, e.g. to float32"
+                    )
         self._stacks = list(stacks)
         self._on_device = on_device == {True}
         self._strategy = strategy
@@ -167,6 +190,7 @@ class PatchLoader:
         import cupy
 
         stream = self._stream if self._stream is not None else cupy.cuda.get_current_stream()
+        self._wait_for_consumer(stream)
         with stream:
             rows = self._strategy.sample_epoch(epoch, **self._options)
         starts = list(range(0, len(rows), self._batch_size))
@@ -174,14 +198,37 @@ class PatchLoader:
         for k in range(len(starts)):
             ready = pending
             # Enqueue the next crop before handing this batch over, so that
-            # the device prepares it while the consumer trains on this one.
-            pending = (
-                self._enqueue_crop(rows, starts[k + 1], stream) if k + 1 < len(starts) else None
-            )
+            # the device prepares it while the consumer trains on this one
+            # (after what the consumer has enqueued so far: batch k - 1).
+            pending = None
+            if k + 1 < len(starts):
+                self._wait_for_consumer(stream)
+                pending = self._enqueue_crop(rows, starts[k + 1], stream)
             assert ready is not None
             patches, batch, done = ready
             cupy.cuda.get_current_stream().wait_event(done)
             yield self._convert(patches), batch
+
+    def _consumer_stream(self) -> Any:
+        """Return the stream the batches are used on (PyTorch's with ``as_torch``, else CuPy's)."""
+        import cupy
+
+        if self._as_torch:
+            import torch
+
+            return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        return cupy.cuda.get_current_stream()
+
+    def _wait_for_consumer(self, stream: Any) -> None:
+        """Make ``stream`` wait for the work enqueued so far on the consumer's stream."""
+        import cupy
+
+        consumer = self._consumer_stream()
+        if consumer.ptr == stream.ptr:
+            return  # one stream: already in order
+        enqueued = cupy.cuda.Event(disable_timing=True)
+        enqueued.record(consumer)
+        stream.wait_event(enqueued)
 
     def _enqueue_crop(
         self, rows: PatchBatch, start: int, stream: Any

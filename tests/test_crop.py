@@ -256,11 +256,24 @@ class FakeDlpackArray:
         return (2, 0)  # kDLCUDA
 
 
+class FakeGradTensor:
+    """PyTorch raises RuntimeError (not AttributeError) for a tensor that requires grad."""
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad")
+
+
 def test_device_arrays_are_recognised_by_their_protocols() -> None:
     assert _is_device_array(FakeCudaArray())
     assert _is_device_array(FakeDlpackArray())
     assert not _is_device_array(np.zeros(3))
     assert not _is_device_array([[1, 2]])
+
+
+def test_a_tensor_that_requires_grad_is_refused_with_a_clear_message() -> None:
+    with pytest.raises(TypeError, match=r"requires grad.*tensor\.detach\(\)"):
+        _is_device_array(FakeGradTensor())
 
 
 # -- errors, all before any work ---------------------------------------------------------

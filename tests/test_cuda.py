@@ -184,8 +184,8 @@ def test_tables_and_outputs_live_on_the_device(case: Any) -> None:
     result = backend.draw(tables, range(tables.total_patches), 0, 1)
     assert len(result) == 4
     assert all(isinstance(column, cupy.ndarray) for column in result)
-    device_id = cupy.cuda.Device().id
-    assert isinstance(backend._uploads[device_id][1], cupy.ndarray)
+    key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+    assert isinstance(backend._uploads[key][1], cupy.ndarray)
 
 
 def test_kernel_is_compiled_once_per_device(case: Any) -> None:

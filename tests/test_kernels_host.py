@@ -151,6 +151,9 @@ class HostLaunchedBackend(CudaBackend):
     def _device_id(self) -> int:
         return 0
 
+    def _stream_id(self) -> int:
+        return 0
+
     def _kernel(self) -> Any:
         def launch(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
             assert grid[0] * block[0] >= int(args[_N_ROWS]), "grid covers every row"
@@ -444,15 +447,15 @@ def test_host_backend_launches_once_per_draw_and_reuses_the_upload(
     backend = HostLaunchedBackend(shim)
     n = sampler.n_patches
     first = backend.draw(sampler._tables, range(n), 0, 1)
-    uploaded = backend._uploads[0][1]
+    uploaded = backend._uploads[(0, 0)][1]
     backend.draw(sampler._tables, range(n), 1, 1)
     assert backend.launch_count == 2
-    assert backend._uploads[0][1] is uploaded
+    assert backend._uploads[(0, 0)][1] is uploaded
     # An update changes the per-sample arrays: they are uploaded again.
     sampler.exclude_patches(0, 0, [(1, 1)])
     n_after = sampler.n_patches
     after = backend.draw(sampler._tables, range(n_after), 0, 1)
-    assert backend._uploads[0][1] is not uploaded
+    assert backend._uploads[(0, 0)][1] is not uploaded
     _assert_same_draws(_numpy_draw(sampler._tables, range(n_after), 0, 1), after)
     assert n_after < n and all(column.shape[0] == n for column in first)
 

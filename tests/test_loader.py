@@ -150,3 +150,14 @@ def test_device_stacks_give_the_same_batches_as_host_stacks():
     ):
         np.testing.assert_array_equal(host_batch.indices, cupy.asnumpy(device_batch.indices))
         np.testing.assert_array_equal(host_patches, cupy.asnumpy(device_patches))
+
+
+def test_as_torch_refuses_unsigned_stacks_this_torch_cannot_hold(monkeypatch):
+    torch = pytest.importorskip("torch")
+    stacks = [stack.astype(np.uint16) for stack in make_stacks()]
+    monkeypatch.delattr(torch, "uint16", raising=False)  # as PyTorch < 2.3
+    with pytest.raises(TypeError, match=r"no uint16 tensors.*PyTorch 2\.3"):
+        PatchLoader(stacks, make_strategy(), 4, as_torch=True)
+    # float stacks, and uint16 without as_torch, are fine
+    PatchLoader(make_stacks(), make_strategy(), 4, as_torch=True)
+    PatchLoader(stacks, make_strategy(), 4)

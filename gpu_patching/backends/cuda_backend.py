@@ -433,7 +433,8 @@ class CudaBackend:
         self.xp = xp
         self.launch_count = 0
         # device id -> (packed host buffer, its device copy)
-        self._uploads: dict[int, tuple[weakref.ref[RegionTables], Any, int]] = {}
+        # (device id, stream) -> (tables, packed per-sample arrays, version)
+        self._uploads: dict[tuple[int, int], tuple[weakref.ref[RegionTables], Any, int]] = {}
 
     def draw(
         self,
@@ -537,21 +538,28 @@ class CudaBackend:
     def _sample_table(self, tables: RegionTables) -> Any:
         """Return the packed per-sample arrays on the current device.
 
-        The upload is kept per device with the tables it came from and their
-        :attr:`~gpu_patching.tables.RegionTables.version`, so an epoch of
-        unchanged tables neither packs nor copies anything.
+        The upload is kept per device and stream with the tables it came from
+        and their :attr:`~gpu_patching.tables.RegionTables.version`, so an
+        epoch of unchanged tables neither packs nor copies anything. Per
+        stream, because the copy is asynchronous on the stream current when
+        it is made, and CuPy's memory pool recycles freed memory per stream: a
+        launch on another stream gets its own copy, ordered on that stream.
         """
-        device_id = self._device_id()
-        cached = self._uploads.get(device_id)
+        key = (self._device_id(), self._stream_id())
+        cached = self._uploads.get(key)
         if cached is not None and cached[0]() is tables and cached[2] == tables.version:
             return cached[1]
         uploaded = self.xp.asarray(pack_sample_table(tables))
-        self._uploads[device_id] = (weakref.ref(tables), uploaded, tables.version)
+        self._uploads[key] = (weakref.ref(tables), uploaded, tables.version)
         return uploaded
 
     def _device_id(self) -> int:
         """Return the id of the current CUDA device."""
         return int(self.xp.cuda.Device().id)
+
+    def _stream_id(self) -> int:
+        """Return the handle of the current CUDA stream."""
+        return int(self.xp.cuda.get_current_stream().ptr)
 
     def _kernel(self) -> Any:
         """Return the epoch kernel compiled for the current device (memoised)."""

@@ -516,3 +516,37 @@ def test_same_batches_compares_every_column() -> None:
         patch_size=a.patch_size,
     )
     assert not bench.same_batches(a, changed)
+
+
+# -- the GPU session script --------------------------------------------------------------
+
+SESSION = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+
+
+def test_gpu_session_script_parses_and_names_files_that_exist() -> None:
+    subprocess.run(["bash", "-n", str(SESSION)], check=True)
+    text = SESSION.read_text()
+    named = [word for word in text.replace("(", " ").replace(")", " ").split() if "/" in word]
+    files = [w for w in named if w.startswith(("tests/", "benchmarks/")) and w.endswith(".py")]
+    assert "tests/test_cuda.py" in files and "benchmarks/bench_gpu.py" in files
+    for name in files:
+        assert (SESSION.parents[1] / name).is_file(), name
+
+
+def test_gpu_session_without_a_gpu_reports_that_no_gpu_test_passed(tmp_path: Path) -> None:
+    # Here every GPU test skips: the script must not call that a success.
+    result = subprocess.run(
+        ["bash", str(SESSION), "tests"],
+        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no GPU test passed" in result.stdout
+    assert (tmp_path / "pytest-cuda.log").is_file() and (tmp_path / "device.txt").is_file()
+
+
+def test_gpu_session_needs_a_known_part() -> None:
+    result = subprocess.run(["bash", str(SESSION), "all"], capture_output=True, text=True)
+    assert result.returncode == 2 and "usage" in result.stderr

@@ -885,3 +885,25 @@ def test_fresh_tables_are_the_general_rows_of_nothing_excluded_at_probability_on
             expected, got = getattr(general, field), getattr(shortcut, field)
             assert np.asarray(got).dtype == np.asarray(expected).dtype, field
             np.testing.assert_array_equal(got, expected, err_msg=field)
+
+
+@pytest.mark.parametrize("probability", [1.0, 0.5, 0.3, 7.25])
+def test_uniform_weights_take_the_same_corners_as_per_region_weights(probability):
+    # With one weight for every drawable region the NumPy backend divides the
+    # rank by a scalar (a shift for powers of two); it must pick the corners
+    # the per-region division picks. A region at probability 0 is not drawn
+    # and does not break the uniformity.
+    from gpu_patching.backends.numpy_backend import _box_index
+
+    sampler = numpy_sampler([(2, 1, 60, 44)], (6, 5), seed=28)
+    for sample_idx in range(2):
+        probs = np.full(sampler.get_region_probs(0, sample_idx).shape, probability)
+        probs[1, 2] = 0.0
+        sampler.set_region_probs(0, sample_idx, probs)
+    sampler.exclude_patches(0, 1, [(3, 3)])
+    fast = [sampler.sample_epoch(epoch).coords for epoch in range(3)]
+    index = _box_index(sampler._tables)
+    assert index.uniform_weight == round(probability * PROB_ONE)
+    index.weight_shift, index.uniform_weight = -1, 0  # the per-region path
+    for epoch in range(3):
+        np.testing.assert_array_equal(sampler.sample_epoch(epoch).coords, fast[epoch])

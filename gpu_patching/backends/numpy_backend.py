@@ -178,6 +178,8 @@ class _BoxIndex:
         self.version = -1
         self.start = np.empty(0, dtype=np.int64)
         self.weight = np.empty(0, dtype=np.int64)
+        self.weight_shift = -1
+        self.uniform_weight = 0
         self.refresh(tables)
 
     def refresh(self, tables: RegionTables) -> None:
@@ -202,6 +204,13 @@ class _BoxIndex:
                     running = running + box_mass
         self.start = start.reshape(-1)
         self.weight = np.asarray(tables.weight, dtype=np.int64)
+        # Without probabilities every region that can be drawn has the same
+        # weight: the rank is then a shift (a power of two) or one division.
+        drawn_weights = self.weight[self.weight > 0]
+        first = int(drawn_weights[0]) if drawn_weights.size else 1
+        uniform = bool(np.all(drawn_weights == first))
+        self.weight_shift = first.bit_length() - 1 if uniform and first & (first - 1) == 0 else -1
+        self.uniform_weight = first if uniform else 0
         self.version = tables.version
 
     def locate(
@@ -223,7 +232,12 @@ class _BoxIndex:
         # Every entry and geometry row is valid (start[0] is 0 and every point
         # is >= 0), so mode="clip" only skips NumPy's bounds check.
         rank = point - np.take(self.start, entry, mode="clip")
-        rank //= np.take(self.weight, entry >> self.shift, mode="clip")
+        if self.weight_shift >= 0:
+            rank >>= self.weight_shift
+        elif self.uniform_weight:
+            rank //= self.uniform_weight
+        else:
+            rank //= np.take(self.weight, entry >> self.shift, mode="clip")
         entry += delta
         np.take(self.origin, entry, axis=0, mode="clip", out=out)
         # Row-major inside the sub-box: the last axis varies fastest; what is

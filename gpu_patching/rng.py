@@ -28,6 +28,7 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = [
     "PURPOSE_SHUFFLE",
     "PURPOSE_STRATUM",
+    "CounterPrefix",
     "philox4x32_10",
     "random_uint32",
     "random_uint32_pair",
@@ -59,8 +60,24 @@ def _as_words(value: ArrayLike) -> NDArray[np.uint64]:
     return words.astype(np.uint64, copy=False)
 
 
+def _round_key(k0: int, k1: int, round_number: int) -> tuple[int, int]:
+    """Return the key words of a round (the key bumped by the Weyl constants)."""
+    return (
+        (k0 + round_number * _PHILOX_W0) & 0xFFFFFFFF,
+        (k1 + round_number * _PHILOX_W1) & 0xFFFFFFFF,
+    )
+
+
 def _philox_rounds(
-    c0: Any, c1: Any, c2: Any, c3: Any, k0: int, k1: int, *, n_words: int = 4
+    c0: Any,
+    c1: Any,
+    c2: Any,
+    c3: Any,
+    k0: int,
+    k1: int,
+    *,
+    n_words: int = 4,
+    first_round: int = 0,
 ) -> tuple[Any, ...]:
     """Run the ten Philox rounds on words held as uint64 scalars or arrays.
 
@@ -68,8 +85,11 @@ def _philox_rounds(
     and purpose words are the same for every patch), and the arrays are
     updated in place: this is the hot loop of the NumPy backend. With
     ``n_words`` 1 or 2 the last round computes only the output words asked for.
+    ``first_round`` > 0 continues from the state after that many rounds
+    (``k0``, ``k1`` are still the key).
     """
-    for round_number in range(_ROUNDS):
+    k0, k1 = _round_key(k0, k1, first_round)
+    for round_number in range(first_round, _ROUNDS):
         key0, key1 = np.uint64(k0), np.uint64(k1)
         # Products of two 32-bit words fit exactly in uint64.
         product1 = np.multiply(_PHILOX_M1, c2)
@@ -149,6 +169,77 @@ def _counter_words(
     return tuple(
         w if np.shape(w) == shape else np.broadcast_to(w, shape).astype(np.uint64) for w in words
     )
+
+
+class CounterPrefix:
+    """The part of Philox4x32-10 that does not depend on the draw number.
+
+    For the counters ``(index, draw, purpose, 0)`` of a fixed array of
+    indices below ``2**32`` under a fixed key, the first rounds mix the index
+    words with constants only; the draw number enters them as a scalar. This
+    object keeps what rounds 0 to 2 compute from the indices (four arrays of
+    ``len(index)`` words), so that :meth:`words` runs only the rest: the same
+    bits as :func:`random_uint32_pair`, for about three rounds fewer of
+    NumPy calls per draw.
+
+    Parameters
+    ----------
+    seed : int
+        The 64-bit key, in ``[0, 2**64)``.
+    index : numpy.ndarray of int64
+        Patch indices in ``[0, 2**32)``.
+    purpose : int
+        The counter's purpose word.
+    """
+
+    def __init__(self, seed: int, index: NDArray[np.int64], purpose: int) -> None:
+        if index.size and (int(index.min()) < 0 or int(index.max()) > 0xFFFFFFFF):
+            raise ValueError("CounterPrefix needs indices in [0, 2**32)")
+        k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+        self._key = (k0, k1)
+        keys = [_round_key(k0, k1, r) for r in range(3)]
+        mask = 0xFFFFFFFF
+        # Round 0: (index, draw, purpose, 0). The purpose product is a constant.
+        purpose_product = int(_PHILOX_M1) * purpose
+        self._draw_mix = (purpose_product >> 32) ^ keys[0][0]  # new0 = draw ^ this
+        carried = purpose_product & mask  # new1
+        product = np.multiply(_PHILOX_M0, index.view(np.uint64))
+        word2 = product >> _SHIFT32
+        word2 ^= np.uint64(keys[0][1])  # new2 (the high index word is 0)
+        product &= _MASK32  # new3
+        # Round 1: words (draw-scalar, constant, word2, product).
+        product1 = np.multiply(_PHILOX_M1, word2)
+        round1_word0 = product1 >> _SHIFT32
+        round1_word0 ^= np.uint64(carried ^ keys[1][0])
+        product1 &= _MASK32  # round-1 new1
+        # round-1 new2 = hi(M0 * draw-scalar) ^ product ^ k1: all but the scalar.
+        product ^= np.uint64(keys[1][1])
+        self._round1_word2 = product
+        # Round 2: the products of the draw-independent words.
+        product0 = np.multiply(_PHILOX_M0, round1_word0)
+        high0 = product0 >> _SHIFT32
+        high0 ^= np.uint64(keys[2][1])
+        self._round2_word2 = high0  # ^ the round-1 new3 scalar
+        product0 &= _MASK32
+        self._round2_word3 = product0
+        product1 ^= np.uint64(keys[2][0])
+        self._round2_word1_key = product1  # round-1 new1 ^ k0 of round 2
+
+    def words(self, draw_number: int) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
+        """Return ``random_uint32_pair(seed, index, draw_number, purpose)``."""
+        mask = 0xFFFFFFFF
+        word0 = int(draw_number) ^ self._draw_mix  # round-0 new0, a scalar
+        product = int(_PHILOX_M0) * word0  # round 1's scalar product
+        # Round 2 on (round1_word0, round-1 new1, round-1 new2, round-1 new3).
+        word2 = self._round1_word2 ^ np.uint64(product >> 32)
+        product1 = np.multiply(_PHILOX_M1, word2)
+        new0 = product1 >> _SHIFT32
+        new0 ^= self._round2_word1_key
+        product1 &= _MASK32
+        new2 = self._round2_word2 ^ np.uint64(product & mask)
+        return _philox_rounds(  # type: ignore[return-value]
+            new0, product1, new2, self._round2_word3, *self._key, n_words=2, first_round=3
+        )
 
 
 def random_uint32(

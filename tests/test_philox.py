@@ -112,3 +112,24 @@ def test_philox_rejects_counter_words_outside_32_bits(bad_word):
 def test_philox_rejects_non_integer_counter_words():
     with pytest.raises(TypeError, match="float64"):
         rng.philox4x32_10((np.array([0.5]), 0, 0, 0), (0, 0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**64 - 1, 0x123456789ABCDEF0])
+@pytest.mark.parametrize("purpose", [rng.PURPOSE_STRATUM, rng.PURPOSE_SHUFFLE, 2**32 - 1])
+def test_counter_prefix_gives_the_words_of_the_full_rounds(seed, purpose):
+    generator = np.random.default_rng(seed % 1000)
+    indices = np.concatenate([np.arange(64), generator.integers(0, 2**32, 500)]).astype(np.int64)
+    prefix = rng.CounterPrefix(seed, indices, purpose)
+    for draw_number in (0, 1, 77, 2**31, 2**32 - 1):
+        expected = rng.random_uint32_pair(seed, indices, draw_number, purpose)
+        got = prefix.words(draw_number)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+    # Its arrays are never written by a draw: the same words again.
+    again = prefix.words(77)
+    np.testing.assert_array_equal(again[0], rng.random_uint32_pair(seed, indices, 77, purpose)[0])
+
+
+def test_counter_prefix_refuses_indices_with_a_high_word():
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        rng.CounterPrefix(1, np.array([2**32], dtype=np.int64), rng.PURPOSE_STRATUM)

@@ -907,3 +907,26 @@ def test_uniform_weights_take_the_same_corners_as_per_region_weights(probability
     index.weight_shift, index.uniform_weight = -1, 0  # the per-region path
     for epoch in range(3):
         np.testing.assert_array_equal(sampler.sample_epoch(epoch).coords, fast[epoch])
+
+
+def test_epochs_are_the_same_with_and_without_the_kept_chunk_parts(monkeypatch):
+    # Small samplers keep the draw-independent parts of their epoch chunks
+    # (Philox prefixes, stratum bounds); large ones recompute them.
+    from gpu_patching.backends import numpy_backend
+
+    shapes, patch, epochs = [(2, 1, 90, 70), (1, 1, 40, 300)], (6, 7), (0, 1, 9, 2**32 - 1)
+
+    def epochs_of_a_used_sampler() -> tuple[list[np.ndarray], Any]:
+        sampler = numpy_sampler(shapes, patch, seed=29)
+        sampler.sample_epoch(3)
+        sampler.exclude_patches(0, 1, [(2, 2), (5, 1)])
+        coords = [sampler.sample_epoch(epoch).coords for epoch in epochs]
+        return coords, numpy_backend._box_index(sampler._tables)
+
+    kept, kept_index = epochs_of_a_used_sampler()
+    monkeypatch.setattr(numpy_backend, "_CACHED_PATCHES", 0)
+    recomputed, recomputed_index = epochs_of_a_used_sampler()
+    for mine, theirs in zip(kept, recomputed, strict=True):
+        np.testing.assert_array_equal(mine, theirs)
+    assert kept_index._prefixes and kept_index._bounds
+    assert not recomputed_index._prefixes and not recomputed_index._bounds

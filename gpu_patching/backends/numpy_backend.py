@@ -31,6 +31,7 @@ into the epoch's order.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from collections.abc import Iterator
@@ -48,6 +49,11 @@ __all__ = ["NumpyBackend", "locate_corners", "mulhi64", "stratum_points"]
 
 #: Patches drawn per vectorised pass; 8192 int64 values are 64 KiB.
 _CHUNK = 8192
+#: Largest sampler (in patches) whose epoch chunks keep their draw-independent
+#: parts between epochs (56 bytes per patch: at most 28 MiB).
+_CACHED_PATCHES = 1 << 19
+#: Samples with at least this many patches get chunks of their own.
+_MIN_SAMPLE_CHUNK = 256
 _MASK32 = np.uint64(0xFFFFFFFF)
 #: _MASK_BITS[n_boxes][bit, mask] is bit ``bit`` of the sub-box mask ``mask``.
 _MASK_BITS = {
@@ -70,14 +76,16 @@ def mulhi64(a: NDArray[np.uint64], b: NDArray[np.uint64]) -> NDArray[np.uint64]:
     numpy.ndarray of uint64
         ``floor(a * b / 2**64)``, from 32-bit limbs whose products fit uint64.
     """
-    return _mulhi64_halves(a & _MASK32, a >> _SHIFT32, b)
+    return _mulhi64_halves(a & _MASK32, a >> _SHIFT32, b & _MASK32, b >> _SHIFT32)
 
 
 def _mulhi64_halves(
-    a_low: NDArray[np.uint64], a_high: NDArray[np.uint64], b: NDArray[np.uint64]
+    a_low: NDArray[np.uint64],
+    a_high: NDArray[np.uint64],
+    b_low: NDArray[np.uint64],
+    b_high: NDArray[np.uint64],
 ) -> NDArray[np.uint64]:
-    """:func:`mulhi64` of ``a = a_high << 32 | a_low`` given as its 32-bit halves."""
-    b_low, b_high = b & _MASK32, b >> _SHIFT32
+    """:func:`mulhi64` of ``a = a_high << 32 | a_low`` and ``b``, given as 32-bit halves."""
     high_low = a_high * b_low
     # (low*low >> 32) + low 32 bits of high*low + low*high < 2**64: no overflow.
     middle = a_low * b_low
@@ -180,6 +188,12 @@ class _BoxIndex:
         self.weight = np.empty(0, dtype=np.int64)
         self.weight_shift = -1
         self.uniform_weight = 0
+        # Kept between epochs for samplers of at most _CACHED_PATCHES patches:
+        # Philox prefixes by (seed, first index, rows) (tables-independent),
+        # and stratum bounds by (first index, rows) (rebuilt with `start`).
+        self.cache_chunks = tables.total_patches <= _CACHED_PATCHES
+        self._prefixes: dict[tuple[int, int, int], rng.CounterPrefix] = {}
+        self._bounds: dict[tuple[int, int], tuple[NDArray[np.int64], ...]] = {}
         self.refresh(tables)
 
     def refresh(self, tables: RegionTables) -> None:
@@ -211,7 +225,54 @@ class _BoxIndex:
         uniform = bool(np.all(drawn_weights == first))
         self.weight_shift = first.bit_length() - 1 if uniform and first & (first - 1) == 0 else -1
         self.uniform_weight = first if uniform else 0
+        self.cache_chunks = tables.total_patches <= _CACHED_PATCHES
+        self._bounds = {}
         self.version = tables.version
+
+    def consecutive_chunk(
+        self,
+        tables: RegionTables,
+        sample: int,
+        first_index: int,
+        n_rows: int,
+        seed: int,
+        draw_number: int,
+    ) -> tuple[NDArray[np.uint64], NDArray[np.uint64], NDArray[np.int64], Any, Any]:
+        """Random words and stratum bounds of consecutive indices of one sample.
+
+        Returns ``(word0, word1, lower, width_low, width_high)``: the two
+        Philox words of each index, the global first mass point of its
+        stratum, and the 32-bit halves of the stratum's width.
+        """
+        key = (first_index, n_rows)
+        bounds = self._bounds.get(key) if self.cache_chunks else None
+        if bounds is None:
+            n_patches = int(tables.n_patches[sample])
+            quotient, remainder = divmod(int(tables.mass_total[sample]), n_patches)
+            first_stratum = first_index - int(tables.patch_offset[sample])
+            stratum = np.arange(first_stratum, first_stratum + n_rows + 1, dtype=np.int64)
+            bound = stratum * remainder
+            bound //= n_patches
+            stratum *= quotient
+            bound += stratum
+            bound += int(tables.mass_offset[sample])
+            width = np.diff(bound).view(np.uint64)
+            bounds = (bound[:-1], width & _MASK32, width >> _SHIFT32)
+            if self.cache_chunks:
+                self._bounds[key] = bounds
+        if self.cache_chunks:
+            prefix_key = (seed, first_index, n_rows)
+            prefix = self._prefixes.get(prefix_key)
+            if prefix is None:
+                indices = np.arange(first_index, first_index + n_rows, dtype=np.int64)
+                prefix = self._prefixes[prefix_key] = rng.CounterPrefix(
+                    seed, indices, rng.PURPOSE_STRATUM
+                )
+            word0, word1 = prefix.words(draw_number)
+        else:
+            indices = np.arange(first_index, first_index + n_rows, dtype=np.int64)
+            word0, word1 = rng.random_uint32_pair(seed, indices, draw_number, rng.PURPOSE_STRATUM)
+        return word0, word1, bounds[0], bounds[1], bounds[2]
 
     def locate(
         self, point: NDArray[np.int64], delta: int | NDArray[np.int64], out: NDArray[np.int64]
@@ -344,27 +405,23 @@ def _draw_chunk(
     sample = np.searchsorted(tables.patch_offset, indices, side="right")
     sample -= 1
     sample_out[:] = sample
-    word0, word1 = rng.random_uint32_pair(seed, indices, draw_number, rng.PURPOSE_STRATUM)
     first, last = int(sample[0]), int(sample[-1])
     one_sample = increasing and first == last
     if one_sample and indices[-1] - indices[0] == len(indices) - 1:
         # Consecutive indices of one sample (an epoch's chunks, mostly): the
-        # stratum bounds are one row of a single sequence, with scalar n, M.
-        n_patches = int(tables.n_patches[first])
-        quotient, remainder = divmod(int(tables.mass_total[first]), n_patches)
-        stratum = np.arange(
-            int(indices[0] - tables.patch_offset[first]),
-            int(indices[-1] - tables.patch_offset[first]) + 2,
-            dtype=np.int64,
+        # stratum bounds are one row of a single sequence, with scalar n, M;
+        # they and the draw-independent Philox rounds are kept between epochs
+        # when the sampler is small enough (see _BoxIndex.consecutive_chunk).
+        word0, word1, lower, width_low, width_high = index.consecutive_chunk(
+            tables, first, int(indices[0]), len(indices), seed, draw_number
         )
-        bound = stratum * remainder
-        bound //= n_patches
-        stratum *= quotient
-        bound += stratum
-        bound += int(tables.mass_offset[first])
-        lower, upper = bound[:-1], bound[1:]
-        delta: int | NDArray[np.int64] = int(index.delta[first])
-    elif one_sample:
+        point = _mulhi64_halves(word0, word1, width_low, width_high).view(np.int64)
+        point += lower
+        index.locate(point, int(index.delta[first]), corner_out)
+        return
+    word0, word1 = rng.random_uint32_pair(seed, indices, draw_number, rng.PURPOSE_STRATUM)
+    delta: int | NDArray[np.int64]
+    if one_sample:
         # Increasing indices of one sample (a shard's chunks): scalar n, M.
         n_patches = int(tables.n_patches[first])
         quotient, remainder = divmod(int(tables.mass_total[first]), n_patches)
@@ -380,7 +437,8 @@ def _draw_chunk(
             stratum, quotient_of, remainder_of, n_patches_of, tables.mass_offset[sample]
         )
         delta = np.take(index.delta, sample)
-    point = _mulhi64_halves(word0, word1, (upper - lower).view(np.uint64)).view(np.int64)
+    width = (upper - lower).view(np.uint64)
+    point = _mulhi64_halves(word0, word1, width & _MASK32, width >> _SHIFT32).view(np.int64)
     point += lower
     index.locate(point, delta, corner_out)
 
@@ -401,6 +459,29 @@ def _stratum_bounds(
         bound += offset
         bounds.append(bound)
     return bounds[0], bounds[1]
+
+
+def _chunk_bounds(
+    tables: RegionTables, indices: range | NDArray[np.int64], increasing: bool
+) -> list[tuple[int, int]]:
+    """Row ranges of the chunks of a draw: at most ``_CHUNK`` rows each.
+
+    Consecutive indices are also cut where a sample of at least
+    ``_MIN_SAMPLE_CHUNK`` patches starts or ends, so that its chunks lie
+    inside it and take the fast path of :func:`_draw_chunk`; smaller samples
+    share chunks (fewer, larger NumPy calls).
+    """
+    n_rows = len(indices)
+    cuts = set(range(0, n_rows, _CHUNK))
+    if increasing and n_rows and int(indices[-1]) - int(indices[0]) == n_rows - 1:
+        first_index = int(indices[0])
+        offsets = tables.patch_offset
+        large = np.flatnonzero(tables.n_patches >= _MIN_SAMPLE_CHUNK)
+        for edge in np.concatenate([offsets[large], offsets[large + 1]]).tolist():
+            if 0 < edge - first_index < n_rows:
+                cuts.add(edge - first_index)
+    bounds = sorted(cuts) + [n_rows]
+    return [(start, stop) for start, stop in itertools.pairwise(bounds) if stop > start]
 
 
 def _sample_names(
@@ -538,12 +619,10 @@ class NumpyBackend:
         # Chunks keep every temporary small: cache-resident, and recycled by
         # the allocator instead of being mapped (and page-faulted) afresh. A
         # range is never made into an array as long as the epoch.
-        for start in range(0, len(indices), _CHUNK):
-            rows = slice(start, start + _CHUNK)
+        for start, stop in _chunk_bounds(tables, indices, increasing):
+            rows = slice(start, stop)
             if isinstance(indices, range):
-                chunk = np.arange(
-                    indices.start + start, min(indices.stop, indices.start + start + _CHUNK)
-                )
+                chunk = np.arange(indices.start + start, indices.start + stop)
             else:
                 chunk = indices[rows]
             _draw_chunk(

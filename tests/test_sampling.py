@@ -916,7 +916,7 @@ def test_epochs_are_the_same_with_and_without_the_kept_chunk_parts(monkeypatch):
 
     shapes, patch, epochs = [(2, 1, 90, 70), (1, 1, 40, 300)], (6, 7), (0, 1, 9, 2**32 - 1)
 
-    def epochs_of_a_used_sampler() -> tuple[list[np.ndarray], Any]:
+    def epochs_of_a_used_sampler() -> tuple[list[np.ndarray], object]:
         sampler = numpy_sampler(shapes, patch, seed=29)
         sampler.sample_epoch(3)
         sampler.exclude_patches(0, 1, [(2, 2), (5, 1)])
@@ -930,3 +930,21 @@ def test_epochs_are_the_same_with_and_without_the_kept_chunk_parts(monkeypatch):
         np.testing.assert_array_equal(mine, theirs)
     assert kept_index._prefixes and kept_index._bounds
     assert not recomputed_index._prefixes and not recomputed_index._bounds
+
+
+def test_kept_chunk_parts_do_not_pile_up_over_updates():
+    from gpu_patching.backends import numpy_backend
+
+    sampler = numpy_sampler([(3, 1, 200, 160)], (8, 8), seed=30)
+    index = numpy_backend._box_index(sampler._tables)
+    rng = np.random.default_rng(30)
+    sizes = []
+    for epoch in range(12):
+        cell = tuple(int(c) for c in rng.integers(0, 19, 2))
+        sampler.exclude_patches(0, epoch % 3, [cell])  # moves the samples' ranges
+        sampler.sample_epoch(epoch)
+        sizes.append(len(index._prefixes))
+    assert max(sizes) <= 2 * (sampler.n_patches // numpy_backend._CHUNK + 3)
+    for first in range(0, 500, 7):  # many other ranges
+        sampler._backend.draw(sampler._tables, range(first, first + 40), 0, sampler.seed)
+    assert len(index._prefixes) <= 2 * (sampler.n_patches // numpy_backend._CHUNK + 3) + 1

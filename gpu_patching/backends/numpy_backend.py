@@ -194,6 +194,7 @@ class _BoxIndex:
         self.cache_chunks = tables.total_patches <= _CACHED_PATCHES
         self._prefixes: dict[tuple[int, int, int], rng.CounterPrefix] = {}
         self._bounds: dict[tuple[int, int], tuple[NDArray[np.int64], ...]] = {}
+        self._patch_offset = np.empty(0, dtype=np.int64)
         self.refresh(tables)
 
     def refresh(self, tables: RegionTables) -> None:
@@ -227,6 +228,11 @@ class _BoxIndex:
         self.uniform_weight = first if uniform else 0
         self.cache_chunks = tables.total_patches <= _CACHED_PATCHES
         self._bounds = {}
+        # Prefixes depend on the chunk layout only: keep them while the
+        # samples' patch ranges stay, so that updates never pile them up.
+        if not np.array_equal(self._patch_offset, tables.patch_offset):
+            self._prefixes = {}
+            self._patch_offset = tables.patch_offset.copy()
         self.version = tables.version
 
     def consecutive_chunk(
@@ -264,6 +270,8 @@ class _BoxIndex:
             prefix_key = (seed, first_index, n_rows)
             prefix = self._prefixes.get(prefix_key)
             if prefix is None:
+                if len(self._prefixes) > 2 * (tables.total_patches // _CHUNK + tables.n_samples):
+                    self._prefixes = {}  # draws of many other ranges: start afresh
                 indices = np.arange(first_index, first_index + n_rows, dtype=np.int64)
                 prefix = self._prefixes[prefix_key] = rng.CounterPrefix(
                     seed, indices, rng.PURPOSE_STRATUM

@@ -55,11 +55,6 @@ _CACHED_PATCHES = 1 << 19
 #: Samples with at least this many patches get chunks of their own.
 _MIN_SAMPLE_CHUNK = 256
 _MASK32 = np.uint64(0xFFFFFFFF)
-#: _MASK_BITS[n_boxes][bit, mask] is bit ``bit`` of the sub-box mask ``mask``.
-_MASK_BITS = {
-    n_boxes: ((np.arange(256)[None, :] >> np.arange(n_boxes)[:, None]) & 1).astype(np.uint8)
-    for n_boxes in (4, 8)
-}
 _SHIFT32 = np.uint64(32)
 
 
@@ -128,9 +123,7 @@ def stratum_points(
         narrower than ``2**62``, so 64 random bits reach every one of its points.
     """
     quotient, remainder = np.divmod(mass_total, n_patches)
-    # j * remainder < n**2 < 2**62: exact.
-    lower = stratum * quotient + (stratum * remainder) // n_patches
-    upper = (stratum + 1) * quotient + ((stratum + 1) * remainder) // n_patches
+    lower, upper = _stratum_bounds(stratum, quotient, remainder, n_patches, 0)
     width = (upper - lower).astype(np.uint64)
     return lower + mulhi64(word, width).astype(np.int64)
 
@@ -257,11 +250,10 @@ class _BoxIndex:
             quotient, remainder = divmod(int(tables.mass_total[sample]), n_patches)
             first_stratum = first_index - int(tables.patch_offset[sample])
             stratum = np.arange(first_stratum, first_stratum + n_rows + 1, dtype=np.int64)
-            bound = stratum * remainder
-            bound //= n_patches
-            stratum *= quotient
-            bound += stratum
-            bound += int(tables.mass_offset[sample])
+            # Consecutive strata: the upper bound of one is the lower of the next.
+            bound = _mass_bound(
+                stratum, quotient, remainder, n_patches, int(tables.mass_offset[sample])
+            )
             width = np.diff(bound).view(np.uint64)
             bounds = (bound[:-1], width & _MASK32, width >> _SHIFT32)
             if self.cache_chunks:
@@ -451,22 +443,27 @@ def _draw_chunk(
     index.locate(point, delta, corner_out)
 
 
-def _stratum_bounds(
+def _mass_bound(
     stratum: NDArray[np.int64], quotient: Any, remainder: Any, n_patches: Any, offset: Any
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Global mass bounds ``offset + floor(j M / n)`` of strata ``j`` and ``j + 1``.
+) -> NDArray[np.int64]:
+    """Global first mass point ``offset + floor(j M / n)`` of strata ``j``.
 
     ``M = quotient * n + remainder``; the other arguments are scalars or arrays
     (per row). ``j * remainder < n**2 < 2**62``: exact in int64.
     """
-    bounds = []
-    for j in (stratum, stratum + 1):
-        bound = j * remainder
-        bound //= n_patches
-        bound += j * quotient
-        bound += offset
-        bounds.append(bound)
-    return bounds[0], bounds[1]
+    bound = stratum * remainder
+    bound //= n_patches
+    bound += stratum * quotient
+    bound += offset
+    return bound
+
+
+def _stratum_bounds(
+    stratum: NDArray[np.int64], quotient: Any, remainder: Any, n_patches: Any, offset: Any
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """:func:`_mass_bound` of strata ``j`` and ``j + 1`` (lower and upper bounds)."""
+    lower = _mass_bound(stratum, quotient, remainder, n_patches, offset)
+    return lower, _mass_bound(stratum + 1, quotient, remainder, n_patches, offset)
 
 
 def _chunk_bounds(

@@ -242,6 +242,28 @@ class StratifiedPatching:
         return self._tables.total_patches
 
     @property
+    def n_patches_per_sample(self) -> NDArray[np.int64]:
+        """The number of patches of every sample, in ``(data_idx, sample_idx)`` order.
+
+        Entry ``s`` counts the patch indices of the ``s``-th sample when the
+        samples of all stacks are listed stack by stack; global indices are
+        numbered in that order, so the cumulative sum of this array gives the
+        first patch index of every sample. It is recomputed by every update
+        (:meth:`exclude_patches`, :meth:`set_region_probs`,
+        :meth:`load_state_dict`) and reads no epoch.
+
+        Returns
+        -------
+        numpy.ndarray of int64
+            A read-only host view, one entry per sample; its sum is
+            :attr:`n_patches`. An update replaces the array, so a view taken
+            earlier keeps the counts of its time.
+        """
+        view = self._tables.n_patches.view()
+        view.flags.writeable = False
+        return view
+
+    @property
     def seed(self) -> int:
         """The 64-bit seed in use (drawn from OS entropy when None was given)."""
         return self._seed

@@ -1,0 +1,433 @@
+"""What every benchmark script shares: formatting, timing, the machine, the report.
+
+The scripts in ``benchmarks/`` import this module by name (``import _report``
+or ``from _report import ...``): run as ``python benchmarks/bench_x.py``, the
+script's own folder is first on ``sys.path``. Nothing here measures a
+feature of gpu-patching; it only times, formats and writes.
+
+Interface
+---------
+Formatting (every function returns a short string; ``None`` gives ``"n/a"``):
+
+* ``fmt_time(seconds)``: three significant digits in s, ms, us or ns.
+* ``fmt_rate(per_second)``: items per second with a k/M/G prefix.
+* ``fmt_bandwidth(bytes_per_second)``: GB/s (1 GB = 1e9 bytes).
+* ``fmt_bytes(n)``: B, KiB, MiB or GiB.
+* ``fmt_percent(fraction)``, ``fmt_overhead(fraction)`` (``+12%``),
+  ``fmt_ratio(numerator, denominator, decimals=0)`` (``x1,234``),
+  ``fmt_verdict(met)`` (``yes``, ``NO``, ``n/a``).
+
+Tables: ``markdown_table(header, rows, align)`` returns the lines of one
+markdown table (``align`` has one ``l`` or ``r`` per column);
+``markdown_row(cells)`` one row, for tables printed a row at a time.
+
+Timing on the host: ``time_calls(function, repeats, sync, warmup)`` returns
+the ``perf_counter`` time of each call ``function(k)`` (each followed by
+``sync()``); ``median_time`` is the median of those; ``time_once`` times one
+call and returns its value too.
+
+Timing on a CUDA device (``cupy`` is the CuPy module, or anything with the same
+``cuda.Event`` / ``cuda.get_current_stream`` / ``cuda.get_elapsed_time``):
+``time_events`` (each call synchronised) and ``time_burst`` (back-to-back
+calls, per call); ``measure_copy_bandwidth`` (a device-to-device memcpy, a
+copy kernel and a write-only fill kernel); ``free_device_memory``.
+
+The machine: ``machine_line()`` (CPU, Python and NumPy versions),
+``cpu_model()``, ``device_info(cupy)`` and ``device_lines(info)`` (the card,
+CUDA and CuPy versions), ``slug(name)`` (a card's name as a file-name part),
+``cuda_version(int)``.
+
+Writing: ``Report`` collects lines, prints each as it comes (``emit``) and
+writes the markdown file (``write``), creating its folder.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpu_patching.testing import cpu_model, usable_cupy
+
+__all__ = [
+    "RESULTS_DIR",
+    "Report",
+    "cpu_model",
+    "cuda_version",
+    "device_info",
+    "device_lines",
+    "fmt_bandwidth",
+    "fmt_bytes",
+    "fmt_overhead",
+    "fmt_percent",
+    "fmt_rate",
+    "fmt_ratio",
+    "fmt_time",
+    "fmt_verdict",
+    "free_device_memory",
+    "machine_line",
+    "markdown_row",
+    "markdown_table",
+    "measure_copy_bandwidth",
+    "median_time",
+    "percentile",
+    "slug",
+    "time_burst",
+    "time_calls",
+    "time_events",
+    "time_once",
+    "usable_cupy",
+]
+
+#: Where the scripts write their markdown unless told otherwise.
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# -- formatting --------------------------------------------------------------------------
+
+
+def _three_digits(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def fmt_time(seconds: float | None) -> str:
+    """A duration with three significant digits: '2.50 s', '1.50 ms', '25.0 us', '620 ns'."""
+    if seconds is None:
+        return "n/a"
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "us")):
+        if seconds >= scale:
+            return f"{_three_digits(seconds / scale)} {unit}"
+    return f"{_three_digits(seconds / 1e-9)} ns"
+
+
+def fmt_rate(per_second: float) -> str:
+    """Items (patches, rows) per second with an SI prefix: '2.50 G/s'."""
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if per_second >= scale:
+            return f"{per_second / scale:.2f} {prefix}/s"
+    return f"{per_second:.0f} /s"
+
+
+def fmt_bandwidth(bytes_per_second: float) -> str:
+    """Bytes per second in GB/s (1 GB = 1e9 bytes): '3,000 GB/s'."""
+    return f"{bytes_per_second / 1e9:,.0f} GB/s"
+
+
+def fmt_bytes(nbytes: int) -> str:
+    """A size in binary units: '3.73 GiB'."""
+    for scale, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def fmt_percent(fraction: float) -> str:
+    """A fraction as a percentage with one decimal: '50.0%'."""
+    return f"{fraction * 100:.1f}%"
+
+
+def fmt_overhead(fraction: float) -> str:
+    """A relative extra cost: 0.123 -> '+12%', -0.05 -> '-5%'."""
+    return f"{fraction:+.0%}"
+
+
+def fmt_ratio(numerator: float | None, denominator: float | None, decimals: int = 0) -> str:
+    """How many times ``numerator`` is ``denominator``: 'x1,234' ('n/a' if either is None).
+
+    Benchmarks print ``reference time / our time``, so a speed-up reads 'x12'.
+    """
+    if numerator is None or denominator is None:
+        return "n/a"
+    return f"x{numerator / denominator:,.{decimals}f}"
+
+
+def fmt_verdict(met: bool | None) -> str:
+    """Whether a target is met: 'yes', 'NO', or 'n/a' when not measured."""
+    return "n/a" if met is None else ("yes" if met else "NO")
+
+
+def slug(name: str) -> str:
+    """File-name slug of a GPU name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-gpu"
+
+
+def cuda_version(value: int) -> str:
+    """CUDA's integer version (1000 * major + 10 * minor) as 'major.minor'."""
+    if value <= 0:
+        return "unknown"
+    return f"{value // 1000}.{(value % 1000) // 10}"
+
+
+# -- tables ------------------------------------------------------------------------------
+
+
+def markdown_row(cells: Sequence[str]) -> str:
+    """One row of a markdown table."""
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
+    """Lines of a markdown table; ``align`` has one 'l' or 'r' per column.
+
+    Raises
+    ------
+    ValueError
+        If ``align`` or a row does not have one entry per column, or ``align``
+        holds a letter other than 'l' and 'r'.
+    """
+    if len(align) != len(header):
+        raise ValueError(f"align has {len(align)} columns, header has {len(header)}")
+    if set(align) - {"l", "r"}:
+        raise ValueError(f"align {align!r} may only hold 'l' and 'r'")
+    lines = [
+        markdown_row(header),
+        "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
+    ]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"row {row!r} has {len(row)} cells, expected {len(header)}")
+        lines.append(markdown_row(row))
+    return lines
+
+
+# -- timing on the host ------------------------------------------------------------------
+
+
+def _no_sync() -> None:
+    return None
+
+
+def time_calls(
+    function: Callable[[int], Any],
+    repeats: int,
+    sync: Callable[[], None] = _no_sync,
+    warmup: bool = True,
+) -> list[float]:
+    """``perf_counter`` time of each of ``repeats`` calls ``function(k)``, each followed by sync.
+
+    One warm-up call ``function(0)`` comes first unless ``warmup`` is False.
+    The result of each call stays alive until the next call returns, as in a
+    training loop (so freeing it is not timed as part of the next call).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if warmup:
+        function(0)
+        sync()
+    times = []
+    result = None
+    for k in range(repeats):
+        start = time.perf_counter()
+        result = function(k)
+        sync()
+        times.append(time.perf_counter() - start)
+    del result
+    return times
+
+
+def median_time(
+    function: Callable[[int], Any],
+    repeats: int,
+    sync: Callable[[], None] = _no_sync,
+    warmup: bool = True,
+) -> float:
+    """Median of :func:`time_calls` (seconds)."""
+    return statistics.median(time_calls(function, repeats, sync, warmup))
+
+
+def time_once(function: Callable[[], Any]) -> tuple[float, Any]:
+    """``(seconds, value)`` of one call, no warm-up (for what is too slow to repeat)."""
+    start = time.perf_counter()
+    value = function()
+    return time.perf_counter() - start, value
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) of ``values``."""
+    return float(np.percentile(np.asarray(values), q))
+
+
+# -- timing on a CUDA device -------------------------------------------------------------
+
+
+def time_events(cupy: Any, function: Callable[[int], Any], repeats: int) -> list[float]:
+    """CUDA-event time of each of ``repeats`` calls, each synchronised before the next.
+
+    One warm-up call ``function(0)`` comes first.
+    """
+    stream = cupy.cuda.get_current_stream()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    function(0)
+    stream.synchronize()
+    times = []
+    result = None
+    for k in range(repeats):
+        start.record(stream)
+        result = function(k)
+        end.record(stream)
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) * 1e-3)
+    del result
+    return times
+
+
+def time_burst(cupy: Any, function: Callable[[int], Any], per_burst: int, rounds: int) -> float:
+    """Per-call CUDA-event time of ``per_burst`` back-to-back calls, median of ``rounds``.
+
+    One warm-up call ``function(0)`` comes first, so ``rounds * per_burst + 1``
+    calls are made in all.
+    """
+    stream = cupy.cuda.get_current_stream()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    function(0)
+    stream.synchronize()
+    per_call = []
+    for _ in range(rounds):
+        result = None
+        start.record(stream)
+        for k in range(per_burst):
+            result = function(k)
+        end.record(stream)
+        end.synchronize()
+        del result
+        per_call.append(cupy.cuda.get_elapsed_time(start, end) * 1e-3 / per_burst)
+    return statistics.median(per_call)
+
+
+def free_device_memory(cupy: Any) -> None:
+    """Give CuPy's cached device and pinned blocks back, between cases."""
+    cupy.get_default_memory_pool().free_all_blocks()
+    cupy.get_default_pinned_memory_pool().free_all_blocks()
+
+
+def measure_copy_bandwidth(cupy: Any, nbytes: int, per_burst: int, rounds: int) -> dict[str, float]:
+    """Seconds per operation on ``nbytes``: a D2D memcpy, a copy kernel and a fill kernel.
+
+    Keys ``memcpy`` (``cudaMemcpyAsync``, what ``cupy.copyto`` of contiguous
+    arrays of one dtype does), ``copy`` and ``fill``: the two kernels are one
+    thread per element, so the fill only writes. ``nbytes`` is rounded down
+    to whole 8-byte words.
+
+    Raises
+    ------
+    RuntimeError
+        If the kernels did not write what they should (a measurement of
+        nothing).
+    """
+    words = nbytes // 8
+    if words < 1:
+        raise ValueError(f"nbytes must be at least 8, got {nbytes}")
+    nbytes = words * 8
+    src = cupy.ones(words, dtype=cupy.uint64)
+    dst = cupy.zeros(words, dtype=cupy.uint64)
+    copy_kernel = cupy.ElementwiseKernel("T x", "T y", "y = x", "gpu_patching_bench_copy")
+    fill_kernel = cupy.ElementwiseKernel("T v", "T y", "y = v", "gpu_patching_bench_fill")
+    stream = cupy.cuda.get_current_stream()
+    operations = {
+        "memcpy": lambda _k: dst.data.copy_from_device_async(src.data, nbytes, stream),
+        "copy": lambda _k: copy_kernel(src, dst),
+        "fill": lambda k: fill_kernel(np.uint64(k + 2), dst),
+    }
+    seconds = {name: time_burst(cupy, op, per_burst, rounds) for name, op in operations.items()}
+    # The last fill wrote per_burst + 1 everywhere: check the kernels really ran.
+    if not bool((dst == per_burst + 1).all()):
+        raise RuntimeError("the bandwidth measurement did not write what it should")
+    return seconds  # the caller frees the buffers' memory
+
+
+# -- the machine -------------------------------------------------------------------------
+
+
+def machine_line() -> str:
+    """'CPU: <model> (<n> logical cores); Python x.y.z; NumPy a.b.c'."""
+    return f"CPU: {cpu_model()}; Python {platform.python_version()}; NumPy {np.__version__}"
+
+
+def device_info(cupy: Any) -> dict[str, Any]:
+    """The current CUDA device: id, name, SMs, memory, theoretical DRAM peak, versions.
+
+    Keys: ``id``, ``name``, ``sms``, ``memory`` (bytes), ``peak`` (bytes/s or
+    None where the runtime no longer reports the memory clock), ``runtime``,
+    ``driver``, ``cupy``.
+    """
+    device_id = int(cupy.cuda.Device().id)
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    name = props["name"]
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    # memoryClockRate (kHz) is gone from CUDA 13's cudaDeviceProp: optional.
+    clock_khz = props.get("memoryClockRate", 0)
+    bus_bits = props.get("memoryBusWidth", 0)
+    peak = 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
+    try:
+        driver = cuda_version(cupy.cuda.runtime.driverGetVersion())
+    except Exception:  # a driver query must not stop a benchmark
+        driver = "unknown"
+    return {
+        "id": device_id,
+        "name": name,
+        "sms": props.get("multiProcessorCount"),
+        "memory": int(props.get("totalGlobalMem", 0)),
+        "peak": peak,
+        "runtime": cuda_version(cupy.cuda.runtime.runtimeGetVersion()),
+        "driver": driver,
+        "cupy": cupy.__version__,
+    }
+
+
+def device_lines(info: dict[str, Any]) -> list[str]:
+    """The header lines of a GPU report: the card, the versions, the host CPU."""
+    peak = f"; theoretical DRAM peak {fmt_bandwidth(info['peak'])}" if info["peak"] else ""
+    return [
+        f"GPU: {info['name']} (device {info['id']}, {info['sms']} SMs, "
+        f"{fmt_bytes(info['memory'])}{peak})",
+        "",
+        f"CUDA runtime {info['runtime']}, driver {info['driver']}; CuPy {info['cupy']}; "
+        f"NumPy {np.__version__}; Python {platform.python_version()}",
+        "",
+        f"CPU: {cpu_model()}",
+    ]
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+class Report:
+    """Lines of a markdown report, printed as they come and written at the end.
+
+    Parameters
+    ----------
+    echo : bool
+        Print each line as it is added (the default), so a long run shows its
+        tables row by row.
+    """
+
+    def __init__(self, echo: bool = True) -> None:
+        self.lines: list[str] = []
+        self.echo = echo
+
+    def emit(self, *lines: str) -> None:
+        """Add lines (and print them)."""
+        self.lines.extend(lines)
+        if self.echo and lines:
+            print("\n".join(lines), flush=True)
+
+    def text(self, extra: Sequence[str] = ()) -> str:
+        """The report so far (and ``extra`` lines after it), ending in a newline."""
+        return "\n".join([*self.lines, *extra]) + "\n"
+
+    def write(self, path: Path, extra: Sequence[str] = ()) -> str:
+        """Write :meth:`text` to ``path`` (creating its folder) and return it."""
+        text = self.text(extra)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return text

@@ -42,15 +42,15 @@ from gpu_patching import (
     StratifiedPatching,
     filter_background,
     filter_map,
-    filters,
     region_statistics,
+    stats,
     validation_split,
 )
 from gpu_patching.testing import cpu_model, usable_cupy
 
 RESULTS = Path(__file__).resolve().parent / "results" / "filters.md"
 # The threads region_statistics uses by default (workers=None).
-THREADS = filters._check_workers(None)
+THREADS = stats._check_workers(None)
 PATCH = (32, 32)
 BINS = 64
 THRESHOLD = 400.0  # between the background (~100) and the foreground (~1000)

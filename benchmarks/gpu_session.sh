@@ -22,7 +22,7 @@ mkdir -p "$OUT"
 
 # The test files that hold GPU tests (pytest -m cuda); naming them keeps
 # collection away from modules whose optional imports the machine may lack.
-GPU_TESTS=(tests/test_cuda.py tests/test_crop_cuda.py tests/test_loader.py tests/test_filters.py)
+GPU_TESTS=(tests/test_cuda.py tests/test_crop_cuda.py tests/test_loader.py tests/test_stats.py tests/test_policies.py)
 # The kernels' own tests, run again under compute-sanitizer's memcheck.
 SANITIZED_TESTS=(tests/test_cuda.py tests/test_crop_cuda.py)
 

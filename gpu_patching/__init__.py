@@ -8,24 +8,20 @@ The public names:
   :class:`PatchSpecs`, the dictionary that names one patch;
 * :func:`extract_patches`, patches cut out of host or device stacks, and
   :class:`PatchLoader`, an epoch of cropped batches ready to train on;
-* :func:`region_statistics`, :func:`filter_background`, :func:`filter_map`
-  and :func:`validation_split`: background filtering and validation splits
-  from per-region statistics computed in one pass.
+* :func:`region_statistics` and :func:`filter_map` (:mod:`gpu_patching.stats`):
+  per-region statistics computed in one pass; :func:`filter_background` and
+  :func:`validation_split` (:mod:`gpu_patching.policies`): background
+  filtering and validation splits that change a sampler.
 
 PyTorch glue (samplers, datasets, DDP) lives in :mod:`gpu_patching.torch`.
 """
 
 from .backends import BackendUnavailableError
 from .crop import extract_patches
-from .filters import (
-    FilterResult,
-    filter_background,
-    filter_map,
-    region_statistics,
-    validation_split,
-)
 from .loader import PatchLoader
+from .policies import FilterResult, filter_background, validation_split
 from .specs import PatchBatch, PatchSpecs
+from .stats import filter_map, region_statistics
 from .strategy import StratifiedPatching
 
 __all__ = [

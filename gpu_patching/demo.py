@@ -17,7 +17,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import StratifiedPatching
-from .filters import filter_background, region_statistics, validation_split
+from .policies import filter_background, validation_split
+from .stats import region_statistics
 
 __all__ = ["cell_map", "coverage_map", "run_demo"]
 

@@ -25,17 +25,27 @@ without CAREamics); the markdown goes to ``benchmarks/results/cpu.md`` unless
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import (
+    RESULTS_DIR,
+    Report,
+    fmt_overhead,
+    fmt_ratio,
+    fmt_time,
+    machine_line,
+    markdown_row,
+    markdown_table,
+    median_time,
+    time_once,
+)
 
 from gpu_patching import StratifiedPatching
-from gpu_patching.testing import cpu_model, load_reference
+from gpu_patching.testing import load_reference
 
 # (label, data_shapes, patch_size): ~1k, ~66k and ~264k regions.
 CASES = [
@@ -54,24 +64,7 @@ SCALING = [
 # Shuffled and sharded epochs: ~66k and ~264k regions.
 ORDER_CASES = CASES[1:]
 ORDER_WORLD_SIZE = 4
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu.md"
-
-
-def timed(function: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of ``repeats`` calls, after one warm-up call."""
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def once(function: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    value = function()
-    return time.perf_counter() - start, value
+RESULTS = RESULTS_DIR / "cpu.md"
 
 
 def five_percent(sampler: Any, seed: int = 0) -> list[tuple[int, ...]]:
@@ -81,16 +74,18 @@ def five_percent(sampler: Any, seed: int = 0) -> list[tuple[int, ...]]:
 
 
 def measure_ours(shapes: list, patch: tuple, repeats: int) -> dict[str, float]:
-    setup = timed(lambda: StratifiedPatching(shapes, patch, seed=1, backend="numpy"), repeats)
+    setup = median_time(
+        lambda _k: StratifiedPatching(shapes, patch, seed=1, backend="numpy"), repeats
+    )
     sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
     n_patches = sampler.n_patches
-    epoch = timed(lambda: sampler.sample_epoch(3), repeats)
+    epoch = median_time(lambda _k: sampler.sample_epoch(3), repeats)
 
-    def one_epoch_of_calls() -> None:
+    def one_epoch_of_calls(_k: int) -> None:
         for index in range(n_patches):
             sampler.get_patch_spec(index)
 
-    per_call = timed(one_epoch_of_calls, max(1, repeats // 3)) / n_patches
+    per_call = median_time(one_epoch_of_calls, max(1, repeats // 3)) / n_patches
     cells = five_percent(sampler)
 
     def exclude() -> None:
@@ -123,14 +118,14 @@ def measure_ours(shapes: list, patch: tuple, repeats: int) -> dict[str, float]:
 
 
 def measure_reference(reference: Any, shapes: list, patch: tuple, calls: int) -> dict[str, float]:
-    setup, sampler = once(lambda: reference(shapes, list(patch), seed=1))
+    setup, sampler = time_once(lambda: reference(shapes, list(patch), seed=1))
     n_patches = sampler.n_patches
     indices = np.random.default_rng(0).integers(0, n_patches, calls)
     sampler.get_patch_spec(int(indices[0]))
-    per_call, _ = once(lambda: [sampler.get_patch_spec(int(i)) for i in indices])
+    per_call, _ = time_once(lambda: [sampler.get_patch_spec(int(i)) for i in indices])
     per_call /= calls
     cells = five_percent(sampler)
-    exclude, _ = once(lambda: sampler.exclude_patches(0, 0, cells))
+    exclude, _ = time_once(lambda: sampler.exclude_patches(0, 0, cells))
     return {
         "n_patches": n_patches,
         "setup": setup,
@@ -169,12 +164,81 @@ def measure_orders(shapes: list, patch: tuple, repeats: int) -> dict[str, Any]:
     }
 
 
-def fmt(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds * 1e6:.2f} us"
+CASE_ROWS = (
+    ("setup", "setup"),
+    ("epoch", "epoch (all patches)"),
+    ("first_epoch", "first epoch of a new sampler"),
+    ("updated_epoch", "epoch right after an exclusion"),
+    ("per_call", "get_patch_spec, per call"),
+    ("exclude", "exclude 5% of cells"),
+)
+CASE_HEADER = ["case", "patches", "what", "reference", "gpu-patching (numpy)", "ratio"]
+SCALING_HEADER = ["regions", "patches", "setup / region", "epoch / patch", "exclude 5% / region"]
+
+
+def case_rows(label: str, ours: dict[str, Any], theirs: dict[str, Any] | None) -> list[list[str]]:
+    """Rows of the main table for one case: each measurement, reference / ours."""
+    rows = [
+        [
+            label,
+            f"{ours['n_patches']:,}",
+            what,
+            fmt_time(theirs[key]) if theirs else "n/a",
+            fmt_time(ours[key]),
+            fmt_ratio(theirs[key], ours[key]) if theirs else "n/a",
+        ]
+        for key, what in CASE_ROWS
+    ]
+    if theirs:
+        rows.append(
+            [
+                label,
+                "",
+                "epoch cost per patch",
+                fmt_time(theirs["per_call"]),
+                fmt_time(ours["epoch"] / ours["n_patches"]),
+                fmt_ratio(theirs["per_call"] * ours["n_patches"], ours["epoch"]),
+            ]
+        )
+    return rows
+
+
+def scaling_row(label: str, ours: dict[str, Any]) -> list[str]:
+    """One row of the cost-per-region table."""
+    regions = ours["regions"]
+    return [
+        f"{label} ({regions:,})",
+        f"{ours['n_patches']:,}",
+        fmt_time(ours["setup"] / regions),
+        fmt_time(ours["epoch"] / ours["n_patches"]),
+        fmt_time(ours["exclude"] / regions),
+    ]
+
+
+def order_header() -> list[str]:
+    return [
+        "case",
+        "patches",
+        "plain epoch",
+        "shuffled epoch",
+        "shuffled, per patch",
+        f"shuffled shard (1 of {ORDER_WORLD_SIZE})",
+        "shard, per patch",
+    ]
+
+
+def order_row(label: str, orders: dict[str, Any]) -> list[str]:
+    """One row of the shuffled-and-sharded table: times and costs per patch over plain."""
+    per_row = {name: orders[name] / orders["rows"][name] for name in orders["rows"]}
+    return [
+        label,
+        f"{orders['n_patches']:,}",
+        fmt_time(orders["plain"]),
+        fmt_time(orders["shuffled"]),
+        fmt_overhead(per_row["shuffled"] / per_row["plain"] - 1),
+        fmt_time(orders["sharded"]),
+        fmt_overhead(per_row["sharded"] / per_row["plain"] - 1),
+    ]
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -186,6 +250,7 @@ def main(argv: list[str] | None = None) -> str:
 
     cases = CASES[:1] if args.quick else CASES
     scaling = SCALING[:2] if args.quick else SCALING
+    order_cases = CASES[:1] if args.quick else ORDER_CASES
     repeats = 3 if args.quick else 15
     reference = None
     if not args.no_reference:
@@ -194,18 +259,16 @@ def main(argv: list[str] | None = None) -> str:
         except ImportError as error:
             print(f"reference not available ({error}); showing gpu-patching only")
 
-    lines = ["# CPU benchmark: NumPy backend vs the reference (CAREamics 0.3.5)", ""]
-    lines += [
-        f"CPU: {cpu_model()}; Python {platform.python_version()}; NumPy {np.__version__}",
+    report = Report()
+    report.emit(
+        "# CPU benchmark: NumPy backend vs the reference (CAREamics 0.3.5)",
+        "",
+        machine_line(),
         "",
         "Times are medians (ours) or single runs (reference).",
         "",
-    ]
-    header = (
-        "| case | patches | what | reference | gpu-patching (numpy) | ratio |\n"
-        "|---|---:|---|---:|---:|---:|"
+        *markdown_table(CASE_HEADER, [], "lrlrrr"),
     )
-    lines.append(header)
     for label, shapes, patch in cases:
         ours = measure_ours(shapes, patch, repeats)
         theirs = (
@@ -213,44 +276,19 @@ def main(argv: list[str] | None = None) -> str:
             if reference is not None
             else None
         )
-        rows = [
-            ("setup", "setup"),
-            ("epoch", "epoch (all patches)"),
-            ("first_epoch", "first epoch of a new sampler"),
-            ("updated_epoch", "epoch right after an exclusion"),
-            ("per_call", "get_patch_spec, per call"),
-            ("exclude", "exclude 5% of cells"),
-        ]
-        for key, what in rows:
-            ref_text = fmt(theirs[key]) if theirs else "n/a"
-            ratio = f"x{theirs[key] / ours[key]:,.0f}" if theirs else "n/a"
-            lines.append(
-                f"| {label} | {ours['n_patches']:,} | {what} | {ref_text} | "
-                f"{fmt(ours[key])} | {ratio} |"
-            )
-        if theirs:
-            lines.append(
-                f"| {label} | | epoch cost per patch | {fmt(theirs['per_call'])} | "
-                f"{fmt(ours['epoch'] / ours['n_patches'])} | "
-                f"x{theirs['per_call'] * ours['n_patches'] / ours['epoch']:,.0f} |"
-            )
-        print("\n".join(lines[-7:]), flush=True)
+        report.emit(*(markdown_row(row) for row in case_rows(label, ours, theirs)))
 
-    lines += ["", "## Cost per region (gpu-patching, NumPy backend)", ""]
-    lines.append("| regions | patches | setup / region | epoch / patch | exclude 5% / region |")
-    lines.append("|---:|---:|---:|---:|---:|")
+    report.emit(
+        "",
+        "## Cost per region (gpu-patching, NumPy backend)",
+        "",
+        *markdown_table(SCALING_HEADER, [], "rrrrr"),
+    )
     for label, shapes, patch in scaling:
         ours = measure_ours(shapes, patch, max(3, repeats // 3))
-        regions = ours["regions"]
-        lines.append(
-            f"| {label} ({regions:,}) | {ours['n_patches']:,} | "
-            f"{ours['setup'] / regions * 1e9:.0f} ns | "
-            f"{ours['epoch'] / ours['n_patches'] * 1e9:.0f} ns | "
-            f"{ours['exclude'] / regions * 1e9:.0f} ns |"
-        )
-        print(lines[-1], flush=True)
+        report.emit(markdown_row(scaling_row(label, ours)))
 
-    lines += [
+    report.emit(
         "",
         "## Shuffled and sharded epochs (gpu-patching, NumPy backend)",
         "",
@@ -258,27 +296,14 @@ def main(argv: list[str] | None = None) -> str:
         f"{ORDER_WORLD_SIZE} (a quarter of the rows); 'per patch' compares costs per row "
         "with the plain epoch's.",
         "",
-        "| case | patches | plain epoch | shuffled epoch | shuffled, per patch | "
-        f"shuffled shard (1 of {ORDER_WORLD_SIZE}) | shard, per patch |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, shapes, patch in CASES[:1] if args.quick else ORDER_CASES:
-        orders = measure_orders(shapes, patch, repeats)
-        plain = orders["plain"] / orders["rows"]["plain"]
-        shuffled = orders["shuffled"] / orders["rows"]["shuffled"]
-        sharded = orders["sharded"] / orders["rows"]["sharded"]
-        lines.append(
-            f"| {label} | {orders['n_patches']:,} | {fmt(orders['plain'])} | "
-            f"{fmt(orders['shuffled'])} | {shuffled / plain - 1:+.0%} | "
-            f"{fmt(orders['sharded'])} | {sharded / plain - 1:+.0%} |"
-        )
-        print(lines[-1], flush=True)
+        *markdown_table(order_header(), [], "lrrrrrr"),
+    )
+    for label, shapes, patch in order_cases:
+        report.emit(markdown_row(order_row(label, measure_orders(shapes, patch, repeats))))
 
-    report = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
+    text = report.write(args.output)
     print(f"\nwritten to {args.output}")
-    return report
+    return text
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import argparse
 import itertools
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import (
+    RESULTS_DIR,
+    Report,
+    cpu_model,
+    device_info,
+    fmt_ratio,
+    fmt_time,
+    markdown_table,
+    median_time,
+    usable_cupy,
+)
 
 from gpu_patching import (
     StratifiedPatching,
@@ -46,9 +56,8 @@ from gpu_patching import (
     stats,
     validation_split,
 )
-from gpu_patching.testing import cpu_model, usable_cupy
 
-RESULTS = Path(__file__).resolve().parent / "results" / "filters.md"
+RESULTS = RESULTS_DIR / "filters.md"
 # The threads region_statistics uses by default (workers=None).
 THREADS = stats._check_workers(None)
 PATCH = (32, 32)
@@ -130,19 +139,6 @@ def time_loop(
     return estimate, f"extrapolated from {len(pilot):,} regions"
 
 
-def timed(function: Callable[[], Any], repeats: int, sync: Callable) -> float:
-    """Median wall time of ``repeats`` calls, after one warm-up call."""
-    function()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 # -- one device -------------------------------------------------------------------------
 
 
@@ -162,20 +158,20 @@ def measure(
     rows = []
     # Not a feature: one reduction over every pixel, the least any statistic of
     # every region can cost. The loop / floor ratio bounds the attainable speed-up.
-    floor = timed(lambda: image.max(), repeats, sync)
+    floor = median_time(lambda _k: image.max(), repeats, sync)
     rows.append(("floor: `image.max()`, one pass over the pixels", floor, None, ""))
     if xp is np and THREADS > 1:
         # The same pass by every core at once: more cores only help as far as
         # the memory keeps up.
         with ThreadPoolExecutor(THREADS) as pool:
             bands = np.array_split(image, THREADS, axis=-2)  # contiguous row bands
-            floor = timed(lambda: list(pool.map(np.max, bands)), repeats, sync)
+            floor = median_time(lambda _k: list(pool.map(np.max, bands)), repeats, sync)
         rows.append((f"floor, {THREADS} threads: `max` of {THREADS} row bands", floor, None, ""))
     for what, score in scorers.items():
         names = tuple(what.split(" + "))
         kwargs = {"mask": mask_stack} if what == "coverage" else {}
-        ours = timed(
-            lambda names=names, kwargs=kwargs: region_statistics(
+        ours = median_time(
+            lambda _k, names=names, kwargs=kwargs: region_statistics(
                 stack, PATCH, stats=names, bins=BINS, **kwargs
             ),
             repeats,
@@ -184,48 +180,53 @@ def measure(
         loop_s, how = time_loop(image, mask, cells, score, sync)
         check_agreement(stack, mask_stack, image, mask, cells, names, score, xp)
         rows.append((what, ours, loop_s, how))
-        print(f"  {what}: ours {fmt(ours)}, loop {fmt(loop_s)} ({how})", flush=True)
+        print(f"  {what}: ours {fmt_time(ours)}, loop {fmt_time(loop_s)} ({how})", flush=True)
         if what == "mean" and xp is np and THREADS > 1:
-            alone = timed(
-                lambda: region_statistics(stack, PATCH, stats="mean", workers=1), repeats, sync
+            alone = median_time(
+                lambda _k: region_statistics(stack, PATCH, stats="mean", workers=1), repeats, sync
             )
             rows.append(("mean, one thread (`workers=1`)", alone, loop_s, how))
 
     backend = "numpy" if xp is np else "cuda"
 
-    def ours_filter() -> None:
+    def ours_filter(_k: int) -> None:
         sampler = StratifiedPatching([shape], PATCH, seed=0, backend=backend)
         filter_background(sampler, [stack], threshold=THRESHOLD, filtered_prob=0.1)
 
-    def loop_filter() -> None:
+    def loop_filter(_k: int) -> None:
         sampler = StratifiedPatching([shape], PATCH, seed=0, backend=backend)
         means = loop_over(image, mask, cells, scorers["mean"])
         probs = {cell: 0.1 for cell, mean in zip(cells, means, strict=True) if mean < THRESHOLD}
         sampler.set_region_probs(0, 0, probs)
 
-    ours = timed(ours_filter, repeats, sync)
+    ours = median_time(ours_filter, repeats, sync)
     # The sampler setup is in both; it is a few ms (benchmarks/results/cpu.md).
-    loop_setup = timed(lambda: StratifiedPatching([shape], PATCH, backend=backend), 3, sync)
+    loop_setup = median_time(
+        lambda _k: StratifiedPatching([shape], PATCH, backend=backend), 3, sync
+    )
     mean_row = next(row for row in rows if row[0] == "mean")
     if mean_row[3] == "all regions":
-        loop_s, how = timed(loop_filter, 1, sync), "all regions"
+        loop_s, how = median_time(loop_filter, 1, sync), "all regions"
     else:  # extrapolated scoring + a measured dict update
         sampler = StratifiedPatching([shape], PATCH, seed=0, backend=backend)
         probs = {cell: 0.1 for cell in cells[::3]}
-        update = timed(lambda: sampler.set_region_probs(0, 0, probs), 1, sync)
+        update = median_time(lambda _k: sampler.set_region_probs(0, 0, probs), 1, sync)
         loop_s, how = mean_row[2] + update + loop_setup, mean_row[3]
     rows.append(("filter_background (mean < threshold)", ours, loop_s, how))
-    print(f"  filter_background: ours {fmt(ours)}, loop {fmt(loop_s)} ({how})", flush=True)
+    print(
+        f"  filter_background: ours {fmt_time(ours)}, loop {fmt_time(loop_s)} ({how})",
+        flush=True,
+    )
 
     mean = region_statistics(stack, PATCH, stats="mean")["mean"]
-    ours = timed(lambda: filter_map(mean, PATCH, shape[2:]), repeats, sync)
+    ours = median_time(lambda _k: filter_map(mean, PATCH, shape[2:]), repeats, sync)
     rows.append(("filter_map (image-shaped max)", ours, None, ""))
 
-    def split() -> None:
+    def split(_k: int) -> None:
         sampler = StratifiedPatching([shape], PATCH, seed=0, backend=backend)
         validation_split(sampler, min(1000, len(cells) // 4), seed=1)
 
-    ours = timed(split, repeats, sync)
+    ours = median_time(split, repeats, sync)
     rows.append((f"validation_split ({min(1000, len(cells) // 4):,} patches)", ours, None, ""))
     return rows
 
@@ -279,9 +280,9 @@ def target_note(rows: list[tuple[str, float, float | None, str]], regions: int) 
         f"x{min(ratios):,.0f} to x{max(ratios):,.0f} over all rows).",
         "",
         f"Why: the loop costs {loop_s / regions * 1e6:.1f} us per region (one "
-        f"NumPy call on a crop), so x100 means {fmt(loop_s / 100)} for the whole image, "
+        f"NumPy call on a crop), so x100 means {fmt_time(loop_s / 100)} for the whole image, "
         f"while one pass over its pixels (`max`, the cheapest reduction there is, the "
-        f"faster of one thread and {THREADS}) already takes {fmt(floor)} on this machine: "
+        f"faster of one thread and {THREADS}) already takes {fmt_time(floor)} on this machine: "
         "no method that reads every pixel once can beat the loop by more than "
         f"x{loop_s / floor:,.0f} here. Our per-pixel work is a few NumPy passes (casts "
         f"and reductions), spread over {THREADS} threads (`workers=None`: every core).",
@@ -291,28 +292,33 @@ def target_note(rows: list[tuple[str, float, float | None, str]], regions: int) 
 # -- report -----------------------------------------------------------------------------
 
 
-def fmt(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.1f} ms"
-    return f"{seconds * 1e6:.0f} us"
+TABLE_HEADER = [
+    "what",
+    "region-by-region loop",
+    "gpu-patching",
+    "speed-up",
+    "ours per region",
+    "loop timed on",
+]
 
 
 def table(rows: list[tuple[str, float, float | None, str]], regions: int) -> list[str]:
-    lines = [
-        "| what | region-by-region loop | gpu-patching | speed-up | ours per region "
-        "| loop timed on |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for what, ours, loop_s, how in rows:
-        loop_text = fmt(loop_s) if loop_s is not None else "n/a"
-        ratio = f"x{loop_s / ours:,.0f}" if loop_s is not None else "n/a"
-        lines.append(
-            f"| {what} | {loop_text} | {fmt(ours)} | {ratio} | "
-            f"{ours / regions * 1e9:,.0f} ns | {how or 'n/a'} |"
-        )
-    return lines
+    """The markdown table of one device's rows: loop, ours, loop / ours, ours per region."""
+    return markdown_table(
+        TABLE_HEADER,
+        [
+            [
+                what,
+                fmt_time(loop_s),
+                fmt_time(ours),
+                fmt_ratio(loop_s, ours),
+                fmt_time(ours / regions),
+                how or "n/a",
+            ]
+            for what, ours, loop_s, how in rows
+        ],
+        "lrrrrl",
+    )
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -328,8 +334,10 @@ def main(argv: list[str] | None = None) -> str:
     regions = ((shape[0] + 1) // PATCH[0]) * ((shape[1] + 1) // PATCH[1])
     label = f"{shape[0]}x{shape[1]} uint16, {PATCH[0]}x{PATCH[1]} patches, {regions:,} regions"
 
-    lines = ["# Region statistics and background filtering vs the region-by-region loop", ""]
-    lines += [
+    report = Report(echo=False)  # the measurements print their own progress lines
+    report.emit(
+        "# Region statistics and background filtering vs the region-by-region loop",
+        "",
         f"Case: one {label}; {BINS}-bin histograms for the entropy; about a third of "
         "the image is foreground.",
         "",
@@ -346,35 +354,31 @@ def main(argv: list[str] | None = None) -> str:
         "Load average before the run (the cores may be shared): "
         f"{os.getloadavg()[0]:.2f}.",
         "",
-    ]
+    )
     print(f"CPU, {label}", flush=True)
     cpu_rows = measure(stack, mask_stack, np, repeats, lambda: None)
-    lines += table(cpu_rows, regions)
-    lines += ["", *target_note(cpu_rows, regions)]
+    report.emit(*table(cpu_rows, regions), "", *target_note(cpu_rows, regions))
 
-    lines += ["", "## GPU", ""]
+    report.emit("", "## GPU", "")
     cupy, why = (None, "skipped with --no-gpu") if args.no_gpu else usable_cupy()
     if cupy is None:
-        lines.append(f"Not run: {why}.")
+        report.emit(f"Not run: {why}.")
     else:
-        name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
-        name = name.decode() if isinstance(name, bytes) else name
-        lines += [
+        name = device_info(cupy)["name"]
+        report.emit(
             f"Device: {name}; CuPy {cupy.__version__}. The stack is on the device "
             "before timing; the loop runs on CuPy crops.",
             "",
-        ]
+        )
         print(f"GPU ({name})", flush=True)
         synchronize = cupy.cuda.Device().synchronize
         gpu_rows = measure(
             cupy.asarray(stack), cupy.asarray(mask_stack), cupy, repeats, synchronize
         )
-        lines += table(gpu_rows, regions)
-    report = "\n".join(lines) + "\n"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report)
+        report.emit(*table(gpu_rows, regions))
+    text = report.write(args.output)
     print(f"\nwritten to {args.output}")
-    return report
+    return text
 
 
 if __name__ == "__main__":

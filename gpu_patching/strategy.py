@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import itertools
-import json
-import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -17,8 +12,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from . import _state
 from . import _validation as check
 from ._arrays import to_host
+from ._state import STATE_FORMAT, STATE_VERSION
 from .backends import resolve_backend
 from .permutation import EpochOrder
 from .specs import PatchBatch, PatchSpecs
@@ -28,88 +25,6 @@ __all__ = ["STATE_FORMAT", "STATE_VERSION", "StratifiedPatching"]
 
 _DRAW_LIMIT = 1 << 32
 _CACHED_EPOCHS = 2
-
-#: The ``format`` entry of every :meth:`StratifiedPatching.state_dict`.
-STATE_FORMAT = "gpu_patching.StratifiedPatching"
-#: The layout version of :meth:`StratifiedPatching.state_dict`.
-STATE_VERSION = 1
-_STATE_KEYS = frozenset(
-    {
-        "format",
-        "version",
-        "seed",
-        "data_shapes",
-        "patch_size",
-        "epoch_base",
-        "n_patches",
-        "excluded",
-        "probability",
-        "calls",
-        "checksum",
-    }
-)
-_ARRAY_KEYS = frozenset({"dtype", "length", "encoding", "data"})
-_ARRAY_ENCODING = "zlib+base64"
-
-
-def _encode_array(values: NDArray[Any]) -> dict[str, Any]:
-    """Return a 1-D array as JSON data: little-endian bytes, zlib, base64 text.
-
-    Booleans are packed eight to a byte first. Per-region and per-index arrays
-    are mostly runs of one value (no exclusion, probability 1, equal call
-    counts), which zlib shrinks by orders of magnitude.
-    """
-    if values.dtype == np.bool_:
-        dtype = "bool"
-        raw = np.packbits(values, bitorder="little").tobytes()
-    else:
-        little = values.dtype.newbyteorder("<")
-        dtype = little.str
-        raw = values.astype(little, copy=False).tobytes()
-    return {
-        "dtype": dtype,
-        "length": len(values),
-        "encoding": _ARRAY_ENCODING,
-        "data": base64.b64encode(zlib.compress(raw)).decode("ascii"),
-    }
-
-
-def _decode_array(entry: Any, name: str, dtype: str, length: int) -> NDArray[Any]:
-    """Return an array made by :func:`_encode_array`, checking what it claims to be."""
-    where = f"state[{name!r}]"
-    if not isinstance(entry, Mapping) or set(entry) != _ARRAY_KEYS:
-        raise ValueError(f"{where} must be an encoded array with keys {sorted(_ARRAY_KEYS)}")
-    if entry["dtype"] != dtype or entry["encoding"] != _ARRAY_ENCODING:
-        raise ValueError(
-            f"{where} is {entry['dtype']!r} data encoded as {entry['encoding']!r}, "
-            f"expected {dtype!r} encoded as {_ARRAY_ENCODING!r}"
-        )
-    if entry["length"] != length:
-        raise ValueError(f"{where} holds {entry['length']} values, this sampler needs {length}")
-    try:
-        raw = zlib.decompress(base64.b64decode(entry["data"], validate=True))
-    except (binascii.Error, zlib.error, TypeError, ValueError) as error:
-        raise ValueError(f"{where} cannot be decoded: {error}") from None
-    if dtype == "bool":
-        expected_bytes = -(-length // 8)
-    else:
-        expected_bytes = length * np.dtype(dtype).itemsize
-    if len(raw) != expected_bytes:
-        raise ValueError(f"{where} decodes to {len(raw)} bytes, expected {expected_bytes}")
-    if dtype == "bool":
-        bits = np.frombuffer(raw, dtype=np.uint8)
-        return np.unpackbits(bits, count=length, bitorder="little").astype(bool)
-    return np.frombuffer(raw, dtype=dtype).astype(np.dtype(dtype).newbyteorder("="))
-
-
-def _state_checksum(state: Mapping[str, Any]) -> str:
-    """Return the SHA-256 of a state's canonical JSON text, its checksum excluded."""
-    body = {key: value for key, value in state.items() if key != "checksum"}
-    try:
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"state is not plain JSON data: {error}") from None
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _zero_counters(length: int) -> array:
@@ -718,20 +633,18 @@ class StratifiedPatching:
             strings and ints: no pickle.
         """
         tables = self._tables
-        state: dict[str, Any] = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "seed": self._seed,
-            "data_shapes": [list(shape) for shape in self._data_shapes],
-            "patch_size": list(self._patch_size),
-            "epoch_base": self._epoch_base,
-            "n_patches": self.n_patches,
-            "excluded": _encode_array(to_host(tables.excluded, bool)),
-            "probability": _encode_array(to_host(tables.probability, np.float64)),
-            "calls": _encode_array(np.frombuffer(self._calls, dtype=np.uint32)),
-        }
-        state["checksum"] = _state_checksum(state)
-        return state
+        return _state.seal(
+            {
+                "seed": self._seed,
+                "data_shapes": [list(shape) for shape in self._data_shapes],
+                "patch_size": list(self._patch_size),
+                "epoch_base": self._epoch_base,
+                "n_patches": self.n_patches,
+                "excluded": _state.encode_array(to_host(tables.excluded, bool)),
+                "probability": _state.encode_array(to_host(tables.probability, np.float64)),
+                "calls": _state.encode_array(np.frombuffer(self._calls, dtype=np.uint32)),
+            }
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a state made by :meth:`state_dict`.
@@ -756,28 +669,7 @@ class StratifiedPatching:
             for other data shapes or another patch size, or its contents are
             inconsistent.
         """
-        if not isinstance(state, Mapping):
-            raise TypeError(
-                f"state must be a mapping from state_dict(), got {type(state).__name__}"
-            )
-        missing, unknown = _STATE_KEYS - set(state), set(state) - _STATE_KEYS
-        if missing or unknown:
-            raise ValueError(
-                f"not a StratifiedPatching state: missing keys {sorted(missing)}, "
-                f"unknown keys {sorted(map(str, unknown))}"
-            )
-        if state["format"] != STATE_FORMAT:
-            raise ValueError(f"state format is {state['format']!r}, expected {STATE_FORMAT!r}")
-        if state["version"] != STATE_VERSION:
-            raise ValueError(
-                f"state version {state['version']!r} is not supported (this gpu-patching "
-                f"reads version {STATE_VERSION})"
-            )
-        if state["checksum"] != _state_checksum(state):
-            raise ValueError(
-                "state checksum does not match its contents: the state was modified or "
-                "corrupted after state_dict() made it"
-            )
+        state = _state.check_envelope(state)
         patch = check.validate_patch_size(state["patch_size"])
         shapes = check.validate_data_shapes(state["data_shapes"], patch)
         if shapes != self._data_shapes or patch != self._patch_size:
@@ -792,12 +684,12 @@ class StratifiedPatching:
         epoch_base = self._check_epoch(state["epoch_base"])
         n_patches = check.as_int(state["n_patches"], "state['n_patches']")
         n_regions = int(self._tables.region_offset[-1])
-        excluded = _decode_array(state["excluded"], "excluded", "bool", n_regions)
+        excluded = _state.decode_array(state["excluded"], "excluded", "bool", n_regions)
         probability = check.check_probabilities(
-            _decode_array(state["probability"], "probability", "<f8", n_regions),
+            _state.decode_array(state["probability"], "probability", "<f8", n_regions),
             "state['probability']",
         )
-        calls = _decode_array(state["calls"], "calls", "<u4", n_patches)
+        calls = _state.decode_array(state["calls"], "calls", "<u4", n_patches)
         tables = self._tables_with(excluded, probability)
         if tables.total_patches != n_patches:
             raise ValueError(

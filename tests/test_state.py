@@ -18,7 +18,13 @@ import pytest
 from conftest import numpy_sampler
 
 from gpu_patching import StratifiedPatching
-from gpu_patching.strategy import STATE_FORMAT, STATE_VERSION, _state_checksum
+from gpu_patching._state import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    decode_array,
+    encode_array,
+    state_checksum,
+)
 
 SHAPES = [(3, 1, 97, 64), (2, 2, 40, 50)]
 PATCH = (8, 6)
@@ -183,7 +189,7 @@ def assert_refused(
 def with_checksum(state: dict[str, Any]) -> dict[str, Any]:
     """A state whose checksum is recomputed: a deliberate, not an accidental, edit."""
     state = copy.deepcopy(state)
-    state["checksum"] = _state_checksum(state)
+    state["checksum"] = state_checksum(state)
     return state
 
 
@@ -239,19 +245,19 @@ def test_state_with_undecodable_data_is_refused(saved: Any) -> None:
 
 
 def test_state_with_a_bad_probability_is_refused(saved: Any) -> None:
-    from gpu_patching.strategy import _decode_array, _encode_array
-
     _, state = saved
     length = state["probability"]["length"]
-    probability = _decode_array(state["probability"], "probability", "<f8", length).copy()
+    probability = decode_array(state["probability"], "probability", "<f8", length).copy()
     probability[3] = -1.0
     broken = copy.deepcopy(state)
-    broken["probability"] = _encode_array(probability)
+    broken["probability"] = encode_array(probability)
     assert_refused(with_checksum(broken), ValueError, r"state\['probability'\] must be finite")
 
 
 def test_state_of_another_format_or_version_is_refused(saved: Any) -> None:
     _, state = saved
+    assert_refused(with_checksum(dict(state, version=True)), ValueError, "True is not supported")
+    assert_refused(with_checksum(dict(state, version=1.0)), ValueError, "1.0 is not supported")
     assert_refused(with_checksum(dict(state, version=2)), ValueError, "version 2 is not supported")
     assert_refused(with_checksum(dict(state, format="x")), ValueError, "state format is 'x'")
 

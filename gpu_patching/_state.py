@@ -91,6 +91,28 @@ def encode_array(values: NDArray[Any]) -> dict[str, Any]:
     }
 
 
+def check_array_header(entry: Any, name: str, dtype: str, length: int) -> None:
+    """Check an encoded array's keys, dtype, encoding and length, without decoding it.
+
+    Parameters are those of :func:`decode_array`, which calls this first.
+
+    Raises
+    ------
+    ValueError
+        If the entry is not an encoded array of that dtype and length.
+    """
+    where = f"state[{name!r}]"
+    if not isinstance(entry, Mapping) or set(entry) != _ARRAY_KEYS:
+        raise ValueError(f"{where} must be an encoded array with keys {sorted(_ARRAY_KEYS)}")
+    if entry["dtype"] != dtype or entry["encoding"] != _ARRAY_ENCODING:
+        raise ValueError(
+            f"{where} is {entry['dtype']!r} data encoded as {entry['encoding']!r}, "
+            f"expected {dtype!r} encoded as {_ARRAY_ENCODING!r}"
+        )
+    if entry["length"] != length:
+        raise ValueError(f"{where} holds {entry['length']} values, this sampler needs {length}")
+
+
 def decode_array(entry: Any, name: str, dtype: str, length: int) -> NDArray[Any]:
     """Return an array made by :func:`encode_array`, checking what it claims to be.
 
@@ -117,24 +139,20 @@ def decode_array(entry: Any, name: str, dtype: str, length: int) -> NDArray[Any]
         If the entry is not an encoded array of that dtype and length, or its
         data cannot be decoded.
     """
+    check_array_header(entry, name, dtype, length)
     where = f"state[{name!r}]"
-    if not isinstance(entry, Mapping) or set(entry) != _ARRAY_KEYS:
-        raise ValueError(f"{where} must be an encoded array with keys {sorted(_ARRAY_KEYS)}")
-    if entry["dtype"] != dtype or entry["encoding"] != _ARRAY_ENCODING:
-        raise ValueError(
-            f"{where} is {entry['dtype']!r} data encoded as {entry['encoding']!r}, "
-            f"expected {dtype!r} encoded as {_ARRAY_ENCODING!r}"
-        )
-    if entry["length"] != length:
-        raise ValueError(f"{where} holds {entry['length']} values, this sampler needs {length}")
-    try:
-        raw = zlib.decompress(base64.b64decode(entry["data"], validate=True))
-    except (binascii.Error, zlib.error, TypeError, ValueError) as error:
-        raise ValueError(f"{where} cannot be decoded: {error}") from None
     if dtype == "bool":
         expected_bytes = -(-length // 8)
     else:
         expected_bytes = length * np.dtype(dtype).itemsize
+    try:
+        # Inflate at most one byte more than expected: a small hostile state
+        # must not make gigabytes before its length is found wrong.
+        inflate = zlib.decompressobj()
+        compressed = base64.b64decode(entry["data"], validate=True)
+        raw = inflate.decompress(compressed, expected_bytes + 1)
+    except (binascii.Error, zlib.error, TypeError, ValueError) as error:
+        raise ValueError(f"{where} cannot be decoded: {error}") from None
     if len(raw) != expected_bytes:
         raise ValueError(f"{where} decodes to {len(raw)} bytes, expected {expected_bytes}")
     if dtype == "bool":

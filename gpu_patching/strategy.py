@@ -689,13 +689,16 @@ class StratifiedPatching:
             _state.decode_array(state["probability"], "probability", "<f8", n_regions),
             "state['probability']",
         )
-        calls = _state.decode_array(state["calls"], "calls", "<u4", n_patches)
+        # The calls are inflated only once n_patches is known to be right:
+        # a state's own word must not size an allocation.
+        _state.check_array_header(state["calls"], "calls", "<u4", n_patches)
         tables = self._tables_with(excluded, probability)
         if tables.total_patches != n_patches:
             raise ValueError(
                 f"the state is inconsistent: its exclusions and probabilities give "
                 f"{tables.total_patches} patches, but it says n_patches = {n_patches}"
             )
+        calls = _state.decode_array(state["calls"], "calls", "<u4", n_patches)
         # Everything is checked: commit.
         self._seed = seed
         self._tables = tables

@@ -14,6 +14,8 @@ computes everything before it commits, so a rejected update changes nothing.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +26,39 @@ from numpy.typing import NDArray
 from . import grid
 from ._arrays import to_host
 
-__all__ = ["MAX_PATCHES_PER_SAMPLE", "MAX_TOTAL_MASS", "RegionTables"]
+__all__ = [
+    "MAX_AXIS_LENGTH",
+    "MAX_PATCHES_PER_SAMPLE",
+    "MAX_TOTAL_MASS",
+    "MAX_TOTAL_REGIONS",
+    "RegionTables",
+    "check_size_limits",
+]
 
 #: Upper bound on the patches of one sample; keeps ``j * (M % n)`` in int64.
 MAX_PATCHES_PER_SAMPLE = (1 << 31) - 1
 #: Upper bound on the summed mass of all regions; keeps every prefix in int64.
 MAX_TOTAL_MASS = 1 << 62
+#: Upper bound on the regions (grid cells) of all samples. Every region is a
+#: row of several flat arrays (tens of bytes), so 2**40 rows would be tens of
+#: terabytes: a shape that asks for more is a mistake, refused before any
+#: allocation rather than failing in the allocator.
+MAX_TOTAL_REGIONS = 1 << 40
+#: Upper bound on a spatial axis or a patch size: corners and cell starts are
+#: int64, and ``D + 1`` must not wrap.
+MAX_AXIS_LENGTH = 1 << 62
+#: Lower bounds on what the tables keep: bytes per region (the per-region
+#: arrays), per sample (the per-sample arrays) and per patch (the call
+#: counters). Used to refuse, up front, tables larger than the machine.
+_REGION_BYTES, _SAMPLE_BYTES, _PATCH_BYTES = 26, 96, 4
+
+
+def _physical_memory_bytes() -> int | None:
+    """Return the machine's physical memory, or None where it is not known."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 @dataclass
@@ -47,6 +76,102 @@ class _SampleUpdate:
     mass_estimate: NDArray[np.float64]
 
 
+def check_size_limits(
+    spatial_shapes: Sequence[Sequence[int]],
+    samples_per_stack: Sequence[int],
+    patch_size: Sequence[int],
+) -> None:
+    """Refuse, before anything is allocated, stacks whose tables break a limit.
+
+    Everything is computed from the shapes with Python integers (no array of
+    the size being checked is made): the axis lengths, the regions of all
+    samples, the patches of each sample with nothing excluded and every
+    probability 1 (the tables' state after construction, computed by the
+    same float64 expression as :func:`grid.patches_per_sample`), the total
+    sampling mass (every valid corner weighs ``grid.PROB_ONE``) and the
+    memory the tables need at the least, against the machine's. The patches
+    of all samples need no limit of their own: at most ``MAX_TOTAL_REGIONS``
+    at construction and ``MAX_PROBABILITY`` times as many after updates, far
+    below the ``2**62`` positions an epoch's permutation orders.
+
+    Parameters
+    ----------
+    spatial_shapes : sequence of sequence of int
+        ``(Z)YX`` shape of each stack (positive; shape checks come first).
+    samples_per_stack : sequence of int
+        Number of samples of each stack.
+    patch_size : sequence of int
+        Patch size per spatial axis.
+
+    Raises
+    ------
+    ValueError
+        Naming the stack (``data_shapes[k]``), its shape, the patch size and
+        the limit it breaks.
+    """
+    patch = tuple(int(p) for p in patch_size)
+    total_regions = total_patches = total_corners = 0
+    for stack, (spatial, n_samples) in enumerate(
+        zip(spatial_shapes, samples_per_stack, strict=True)
+    ):
+        spatial = tuple(int(s) for s in spatial)
+        n_samples = int(n_samples)
+        name = f"data_shapes[{stack}] ({n_samples} samples of (Z)YX shape {spatial})"
+        longest = max(max(spatial), max(patch))
+        if longest > MAX_AXIS_LENGTH:
+            raise ValueError(
+                f"{name} with patch_size {patch} has an axis of {longest}, more than the "
+                f"supported {MAX_AXIS_LENGTH} (2**62)"
+            )
+        n_cells = grid.cell_count(grid.grid_shape(spatial, patch))
+        total_regions += n_samples * n_cells
+        if total_regions > MAX_TOTAL_REGIONS:
+            raise ValueError(
+                f"{name} with patch_size {patch} brings the grid cells (sampling regions) "
+                f"of all stacks to {total_regions}, more than the supported "
+                f"{MAX_TOTAL_REGIONS} (2**40); use a larger patch size or less data"
+            )
+        # The patch count of a fresh sample, as grid.patches_per_sample has it.
+        base = 1.0
+        for length, size in zip(spatial, patch, strict=True):
+            base *= float(length) / float(size)
+        corners = 1
+        for length, size in zip(spatial, patch, strict=True):
+            corners *= max(0, length - size + 1)
+        per_sample = max(1, math.ceil(base)) if corners else 0
+        if per_sample > MAX_PATCHES_PER_SAMPLE:
+            raise ValueError(
+                f"{name} with patch_size {patch} would have {per_sample} patches per "
+                f"sample, more than the supported {MAX_PATCHES_PER_SAMPLE} (2**31 - 1); "
+                f"use a larger patch size or split the samples"
+            )
+        total_patches += n_samples * per_sample
+        total_corners += n_samples * corners
+        if total_corners * grid.PROB_ONE >= MAX_TOTAL_MASS:
+            raise ValueError(
+                f"{name} with patch_size {patch} brings the patch positions of all stacks "
+                f"to {total_corners}, whose sampling mass ({grid.PROB_ONE} per position) "
+                f"reaches the supported {MAX_TOTAL_MASS} (2**62); use less data"
+            )
+    n_samples_total = sum(int(s) for s in samples_per_stack)
+    needed = (
+        _REGION_BYTES * total_regions
+        + _SAMPLE_BYTES * n_samples_total
+        + _PATCH_BYTES * total_patches
+    )
+    memory = _physical_memory_bytes()
+    if memory is not None and needed > memory:
+        shapes = [tuple(int(s) for s in shape) for shape in spatial_shapes[:4]]
+        more = ", ..." if len(spatial_shapes) > 4 else ""
+        raise ValueError(
+            f"{n_samples_total} samples of (Z)YX shapes {str(shapes)[:-1]}{more}] with "
+            f"patch_size {patch} "
+            f"({total_regions} grid cells, {total_patches} patches) need at least "
+            f"{needed / 2**30:.1f} GiB for their tables, more than this machine's "
+            f"{memory / 2**30:.1f} GiB of memory"
+        )
+
+
 class RegionTables:
     """Per-region and per-sample tables of a stratified sampler.
 
@@ -60,6 +185,12 @@ class RegionTables:
         Patch size per spatial axis.
     xp : module
         Array namespace for the per-region arrays (``numpy`` or ``cupy``).
+
+    Raises
+    ------
+    ValueError
+        If the shapes break a size limit (:func:`check_size_limits`), before
+        anything is allocated.
     """
 
     def __init__(
@@ -69,6 +200,7 @@ class RegionTables:
         patch_size: tuple[int, ...],
         xp: Any = np,
     ) -> None:
+        check_size_limits(spatial_shapes, samples_per_stack, patch_size)
         self.xp = xp
         self.patch_size = tuple(int(p) for p in patch_size)
         self.ndim = len(self.patch_size)

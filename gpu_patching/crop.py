@@ -85,6 +85,7 @@ from ._validation import check_stack_shape, validate_patch_size
 from .backends import BackendUnavailableError
 from .backends.cuda_backend import compile_options, kernel_source
 from .specs import PatchBatch
+from .stores import ChunkReader, as_chunked_stack, is_chunked_stack
 
 __all__ = [
     "CHECK_KERNEL_NAME",
@@ -218,7 +219,10 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
         size at least the patch size. Either all on the host (NumPy arrays, or
         anything ``numpy.asarray`` accepts) or all on one CUDA device (CuPy
         arrays, or arrays with ``__cuda_array_interface__`` or DLPack such as
-        PyTorch CUDA tensors, read in place through their strides).
+        PyTorch CUDA tensors, read in place through their strides), or all
+        chunked stores (zarr arrays with axes ``SC(Z)YX``, or stacks from
+        :func:`gpu_patching.stores.open_stack`): each chunk the batch touches
+        is read once, concurrently, and nothing reads a whole stack.
     batch : PatchBatch
         The patches: ``data_idx``, ``sample_idx`` and ``coords`` (NumPy or
         CuPy arrays of integers) and ``patch_size``.
@@ -270,6 +274,8 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
     """
     patch_size, n_rows = _check_batch(batch)
     stack_list = _stack_list(stacks)
+    if any(is_chunked_stack(stack) for stack in stack_list):
+        return _extract_chunked(stack_list, batch, patch_size, n_rows, out)
     on_device = [_is_device_array(stack) for stack in stack_list]
     if any(on_device) and not all(on_device):
         host = on_device.index(False)
@@ -412,6 +418,33 @@ def _host_rows(
         to_host(batch.sample_idx, np.int64),
         to_host(batch.coords, np.int64),
     )
+
+
+# -- chunked stores ------------------------------------------------------------------------
+
+
+def _extract_chunked(
+    stacks: list[Any],
+    batch: PatchBatch,
+    patch_size: tuple[int, ...],
+    n_rows: int,
+    out: Any,
+) -> NDArray[Any]:
+    """``extract_patches`` for chunked stores (zarr, OME-Zarr, TIFF): see :mod:`.stores`."""
+    chunked = [as_chunked_stack(stack, f"stacks[{k}]") for k, stack in enumerate(stacks)]
+    shapes = [stack.shape for stack in chunked]
+    n_channels, dtype = _check_stacks(shapes, [stack.dtype for stack in chunked], patch_size)
+    result_shape = (n_rows, n_channels, *patch_size)
+    if out is not None:
+        _check_host_out(out, result_shape, dtype, [])
+    rows = _host_rows(batch)
+    _check_host_rows(rows, shapes, patch_size)
+    # Each chunk the batch touches is read once; no cache outlives the call.
+    patches = ChunkReader(chunked, cache_bytes=0).read(rows, patch_size)
+    if out is None:
+        return patches
+    out[...] = patches  # only a complete batch reaches out
+    return out
 
 
 # -- the NumPy path ------------------------------------------------------------------------

@@ -27,9 +27,18 @@ from typing import Any
 import numpy as np
 
 from . import _validation as check
+from .backends import BackendUnavailableError
 from .crop import _device_crop, _is_device_array, extract_patches
 from .permutation import EpochOrder
 from .specs import PatchBatch
+from .stores import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_WORKERS,
+    ChunkReader,
+    check_reader_options,
+    is_chunked_stack,
+    upload_batch,
+)
 from .strategy import StratifiedPatching
 
 __all__ = ["PatchLoader"]
@@ -45,8 +54,10 @@ class PatchLoader:
         axes ``SC(Z)YX`` and exactly the strategy's ``data_shapes``. Host
         arrays (NumPy) are cropped on the host; device arrays (CuPy, or CUDA
         arrays with ``__cuda_array_interface__``/DLPack such as PyTorch CUDA
-        tensors) by one CUDA kernel per batch. Stacks must fit in the memory
-        they live in; see :mod:`gpu_patching.crop` for larger data.
+        tensors) by one CUDA kernel per batch. Chunked stores (zarr arrays,
+        stacks from :func:`gpu_patching.stores.open_stack`) are read chunk by
+        chunk and never whole (see the notes). Other stacks must fit in the
+        memory they live in.
     strategy : StratifiedPatching
         The sampler.
     batch_size : int
@@ -65,11 +76,27 @@ class PatchLoader:
         need PyTorch 2.3 or later, and most PyTorch operations do not take
         such tensors: convert the batches (``patches.float()``) or the stacks.
     stream : cupy.cuda.Stream, optional
-        CUDA stream for the epoch draw and the crops (device stacks only);
-        default: the stream current when iteration starts.
+        CUDA stream for the epoch draw and the crops (device stacks), or for
+        the uploads (``device_output``); default: the stream current when
+        iteration starts.
+    cache_bytes : int, default gpu_patching.stores.DEFAULT_CACHE_BYTES
+        Chunked stores only: byte limit of the chunk cache (512 MiB).
+    workers : int, default gpu_patching.stores.DEFAULT_WORKERS
+        Chunked stores only: chunk reads in flight at once.
+    device_output : bool, default False
+        Chunked stores only: upload each assembled batch to the current CUDA
+        device (CuPy, or a CUDA tensor with ``as_torch``) on ``stream``.
 
     Notes
     -----
+    Chunked stores (zarr arrays with axes ``SC(Z)YX`` or stacks from
+    :func:`gpu_patching.stores.open_stack`) are read by a
+    :class:`~gpu_patching.stores.ChunkReader`: each chunk a batch touches is
+    read once, concurrently, through a chunk cache of ``cache_bytes``, and the
+    next batch is read on a thread while the current one trains. A store
+    fault raises :class:`~gpu_patching.stores.StoreError` from the loop, in
+    place of the batch it spoiled.
+
     ``set_epoch(e)`` selects the epoch of the next passes, exactly as with
     PyTorch's ``DistributedSampler``: call it at the start of every epoch. A
     pass without a new ``set_epoch`` repeats the epoch (same order, same
@@ -99,6 +126,9 @@ class PatchLoader:
         drop_last: bool = False,
         as_torch: bool = False,
         stream: Any = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        workers: int = DEFAULT_WORKERS,
+        device_output: bool = False,
     ) -> None:
         if not isinstance(strategy, StratifiedPatching):
             raise TypeError(f"strategy must be a StratifiedPatching, got {type(strategy).__name__}")
@@ -121,6 +151,24 @@ class PatchLoader:
             raise ValueError(
                 f"the stacks' shapes {shapes} differ from the strategy's data_shapes {expected}"
             )
+        cache_limit, n_workers = check_reader_options(cache_bytes, workers)
+        chunked = [is_chunked_stack(stack) for stack in stacks]
+        if device_output and not all(chunked):
+            raise ValueError("device_output=True is for chunked stores; give device stacks instead")
+        if device_output:
+            try:
+                import cupy  # noqa: F401  (fail now, not at the first batch)
+            except ImportError as error:
+                raise BackendUnavailableError(
+                    "device_output=True needs CuPy: pip install 'gpu-patching[cuda12]'"
+                ) from error
+        # The reader checks that stores are not mixed with in-memory arrays.
+        self._reader = (
+            ChunkReader(stacks, cache_bytes=cache_limit, workers=n_workers)
+            if any(chunked)
+            else None
+        )
+        self._device_output = bool(device_output)
         on_device = {_is_device_array(stack) for stack in stacks}
         if len(on_device) > 1:
             raise TypeError("stacks must all be host arrays or all be device arrays")
@@ -172,6 +220,8 @@ class PatchLoader:
         return -(-rows // self._batch_size)
 
     def __iter__(self) -> Iterator[tuple[Any, PatchBatch]]:
+        if self._reader is not None:
+            return self._store_batches(self._epoch)
         if self._on_device:
             return self._device_batches(self._epoch)
         return self._host_batches(self._epoch)
@@ -183,6 +233,22 @@ class PatchLoader:
         for start in range(0, len(rows), self._batch_size):
             batch = rows[start : start + self._batch_size]
             yield self._convert(extract_patches(self._stacks, batch)), batch
+
+    # -- chunked stores --------------------------------------------------------
+
+    def _store_batches(self, epoch: int) -> Iterator[tuple[Any, PatchBatch]]:
+        assert self._reader is not None
+        rows = self._strategy.sample_epoch(epoch, **self._options).to_numpy()
+        for patches, batch in self._reader.batches(rows, self._batch_size):
+            if not self._device_output:
+                yield self._convert(patches), batch
+                continue
+            uploaded = upload_batch(patches, self._stream)
+            if self._as_torch:
+                import torch
+
+                uploaded = torch.from_dlpack(uploaded)
+            yield uploaded, batch
 
     # -- device stacks ---------------------------------------------------------
 

@@ -1,0 +1,919 @@
+"""Chunked stacks: patches straight from zarr, OME-Zarr and TIFF stores.
+
+Light-sheet and slide-scanner stacks fit in neither host nor device memory.
+This module makes chunked stores stacks of their own, so that
+:func:`~gpu_patching.extract_patches` and :class:`~gpu_patching.PatchLoader`
+cut patches out of them without ever reading a whole stack:
+
+* :func:`open_stack` opens a store as a :class:`ChunkedStack`, an ``SC(Z)YX``
+  view of a chunked array that reads nothing but metadata: a zarr array
+  (zarr-python 3, format 2 or 3 stores, any codec), level 0 (or another level)
+  of an OME-Zarr multiscale image, or a TIFF through tifffile's zarr store.
+  Other axis orders are mapped with ``axes=`` (e.g. ``"ZYX"``, ``"YXC"``);
+  OME-Zarr images bring their own axes.
+* :class:`ChunkReader` reads the patches of a batch: it finds the chunks the
+  batch's patches touch (vectorised, :func:`plan_chunks`), reads each of them
+  **once**, concurrently, and copies every patch's pieces out of each chunk as
+  it arrives; the rows keep the batch's order. Chunks go through a cache with
+  a byte limit (:data:`DEFAULT_CACHE_BYTES`), so neighbouring batches that
+  touch the same chunks do not decode them again.
+  :meth:`ChunkReader.batches` prefetches batch ``k + 1`` on a thread while
+  batch ``k`` trains.
+
+Why this and not one zarr read per patch: a zarr read decodes every chunk the
+selection touches, so slicing patch after patch decodes each chunk once per
+patch that touches it, and pays zarr's per-call overhead (about a millisecond
+in zarr-python 3) per patch.
+
+The reader is zarr-python's own asynchronous API: one event-loop task per
+chunk, at most ``workers`` reads in flight, and zarr's codecs decode in
+zarr's thread pool (they release the GIL). ``benchmarks/bench_stores.py``
+measured it against per-chunk synchronous reads from a thread pool and
+against TensorStore on the same chunks: the asynchronous reads were as fast
+as TensorStore and faster than the synchronous reads, so TensorStore (an
+extra dependency that does not read tifffile's stores) is not used.
+
+Memory. What a read holds: the chunk cache (at most ``cache_bytes``), the
+chunks in flight (at most ``workers``, each dropped once its pieces are
+copied unless the cache keeps it), and the batches being assembled and handed
+over (two with :meth:`ChunkReader.batches`). Nothing grows with the store.
+
+Faults. A chunk that fails to decode or read, a store whose metadata has
+disappeared, and a store whose shape, dtype or chunks changed since it was
+opened each raise :class:`StoreError`, naming the store and (for a chunk) the
+chunk's index and key. Metadata is checked before and after each batch's
+reads; a batch with a fault is never returned (not even partly: patches are
+assembled into a new array and copied into a caller's ``out`` only once
+complete). With :meth:`ChunkReader.batches` the error is raised in the
+consumer's thread, from the ``next()`` that would have returned the batch.
+zarr reads a chunk missing from a store as the fill value (zarr-python 3 does
+not write chunks that hold only the fill value), so a store deleted while a
+batch is being read is caught by the metadata check after the batch, not by
+the chunk reads; a TIFF keeps being read through its open file handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import _validation as check
+from .io import to_scyx_axes
+from .specs import PatchBatch
+
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "ChunkPlan",
+    "ChunkReader",
+    "ChunkedStack",
+    "StoreError",
+    "as_chunked_stack",
+    "check_reader_options",
+    "is_chunked_stack",
+    "open_stack",
+    "plan_chunks",
+    "upload_batch",
+]
+
+#: Default byte limit of a :class:`ChunkReader`'s chunk cache (512 MiB).
+DEFAULT_CACHE_BYTES = 512 << 20
+#: Default number of chunk reads in flight (zarr's codecs decode in threads).
+DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+
+# OME-Zarr axis names to our letters (time points are samples).
+_OME_AXES = {"t": "S", "c": "C", "z": "Z", "y": "Y", "x": "X"}
+
+
+class StoreError(OSError):
+    """A chunked store could not be read as it was opened.
+
+    Raised for a chunk that fails to read or decode, a store that has
+    disappeared, or a store whose shape, dtype or chunks changed since it was
+    opened.
+
+    Attributes
+    ----------
+    source : str
+        The store (a path or zarr's store URL).
+    chunk : tuple of int or None
+        The chunk's index in the stored array's chunk grid, when one chunk
+        failed.
+    """
+
+    def __init__(self, message: str, source: str, chunk: tuple[int, ...] | None = None) -> None:
+        super().__init__(message)
+        self.source = source
+        self.chunk = chunk
+
+
+# -- opening ---------------------------------------------------------------------------
+
+
+class ChunkedStack:
+    """An ``SC(Z)YX`` view of a chunked array: shape, dtype, chunk reads.
+
+    Nothing but metadata is read when it is built; :meth:`read_chunk` reads
+    one chunk. Build it with :func:`open_stack` (paths, OME-Zarr groups,
+    TIFFs) or directly from a zarr array.
+
+    Parameters
+    ----------
+    array : zarr.Array
+        The stored array (zarr-python 3; a format 2 or 3 store, or tifffile's
+        zarr store of a TIFF).
+    axes : str, optional
+        The stored array's axes, letters from ``S``, ``C``, ``Z``, ``Y``,
+        ``X`` (``Y`` and ``X`` required), e.g. ``"ZYX"`` or ``"YXC"``; missing
+        ``S``/``C`` become axes of length 1. Default: ``"SCYX"`` or
+        ``"SCZYX"`` for 4 or 5 axes, ``"YX"`` for 2; other ranks need it.
+    name : str, optional
+        How errors name the store; default: zarr's store URL.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``SC(Z)YX`` shape (what a sampler's ``data_shapes`` takes).
+    chunks : tuple of int
+        The chunk shape in the same axes (1 for an added axis).
+    dtype : numpy.dtype
+        The element type.
+    axes : str
+        The stored array's axes.
+    name : str
+        The store, as errors name it.
+    """
+
+    def __init__(self, array: Any, axes: str | None = None, *, name: str | None = None) -> None:
+        if not _is_zarr_array(array):
+            raise TypeError(f"array must be a zarr array, got {type(array).__name__}")
+        stored_shape = tuple(int(s) for s in array.shape)
+        stored_chunks = tuple(int(c) for c in array.chunks)
+        if axes is None:
+            defaults = {2: "YX", 4: "SCYX", 5: "SCZYX"}
+            if len(stored_shape) not in defaults:
+                raise ValueError(
+                    f"{name or _store_url(array)} has shape {stored_shape}; give its axes, "
+                    "e.g. axes='ZYX' (2, 4 and 5 axes default to YX, SCYX and SCZYX)"
+                )
+            axes = defaults[len(stored_shape)]
+        order, present = to_scyx_axes(axes, len(stored_shape))
+        letters = axes.upper()
+        full = "SC" + ("Z" if "Z" in present else "") + "YX"
+        # stored axis of each SC(Z)YX axis; None for an added S or C
+        self._stored_axis: tuple[int | None, ...] = tuple(
+            letters.index(a) if a in letters else None for a in full
+        )
+        self._order = order
+        self._array = array
+        self._closer: Any = None
+        self.axes = letters
+        self.name = name if name is not None else _store_url(array)
+        self.dtype = np.dtype(array.dtype)
+        self.shape = tuple(1 if i is None else stored_shape[i] for i in self._stored_axis)
+        self.chunks = tuple(1 if i is None else stored_chunks[i] for i in self._stored_axis)
+        self._stored_meta = (stored_shape, self.dtype, stored_chunks)
+
+    @property
+    def ndim(self) -> int:
+        """Number of axes (4 for ``SCYX``, 5 for ``SCZYX``)."""
+        return len(self.shape)
+
+    @property
+    def array(self) -> Any:
+        """The zarr array this stack reads."""
+        return self._array
+
+    @property
+    def chunk_grid(self) -> tuple[int, ...]:
+        """Chunks per ``SC(Z)YX`` axis."""
+        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunks, strict=True))
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of one whole chunk."""
+        return math.prod(self.chunks) * self.dtype.itemsize
+
+    def __repr__(self) -> str:
+        return (
+            f"ChunkedStack({self.name!r}, shape={self.shape}, chunks={self.chunks}, "
+            f"dtype={self.dtype}, axes={self.axes!r})"
+        )
+
+    def __array__(self, *args: Any, **kwargs: Any) -> Any:
+        # numpy.asarray would read the whole store: the one thing a chunked
+        # stack exists to avoid.
+        raise TypeError(
+            f"{self!r} is not read whole; crop it with extract_patches or PatchLoader, "
+            "or read a region with read_region"
+        )
+
+    def stored_index(self, index: Sequence[int]) -> tuple[int, ...]:
+        """Return the stored array's chunk index of an ``SC(Z)YX`` chunk index."""
+        stored = [0] * len(self._stored_meta[0])
+        for value, axis in zip(index, self._stored_axis, strict=True):
+            if axis is not None:
+                stored[axis] = int(value)
+        return tuple(stored)
+
+    def chunk_key(self, index: Sequence[int]) -> str | None:
+        """Return the store key of an ``SC(Z)YX`` chunk index (None if zarr cannot say)."""
+        try:
+            return str(self._array.metadata.encode_chunk_key(self.stored_index(index)))
+        except Exception:  # a metadata class without chunk keys: name the index only
+            return None
+
+    def _stored_selection(self, starts: Sequence[int], stops: Sequence[int]) -> tuple[slice, ...]:
+        selection = [slice(None)] * len(self._stored_meta[0])
+        for start, stop, axis in zip(starts, stops, self._stored_axis, strict=True):
+            if axis is not None:
+                selection[axis] = slice(int(start), int(stop))
+        return tuple(selection)
+
+    def _to_full(self, block: NDArray[Any]) -> NDArray[Any]:
+        """Return a stored-order block as an ``SC(Z)YX`` view (transposed, axes of 1 added)."""
+        view = np.transpose(block, self._order)
+        missing = [a for a, axis in enumerate(self._stored_axis) if axis is None]
+        return np.expand_dims(view, tuple(missing)) if missing else view
+
+    def _chunk_bounds(self, index: Sequence[int]) -> tuple[list[int], list[int]]:
+        starts = [int(i) * c for i, c in zip(index, self.chunks, strict=True)]
+        stops = [min(s + c, n) for s, c, n in zip(starts, self.chunks, self.shape, strict=True)]
+        return starts, stops
+
+    def read_chunk(self, index: Sequence[int]) -> NDArray[Any]:
+        """Read one chunk, as an ``SC(Z)YX`` array (clipped at the stack's far edges).
+
+        Parameters
+        ----------
+        index : sequence of int
+            The chunk's index in :attr:`chunk_grid`.
+
+        Returns
+        -------
+        numpy.ndarray
+            The chunk's elements, axes ``SC(Z)YX``.
+        """
+        grid = self.chunk_grid
+        chunk = tuple(check.as_int(i, "chunk index") for i in index)
+        if len(chunk) != len(grid) or any(not 0 <= i < g for i, g in zip(chunk, grid, strict=True)):
+            raise IndexError(f"chunk index {chunk} is outside the chunk grid {grid} of {self.name}")
+        starts, stops = self._chunk_bounds(chunk)
+        return self._to_full(np.asarray(self._array[self._stored_selection(starts, stops)]))
+
+    async def _read_chunk_async(self, index: tuple[int, ...]) -> NDArray[Any]:
+        starts, stops = self._chunk_bounds(index)
+        selection = self._stored_selection(starts, stops)
+        block = await self._array.async_array.getitem(selection)
+        return self._to_full(np.asarray(block))
+
+    def read_region(self, sample: int, starts: Sequence[int], sizes: Sequence[int]) -> Any:
+        """Read one box of one sample (all channels) with a plain zarr read.
+
+        Parameters
+        ----------
+        sample : int
+            The sample.
+        starts, sizes : sequence of int
+            The box's corner and size on the spatial axes ``(Z)YX``.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``(C, *sizes)``.
+        """
+        sample = check.check_index(sample, "sample", self.shape[0])
+        spatial = self.shape[2:]
+        if len(starts) != len(spatial) or len(sizes) != len(spatial):
+            raise ValueError(f"starts and sizes need {len(spatial)} entries, got {starts}, {sizes}")
+        lows = [check.as_int(s, "starts entry") for s in starts]
+        highs = [low + check.as_int(n, "sizes entry") for low, n in zip(lows, sizes, strict=True)]
+        if any(not 0 <= lo < hi <= n for lo, hi, n in zip(lows, highs, spatial, strict=True)):
+            raise ValueError(
+                f"the box from {tuple(lows)} to {tuple(highs)} leaves the spatial shape {spatial}"
+            )
+        selection = self._stored_selection([sample, 0, *lows], [sample + 1, self.shape[1], *highs])
+        return self._to_full(np.asarray(self._array[selection]))[0]
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`StoreError` if the store is gone or its array changed.
+
+        Re-reads the array's metadata (one small read); a TIFF is read
+        through its open file, so it is not checked.
+        """
+        if _tiff_backed(self._array):
+            return
+        import zarr
+
+        try:
+            current = zarr.open_array(store=self._array.store, path=self._array.path, mode="r")
+        except Exception as error:
+            raise StoreError(
+                f"the store {self.name} has disappeared or cannot be opened any more "
+                f"({type(error).__name__}: {error})",
+                self.name,
+            ) from error
+        now = (
+            tuple(int(s) for s in current.shape),
+            np.dtype(current.dtype),
+            tuple(int(c) for c in current.chunks),
+        )
+        if now != self._stored_meta:
+            raise StoreError(
+                f"the array in {self.name} changed since it was opened: shape, dtype and "
+                f"chunks were {_describe(self._stored_meta)}, now {_describe(now)}",
+                self.name,
+            )
+
+    def close(self) -> None:
+        """Close the file a TIFF stack keeps open (nothing to do for zarr stores)."""
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+
+def _describe(meta: tuple[Any, ...]) -> str:
+    shape, dtype, chunks = meta
+    return f"{shape}, {dtype}, {chunks}"
+
+
+def _is_zarr_array(value: Any) -> bool:
+    """Tell a zarr array without importing zarr (an optional dependency)."""
+    module = type(value).__module__ or ""
+    return module.split(".")[0] == "zarr" and hasattr(value, "chunks") and hasattr(value, "shape")
+
+
+def _store_url(array: Any) -> str:
+    return str(getattr(array, "store_path", type(array).__name__))
+
+
+def _tiff_backed(array: Any) -> bool:
+    store = getattr(array, "store", None)
+    return (type(store).__module__ or "").split(".")[0] == "tifffile"
+
+
+def is_chunked_stack(value: Any) -> bool:
+    """Tell whether ``value`` is a chunked stack (:class:`ChunkedStack` or a zarr array).
+
+    Parameters
+    ----------
+    value : Any
+        A stack.
+
+    Returns
+    -------
+    bool
+        True for the stacks this module reads.
+    """
+    return isinstance(value, ChunkedStack) or _is_zarr_array(value)
+
+
+def as_chunked_stack(value: Any, name: str = "stack") -> ChunkedStack:
+    """Return a :class:`ChunkedStack` as is, or a zarr array (axes ``SC(Z)YX``) wrapped."""
+    if isinstance(value, ChunkedStack):
+        return value
+    if _is_zarr_array(value):
+        shape = tuple(int(s) for s in value.shape)
+        if len(shape) not in (4, 5):
+            raise ValueError(
+                f"{name} is a zarr array of shape {shape}; a stack needs the axes SC(Z)YX "
+                "(4 or 5 axes): open it with gpu_patching.stores.open_stack(array, axes=...)"
+            )
+        return ChunkedStack(value)
+    raise TypeError(
+        f"{name} is not a chunked stack (a ChunkedStack or a zarr array) but a "
+        f"{type(value).__name__}: chunked stores and in-memory arrays cannot be mixed"
+    )
+
+
+def open_stack(source: Any, axes: str | None = None, *, level: int = 0) -> ChunkedStack:
+    """Open a chunked store as an ``SC(Z)YX`` stack, reading only metadata.
+
+    Parameters
+    ----------
+    source : str, pathlib.Path, zarr.Array or zarr.Group
+        A zarr store (``.zarr`` folder, format 2 or 3), an OME-Zarr image
+        (a group with ``multiscales`` metadata, version 0.4 or 0.5), a
+        ``.tif``/``.tiff`` file (read through tifffile's zarr store: tiles or
+        strips are its chunks), or an opened zarr array or group.
+    axes : str, optional
+        The stored array's axes (see :class:`ChunkedStack`). OME-Zarr images
+        default to their own axes (``t`` is read as samples ``S``).
+    level : int, default 0
+        The multiscale level of an OME-Zarr image or a pyramidal TIFF (0 is
+        full resolution); other stores have only level 0.
+
+    Returns
+    -------
+    ChunkedStack
+        The stack; ``stack.shape`` is what a sampler's ``data_shapes`` takes.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the path does not exist.
+    ValueError
+        If the group is not a multiscale image, the level does not exist or
+        the axes do not fit the array.
+    TypeError
+        If ``source`` is of another type.
+    """
+    level = check.as_int(level, "level")
+    if level < 0:
+        raise ValueError(f"level must be at least 0, got {level}")
+    if isinstance(source, ChunkedStack):
+        if axes is not None or level:
+            raise ValueError("source is already a ChunkedStack; give axes and level when opening")
+        return source
+    if isinstance(source, (str, Path)):
+        return _open_path(Path(source), axes, level)
+    if _is_zarr_array(source):
+        _check_level(level, 1, _store_url(source))
+        return ChunkedStack(source, axes)
+    if (type(source).__module__ or "").split(".")[0] == "zarr":  # a group
+        return _open_group(source, axes, level, _store_url(source))
+    raise TypeError(
+        f"source must be a path, a zarr array or a zarr group, got {type(source).__name__}"
+    )
+
+
+def _check_level(level: int, n_levels: int, name: str) -> None:
+    if level >= n_levels:
+        raise ValueError(f"{name} has {n_levels} level(s); level {level} does not exist")
+
+
+def _open_path(path: Path, axes: str | None, level: int) -> ChunkedStack:
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    import zarr
+
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        tiff = tifffile.TiffFile(path)
+        try:
+            n_levels = len(tiff.series[0].levels)
+            _check_level(level, n_levels, str(path))
+            store = tiff.aszarr(level=level)
+            array = zarr.open_array(store=store, mode="r")
+        except BaseException:
+            tiff.close()
+            raise
+        stack = ChunkedStack(array, axes, name=str(path))
+        stack._closer = tiff.close
+        return stack
+    opened = zarr.open(str(path), mode="r")
+    if _is_zarr_array(opened):
+        _check_level(level, 1, str(path))
+        return ChunkedStack(opened, axes, name=str(path))
+    return _open_group(opened, axes, level, str(path))
+
+
+def _open_group(group: Any, axes: str | None, level: int, name: str) -> ChunkedStack:
+    """Level ``level`` of an OME-Zarr multiscale image (0.4: attrs; 0.5: attrs['ome'])."""
+    attributes = dict(group.attrs)
+    multiscales = attributes.get("multiscales", attributes.get("ome", {}).get("multiscales"))
+    if not multiscales:
+        raise ValueError(
+            f"{name} is a zarr group without OME-Zarr 'multiscales' metadata; "
+            "open the array inside it instead"
+        )
+    image = multiscales[0]
+    datasets = image.get("datasets", [])
+    _check_level(level, len(datasets), name)
+    path = datasets[level]["path"]
+    if axes is None and "axes" in image:
+        names = [a["name"] if isinstance(a, dict) else str(a) for a in image["axes"]]
+        unknown = [n for n in names if n.lower() not in _OME_AXES]
+        if unknown:
+            raise ValueError(
+                f"{name} has axes {names}; {unknown} have no SC(Z)YX meaning: give axes="
+            )
+        axes = "".join(_OME_AXES[n.lower()] for n in names)
+    return ChunkedStack(group[path], axes, name=f"{name}/{path}")
+
+
+# -- planning: which chunks a batch touches ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The chunks a batch touches and the pieces to copy out of each.
+
+    Attributes
+    ----------
+    stack : numpy.ndarray of int64, shape (n_chunks,)
+        The stack of each chunk.
+    chunk : numpy.ndarray of int64, shape (n_chunks, ndim + 2)
+        Each chunk's ``SC(Z)YX`` index, every chunk once, sorted.
+    piece_row : numpy.ndarray of int64, shape (n_pieces,)
+        The batch row of each piece (the part of one patch inside one chunk).
+    piece_chunk : numpy.ndarray of int64, shape (n_pieces,)
+        The chunk (row of ``chunk``) each piece is copied from; pieces are
+        grouped by chunk.
+    piece_low, piece_high : numpy.ndarray of int64, shape (n_pieces, ndim + 1)
+        The piece's box on the axes ``C(Z)YX`` of the stack, ``[low, high)``.
+    """
+
+    stack: NDArray[np.int64]
+    chunk: NDArray[np.int64]
+    piece_row: NDArray[np.int64]
+    piece_chunk: NDArray[np.int64]
+    piece_low: NDArray[np.int64]
+    piece_high: NDArray[np.int64]
+
+
+def plan_chunks(
+    shapes: Sequence[tuple[int, ...]],
+    chunks: Sequence[tuple[int, ...]],
+    rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
+    patch_size: tuple[int, ...],
+) -> ChunkPlan:
+    """Find the chunks a batch touches, each once, and the piece of each patch in each.
+
+    Parameters
+    ----------
+    shapes, chunks : sequence of tuple of int
+        ``SC(Z)YX`` shape and chunk shape of each stack.
+    rows : tuple of numpy.ndarray of int64
+        The batch's ``data_idx`` (n,), ``sample_idx`` (n,) and ``coords``
+        (n, ndim), in range (checked by the caller).
+    patch_size : tuple of int
+        The patch size.
+
+    Returns
+    -------
+    ChunkPlan
+        Every chunk once, and the pieces that tile every patch exactly once.
+    """
+    data_idx, sample_idx, coords = rows
+    n_axes = len(patch_size) + 2
+    shape_table = np.asarray(shapes, dtype=np.int64).reshape(-1, n_axes)
+    chunk_table = np.asarray(chunks, dtype=np.int64).reshape(-1, n_axes)
+    size = chunk_table[data_idx]  # (n, axes)
+    # Each patch's box on every axis: one sample, every channel, its corner.
+    low = np.empty((len(data_idx), n_axes), dtype=np.int64)
+    high = np.empty_like(low)
+    low[:, 0], high[:, 0] = sample_idx, sample_idx + 1
+    low[:, 1], high[:, 1] = 0, shape_table[data_idx, 1]
+    low[:, 2:] = coords
+    high[:, 2:] = coords + np.asarray(patch_size, dtype=np.int64)
+    first = low // size
+    count = (high - 1) // size - first + 1  # chunks per axis, >= 1
+    # Every (row, chunk) pair at once: offsets up to the largest count on each
+    # axis, keeping those inside each row's own count.
+    widest = count.max(axis=0) if len(count) else np.ones(n_axes, dtype=np.int64)
+    offsets = np.indices(tuple(int(w) for w in widest)).reshape(n_axes, -1).T
+    inside = np.all(offsets[None, :, :] < count[:, None, :], axis=2)
+    pair_row, pair_offset = np.nonzero(inside)
+    pair_chunk = first[pair_row] + offsets[pair_offset]
+    pair_stack = data_idx[pair_row]
+    # One key per chunk of one stack: unique (stack, chunk index) rows.
+    keys = np.column_stack([pair_stack, pair_chunk])
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    order = np.argsort(inverse, kind="stable")
+    pair_row, pair_chunk, inverse = pair_row[order], pair_chunk[order], inverse[order]
+    chunk_low = pair_chunk * size[pair_row]
+    piece_low = np.maximum(low[pair_row], chunk_low)
+    piece_high = np.minimum(high[pair_row], chunk_low + size[pair_row])
+    return ChunkPlan(
+        stack=unique[:, 0].copy(),
+        chunk=unique[:, 1:].copy(),
+        piece_row=pair_row.astype(np.int64),
+        piece_chunk=inverse.astype(np.int64),
+        piece_low=piece_low[:, 1:],
+        piece_high=piece_high[:, 1:],
+    )
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+class ChunkReader:
+    """Read batches of patches from chunked stacks: each chunk once, concurrently, cached.
+
+    Parameters
+    ----------
+    stacks : sequence of ChunkedStack or zarr.Array
+        The stacks, axes ``SC(Z)YX`` (zarr arrays are wrapped as they are;
+        use :func:`open_stack` for other axes, OME-Zarr and TIFF).
+    cache_bytes : int, default DEFAULT_CACHE_BYTES
+        Byte limit of the chunk cache (least recently used chunks leave
+        first; 0 keeps no chunk between batches). A chunk larger than the
+        limit is not kept.
+    workers : int, default DEFAULT_WORKERS
+        Chunk reads in flight at once (zarr decodes them in its thread pool).
+
+    Attributes
+    ----------
+    chunks_read : int
+        Chunks read from the stores so far.
+    cache_hits : int
+        Chunks taken from the cache instead.
+
+    Notes
+    -----
+    :meth:`read` and :meth:`batches` may be called from any thread; reads
+    from several threads take turns (the cache has one owner at a time).
+    """
+
+    def __init__(
+        self,
+        stacks: Sequence[Any],
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        if isinstance(stacks, (str, bytes)) or not isinstance(stacks, Sequence):
+            raise TypeError(f"stacks must be a sequence of stacks, got {type(stacks).__name__}")
+        if len(stacks) == 0:
+            raise ValueError("stacks is empty: give one chunked stack per data_idx")
+        limit, n_workers = check_reader_options(cache_bytes, workers)
+        self.stacks = [as_chunked_stack(s, f"stacks[{k}]") for k, s in enumerate(stacks)]
+        ranks = {s.ndim for s in self.stacks}
+        if len(ranks) > 1:
+            raise ValueError(f"the stacks mix 2D and 3D shapes: {[s.shape for s in self.stacks]}")
+        self.cache_bytes = limit
+        self.workers = n_workers
+        self.chunks_read = 0
+        self.cache_hits = 0
+        self._cache: OrderedDict[tuple[int, tuple[int, ...]], NDArray[Any]] = OrderedDict()
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """``SC(Z)YX`` shape of every stack."""
+        return [s.shape for s in self.stacks]
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of the chunks in the cache now."""
+        return self._cached_bytes
+
+    def clear_cache(self) -> None:
+        """Drop every cached chunk."""
+        with self._lock:
+            self._cache.clear()
+            self._cached_bytes = 0
+
+    def read(
+        self,
+        rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
+        patch_size: tuple[int, ...],
+    ) -> NDArray[Any]:
+        """Read the patches of in-range rows into a new array.
+
+        The caller checks the rows (:func:`~gpu_patching.extract_patches`
+        does; a sampler's epoch built with these shapes is in range by
+        construction).
+
+        Parameters
+        ----------
+        rows : tuple of numpy.ndarray of int64
+            ``data_idx`` (n,), ``sample_idx`` (n,) and ``coords`` (n, ndim).
+        patch_size : tuple of int
+            The patch size.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``(n, C, *patch_size)``, the stacks' dtype; row ``k`` is
+            the patch of row ``k``.
+
+        Raises
+        ------
+        StoreError
+            If a chunk cannot be read or a store disappeared or changed.
+        """
+        n_rows = len(rows[0])
+        n_channels = self.stacks[0].shape[1]
+        out = np.empty((n_rows, n_channels, *patch_size), dtype=self.stacks[0].dtype)
+        if n_rows == 0:
+            return out
+        plan = plan_chunks(self.shapes, [s.chunks for s in self.stacks], rows, patch_size)
+        touched = sorted({int(k) for k in plan.stack})
+        with self._lock:
+            for k in touched:
+                self.stacks[k].check_unchanged()
+            _run(self._read_plan(plan, rows, out))
+            # A store deleted during the reads gave fill values for the chunks
+            # it no longer had: its metadata is gone now.
+            for k in touched:
+                self.stacks[k].check_unchanged()
+        return out
+
+    async def _read_plan(
+        self,
+        plan: ChunkPlan,
+        rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
+        out: NDArray[Any],
+    ) -> None:
+        # Pieces of each chunk: [bounds[j], bounds[j + 1]) (pieces are grouped by chunk).
+        bounds = np.searchsorted(plan.piece_chunk, np.arange(len(plan.chunk) + 1))
+        piece_row = plan.piece_row.tolist()
+        piece_low = plan.piece_low.tolist()
+        piece_high = plan.piece_high.tolist()
+        samples = rows[1].tolist()
+        # Each patch's origin on the axes C(Z)YX: channel 0 and its corner.
+        patch_origin = [[0, *corner] for corner in rows[2].tolist()]
+        gate = asyncio.Semaphore(self.workers)
+
+        def copy_pieces(j: int, stack: int, index: tuple[int, ...], block: NDArray[Any]) -> None:
+            origin = [i * c for i, c in zip(index[1:], self.stacks[stack].chunks[1:], strict=True)]
+            sample_origin = index[0] * self.stacks[stack].chunks[0]
+            for p in range(int(bounds[j]), int(bounds[j + 1])):
+                row, low, high = piece_row[p], piece_low[p], piece_high[p]
+                corner = patch_origin[row]
+                target = (
+                    row,
+                    *(slice(a - b, c - b) for a, b, c in zip(low, corner, high, strict=True)),
+                )
+                source = (
+                    samples[row] - sample_origin,
+                    *(slice(a - o, c - o) for a, o, c in zip(low, origin, high, strict=True)),
+                )
+                out[target] = block[source]
+
+        async def one(j: int) -> None:
+            stack = int(plan.stack[j])
+            index = tuple(int(i) for i in plan.chunk[j])
+            key = (stack, index)
+            block = self._cache.get(key)
+            if block is not None:
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+            else:
+                async with gate:
+                    try:
+                        block = await self.stacks[stack]._read_chunk_async(index)
+                    except Exception as error:
+                        raise _chunk_error(self.stacks[stack], index, error) from error
+                self.chunks_read += 1
+            copy_pieces(j, stack, index, block)
+            self._keep(key, block)
+
+        results = await asyncio.gather(
+            *(one(j) for j in range(len(plan.chunk))), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def _keep(self, key: tuple[int, tuple[int, ...]], block: NDArray[Any]) -> None:
+        """Put a chunk in the cache, evicting the least recently used over the limit."""
+        if key in self._cache or block.nbytes > self.cache_bytes:
+            return
+        self._cache[key] = block
+        self._cached_bytes += block.nbytes
+        while self._cached_bytes > self.cache_bytes:
+            _, dropped = self._cache.popitem(last=False)
+            self._cached_bytes -= dropped.nbytes
+
+    def batches(self, rows: PatchBatch, batch_size: int) -> Iterator[tuple[Any, PatchBatch]]:
+        """Yield ``(patches, batch)`` for consecutive slices of ``rows``, one batch ahead.
+
+        Batch ``k + 1`` is read on a background thread while batch ``k`` is
+        used. A fault raises :class:`StoreError` here, in the consumer's
+        thread, instead of the batch it spoiled.
+
+        Parameters
+        ----------
+        rows : PatchBatch
+            In-range rows with NumPy arrays (e.g. ``sample_epoch(e).to_numpy()``).
+        batch_size : int
+            Rows per batch (the last may be smaller).
+
+        Yields
+        ------
+        patches : numpy.ndarray
+            ``(len(batch), C, *patch_size)``.
+        batch : PatchBatch
+            The rows of these patches.
+        """
+        size = check.as_int(batch_size, "batch_size")
+        if size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {size}")
+        starts = list(range(0, len(rows), size))
+        if not starts:
+            return
+        patch_size = tuple(int(p) for p in rows.patch_size)
+        prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu_patching_prefetch")
+
+        def submit(start: int) -> tuple[Future[NDArray[Any]], PatchBatch]:
+            batch = rows[start : start + size]
+            host = (
+                np.asarray(batch.data_idx, dtype=np.int64),
+                np.asarray(batch.sample_idx, dtype=np.int64),
+                np.asarray(batch.coords, dtype=np.int64),
+            )
+            return prefetch.submit(self.read, host, patch_size), batch
+
+        pending: tuple[Future[NDArray[Any]], PatchBatch] | None = submit(starts[0])
+        try:
+            for k in range(len(starts)):
+                assert pending is not None
+                future, batch = pending
+                patches = future.result()  # raises the reader's error here
+                pending = submit(starts[k + 1]) if k + 1 < len(starts) else None
+                yield patches, batch
+        finally:
+            if pending is not None:
+                pending[0].cancel()
+            prefetch.shutdown(wait=True)
+
+    def close(self) -> None:
+        """Drop the cache (the stacks stay open)."""
+        self.clear_cache()
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_reader_options(cache_bytes: Any, workers: Any) -> tuple[int, int]:
+    """Return ``(cache_bytes, workers)`` of a :class:`ChunkReader` after checking them.
+
+    Parameters
+    ----------
+    cache_bytes : int
+        At least 0.
+    workers : int
+        At least 1.
+
+    Returns
+    -------
+    tuple of int
+        The two values.
+    """
+    limit = check.as_int(cache_bytes, "cache_bytes")
+    if limit < 0:
+        raise ValueError(f"cache_bytes must be at least 0, got {limit}")
+    n_workers = check.as_int(workers, "workers")
+    if n_workers < 1:
+        raise ValueError(f"workers must be at least 1, got {n_workers}")
+    return limit, n_workers
+
+
+def upload_batch(patches: NDArray[Any], stream: Any = None) -> Any:
+    """Copy an assembled batch to the current CUDA device, ordered for the current stream.
+
+    The copy is enqueued on ``stream``; the current stream then waits for it
+    through an event, without blocking the host. Uploading the assembled
+    batch moves ``len(batch) * C * prod(patch_size)`` elements, while
+    uploading the chunks to crop them on the device would move every decoded
+    chunk the batch touches (see ``benchmarks/results/stores.md``).
+
+    Parameters
+    ----------
+    patches : numpy.ndarray
+        The batch.
+    stream : cupy.cuda.Stream, optional
+        The stream of the copy; default: the current stream.
+
+    Returns
+    -------
+    cupy.ndarray
+        The batch on the device.
+    """
+    import cupy
+
+    current = cupy.cuda.get_current_stream()
+    stream = current if stream is None else stream
+    with stream:
+        device = cupy.asarray(patches)
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record(stream)
+    current.wait_event(done)
+    return device
+
+
+def _chunk_error(stack: ChunkedStack, index: tuple[int, ...], error: Exception) -> StoreError:
+    stored = stack.stored_index(index)
+    key = stack.chunk_key(index)
+    where = f"chunk {stored}" + (f" (key {key!r})" if key else "")
+    return StoreError(
+        f"reading {where} of {stack.name} failed: {type(error).__name__}: {error}",
+        stack.name,
+        stored,
+    )
+
+
+def _run(coroutine: Any) -> None:
+    """Run a coroutine on zarr's event loop (works from any thread, even inside a running loop)."""
+    from zarr.core.sync import sync
+
+    sync(coroutine)

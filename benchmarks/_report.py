@@ -38,7 +38,8 @@ CUDA and CuPy versions), ``slug(name)`` (a card's name as a file-name part),
 ``cuda_version(int)``.
 
 Writing: ``Report`` collects lines, prints each as it comes (``emit``) and
-writes the markdown file (``write``), creating its folder.
+writes the markdown file (``write``), creating its folder; ``write_markdown``
+writes a report built as one string.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ __all__ = [
     "time_events",
     "time_once",
     "usable_cupy",
+    "write_markdown",
 ]
 
 #: Where the scripts write their markdown unless told otherwise.
@@ -428,6 +430,11 @@ class Report:
     def write(self, path: Path, extra: Sequence[str] = ()) -> str:
         """Write :meth:`text` to ``path`` (creating its folder) and return it."""
         text = self.text(extra)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        write_markdown(path, text)
         return text
+
+
+def write_markdown(path: Path, text: str) -> None:
+    """Write a finished report to ``path``, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -29,36 +29,36 @@ skipped and the script says so.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_gpu import (
-    cpu_model,
+from _report import (
+    RESULTS_DIR,
     device_info,
+    device_lines,
     fmt_bandwidth,
     fmt_bytes,
     fmt_percent,
     fmt_rate,
+    fmt_ratio,
     fmt_time,
     free_device_memory,
-    header_lines,
+    machine_line,
     markdown_table,
-    measure_bandwidth,
+    measure_copy_bandwidth,
+    median_time,
     slug,
     time_burst,
     usable_cupy,
+    write_markdown,
 )
 
 from gpu_patching import PatchBatch, extract_patches
 from gpu_patching import crop as crop_module
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_COPY_FRACTION = 0.70  # of the D2D copy bandwidth, at batch 4096
 TARGET_BATCH = 4096
 BATCHES = (256, 4096)
@@ -149,17 +149,6 @@ def fancy_indexing(
 # -- CPU ------------------------------------------------------------------------------------
 
 
-def median_wall(function: Callable[[], Any], repeats: int) -> float:
-    function()  # warm-up (page faults of the first allocation, caches)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - start)
-        del result
-    return statistics.median(times)
-
-
 def measure_cpu(case: Case, stack: np.ndarray, n_rows: int, quick: bool) -> dict[str, Any]:
     """One case and batch on the host."""
     batch = make_batch(case, n_rows)
@@ -167,13 +156,13 @@ def measure_cpu(case: Case, stack: np.ndarray, n_rows: int, quick: bool) -> dict
     repeats = 1 if (quick or output_bytes(case, n_rows) > 1 << 30) else 5
     out = np.empty((n_rows, stack.shape[1], *case.patch_size), dtype=stack.dtype)
     timings = {
-        "extract_patches (NumPy)": median_wall(lambda: extract_patches([stack], batch), repeats),
-        "extract_patches (NumPy), out= reused": median_wall(
-            lambda: extract_patches([stack], batch, out=out), repeats
+        "extract_patches (NumPy)": median_time(lambda _k: extract_patches([stack], batch), repeats),
+        "extract_patches (NumPy), out= reused": median_time(
+            lambda _k: extract_patches([stack], batch, out=out), repeats
         ),
-        "per-patch slicing loop": median_wall(lambda: slicing_loop(stack, batch, np), repeats),
-        "per-patch slicing loop, out reused": median_wall(
-            lambda: slicing_loop(stack, batch, np, out), repeats
+        "per-patch slicing loop": median_time(lambda _k: slicing_loop(stack, batch, np), repeats),
+        "per-patch slicing loop, out reused": median_time(
+            lambda _k: slicing_loop(stack, batch, np, out), repeats
         ),
     }
     return {"case": case, "n_rows": n_rows, "times": timings, "same": same}
@@ -211,7 +200,7 @@ def result_rows(
                 fmt_time(seconds),
                 fmt_rate(n_rows / seconds),
                 f"{moved_bytes(case, n_rows) / seconds / 1e9:,.2f}",
-                f"x{reference / seconds:,.1f}",
+                fmt_ratio(reference, seconds, decimals=1),
             ]
             if extra is not None:
                 row += extra(result, method, seconds)
@@ -223,7 +212,7 @@ def cpu_markdown(results: list[dict[str, Any]], gpu_note: str) -> str:
     lines = [
         "# Crop benchmark (CPU): extract_patches on NumPy stacks vs a per-patch slicing loop",
         "",
-        f"CPU: {cpu_model()}; Python {platform.python_version()}; NumPy {np.__version__}",
+        machine_line(),
         "",
         "One float32 stack per case (2D: 8 x 1024x1024; 3D: 4 x 128x256x256), random corners. "
         "GB/s counts bytes read + written (2 x the output's bytes). Times are medians of "
@@ -252,7 +241,7 @@ def cpu_markdown(results: list[dict[str, Any]], gpu_note: str) -> str:
 def run_gpu(cupy: Any, quick: bool) -> tuple[list[dict[str, Any]], float]:
     """Every case and batch on the device; returns the results and the D2D copy bandwidth."""
     rounds = 3 if quick else 5
-    seconds = measure_bandwidth(cupy, BANDWIDTH_BYTES, 5 if quick else 20, rounds)
+    seconds = measure_copy_bandwidth(cupy, BANDWIDTH_BYTES, 5 if quick else 20, rounds)
     copy_bandwidth = 2 * BANDWIDTH_BYTES / seconds["memcpy"]  # read + write
     free_device_memory(cupy)
     print(f"D2D copy bandwidth (read + write): {fmt_bandwidth(copy_bandwidth)}", flush=True)
@@ -321,7 +310,7 @@ def measure_gpu(cupy: Any, case: Case, stack: Any, n_rows: int, rounds: int) -> 
 
 
 def prepared_kernel(
-    cupy: Any, cropper: Any, stack: Any, batch: PatchBatch, out: Any
+    cupy: Any, stack: Any, batch: PatchBatch, out: Any
 ) -> tuple[Any, Any, Any, Any]:
     """The crop kernel and its arguments for one batch, prepared once (as extract_patches does)."""
     itemsize = stack.dtype.itemsize
@@ -367,7 +356,7 @@ def gpu_markdown(
     lines = [
         "# Crop benchmark (GPU): extract_patches vs CuPy fancy indexing and a per-patch loop",
         "",
-        *header_lines(info),
+        *device_lines(info),
         "",
         f"D2D copy bandwidth measured here (cudaMemcpyAsync of {fmt_bytes(BANDWIDTH_BYTES)}, "
         f"read + write = 2 x bytes / time): **{fmt_bandwidth(copy_bandwidth)}**.",
@@ -423,13 +412,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the CPU markdown; the GPU markdown goes beside it as crop-gpu-<card>.md",
     )
     args = parser.parse_args(argv)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
 
     cpu = run_cpu(args.quick)
     cupy, why = usable_cupy()
     gpu_note = f"skipped: {why}" if cupy is None else "see crop-gpu-<card>.md"
     cpu_text = cpu_markdown(cpu, gpu_note)
-    args.output.write_text(cpu_text)
+    write_markdown(args.output, cpu_text)
     print(cpu_text)
     print(f"written to {args.output}")
     if cupy is None:
@@ -438,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu, copy_bandwidth = run_gpu(cupy, args.quick)
     gpu_text = gpu_markdown(cupy, gpu, copy_bandwidth, cpu)
     output = args.output.parent / f"crop-gpu-{slug(device_info(cupy)['name'])}.md"
-    output.write_text(gpu_text)
+    write_markdown(output, gpu_text)
     print(gpu_text)
     print(f"written to {output}")
     return 0

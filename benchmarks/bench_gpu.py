@@ -49,32 +49,61 @@ with ``--quick``) unless ``--output`` says otherwise; ``--time-budget``
 (default 420 s) skips throughput cases, and shuffled and sharded ones, that
 would overrun it. Where no usable CUDA device exists it says so in one line
 and exits with status 0.
+
+For ``ncu`` (``benchmarks/gpu_session.sh``): ``--profile-epochs N`` only
+draws N epochs of the first end-to-end case between ``cudaProfilerStart`` and
+``cudaProfilerStop`` (run it under ``ncu --profile-from-start off --csv``), and
+``--count-ncu CSV --epochs N`` turns the CSV ncu wrote into launches per epoch.
+
+Tables, timing and the report go through ``benchmarks/_report.py``; the run is
+one function per section (``run`` calls them in turn), each of which the tests
+also run on the NumPy backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import (
+    RESULTS_DIR,
+    Report,
+    device_info,
+    device_lines,
+    fmt_bandwidth,
+    fmt_bytes,
+    fmt_overhead,
+    fmt_percent,
+    fmt_rate,
+    fmt_ratio,
+    fmt_time,
+    fmt_verdict,
+    free_device_memory,
+    markdown_row,
+    markdown_table,
+    measure_copy_bandwidth,
+    percentile,
+    slug,
+    time_burst,
+    time_calls,
+    time_events,
+    usable_cupy,
+)
 
 from gpu_patching import StratifiedPatching
 from gpu_patching.backends.cuda_backend import KERNEL_NAME
 from gpu_patching.grid import MAX_PROBABILITY, cell_count, grid_shape
 from gpu_patching.permutation import EpochOrder
-from gpu_patching.testing import cpu_model, usable_cupy
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # -- targets (from the issue) -----------------------------------------------------------
 
@@ -102,6 +131,7 @@ LATENCY_PATCHES = 10**5
 NUMPY_MAX_PATCHES = 10**7
 #: Seconds of GPU time each throughput case aims at (bursts and isolated epochs).
 EPOCH_BUDGET_S = 4.0
+QUICK_EPOCH_BUDGET_S = 1.0
 #: The run skips cases that would not finish within this many seconds (the
 #: machine it is meant for stops a command after 10 minutes).
 TIME_BUDGET_S = 420.0
@@ -118,6 +148,11 @@ SCALAR_COLUMNS = 3
 #: Seconds the child process that counts launches with torch.profiler may take.
 PROBE_TIMEOUT_S = 180
 PROBE_PREFIX = "LAUNCH_PROBE "
+#: The line --profile-epochs prints its result on.
+PROFILE_PREFIX = "PROFILED_EPOCHS "
+#: The case the write-roofline target is judged on: 1e8 patches over ~1M regions.
+ROOFLINE_PATCHES = max(PATCH_TARGETS)
+ROOFLINE_REGIONS = REGION_SETS[-1][0]
 
 # -- shuffled and sharded epochs: ~1e6 and ~1e7 patches over ~1M regions
 ORDER_REGION_SET = REGION_SETS[-1]
@@ -232,220 +267,31 @@ def roofline_fraction(n_patches: int, ndim: int, seconds: float, bandwidth: floa
     return write_rate(n_patches, ndim, seconds) / bandwidth
 
 
-# -- formatting ------------------------------------------------------------------------------
-
-
-def fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "n/a"
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 1e-3:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds * 1e6:.1f} us"
-
-
-def fmt_rate(per_second: float) -> str:
-    """Patches per second, with an SI prefix."""
-    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if per_second >= scale:
-            return f"{per_second / scale:.2f} {prefix}/s"
-    return f"{per_second:.0f} /s"
-
-
-def fmt_bandwidth(bytes_per_second: float) -> str:
-    """Bytes per second in GB/s (1 GB = 1e9 bytes)."""
-    return f"{bytes_per_second / 1e9:,.0f} GB/s"
-
-
-def fmt_bytes(nbytes: int) -> str:
-    for scale, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
-
-
-def fmt_percent(fraction: float) -> str:
-    return f"{fraction * 100:.1f}%"
-
-
-def fmt_verdict(met: bool | None) -> str:
-    return "n/a" if met is None else ("yes" if met else "NO")
-
-
-def slug(name: str) -> str:
-    """File-name slug of a GPU name: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown-gpu"
-
-
-def cuda_version(value: int) -> str:
-    """CUDA's integer version (1000 * major + 10 * minor) as 'major.minor'."""
-    if value <= 0:
-        return "unknown"
-    return f"{value // 1000}.{(value % 1000) // 10}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
-    """Lines of a markdown table; ``align`` has one 'l' or 'r' per column."""
-    if len(align) != len(header):
-        raise ValueError(f"align has {len(align)} columns, header has {len(header)}")
-    lines = [
-        markdown_row(header),
-        "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
-    ]
-    for row in rows:
-        if len(row) != len(header):
-            raise ValueError(f"row {row!r} has {len(row)} cells, expected {len(header)}")
-        lines.append(markdown_row(row))
-    return lines
-
-
-def markdown_row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def time_wall(
-    function: Callable[[int], Any],
-    repeats: int,
-    sync: Callable[[], None] = lambda: None,
-    warmup: bool = True,
-) -> list[float]:
-    """``perf_counter`` time of each of ``repeats`` calls ``function(k)``, each followed by sync.
-
-    The result of each call stays alive until the next call returns, as in a
-    training loop.
-    """
-    if warmup:
-        function(0)
-        sync()
-    times = []
-    result = None
-    for k in range(repeats):
-        start = time.perf_counter()
-        result = function(k)
-        sync()
-        times.append(time.perf_counter() - start)
-    del result
-    return times
-
-
-def time_events(cupy: Any, function: Callable[[int], Any], repeats: int) -> list[float]:
-    """CUDA-event time of each of ``repeats`` calls, each synchronised before the next."""
-    stream = cupy.cuda.get_current_stream()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    function(0)
-    stream.synchronize()
-    times = []
-    result = None
-    for k in range(repeats):
-        start.record(stream)
-        result = function(k)
-        end.record(stream)
-        end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end) * 1e-3)
-    del result
-    return times
-
-
-def time_burst(cupy: Any, function: Callable[[int], Any], per_burst: int, rounds: int) -> float:
-    """Per-call CUDA-event time of ``per_burst`` back-to-back calls, median of ``rounds``."""
-    stream = cupy.cuda.get_current_stream()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    function(0)
-    stream.synchronize()
-    per_call = []
-    for _ in range(rounds):
-        result = None
-        start.record(stream)
-        for k in range(per_burst):
-            result = function(k)
-        end.record(stream)
-        end.synchronize()
-        del result
-        per_call.append(cupy.cuda.get_elapsed_time(start, end) * 1e-3 / per_burst)
-    return statistics.median(per_call)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
-
-
-def free_device_memory(cupy: Any) -> None:
-    cupy.get_default_memory_pool().free_all_blocks()
-    cupy.get_default_pinned_memory_pool().free_all_blocks()
-
-
-# -- the device -------------------------------------------------------------------------------
-
-
-def device_info(cupy: Any) -> dict[str, Any]:
-    device_id = int(cupy.cuda.Device().id)
-    props = cupy.cuda.runtime.getDeviceProperties(device_id)
-    name = props["name"]
-    name = name.decode() if isinstance(name, bytes) else str(name)
-    # memoryClockRate (kHz) is gone from CUDA 13's cudaDeviceProp: optional.
-    clock_khz = props.get("memoryClockRate", 0)
-    bus_bits = props.get("memoryBusWidth", 0)
-    peak = 2 * clock_khz * 1e3 * bus_bits / 8 if clock_khz and bus_bits else None
-    try:
-        driver = cuda_version(cupy.cuda.runtime.driverGetVersion())
-    except Exception:
-        driver = "unknown"
-    return {
-        "id": device_id,
-        "name": name,
-        "sms": props.get("multiProcessorCount"),
-        "memory": int(props.get("totalGlobalMem", 0)),
-        "peak": peak,
-        "runtime": cuda_version(cupy.cuda.runtime.runtimeGetVersion()),
-        "driver": driver,
-        "cupy": cupy.__version__,
-    }
-
-
-def header_lines(info: dict[str, Any]) -> list[str]:
-    peak = f"; theoretical DRAM peak {fmt_bandwidth(info['peak'])}" if info["peak"] else ""
-    return [
-        f"GPU: {info['name']} (device {info['id']}, {info['sms']} SMs, "
-        f"{fmt_bytes(info['memory'])}{peak})",
-        "",
-        f"CUDA runtime {info['runtime']}, driver {info['driver']}; CuPy {info['cupy']}; "
-        f"NumPy {np.__version__}; Python {platform.python_version()}",
-        "",
-        f"CPU: {cpu_model()}",
-    ]
-
-
-def measure_bandwidth(cupy: Any, nbytes: int, per_burst: int, rounds: int) -> dict[str, float]:
-    """Seconds per operation on ``nbytes``: a D2D memcpy, a copy kernel and a fill kernel.
-
-    ``cupy.copyto`` of contiguous arrays of one dtype is the same
-    ``cudaMemcpyAsync`` as the first; the two kernels are one thread per
-    element, so the fill writes only.
-    """
-    words = nbytes // 8
-    nbytes = words * 8
-    src = cupy.ones(words, dtype=cupy.uint64)
-    dst = cupy.zeros(words, dtype=cupy.uint64)
-    copy_kernel = cupy.ElementwiseKernel("T x", "T y", "y = x", "gpu_patching_bench_copy")
-    fill_kernel = cupy.ElementwiseKernel("T v", "T y", "y = v", "gpu_patching_bench_fill")
-    stream = cupy.cuda.get_current_stream()
-    operations = {
-        "memcpy": lambda _k: dst.data.copy_from_device_async(src.data, nbytes, stream),
-        "copy": lambda _k: copy_kernel(src, dst),
-        "fill": lambda k: fill_kernel(np.uint64(k + 2), dst),
-    }
-    seconds = {name: time_burst(cupy, op, per_burst, rounds) for name, op in operations.items()}
-    # The last fill wrote per_burst + 1 everywhere: check the kernels really ran.
-    if not bool((dst == per_burst + 1).all()):
-        raise RuntimeError("the bandwidth measurement did not write what it should")
-    return seconds  # the caller frees the buffers' memory
-
-
 def backend_launches(sampler: StratifiedPatching) -> int:
-    # The sampler's CudaBackend counts its launches; the sampler has no public
-    # accessor for its backend object.
-    return int(sampler._backend.launch_count)
+    """Kernel launches the sampler's backend made so far (``CudaBackend.launch_count``).
+
+    The NumPy backend launches nothing and has no such count: its draws are
+    counted in their place from the first call on (the sections run on it in
+    the tests, where each draw stands for the one launch a GPU makes), so only
+    differences between two calls mean anything.
+    """
+    # The sampler has no public accessor for its backend object.
+    backend = sampler._backend
+    if not hasattr(backend, "launch_count"):
+        _count_draws(backend)
+    return int(backend.launch_count)
+
+
+def _count_draws(backend: Any) -> None:
+    """Give a backend without a launch count one that counts its ``draw`` calls."""
+    draw = backend.draw
+
+    def counted_draw(*args: Any, **kwargs: Any) -> Any:
+        backend.launch_count += 1
+        return draw(*args, **kwargs)
+
+    backend.launch_count = 0
+    backend.draw = counted_draw
 
 
 def set_uniform_probability(sampler: StratifiedPatching, case: Case) -> None:
@@ -481,9 +327,11 @@ def measure_epoch(
     n = sampler.n_patches
     draw = sampler.sample_epoch
     stream = cupy.cuda.get_current_stream()
-    first = min(time_wall(draw, 2, stream.synchronize, warmup=False))
+    first = min(time_calls(draw, 2, stream.synchronize, warmup=False))
     rounds = 3 if quick else 5
-    per_burst, repeats = epoch_repeats(first, 1.0 if quick else EPOCH_BUDGET_S, rounds)
+    per_burst, repeats = epoch_repeats(
+        first, QUICK_EPOCH_BUDGET_S if quick else EPOCH_BUDGET_S, rounds
+    )
     burst = time_burst(cupy, draw, per_burst, rounds)
     isolated = statistics.median(time_events(cupy, draw, repeats))
     result: dict[str, Any] = {"n_patches": n, "burst": burst, "isolated": isolated}
@@ -511,7 +359,7 @@ def measure_latency(cupy: Any, sampler: StratifiedPatching, repeats: int) -> dic
     draw = sampler.sample_epoch
     events = time_events(cupy, draw, repeats)
     before = backend_launches(sampler)
-    wall = time_wall(draw, repeats, stream.synchronize, warmup=False)
+    wall = time_calls(draw, repeats, stream.synchronize, warmup=False)
     launches = (backend_launches(sampler) - before) / repeats
     return {
         "n_patches": sampler.n_patches,
@@ -544,7 +392,9 @@ def measure_updates(
 
     Excluding the same cells again costs the same (the sample is rebuilt) and
     changes nothing, so every repeat does the same work; the probabilities
-    alternate between two arrays.
+    alternate between two arrays. ``cupy`` (given for the GPU) makes the
+    "backend's memory" arrays and synchronises its stream; without it they are
+    NumPy arrays.
     """
     sampler = StratifiedPatching(shapes, patch, seed=1, backend=backend)
     cells = grid_shape(shapes[0][2:], patch)
@@ -555,7 +405,7 @@ def measure_updates(
     mask = np.zeros(cells, dtype=bool)
     mask[tuple(coords.T)] = True
     probs = [generator.uniform(0.5, 2.0, cells), generator.uniform(0.5, 2.0, cells)]
-    if backend == "cuda":
+    if cupy is not None:
         native_mask = cupy.asarray(mask)
         native_probs = [cupy.asarray(p) for p in probs]
         sync = cupy.cuda.get_current_stream().synchronize
@@ -572,7 +422,7 @@ def measure_updates(
         "probs_native": lambda k: sampler.set_region_probs(0, 0, native_probs[k % 2]),
     }
     return {
-        name: statistics.median(time_wall(update, repeats, sync))
+        name: statistics.median(time_calls(update, repeats, sync))
         for name, update in updates.items()
     }
 
@@ -654,7 +504,7 @@ def measure_orders(
             draws[baselines[key]] = plain_rows_draw(sampler, rows[key])
             rows[baselines[key]] = rows[key]
     per_burst = {
-        key: burst_length(min(time_wall(draw, 2, stream.synchronize)), budget_s, rounds)
+        key: burst_length(min(time_calls(draw, 2, stream.synchronize)), budget_s, rounds)
         for key, draw in draws.items()
     }
     times: dict[str, list[float]] = {key: [] for key in draws}
@@ -698,44 +548,79 @@ def compare_orders(
     return same
 
 
-# -- launch count through CUPTI (torch.profiler), in a child process ---------------------------
+# -- launches per epoch: torch.profiler (CUPTI) in a child process, and for ncu ----------------
 
 
-def launch_probe() -> dict[str, Any]:
-    """Count the CUDA activity of a few epochs with torch.profiler (CUPTI).
+def _synchronizer(backend: str) -> Callable[[], None]:
+    """What waits for a sampler's work: the device on CUDA, nothing on NumPy."""
+    if backend == "cuda":
+        cupy, why = usable_cupy()
+        if cupy is None:
+            raise RuntimeError(why)
+        return cupy.cuda.Device().synchronize
+    return lambda: None
+
+
+def launch_probe(backend: str = "cuda", epochs: int = 5) -> dict[str, Any]:
+    """Count the device activity of ``epochs`` epochs with torch.profiler (CUPTI).
 
     Runs in a child process (``--launch-probe``) so that a PyTorch that cannot
-    profile, or crashes, costs this one line of the report only.
+    profile, or crashes, costs this one line of the report only. ``backend``
+    ``"numpy"`` profiles the CPU only (no device event can appear): the tests
+    use it to get this function's real output without a GPU.
+
+    Returns
+    -------
+    dict
+        ``{"error": why}`` when nothing could be counted; otherwise
+        ``epochs``, ``launch_count`` (the backend's own count over the same
+        epochs), ``torch`` (PyTorch's version), ``device`` (whether CUDA
+        activity was profiled) and :func:`classify_device_events`'s keys.
     """
-    cupy, why = usable_cupy()
-    if cupy is None:
-        return {"error": why}
+    if backend == "cuda":
+        cupy, why = usable_cupy()
+        if cupy is None:
+            return {"error": why}
     try:
         import torch
         from torch.profiler import ProfilerActivity, profile
-    except Exception as error:
+    except Exception as error:  # an absent or broken PyTorch is a line of the report
         return {"error": f"PyTorch is not importable ({type(error).__name__}: {error})"}
-    if not torch.cuda.is_available():
-        return {"error": "PyTorch sees no CUDA device"}
-    torch.zeros(1, device="cuda").sum().item()  # initialise PyTorch's CUDA state
-    case = build_cases(REGION_SETS[:1], (LATENCY_PATCHES,))[0]
-    sampler = StratifiedPatching(case.data_shapes, case.patch_size, seed=1, backend="cuda")
-    set_uniform_probability(sampler, case)
+    activities = [ProfilerActivity.CPU]
+    if backend == "cuda":
+        if not torch.cuda.is_available():
+            return {"error": "PyTorch sees no CUDA device"}
+        torch.zeros(1, device="cuda").sum().item()  # initialise PyTorch's CUDA state
+        activities.append(ProfilerActivity.CUDA)
+    sync = _synchronizer(backend)
+    sampler = latency_sampler(backend)
     sampler.sample_epoch(0)
-    cupy.cuda.Device().synchronize()
-    epochs = 5
-    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    sync()
     with profile(activities=activities):  # a first session warms CUPTI up
         sampler.sample_epoch(1)
-        cupy.cuda.Device().synchronize()
+        sync()
     before = backend_launches(sampler)
     with profile(activities=activities) as prof:
         for k in range(epochs):
             sampler.sample_epoch(k + 2)
-        cupy.cuda.Device().synchronize()
+        sync()
     launches = backend_launches(sampler) - before
     names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return {"epochs": epochs, "launch_count": launches, **classify_device_events(names)}
+    return {
+        "epochs": epochs,
+        "launch_count": launches,
+        "torch": torch.__version__,
+        "device": backend == "cuda",
+        **classify_device_events(names),
+    }
+
+
+def latency_sampler(backend: str) -> StratifiedPatching:
+    """The sampler of the first end-to-end case (~1k regions, ~LATENCY_PATCHES patches)."""
+    case = build_cases(REGION_SETS[:1], (LATENCY_PATCHES,))[0]
+    sampler = StratifiedPatching(case.data_shapes, case.patch_size, seed=1, backend=backend)
+    set_uniform_probability(sampler, case)
+    return sampler
 
 
 def classify_device_events(names: Sequence[str]) -> dict[str, Any]:
@@ -757,17 +642,23 @@ def classify_device_events(names: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def run_launch_probe(timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--launch-probe"]
+def probe_command(backend: str = "cuda") -> list[str]:
+    """The child process of :func:`run_launch_probe`."""
+    return [sys.executable, str(Path(__file__).resolve()), "--launch-probe", "--backend", backend]
+
+
+def run_launch_probe(timeout_s: float = PROBE_TIMEOUT_S, backend: str = "cuda") -> dict[str, Any]:
+    """:func:`launch_probe` in a child process; ``{"error": why}`` when it gives nothing."""
     try:
         done = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout_s, check=False
+            probe_command(backend), capture_output=True, text=True, timeout=timeout_s, check=False
         )
     except subprocess.TimeoutExpired:
         return {"error": f"the torch.profiler probe took more than {timeout_s:.0f} s"}
     for line in done.stdout.splitlines():
         if line.startswith(PROBE_PREFIX):
-            return json.loads(line[len(PROBE_PREFIX) :])
+            probe: dict[str, Any] = json.loads(line[len(PROBE_PREFIX) :])
+            return probe
     tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
     return {"error": f"the torch.profiler probe exited with {done.returncode}: {tail[0]}"}
 
@@ -779,12 +670,14 @@ def _names(names: Sequence[str], limit: int = 5) -> str:
 
 
 def probe_text(probe: dict[str, Any]) -> str:
+    """The 'measured' cell of the CUPTI row of the targets table."""
     if "error" in probe:
         return f"not measured: {probe['error']}"
     epochs = probe["epochs"]
     if probe["ours"] == 0 and not probe["other_kernels"]:
+        where = "" if probe["device"] else " (CPU activity only: no device profiled)"
         return (
-            f"CUPTI (torch {probe['torch']}) recorded no kernel over {epochs} epochs "
+            f"CUPTI (torch {probe['torch']}) recorded no kernel over {epochs} epochs{where} "
             f"(launch_count says {probe['launch_count']}): profiling unavailable here"
         )
     text = (
@@ -799,9 +692,78 @@ def probe_text(probe: dict[str, Any]) -> str:
 
 
 def probe_verdict(probe: dict[str, Any]) -> bool | None:
+    """Whether CUPTI saw one launch of ours per epoch and nothing else (None: not measured)."""
     if "error" in probe or (probe["ours"] == 0 and not probe["other_kernels"]):
         return None
-    return probe["ours"] == TARGET_LAUNCHES * probe["epochs"] and not probe["other_kernels"]
+    return bool(probe["ours"] == TARGET_LAUNCHES * probe["epochs"] and not probe["other_kernels"])
+
+
+def profile_epochs(backend: str, epochs: int) -> dict[str, Any]:
+    """Draw ``epochs`` epochs between cudaProfilerStart and cudaProfilerStop, for ncu.
+
+    ``ncu --profile-from-start off`` then sees these epochs' kernels only
+    (not the compilation, warm-up or table building before them). Returns
+    ``epochs`` and the backend's own ``launch_count`` over them; on the NumPy
+    backend (the tests) there is no profiler to start.
+    """
+    sync = _synchronizer(backend)
+    sampler = latency_sampler(backend)
+    sampler.sample_epoch(0)  # compiles the kernel and uploads the tables
+    sync()
+    profiler = None
+    if backend == "cuda":
+        cupy, _ = usable_cupy()
+        profiler = cupy.cuda.runtime
+        profiler.profilerStart()
+    before = backend_launches(sampler)
+    try:
+        for k in range(epochs):
+            sampler.sample_epoch(k + 1)
+        sync()
+    finally:
+        if profiler is not None:
+            profiler.profilerStop()
+    return {"epochs": epochs, "launch_count": backend_launches(sampler) - before}
+
+
+def count_ncu_kernels(log: str) -> dict[str, int]:
+    """Kernels per name in the CSV that ``ncu --csv`` writes (one launch per distinct ID).
+
+    The CSV starts at its header line (the one naming "ID" and "Kernel Name");
+    lines before it (ncu's ``==PROF==`` notes, the program's own output) are
+    skipped. A launch with several metrics has several rows with one ID.
+
+    Raises
+    ------
+    ValueError
+        If the text holds no such header (ncu profiled nothing, or failed).
+    """
+    lines = log.splitlines()
+    start = next(
+        (i for i, line in enumerate(lines) if '"ID"' in line and '"Kernel Name"' in line), None
+    )
+    if start is None:
+        raise ValueError('no ncu CSV header (a line naming "ID" and "Kernel Name") found')
+    seen: dict[str, set[str]] = {}
+    for row in csv.DictReader(lines[start:]):
+        if row.get("ID") is None or row.get("Kernel Name") is None:
+            continue  # a trailing line that is not a row of the table
+        seen.setdefault(row["Kernel Name"], set()).add(row["ID"])
+    return {name: len(ids) for name, ids in sorted(seen.items())}
+
+
+def ncu_summary(counts: dict[str, int], epochs: int, launch_count: int | None) -> str:
+    """One line: ncu's launches per epoch, ours and others, beside the backend's count."""
+    ours = sum(n for name, n in counts.items() if KERNEL_NAME in name)
+    others = {name: n for name, n in counts.items() if KERNEL_NAME not in name}
+    text = (
+        f"ncu: {ours / epochs:g} {KERNEL_NAME} launch(es) per epoch over {epochs} epochs; "
+        f"other kernels: {sum(others.values())} ({_names(list(others))})"
+    )
+    if launch_count is not None:
+        text += f"; CudaBackend.launch_count: {launch_count / epochs:g} per epoch"
+    met = ours == TARGET_LAUNCHES * epochs and not others
+    return f"{text}; one launch per epoch: {fmt_verdict(met)}"
 
 
 # -- the report -------------------------------------------------------------------------------
@@ -863,7 +825,7 @@ def throughput_row(
         fmt_percent(roofline_fraction(n, d, burst, copy_roof)),
         fmt_percent(roofline_fraction(n, d, burst, fill_roof)),
         fmt_time(numpy_time) if numpy_time is not None else note or "skipped",
-        f"x{numpy_time / result['isolated']:,.0f}" if numpy_time is not None else "n/a",
+        fmt_ratio(numpy_time, result["isolated"]),
         ("yes" if same else "NO") if same is not None else "n/a",
     ]
 
@@ -918,7 +880,7 @@ def update_rows(gpu: dict[str, float], host: dict[str, float] | None) -> list[li
                 label,
                 fmt_time(gpu[key]),
                 fmt_time(numpy_time),
-                f"x{numpy_time / gpu[key]:,.1f}" if numpy_time is not None else "n/a",
+                fmt_ratio(numpy_time, gpu[key], decimals=1),
                 fmt_verdict(gpu[key] <= TARGET_UPDATE_SECONDS),
             ]
         )
@@ -926,11 +888,6 @@ def update_rows(gpu: dict[str, float], host: dict[str, float] | None) -> list[li
 
 
 UPDATE_HEADER = ["update", "GPU (median, synced)", "NumPy (median)", "GPU/NumPy speed", "<= 1 ms"]
-
-
-def fmt_overhead(fraction: float) -> str:
-    """A relative cost as bench_cpu.py prints it: '+12%'."""
-    return f"{fraction:+.0%}"
 
 
 def order_rows(case: Case, result: dict[str, Any] | None, note: str) -> list[list[str]]:
@@ -1115,54 +1072,223 @@ def targets_table(
     return markdown_table(["target", "measured", "met"], rows, "lll")
 
 
-# -- main -------------------------------------------------------------------------------------
+# -- the run, section by section ----------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """What every section of one run shares: options, CuPy, the report, the clock.
+
+    ``backend`` is ``"cuda"`` on a GPU; the tests run the same sections on
+    ``"numpy"`` with a host stand-in for the few CuPy calls made here.
+    """
+
+    args: argparse.Namespace
+    cupy: Any
+    report: Report
+    backend: str = "cuda"
+    started: float = field(default_factory=time.perf_counter)
+
+    def left(self, reserve_s: float) -> float:
+        """Seconds of ``--time-budget`` left once ``reserve_s`` is kept back."""
+        return self.args.time_budget - reserve_s - (time.perf_counter() - self.started)
+
+    def numpy_max(self) -> int:
+        """Patches above which the NumPy comparison is skipped (0 with --no-numpy)."""
+        return 0 if self.args.no_numpy else int(self.args.numpy_max_patches)
+
+
+@dataclass
+class Throughput:
+    """What the throughput section hands on: latency results, roofline, seconds per patch."""
+
+    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``(copy, fill)`` roofline fractions of the ROOFLINE_PATCHES case, when measured.
+    roofline: tuple[float, float] | None = None
+    #: The slowest seconds per patch seen, to skip later cases that would overrun.
+    gpu_per_patch: float = 0.0
+    numpy_per_patch: float = 0.0
+
+
+def first_call_section(session: Session) -> None:
+    """Time the first sampler and epoch of the process (kernel compile or disk cache)."""
+    start = time.perf_counter()
+    warm = StratifiedPatching([(1, 1, 256, 256)], (32, 32), seed=1, backend=session.backend)
+    warm.sample_epoch(0)
+    session.cupy.cuda.Device().synchronize()
+    first_call = time.perf_counter() - start
+    del warm
+    session.report.emit(
+        "",
+        f"First sampler + epoch in this process (kernel compile or disk cache): "
+        f"{fmt_time(first_call)}. Times are medians; 1 GB = 1e9 bytes.",
+    )
+
+
+def bandwidth_measure_section(session: Session) -> tuple[float, float]:
+    """Measure and emit the card's copy bandwidths; return (copy, fill) rooflines in B/s."""
+    quick = session.args.quick
+    nbytes = QUICK_BANDWIDTH_BYTES if quick else BANDWIDTH_BYTES
+    seconds = measure_copy_bandwidth(session.cupy, nbytes, per_burst=10 if quick else 20, rounds=5)
+    free_device_memory(session.cupy)
+    table, copy_roof, fill_roof = bandwidth_section(seconds, nbytes)
+    session.report.emit("", "## Bandwidth (measured in this run)", "", *table)
+    return copy_roof, fill_roof
+
+
+def throughput_intro(session: Session) -> list[str]:
+    """The heading, the explanation and the header of the throughput table."""
+    numpy_text = (
+        "NumPy: not run (--no-numpy)."
+        if session.args.no_numpy
+        else f"NumPy: the same shapes and probabilities on this host (skipped above "
+        f"{session.numpy_max():,} patches, or where it would take too long); GPU/NumPy "
+        f"speed = NumPy epoch / isolated GPU epoch."
+    )
+    return [
+        "",
+        "## Epoch throughput",
+        "",
+        f"One sample per region set; every region gets the same probability p (dense "
+        f"`set_region_probs`), which sets the patch count. Bytes written per patch: "
+        f"(3 + d) * 8 = {bytes_per_patch(2)} (d = 2). *Back-to-back*: CUDA events around a "
+        f"burst of epochs, per epoch (patches/s, write rate and the roofline fractions use "
+        f"it); *isolated*: CUDA events around one call, synchronised. {numpy_text}",
+        "",
+        *markdown_table(THROUGHPUT_HEADER, [], "l" + "r" * (len(THROUGHPUT_HEADER) - 1)),
+    ]
+
+
+def case_skip_note(session: Session, case: Case, n_patches: int, per_patch: float) -> str:
+    """Why a throughput case cannot run now ('' when it can): time budget or memory."""
+    left = session.left(RESERVE_S + ORDER_RESERVE_S)
+    if EPOCH_BUDGET_S + 4 * per_patch * n_patches > left:
+        return "skipped: would overrun --time-budget"
+    free_device_memory(session.cupy)
+    free, _ = session.cupy.cuda.runtime.memGetInfo()
+    if 2.2 * epoch_bytes(n_patches, case.ndim) > free:
+        return f"skipped: needs ~{fmt_bytes(2 * epoch_bytes(n_patches, case.ndim))} free"
+    return ""
+
+
+def numpy_note(session: Session, n_patches: int, numpy_per_patch: float) -> str:
+    """Why the NumPy comparison of a case is skipped ('' when it runs)."""
+    estimate = numpy_per_patch * n_patches * (7 if n_patches <= 10**6 else 2)
+    left = session.left(RESERVE_S + ORDER_RESERVE_S)
+    if session.args.no_numpy:
+        return "skipped (--no-numpy)"
+    if n_patches > session.numpy_max():
+        return "skipped (size)"
+    if estimate >= min(30.0, left / 2):
+        return "skipped (time)"
+    return ""
+
+
+def throughput_section(session: Session, copy_roof: float, fill_roof: float) -> Throughput:
+    """Measure and emit every throughput case; time the ~LATENCY_PATCHES ones end to end."""
+    args, cupy, emit = session.args, session.cupy, session.report.emit
+    region_sets = QUICK_REGION_SETS if args.quick else REGION_SETS
+    targets = QUICK_PATCH_TARGETS if args.quick else PATCH_TARGETS
+    emit(*throughput_intro(session))
+    cases = build_cases(region_sets, targets)
+    outcome = Throughput()
+    for label, shapes, patch in region_sets:
+        sampler = StratifiedPatching(shapes, patch, seed=1, backend=session.backend)
+        numpy_sampler = None
+        for case in (c for c in cases if c.regions_label == label):
+            if not case.feasible:
+                note = f"not possible: needs p > {MAX_PROBABILITY:g}"
+                emit(markdown_row(throughput_row(case, None, note, 1, 1)))
+                continue
+            set_uniform_probability(sampler, case)
+            n = sampler.n_patches
+            skip = case_skip_note(session, case, n, outcome.gpu_per_patch)
+            if skip:
+                emit(markdown_row(throughput_row(case, None, skip, 1, 1)))
+                continue
+            note = numpy_note(session, n, outcome.numpy_per_patch)
+            if not note:
+                if numpy_sampler is None:
+                    numpy_sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+                set_uniform_probability(numpy_sampler, case)
+            try:
+                result = measure_epoch(cupy, sampler, None if note else numpy_sampler, args.quick)
+            except cupy.cuda.memory.OutOfMemoryError:
+                free_device_memory(cupy)
+                note = "skipped: out of device memory"
+                emit(markdown_row(throughput_row(case, None, note, 1, 1)))
+                continue
+            emit(markdown_row(throughput_row(case, result, note, copy_roof, fill_roof)))
+            record_throughput(outcome, case, result, copy_roof, fill_roof)
+            if case.target_patches == LATENCY_PATCHES:
+                quick = args.quick
+                repeats = max(100, min(300 if quick else 2000, int(2.0 / result["isolated"])))
+                outcome.latency[f"{label} ({case.n_regions:,})"] = measure_latency(
+                    cupy, sampler, repeats
+                )
+            free_device_memory(cupy)
+        del sampler, numpy_sampler
+        free_device_memory(cupy)
+    return outcome
+
+
+def record_throughput(
+    outcome: Throughput, case: Case, result: dict[str, Any], copy_roof: float, fill_roof: float
+) -> None:
+    """Keep the slowest seconds per patch, and the roofline fractions of the roofline case."""
+    n = result["n_patches"]
+    outcome.gpu_per_patch = max(outcome.gpu_per_patch, result["isolated"] / n)
+    if "numpy" in result:
+        outcome.numpy_per_patch = max(outcome.numpy_per_patch, result["numpy"] / n)
+    if case.target_patches == ROOFLINE_PATCHES and case.regions_label == ROOFLINE_REGIONS:
+        outcome.roofline = (
+            roofline_fraction(n, case.ndim, result["burst"], copy_roof),
+            roofline_fraction(n, case.ndim, result["burst"], fill_roof),
+        )
+
+
+def latency_section(session: Session, latency: dict[str, dict[str, Any]]) -> float | None:
+    """Emit the end-to-end table; return the most launches per epoch seen (None if none)."""
+    session.report.emit(
+        "",
+        f"## End-to-end time per epoch at ~{LATENCY_PATCHES:,} patches",
+        "",
+        "From the host call `sample_epoch(k)` to the result being ready: CUDA events recorded "
+        "before and after the call, then `Event.synchronize`; and `time.perf_counter` around "
+        "the call plus `Stream.synchronize`. The result of each epoch is kept until the next "
+        "returns, as in training.",
+        "",
+        *markdown_table(
+            LATENCY_HEADER,
+            [latency_row(label, result) for label, result in latency.items()],
+            "lrrrrl",
+        ),
+    )
+    return max((r["launches"] for r in latency.values()), default=None)
 
 
 def orders_section(
-    cupy: Any,
-    args: argparse.Namespace,
-    run_start: float,
-    gpu_per_patch: float,
-    numpy_per_patch: float,
-    emit: Callable[..., None],
-    backend: str = "cuda",
+    session: Session, gpu_per_patch: float, numpy_per_patch: float
 ) -> list[dict[str, Any]]:
     """Measure and emit the shuffled and sharded epochs; return each measured case's result.
 
     ``gpu_per_patch`` and ``numpy_per_patch`` (seconds, the slowest seen by
     the throughput cases, 0 when none) size the estimates that skip what would
-    overrun ``--time-budget``. ``backend`` is for the tests, which run this on
-    the host.
+    overrun ``--time-budget``.
     """
-    quick = args.quick
+    cupy, emit = session.cupy, session.report.emit
+    quick = session.args.quick
     cases = order_cases(quick)
     rounds = 3 if quick else 5
     budget_s = ORDER_BUDGET_S / 4 if quick else ORDER_BUDGET_S
-    numpy_max = 0 if args.no_numpy else args.numpy_max_patches
     checked = min(c.target_patches for c in cases)
-    sizes = " and ".join(f"{w}" for w in ORDER_WORLD_SIZES)
-    emit(
-        "",
-        "## Shuffled and sharded epochs (gpu-patching, CUDA backend)",
-        "",
-        f"`sample_epoch(k)`, `sample_epoch(k, shuffle=True)` and `sample_epoch(k, shuffle=True, "
-        f"rank={ORDER_RANK}, world_size=w)` for w = {sizes}; the cases are built as for the "
-        f"throughput (one sample, uniform p). Medians of {rounds} bursts of back-to-back calls "
-        f"per kind (CUDA events around the burst, per call), the kinds timed in turns. "
-        f"'Per patch' compares costs per "
-        f"row with the plain epoch's, as `bench_cpu.py` does for the NumPy backend; a shard is "
-        f"also compared with a plain draw of as many rows (the first ones, through the backend), "
-        f"which leaves out the fixed cost of a call. Launches per call: "
-        f"`CudaBackend.launch_count` over every call timed. Same rows as NumPy: every column "
-        f"of epoch {ORDER_CHECK_EPOCH} against the NumPy backend's, for the "
-        f"~{checked:,}-patch case.",
-        "",
-        *markdown_table(ORDER_HEADER, [], "lrlrrrrrrl"),
-    )
+    emit(*orders_intro(rounds, checked))
     results: list[dict[str, Any]] = []
     n_draws = len(order_variants()) + len(ORDER_WORLD_SIZES)  # the shards' baselines too
     first = cases[0]
-    sampler = StratifiedPatching(first.data_shapes, first.patch_size, seed=1, backend=backend)
+    sampler = StratifiedPatching(
+        first.data_shapes, first.patch_size, seed=1, backend=session.backend
+    )
     for case in cases:
 
         def skip(note: str, case: Case = case) -> None:
@@ -1173,7 +1299,7 @@ def orders_section(
             continue
         set_uniform_probability(sampler, case)
         n = sampler.n_patches
-        left = args.time_budget - RESERVE_S - (time.perf_counter() - run_start)
+        left = session.left(RESERVE_S)
         if n_draws * (budget_s + 3 * gpu_per_patch * n) > left:
             skip("skipped: would overrun --time-budget")
             continue
@@ -1182,17 +1308,7 @@ def orders_section(
         if 2.2 * epoch_bytes(n, case.ndim) > free:
             skip(f"skipped: needs ~{fmt_bytes(2 * epoch_bytes(n, case.ndim))} free")
             continue
-        # The NumPy side draws each kind once (a shuffle costs more than a plain epoch).
-        numpy_estimate = max(numpy_per_patch, NUMPY_FALLBACK_PER_PATCH) * n * 6
-        note = ""
-        if case.target_patches != checked:
-            note = "not checked (larger case)"
-        elif args.no_numpy:
-            note = "skipped (--no-numpy)"
-        elif n > numpy_max:
-            note = "skipped (size)"
-        elif numpy_estimate >= min(30.0, left / 2):
-            note = "skipped (time)"
+        note = order_check_note(session, case, checked, n, numpy_per_patch, left)
         try:
             result = measure_orders(cupy, sampler, budget_s, rounds)
             if not note:
@@ -1214,162 +1330,60 @@ def orders_section(
     return results
 
 
-def run(args: argparse.Namespace, cupy: Any) -> str:
-    run_start = time.perf_counter()
-    quick = args.quick
-    region_sets = QUICK_REGION_SETS if quick else REGION_SETS
-    targets = QUICK_PATCH_TARGETS if quick else PATCH_TARGETS
-    numpy_max = 0 if args.no_numpy else args.numpy_max_patches
-    info = device_info(cupy)
-    output = args.output or RESULTS_DIR / f"gpu-{slug(info['name'])}{'-quick' if quick else ''}.md"
-
-    lines: list[str] = []
-
-    def emit(*new: str) -> None:
-        """Add lines to the report and print them as they come."""
-        lines.extend(new)
-        print("\n".join(new), flush=True)
-
-    emit(f"# GPU benchmark: gpu-patching CUDA backend ({info['name']})", "", *header_lines(info))
-
-    # The first epoch compiles the kernel (NVRTC) and CuPy's table kernels.
-    start = time.perf_counter()
-    warm = StratifiedPatching([(1, 1, 256, 256)], (32, 32), seed=1, backend="cuda")
-    warm.sample_epoch(0)
-    cupy.cuda.Device().synchronize()
-    first_call = time.perf_counter() - start
-    del warm
-    emit(
+def orders_intro(rounds: int, checked: int) -> list[str]:
+    """The heading, the explanation and the header of the shuffled-and-sharded table."""
+    sizes = " and ".join(f"{w}" for w in ORDER_WORLD_SIZES)
+    return [
         "",
-        f"First sampler + epoch in this process (kernel compile or disk cache): "
-        f"{fmt_time(first_call)}. Times are medians; 1 GB = 1e9 bytes.",
-    )
+        "## Shuffled and sharded epochs (gpu-patching, CUDA backend)",
+        "",
+        f"`sample_epoch(k)`, `sample_epoch(k, shuffle=True)` and `sample_epoch(k, shuffle=True, "
+        f"rank={ORDER_RANK}, world_size=w)` for w = {sizes}; the cases are built as for the "
+        f"throughput (one sample, uniform p). Medians of {rounds} bursts of back-to-back calls "
+        f"per kind (CUDA events around the burst, per call), the kinds timed in turns. "
+        f"'Per patch' compares costs per "
+        f"row with the plain epoch's, as `bench_cpu.py` does for the NumPy backend; a shard is "
+        f"also compared with a plain draw of as many rows (the first ones, through the backend), "
+        f"which leaves out the fixed cost of a call. Launches per call: "
+        f"`CudaBackend.launch_count` over every call timed. Same rows as NumPy: every column "
+        f"of epoch {ORDER_CHECK_EPOCH} against the NumPy backend's, for the "
+        f"~{checked:,}-patch case.",
+        "",
+        *markdown_table(ORDER_HEADER, [], "lrlrrrrrrl"),
+    ]
 
-    # -- bandwidth
-    nbytes = QUICK_BANDWIDTH_BYTES if quick else BANDWIDTH_BYTES
-    bandwidth = measure_bandwidth(cupy, nbytes, per_burst=10 if quick else 20, rounds=5)
-    free_device_memory(cupy)
-    table, copy_roof, fill_roof = bandwidth_section(bandwidth, nbytes)
-    emit("", "## Bandwidth (measured in this run)", "", *table)
 
-    # -- throughput, and latency where the case has ~1e5 patches
-    numpy_text = (
-        "NumPy: not run (--no-numpy)."
-        if args.no_numpy
-        else f"NumPy: the same shapes and probabilities on this host (skipped above "
-        f"{numpy_max:,} patches, or where it would take too long); GPU/NumPy speed = "
-        f"NumPy epoch / isolated GPU epoch."
-    )
-    emit(
-        "",
-        "## Epoch throughput",
-        "",
-        f"One sample per region set; every region gets the same probability p (dense "
-        f"`set_region_probs`), which sets the patch count. Bytes written per patch: "
-        f"(3 + d) * 8 = {bytes_per_patch(2)} (d = 2). *Back-to-back*: CUDA events around a "
-        f"burst of epochs, per epoch (patches/s, write rate and the roofline fractions use "
-        f"it); *isolated*: CUDA events around one call, synchronised. {numpy_text}",
-        "",
-        *markdown_table(THROUGHPUT_HEADER, [], "l" + "r" * (len(THROUGHPUT_HEADER) - 1)),
-    )
-    cases = build_cases(region_sets, targets)
-    latency: dict[str, dict[str, Any]] = {}
-    top_fractions: tuple[float, float] | None = None
-    # Seconds per patch seen so far (the slowest), to skip what would overrun.
-    gpu_per_patch = 0.0
-    numpy_per_patch = 0.0
-    for label, shapes, patch in region_sets:
-        sampler = StratifiedPatching(shapes, patch, seed=1, backend="cuda")
-        numpy_sampler = None
-        for case in (c for c in cases if c.regions_label == label):
-            if not case.feasible:
-                note = f"not possible: needs p > {MAX_PROBABILITY:g}"
-                emit(markdown_row(throughput_row(case, None, note, 1, 1)))
-                continue
-            set_uniform_probability(sampler, case)
-            n = sampler.n_patches
-            elapsed = time.perf_counter() - run_start
-            left = args.time_budget - RESERVE_S - ORDER_RESERVE_S - elapsed
-            if EPOCH_BUDGET_S + 4 * gpu_per_patch * n > left:
-                note = "skipped: would overrun --time-budget"
-                emit(markdown_row(throughput_row(case, None, note, 1, 1)))
-                continue
-            free_device_memory(cupy)
-            free, _ = cupy.cuda.runtime.memGetInfo()
-            if 2.2 * epoch_bytes(n, case.ndim) > free:
-                note = f"skipped: needs ~{fmt_bytes(2 * epoch_bytes(n, case.ndim))} free"
-                emit(markdown_row(throughput_row(case, None, note, 1, 1)))
-                continue
-            numpy_estimate = numpy_per_patch * n * (7 if n <= 10**6 else 2)
-            use_numpy = n <= numpy_max and numpy_estimate < min(30.0, left / 2)
-            if use_numpy:
-                if numpy_sampler is None:
-                    numpy_sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
-                set_uniform_probability(numpy_sampler, case)
-                note = ""
-            elif args.no_numpy:
-                note = "skipped (--no-numpy)"
-            elif n > numpy_max:
-                note = "skipped (size)"
-            else:
-                note = "skipped (time)"
-            try:
-                result = measure_epoch(cupy, sampler, numpy_sampler if use_numpy else None, quick)
-            except cupy.cuda.memory.OutOfMemoryError:
-                free_device_memory(cupy)
-                note = "skipped: out of device memory"
-                emit(markdown_row(throughput_row(case, None, note, 1, 1)))
-                continue
-            emit(markdown_row(throughput_row(case, result, note, copy_roof, fill_roof)))
-            gpu_per_patch = max(gpu_per_patch, result["isolated"] / n)
-            if "numpy" in result:
-                numpy_per_patch = max(numpy_per_patch, result["numpy"] / n)
-            if case.target_patches == max(PATCH_TARGETS) and label == REGION_SETS[-1][0]:
-                top_fractions = (
-                    roofline_fraction(n, case.ndim, result["burst"], copy_roof),
-                    roofline_fraction(n, case.ndim, result["burst"], fill_roof),
-                )
-            if case.target_patches == LATENCY_PATCHES:
-                repeats = max(100, min(300 if quick else 2000, int(2.0 / result["isolated"])))
-                latency[f"{label} ({case.n_regions:,})"] = measure_latency(cupy, sampler, repeats)
-            free_device_memory(cupy)
-        del sampler, numpy_sampler
-        free_device_memory(cupy)
+def order_check_note(
+    session: Session, case: Case, checked: int, n_patches: int, numpy_per_patch: float, left: float
+) -> str:
+    """Why a shuffled-and-sharded case is not compared with NumPy ('' when it is)."""
+    # The NumPy side draws each kind once (a shuffle costs more than a plain epoch).
+    estimate = max(numpy_per_patch, NUMPY_FALLBACK_PER_PATCH) * n_patches * 6
+    if case.target_patches != checked:
+        return "not checked (larger case)"
+    if session.args.no_numpy:
+        return "skipped (--no-numpy)"
+    if n_patches > session.numpy_max():
+        return "skipped (size)"
+    if estimate >= min(30.0, left / 2):
+        return "skipped (time)"
+    return ""
 
-    # -- end to end
-    emit(
-        "",
-        f"## End-to-end time per epoch at ~{LATENCY_PATCHES:,} patches",
-        "",
-        "From the host call `sample_epoch(k)` to the result being ready: CUDA events recorded "
-        "before and after the call, then `Event.synchronize`; and `time.perf_counter` around "
-        "the call plus `Stream.synchronize`. The result of each epoch is kept until the next "
-        "returns, as in training.",
-        "",
-        *markdown_table(
-            LATENCY_HEADER,
-            [latency_row(label, result) for label, result in latency.items()],
-            "lrrrrl",
-        ),
-    )
-    launches = max((r["launches"] for r in latency.values()), default=None)
 
-    # -- shuffled and sharded epochs
-    orders = orders_section(cupy, args, run_start, gpu_per_patch, numpy_per_patch, emit)
-
-    # -- updates
-    update_label, update_shapes, update_patch = region_sets[-1]
-    n_regions = count_regions(update_shapes, update_patch)
-    update_label = f"{update_label} ({n_regions:,}) regions"
-    repeats = 5 if quick else 20
-    gpu_updates = measure_updates("cuda", update_shapes, update_patch, repeats, cupy)
-    free_device_memory(cupy)
-    host_updates = (
+def updates_section(session: Session) -> tuple[dict[str, float], str]:
+    """Measure and emit the table updates at the run's largest region set."""
+    region_sets = QUICK_REGION_SETS if session.args.quick else REGION_SETS
+    label, shapes, patch = region_sets[-1]
+    update_label = f"{label} ({count_regions(shapes, patch):,}) regions"
+    repeats = 5 if session.args.quick else 20
+    gpu = measure_updates(session.backend, shapes, patch, repeats, session.cupy)
+    free_device_memory(session.cupy)
+    host = (
         None
-        if args.no_numpy
-        else measure_updates("numpy", update_shapes, update_patch, max(3, repeats // 4))
+        if session.args.no_numpy
+        else measure_updates("numpy", shapes, patch, max(3, repeats // 4))
     )
-    emit(
+    session.report.emit(
         "",
         f"## Table updates at {update_label}",
         "",
@@ -1378,32 +1392,72 @@ def run(args: argparse.Namespace, cupy: Any) -> str:
         "probabilities alternate between two dense arrays. *Backend's memory*: a CuPy array "
         "on the GPU, a NumPy array on NumPy.",
         "",
-        *markdown_table(UPDATE_HEADER, update_rows(gpu_updates, host_updates), "lrrrl"),
+        *markdown_table(UPDATE_HEADER, update_rows(gpu, host), "lrrrl"),
     )
+    return gpu, update_label
 
-    def report(probe: dict[str, Any] | None) -> list[str]:
+
+def targets_section(
+    session: Session,
+    output: Path,
+    throughput: Throughput,
+    launches: float | None,
+    orders: Sequence[dict[str, Any]],
+    updates: tuple[dict[str, float], str],
+) -> list[str]:
+    """Write the report with its targets table; count launches with CUPTI; write it again.
+
+    The first write keeps the measurements should the profiler probe (a child
+    process) not come back.
+    """
+    gpu_updates, update_label = updates
+
+    def targets(probe: dict[str, Any] | None) -> list[str]:
         summary = [
             "",
             "## Targets",
             "",
             *targets_table(
-                top_fractions, latency, gpu_updates, update_label, launches, probe, orders
+                throughput.roofline,
+                throughput.latency,
+                gpu_updates,
+                update_label,
+                launches,
+                probe,
+                orders,
             ),
         ]
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text("\n".join(lines + summary) + "\n")
+        session.report.write(output, summary)
         return summary
 
-    report(None)  # in case the profiler probe below does not come back
+    targets(None)
     probe = None
-    if not args.no_torch_profile:
+    if not session.args.no_torch_profile:
         print("\ncounting launches with torch.profiler in a child process ...", flush=True)
-        elapsed = time.perf_counter() - run_start
-        probe = run_launch_probe(max(30.0, min(PROBE_TIMEOUT_S, args.time_budget + 150 - elapsed)))
-    summary = report(probe)
+        timeout = max(30.0, min(PROBE_TIMEOUT_S, session.left(-150.0)))
+        probe = run_launch_probe(timeout, session.backend)
+    return targets(probe)
+
+
+def run(args: argparse.Namespace, cupy: Any, backend: str = "cuda") -> str:
+    """Measure everything, print the tables as they come, write the report; return it."""
+    session = Session(args, cupy, Report(), backend)
+    info = device_info(cupy)
+    quick = "-quick" if args.quick else ""
+    output = args.output or RESULTS_DIR / f"gpu-{slug(info['name'])}{quick}.md"
+    session.report.emit(
+        f"# GPU benchmark: gpu-patching CUDA backend ({info['name']})", "", *device_lines(info)
+    )
+    first_call_section(session)
+    copy_roof, fill_roof = bandwidth_measure_section(session)
+    throughput = throughput_section(session, copy_roof, fill_roof)
+    launches = latency_section(session, throughput.latency)
+    orders = orders_section(session, throughput.gpu_per_patch, throughput.numpy_per_patch)
+    updates = updates_section(session)
+    summary = targets_section(session, output, throughput, launches, orders, updates)
     print("\n".join(summary))
     print(f"\nwritten to {output}")
-    return "\n".join(lines + summary) + "\n"
+    return session.report.text(summary)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1428,21 +1482,57 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip counting launches with torch.profiler (CUPTI)",
     )
+    parser.add_argument(
+        "--profile-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="only draw N epochs of the first end-to-end case between cudaProfilerStart and "
+        "cudaProfilerStop (run it under `ncu --profile-from-start off`) and print the "
+        "backend's launch count",
+    )
+    parser.add_argument(
+        "--count-ncu",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="print the launches per epoch in the CSV that `ncu --csv` wrote for "
+        "--profile-epochs (with --epochs and --launch-count)",
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="epochs profiled (--count-ncu)")
+    parser.add_argument("--launch-count", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--launch-probe", action="store_true", help=argparse.SUPPRESS)
+    # The tests run the probe and the profiled epochs on the NumPy backend.
+    parser.add_argument(
+        "--backend", default="cuda", choices=("cuda", "numpy"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
+    if args.epochs < 1 or (args.profile_epochs is not None and args.profile_epochs < 1):
+        parser.error("--epochs and --profile-epochs need at least 1 epoch")
 
     if args.launch_probe:
         try:
-            probe = launch_probe()
-        except Exception as error:
+            probe = launch_probe(args.backend)
+        except Exception as error:  # the parent reports it as one line
             probe = {"error": f"{type(error).__name__}: {error}"}
         print(PROBE_PREFIX + json.dumps(probe), flush=True)
         return 0
-
-    cupy, why = usable_cupy()
-    if cupy is None:
-        print(f"{why}; skipping the GPU benchmark")
+    if args.count_ncu is not None:
+        counts = count_ncu_kernels(args.count_ncu.read_text())
+        print(ncu_summary(counts, args.epochs, args.launch_count))
         return 0
+
+    if args.backend == "cuda":
+        cupy, why = usable_cupy()
+        if cupy is None:
+            print(f"{why}; skipping the GPU benchmark")
+            return 0
+    if args.profile_epochs is not None:
+        profiled = profile_epochs(args.backend, args.profile_epochs)
+        print(PROFILE_PREFIX + json.dumps(profiled), flush=True)
+        return 0
+    if args.backend != "cuda":
+        parser.error("--backend numpy is for --launch-probe and --profile-epochs only")
     run(args, cupy)
     return 0
 

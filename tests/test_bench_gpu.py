@@ -1,18 +1,22 @@
-"""Smoke tests of benchmarks/bench_gpu.py that need no GPU.
+"""benchmarks/bench_gpu.py without a GPU: every fixture is a real function's output.
 
-The GPU measurements themselves only run on a device; these tests check the
-parts that do not: the case list (patch counts land on their targets), the
-roofline arithmetic, the report formatting, the NumPy side of the update
-measurement, the shuffled-and-sharded section (run on the NumPy backend with a
-stand-in for CuPy's events) and the exit path where no CUDA device is usable.
+The measurements run here on the NumPy backend, with a host stand-in for the
+few CuPy calls the script makes (events read ``perf_counter``, arrays are
+NumPy arrays), and their results feed the report code exactly as on a GPU: a
+report that reads a key no measurement returns fails here, not on the first
+GPU run. The launch probe runs for real in a child process (torch.profiler on
+the CPU). The GPU session script (benchmarks/gpu_session.sh) is checked here
+too: its syntax, its time budget and its all-skipped check.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,13 +24,17 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from gpu_patching import StratifiedPatching
-from gpu_patching.backends.numpy_backend import NumpyBackend
 from gpu_patching.grid import MAX_PROBABILITY
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
+SESSION = ROOT / "benchmarks" / "gpu_session.sh"
+if str(SCRIPT.parent) not in sys.path:
+    sys.path.insert(0, str(SCRIPT.parent))  # the scripts import _report by name
 
 
 def _load() -> ModuleType:
@@ -46,6 +54,141 @@ def _no_device_env() -> dict[str, str]:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
+# -- a host stand-in for the CuPy calls of the script ------------------------------------
+
+
+class _Event:
+    def record(self, stream: Any = None) -> None:
+        self.at = time.perf_counter()
+
+    def synchronize(self) -> None:
+        return None
+
+
+class _HostArray(np.ndarray):
+    """A NumPy array whose ``data`` copies bytes as a CuPy MemoryPointer does."""
+
+    @property
+    def data(self) -> Any:  # type: ignore[override]
+        array = self
+
+        def copy_from_device_async(source: Any, nbytes: int, stream: Any = None) -> None:
+            target = array.reshape(-1).view(np.uint8)
+            target[:nbytes] = source.array.reshape(-1).view(np.uint8)[:nbytes]
+
+        return SimpleNamespace(array=self, copy_from_device_async=copy_from_device_async)
+
+
+class _ElementwiseKernel:
+    """The bandwidth kernels: ``y = x`` and ``y = v`` both assign their input to the output."""
+
+    def __init__(self, inputs: str, outputs: str, operation: str, name: str) -> None:
+        assert operation in ("y = x", "y = v"), operation
+
+    def __call__(self, value: Any, out: Any) -> None:
+        out[...] = value
+
+
+def _host_cupy() -> Any:
+    """What bench_gpu uses of CuPy, on the host."""
+    pool = SimpleNamespace(free_all_blocks=lambda: None)
+    stream = SimpleNamespace(synchronize=lambda: None)
+    properties = {"name": b"Host stand-in", "multiProcessorCount": 2, "totalGlobalMem": 1 << 34}
+    return SimpleNamespace(
+        __version__="host",
+        uint64=np.uint64,
+        int64=np.int64,
+        asarray=np.asarray,
+        ones=lambda n, dtype: np.ones(n, dtype).view(_HostArray),
+        zeros=lambda n, dtype: np.zeros(n, dtype).view(_HostArray),
+        ElementwiseKernel=_ElementwiseKernel,
+        cuda=SimpleNamespace(
+            Event=_Event,
+            Device=lambda: SimpleNamespace(id=0, synchronize=lambda: None),
+            get_current_stream=lambda: stream,
+            get_elapsed_time=lambda start, end: (end.at - start.at) * 1e3,
+            runtime=SimpleNamespace(
+                memGetInfo=lambda: (1 << 34, 1 << 34),
+                getDeviceProperties=lambda device: properties,
+                runtimeGetVersion=lambda: 13000,
+                driverGetVersion=lambda: 13000,
+            ),
+            memory=SimpleNamespace(OutOfMemoryError=MemoryError),
+        ),
+        get_default_memory_pool=lambda: pool,
+        get_default_pinned_memory_pool=lambda: pool,
+    )
+
+
+def _args(**overrides: Any) -> argparse.Namespace:
+    """bench_gpu's options (its parser's defaults), for the quick sizes."""
+    values = {
+        "quick": True,
+        "output": None,
+        "time_budget": 420.0,
+        "no_numpy": False,
+        "numpy_max_patches": 10**7,
+        "no_torch_profile": False,
+    }
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def _session(**overrides: Any) -> Any:
+    return bench.Session(_args(**overrides), _host_cupy(), bench.Report(echo=False), "numpy")
+
+
+@pytest.fixture
+def small_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick run's sections at sizes the host draws in a moment."""
+    monkeypatch.setattr(bench, "QUICK_REGION_SETS", bench.REGION_SETS[:1])
+    monkeypatch.setattr(bench, "QUICK_PATCH_TARGETS", (10**3, 10**4))
+    monkeypatch.setattr(bench, "LATENCY_PATCHES", 10**3)
+    monkeypatch.setattr(bench, "ROOFLINE_PATCHES", 10**4)
+    monkeypatch.setattr(bench, "ROOFLINE_REGIONS", bench.REGION_SETS[0][0])
+    monkeypatch.setattr(bench, "QUICK_EPOCH_BUDGET_S", 0.1)
+    monkeypatch.setattr(bench, "QUICK_BANDWIDTH_BYTES", 1 << 12)
+    monkeypatch.setattr(bench, "QUICK_ORDER_REGION_SET", bench.REGION_SETS[0])
+    monkeypatch.setattr(bench, "QUICK_ORDER_PATCH_TARGETS", (10**3, 10**4))
+
+
+@pytest.fixture(scope="module")
+def numpy_probe() -> dict[str, Any]:
+    """launch_probe's real output, from its child process, on the NumPy backend."""
+    return bench.run_launch_probe(300, "numpy")
+
+
+def _small_case(target: int = 10**4) -> Any:
+    return bench.build_cases(bench.REGION_SETS[:1], (target,))[0]
+
+
+def _sampler(case: Any, backend: str = "numpy") -> StratifiedPatching:
+    sampler = StratifiedPatching(case.data_shapes, case.patch_size, seed=1, backend=backend)
+    bench.set_uniform_probability(sampler, case)
+    return sampler
+
+
+@pytest.fixture(scope="module")
+def epoch_result() -> dict[str, Any]:
+    """measure_epoch's real output (the NumPy backend on both sides)."""
+    case = _small_case()
+    result: dict[str, Any] = bench.measure_epoch(
+        _host_cupy(), _sampler(case), _sampler(case), quick=True
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def latency_result() -> dict[str, Any]:
+    result: dict[str, Any] = bench.measure_latency(_host_cupy(), _sampler(_small_case()), 5)
+    return result
+
+
+@pytest.fixture(scope="module")
+def order_result() -> dict[str, Any]:
+    result: dict[str, Any] = bench.measure_orders(_host_cupy(), _sampler(_small_case()), 0.01, 2)
+    return result
+
+
 # -- cases ----------------------------------------------------------------------------------
 
 
@@ -62,8 +205,13 @@ def test_case_list_marks_the_impossible_combinations() -> None:
     for case in cases:
         if case.feasible:
             assert 0 < case.probability <= MAX_PROBABILITY
-    # The 1e8 case the roofline target is judged on exists.
-    assert any(c.feasible and c.target_patches == 10**8 for c in cases)
+    # The case the roofline target is judged on exists.
+    assert any(
+        c.feasible
+        and c.target_patches == bench.ROOFLINE_PATCHES
+        and c.regions_label == bench.ROOFLINE_REGIONS
+        for c in cases
+    )
 
 
 def test_quick_cases_are_small() -> None:
@@ -78,8 +226,7 @@ def test_order_cases_are_the_1e6_and_1e7_cases_at_1m_regions() -> None:
     assert [c.target_patches for c in cases] == [10**6, 10**7]
     assert all(c.feasible and c.n_regions == 1 << 20 for c in cases)
     # The same construction as the throughput cases of that region set.
-    throughput = bench.build_cases(bench.REGION_SETS[-1:], (10**6, 10**7))
-    assert cases == throughput
+    assert cases == bench.build_cases(bench.REGION_SETS[-1:], (10**6, 10**7))
     quick = bench.order_cases(quick=True)
     assert quick and all(c.feasible for c in quick)
     assert max(c.target_patches for c in quick) <= 10**6
@@ -151,179 +298,98 @@ def test_burst_length_and_overhead() -> None:
     # A quarter of the rows in a quarter of the time costs the same per patch.
     assert bench.per_patch_overhead(1.0, 250, 4.0, 1000) == pytest.approx(0.0)
     assert bench.per_patch_overhead(1.1, 1000, 1.0, 1000) == pytest.approx(0.1)
-    assert bench.fmt_overhead(0.123) == "+12%"
-    assert bench.fmt_overhead(-0.05) == "-5%"
 
 
-# -- formatting -----------------------------------------------------------------------------
+# -- the report, on real measurements --------------------------------------------------------
 
 
-def test_slug_and_versions() -> None:
-    assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert bench.slug("NVIDIA H200") == "nvidia-h200"
-    assert bench.slug("???") == "unknown-gpu"
-    assert bench.cuda_version(12040) == "12.4"
-    assert bench.cuda_version(12090) == "12.9"
-    assert bench.cuda_version(13000) == "13.0"
-    assert bench.cuda_version(0) == "unknown"
-
-
-def test_formatters() -> None:
-    assert bench.fmt_time(None) == "n/a"
-    assert bench.fmt_time(2.5) == "2.50 s"
-    assert bench.fmt_time(1.5e-3) == "1.50 ms"
-    assert bench.fmt_time(25e-6) == "25.0 us"
-    assert bench.fmt_rate(2.5e9) == "2.50 G/s"
-    assert bench.fmt_bandwidth(3.0e12) == "3,000 GB/s"
-    assert bench.fmt_bytes(4 * 10**9) == "3.73 GiB"
-    assert bench.fmt_percent(0.5) == "50.0%"
-    assert [bench.fmt_verdict(v) for v in (True, False, None)] == ["yes", "NO", "n/a"]
-
-
-def test_markdown_table() -> None:
-    lines = bench.markdown_table(["a", "b"], [["1", "2"]], "lr")
-    assert lines == ["| a | b |", "|---|---:|", "| 1 | 2 |"]
-    with pytest.raises(ValueError):
-        bench.markdown_table(["a", "b"], [["1"]], "lr")
-    with pytest.raises(ValueError):
-        bench.markdown_table(["a", "b"], [], "l")
-
-
-def test_report_rows_match_their_headers() -> None:
-    case = bench.build_cases(bench.REGION_SETS[-1:], (10**8,))[0]
-    result = {"n_patches": 10**8, "burst": 2e-3, "isolated": 2.1e-3}
-    row = bench.throughput_row(case, result, "skipped (size)", 3e12, 2.8e12)
+def test_measure_epoch_and_its_row(epoch_result: dict[str, Any]) -> None:
+    case = _small_case()
+    assert epoch_result["n_patches"] == _sampler(case).n_patches
+    assert epoch_result["same"] is True  # NumPy against NumPy
+    assert epoch_result["burst"] > 0 and epoch_result["isolated"] > 0
+    row = bench.throughput_row(case, epoch_result, "", 3e12, 2.8e12)
     assert len(row) == len(bench.THROUGHPUT_HEADER)
-    assert "skipped (size)" in row
-    with_numpy = {**result, "numpy": 1.0, "same": True}
-    assert len(bench.throughput_row(case, with_numpy, "", 3e12, 2.8e12)) == len(
-        bench.THROUGHPUT_HEADER
-    )
+    assert row[1] == f"{epoch_result['n_patches']:,}" and row[-1] == "yes"
+    assert row[-2] == bench.fmt_ratio(epoch_result["numpy"], epoch_result["isolated"])
+    without_numpy = {k: v for k, v in epoch_result.items() if k not in ("numpy", "same")}
+    row = bench.throughput_row(case, without_numpy, "skipped (size)", 3e12, 2.8e12)
+    assert len(row) == len(bench.THROUGHPUT_HEADER) and "skipped (size)" in row
     empty = bench.throughput_row(case, None, "not possible", 1, 1)
     assert len(empty) == len(bench.THROUGHPUT_HEADER)
 
-    latency = {
-        "n_patches": 10**5,
-        "events": 20e-6,
-        "events_p10": 18e-6,
-        "events_p90": 25e-6,
-        "wall": 31e-6,
-        "wall_p10": 28e-6,
-        "wall_p90": 40e-6,
-        "launches": 1.0,
-    }
-    row = bench.latency_row("~1k (1,024)", latency)
-    assert len(row) == len(bench.LATENCY_HEADER)
-    assert row[-1] == "NO"  # the slower method (31 us) misses the 30 us target
 
-    gpu = {key: 0.5e-3 for key, _ in bench.UPDATE_ROWS}
-    for host in (None, {key: 50e-3 for key, _ in bench.UPDATE_ROWS}):
-        rows = bench.update_rows(gpu, host)
+def test_measure_latency_and_its_row(latency_result: dict[str, Any]) -> None:
+    assert latency_result["launches"] == 1  # one draw per epoch on the NumPy backend
+    row = bench.latency_row("~1k (1,024)", latency_result)
+    assert len(row) == len(bench.LATENCY_HEADER)
+    worst = max(latency_result["events"], latency_result["wall"])
+    assert row[-1] == bench.fmt_verdict(worst <= bench.TARGET_EPOCH_SECONDS)
+    slow = {**latency_result, "wall": 31e-6, "events": 20e-6}
+    assert bench.latency_row("~1k", slow)[-1] == "NO"  # the slower method misses 30 us
+
+
+def test_measure_updates_and_their_rows() -> None:
+    shapes, patch = [(1, 1, 640, 640)], (32, 32)
+    host = bench.measure_updates("numpy", shapes, patch, 2)
+    native = bench.measure_updates("numpy", shapes, patch, 2, _host_cupy())
+    assert set(host) == set(native) == {key for key, _ in bench.UPDATE_ROWS}
+    assert all(t > 0 for t in host.values())
+    for other in (None, host):
+        rows = bench.update_rows(native, other)
         assert len(rows) == len(bench.UPDATE_ROWS)
         assert all(len(r) == len(bench.UPDATE_HEADER) for r in rows)
-        assert all(r[-1] == "yes" for r in rows)
+        assert [r[-1] for r in rows] == [
+            bench.fmt_verdict(native[key] <= bench.TARGET_UPDATE_SECONDS)
+            for key, _ in bench.UPDATE_ROWS
+        ]
 
 
-def test_targets_table() -> None:
-    probe = {
-        "epochs": 5,
-        "launch_count": 5,
-        "torch": "2.x",
-        **bench.classify_device_events(["sample_epoch"] * 5 + ["Activity Buffer Request"]),
-    }
-    assert probe["ours"] == 5 and probe["other_kernels"] == []
-    assert probe["bookkeeping"] == ["Activity Buffer Request"]
-    lines = bench.targets_table(
-        (0.6, 0.4),
-        {"a": {"events": 20e-6, "wall": 25e-6}},
-        {"x": 0.8e-3},
-        "~1M",
-        1.0,
-        probe,
-    )
-    text = "\n".join(lines)
-    assert "yes (copy), NO (fill)" in text
-    assert text.count("| yes |") == 4  # latency, updates, launch_count, CUPTI
-    assert "1 sample_epoch kernel(s) per epoch" in text
-
-
-def _order_result(n: int, plain: float, others: float, same: Any = None) -> dict[str, Any]:
-    """A made-up result of measure_orders: every variant ``others`` over plain, per patch."""
-    variants = {}
-    baselines = {}
-    for key, _, options in bench.order_variants():
-        rows = -(-n // options.get("world_size", 1))
-        seconds = plain * rows / n * (1 if key == "plain" else 1 + others)
-        variants[key] = {"rows": rows, "time": seconds, "launches": 1.0}
-        if "world_size" in options:
-            baselines[key] = {"rows": rows, "time": plain * rows / n, "launches": 1.0}
-    return {"n_patches": n, "variants": variants, "baselines": baselines, "same": same}
-
-
-def test_order_rows_and_target() -> None:
-    case = bench.order_cases(quick=False)[0]
-    same = {key: True for key, _, _ in bench.order_variants()}
-    result = _order_result(10**6, 1e-4, 0.1, same)
-    rows = bench.order_rows(case, result, "")
+def test_measure_orders_and_their_rows(order_result: dict[str, Any]) -> None:
+    case = _small_case()
+    n = order_result["n_patches"]
+    variants = order_result["variants"]
+    assert [v["rows"] for v in variants.values()] == [n, n, -(-n // 4), -(-n // 8)]
+    assert all(v["launches"] == 1 and v["time"] > 0 for v in variants.values())
+    assert set(order_result["baselines"]) == {"shard4", "shard8"}
+    rows = bench.order_rows(case, order_result, "not checked (larger case)")
     assert len(rows) == len(bench.order_variants())
     assert all(len(r) == len(bench.ORDER_HEADER) for r in rows)
+    plain = variants["plain"]
     assert rows[0][6] == "(the baseline)"
-    assert [r[6] for r in rows[1:]] == ["+10%"] * 3
-    assert [r[7] for r in rows] == ["n/a", "n/a", "+10%", "+10%"]
-    assert [r[4] for r in rows] == ["100.0 us", "110.0 us", "27.5 us", "13.8 us"]
-    assert [r[3] for r in rows] == ["1,000,000", "1,000,000", "250,000", "125,000"]
-    assert all(r[-1] == "yes" for r in rows)
-    unchecked = bench.order_rows(case, _order_result(10**6, 1e-4, 0.1), "skipped (size)")
-    assert all(r[-1] == "skipped (size)" for r in unchecked)
+    for row, (key, _, _) in zip(rows[1:], bench.order_variants()[1:], strict=True):
+        timed = variants[key]
+        expected = bench.per_patch_overhead(timed["time"], timed["rows"], plain["time"], n)
+        assert row[6] == bench.fmt_overhead(expected)
+    assert all(r[-1] == "not checked (larger case)" for r in rows)
     skipped = bench.order_rows(case, None, "skipped: would overrun --time-budget")
     assert len(skipped) == 1 and len(skipped[0]) == len(bench.ORDER_HEADER)
 
+
+def _slower(result: dict[str, Any], key: str, factor: float) -> dict[str, Any]:
+    """A real measure_orders result with one variant's time multiplied (a slower card)."""
+    slower = copy.deepcopy(result)
+    plain = slower["variants"]["plain"]
+    timed = slower["variants"][key]
+    timed["time"] = plain["time"] * timed["rows"] / plain["rows"] * factor
+    return slower
+
+
+def test_order_target_names_the_worst_variant(order_result: dict[str, Any]) -> None:
     target = "shuffling and sharding cost < 20% over the plain epoch"
-    fast = "\n".join(bench.targets_table(None, {}, None, "~1M", None, None, [result]))
-    assert f"| {target} | worst per patch over 1 case(s): +10%" in fast
-    assert fast.count("| yes |") == 2  # the overhead and the launches per call
-    slow = [result, _order_result(10**7, 1e-3, 0.3)]
-    text = "\n".join(bench.targets_table(None, {}, None, "~1M", None, None, slow))
-    assert "+30% (shuffled epoch, 10,000,000 patches)" in text
-    assert f"| {target} |" in text and "| NO |" in text
-    slow[1]["variants"]["shard8"]["launches"] = 2.0
-    text = "\n".join(bench.targets_table(None, {}, None, "~1M", None, None, slow))
+    fast = _slower(_slower(order_result, "shuffled", 1.1), "shard4", 1.0)
+    fast = _slower(fast, "shard8", 1.05)
+    text = "\n".join(bench.targets_table(None, {}, None, "~1k", None, None, [fast]))
+    assert f"| {target} | worst per patch over 1 case(s): +10% (shuffled epoch" in text
+    slow = _slower(fast, "shard8", 1.3)
+    text = "\n".join(bench.targets_table(None, {}, None, "~1k", None, None, [fast, slow]))
+    assert "+30% (shuffled shard (rank 1 of 8)" in text and "over 2 case(s)" in text
+    assert re.search(rf"\| {re.escape(target)} \|[^\n]*\| NO \|", text)
+    slow["variants"]["shard8"]["launches"] = 2.0
+    text = "\n".join(bench.targets_table(None, {}, None, "~1k", None, None, [slow]))
     assert "| 1 to 2 | NO |" in text
-    missing = "\n".join(bench.targets_table(None, {}, None, "~1M", None, None, []))
+    missing = "\n".join(bench.targets_table(None, {}, None, "~1k", None, None, []))
     assert f"| {target} | not measured | n/a |" in missing
-
-
-def test_probe_verdicts() -> None:
-    def probe(names: list[str]) -> dict[str, object]:
-        events = bench.classify_device_events(names)
-        return {"epochs": 5, "launch_count": 5, "torch": "2.x", **events}
-
-    assert bench.probe_verdict(probe(["sample_epoch"] * 5)) is True
-    assert bench.probe_verdict(probe(["sample_epoch"] * 10)) is False
-    extra = probe(["sample_epoch"] * 5 + ["cupy_copy__int64_int64"])
-    assert bench.probe_verdict(extra) is False
-    assert "cupy_copy__int64_int64" in bench.probe_text(extra)
-    copies = probe(["sample_epoch"] * 5 + ["Memcpy HtoD (Pageable -> Device)"])
-    assert bench.probe_verdict(copies) is True
-    assert "memcpy/memset: 1" in bench.probe_text(copies)
-    assert bench.probe_verdict(probe([])) is None
-    assert "profiling unavailable" in bench.probe_text(probe([]))
-    assert bench.probe_verdict({"error": "no torch"}) is None
-    assert "not measured: no torch" in bench.probe_text({"error": "no torch"})
-    lines = bench.targets_table(None, {}, None, "~66k", None, None)
-    assert "not measured" in "\n".join(lines)
-
-
-# -- host-side measurement ------------------------------------------------------------------
-
-
-def test_time_wall_calls_and_syncs() -> None:
-    calls: list[int] = []
-    syncs: list[None] = []
-    times = bench.time_wall(calls.append, 4, lambda: syncs.append(None))
-    assert calls == [0, 0, 1, 2, 3]  # one warm-up call
-    assert len(syncs) == 5
-    assert len(times) == 4 and all(t >= 0 for t in times)
 
 
 def test_compare_orders() -> None:
@@ -338,126 +404,216 @@ def test_compare_orders() -> None:
         bench.compare_orders(a, b, 7)
 
 
-class _Event:
-    def record(self, stream: Any = None) -> None:
-        self.at = time.perf_counter()
-
-    def synchronize(self) -> None:
-        return None
-
-
-def _host_cupy() -> Any:
-    """What the timing code uses of CuPy, on the host (events are perf_counter)."""
-    pool = SimpleNamespace(free_all_blocks=lambda: None)
-    stream = SimpleNamespace(synchronize=lambda: None)
-    return SimpleNamespace(
-        cuda=SimpleNamespace(
-            Event=_Event,
-            get_current_stream=lambda: stream,
-            get_elapsed_time=lambda start, end: (end.at - start.at) * 1e3,
-            runtime=SimpleNamespace(memGetInfo=lambda: (1 << 34, 1 << 34)),
-            memory=SimpleNamespace(OutOfMemoryError=MemoryError),
-        ),
-        get_default_memory_pool=lambda: pool,
-        get_default_pinned_memory_pool=lambda: pool,
+def test_same_batches_compares_every_column() -> None:
+    sampler = StratifiedPatching([(1, 1, 256, 256)], (32, 32), seed=1, backend="numpy")
+    a, b = sampler.sample_epoch(0), sampler.sample_epoch(0)
+    assert bench.same_batches(a, b)
+    changed = type(a)(
+        data_idx=a.data_idx,
+        sample_idx=a.sample_idx,
+        coords=a.coords + 1,
+        indices=a.indices,
+        patch_size=a.patch_size,
     )
+    assert not bench.same_batches(a, changed)
 
 
-@pytest.fixture
-def counting_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
-    """NumPy samplers count their draws as CudaBackend.launch_count counts launches."""
-    draw = NumpyBackend.draw
-
-    def counting_draw(self: Any, *args: Any, **kwargs: Any) -> Any:
-        self.launch_count = getattr(self, "launch_count", 0) + 1
-        return draw(self, *args, **kwargs)
-
-    monkeypatch.setattr(NumpyBackend, "draw", counting_draw)
-    # Small cases, so the section runs in a moment on the host.
-    monkeypatch.setattr(bench, "QUICK_ORDER_REGION_SET", bench.REGION_SETS[0])
-    monkeypatch.setattr(bench, "QUICK_ORDER_PATCH_TARGETS", (10**3, 10**4))
+def test_bandwidth_section_on_a_real_measurement() -> None:
+    nbytes = 1 << 12
+    seconds = bench.measure_copy_bandwidth(_host_cupy(), nbytes, per_burst=3, rounds=2)
+    lines, copy_roof, fill_roof = bench.bandwidth_section(seconds, nbytes)
+    assert copy_roof == max(nbytes / seconds["memcpy"], nbytes / seconds["copy"])
+    assert fill_roof == nbytes / seconds["fill"]
+    assert sum(line.startswith("| D2D cudaMemcpyAsync") for line in lines) == 1
+    assert "**Copy roofline**" in lines[-1]
 
 
-def _collect(lines: list[str]) -> Any:
-    """An ``emit`` (as run() has) that keeps the lines."""
-
-    def emit(*new: str) -> None:
-        lines.extend(new)
-
-    return emit
+# -- the launch probe -------------------------------------------------------------------------
 
 
-def _orders_args(**overrides: Any) -> argparse.Namespace:
-    values = {"quick": True, "time_budget": 420.0, "no_numpy": False, "numpy_max_patches": 10**7}
-    return argparse.Namespace(**{**values, **overrides})
+def test_launch_probe_returns_every_key_its_report_reads(numpy_probe: dict[str, Any]) -> None:
+    if "error" in numpy_probe:  # no PyTorch here: the error is the whole report
+        assert "PyTorch" in numpy_probe["error"]
+        assert bench.probe_text(numpy_probe) == f"not measured: {numpy_probe['error']}"
+        assert bench.probe_verdict(numpy_probe) is None
+        return
+    assert numpy_probe["epochs"] == 5 and numpy_probe["launch_count"] == 5
+    assert numpy_probe["device"] is False and numpy_probe["ours"] == 0
+    text = bench.probe_text(numpy_probe)  # the KeyError of issue 11 would raise here
+    assert "profiling unavailable here" in text and numpy_probe["torch"] in text
+    assert bench.probe_verdict(numpy_probe) is None
 
 
-@pytest.mark.usefixtures("counting_numpy")
+def _device_probe(probe: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The real probe's keys with the device events a GPU's profile would name."""
+    if "error" in probe:
+        pytest.skip(f"launch_probe gave no profile here: {probe['error']}")
+    return {**probe, "device": True, **bench.classify_device_events(names)}
+
+
+def test_probe_verdicts(numpy_probe: dict[str, Any]) -> None:
+    epochs = numpy_probe.get("epochs", 5)
+    one_each = _device_probe(numpy_probe, ["sample_epoch"] * epochs)
+    assert bench.probe_verdict(one_each) is True
+    assert "1 sample_epoch kernel(s) per epoch" in bench.probe_text(one_each)
+    assert bench.probe_verdict(_device_probe(numpy_probe, ["sample_epoch"] * 2 * epochs)) is False
+    extra = _device_probe(numpy_probe, ["sample_epoch"] * epochs + ["cupy_copy__int64_int64"])
+    assert bench.probe_verdict(extra) is False
+    assert "cupy_copy__int64_int64" in bench.probe_text(extra)
+    copies = _device_probe(
+        numpy_probe, ["sample_epoch"] * epochs + ["Memcpy HtoD (Pageable -> Device)"]
+    )
+    assert bench.probe_verdict(copies) is True
+    assert "memcpy/memset: 1" in bench.probe_text(copies)
+    kineto = _device_probe(numpy_probe, ["sample_epoch"] * epochs + ["Activity Buffer Request"])
+    assert kineto["bookkeeping"] == ["Activity Buffer Request"]
+    assert bench.probe_verdict(kineto) is True
+    assert "bookkeeping not counted" in bench.probe_text(kineto)
+
+
+def test_launch_probe_without_a_device_reports_an_error() -> None:
+    done = subprocess.run(
+        bench.probe_command("cuda"),
+        capture_output=True,
+        text=True,
+        env=_no_device_env(),
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    line = next(s for s in done.stdout.splitlines() if s.startswith(bench.PROBE_PREFIX))
+    probe = json.loads(line[len(bench.PROBE_PREFIX) :])
+    assert "error" in probe
+    assert bench.probe_verdict(probe) is None
+    assert bench.probe_text(probe) == f"not measured: {probe['error']}"
+
+
+# -- ncu's count of launches ------------------------------------------------------------------
+
+# What `ncu --csv --metrics gpu__time_duration.sum` prints: notes, then one row per
+# kernel launch and metric (the program's own lines can come first).
+NCU_COLUMNS = (
+    "ID,Process ID,Process Name,Host Name,Kernel Name,Context,Stream,Block Size,Grid Size,"
+    "Device,CC,Section Name,Metric Name,Metric Unit,Metric Value"
+).split(",")
+
+
+def _ncu_row(launch: int, kernel: str, value: str) -> str:
+    cells = [str(launch), "4242", "python3.12", "127.0.0.1", kernel, "1", "7", "(256, 1, 1)"]
+    cells += ["(132, 1, 1)", "0", "9.0", "Command line profiler metrics"]
+    cells += ["gpu__time_duration.sum", "us", value]
+    return ",".join(f'"{cell}"' for cell in cells)
+
+
+NCU_LOG = "\n".join(
+    [
+        'PROFILED_EPOCHS {"epochs": 2, "launch_count": 2}',
+        "==PROF== Connected to process 4242 (/usr/bin/python3.12)",
+        '==PROF== Profiling "sample_epoch": 0%....50%....100% - 1 pass',
+        '==PROF== Profiling "sample_epoch": 0%....50%....100% - 1 pass',
+        "==PROF== Disconnected from process 4242",
+        ",".join(f'"{column}"' for column in NCU_COLUMNS),
+        _ncu_row(0, "sample_epoch", "9.18"),
+        _ncu_row(1, "sample_epoch", "9.02"),
+        "",
+    ]
+)
+
+
+def test_ncu_launches_are_counted_per_kernel() -> None:
+    assert bench.count_ncu_kernels(NCU_LOG) == {"sample_epoch": 2}
+    two_metrics = NCU_LOG + _ncu_row(1, "sample_epoch", "1.00") + "\n"
+    assert bench.count_ncu_kernels(two_metrics) == {"sample_epoch": 2}  # one launch, one ID
+    other = NCU_LOG + _ncu_row(2, "cupy_copy", "2.00") + "\n"
+    assert bench.count_ncu_kernels(other) == {"cupy_copy": 1, "sample_epoch": 2}
+    with pytest.raises(ValueError, match="no ncu CSV header"):
+        bench.count_ncu_kernels("==PROF== No kernels were profiled.\n")
+
+
+def test_ncu_summary_says_whether_each_epoch_is_one_launch() -> None:
+    one = bench.ncu_summary({"sample_epoch": 5}, 5, 5)
+    assert "1 sample_epoch launch(es) per epoch" in one and one.endswith(": yes")
+    assert "CudaBackend.launch_count: 1 per epoch" in one
+    assert bench.ncu_summary({"sample_epoch": 5, "cupy_copy": 1}, 5, None).endswith(": NO")
+    assert bench.ncu_summary({"sample_epoch": 10}, 5, 5).endswith(": NO")
+
+
+def test_count_ncu_from_the_command_line(tmp_path: Path, capsys: Any) -> None:
+    log = tmp_path / "ncu.csv"
+    log.write_text(NCU_LOG)
+    assert bench.main(["--count-ncu", str(log), "--epochs", "2", "--launch-count", "2"]) == 0
+    assert capsys.readouterr().out.strip() == bench.ncu_summary({"sample_epoch": 2}, 2, 2)
+
+
+def test_profile_epochs_counts_the_backends_draws() -> None:
+    assert bench.profile_epochs("numpy", 3) == {"epochs": 3, "launch_count": 3}
+
+
+# -- the sections and the whole run, on the NumPy backend --------------------------------------
+
+
+@pytest.mark.usefixtures("small_sizes")
 def test_orders_section_on_the_host() -> None:
-    lines: list[str] = []
-    results = bench.orders_section(
-        _host_cupy(), _orders_args(), time.perf_counter(), 0.0, 0.0, _collect(lines), "numpy"
-    )
+    session = _session()
+    results = bench.orders_section(session, 0.0, 0.0)
     assert [r["n_patches"] for r in results] == [1000, 10000]
-    for result in results:
-        variants = result["variants"]
-        assert [v["rows"] for v in variants.values()] == [
-            result["n_patches"],
-            result["n_patches"],
-            -(-result["n_patches"] // 4),
-            -(-result["n_patches"] // 8),
-        ]
-        assert all(v["launches"] == 1 and v["time"] > 0 for v in variants.values())
-        assert set(result["baselines"]) == {"shard4", "shard8"}
     # Only the smaller case is compared with NumPy (here NumPy against itself).
     assert results[0]["same"] == {key: True for key, _, _ in bench.order_variants()}
     assert results[1]["same"] is None
-    table = [line for line in lines if line.startswith("| ~1k")]
+    table = [line for line in session.report.lines if line.startswith("| ~1k")]
     assert len(table) == 2 * len(bench.order_variants())
     assert all(line.endswith("| yes |") for line in table[:4])
     assert all(line.endswith("| not checked (larger case) |") for line in table[4:])
-    text = "\n".join(bench.targets_table(None, {}, None, "~1k", None, None, results))
-    assert (
-        "| 1 kernel launch per call, shuffled and sharded (CudaBackend.launch_count) | 1 | yes |"
-        in text
-    )
 
 
-@pytest.mark.usefixtures("counting_numpy")
-def test_orders_section_keeps_to_the_time_budget() -> None:
-    lines: list[str] = []
-    results = bench.orders_section(
-        _host_cupy(),
-        _orders_args(time_budget=bench.RESERVE_S),
-        time.perf_counter(),
-        0.0,
-        0.0,
-        _collect(lines),
-        "numpy",
-    )
-    assert results == []
-    rows = [line for line in lines if line.startswith("| ~1k")]
+@pytest.mark.usefixtures("small_sizes")
+def test_orders_section_keeps_to_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    session = _session(time_budget=bench.RESERVE_S)
+    assert bench.orders_section(session, 0.0, 0.0) == []
+    rows = [line for line in session.report.lines if line.startswith("| ~1k")]
     assert len(rows) == 2 and all("would overrun --time-budget" in line for line in rows)
-    no_numpy = bench.orders_section(
-        _host_cupy(),
-        _orders_args(no_numpy=True),
-        time.perf_counter(),
-        0.0,
-        0.0,
-        _collect(lines),
-        "numpy",
-    )
-    assert all(r["same"] is None for r in no_numpy)
-    assert any(line.endswith("| skipped (--no-numpy) |") for line in lines)
+    monkeypatch.setattr(bench, "QUICK_ORDER_PATCH_TARGETS", (10**3,))
+    session = _session(no_numpy=True)
+    assert all(r["same"] is None for r in bench.orders_section(session, 0.0, 0.0))
+    assert any(line.endswith("| skipped (--no-numpy) |") for line in session.report.lines)
 
 
-def test_numpy_updates() -> None:
-    timings = bench.measure_updates("numpy", [(1, 1, 640, 640)], (32, 32), 2)
-    assert set(timings) == {key for key, _ in bench.UPDATE_ROWS}
-    assert all(t > 0 for t in timings.values())
+@pytest.mark.usefixtures("small_sizes")
+def test_the_whole_run_builds_its_report_from_real_measurements(
+    tmp_path: Path,
+    numpy_probe: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The probe's child process already ran for the fixture: reuse its real output.
+    def probe(timeout_s: float, backend: str) -> dict[str, Any]:
+        assert backend == "numpy" and timeout_s > 0
+        return numpy_probe
 
-
-# -- without a usable device ----------------------------------------------------------------
+    monkeypatch.setattr(bench, "run_launch_probe", probe)
+    output = tmp_path / "gpu.md"
+    text = bench.run(_args(output=output), _host_cupy(), backend="numpy")
+    capsys.readouterr()
+    assert output.read_text() == text
+    for heading in (
+        "# GPU benchmark: gpu-patching CUDA backend (Host stand-in)",
+        "## Bandwidth (measured in this run)",
+        "## Epoch throughput",
+        "## End-to-end time per epoch at ~1,000 patches",
+        "## Shuffled and sharded epochs (gpu-patching, CUDA backend)",
+        "## Table updates at ~1k (1,024) regions",
+        "## Targets",
+    ):
+        assert heading in text.splitlines(), heading
+    throughput = [line for line in text.splitlines() if line.startswith("| ~1k (1,024) |")]
+    assert len(throughput) >= 3  # two throughput cases, one latency row, ...
+    assert all("| yes |" in line for line in throughput[:2])  # same patches as NumPy
+    targets = text[text.index("## Targets") :]
+    assert "not measured |" not in targets.replace("not measured: ", "")
+    assert "| 1 kernel launch per epoch (CudaBackend.launch_count) | 1 | yes |" in targets
+    assert "| 1 kernel launch per epoch (CUPTI via torch.profiler) |" in targets
+    assert bench.probe_text(numpy_probe) in targets
+    assert "of the copy roofline" in targets
 
 
 def test_main_without_a_device_prints_one_line_and_returns_0(
@@ -486,67 +642,3 @@ def test_script_without_a_device_exits_0(tmp_path: Path) -> None:
     # One line with the reason: CuPy missing, no device visible, or none usable.
     assert len(lines) == 1 and lines[0].endswith("; skipping the GPU benchmark"), done.stdout
     assert not output.exists()
-
-
-def test_launch_probe_without_a_device_reports_an_error() -> None:
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--launch-probe"],
-        capture_output=True,
-        text=True,
-        env=_no_device_env(),
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    line = next(s for s in done.stdout.splitlines() if s.startswith(bench.PROBE_PREFIX))
-    probe = json.loads(line[len(bench.PROBE_PREFIX) :])
-    assert "error" in probe
-    assert bench.probe_verdict(probe) is None
-
-
-def test_same_batches_compares_every_column() -> None:
-    sampler = StratifiedPatching([(1, 1, 256, 256)], (32, 32), seed=1, backend="numpy")
-    a, b = sampler.sample_epoch(0), sampler.sample_epoch(0)
-    assert bench.same_batches(a, b)
-    changed = type(a)(
-        data_idx=a.data_idx,
-        sample_idx=a.sample_idx,
-        coords=a.coords + 1,
-        indices=a.indices,
-        patch_size=a.patch_size,
-    )
-    assert not bench.same_batches(a, changed)
-
-
-# -- the GPU session script --------------------------------------------------------------
-
-SESSION = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
-
-
-def test_gpu_session_script_parses_and_names_files_that_exist() -> None:
-    subprocess.run(["bash", "-n", str(SESSION)], check=True)
-    text = SESSION.read_text()
-    named = [word for word in text.replace("(", " ").replace(")", " ").split() if "/" in word]
-    files = [w for w in named if w.startswith(("tests/", "benchmarks/")) and w.endswith(".py")]
-    assert "tests/test_cuda.py" in files and "benchmarks/bench_gpu.py" in files
-    for name in files:
-        assert (SESSION.parents[1] / name).is_file(), name
-
-
-def test_gpu_session_without_a_gpu_reports_that_no_gpu_test_passed(tmp_path: Path) -> None:
-    # Here every GPU test skips: the script must not call that a success.
-    result = subprocess.run(
-        ["bash", str(SESSION), "tests"],
-        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "no GPU test passed" in result.stdout
-    assert (tmp_path / "pytest-cuda.log").is_file() and (tmp_path / "device.txt").is_file()
-
-
-def test_gpu_session_needs_a_known_part() -> None:
-    result = subprocess.run(["bash", str(SESSION), "all"], capture_output=True, text=True)
-    assert result.returncode == 2 and "usage" in result.stderr

@@ -81,8 +81,10 @@ def validate_data_shapes(
 ) -> tuple[tuple[int, ...], ...]:
     """Return the data shapes as tuples of positive ints, axes ``SC(Z)YX``.
 
-    Each shape must have ``len(patch_size) + 2`` axes and a spatial part at
-    least as large as the patch along every axis.
+    Each shape must have ``len(patch_size) + 2`` axes. A spatial part smaller
+    than the patch along some axis is accepted (the sampler gives such samples
+    no patches, as the reference does); the crop and statistics calls check
+    their stacks with :func:`check_stack_shape`, which refuses it.
     """
     if isinstance(data_shapes, (str, bytes)) or not isinstance(data_shapes, (Sequence, np.ndarray)):
         raise TypeError(f"data_shapes must be a sequence of shapes, got {data_shapes!r}")
@@ -91,12 +93,14 @@ def validate_data_shapes(
     shapes = []
     for k, raw in enumerate(data_shapes):
         shape = _int_sequence(raw, f"data_shapes[{k}]")
-        check_stack_shape(shape, patch_size, f"data_shapes[{k}]")
+        check_stack_shape(shape, patch_size, f"data_shapes[{k}]", smaller_ok=True)
         shapes.append(shape)
     return tuple(shapes)
 
 
-def check_stack_shape(shape: tuple[int, ...], patch_size: tuple[int, ...], name: str) -> None:
+def check_stack_shape(
+    shape: tuple[int, ...], patch_size: tuple[int, ...], name: str, *, smaller_ok: bool = False
+) -> None:
     """Check one ``SC(Z)YX`` shape against the patch size; ``ValueError`` names it.
 
     Parameters
@@ -108,6 +112,9 @@ def check_stack_shape(shape: tuple[int, ...], patch_size: tuple[int, ...], name:
         The patch size (2 or 3 entries).
     name : str
         How the shape's owner is named in the message, e.g. ``"stacks[1]"``.
+    smaller_ok : bool, default False
+        Accept a spatial part smaller than the patch (the sampler's data
+        shapes: such a sample just has no patches).
     """
     ndim = len(patch_size)
     axes = "SCZYX" if ndim == 3 else "SCYX"
@@ -118,7 +125,7 @@ def check_stack_shape(shape: tuple[int, ...], patch_size: tuple[int, ...], name:
         )
     if min(shape) < 1:
         raise ValueError(f"{name} has shape {shape}, with an empty or negative axis")
-    if any(p > s for p, s in zip(patch_size, shape[2:], strict=True)):
+    if not smaller_ok and any(p > s for p, s in zip(patch_size, shape[2:], strict=True)):
         raise ValueError(
             f"patch_size {patch_size} is larger than the spatial shape {shape[2:]} "
             f"of {name} (shape {shape})"

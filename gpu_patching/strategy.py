@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -20,11 +21,44 @@ from .backends import resolve_backend
 from .permutation import EpochOrder
 from .specs import PatchBatch, PatchSpecs
 from .tables import RegionTables
+from .views import ImagePatchingView
 
-__all__ = ["STATE_FORMAT", "STATE_VERSION", "StratifiedPatching"]
+__all__ = ["STATE_FORMAT", "STATE_VERSION", "SmallSampleWarning", "StratifiedPatching"]
 
 _DRAW_LIMIT = 1 << 32
 _CACHED_EPOCHS = 2
+
+
+class SmallSampleWarning(UserWarning):
+    """A sample is smaller than the patch along some axis, so it gets no patches.
+
+    :class:`StratifiedPatching` accepts such samples, as CAREamics does, and
+    every call works with them; filter this category to silence the warning.
+    """
+
+
+def _warn_small_samples(shapes: Sequence[tuple[int, ...]], patch: tuple[int, ...]) -> None:
+    """Warn once per image stack whose samples are smaller than the patch."""
+    axes = "ZYX"[-len(patch) :]
+    for data_idx, shape in enumerate(shapes):
+        short = [a for a, (size, p) in enumerate(zip(shape[2:], patch, strict=True)) if size < p]
+        if not short:
+            continue
+        samples = "sample_idx 0" if shape[0] == 1 else f"sample_idx 0..{shape[0] - 1}"
+        warnings.warn(
+            f"data_idx {data_idx}, {samples} (shape {shape}): the spatial shape {shape[2:]} "
+            f"is smaller than the patch size {patch} along "
+            f"{', '.join(axes[a] for a in short)}, so "
+            f"{'this sample has' if shape[0] == 1 else 'these samples have'} no patches",
+            SmallSampleWarning,
+            stacklevel=3,
+        )
+
+
+def _read_only(values: NDArray[Any]) -> NDArray[Any]:
+    """Return an array the caller cannot write to (it is the caller's own copy)."""
+    values.flags.writeable = False
+    return values
 
 
 def _zero_counters(length: int) -> array:
@@ -139,6 +173,7 @@ class StratifiedPatching:
         # number is): 4 bytes per index, and indexing yields Python ints.
         self._calls = _zero_counters(self._tables.total_patches)
         self._host_epochs: OrderedDict[int, _HostEpoch] = OrderedDict()
+        _warn_small_samples(shapes, patch)
 
     # -- read-only state -------------------------------------------------------
 
@@ -177,6 +212,58 @@ class StratifiedPatching:
         view = self._tables.n_patches.view()
         view.flags.writeable = False
         return view
+
+    @property
+    def image_patching(self) -> ImagePatchingView:
+        """Every sample as CAREamics' ``image_patching[data_idx][sample_idx]`` reads it.
+
+        Each entry has ``n_patches``, ``grid_shape``, ``shape`` and
+        ``patch_size``, read from the sampler whenever they are asked for, so
+        they stay right after every update. This is what CAREamics'
+        ``create_val_split`` reads.
+
+        Returns
+        -------
+        ImagePatchingView
+            A read-only sequence (one entry per stack) of read-only sequences
+            (one :class:`~gpu_patching.views.SamplePatchingView` per sample).
+        """
+        return ImagePatchingView(self)
+
+    @property
+    def cumulative_image_patches(self) -> NDArray[np.int64]:
+        """Cumulative patch counts of the image stacks (entry ``k``: stacks ``0..k``).
+
+        Returns
+        -------
+        numpy.ndarray of int64
+            A read-only copy, one entry per stack; the last is :attr:`n_patches`.
+        """
+        tables = self._tables
+        return _read_only(tables.patch_offset[tables.first_sample[1:]])
+
+    @property
+    def cumulative_sample_patches(self) -> NDArray[np.int64]:
+        """Cumulative patch counts of the samples, in ``(data_idx, sample_idx)`` order.
+
+        Returns
+        -------
+        numpy.ndarray of int64
+            A read-only copy, one entry per sample (the cumulative sum of
+            :attr:`n_patches_per_sample`).
+        """
+        return _read_only(self._tables.patch_offset[1:].copy())
+
+    @property
+    def cumulative_image_samples(self) -> NDArray[np.int64]:
+        """Cumulative sample counts of the image stacks (entry ``k``: stacks ``0..k``).
+
+        Returns
+        -------
+        numpy.ndarray of int64
+            A read-only copy, one entry per stack.
+        """
+        return _read_only(self._tables.first_sample[1:].copy())
 
     @property
     def seed(self) -> int:
@@ -717,9 +804,13 @@ class StratifiedPatching:
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
         state = pickled["state"]
-        fresh = StratifiedPatching(
-            state["data_shapes"], state["patch_size"], state["seed"], backend=pickled["backend"]
-        )
+        with warnings.catch_warnings():
+            # The sampler that was pickled has warned already (DataLoader
+            # workers unpickle one copy each).
+            warnings.simplefilter("ignore", SmallSampleWarning)
+            fresh = StratifiedPatching(
+                state["data_shapes"], state["patch_size"], state["seed"], backend=pickled["backend"]
+            )
         fresh.load_state_dict(state)
         self.__dict__.update(fresh.__dict__)
 

@@ -75,16 +75,7 @@ def escaped(value: Any) -> str:
         pytest.param([(1, 1, 0, 16)], (4, 4), ValueError, "(1, 1, 0, 16)", id="zero-shape"),
         pytest.param([(0, 1, 16, 16)], (4, 4), ValueError, "(0, 1, 16, 16)", id="zero-samples"),
         pytest.param([(1, 1, 16, -16)], (4, 4), ValueError, "(1, 1, 16, -16)", id="negative-shape"),
-        # patch larger than the image
-        pytest.param([(1, 1, 8, 16)], (10, 4), ValueError, "(10, 4)", id="patch-too-tall"),
-        pytest.param(
-            [(1, 1, 16, 16), (1, 1, 16, 3)],
-            (4, 4),
-            ValueError,
-            "(16, 3)",
-            id="patch-too-wide-second",
-        ),
-        pytest.param([(1, 1, 8, 8, 8)], (4, 4, 9), ValueError, "(4, 4, 9)", id="patch-too-deep"),
+        # (a patch larger than the image is accepted: tests/test_small_images.py)
         # no data
         pytest.param([], (4, 4), ValueError, "empty", id="no-stacks"),
         pytest.param(7, (4, 4), TypeError, "7", id="shapes-not-a-sequence"),
@@ -94,11 +85,6 @@ def escaped(value: Any) -> str:
 def test_constructor_rejects_bad_shapes(data_shapes, patch_size, error, offending):
     with pytest.raises(error, match=escaped(offending)):
         StratifiedPatching(data_shapes, patch_size, seed=0, backend="numpy")
-
-
-def test_patch_larger_than_image_message_names_both_shapes():
-    with pytest.raises(ValueError, match=r"\(10, 4\).*\(8, 16\)"):
-        StratifiedPatching([(1, 1, 8, 16)], (10, 4), seed=0, backend="numpy")
 
 
 @pytest.mark.parametrize(

@@ -11,16 +11,19 @@ stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import StratifiedPatching, __version__
+from . import BackendUnavailableError, StratifiedPatching, __version__
 from .io import SUPPORTED_SUFFIXES, read_shape, read_stack
 
 __all__ = ["main"]
@@ -32,6 +35,99 @@ class CommandError(Exception):
     """An error worth one line to the user (exit status 2, no traceback)."""
 
 
+# -- checks done before any work --------------------------------------------------
+
+#: The extra that installs the command's optional dependencies.
+_CLI_EXTRA = "pip install 'gpu-patching[cli]'"
+#: Default patch size of ``sample`` by number of spatial axes.
+_SAMPLE_PATCH = {2: (64, 64), 3: (32, 64, 64)}
+
+
+def _require(command: str, modules: Iterable[tuple[str, str]]) -> None:
+    """Fail in one line, before any work, when an optional dependency is missing.
+
+    ``modules`` holds ``(import name, what it is for)`` pairs.
+    """
+    missing = [
+        f"{name} ({purpose})" for name, purpose in modules if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise CommandError(f"{command} needs {', '.join(missing)}: {_CLI_EXTRA}")
+
+
+def _require_backend(backend: str) -> None:
+    """``--backend cuda`` without CuPy: say which extra installs it."""
+    if backend == "cuda" and importlib.util.find_spec("cupy") is None:
+        raise CommandError(
+            "--backend cuda needs CuPy, which is not installed: "
+            "pip install 'gpu-patching[cuda12]' (CUDA 12) or "
+            "pip install 'gpu-patching[cuda13]' (CUDA 13)"
+        )
+
+
+def _reader_modules(paths: Iterable[str]) -> list[tuple[str, str]]:
+    """List the optional readers that the input files need."""
+    suffixes = {Path(p).suffix.lower() for p in paths}
+    modules = []
+    if suffixes & {".tif", ".tiff"}:
+        modules.append(("tifffile", "reads .tif"))
+    if ".zarr" in suffixes:
+        modules.append(("zarr", "reads .zarr"))
+    return modules
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return first.exists() and second.exists() and os.path.samefile(first, second)
+    except OSError:
+        return first.resolve() == second.resolve()
+
+
+def _check_outputs(outputs: Sequence[Path], inputs: Iterable[str], overwrite: bool) -> None:
+    """Refuse to write over an input ever, or over an existing file unless asked.
+
+    A missing output folder is not an error: it is created when the output is
+    written (``sample`` and ``demo`` alike).
+    """
+    sources = [Path(p) for p in inputs]
+    for output in outputs:
+        for source in sources:
+            # A .zarr input is a folder: nothing may be written inside it.
+            inside = source.is_dir() and source.resolve() in output.resolve().parents
+            if _same_file(output, source) or output.resolve() == source.resolve() or inside:
+                raise CommandError(f"refusing to write {output}: it is the input {source}")
+        if output.is_dir():
+            raise CommandError(f"{output} is a folder; name a file to write")
+        if output.exists() and not overwrite:
+            raise CommandError(f"{output} exists; pass --overwrite to replace it")
+        for parent in output.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise CommandError(f"cannot write {output}: {parent} is not a folder")
+                break
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename it over ``path``.
+
+    A failed or interrupted write leaves any existing file as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        # mkstemp makes the file private (0600); give it the mode a plain
+        # open() would, i.e. what the umask allows.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 # -- sample --------------------------------------------------------------------
 
 
@@ -40,6 +136,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     suffix = output.suffix.lower()
     if suffix not in (".npy", ".csv"):
         raise CommandError(f"--output must end in .npy or .csv, got {output.name!r}")
+    _require_backend(args.backend)
+    _require("gpu-patching sample", _reader_modules(args.inputs))
+    _check_outputs([output], args.inputs, args.overwrite)
     shapes = []
     for path in args.inputs:
         shape = read_shape(path, args.axes)
@@ -49,17 +148,30 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise CommandError("the inputs mix 2D and 3D stacks; pass stacks of one kind")
     ndim = spatial.pop()
     patch = _patch_size(args.patch, ndim)
+    if not any(all(p <= d for p, d in zip(patch, s[2:], strict=True)) for s in shapes):
+        raise CommandError(
+            f"no patches to sample: the patch size {patch} is larger than every stack "
+            f"({', '.join(str(s[2:]) for s in shapes)}) along some axis"
+        )
     sampler = StratifiedPatching(shapes, patch, seed=args.seed, backend=args.backend)
+    if sampler.n_patches == 0:
+        raise CommandError(f"no patches to sample in {', '.join(args.inputs)}")
     batch = sampler.sample_epoch(args.epoch, **_epoch_options(args)).to_numpy()
     table = np.column_stack([batch.indices, batch.data_idx, batch.sample_idx, batch.coords])
     columns = ["index", "data_idx", "sample_idx", *("zyx"[3 - ndim :])]
     if suffix == ".npy":
-        np.save(output, table.astype(np.int64))
+        _write_atomically(output, lambda stream: np.save(stream, table.astype(np.int64)))
     else:
-        np.savetxt(output, table, fmt="%d", delimiter=",", header=",".join(columns), comments="")
+        _write_atomically(
+            output,
+            lambda stream: np.savetxt(
+                stream, table, fmt="%d", delimiter=",", header=",".join(columns), comments=""
+            ),
+        )
     print(
         f"{len(batch)} patches of epoch {args.epoch} (seed {sampler.seed}, "
-        f"backend {sampler.backend}) written to {output} [{', '.join(columns)}]"
+        f"backend {sampler.backend}, patch {'x'.join(map(str, patch))}) written to {output} "
+        f"[{', '.join(columns)}]"
     )
     return 0
 
@@ -78,7 +190,7 @@ def _epoch_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _patch_size(values: Sequence[int] | None, ndim: int) -> tuple[int, ...]:
     if values is None:
-        return (64, 64) if ndim == 2 else (32, 64, 64)
+        return _SAMPLE_PATCH[ndim]
     if len(values) != ndim:
         raise CommandError(f"--patch needs {ndim} sizes for {ndim}D stacks, got {len(values)}")
     return tuple(values)
@@ -88,38 +200,65 @@ def _patch_size(values: Sequence[int] | None, ndim: int) -> tuple[int, ...]:
 
 
 def _load_demo_image(args: argparse.Namespace) -> tuple[np.ndarray, str]:
-    """Return a 2D float image and a name for it."""
+    """Return the 2D image the demo shows and a name that says where it came from."""
     if args.image is None:
         from skimage import data
 
-        return data.cell().astype(
-            np.float32
-        ), "scikit-image 'cell' (quantitative phase image of a cell in saline)"
+        image = data.cell().astype(np.float32)
+        return image, "scikit-image's 'cell' (quantitative phase image of a cell in saline)"
     stack = read_stack(args.image, args.axes)
     if stack.ndim != 4:
-        raise CommandError("demo shows 2D images; give a 2D stack or use 'sample' for 3D data")
-    return stack[0, 0].astype(np.float32), f"{args.image} (sample 0, channel 0)"
+        raise CommandError(
+            f"demo shows 2D images; {args.image} with axes {args.axes} is 3D "
+            "(use 'sample' for 3D data)"
+        )
+    samples, channels = stack.shape[:2]
+    for flag, value, count in (
+        ("--sample", args.sample, samples),
+        ("--channel", args.channel, channels),
+    ):
+        if not 0 <= value < count:
+            raise CommandError(f"{flag} {value} is out of range: {args.image} has {count}")
+    name = f"{args.image} (sample {args.sample} of {samples}, channel {args.channel} of {channels})"
+    return stack[args.sample, args.channel].astype(np.float32), name
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import PICTURE_NAMES
+
+    _require_backend(args.backend)
+    modules = [
+        ("matplotlib", "draws the pictures"),
+        ("skimage", "Otsu's threshold and the bundled image"),
+        *_reader_modules([args.image] if args.image else []),
+    ]
+    if not args.no_progress:
+        modules.append(("tqdm", "progress bars"))
+    _require("gpu-patching demo", modules)
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise CommandError(f"--output {output} is a file; name a folder for the pictures")
+    _check_outputs(
+        [output / name for name in PICTURE_NAMES],
+        [args.image] if args.image else [],
+        args.overwrite,
+    )
     image, name = _load_demo_image(args)
     from .demo import run_demo
 
-    patch = _patch_size(args.patch, 2)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
     run_demo(
         image,
         name=name,
-        patch_size=patch,
+        patch_size=(int(args.patch[0]), int(args.patch[1])),
         epochs=args.epochs,
         seed=args.seed,
         backend=args.backend,
         output=output,
         validation_fraction=args.validation_fraction,
         background_stat=args.background_stat,
-        background_quantile=args.background_quantile,
+        background_threshold=args.background_threshold,
         filtered_prob=args.filtered_prob,
+        compare_careamics=not args.no_careamics,
         progress=not args.no_progress,
     )
     return 0
@@ -195,10 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--image", help=f"an image file ({', '.join(SUPPORTED_SUFFIXES)})")
     demo.add_argument("--axes", default="YX", help="axes of --image, e.g. YX, CYX (default YX)")
+    demo.add_argument("--sample", type=int, default=0, help="sample of --image shown (default 0)")
+    demo.add_argument("--channel", type=int, default=0, help="channel of --image shown (default 0)")
     demo.add_argument("--patch", type=int, nargs=2, metavar=("PY", "PX"), help="default 32 32")
     demo.add_argument("--epochs", type=int, default=20, help="epochs to draw (default 20)")
     demo.add_argument(
         "--output", default="demo-output", help="folder for the pictures (default demo-output)"
+    )
+    demo.add_argument(
+        "--overwrite", action="store_true", help="replace pictures already in --output"
     )
     demo.add_argument(
         "--validation-fraction",
@@ -213,16 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="region statistic that tells background: low values are background (default std)",
     )
     demo.add_argument(
-        "--background-quantile",
+        "--background-threshold",
         type=float,
-        default=0.3,
-        help="regions below this quantile of the statistic are background (default 0.3)",
+        help="regions whose statistic is below this are background "
+        "(default: Otsu's threshold of the regions' statistic, printed)",
     )
     demo.add_argument(
         "--filtered-prob",
         type=float,
         default=0.1,
         help="probability of background regions (default 0.1)",
+    )
+    demo.add_argument(
+        "--no-careamics",
+        action="store_true",
+        help="leave CAREamics' StratifiedPatching out of the comparison",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     common(demo)
@@ -239,13 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("inputs", nargs="+", help="stack files, one per data_idx")
     sample.add_argument("--axes", required=True, help="axes of the stacks, e.g. YX, SYX, SCZYX")
-    sample.add_argument("--patch", type=int, nargs="+", help="patch size per spatial axis")
+    sample.add_argument(
+        "--patch",
+        type=int,
+        nargs="+",
+        help="patch size per spatial axis (default 64 64 for 2D stacks, 32 64 64 for 3D)",
+    )
     sample.add_argument("--epoch", type=int, default=0, help="epoch (draw number, default 0)")
     sample.add_argument("--shuffle", action="store_true", help="shuffle the epoch")
     sample.add_argument("--rank", type=int, default=0, help="this rank (default 0)")
     sample.add_argument("--world-size", type=int, default=1, help="number of ranks (default 1)")
     sample.add_argument("--drop-last", action="store_true", help="drop the uneven tail")
-    sample.add_argument("--output", "-o", required=True, help="output file, .npy or .csv")
+    sample.add_argument(
+        "--output", "-o", required=True, help="output file, .npy or .csv (folders are created)"
+    )
+    sample.add_argument(
+        "--overwrite", action="store_true", help="replace --output if it exists (never an input)"
+    )
     common(sample)
     sample.set_defaults(handler=_cmd_sample)
 
@@ -279,12 +438,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "patch", None) is None and hasattr(args, "patch_default"):
         args.patch = list(args.patch_default)
     try:
-        return int(args.handler(args))
-    except (CommandError, ValueError, TypeError, IndexError, OSError, ImportError) as error:
-        print(f"{_PROG} {args.command}: error: {error}", file=sys.stderr)
+        with warnings.catch_warnings():
+            # The library's warnings (e.g. a stack smaller than the patch) as
+            # one line each, like the errors, without source lines.
+            warnings.showwarning = _show_warning(args.command)
+            return int(args.handler(args))
+    except (
+        CommandError,
+        ValueError,
+        TypeError,
+        IndexError,
+        OverflowError,
+        OSError,
+        ImportError,
+        MemoryError,
+        BackendUnavailableError,
+    ) as error:
+        print(f"{_PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover - interactive only
         return 130
+
+
+def _show_warning(command: str) -> Any:
+    def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+        print(f"{_PROG} {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    return show
+
+
+def _one_line(error: BaseException) -> str:
+    """Return the error's message on one line (its type when it has no message)."""
+    if isinstance(error, ImportError) and error.name and not isinstance(error, CommandError):
+        if importlib.util.find_spec(error.name.partition(".")[0]) is None:
+            return f"{error} ({_CLI_EXTRA})"
+    text = " ".join(str(error).split())
+    if isinstance(error, MemoryError):
+        return f"out of memory ({text})" if text else "out of memory"
+    return text or type(error).__name__
 
 
 def _entry() -> None:

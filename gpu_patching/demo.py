@@ -1,26 +1,66 @@
 """The demonstration behind ``gpu-patching demo`` (and ``make demo``).
 
-On one 2D microscopy image it builds a sampler, holds out validation patches,
-samples background regions less often, draws epochs, and compares how evenly
-the patches cover the image with plain uniform random patching (the same
-number of patches per epoch). It prints a table and writes pictures.
+On one 2D microscopy image it sets up the target a user trains on: a
+validation split (held-out grid cells that no training patch may touch) and
+background regions sampled less often, chosen from the data by Otsu's
+threshold on a region statistic. Then it compares samplers that all draw from
+that *same* distribution over patch corners:
+
+* ours (stratified: patch index ``j`` draws one point of stratum ``j`` of the
+  sample's mass line, see :mod:`gpu_patching.strategy`);
+* CAREamics' own ``StratifiedPatching``, given the same exclusions and
+  probabilities, when it can be loaded (``pip install --no-deps
+  careamics==0.3.5``);
+* independent random patching: every patch of an epoch drawn on its own from
+  the same distribution.
+
+Sharing one distribution, the three share the expected coverage of every
+pixel; what differs is how far one epoch strays from it. Over the pixels that
+some patch can reach, the table reports the fraction one epoch leaves
+uncovered, the spread (standard deviation) of patches per pixel per epoch
+after 1, 5 and N epochs, and the floor: the spread of the expected coverage
+itself, which no sampler of this distribution can go below (border pixels are
+reachable by fewer patches, background regions are meant to be drawn less).
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from . import StratifiedPatching
-from .policies import filter_background, validation_split
-from .stats import region_statistics
+from . import StratifiedPatching, filter_background, region_statistics, validation_split
+from ._pictures import PICTURE_NAMES, CoverageRun, DemoScene, draw_demo_pictures
 
-__all__ = ["cell_map", "coverage_map", "run_demo"]
+__all__ = [
+    "PICTURE_NAMES",
+    "cell_map",
+    "corner_weights",
+    "coverage_map",
+    "expected_coverage",
+    "run_demo",
+]
+
+#: Epoch counts after which the table reports the coverage spread (and N).
+SPREAD_EPOCHS = (1, 5)
+
+
+def _check_2d(shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int, int]:
+    if len(shape) != 2 or len(patch_size) != 2:
+        raise ValueError(
+            f"expected a 2D shape and patch size, got shape {tuple(shape)} "
+            f"and patch size {tuple(patch_size)}"
+        )
+    height, width = (int(s) for s in shape)
+    py, px = (int(p) for p in patch_size)
+    if not (1 <= py <= height and 1 <= px <= width):
+        raise ValueError(f"patch size {(py, px)} does not fit the shape {(height, width)}")
+    return height, width, py, px
 
 
 def cell_map(values: NDArray[Any], patch_size: Sequence[int], shape: Sequence[int]) -> NDArray[Any]:
@@ -41,6 +81,7 @@ def cell_map(values: NDArray[Any], patch_size: Sequence[int], shape: Sequence[in
         The value of the cell of each pixel; pixels past the last cell (the
         grid has ``(D + 1) // P`` cells) take the last cell's value.
     """
+    _check_2d(shape, patch_size)
     rows = np.minimum(np.arange(shape[0]) // patch_size[0], values.shape[0] - 1)
     cols = np.minimum(np.arange(shape[1]) // patch_size[1], values.shape[1] - 1)
     return values[np.ix_(rows, cols)]
@@ -65,8 +106,8 @@ def coverage_map(
     numpy.ndarray of int64, shape ``shape``
         Patches covering each pixel.
     """
-    py, px = (int(p) for p in patch_size)
-    height, width = (int(s) for s in shape)
+    height, width, py, px = _check_2d(shape, patch_size)
+    corners = np.asarray(corners, dtype=np.int64).reshape(-1, 2)
     # A 2D difference array: +1 at each box's corner, -1 past its edges, then
     # two cumulative sums; no loop over patches.
     diff = np.zeros((height + 1, width + 1), dtype=np.int64)
@@ -78,28 +119,210 @@ def coverage_map(
     return diff.cumsum(axis=0).cumsum(axis=1)[:height, :width]
 
 
-def _summary(coverage: NDArray[np.int64], epochs: int, pixels: NDArray[np.bool_]) -> list[str]:
-    per_epoch = coverage[pixels] / epochs
-    return [
-        f"{per_epoch.mean():.3f}",
-        f"{per_epoch.std():.3f}",
-        f"{np.mean(coverage[pixels] == 0):.1%}",
-    ]
+def corner_weights(
+    excluded: NDArray[np.bool_],
+    probabilities: NDArray[Any],
+    patch_size: Sequence[int],
+    shape: Sequence[int],
+) -> NDArray[np.float64]:
+    """Return the sampling weight of every patch corner of a 2D sample.
+
+    The distribution every sampler of the demo draws from: a corner's weight
+    is the probability of the region (grid cell) that holds it, or 0 when its
+    patch overlaps an excluded cell.
+
+    Parameters
+    ----------
+    excluded : numpy.ndarray of bool, shape (Gy, Gx)
+        Excluded grid cells (``StratifiedPatching.get_excluded_cells``).
+    probabilities : numpy.ndarray of float, shape (Gy, Gx)
+        Region probabilities (``StratifiedPatching.get_region_probs``).
+    patch_size : sequence of int
+        ``(py, px)``.
+    shape : sequence of int
+        ``(Y, X)`` of the sample.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape ``(Y - py + 1, X - px + 1)``
+        Weight of the patch whose top-left corner is at each position.
+
+    Raises
+    ------
+    ValueError
+        If the grids do not have the sample's grid shape ``(D + 1) // P``, or a
+        probability is negative or not finite.
+    """
+    height, width, py, px = _check_2d(shape, patch_size)
+    grid = ((height + 1) // py, (width + 1) // px)
+    excluded = np.asarray(excluded, dtype=bool)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    for name, values in (("excluded", excluded), ("probabilities", probabilities)):
+        if values.shape != grid:
+            raise ValueError(f"{name} has shape {values.shape}, expected the grid shape {grid}")
+    if not np.all(np.isfinite(probabilities) & (probabilities >= 0)):
+        raise ValueError("probabilities must be finite and non-negative")
+    corner_y = np.arange(height - py + 1)
+    corner_x = np.arange(width - px + 1)
+    # A corner lies in cell c // P; its patch ends in cell (c + P - 1) // P,
+    # at most one further, which may be past the grid (never excluded).
+    first_y, last_y = corner_y // py, (corner_y + py - 1) // py
+    first_x, last_x = corner_x // px, (corner_x + px - 1) // px
+    padded = np.zeros((grid[0] + 1, grid[1] + 1), dtype=bool)
+    padded[: grid[0], : grid[1]] = excluded
+    touches = (
+        padded[np.ix_(first_y, first_x)]
+        | padded[np.ix_(last_y, first_x)]
+        | padded[np.ix_(first_y, last_x)]
+        | padded[np.ix_(last_y, last_x)]
+    )
+    weights = probabilities[np.ix_(first_y, first_x)].copy()
+    weights[touches] = 0.0
+    return weights
+
+
+def _box_sum(values: NDArray[Any], patch_size: Sequence[int], shape: Sequence[int]) -> NDArray[Any]:
+    """Sum per-corner values over every pixel each corner's patch covers."""
+    height, width, py, px = _check_2d(shape, patch_size)
+    rows, cols = values.shape
+    diff = np.zeros((height + 1, width + 1), dtype=values.dtype)
+    diff[:rows, :cols] += values
+    diff[py : py + rows, :cols] -= values
+    diff[:rows, px : px + cols] -= values
+    diff[py : py + rows, px : px + cols] += values
+    return diff.cumsum(axis=0).cumsum(axis=1)[:height, :width]
+
+
+def expected_coverage(
+    weights: NDArray[Any], n_patches: int, patch_size: Sequence[int], shape: Sequence[int]
+) -> NDArray[np.float64]:
+    """Return the expected patches per pixel of one epoch of ``n_patches`` draws.
+
+    Parameters
+    ----------
+    weights : numpy.ndarray, shape ``(Y - py + 1, X - px + 1)``
+        Per-corner sampling weights (:func:`corner_weights`).
+    n_patches : int
+        Patches per epoch.
+    patch_size : sequence of int
+        ``(py, px)``.
+    shape : sequence of int
+        ``(Y, X)``.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape ``shape``
+        The expected coverage of each pixel by one epoch.
+    """
+    height, width, py, px = _check_2d(shape, patch_size)
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (height - py + 1, width - px + 1):
+        raise ValueError(
+            f"weights has shape {weights.shape}, expected one per corner "
+            f"{(height - py + 1, width - px + 1)}"
+        )
+    total = float(weights.sum())
+    if total <= 0:
+        return np.zeros((height, width))
+    return _box_sum(weights * (int(n_patches) / total), patch_size, shape)
+
+
+def _independent_draws(weights: NDArray[np.float64], n_patches: int, seed: int) -> Any:
+    """Epochs of corners drawn independently with probability ``weights / sum``."""
+    cumulative = np.cumsum(weights.ravel())
+    random = np.random.default_rng(seed)
+    columns = weights.shape[1]
+
+    def draw(epoch: int) -> NDArray[np.int64]:
+        del epoch  # each epoch continues the same stream
+        points = random.random(n_patches) * cumulative[-1]
+        # side="right" skips every zero-weight corner (a flat step of the sum).
+        flat = np.minimum(np.searchsorted(cumulative, points, side="right"), cumulative.size - 1)
+        return np.stack(np.divmod(flat, columns), axis=1)
+
+    return draw
+
+
+def _careamics_sampler(
+    sampler: StratifiedPatching, shape: tuple[int, ...], seed: int
+) -> tuple[Any, str]:
+    """CAREamics' sampler set up like ours, or ``(None, why not)``."""
+    from .testing import load_reference
+
+    try:
+        reference = load_reference()
+    except ImportError as error:
+        return None, str(error)
+    theirs = reference([shape], sampler.patch_size, seed=seed)
+    excluded = sampler.get_excluded_cells(0, 0)
+    if excluded.any():
+        theirs.exclude_patches(0, 0, [tuple(int(i) for i in c) for c in np.argwhere(excluded)])
+    probabilities = sampler.get_region_probs(0, 0)
+    changed = np.argwhere(probabilities != 1)
+    if len(changed):
+        theirs.set_region_probs(
+            0, 0, {tuple(int(i) for i in c): float(probabilities[tuple(c)]) for c in changed}
+        )
+    return theirs, ""
+
+
+def _measure(
+    label: str,
+    n_patches: int,
+    draw: Callable[[int], NDArray[np.int64]],
+    *,
+    epochs: int,
+    patch_size: tuple[int, int],
+    shape: tuple[int, int],
+    reachable: NDArray[np.bool_],
+    held_out: NDArray[np.bool_],
+    progress: bool,
+) -> CoverageRun:
+    """Draw ``epochs`` epochs and record their coverage."""
+    total = np.zeros(shape, dtype=np.int64)
+    seconds, spreads, snapshots = [], [], {}
+    touched = 0
+    rounds: Any = range(epochs)
+    if progress:
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc=label, unit="epoch", leave=False)
+    for epoch in rounds:
+        start = time.perf_counter()
+        corners = draw(epoch)
+        seconds.append(time.perf_counter() - start)
+        cover = coverage_map(corners, patch_size, shape)
+        total += cover
+        touched += int(cover[held_out].sum())
+        spreads.append(float((total[reachable] / (epoch + 1)).std()))
+        if epoch + 1 in (*SPREAD_EPOCHS, epochs):
+            snapshots[epoch + 1] = total.copy()
+    first = snapshots[1]
+    return CoverageRun(
+        label=label,
+        n_patches=n_patches,
+        seconds_per_epoch=float(np.median(seconds)),
+        snapshots=snapshots,
+        spreads=spreads,
+        uncovered_first_epoch=float(np.mean(first[reachable] == 0)),
+        touched_validation=touched,
+    )
 
 
 def run_demo(
     image: NDArray[Any],
     *,
     name: str,
-    patch_size: tuple[int, ...] = (32, 32),
+    patch_size: tuple[int, int] = (32, 32),
     epochs: int = 20,
     seed: int | None = 2026,
     backend: str = "auto",
     output: Path | None = None,
     validation_fraction: float = 0.05,
     background_stat: str = "std",
-    background_quantile: float = 0.3,
+    background_threshold: float | None = None,
     filtered_prob: float = 0.1,
+    compare_careamics: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demonstration on one 2D image.
@@ -109,17 +332,18 @@ def run_demo(
     image : numpy.ndarray, shape (Y, X)
         The image.
     name : str
-        How to name the image in the printout.
+        How to name the image in the printout and the pictures (say which
+        sample and channel of a larger stack it is).
     patch_size : tuple of int
         Patch size ``(py, px)``.
     epochs : int
         Epochs to draw (at least 1).
     seed : int or None
-        Sampler seed.
+        Seed of every sampler.
     backend : {"auto", "cuda", "numpy"}
-        Sampler backend.
+        Backend of our sampler.
     output : pathlib.Path, optional
-        Folder for the pictures; none are drawn when None.
+        Folder for the pictures (created if missing); none are drawn when None.
     validation_fraction : float
         Fraction of the patches to hold out for validation, in ``[0, 0.5]``.
     background_stat : str
@@ -127,122 +351,181 @@ def run_demo(
         :func:`~gpu_patching.region_statistics`); ``"std"`` suits both
         fluorescence and transmitted-light images (flat regions are
         background), ``"mean"`` dark-background fluorescence.
-    background_quantile : float
-        Regions whose statistic is below this quantile of all regions' are
-        background, in ``[0, 1]``.
+    background_threshold : float, optional
+        Regions whose statistic is below this are background. By default
+        Otsu's threshold of the regions' statistic (scikit-image's
+        ``threshold_otsu``), which splits them into two classes.
     filtered_prob : float
         Probability given to background regions.
+    compare_careamics : bool
+        Also run CAREamics' ``StratifiedPatching`` when it can be loaded.
     progress : bool
-        Show a progress bar (tqdm).
+        Show progress bars (tqdm).
 
     Returns
     -------
     dict
-        The numbers of the printed table.
+        The printed numbers: ``"runs"`` (one :class:`CoverageRun` per
+        sampler), ``"floor"``, ``"threshold"``, ``"reachable_pixels"``,
+        ``"careamics"`` (why its row is absent, or ``""``) and ``"pictures"``.
+
+    Raises
+    ------
+    ValueError
+        If the image is not 2D, ``epochs`` is below 1, or a fraction or
+        probability is out of range.
     """
+    image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"the demo needs a 2D image, got shape {image.shape}")
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer of at least 1, got {epochs!r}")
     if not 0 <= validation_fraction <= 0.5:
         raise ValueError(f"validation fraction must be in [0, 0.5], got {validation_fraction}")
-    if not 0 <= background_quantile <= 1:
-        raise ValueError(f"background quantile must be in [0, 1], got {background_quantile}")
-    shape = tuple(int(s) for s in image.shape)
+    if not (np.isfinite(filtered_prob) and filtered_prob >= 0):
+        raise ValueError(f"filtered probability must be finite and >= 0, got {filtered_prob}")
+    if background_threshold is not None and not np.isfinite(background_threshold):
+        raise ValueError(f"background threshold must be finite, got {background_threshold}")
+    shape = (int(image.shape[0]), int(image.shape[1]))
+    patch = (int(patch_size[0]), int(patch_size[1]))
     stack = image[np.newaxis, np.newaxis]
-    sampler = StratifiedPatching([stack.shape], patch_size, seed=seed, backend=backend)
-    print(f"image: {name}, {shape[0]}x{shape[1]}; patch {patch_size[0]}x{patch_size[1]}")
-    print(f"sampler: backend {sampler.backend}, seed {sampler.seed}, {sampler.n_patches} patches")
+    sampler = StratifiedPatching([stack.shape], patch, seed=seed, backend=backend)
+    seed = sampler.seed
+    print(f"image: {name}, {shape[0]}x{shape[1]} pixels; patch {patch[0]}x{patch[1]}")
+    print(f"sampler: backend {sampler.backend}, seed {seed}, {sampler.n_patches} patches")
 
     n_validation = round(validation_fraction * sampler.n_patches)
-    validation = validation_split(sampler, n_validation, seed=sampler.seed) if n_validation else []
+    validation = validation_split(sampler, n_validation, seed=seed) if n_validation else []
     print(f"validation: {len(validation)} patches held out -> {sampler.n_patches} patches")
 
-    scores = region_statistics(stack, patch_size, stats=(background_stat,))[background_stat]
-    threshold = float(np.quantile(scores, background_quantile))
+    scores = np.asarray(region_statistics(stack, patch, stats=(background_stat,))[background_stat])
+    scores = scores[0]
+    if background_threshold is None:
+        from skimage.filters import threshold_otsu
+
+        threshold = float(threshold_otsu(scores))
+        how = f"Otsu's threshold of the regions' {background_stat}"
+    else:
+        threshold = float(background_threshold)
+        how = "the threshold given"
     filtered = filter_background(
         sampler, [stack], stat=background_stat, threshold=threshold, filtered_prob=filtered_prob
     )
+    n_background = sum(filtered.filtered.values())
     print(
-        f"background: {sum(filtered.filtered.values())} regions with {background_stat} < "
-        f"{threshold:.2f} get probability {filtered_prob} -> {sampler.n_patches} patches per epoch"
+        f"background: {background_stat} < {threshold:.4g} ({how}): {n_background} of "
+        f"{scores.size} regions get probability {filtered_prob} -> {sampler.n_patches} patches "
+        f"per epoch"
     )
 
-    # Pixels the comparison is about: foreground (cells that kept probability
-    # 1) outside validation patches. Background is sampled less on purpose.
+    excluded = sampler.get_excluded_cells(0, 0)
+    probabilities = sampler.get_region_probs(0, 0)
+    weights = corner_weights(excluded, probabilities, patch, shape)
+    reachable = _box_sum((weights > 0).astype(np.int64), patch, shape) > 0
+    expected = expected_coverage(weights, sampler.n_patches, patch, shape)
+    floor = float(expected[reachable].std())
     held_out = np.zeros(shape, dtype=bool)
     for spec in validation:
         y, x = spec["coords"]
-        held_out[y : y + patch_size[0], x : x + patch_size[1]] = True
-    foreground = cell_map(sampler.get_region_probs(0, 0), patch_size, shape) >= 1
-    pixels = foreground & ~held_out
+        held_out[y : y + patch[0], x : x + patch[1]] = True
 
-    n_patches = sampler.n_patches
-    stratified = np.zeros(shape, dtype=np.int64)
-    uniform = np.zeros(shape, dtype=np.int64)
-    snapshots: dict[str, NDArray[np.int64]] = {}
-    random = np.random.default_rng(sampler.seed)
-    last_corner = np.asarray(shape) - np.asarray(patch_size)
-    epoch_seconds = []
-    touched_validation = 0
-    rounds: Any = range(epochs)
-    if progress:
-        from tqdm import tqdm
-
-        rounds = tqdm(rounds, desc="epochs", unit="epoch", leave=False)
-    for epoch in rounds:
-        start = time.perf_counter()
-        batch = sampler.sample_epoch(epoch).to_numpy()
-        epoch_seconds.append(time.perf_counter() - start)
-        epoch_cover = coverage_map(batch.coords, patch_size, shape)
-        stratified += epoch_cover
-        touched_validation += int(epoch_cover[held_out].sum())
-        corners = random.integers(0, last_corner + 1, size=(n_patches, 2))
-        uniform += coverage_map(corners, patch_size, shape)
-        if epoch == 0:
-            snapshots["stratified, 1 epoch"] = stratified.copy()
-            snapshots["uniform, 1 epoch"] = uniform.copy()
-    snapshots[f"stratified, {epochs} epochs"] = stratified
-    snapshots[f"uniform, {epochs} epochs"] = uniform
-
-    rows = [
-        ("stratified", 1, snapshots["stratified, 1 epoch"]),
-        ("uniform", 1, snapshots["uniform, 1 epoch"]),
-        ("stratified", epochs, stratified),
-        ("uniform", epochs, uniform),
+    measure = functools.partial(
+        _measure,
+        epochs=epochs,
+        patch_size=patch,
+        shape=shape,
+        reachable=reachable,
+        held_out=held_out,
+        progress=progress,
+    )
+    runs = [
+        measure(
+            f"ours ({sampler.backend})",
+            sampler.n_patches,
+            lambda epoch: sampler.sample_epoch(epoch).to_numpy().coords,
+        )
     ]
-    print(f"\n{'sampling':12s} {'epochs':>6s} {'mean':>7s} {'std':>7s} {'uncovered':>10s}")
-    results: dict[str, Any] = {"rows": []}
-    for label, count, cover in rows:
-        mean, std, uncovered = _summary(cover, count, pixels)
-        print(f"{label:12s} {count:6d} {mean:>7s} {std:>7s} {uncovered:>10s}")
-        results["rows"].append((label, count, mean, std, uncovered))
-    per_epoch = float(np.median(epoch_seconds))
-    print(
-        f"\n(coverage per pixel per epoch, over the {int(pixels.sum())} foreground pixels "
-        f"outside validation patches)\n"
-        f"patches per epoch: {n_patches}; time per epoch: {per_epoch * 1e3:.2f} ms "
-        f"({sampler.backend}); validation pixels covered by training patches: "
-        f"{touched_validation}"
+    why_not = "not asked for"
+    if compare_careamics:
+        theirs, why_not = _careamics_sampler(sampler, stack.shape, seed % 2**32)
+        if theirs is not None:
+            runs.append(
+                measure(
+                    "CAREamics StratifiedPatching",
+                    theirs.n_patches,
+                    lambda epoch: np.array(
+                        [theirs.get_patch_spec(i)["coords"] for i in range(theirs.n_patches)]
+                    ),
+                )
+            )
+    runs.append(
+        measure(
+            "independent random draws",
+            sampler.n_patches,
+            _independent_draws(weights, sampler.n_patches, seed),
+        )
     )
-    results.update(
-        n_patches=n_patches,
-        seconds_per_epoch=per_epoch,
-        backend=sampler.backend,
-        validation=len(validation),
-        touched_validation=touched_validation,
-    )
+    _print_table(runs, floor, epochs, int(reachable.sum()), float(expected[reachable].mean()))
+    if why_not:
+        print(f"(no CAREamics row: {why_not})")
+    results: dict[str, Any] = {
+        "runs": runs,
+        "floor": floor,
+        "threshold": threshold,
+        "reachable_pixels": int(reachable.sum()),
+        "careamics": why_not,
+        "validation": len(validation),
+        "background_regions": n_background,
+    }
     if output is not None:
-        from ._pictures import draw_demo_pictures
-
-        written = draw_demo_pictures(
-            output,
+        scene = DemoScene(
             image=image,
-            sampler=sampler,
-            validation=validation,
-            snapshots=snapshots,
+            name=name,
+            patch_size=patch,
+            validation_corners=[tuple(spec["coords"]) for spec in validation],
+            excluded=excluded,
+            probabilities=probabilities,
+            scores=scores,
+            stat=background_stat,
+            threshold=threshold,
+            expected=expected,
+            reachable=reachable,
+            floor=floor,
             epochs=epochs,
         )
+        written = draw_demo_pictures(Path(output), scene, runs)
         print("pictures:", ", ".join(str(p) for p in written))
         results["pictures"] = written
     return results
+
+
+def _print_table(
+    runs: Sequence[CoverageRun], floor: float, epochs: int, n_pixels: int, mean: float
+) -> None:
+    counts = sorted({*SPREAD_EPOCHS, epochs})
+    counts = [c for c in counts if c <= epochs]
+    header = f"\n{'sampler':30s} {'patches':>7s} {'ms/epoch':>9s} {'uncovered@1':>11s}" + "".join(
+        f" {f'spread@{c}':>10s}" for c in counts
+    )
+    print(header)
+    print("-" * (len(header) - 1))
+    for run in runs:
+        spreads = "".join(f" {run.spreads[c - 1]:10.3f}" for c in counts)
+        print(
+            f"{run.label:30s} {run.n_patches:7d} {run.seconds_per_epoch * 1e3:9.2f} "
+            f"{run.uncovered_first_epoch:11.1%}{spreads}"
+        )
+    print(
+        f"{'floor (expected coverage)':30s} {'':7s} {'':9s} {'':11s}"
+        + f" {floor:10.3f}" * len(counts)
+    )
+    print(
+        f"\nSpread: standard deviation of patches per pixel per epoch over the {n_pixels} "
+        f"pixels a patch can reach (mean {mean:.2f}); all rows draw from one distribution, "
+        f"so with more epochs each spread falls toward the floor ({floor:.3f}, set by border "
+        f"pixels and background that is drawn less on purpose), and the closer a sampler "
+        f"starts to it and the fewer pixels one epoch leaves uncovered, the more evenly "
+        f"every epoch trains."
+    )
+    touched = ", ".join(f"{run.label} {run.touched_validation}" for run in runs)
+    print(f"validation pixels covered by training patches: {touched}")

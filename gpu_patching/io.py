@@ -3,11 +3,15 @@
 Readers return NumPy-compatible arrays (read lazily where the format allows:
 ``.npy`` is memory-mapped, ``.zarr`` stays a zarr array) together with the axes
 rearranged to the sampler's ``SC(Z)YX`` order. ``.tif``/``.tiff`` needs
-``tifffile`` and ``.zarr`` needs ``zarr`` (``pip install gpu-patching[cli]``).
+``tifffile`` and ``.zarr`` needs ``zarr`` (``pip install 'gpu-patching[cli]'``).
+Errors name the file they are about.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +75,44 @@ def _scyx_shape(shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
     return (sizes.get("S", 1), sizes.get("C", 1), *spatial)
 
 
+#: The first bytes of every ``.npy`` file (NumPy's format, any version).
+_NPY_MAGIC = b"\x93NUMPY"
+#: How to install the optional readers.
+_CLI_EXTRA = "pip install 'gpu-patching[cli]'"
+
+
+def _open_npy(path: Path) -> Any:
+    # Checked first: np.load falls back to unpickling anything without the
+    # header, and its refusal then advises allow_pickle, which is never the fix.
+    try:
+        with open(path, "rb") as stream:
+            start = stream.read(len(_NPY_MAGIC))
+    except OSError as error:
+        raise OSError(f"cannot read {path}: {error.strerror or error}") from error
+    if start != _NPY_MAGIC:
+        raise ValueError(f"{path} is not a NumPy .npy file (it lacks the .npy header)")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable .npy array: {error}") from error
+
+
 def _open(path: Path) -> Any:
     """Open an array lazily (memory map, zarr array or TIFF series)."""
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return np.load(path, mmap_mode="r")
+        return _open_npy(path)
     if suffix == ".zarr":
         try:
             import zarr
         except ImportError as error:  # pragma: no cover - depends on the install
-            raise ImportError("reading .zarr needs zarr: pip install gpu-patching[cli]") from error
-        array = zarr.open(str(path), mode="r")
+            raise ImportError(f"reading .zarr needs zarr: {_CLI_EXTRA}") from error
+        try:
+            array = zarr.open(str(path), mode="r")
+        except Exception as error:  # zarr raises many kinds for a folder it cannot read
+            raise ValueError(f"{path} is not a readable zarr store: {error}") from error
         if not hasattr(array, "shape"):
             raise ValueError(f"{path} is a zarr group, not an array; name the array inside it")
         return array
@@ -91,13 +120,41 @@ def _open(path: Path) -> Any:
         try:
             import tifffile
         except ImportError as error:  # pragma: no cover - depends on the install
-            raise ImportError(
-                "reading .tif needs tifffile: pip install gpu-patching[cli]"
-            ) from error
-        return tifffile.TiffFile(path)
+            raise ImportError(f"reading .tif needs tifffile: {_CLI_EXTRA}") from error
+        try:
+            with _quiet_tifffile():
+                return tifffile.TiffFile(path)
+        except Exception as error:  # tifffile's errors do not name the file
+            raise ValueError(f"{path} is not a readable TIFF file: {error}") from error
     raise ValueError(
         f"{path} has an unsupported file type {suffix!r}; use one of {SUPPORTED_SUFFIXES}"
     )
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Keep tifffile's own log lines about a damaged file off the terminal.
+
+    The error we raise for such a file names it and says what is wrong, on
+    one line; tifffile would add lines of its own before it.
+    """
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _tiff_series(opened: Any, path: Path, read: bool) -> Any:
+    """Return the first series of an open TIFF: its shape, or its pixels when ``read``."""
+    with opened, _quiet_tifffile():
+        try:
+            series = opened.series[0]
+            return series.asarray() if read else tuple(int(s) for s in series.shape)
+        except Exception as error:  # a damaged file fails here, not at opening
+            raise ValueError(f"{path} is not a readable TIFF file: {error}") from error
 
 
 def read_shape(path: str | Path, axes: str) -> tuple[int, ...]:
@@ -117,8 +174,7 @@ def read_shape(path: str | Path, axes: str) -> tuple[int, ...]:
     """
     opened = _open(Path(path))
     if hasattr(opened, "series"):  # a TiffFile
-        with opened:
-            shape = tuple(int(s) for s in opened.series[0].shape)
+        shape = _tiff_series(opened, Path(path), read=False)
     else:
         shape = tuple(int(s) for s in opened.shape)
     return _scyx_shape(shape, axes)
@@ -142,10 +198,12 @@ def read_stack(path: str | Path, axes: str) -> np.ndarray:
     """
     opened = _open(Path(path))
     if hasattr(opened, "series"):
-        with opened:
-            data = opened.series[0].asarray()
+        data = _tiff_series(opened, Path(path), read=True)
     else:
-        data = np.asarray(opened[...])
+        try:
+            data = np.asarray(opened[...])
+        except (ValueError, OSError, EOFError) as error:  # e.g. a truncated file
+            raise ValueError(f"cannot read the pixels of {path}: {error}") from error
     order, target = to_scyx_axes(axes, data.ndim)
     data = np.transpose(data, order)
     if "S" not in target:

@@ -125,3 +125,192 @@ def test_axes_are_rearranged_to_scyx(tmp_path):
     assert read_shape(path, "YXCS") == (2, 3, 5, 4)
     np.testing.assert_array_equal(read_stack(path, "YXCS"), data.transpose(3, 2, 0, 1))
     assert to_scyx_axes("zyx", 3) == ([0, 1, 2], "ZYX")
+
+
+# -- the command never destroys input (issue: overwrite) ---------------------------
+
+
+def sample_args(stack: Path, output: Path, *extra: str) -> list[str]:
+    return ["sample", str(stack), "--axes", "SYX", "--patch", "8", "8", "--backend", "numpy",
+            "-o", str(output), *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", [[], ["--overwrite"]])
+def test_sample_never_writes_over_one_of_its_inputs(tmp_path, extra, capsys):
+    stack = write_stack(tmp_path / "a.npy", np.arange(2 * 20 * 20).reshape(2, 20, 20))
+    before = stack.read_bytes()
+    assert main(sample_args(stack, stack, *extra)) == 2
+    assert "it is the input" in capsys.readouterr().err
+    assert stack.read_bytes() == before
+
+
+def test_sample_never_writes_inside_a_zarr_input(tmp_path, capsys):
+    store = write_stack(tmp_path / "s.zarr", np.zeros((2, 20, 20), dtype=np.uint8))
+    assert main(sample_args(store, store / "epoch.npy")) == 2
+    assert "it is the input" in capsys.readouterr().err
+    assert not (store / "epoch.npy").exists()
+
+
+def test_sample_replaces_an_existing_file_only_with_overwrite(tmp_path, capsys):
+    stack = write_stack(tmp_path / "a.npy", np.zeros((2, 20, 20), dtype=np.uint8))
+    output = tmp_path / "epoch.npy"
+    output.write_bytes(b"keep me")
+    assert main(sample_args(stack, output)) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert output.read_bytes() == b"keep me"
+    assert main(sample_args(stack, output, "--overwrite")) == 0
+    assert np.load(output).shape[1] == 5
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_sample_and_demo_both_create_a_missing_output_folder(tmp_path):
+    stack = write_stack(tmp_path / "a.npy", np.zeros((2, 20, 20), dtype=np.uint8))
+    output = tmp_path / "new" / "folder" / "epoch.csv"
+    assert main(sample_args(stack, output)) == 0
+    assert output.read_text().startswith("index,")
+    # demo: see test_demo.py (its --output folder is created the same way).
+
+
+def test_demo_refuses_to_replace_pictures_before_any_work(tmp_path, capsys):
+    (tmp_path / "coverage.png").write_bytes(b"old picture")
+    assert main(["demo", "--output", str(tmp_path), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "coverage.png exists; pass --overwrite" in captured.err
+    assert captured.out == ""
+    assert (tmp_path / "coverage.png").read_bytes() == b"old picture"
+
+
+# -- one line and exit status 2 for every error ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("bad\nvalue"),
+        TypeError("bad type"),
+        IndexError("bad index"),
+        OSError("disk full"),
+        MemoryError(),
+        OverflowError("too big"),
+    ],
+)
+def test_every_error_of_the_library_is_one_line_and_exit_status_2(
+    tmp_path, monkeypatch, error, capsys
+):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("gpu_patching.cli.StratifiedPatching", fail)
+    stack = write_stack(tmp_path / "a.npy", np.zeros((2, 20, 20), dtype=np.uint8))
+    assert main(sample_args(stack, tmp_path / "e.npy")) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1
+    assert message.startswith("gpu-patching sample: error: ")
+    assert len(message.strip()) > len("gpu-patching sample: error: ")
+    assert not (tmp_path / "e.npy").exists()
+
+
+def test_sample_on_a_store_too_large_to_sample_is_one_line_and_exit_status_2(tmp_path, capsys):
+    # 10**12 pixels declared, 8 KB on disk: 3.9e9 patches of 16x16 per sample.
+    store = zarr.open(str(tmp_path / "huge.zarr"), mode="w", shape=(10**6, 10**6),
+                      dtype="u1", chunks=(1000, 1000))  # fmt: skip
+    del store
+    status = main(["sample", str(tmp_path / "huge.zarr"), "--axes", "YX", "--patch", "16", "16",
+                   "--backend", "numpy", "-o", str(tmp_path / "e.npy")])  # fmt: skip
+    assert status == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1
+    assert "Traceback" not in message
+
+
+def test_cuda_backend_without_cupy_names_the_extra(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "cupy" else find_spec(name, *a),
+    )
+    stack = write_stack(tmp_path / "a.npy", np.zeros((2, 20, 20), dtype=np.uint8))
+    for arguments in (
+        ["sample", str(stack), "--axes", "SYX", "--backend", "cuda", "-o", str(tmp_path / "e.npy")],
+        ["demo", "--backend", "cuda", "--output", str(tmp_path / "pictures")],
+    ):
+        assert main(arguments) == 2
+        message = capsys.readouterr().err
+        assert message.count("\n") == 1
+        assert "pip install 'gpu-patching[cuda12]'" in message
+        assert "pip install 'gpu-patching[cuda13]'" in message
+    assert not (tmp_path / "pictures").exists()
+
+
+@pytest.mark.parametrize("module", ["matplotlib", "skimage", "tqdm"])
+def test_demo_checks_its_optional_dependencies_before_any_work(
+    tmp_path, monkeypatch, module, capsys
+):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == module else find_spec(name, *a),
+    )
+    image = write_stack(tmp_path / "image.npy", np.zeros((64, 64), dtype=np.float32))
+    output = tmp_path / "pictures"
+    assert main(["demo", "--image", str(image), "--output", str(output)]) == 2
+    captured = capsys.readouterr()
+    assert f"needs {module}" in captured.err
+    assert "pip install 'gpu-patching[cli]'" in captured.err
+    assert captured.out == ""
+    assert not output.exists()
+
+
+def test_sample_checks_the_reader_of_its_inputs_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda name, *a: None if name == "tifffile" else find_spec(name, *a),
+    )  # fmt: skip
+    status = main(["sample", str(tmp_path / "x.tif"), "--axes", "YX", "-o",
+                   str(tmp_path / "e.npy")])  # fmt: skip
+    assert status == 2
+    assert "needs tifffile (reads .tif): pip install 'gpu-patching[cli]'" in capsys.readouterr().err
+
+
+def test_sample_help_shows_the_default_patch_size(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default 64 64 for 2D stacks, 32 64 64 for 3D" in text
+
+
+# -- errors name the file ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("noise.npy", bytes(range(256)) * 4, "is not a NumPy .npy file"),
+        ("noise.tif", bytes(range(256)) * 4, "is not a readable TIFF file"),
+        ("cut.tif", b"II*\x00" + bytes(range(100)), "is not a readable TIFF file"),
+    ],
+)
+def test_a_damaged_file_is_named_in_one_line(tmp_path, name, content, message, capsys):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert main(["sample", str(path), "--axes", "YX", "-o", str(tmp_path / "e.npy")]) == 2
+    error = capsys.readouterr().err
+    assert f"{path} {message}" in error
+    assert error.count("\n") == 1
+    assert "pickle" not in error
+
+
+def test_a_truncated_npy_is_named(tmp_path, capsys):
+    path = write_stack(tmp_path / "cut.npy", np.zeros((100, 100), dtype=np.float64))
+    path.write_bytes(path.read_bytes()[:2000])
+    assert main(["sample", str(path), "--axes", "YX", "-o", str(tmp_path / "e.npy")]) == 2
+    assert f"{path} is not a readable .npy array" in capsys.readouterr().err

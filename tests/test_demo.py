@@ -1,46 +1,225 @@
-"""gpu-patching demo: the main job writes its pictures and prints its table."""
+"""gpu-patching demo: a like-for-like comparison, its numbers and its pictures."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
 
+from gpu_patching import StratifiedPatching
 from gpu_patching.cli import main
+from gpu_patching.demo import (
+    PICTURE_NAMES,
+    corner_weights,
+    coverage_map,
+    expected_coverage,
+    run_demo,
+)
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
+pytest.importorskip("skimage")
 
-PICTURES = ("image.png", "region-probabilities.png", "coverage.png")
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_on_a_named_file_writes_the_pictures_and_prints_the_table(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    image = rng.normal(100, 10, (96, 128)).astype(np.float32)
-    image[:, :40] = 5  # a dark background band
-    path = tmp_path / "image.npy"
-    np.save(path, image)
-    output = tmp_path / "pictures"
+def textured_image(seed: int = 0) -> np.ndarray:
+    """Noisy texture on the left, a flat (background) band on the right."""
+    image = np.random.default_rng(seed).normal(100, 20, (96, 128)).astype(np.float32)
+    image[:, 64:] = 5.0
+    return image
+
+
+# -- the distribution every sampler of the demo draws from ---------------------
+
+
+def test_coverage_map_counts_the_patches_over_each_pixel():
+    corners = np.array([[0, 0], [2, 3], [2, 3], [5, 1]])
+    expected = np.zeros((8, 9), dtype=np.int64)
+    for y, x in corners:
+        expected[y : y + 3, x : x + 4] += 1
+    np.testing.assert_array_equal(coverage_map(corners, (3, 4), (8, 9)), expected)
+
+
+def test_expected_coverage_is_the_weighted_sum_over_every_corner():
+    shape, patch = (11, 13), (3, 4)
+    weights = np.random.default_rng(1).random((shape[0] - 2, shape[1] - 3))
+    weights[2:4] = 0
+    brute = np.zeros(shape)
+    for y, x in itertools.product(range(weights.shape[0]), range(weights.shape[1])):
+        brute[y : y + 3, x : x + 4] += weights[y, x]
+    np.testing.assert_allclose(
+        expected_coverage(weights, 7, patch, shape), brute * 7 / weights.sum(), atol=1e-12
+    )
+
+
+def test_corner_weights_hold_the_region_probability_and_zero_next_to_excluded_cells():
+    shape, patch = (20, 26), (4, 5)  # grid 5x5; last corners at 16, 21
+    excluded = np.zeros((5, 5), dtype=bool)
+    excluded[2, 3] = True
+    probabilities = np.ones((5, 5))
+    probabilities[0, 0] = 0.25
+    weights = corner_weights(excluded, probabilities, patch, shape)
+    assert weights.shape == (17, 22)
+    for y, x in itertools.product(range(17), range(22)):
+        rows = range(y // 4, (y + 3) // 4 + 1)
+        cols = range(x // 5, (x + 4) // 5 + 1)
+        touches = any(r == 2 and c == 3 for r in rows for c in cols)
+        assert weights[y, x] == (0.0 if touches else probabilities[y // 4, x // 5])
+
+
+def test_corner_weights_reject_grids_of_another_shape():
+    with pytest.raises(ValueError, match=r"grid shape \(5, 5\)"):
+        corner_weights(np.zeros((4, 5), bool), np.ones((5, 5)), (4, 5), (20, 26))
+    with pytest.raises(ValueError, match="non-negative"):
+        corner_weights(np.zeros((5, 5), bool), -np.ones((5, 5)), (4, 5), (20, 26))
+
+
+def test_our_draws_follow_the_corner_weights_the_demo_compares_against():
+    shape, patch = (40, 50), (8, 8)
+    sampler = StratifiedPatching([(1, 1, *shape)], patch, seed=5, backend="numpy")
+    sampler.exclude_patches(0, 0, [(1, 1), (3, 4)])
+    probabilities = np.ones((5, 6))
+    probabilities[4] = 0.2
+    probabilities[0, :3] = 3.0
+    sampler.set_region_probs(0, 0, probabilities)
+    weights = corner_weights(
+        sampler.get_excluded_cells(0, 0), sampler.get_region_probs(0, 0), patch, shape
+    )
+    corners = np.concatenate([sampler.sample_epoch(k).coords for k in range(300)])
+    # Never a corner of weight 0 (it would overlap an excluded cell) ...
+    assert np.all(weights[corners[:, 0], corners[:, 1]] > 0)
+    # ... and each region drawn as often as its share of the weight says.
+    cells = corners // np.array(patch)
+    drawn = np.zeros((5, 6))
+    np.add.at(drawn, (cells[:, 0], cells[:, 1]), 1)
+    share = np.zeros((5, 6))
+    rows, cols = np.indices(weights.shape)
+    np.add.at(share, (rows // 8, cols // 8), weights)
+    expected = share / share.sum() * len(corners)
+    sigma = np.sqrt(expected + 1)
+    assert np.all(np.abs(drawn - expected) < 6 * sigma)
+
+
+# -- run_demo -----------------------------------------------------------------
+
+
+def test_background_is_chosen_by_otsu_on_the_region_statistic(capsys):
+    results = run_demo(
+        textured_image(), name="bands", patch_size=(16, 16), epochs=1, backend="numpy",
+        validation_fraction=0.0, compare_careamics=False, progress=False,
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "Otsu" in printed
+    assert f"std < {results['threshold']:.4g}" in printed
+    # Grid 6x8 cells of 16; the regions (32 wide) of columns 4-7 lie in the
+    # flat band (std 0), every other region holds texture (std ~20 or more).
+    assert results["threshold"] > 0
+    assert results["background_regions"] == 6 * 4
+
+
+def test_every_sampler_draws_from_one_distribution_and_none_touches_validation(capsys):
+    results = run_demo(
+        textured_image(), name="bands", patch_size=(16, 16), epochs=6, backend="numpy",
+        compare_careamics=False, progress=False,
+    )  # fmt: skip
+    labels = [run.label for run in results["runs"]]
+    assert labels == ["ours (numpy)", "independent random draws"]
+    for run in results["runs"]:
+        assert run.touched_validation == 0
+        assert len(run.spreads) == 6
+        # No finite number of epochs beats the spread of the expected coverage.
+        assert min(run.spreads) > results["floor"] * 0.95
+    printed = capsys.readouterr().out
+    assert "floor (expected coverage)" in printed
+    assert "no CAREamics row" in printed
+
+
+def test_stratified_epochs_cover_more_evenly_than_independent_draws():
+    # The point of stratification: over several seeds, one epoch of ours
+    # leaves fewer pixels uncovered and spreads less than independent draws.
+    image = np.random.default_rng(3).normal(100, 20, (160, 192)).astype(np.float32)
+    wins = 0
+    for seed in range(4):
+        ours, independent = run_demo(
+            image, name="noise", patch_size=(16, 16), epochs=1, seed=seed, backend="numpy",
+            validation_fraction=0.0, background_threshold=0.0, compare_careamics=False,
+            progress=False,
+        )["runs"]  # fmt: skip
+        wins += ours.spreads[0] < independent.spreads[0]
+        wins += ours.uncovered_first_epoch < independent.uncovered_first_epoch
+    assert wins >= 7
+
+
+def test_careamics_row_uses_the_same_exclusions_and_probabilities(reference, capsys):
+    results = run_demo(
+        textured_image(), name="bands", patch_size=(16, 16), epochs=2, backend="numpy",
+        progress=False,
+    )  # fmt: skip
+    ours, theirs, _ = results["runs"]
+    assert theirs.label == "CAREamics StratifiedPatching"
+    assert theirs.n_patches == ours.n_patches
+    assert theirs.touched_validation == 0
+    assert results["careamics"] == ""
+
+
+def test_without_careamics_the_table_says_why(monkeypatch, capsys):
+    def missing():
+        raise ImportError("the reference needs careamics==0.3.5")
+
+    monkeypatch.setattr("gpu_patching.testing.load_reference", missing)
+    results = run_demo(
+        textured_image(), name="bands", patch_size=(16, 16), epochs=1, backend="numpy",
+        progress=False,
+    )  # fmt: skip
+    assert len(results["runs"]) == 2
+    assert "no CAREamics row: the reference needs careamics==0.3.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"validation_fraction": 0.7}, "validation fraction"),
+        ({"filtered_prob": -1.0}, "filtered probability"),
+        ({"background_threshold": float("nan")}, "background threshold"),
+    ],
+)
+def test_run_demo_rejects_bad_settings_before_any_work(options, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        run_demo(textured_image(), name="x", progress=False, **options)
+    assert capsys.readouterr().out == ""
+
+
+# -- the command ----------------------------------------------------------------
+
+
+def test_demo_on_a_named_stack_says_which_sample_and_channel_and_draws_pictures(tmp_path, capsys):
+    stack = np.stack([np.stack([textured_image(s + c) for c in range(3)]) for s in range(2)])
+    path = tmp_path / "stack.npy"
+    np.save(path, stack)
+    output = tmp_path / "new" / "pictures"  # a missing folder is created
     status = main(
-        ["demo", "--image", str(path), "--axes", "YX", "--patch", "16", "16",
-         "--epochs", "3", "--output", str(output), "--no-progress", "--backend", "numpy"]
+        ["demo", "--image", str(path), "--axes", "SCYX", "--sample", "1", "--channel", "2",
+         "--patch", "16", "16", "--epochs", "5", "--output", str(output), "--no-progress",
+         "--backend", "numpy", "--no-careamics"]
     )  # fmt: skip
     assert status == 0
-    for name in PICTURES:
-        picture = output / name
-        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in PICTURE_NAMES:
+        assert (output / name).read_bytes()[:8] == PNG
     printed = capsys.readouterr().out
-    for label in ("stratified", "uniform", "patches per epoch", "validation", "background"):
+    assert "sample 1 of 2, channel 2 of 3" in printed
+    for label in ("ours (numpy)", "independent random draws", "floor", "spread@5", "Otsu"):
         assert label in printed
-    assert "validation pixels covered by training patches: 0" in printed
 
 
 def test_demo_defaults_to_the_bundled_cell_image(tmp_path, capsys):
-    pytest.importorskip("skimage")
-    status = main(["demo", "--epochs", "2", "--output", str(tmp_path), "--no-progress",
-                   "--backend", "numpy"])  # fmt: skip
+    status = main(["demo", "--epochs", "1", "--output", str(tmp_path), "--no-progress",
+                   "--backend", "numpy", "--no-careamics"])  # fmt: skip
     assert status == 0
-    assert "cell" in capsys.readouterr().out
-    assert all((tmp_path / name).exists() for name in PICTURES)
+    assert "'cell'" in capsys.readouterr().out
+    assert all((tmp_path / name).read_bytes()[:8] == PNG for name in PICTURE_NAMES)
 
 
 def test_demo_rejects_a_3d_stack_with_one_line(tmp_path, capsys):
@@ -48,3 +227,14 @@ def test_demo_rejects_a_3d_stack_with_one_line(tmp_path, capsys):
     np.save(path, np.zeros((8, 32, 32), dtype=np.uint8))
     assert main(["demo", "--image", str(path), "--axes", "ZYX", "--output", str(tmp_path)]) == 2
     assert "2D" in capsys.readouterr().err
+
+
+def test_demo_rejects_a_sample_or_channel_out_of_range(tmp_path, capsys):
+    path = tmp_path / "two.npy"
+    np.save(path, np.zeros((2, 32, 32), dtype=np.uint8))
+    arguments = ["demo", "--image", str(path), "--axes", "SYX", "--output", str(tmp_path / "o")]
+    assert main([*arguments, "--sample", "2"]) == 2
+    assert "--sample 2 is out of range" in capsys.readouterr().err
+    assert main([*arguments, "--channel", "1"]) == 2
+    assert "--channel 1 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -58,6 +58,7 @@ from _report import (
 
 from gpu_patching import PatchBatch, extract_patches
 from gpu_patching import crop as crop_module
+from gpu_patching.cuda import crop_kernel
 
 TARGET_COPY_FRACTION = 0.70  # of the D2D copy bandwidth, at batch 4096
 TARGET_BATCH = 4096
@@ -328,7 +329,7 @@ def prepared_kernel(
     args = crop_module.crop_launch_args(table, rows, n_rows, n_channels, batch.patch_size, out)
     launch = crop_module.crop_launch(n_rows, n_channels, batch.patch_size)
     cropper = crop_module._device_crop()
-    kernel = cropper.kernel(int(cupy.cuda.Device().id), crop_module.crop_kernel_name(itemsize))
+    kernel = cropper._functions(crop_kernel(itemsize), int(cupy.cuda.Device().id))
     return kernel, launch.grid, launch.block, args
 
 

@@ -101,9 +101,12 @@ from _report import (
 )
 
 from gpu_patching import StratifiedPatching
-from gpu_patching.backends.cuda_backend import KERNEL_NAME
+from gpu_patching.cuda import SAMPLE_EPOCH
 from gpu_patching.grid import MAX_PROBABILITY, cell_count, grid_shape
 from gpu_patching.permutation import EpochOrder
+
+# The epoch kernel's entry point, as profilers name it.
+KERNEL_NAME = SAMPLE_EPOCH.name
 
 # -- targets (from the issue) -----------------------------------------------------------
 
@@ -135,10 +138,12 @@ QUICK_EPOCH_BUDGET_S = 1.0
 #: The run skips cases that would not finish within this many seconds (the
 #: machine it is meant for stops a command after 10 minutes).
 TIME_BUDGET_S = 420.0
-#: Seconds kept back for the updates, the launch probe and the report.
-RESERVE_S = 150.0
+#: Seconds kept back for the updates and the report, and for the launch probe
+#: (a child process that imports PyTorch; not kept with --no-torch-profile).
+TAIL_RESERVE_S = 40.0
+PROBE_RESERVE_S = 110.0
 #: Seconds the throughput cases leave for the shuffled and sharded epochs
-#: (which take ~10-15 s on an H100), on top of RESERVE_S.
+#: (which take ~10-15 s on an H100), on top of Session.reserve().
 ORDER_RESERVE_S = 30.0
 #: Bytes of each buffer of the bandwidth measurement.
 BANDWIDTH_BYTES = 1 << 30
@@ -318,20 +323,22 @@ def measure_epoch(
     sampler: StratifiedPatching,
     numpy_sampler: StratifiedPatching | None,
     quick: bool,
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
     """Throughput of one case on the GPU (and NumPy when given).
 
-    The repeats are sized from a first synchronised epoch, so a case takes a
-    few seconds of GPU time whatever the kernel's speed.
+    The repeats are sized from a first synchronised epoch, so a case takes
+    about ``budget_s`` seconds of GPU time whatever the kernel's speed
+    (default: EPOCH_BUDGET_S, or QUICK_EPOCH_BUDGET_S when ``quick``).
     """
+    if budget_s is None:
+        budget_s = QUICK_EPOCH_BUDGET_S if quick else EPOCH_BUDGET_S
     n = sampler.n_patches
     draw = sampler.sample_epoch
     stream = cupy.cuda.get_current_stream()
     first = min(time_calls(draw, 2, stream.synchronize, warmup=False))
     rounds = 3 if quick else 5
-    per_burst, repeats = epoch_repeats(
-        first, QUICK_EPOCH_BUDGET_S if quick else EPOCH_BUDGET_S, rounds
-    )
+    per_burst, repeats = epoch_repeats(first, budget_s, rounds)
     burst = time_burst(cupy, draw, per_burst, rounds)
     isolated = statistics.median(time_events(cupy, draw, repeats))
     result: dict[str, Any] = {"n_patches": n, "burst": burst, "isolated": isolated}
@@ -1093,6 +1100,16 @@ class Session:
         """Seconds of ``--time-budget`` left once ``reserve_s`` is kept back."""
         return self.args.time_budget - reserve_s - (time.perf_counter() - self.started)
 
+    def reserve(self) -> float:
+        """Seconds the sections after the shuffled and sharded epochs need."""
+        return TAIL_RESERVE_S + (0.0 if self.args.no_torch_profile else PROBE_RESERVE_S)
+
+    def epoch_budget(self) -> float:
+        """Seconds of GPU time per throughput case (--epoch-budget, else by --quick)."""
+        if self.args.epoch_budget is not None:
+            return float(self.args.epoch_budget)
+        return QUICK_EPOCH_BUDGET_S if self.args.quick else EPOCH_BUDGET_S
+
     def numpy_max(self) -> int:
         """Patches above which the NumPy comparison is skipped (0 with --no-numpy)."""
         return 0 if self.args.no_numpy else int(self.args.numpy_max_patches)
@@ -1161,8 +1178,8 @@ def throughput_intro(session: Session) -> list[str]:
 
 def case_skip_note(session: Session, case: Case, n_patches: int, per_patch: float) -> str:
     """Why a throughput case cannot run now ('' when it can): time budget or memory."""
-    left = session.left(RESERVE_S + ORDER_RESERVE_S)
-    if EPOCH_BUDGET_S + 4 * per_patch * n_patches > left:
+    left = session.left(session.reserve() + ORDER_RESERVE_S)
+    if session.epoch_budget() + 4 * per_patch * n_patches > left:
         return "skipped: would overrun --time-budget"
     free_device_memory(session.cupy)
     free, _ = session.cupy.cuda.runtime.memGetInfo()
@@ -1174,7 +1191,7 @@ def case_skip_note(session: Session, case: Case, n_patches: int, per_patch: floa
 def numpy_note(session: Session, n_patches: int, numpy_per_patch: float) -> str:
     """Why the NumPy comparison of a case is skipped ('' when it runs)."""
     estimate = numpy_per_patch * n_patches * (7 if n_patches <= 10**6 else 2)
-    left = session.left(RESERVE_S + ORDER_RESERVE_S)
+    left = session.left(session.reserve() + ORDER_RESERVE_S)
     if session.args.no_numpy:
         return "skipped (--no-numpy)"
     if n_patches > session.numpy_max():
@@ -1212,7 +1229,13 @@ def throughput_section(session: Session, copy_roof: float, fill_roof: float) -> 
                     numpy_sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
                 set_uniform_probability(numpy_sampler, case)
             try:
-                result = measure_epoch(cupy, sampler, None if note else numpy_sampler, args.quick)
+                result = measure_epoch(
+                    cupy,
+                    sampler,
+                    None if note else numpy_sampler,
+                    args.quick,
+                    session.epoch_budget(),
+                )
             except cupy.cuda.memory.OutOfMemoryError:
                 free_device_memory(cupy)
                 note = "skipped: out of device memory"
@@ -1299,7 +1322,7 @@ def orders_section(
             continue
         set_uniform_probability(sampler, case)
         n = sampler.n_patches
-        left = session.left(RESERVE_S)
+        left = session.left(session.reserve())
         if n_draws * (budget_s + 3 * gpu_per_patch * n) > left:
             skip("skipped: would overrun --time-budget")
             continue
@@ -1478,6 +1501,14 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds the whole run may take; throughput cases that would overrun are skipped",
     )
     parser.add_argument(
+        "--epoch-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"seconds of GPU time per throughput case (default {EPOCH_BUDGET_S:g}, "
+        f"{QUICK_EPOCH_BUDGET_S:g} with --quick)",
+    )
+    parser.add_argument(
         "--no-torch-profile",
         action="store_true",
         help="skip counting launches with torch.profiler (CUPTI)",
@@ -1499,7 +1530,12 @@ def main(argv: list[str] | None = None) -> int:
         help="print the launches per epoch in the CSV that `ncu --csv` wrote for "
         "--profile-epochs (with --epochs and --launch-count)",
     )
-    parser.add_argument("--epochs", type=int, default=5, help="epochs profiled (--count-ncu)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=5,
+        help="epochs profiled (--count-ncu; the log's own PROFILED_EPOCHS line wins)",
+    )
     parser.add_argument("--launch-count", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--launch-probe", action="store_true", help=argparse.SUPPRESS)
     # The tests run the probe and the profiled epochs on the NumPy backend.
@@ -1516,10 +1552,16 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # the parent reports it as one line
             probe = {"error": f"{type(error).__name__}: {error}"}
         print(PROBE_PREFIX + json.dumps(probe), flush=True)
+        print(probe_text(probe))  # for a person reading the log
         return 0
     if args.count_ncu is not None:
-        counts = count_ncu_kernels(args.count_ncu.read_text())
-        print(ncu_summary(counts, args.epochs, args.launch_count))
+        log = args.count_ncu.read_text()
+        epochs, launch_count = args.epochs, args.launch_count
+        profiled = [line for line in log.splitlines() if line.startswith(PROFILE_PREFIX)]
+        if profiled:  # the --profile-epochs line of the same run says what was drawn
+            drawn = json.loads(profiled[-1][len(PROFILE_PREFIX) :])
+            epochs, launch_count = drawn["epochs"], drawn["launch_count"]
+        print(ncu_summary(count_ncu_kernels(log), epochs, launch_count))
         return 0
 
     if args.backend == "cuda":

@@ -59,150 +59,58 @@ must be whole arrays in device memory. Two recipes meanwhile:
   tiles); keep the tiles in use on the device. Patches near tile borders are
   then drawn slightly more often than with the whole stack.
 
-Launch contract (checked by the test suite without a GPU), as in
-:mod:`gpu_patching.backends.cuda_backend`: :func:`crop_params` and
-:data:`CHECK_PARAMS` list the kernels' parameters and C types in order (a test
-parses the C signatures in ``kernels/crop_patches.cu``);
+Launch contract (checked by the test suite without a GPU, which launches the
+shipped kernels on the host through :class:`DeviceCrop` itself; see
+``docs/testing.md``): the kernels are described, compiled and launched through
+:mod:`gpu_patching.cuda` (:func:`~gpu_patching.cuda.crop_kernel`, one template
+instantiation per element size, and :data:`~gpu_patching.cuda.CHECK_CROP_ROWS`);
 :func:`crop_launch_args` and :func:`check_launch_args` are the only places that
-build argument tuples, with every scalar a NumPy scalar of the exact C width;
-:func:`crop_launch` sizes the launch (grid-stride loops cover every element
-exactly once for any grid).
+gather their values; :func:`~gpu_patching.cuda.crop_launch` sizes the launch
+(grid-stride loops cover every element exactly once for any grid).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
+from . import cuda
 from ._arrays import to_host
 from ._validation import check_stack_shape, validate_patch_size
-from .backends import BackendUnavailableError
-from .backends.cuda_backend import compile_options, kernel_source
+from .cuda import (
+    CHECK_CROP_ROWS,
+    BackendUnavailableError,
+    CropLaunch,
+    Kernel,
+    crop_kernel,
+    crop_launch,
+)
 from .specs import PatchBatch
 from .stores import ChunkReader, as_chunked_stack, is_chunked_stack
 
 __all__ = [
-    "CHECK_KERNEL_NAME",
-    "CHECK_PARAMS",
-    "CROP_KERNEL_FILE",
-    "CROP_LINES_PER_THREAD",
-    "CROP_SCALAR_TYPES",
-    "ELEMENT_C_TYPES",
     "HOST_CHUNK_BYTES",
     "STACK_FIELDS",
     "CropLaunch",
     "DeviceCrop",
     "check_launch_args",
-    "crop_kernel_code",
-    "crop_kernel_name",
     "crop_launch",
     "crop_launch_args",
-    "crop_params",
     "extract_patches",
     "stack_table",
 ]
 
-#: The ``.cu`` file of the crop kernels.
-CROP_KERNEL_FILE = "crop_patches.cu"
-#: The row-check kernel's entry point.
-CHECK_KERNEL_NAME = "check_crop_rows"
-#: The unsigned C type the crop kernel copies, per element size in bytes.
-ELEMENT_C_TYPES: dict[int, str] = {
-    1: "unsigned char",
-    2: "unsigned short",
-    4: "unsigned int",
-    8: "unsigned long long",
-}
-#: The NumPy scalar type of each scalar C type of the crop kernels.
-CROP_SCALAR_TYPES: dict[str, type[np.generic]] = {
-    "int": np.int32,
-    "long long": np.int64,
-}
 #: ``long long`` values per stack in the stack table: address, 5 sizes, 5 strides.
 STACK_FIELDS = 11
-#: Lines of a patch each thread copies per chunk (``CROP_LINES_PER_THREAD`` in crop.cuh).
-CROP_LINES_PER_THREAD = 8
-#: Threads per block of the crop kernel (at most; a narrow patch uses fewer).
-CROP_THREADS_PER_BLOCK = 256
 #: Bytes of the temporary of each gather on the host when it is copied into place.
 HOST_CHUNK_BYTES = 1 << 20
-#: Threads per block of the row-check kernel.
-CHECK_THREADS_PER_BLOCK = 256
-# CUDA's limits on gridDim.x and gridDim.y.
-_MAX_GRID_X = (1 << 31) - 1
-_MAX_GRID_Y = 65535
 # DLPack device types of CUDA memory: kDLCUDA and kDLCUDAManaged.
 _DLPACK_CUDA_DEVICES = (2, 13)
-
-# Parameters shared by both kernels, up to the patch size.
-_ROW_PARAMS: tuple[tuple[str, str], ...] = (
-    ("stack_table", "const long long*"),
-    ("n_stacks", "long long"),
-    ("data_idx", "const long long*"),
-    ("sample_idx", "const long long*"),
-    ("coords", "const long long*"),
-    ("ndim", "int"),
-    ("n_rows", "long long"),
-)
-
-#: Parameters of ``check_crop_rows`` in order, as ``(name, C type)``.
-CHECK_PARAMS: tuple[tuple[str, str], ...] = (
-    *_ROW_PARAMS,
-    ("patch_z", "long long"),
-    ("patch_y", "long long"),
-    ("patch_x", "long long"),
-    ("first_bad", "long long*"),
-)
-
-
-def crop_params(itemsize: int) -> tuple[tuple[str, str], ...]:
-    """Return the parameters of the crop kernel for one element size.
-
-    Parameters
-    ----------
-    itemsize : int
-        Element size in bytes: 1, 2, 4 or 8.
-
-    Returns
-    -------
-    tuple of (str, str)
-        ``(name, C type)`` of every parameter of ``crop_patches_<itemsize>``,
-        in order; only the type of ``out`` depends on the size.
-    """
-    return (
-        *_ROW_PARAMS,
-        ("n_channels", "long long"),
-        ("patch_z", "long long"),
-        ("patch_y", "long long"),
-        ("patch_x", "long long"),
-        ("out", f"{_element_c_type(itemsize)}*"),
-    )
-
-
-def crop_kernel_name(itemsize: int) -> str:
-    """Return the crop kernel's entry point for an element size in bytes (1, 2, 4, 8)."""
-    _element_c_type(itemsize)
-    return f"crop_patches_{itemsize}"
-
-
-def _element_c_type(itemsize: int) -> str:
-    try:
-        return ELEMENT_C_TYPES[itemsize]
-    except KeyError:
-        raise ValueError(
-            f"the crop kernel copies elements of 1, 2, 4 or 8 bytes, not {itemsize}"
-        ) from None
-
-
-def crop_kernel_code() -> str:
-    """Return the source of the crop kernels as handed to CuPy (see ``kernel_source``)."""
-    return kernel_source(CROP_KERNEL_FILE)
 
 
 # -- the public call ---------------------------------------------------------------------
@@ -590,76 +498,6 @@ def stack_table(
     return table
 
 
-@dataclass(frozen=True)
-class CropLaunch:
-    """The launch configuration of the crop kernel.
-
-    Attributes
-    ----------
-    grid : tuple of int
-        ``(rows, chunks)``: blocks along the batch rows and along the chunks
-        of ``blockDim.y * CROP_LINES_PER_THREAD`` lines of a patch.
-    block : tuple of int
-        ``(threads along x, threads along lines)``.
-    """
-
-    grid: tuple[int, int]
-    block: tuple[int, int]
-
-
-def crop_launch(n_rows: int, n_channels: int, patch_size: Sequence[int]) -> CropLaunch:
-    """Return the launch configuration of the crop kernel for a batch.
-
-    Threads along X cover a patch row (``patch_x`` rounded up to a warp, at
-    most :data:`CROP_THREADS_PER_BLOCK`), the rest of the block takes that
-    many lines at once. Each block copies one chunk of one row's lines; beyond
-    CUDA's grid limits the kernel's grid-stride loops give a block several, so
-    every element is covered exactly once for any result.
-
-    Parameters
-    ----------
-    n_rows : int
-        Rows of the batch, ``>= 0``.
-    n_channels : int
-        Channels, ``>= 1``.
-    patch_size : sequence of int
-        ``(PY, PX)`` or ``(PZ, PY, PX)``.
-
-    Returns
-    -------
-    CropLaunch
-        At least one block of at least one thread.
-    """
-    if n_rows < 0 or n_channels < 1:
-        raise ValueError(f"need n_rows >= 0 and n_channels >= 1, got {n_rows}, {n_channels}")
-    patch = validate_patch_size(tuple(patch_size))
-    width = patch[-1]
-    lines_per_patch = n_channels * math.prod(patch[:-1])
-    threads_x = min(CROP_THREADS_PER_BLOCK, 32 * math.ceil(width / 32))
-    threads_y = max(1, min(CROP_THREADS_PER_BLOCK // threads_x, lines_per_patch))
-    lines_per_chunk = threads_y * CROP_LINES_PER_THREAD
-    grid = (
-        min(max(1, n_rows), _MAX_GRID_X),
-        min(math.ceil(lines_per_patch / lines_per_chunk), _MAX_GRID_Y),
-    )
-    return CropLaunch(grid=grid, block=(threads_x, threads_y))
-
-
-def _check_launch_array(
-    name: str, array: Any, size: int, dtype: Any = np.int64, itemsize: int | None = None
-) -> None:
-    """Check an array argument's metadata (never its contents: no device sync)."""
-    if itemsize is not None:
-        if np.dtype(array.dtype).itemsize != itemsize:
-            raise TypeError(f"{name} must have {itemsize}-byte elements, got dtype {array.dtype}")
-    elif np.dtype(array.dtype) != np.dtype(dtype):
-        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {array.dtype}")
-    if not array.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
-    if int(array.size) != size:
-        raise ValueError(f"{name} has {array.size} values, expected {size}")
-
-
 def _row_values(
     table: Any,
     rows: tuple[Any, Any, Any],
@@ -675,11 +513,11 @@ def _row_values(
     if table.ndim != 2 or table.shape[1] != STACK_FIELDS or table.shape[0] < 1:
         raise ValueError(f"stack_table must have shape (n_stacks >= 1, {STACK_FIELDS})")
     n_stacks = int(table.shape[0])
-    _check_launch_array("stack_table", table, n_stacks * STACK_FIELDS)
+    cuda.check_launch_array("stack_table", table, n_stacks * STACK_FIELDS)
     data_idx, sample_idx, coords = rows
-    _check_launch_array("data_idx", data_idx, n_rows)
-    _check_launch_array("sample_idx", sample_idx, n_rows)
-    _check_launch_array("coords", coords, n_rows * ndim)
+    cuda.check_launch_array("data_idx", data_idx, n_rows)
+    cuda.check_launch_array("sample_idx", sample_idx, n_rows)
+    cuda.check_launch_array("coords", coords, n_rows * ndim)
     patch_z = patch_size[0] if ndim == 3 else 1
     return {
         "stack_table": table,
@@ -695,19 +533,6 @@ def _row_values(
     }
 
 
-def _arguments(params: Sequence[tuple[str, str]], values: dict[str, Any]) -> tuple[Any, ...]:
-    """Arrays pass through (CuPy passes their pointers); scalars get their exact C width."""
-    args = []
-    for name, c_type in params:
-        value = values[name]
-        if c_type.endswith("*"):
-            args.append(value)
-        else:
-            # NumPy >= 2 raises OverflowError rather than wrapping.
-            args.append(CROP_SCALAR_TYPES[c_type](int(value)))
-    return tuple(args)
-
-
 def crop_launch_args(
     table: Any,
     rows: tuple[Any, Any, Any],
@@ -716,7 +541,7 @@ def crop_launch_args(
     patch_size: Sequence[int],
     out: Any,
 ) -> tuple[Any, ...]:
-    """Build the argument tuple of ``crop_patches_<size>``, in :func:`crop_params` order.
+    """Build the argument tuple of ``crop_patches<T>`` (:func:`gpu_patching.cuda.crop_kernel`).
 
     The lengths and dtypes of every array are checked here, because the kernel
     trusts them (and clamps everything else). Works on NumPy arrays too, so
@@ -746,13 +571,13 @@ def crop_launch_args(
     """
     values = _row_values(table, rows, n_rows, patch_size)
     itemsize = np.dtype(out.dtype).itemsize
-    _element_c_type(itemsize)
+    kernel = crop_kernel(itemsize)
     if n_channels < 1:
         raise ValueError(f"n_channels must be >= 1, got {n_channels}")
     size = n_rows * n_channels * math.prod(patch_size)
-    _check_launch_array("out", out, size, itemsize=itemsize)
+    cuda.check_launch_array("out", out, size, itemsize=itemsize)
     values.update(n_channels=n_channels, out=out)
-    return _arguments(crop_params(itemsize), values)
+    return kernel.arguments(values)
 
 
 def check_launch_args(
@@ -762,7 +587,7 @@ def check_launch_args(
     patch_size: Sequence[int],
     first_bad: Any,
 ) -> tuple[Any, ...]:
-    """Build the argument tuple of ``check_crop_rows``, in :data:`CHECK_PARAMS` order.
+    """Build the argument tuple of ``check_crop_rows`` (:data:`gpu_patching.cuda.CHECK_CROP_ROWS`).
 
     Parameters
     ----------
@@ -777,15 +602,9 @@ def check_launch_args(
         The arguments of ``check_crop_rows``.
     """
     values = _row_values(table, rows, n_rows, patch_size)
-    _check_launch_array("first_bad", first_bad, 1)
+    cuda.check_launch_array("first_bad", first_bad, 1)
     values["first_bad"] = first_bad
-    return _arguments(CHECK_PARAMS, values)
-
-
-def _check_grid(n_rows: int) -> tuple[int, int]:
-    """``(blocks, threads)`` of the row-check kernel (grid-stride: any size covers all)."""
-    blocks = min(max(1, math.ceil(n_rows / CHECK_THREADS_PER_BLOCK)), _MAX_GRID_X)
-    return blocks, CHECK_THREADS_PER_BLOCK
+    return CHECK_CROP_ROWS.arguments(values)
 
 
 # -- the CUDA path --------------------------------------------------------------------------
@@ -818,7 +637,7 @@ def _dlpack_device_type(value: Any) -> int | None:
 
 
 def _supports_device_dtype(dtype: np.dtype[Any]) -> bool:
-    return dtype.kind in "biufc" and dtype.itemsize in ELEMENT_C_TYPES
+    return dtype.kind in "biufc" and dtype.itemsize in cuda.ELEMENT_C_TYPES
 
 
 def _byte_extent(
@@ -836,9 +655,13 @@ class DeviceCrop:
     Parameters
     ----------
     xp : module, optional
-        The device array namespace; CuPy when omitted. The host tests pass
-        NumPy together with host-compiled kernels, to run this class's
-        validation and launch path without a GPU.
+        The device array namespace; CuPy when omitted.
+    functions : callable, optional
+        ``functions(kernel, device_id)`` returns the compiled kernel, called
+        as ``function(grid, block, args)``; :func:`gpu_patching.cuda.get_function`
+        when omitted. The host tests pass NumPy and the shipped kernels
+        compiled for the host, to run this class's validation and launch path
+        without a GPU.
 
     Attributes
     ----------
@@ -848,18 +671,22 @@ class DeviceCrop:
         Row-check kernel launches made.
     """
 
-    def __init__(self, xp: Any = None) -> None:
+    def __init__(self, xp: Any = None, functions: Any = None) -> None:
         if xp is None:
             import cupy
 
             xp = cupy
         self.xp = xp
+        if functions is None:
+
+            def functions(kernel: Kernel, device_id: int) -> Any:
+                return cuda.get_function(kernel, xp, device_id)
+
+        self._functions = functions
         self.launch_count = 0
         self.check_count = 0
         # (device id, stream) -> (host stack table, its device copy)
-        self._tables: dict[tuple[int, int], tuple[NDArray[np.int64], Any]] = {}
-        # device id -> {kernel name: compiled kernel}
-        self._kernels: dict[int, dict[str, Any]] = {}
+        self._tables = cuda.UploadCache(xp.asarray)
 
     # The few places that differ between CuPy and the host tests' NumPy stand-in.
 
@@ -901,15 +728,7 @@ class DeviceCrop:
 
     def stream_key(self) -> int:
         """Return the current stream (device copies are only reused on their stream)."""
-        return int(self.xp.cuda.get_current_stream().ptr)
-
-    def kernel(self, device_id: int, name: str) -> Any:
-        """Return a kernel compiled for ``device_id`` (memoised, one module per device)."""
-        kernels = self._kernels.setdefault(device_id, {})
-        if name not in kernels:
-            module = _device_module(self.xp, device_id)
-            kernels[name] = module.get_function(name)
-        return kernels[name]
+        return cuda.current_stream_key(self.xp)
 
     # The path itself.
 
@@ -1005,8 +824,8 @@ class DeviceCrop:
                 target = xp.empty(result_shape, dtype=dtype)
             args = crop_launch_args(table, rows, n_rows, n_channels, patch_size, target)
             launch = crop_launch(n_rows, n_channels, patch_size)
-            kernel = self.kernel(device_id, crop_kernel_name(dtype.itemsize))
-            kernel(launch.grid, launch.block, args)
+            function = self._functions(crop_kernel(dtype.itemsize), device_id)
+            function(launch.grid, launch.block, args)
             self.launch_count += 1
         return out if out is not None else target
 
@@ -1065,13 +884,7 @@ class DeviceCrop:
 
     def _device_table(self, device_id: int, host: NDArray[np.int64]) -> Any:
         """Return the stack table on the device: one small copy, reused while unchanged."""
-        key = (device_id, self.stream_key())
-        cached = self._tables.get(key)
-        if cached is not None and np.array_equal(cached[0], host):
-            return cached[1]
-        uploaded = self.xp.asarray(host)
-        self._tables[key] = (host, uploaded)
-        return uploaded
+        return self._tables.get((device_id, self.stream_key()), host, np.array_equal, lambda: host)
 
     def _upload_rows(
         self, host_rows: tuple[NDArray[np.int64], ...], n_rows: int
@@ -1097,8 +910,8 @@ class DeviceCrop:
         """One check launch and one 8-byte copy back; raise for the first bad row."""
         first_bad = self.xp.asarray(np.array([n_rows], dtype=np.int64))
         args = check_launch_args(table, (rows[0], rows[1], rows[2]), n_rows, patch_size, first_bad)
-        blocks, threads = _check_grid(n_rows)
-        self.kernel(device_id, CHECK_KERNEL_NAME)((blocks,), (threads,), args)
+        blocks, threads = cuda.launch_grid(n_rows)
+        self._functions(CHECK_CROP_ROWS, device_id)((blocks,), (threads,), args)
         self.check_count += 1
         row = int(to_host(first_bad)[0])
         if row < n_rows:
@@ -1114,19 +927,8 @@ class DeviceCrop:
             )
 
 
-# Compiled crop modules, one per device id.
-_MODULES: dict[int, Any] = {}
 # The DeviceCrop of extract_patches (created on first use: it imports CuPy).
 _DEVICE_CROP: list[DeviceCrop] = []
-
-
-def _device_module(xp: Any, device_id: int) -> Any:
-    module = _MODULES.get(device_id)
-    if module is None:
-        with xp.cuda.Device(device_id):
-            module = xp.RawModule(code=crop_kernel_code(), options=compile_options())
-        _MODULES[device_id] = module
-    return module
 
 
 def _device_crop() -> DeviceCrop:

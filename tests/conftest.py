@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from draw_reference import locate_corners
 from hypothesis import settings
 
 from gpu_patching import StratifiedPatching
-from gpu_patching.backends.numpy_backend import locate_corners
 from gpu_patching.testing import load_reference
 
 # Every property test is derandomized, with no example database and no
@@ -228,7 +228,7 @@ def rank_corners(
     ``weight[r]`` consecutive points (rank ``k`` owns
     ``[k * weight, (k + 1) * weight)`` relative to the region). This helper
     reads those (NumPy-backend) tables and runs
-    :func:`gpu_patching.backends.numpy_backend.locate_corners` on the first
+    :func:`draw_reference.locate_corners` on the first
     and the last point of every rank.
 
     Returns, for each region (grid cell) with a positive weight, a dict with
@@ -326,3 +326,18 @@ def coverage_map(
         shifted[tuple(target)] = coverage[tuple(source)]
         coverage = np.cumsum(coverage - shifted, axis=a)
     return coverage[tuple(slice(0, d) for d in spatial_shape)]
+
+
+@pytest.fixture(scope="session")
+def host_kernels(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The shipped ``.cu`` files compiled for the host, once per session.
+
+    See ``tests/host_launch.py``: each ``__global__`` function runs over every
+    block and thread of a launch, so the device code runs on machines without a
+    GPU. Skips when there is no C++ compiler.
+    """
+    from host_launch import HostKernels, cxx
+
+    if cxx() is None:
+        pytest.skip("no C++ compiler (c++, g++ or clang++) on PATH to build the host kernels")
+    return HostKernels(tmp_path_factory.mktemp("host_kernels"))

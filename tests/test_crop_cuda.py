@@ -14,6 +14,7 @@ import pytest
 
 from gpu_patching import PatchBatch, StratifiedPatching, extract_patches
 from gpu_patching import crop as crop_module
+from gpu_patching.cuda import crop_kernel
 from gpu_patching.testing import usable_cupy
 
 cupy, _WHY_SKIPPED = usable_cupy()
@@ -206,7 +207,7 @@ def test_the_kernel_clamps_rows_that_skip_the_host_checks() -> None:
     out = cupy.full((4, 1, 4, 4), -1, dtype=cupy.int32)
     args = crop_module.crop_launch_args(table, rows, 4, 1, (4, 4), out)
     launch = crop_module.crop_launch(4, 1, (4, 4))
-    kernel = _cropper().kernel(cupy.cuda.Device().id, crop_module.crop_kernel_name(4))
+    kernel = _cropper()._functions(crop_kernel(4), cupy.cuda.Device().id)
     kernel(launch.grid, launch.block, args)
     host = cupy.asnumpy(stack)
     got = cupy.asnumpy(out)

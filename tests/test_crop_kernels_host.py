@@ -1,11 +1,15 @@
-"""The crop kernels' source, compiled for the host, equals plain slicing.
+"""The shipped crop kernels, launched on the host, equal plain slicing.
 
-``tests/crop_shim.cpp`` includes ``crop.cuh`` (the index math of the GPU crop
-kernel) and runs ``gp::crop_thread`` for every thread of every block of a
-launch, one after another. It is driven through ``DeviceCrop`` itself (with
-NumPy as its array namespace and the shim as its kernels), so the validation,
-the stack table, the argument tuple and the launch configuration are the ones
-a GPU launch uses. No GPU is needed.
+``crop_patches<T>`` and ``check_crop_rows`` themselves
+(``gpu_patching/kernels/crop_patches.cu``) are compiled by the host C++
+compiler against a stand-in for CUDA's launch model and run over every block
+and thread of a launch, in a permuted order (``tests/host_launch.py``; no
+kernel body lives in the tests). They are driven through ``DeviceCrop``
+itself (with NumPy as its array namespace), so the validation, the stack
+table, the argument tuple and the launch configuration are the ones a GPU
+launch uses; other tests force other launch shapes (one block, several blocks
+on both axes, blocks that are not warp multiples) on the same arguments. No
+GPU is needed.
 """
 
 from __future__ import annotations
@@ -20,99 +24,76 @@ from typing import Any
 
 import numpy as np
 import pytest
+from host_launch import WRITE_COUNTS, HostKernels
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpu_patching import PatchBatch, extract_patches
-from gpu_patching.backends.cuda_backend import kernel_dir
 from gpu_patching.crop import (
-    CHECK_KERNEL_NAME,
-    CHECK_PARAMS,
-    CROP_LINES_PER_THREAD,
     STACK_FIELDS,
     DeviceCrop,
     _bad_rows,
     check_launch_args,
     crop_launch,
     crop_launch_args,
-    crop_params,
     stack_table,
+)
+from gpu_patching.cuda import (
+    CHECK_CROP_ROWS,
+    CROP_LINES_PER_THREAD,
+    crop_kernel,
+    kernel_dir,
+    launch_grid,
 )
 
 SHIM_SOURCE = Path(__file__).with_name("crop_shim.cpp")
 HOST_FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra"]
-ITEMSIZES = (1, 2, 4, 8)
 DTYPES = [np.uint8, np.uint16, np.float16, np.int32, np.float32, np.float64, np.int64, np.bool_]
-
-_CTYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong}
-# The shim's parameters after the kernel's: the launch shape.
-LAUNCH_PARAMS = ("grid_x", "grid_y", "block_x", "block_y")
-
-# -- building and calling the shim -----------------------------------------------------
-
-
-def _cxx() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
 
 
 @pytest.fixture(scope="session")
 def shim(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
-    compiler = _cxx()
+    """``crop.cuh``'s constants, for the test that they are the launch code's."""
+    compiler = next(
+        (shutil.which(n) for n in (os.environ.get("CXX"), "c++", "g++") if n and shutil.which(n)),
+        None,
+    )
     if compiler is None:
         pytest.skip("no C++ compiler (c++, g++ or clang++) on PATH to build the host kernel")
     library = tmp_path_factory.mktemp("crop_shim") / "crop_shim.so"
     command = [compiler, *HOST_FLAGS, f"-I{kernel_dir()}", str(SHIM_SOURCE), "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr}"
-    lib = ctypes.CDLL(str(library))
-    for itemsize in ITEMSIZES:
-        function = getattr(lib, f"crop_host_{itemsize}")
-        function.argtypes = [_ctype(c_type) for _, c_type in crop_params(itemsize)] + [
-            ctypes.c_longlong
-        ] * len(LAUNCH_PARAMS)
-        function.restype = None
-    lib.crop_write_counts.argtypes = lib.crop_host_8.argtypes
-    lib.crop_write_counts.restype = None
-    lib.check_rows_host.argtypes = [_ctype(c_type) for _, c_type in CHECK_PARAMS]
-    lib.check_rows_host.restype = None
-    return lib
-
-
-def _ctype(c_type: str) -> Any:
-    return ctypes.c_void_p if c_type.endswith("*") else _CTYPES[c_type]
-
-
-def _convert(params: tuple[tuple[str, str], ...], args: tuple[Any, ...]) -> list[Any]:
-    """A launch tuple as ctypes values: arrays become raw pointers."""
-    converted = []
-    for (_, c_type), value in zip(params, args, strict=True):
-        if c_type.endswith("*"):
-            converted.append(value.ctypes.data)
-        else:
-            assert type(value) is not int, "launch arguments are NumPy scalars"
-            converted.append(_CTYPES[c_type](int(value)))
-    return converted
+    return ctypes.CDLL(str(library))
 
 
 def _run_crop(
-    shim: ctypes.CDLL, args: tuple[Any, ...], grid: tuple[int, ...], block: tuple[int, ...]
+    kernels: HostKernels, args: tuple[Any, ...], grid: tuple[int, ...], block: tuple[int, ...]
 ) -> None:
-    itemsize = args[-1].dtype.itemsize
-    function = getattr(shim, f"crop_host_{itemsize}")
-    function(*_convert(crop_params(itemsize), args), *grid, *block)
+    """Launch the shipped ``crop_patches<T>`` for ``out``'s element size."""
+    kernels.function(crop_kernel(args[-1].dtype.itemsize))(grid, block, args)
 
 
-class HostLaunchedCrop(DeviceCrop):
-    """``DeviceCrop`` with NumPy as its device and the host shim as its kernels."""
+class HostCrop(DeviceCrop):
+    """``DeviceCrop`` with NumPy as its device and the shipped kernels run on the host."""
 
-    def __init__(self, shim: ctypes.CDLL, *, rows_on_device: bool = False) -> None:
-        super().__init__(xp=np)
-        self._shim = shim
+    def __init__(
+        self, kernels: HostKernels, *, rows_on_device: bool = False, order_seed: int = 0x5EED
+    ) -> None:
+        self.launches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+        functions = kernels.functions(order_seed)
+
+        def recorded(kernel: Any, device_id: int) -> Any:
+            function = functions(kernel, device_id)
+
+            def launch(grid: Any, block: Any, args: tuple[Any, ...]) -> None:
+                self.launches.append((kernel.name, grid, block))
+                function(grid, block, args)
+
+            return launch
+
+        super().__init__(xp=np, functions=recorded)
         self._rows_on_device = rows_on_device
-        self.launches: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
     def is_device_array(self, value: Any) -> bool:
         return isinstance(value, np.ndarray)
@@ -131,17 +112,6 @@ class HostLaunchedCrop(DeviceCrop):
 
     def stream_key(self) -> int:
         return 0
-
-    def kernel(self, device_id: int, name: str) -> Any:
-        def launch(grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
-            self.launches.append((grid, block))
-            if name == CHECK_KERNEL_NAME:
-                self._shim.check_rows_host(*_convert(CHECK_PARAMS, args))
-            else:
-                assert name == f"crop_patches_{args[-1].dtype.itemsize}"
-                _run_crop(self._shim, args, grid, block)
-
-        return launch
 
 
 # -- the reference: plain slicing ------------------------------------------------------
@@ -260,10 +230,12 @@ SETTINGS = settings(
 
 @SETTINGS
 @given(case=crop_cases())
-def test_host_kernel_equals_slicing_and_the_numpy_path(shim: ctypes.CDLL, case: Any) -> None:
+def test_host_kernel_equals_slicing_and_the_numpy_path(
+    host_kernels: HostKernels, case: Any
+) -> None:
     stacks, batch = case
     expected = sliced(stacks, batch)
-    cropper = HostLaunchedCrop(shim)
+    cropper = HostCrop(host_kernels)
     actual = cropper.extract(stacks, batch, batch.patch_size, len(batch), None)
     assert actual.flags.c_contiguous
     assert_same_bits(actual, expected)
@@ -301,7 +273,7 @@ def _crop_args(stacks: list[np.ndarray], batch: PatchBatch, out: np.ndarray) -> 
 @SETTINGS
 @given(case=crop_cases(), data=st.data())
 def test_any_grid_and_block_write_every_element_exactly_once(
-    shim: ctypes.CDLL, case: Any, data: st.DataObject
+    host_kernels: HostKernels, case: Any, data: st.DataObject
 ) -> None:
     # The grid-stride loops and the line stepping hold for any launch shape,
     # including grids far too small and blocks that are not warp multiples.
@@ -315,17 +287,17 @@ def test_any_grid_and_block_write_every_element_exactly_once(
     out = (
         np.full(expected.nbytes, 0xA5, dtype=np.uint8).view(expected.dtype).reshape(expected.shape)
     )
-    _run_crop(shim, _crop_args(stacks, batch, out), grid, block)
+    _run_crop(host_kernels, _crop_args(stacks, batch, out), grid, block)
     assert_same_bits(out, expected)
-    # ...and written once: the same code with counting elements.
+    # ...and written once: the same kernel with counting elements.
     wide = [np.zeros(s.shape, dtype=np.int64) for s in stacks]
     writes = np.zeros(expected.shape, dtype=np.uint64)
     args = _crop_args(wide, batch, writes)
-    shim.crop_write_counts(*_convert(crop_params(8), args), *grid, *block)
+    host_kernels.function(WRITE_COUNTS)(grid, block, args)
     assert (writes == 1).all(), f"write counts {np.unique(writes)} with grid {grid}, block {block}"
 
 
-def test_the_launch_configuration_writes_every_element_once(shim: ctypes.CDLL) -> None:
+def test_the_launch_configuration_writes_every_element_once(host_kernels: HostKernels) -> None:
     stacks = [np.zeros((2, 3, 20, 40, 70), dtype=np.int64)]
     generator = np.random.default_rng(0)
     n = 9
@@ -342,8 +314,8 @@ def test_the_launch_configuration_writes_every_element_once(shim: ctypes.CDLL) -
     )
     launch = crop_launch(n, 3, batch.patch_size)
     writes = np.zeros((n, 3, 5, 33, 65), dtype=np.uint64)
-    shim.crop_write_counts(
-        *_convert(crop_params(8), _crop_args(stacks, batch, writes)), *launch.grid, *launch.block
+    host_kernels.function(WRITE_COUNTS)(
+        launch.grid, launch.block, _crop_args(stacks, batch, writes)
     )
     assert (writes == 1).all()
 
@@ -358,7 +330,7 @@ def test_header_constants_are_the_launch_codes(shim: ctypes.CDLL) -> None:
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_kernel_reads_only_inside_the_stacks_whatever_the_rows(
-    shim: ctypes.CDLL, ndim: int
+    host_kernels: HostKernels, ndim: int
 ) -> None:
     patch = (3, 4, 5)[-ndim:]
     shapes = [(2, 2, 6, 7, 9)[:2] + (6, 7, 9)[-ndim:], (1, 2, 4, 4, 5)[:2] + (4, 4, 5)[-ndim:]]
@@ -396,7 +368,7 @@ def test_kernel_reads_only_inside_the_stacks_whatever_the_rows(
     )
     out = np.full((len(rows), 2, *patch), -7, dtype=np.int32)
     launch = crop_launch(len(rows), 2, patch)
-    _run_crop(shim, _crop_args(stacks, batch, out), launch.grid, launch.block)
+    _run_crop(host_kernels, _crop_args(stacks, batch, out), launch.grid, launch.block)
     assert (out >= 0).all(), "a read left its stack"
     np.testing.assert_array_equal(out, clamped(stacks, batch))
     # The only valid row (the last one, at the far corner) is exact.
@@ -439,26 +411,33 @@ def checked_rows(draw: st.DrawFn) -> tuple[list[tuple[int, ...]], PatchBatch]:
 @SETTINGS
 @given(case=checked_rows())
 def test_host_check_kernel_finds_the_first_row_the_numpy_check_rejects(
-    shim: ctypes.CDLL, case: Any
+    host_kernels: HostKernels, case: Any
 ) -> None:
     shapes, batch = case
     stacks = [np.zeros(shape, dtype=np.uint8) for shape in shapes]
-    first_bad = np.array([len(batch)], dtype=np.int64)
-    args = check_launch_args(_table(stacks), _rows(batch), len(batch), batch.patch_size, first_bad)
-    shim.check_rows_host(*_convert(CHECK_PARAMS, args))
     bad = _bad_rows(batch.data_idx, batch.sample_idx, batch.coords, shapes, batch.patch_size)
     expected = int(np.argmax(bad)) if bad.any() else len(batch)
-    assert int(first_bad[0]) == expected
+    # The launcher's grid, one thread, fewer threads than rows, more than rows.
+    computed = tuple((size,) for size in launch_grid(len(batch)))
+    for grid, block in (computed, ((1,), (1,)), ((2,), (3,)), ((3,), (64,))):
+        first_bad = np.array([len(batch)], dtype=np.int64)
+        args = check_launch_args(
+            _table(stacks), _rows(batch), len(batch), batch.patch_size, first_bad
+        )
+        host_kernels.function(CHECK_CROP_ROWS)(grid, block, args)
+        assert int(first_bad[0]) == expected, (grid, block)
 
 
 @SETTINGS
 @given(case=checked_rows())
-def test_device_rows_raise_the_same_error_as_host_rows(shim: ctypes.CDLL, case: Any) -> None:
+def test_device_rows_raise_the_same_error_as_host_rows(
+    host_kernels: HostKernels, case: Any
+) -> None:
     shapes, batch = case
     stacks = [np.zeros(shape, dtype=np.float32) for shape in shapes]
     errors = []
     for on_device in (False, True):
-        cropper = HostLaunchedCrop(shim, rows_on_device=on_device)
+        cropper = HostCrop(host_kernels, rows_on_device=on_device)
         out = np.full((len(batch), 1, *batch.patch_size), 3.0, dtype=np.float32)
         try:
             cropper.extract(stacks, batch, batch.patch_size, len(batch), out)
@@ -471,7 +450,9 @@ def test_device_rows_raise_the_same_error_as_host_rows(shim: ctypes.CDLL, case: 
     assert errors[0] == errors[1]
 
 
-def test_device_rows_are_checked_by_one_launch_then_cropped_by_one(shim: ctypes.CDLL) -> None:
+def test_device_rows_are_checked_by_one_launch_then_cropped_by_one(
+    host_kernels: HostKernels,
+) -> None:
     stacks = [_values(np.uint16, (2, 3, 17, 19), 0), _values(np.uint16, (1, 3, 9, 12), 1)]
     batch = PatchBatch(
         np.array([1, 0, 0, 1], dtype=np.int64),
@@ -480,14 +461,14 @@ def test_device_rows_are_checked_by_one_launch_then_cropped_by_one(shim: ctypes.
         np.arange(4),
         (8, 8),
     )
-    cropper = HostLaunchedCrop(shim, rows_on_device=True)
+    cropper = HostCrop(host_kernels, rows_on_device=True)
     actual = cropper.extract(stacks, batch, (8, 8), 4, None)
     np.testing.assert_array_equal(actual, sliced(stacks, batch))
     assert (cropper.check_count, cropper.launch_count) == (1, 1)
     assert len(cropper.launches) == 2
 
 
-def test_trusted_device_rows_skip_the_check_launch(shim: ctypes.CDLL) -> None:
+def test_trusted_device_rows_skip_the_check_launch(host_kernels: HostKernels) -> None:
     # For rows in range by construction (a sampler's epoch): one launch, no sync.
     stacks = [_values(np.int32, (2, 1, 12, 12), 0)]
     batch = PatchBatch(
@@ -497,13 +478,13 @@ def test_trusted_device_rows_skip_the_check_launch(shim: ctypes.CDLL) -> None:
         np.arange(3),
         (4, 4),
     )
-    cropper = HostLaunchedCrop(shim, rows_on_device=True)
+    cropper = HostCrop(host_kernels, rows_on_device=True)
     actual = cropper.extract(stacks, batch, (4, 4), 3, None, trusted_rows=True)
     np.testing.assert_array_equal(actual, sliced(stacks, batch))
     assert (cropper.check_count, cropper.launch_count) == (0, 1)
 
 
-def test_out_is_written_in_place_and_returned(shim: ctypes.CDLL) -> None:
+def test_out_is_written_in_place_and_returned(host_kernels: HostKernels) -> None:
     stacks = [_values(np.float64, (2, 1, 10, 10, 10), 3)]
     batch = PatchBatch(
         np.zeros(3, np.int64),
@@ -513,11 +494,11 @@ def test_out_is_written_in_place_and_returned(shim: ctypes.CDLL) -> None:
         (3, 3, 3),
     )
     out = np.empty((3, 1, 3, 3, 3))
-    assert HostLaunchedCrop(shim).extract(stacks, batch, (3, 3, 3), 3, out) is out
+    assert HostCrop(host_kernels).extract(stacks, batch, (3, 3, 3), 3, out) is out
     np.testing.assert_array_equal(out, sliced(stacks, batch))
 
 
-def test_the_stack_table_upload_is_reused_while_unchanged(shim: ctypes.CDLL) -> None:
+def test_the_stack_table_upload_is_reused_while_unchanged(host_kernels: HostKernels) -> None:
     stacks = [_values(np.uint8, (1, 1, 8, 8), 0)]
     batch = PatchBatch(
         np.zeros(2, np.int64),
@@ -526,13 +507,13 @@ def test_the_stack_table_upload_is_reused_while_unchanged(shim: ctypes.CDLL) -> 
         np.arange(2),
         (4, 4),
     )
-    cropper = HostLaunchedCrop(shim)
+    cropper = HostCrop(host_kernels)
     cropper.extract(stacks, batch, (4, 4), 2, None)
-    first = cropper._tables[(0, 0)][1]
+    first = cropper._tables._entries[(0, 0)][1]
     cropper.extract(stacks, batch, (4, 4), 2, None)
-    assert cropper._tables[(0, 0)][1] is first
+    assert cropper._tables._entries[(0, 0)][1] is first
     other = [_values(np.uint8, (1, 1, 8, 8), 1)]
     np.testing.assert_array_equal(
         cropper.extract(other, batch, (4, 4), 2, None), sliced(other, batch)
     )
-    assert cropper._tables[(0, 0)][1] is not first
+    assert cropper._tables._entries[(0, 0)][1] is not first

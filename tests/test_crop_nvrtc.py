@@ -9,84 +9,88 @@ from __future__ import annotations
 
 import ctypes
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import test_kernels_nvrtc
-from test_kernels_nvrtc import ARCHITECTURES, _compile, parse_c_signature
+from test_kernels_nvrtc import ARCHITECTURES, _compile_lowered, parse_c_signature
 
-from gpu_patching import crop
-from gpu_patching.backends.cuda_backend import compile_options, kernel_dir
+from gpu_patching import cuda
 from gpu_patching.crop import (
-    CHECK_KERNEL_NAME,
-    CHECK_PARAMS,
-    CROP_KERNEL_FILE,
-    CROP_LINES_PER_THREAD,
-    CROP_SCALAR_TYPES,
-    ELEMENT_C_TYPES,
     STACK_FIELDS,
     check_launch_args,
-    crop_kernel_code,
-    crop_kernel_name,
     crop_launch,
     crop_launch_args,
-    crop_params,
     stack_table,
+)
+from gpu_patching.cuda import (
+    C_SCALAR_TYPES,
+    CHECK_CROP_ROWS,
+    CROP_LINES_PER_THREAD,
+    ELEMENT_C_TYPES,
+    compile_options,
+    crop_kernel,
+    kernel_dir,
+    kernel_source,
+    name_expressions,
 )
 
 # The epoch kernel's NVRTC fixture, shared: pytest passes it to the tests by name.
 nvrtc = test_kernels_nvrtc.nvrtc
 
 ITEMSIZES = sorted(ELEMENT_C_TYPES)
-SHIM_SOURCE = Path(__file__).with_name("crop_shim.cpp")
-ENTRY_POINTS = [crop_kernel_name(size) for size in ITEMSIZES] + [CHECK_KERNEL_NAME]
+CROP_FILE = CHECK_CROP_ROWS.file
+CHECK_PARAMS = CHECK_CROP_ROWS.params
 
 # -- NVRTC -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_crop_kernels_compile_with_nvrtc(nvrtc: ctypes.CDLL, architecture: str) -> None:
-    # crop_kernel_code() is the exact text CuPy compiles (digest line included).
+    # kernel_source() and name_expressions() are exactly what CuPy's RawModule
+    # is handed (digest line included); every instantiation gets an entry.
     options = [*compile_options(), f"--gpu-architecture={architecture}"]
-    ptx = _compile(nvrtc, crop_kernel_code(), CROP_KERNEL_FILE, options)
-    for name in ENTRY_POINTS:
-        assert re.search(rf"\.entry\s+{name}\s*\(", ptx), f"no {name} entry"
+    expressions = name_expressions(CROP_FILE)
+    assert expressions == tuple(crop_kernel(size).name for size in ITEMSIZES)
+    ptx, lowered = _compile_lowered(
+        nvrtc, kernel_source(CROP_FILE), CROP_FILE, options, expressions
+    )
+    for entry in [*lowered.values(), CHECK_CROP_ROWS.name]:
+        assert re.search(rf"\.entry\s+{re.escape(entry)}\s*\(", ptx), f"no {entry} entry"
+    assert len(set(lowered.values())) == len(ITEMSIZES)
     # The per-thread line buffer stays in registers: no local-memory stack.
     assert ".local" not in ptx
 
 
-def test_crop_kernel_code_names_every_kernel_source_in_its_digest() -> None:
-    first, rest = crop_kernel_code().split("\n", 1)
+def test_kernel_source_names_every_kernel_source_in_its_digest() -> None:
+    first, rest = kernel_source(CROP_FILE).split("\n", 1)
     assert re.fullmatch(r"// gpu-patching kernel sources sha256 [0-9a-f]{64}", first)
-    assert rest == (kernel_dir() / CROP_KERNEL_FILE).read_text()
+    assert rest == (kernel_dir() / CROP_FILE).read_text()
 
 
 # -- the C signatures ------------------------------------------------------------------
 
 
 def _source() -> str:
-    return (kernel_dir() / CROP_KERNEL_FILE).read_text()
+    return (kernel_dir() / CROP_FILE).read_text()
 
 
 @pytest.mark.parametrize("itemsize", ITEMSIZES)
 def test_crop_kernel_signature_is_the_launch_codes(itemsize: int) -> None:
-    name = crop_kernel_name(itemsize)
-    assert re.search(rf'extern\s+"C"\s+__global__\s+void\s+{name}\s*\(', _source())
-    assert parse_c_signature(_source(), name) == list(crop_params(itemsize))
+    # One template: its parameters with T the element type of the size.
+    assert re.search(
+        r"template\s*<\s*typename\s+T\s*>\s*__global__\s+void\s+crop_patches\s*\(", _source()
+    )
+    template = parse_c_signature(_source(), "crop_patches")
+    element = ELEMENT_C_TYPES[itemsize]
+    instantiated = [(name, c_type.replace("T*", f"{element}*")) for name, c_type in template]
+    assert instantiated == list(crop_kernel(itemsize).params)
 
 
 def test_check_kernel_signature_is_the_launch_codes() -> None:
-    assert re.search(rf'extern\s+"C"\s+__global__\s+void\s+{CHECK_KERNEL_NAME}\s*\(', _source())
-    assert parse_c_signature(_source(), CHECK_KERNEL_NAME) == list(CHECK_PARAMS)
-
-
-@pytest.mark.parametrize("itemsize", ITEMSIZES)
-def test_host_shim_signatures_are_the_kernels(itemsize: int) -> None:
-    launch = [(name, "long long") for name in ("grid_x", "grid_y", "block_x", "block_y")]
-    shim = SHIM_SOURCE.read_text()
-    assert parse_c_signature(shim, f"crop_host_{itemsize}") == [*crop_params(itemsize), *launch]
-    assert parse_c_signature(shim, "check_rows_host") == list(CHECK_PARAMS)
+    name = CHECK_CROP_ROWS.name
+    assert re.search(rf'extern\s+"C"\s+__global__\s+void\s+{name}\s*\(', _source())
+    assert parse_c_signature(_source(), name) == list(CHECK_PARAMS)
 
 
 def test_element_types_are_unsigned_integers_of_each_size() -> None:
@@ -98,7 +102,8 @@ def test_element_types_are_unsigned_integers_of_each_size() -> None:
     }
     for itemsize, c_type in ELEMENT_C_TYPES.items():
         assert ctypes.sizeof(widths[c_type]) == itemsize
-        assert crop_params(itemsize)[-1] == ("out", f"{c_type}*")
+        assert crop_kernel(itemsize).params[-1] == ("out", f"{c_type}*")
+        assert np.dtype(C_SCALAR_TYPES[c_type]).itemsize == itemsize
 
 
 @pytest.mark.parametrize(
@@ -107,17 +112,17 @@ def test_element_types_are_unsigned_integers_of_each_size() -> None:
 def test_numpy_twin_of_each_scalar_type_has_its_width_and_sign(
     c_type: str, c_scalar: type[ctypes._SimpleCData]
 ) -> None:
-    dtype = np.dtype(CROP_SCALAR_TYPES[c_type])
+    dtype = np.dtype(C_SCALAR_TYPES[c_type])
     assert dtype.itemsize == ctypes.sizeof(c_scalar) and dtype.kind == "i"
 
 
 def test_every_scalar_parameter_has_a_numpy_twin() -> None:
-    for name, c_type in (*crop_params(4), *CHECK_PARAMS):
+    for name, c_type in (*crop_kernel(4).params, *CHECK_PARAMS):
         if c_type.endswith("*"):
             base = c_type.removeprefix("const ").removesuffix("*")
             assert base == "long long" or base in ELEMENT_C_TYPES.values(), name
         else:
-            assert c_type in CROP_SCALAR_TYPES, name
+            assert c_type in C_SCALAR_TYPES, name
 
 
 # -- the argument tuples ---------------------------------------------------------------
@@ -150,13 +155,13 @@ def test_crop_launch_args_scalars_are_numpy_scalars_of_the_exact_c_type(
 ) -> None:
     _, table, rows, patch, out = _host_case(ndim, dtype)
     args = crop_launch_args(table, rows, 5, 3, patch, out)
-    params = crop_params(np.dtype(dtype).itemsize)
+    params = crop_kernel(np.dtype(dtype).itemsize).params
     assert len(args) == len(params)
     for (name, c_type), value in zip(params, args, strict=True):
         if c_type.endswith("*"):
             assert isinstance(value, np.ndarray) and value.flags.c_contiguous, name
         else:
-            assert type(value) is CROP_SCALAR_TYPES[c_type], f"{name}: {type(value)}"
+            assert type(value) is C_SCALAR_TYPES[c_type], f"{name}: {type(value)}"
     values = dict(zip((n for n, _ in params), args, strict=True))
     assert values["stack_table"] is table and values["out"] is out
     assert (values["data_idx"], values["sample_idx"], values["coords"]) == rows
@@ -173,7 +178,7 @@ def test_check_launch_args_scalars_are_numpy_scalars_of_the_exact_c_type() -> No
     args = check_launch_args(table, rows, 5, patch, first_bad)
     for (name, c_type), value in zip(CHECK_PARAMS, args, strict=True):
         if not c_type.endswith("*"):
-            assert type(value) is CROP_SCALAR_TYPES[c_type], name
+            assert type(value) is C_SCALAR_TYPES[c_type], name
     assert args[-1] is first_bad
 
 
@@ -202,14 +207,15 @@ def test_crop_launch_args_refuse_arrays_of_the_wrong_dtype_length_or_layout() ->
 
 
 def test_crop_kernel_name_covers_each_element_size_only() -> None:
-    assert [crop_kernel_name(size) for size in ITEMSIZES] == [
-        "crop_patches_1",
-        "crop_patches_2",
-        "crop_patches_4",
-        "crop_patches_8",
+    assert [crop_kernel(size).name for size in ITEMSIZES] == [
+        "crop_patches<unsigned char>",
+        "crop_patches<unsigned short>",
+        "crop_patches<unsigned int>",
+        "crop_patches<unsigned long long>",
     ]
-    with pytest.raises(ValueError, match="16"):
-        crop_kernel_name(16)
+    for size in (0, 3, 16, "4", None):
+        with pytest.raises(ValueError, match=repr(size)):
+            crop_kernel(size)  # type: ignore[arg-type]
 
 
 def test_stack_table_rows_hold_address_shape_and_strides() -> None:
@@ -244,7 +250,7 @@ def test_crop_launch_stays_within_cuda_limits_and_covers_a_patch(
     launch = crop_launch(n_rows, n_channels, patch)
     threads_x, threads_y = launch.block
     assert threads_x % 32 == 0 and 1 <= threads_x * threads_y <= 1024
-    assert threads_x >= min(patch[-1], crop.CROP_THREADS_PER_BLOCK)
+    assert threads_x >= min(patch[-1], cuda.CROP_THREADS_PER_BLOCK)
     assert 1 <= launch.grid[0] <= 2**31 - 1 and 1 <= launch.grid[1] <= 65535
     assert launch.grid[0] == min(max(n_rows, 1), 2**31 - 1)
     lines = n_channels * int(np.prod(patch[:-1]))

@@ -95,14 +95,19 @@ def _assert_same_draws(expected: tuple[np.ndarray, ...], actual: tuple[Any, ...]
 
 def _record_launches(backend: Any) -> list[tuple[Any, ...]]:
     """Make ``backend`` record the argument tuple of each launch of its kernel."""
-    kernel = backend._kernel()
+    functions = backend._functions
     launched: list[tuple[Any, ...]] = []
 
-    def recording_kernel(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
-        launched.append(args)
-        kernel(grid, block, args)
+    def recording(kernel: Any, device_id: int) -> Any:
+        function = functions(kernel, device_id)
 
-    backend._kernel = lambda: recording_kernel
+        def launch(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
+            launched.append(args)
+            function(grid, block, args)
+
+        return launch
+
+    backend._functions = recording
     return launched
 
 
@@ -185,17 +190,18 @@ def test_tables_and_outputs_live_on_the_device(case: Any) -> None:
     assert len(result) == 4
     assert all(isinstance(column, cupy.ndarray) for column in result)
     key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
-    assert isinstance(backend._uploads[key][1], cupy.ndarray)
+    assert isinstance(backend._uploads._entries[key][1], cupy.ndarray)
 
 
 def test_kernel_is_compiled_once_per_device(case: Any) -> None:
-    from gpu_patching.backends import cuda_backend
+    from gpu_patching import cuda
 
     _, tables = case
     _backend().draw(tables, range(1), 0, 1)
-    kernel = cuda_backend._KERNELS[cupy.cuda.Device().id]
+    key = (cupy.cuda.Device().id, cuda.SAMPLE_EPOCH.file)
+    module = cuda._MODULES[key]
     _backend().draw(tables, range(1), 1, 1)
-    assert cuda_backend._KERNELS[cupy.cuda.Device().id] is kernel
+    assert cuda._MODULES[key] is module
 
 
 def _cuda_twin(host: StratifiedPatching) -> StratifiedPatching:
@@ -237,7 +243,8 @@ EPOCH_OPTIONS = [
 
 @pytest.mark.parametrize("options", EPOCH_OPTIONS)
 def test_sample_epoch_is_one_kernel_launch_and_no_other_kernel(options: dict[str, Any]) -> None:
-    from gpu_patching.backends.cuda_backend import NULL_POINTER, OUTPUT_PARAMS, SAMPLE_EPOCH_PARAMS
+    from gpu_patching.backends.cuda_backend import OUTPUT_PARAMS
+    from gpu_patching.cuda import NULL_POINTER, SAMPLE_EPOCH
 
     host = _configured_sampler("3d")
     device = _cuda_twin(host)
@@ -256,7 +263,7 @@ def test_sample_epoch_is_one_kernel_launch_and_no_other_kernel(options: dict[str
     # Exactly one launch of our kernel, over the epoch as an order: no index
     # array was made for it, shuffled and sharded or not.
     assert backend.launch_count == launches + 1 and len(launched) == 1
-    values = dict(zip((name for name, _ in SAMPLE_EPOCH_PARAMS), launched[0], strict=True))
+    values = dict(zip((name for name, _ in SAMPLE_EPOCH.params), launched[0], strict=True))
     assert values["indices"] is NULL_POINTER and int(values["n_rows"]) == n
     assert int(values["shuffle"]) == int(options.get("shuffle", False))
     # The batch holds the very arrays the kernel wrote: no gather, no copy.

@@ -1,10 +1,16 @@
-"""The CUDA kernel source, compiled for the host, equals the NumPy draw bit for bit.
+"""The shipped epoch kernel, launched on the host, equals the NumPy draw bit for bit.
 
-``tests/kernel_shim.cpp`` includes the very headers the GPU kernel is built
-from and runs the kernel's per-row function for every row. It is driven
-through ``CudaBackend`` itself (with NumPy as its array namespace and the shim
-as its kernel), so the argument tuple, the index handling and the table
-packing are the ones a GPU launch uses. No GPU is needed.
+``sample_epoch`` itself (``gpu_patching/kernels/sample_epoch.cu``) is compiled
+by the host C++ compiler against a stand-in for CUDA's launch model and run
+over every block and thread of a launch, in a permuted order
+(``tests/host_launch.py``; no kernel body lives in the tests). It is driven
+through ``CudaBackend`` itself (with NumPy as its array namespace), so the
+index checks, the table packing, the argument tuple and the grid are the ones
+a GPU launch uses; other tests force other launch shapes on the same argument
+tuple. No GPU is needed.
+
+``tests/kernel_shim.cpp`` exposes the device functions the kernel calls
+(Philox, the 64-bit words, the shuffle) for their own known-answer tests.
 
 Both backends' ``draw`` return ``(data_idx, sample_idx, coords, indices)``;
 every column is compared, and the kernel writes all four itself.
@@ -24,21 +30,20 @@ from typing import Any
 
 import numpy as np
 import pytest
+from draw_reference import mulhi64
+from host_launch import HostBackend, HostKernels, entry_name
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpu_patching import StratifiedPatching, grid, permutation, rng
 from gpu_patching.backends.cuda_backend import (
-    NULL_POINTER,
     OUTPUT_PARAMS,
-    SAMPLE_EPOCH_PARAMS,
-    CudaBackend,
     _launch_args,
-    kernel_dir,
     pack_sample_table,
     split_sample_table,
 )
-from gpu_patching.backends.numpy_backend import NumpyBackend, mulhi64
+from gpu_patching.backends.numpy_backend import NumpyBackend
+from gpu_patching.cuda import NULL_POINTER, SAMPLE_EPOCH, kernel_dir, launch_grid
 from gpu_patching.permutation import EpochOrder
 from gpu_patching.tables import RegionTables
 
@@ -52,7 +57,7 @@ _CTYPES = {
     "unsigned long long": ctypes.c_ulonglong,
 }
 
-_N_ROWS = [name for name, _ in SAMPLE_EPOCH_PARAMS].index("n_rows")
+SAMPLE_EPOCH_PARAMS = SAMPLE_EPOCH.params
 
 # -- building and calling the shim -----------------------------------------------------
 
@@ -115,51 +120,12 @@ def _load_shim(library: Path) -> ctypes.CDLL:
         ctypes.c_void_p,
     ]
     shim.shuffle_positions.restype = None
-    # draw_epoch has the kernel's parameter list (test_kernels_nvrtc checks it).
-    shim.draw_epoch.argtypes = [
-        ctypes.c_void_p if c_type.endswith("*") else _CTYPES[c_type]
-        for _, c_type in SAMPLE_EPOCH_PARAMS
-    ]
-    shim.draw_epoch.restype = None
     return shim
 
 
 @pytest.fixture(scope="session")
 def shim(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     return _load_shim(_build_shim(tmp_path_factory.mktemp("kernel_shim"), []))
-
-
-def _call_draw_epoch(shim: ctypes.CDLL, args: tuple[Any, ...]) -> None:
-    """Call the shim with a ``_launch_args`` tuple; arrays become raw pointers."""
-    converted = []
-    for (_, c_type), value in zip(SAMPLE_EPOCH_PARAMS, args, strict=True):
-        if c_type.endswith("*"):
-            converted.append(None if value is NULL_POINTER else value.ctypes.data)
-        else:
-            assert type(value) is not int, "launch arguments are NumPy scalars"
-            converted.append(_CTYPES[c_type](int(value)))
-    shim.draw_epoch(*converted)  # `args` keeps every array alive meanwhile
-
-
-class HostLaunchedBackend(CudaBackend):
-    """``CudaBackend`` with NumPy as its device and the host shim as its kernel."""
-
-    def __init__(self, shim: ctypes.CDLL) -> None:
-        super().__init__(xp=np)
-        self._shim = shim
-
-    def _device_id(self) -> int:
-        return 0
-
-    def _stream_id(self) -> int:
-        return 0
-
-    def _kernel(self) -> Any:
-        def launch(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
-            assert grid[0] * block[0] >= int(args[_N_ROWS]), "grid covers every row"
-            _call_draw_epoch(self._shim, args)
-
-        return launch
 
 
 Draw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -288,12 +254,12 @@ def samplers(draw: st.DrawFn) -> StratifiedPatching:
 )
 @given(sampler=samplers(), draw=st.integers(0, 2**32 - 1))
 def test_host_kernel_equals_numpy_draw_on_random_tables(
-    shim: ctypes.CDLL, sampler: StratifiedPatching, draw: int
+    host_kernels: HostKernels, sampler: StratifiedPatching, draw: int
 ) -> None:
     tables = sampler._tables
     n = tables.total_patches
     expected = _numpy_draw(tables, range(n), draw, sampler.seed)
-    actual = HostLaunchedBackend(shim).draw(tables, range(n), draw, sampler.seed)
+    actual = HostBackend(host_kernels).draw(tables, range(n), draw, sampler.seed)
     _assert_same_draws(expected, actual)
     # The same epoch given as an index array: the same rows.
     _assert_same_draws(expected, _numpy_draw(tables, np.arange(n), draw, sampler.seed))
@@ -315,7 +281,7 @@ def test_host_kernel_equals_numpy_draw_on_random_tables(
 )
 @given(sampler=samplers(), draw=st.integers(0, 2**32 - 1), data=st.data())
 def test_host_kernel_equals_numpy_draw_for_arbitrary_indices(
-    shim: ctypes.CDLL, sampler: StratifiedPatching, draw: int, data: st.DataObject
+    host_kernels: HostKernels, sampler: StratifiedPatching, draw: int, data: st.DataObject
 ) -> None:
     n = sampler._tables.total_patches
     if n == 0:
@@ -323,14 +289,14 @@ def test_host_kernel_equals_numpy_draw_for_arbitrary_indices(
     indices = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=64))
     index_array = np.asarray(indices, dtype=np.int64)
     expected = _numpy_draw(sampler._tables, index_array, draw, sampler.seed)
-    actual = HostLaunchedBackend(shim).draw(sampler._tables, index_array, draw, sampler.seed)
+    actual = HostBackend(host_kernels).draw(sampler._tables, index_array, draw, sampler.seed)
     _assert_same_draws(expected, actual)
     # The index column is a copy written by the kernel, not the input array.
     assert actual[3] is not index_array
     np.testing.assert_array_equal(actual[3], index_array)
 
 
-def test_host_kernel_skips_a_sample_whose_every_cell_is_excluded(shim: ctypes.CDLL) -> None:
+def test_host_kernel_skips_a_sample_whose_every_cell_is_excluded(host_kernels: HostKernels) -> None:
     sampler = StratifiedPatching(
         [(3, 1, 40, 36), (1, 1, 17, 23)], (8, 6), seed=2**64 - 1, backend="numpy"
     )
@@ -340,7 +306,7 @@ def test_host_kernel_skips_a_sample_whose_every_cell_is_excluded(shim: ctypes.CD
     assert tables.n_patches[1] == 0 and tables.total_patches > 0
     for draw in (0, 1, 2**32 - 1):
         expected = _numpy_draw(tables, range(tables.total_patches), draw, sampler.seed)
-        actual = HostLaunchedBackend(shim).draw(
+        actual = HostBackend(host_kernels).draw(
             tables, range(tables.total_patches), draw, sampler.seed
         )
         _assert_same_draws(expected, actual)
@@ -350,24 +316,24 @@ def test_host_kernel_skips_a_sample_whose_every_cell_is_excluded(shim: ctypes.CD
 
 
 def test_host_kernel_draws_nothing_when_every_cell_of_every_sample_is_excluded(
-    shim: ctypes.CDLL,
+    host_kernels: HostKernels,
 ) -> None:
     sampler = StratifiedPatching([(2, 1, 12, 12, 12)], (4, 4, 4), seed=3, backend="numpy")
     cells = list(itertools.product(range(3), repeat=3))
     sampler.exclude_patches(0, 0, cells)
     sampler.exclude_patches(0, 1, cells)
     assert sampler._tables.total_patches == 0
-    backend = HostLaunchedBackend(shim)
+    backend = HostBackend(host_kernels)
     empty = backend.draw(sampler._tables, range(0), 5, 3)
     assert [column.shape for column in empty] == [(0,), (0,), (0, 3), (0,)]
     assert all(column.dtype == np.int64 for column in empty)
     assert backend.launch_count == 0, "nothing to draw, nothing launched"
     _assert_same_draws(_numpy_draw(sampler._tables, range(0), 5, 3), empty)
     # The kernel itself refuses any index of an empty epoch.
-    _assert_failed_rows(_raw_draw(shim, sampler._tables, range(0, 4), 5, 3), np.arange(4))
+    _assert_failed_rows(_raw_draw(host_kernels, sampler._tables, range(0, 4), 5, 3), np.arange(4))
 
 
-def test_host_kernel_handles_large_masses(shim: ctypes.CDLL) -> None:
+def test_host_kernel_handles_large_masses(host_kernels: HostKernels) -> None:
     # The largest accepted probability makes the masses ~2**36 per region and
     # ~10**3 patches: the 64-bit arithmetic of the stratum points is exercised.
     heavy = StratifiedPatching([(2, 1, 64, 48)], (8, 8), seed=11, backend="numpy")
@@ -381,15 +347,23 @@ def test_host_kernel_handles_large_masses(shim: ctypes.CDLL) -> None:
         tables = sampler._tables
         indices = np.random.default_rng(0).integers(0, tables.total_patches, size=4000)
         expected = _numpy_draw(tables, indices, 77, sampler.seed)
-        actual = HostLaunchedBackend(shim).draw(tables, indices, 77, sampler.seed)
+        actual = HostBackend(host_kernels).draw(tables, indices, 77, sampler.seed)
         _assert_same_draws(expected, actual)
 
 
-def _raw_draw(shim: ctypes.CDLL, tables: RegionTables, indices: Any, draw: int, seed: int) -> Draw:
-    """Run the shim directly (no host-side index checks).
+def _raw_draw(
+    host_kernels: HostKernels,
+    tables: RegionTables,
+    indices: Any,
+    draw: int,
+    seed: int,
+    shape: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+) -> Draw:
+    """Launch the kernel directly (no host-side index checks), on the computed grid.
 
     The outputs start out as a sentinel that no draw writes, so a row the kernel
-    skipped cannot pass for a failed (-1) or a real one.
+    skipped cannot pass for a failed (-1) or a real one. ``shape`` forces
+    another ``(grid, block)``.
     """
     rows: Any
     if isinstance(indices, range):
@@ -409,70 +383,79 @@ def _raw_draw(shim: ctypes.CDLL, tables: RegionTables, indices: Any, draw: int, 
     )
     arrays = split_sample_table(pack_sample_table(tables), tables.n_samples, tables.ndim)
     args = _launch_args(tables, arrays, rows, draw, seed, outputs)
-    _call_draw_epoch(shim, args)
+    blocks, threads = launch_grid(n)
+    grid, block = shape or ((blocks,), (threads,))
+    host_kernels.function(SAMPLE_EPOCH)(grid, block, args)
     for name, column in zip(COLUMNS, outputs, strict=True):
         assert (column != sentinel).all(), f"{name}: a row was not written"
     return outputs
 
 
-def test_host_kernel_writes_minus_one_for_indices_out_of_range(shim: ctypes.CDLL) -> None:
+def test_host_kernel_writes_minus_one_for_indices_out_of_range(host_kernels: HostKernels) -> None:
     sampler = StratifiedPatching([(1, 1, 30, 30)], (5, 5), seed=5, backend="numpy")
     tables = sampler._tables
     n = tables.total_patches
     indices = np.array([-(2**63), -1, 0, n - 1, n, n + 7, 2**63 - 1], dtype=np.int64)
     bad = np.array([True, True, False, False, True, True, True])
-    for actual in (
-        _raw_draw(shim, tables, indices, 9, 5),
-        # The backend does not check an index array (that would synchronise).
-        HostLaunchedBackend(shim).draw(tables, indices, 9, 5),
-    ):
+    # The kernel's own guard: whatever reaches it, a bad index is a -1 row.
+    for shape in (None, ((1,), (1,)), ((2,), (3,)), ((5,), (64,))):
+        actual = _raw_draw(host_kernels, tables, indices, 9, 5, shape)
         _assert_failed_rows(actual, bad)
         good = _numpy_draw(tables, indices[~bad], 9, 5)
         _assert_same_draws(good, tuple(column[~bad] for column in actual))  # type: ignore[arg-type]
     # A range past the end: the kernel writes -1 rows, the backend refuses it.
-    past_end = _raw_draw(shim, tables, range(n - 2, n + 2), 9, 5)
+    past_end = _raw_draw(host_kernels, tables, range(n - 2, n + 2), 9, 5)
     _assert_failed_rows(past_end, np.array([False, False, True, True]))
     _assert_same_draws(
         _numpy_draw(tables, range(n - 2, n), 9, 5),
         tuple(column[:2] for column in past_end),  # type: ignore[arg-type]
     )
     with pytest.raises(IndexError):
-        HostLaunchedBackend(shim).draw(tables, range(n - 2, n + 2), 9, 5)
+        HostBackend(host_kernels).draw(tables, range(n - 2, n + 2), 9, 5)
 
 
 def test_host_backend_launches_once_per_draw_and_reuses_the_upload(
-    shim: ctypes.CDLL,
+    host_kernels: HostKernels,
 ) -> None:
     sampler = StratifiedPatching([(2, 1, 20, 20)], (4, 4), seed=1, backend="numpy")
-    backend = HostLaunchedBackend(shim)
+    backend = HostBackend(host_kernels)
     n = sampler.n_patches
     first = backend.draw(sampler._tables, range(n), 0, 1)
-    uploaded = backend._uploads[(0, 0)][1]
+    uploaded = backend._uploads._entries[(0, 0)][1]
     backend.draw(sampler._tables, range(n), 1, 1)
     assert backend.launch_count == 2
-    assert backend._uploads[(0, 0)][1] is uploaded
+    assert backend._uploads._entries[(0, 0)][1] is uploaded
     # An update changes the per-sample arrays: they are uploaded again.
     sampler.exclude_patches(0, 0, [(1, 1)])
     n_after = sampler.n_patches
     after = backend.draw(sampler._tables, range(n_after), 0, 1)
-    assert backend._uploads[(0, 0)][1] is not uploaded
+    assert backend._uploads._entries[(0, 0)][1] is not uploaded
     _assert_same_draws(_numpy_draw(sampler._tables, range(n_after), 0, 1), after)
     assert n_after < n and all(column.shape[0] == n for column in first)
 
 
-def test_host_backend_returns_the_arrays_the_kernel_wrote(shim: ctypes.CDLL) -> None:
+def _recording(host_kernels: HostKernels, launched: list[tuple[Any, ...]]) -> Any:
+    """Kernel functions that record every argument tuple, then launch it."""
+    functions = host_kernels.functions()
+
+    def get(kernel: Any, device_id: int) -> Any:
+        function = functions(kernel, device_id)
+
+        def launch(grid: Any, block: Any, args: tuple[Any, ...]) -> None:
+            launched.append(args)
+            function(grid, block, args)
+
+        return launch
+
+    return get
+
+
+def test_host_backend_returns_the_arrays_the_kernel_wrote(host_kernels: HostKernels) -> None:
     # The result is exactly the kernel's output arguments: nothing is computed
     # from them afterwards (on a GPU that would be another kernel).
     sampler = StratifiedPatching([(2, 1, 20, 20), (1, 1, 9, 13)], (4, 4), seed=8, backend="numpy")
-    backend = HostLaunchedBackend(shim)
     launched: list[tuple[Any, ...]] = []
-    kernel = backend._kernel()
-
-    def recording_kernel(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
-        launched.append(args)
-        kernel(grid, block, args)
-
-    backend._kernel = lambda: recording_kernel  # type: ignore[method-assign]
+    backend = HostBackend(host_kernels, _recording(host_kernels, launched))
     n = sampler.n_patches
     result = backend.draw(sampler._tables, range(n), 2, 8)
     assert len(launched) == 1 and backend.launch_count == 1
@@ -557,7 +540,7 @@ def test_host_shuffle_refuses_positions_outside_the_order(shim: ctypes.CDLL) -> 
     data=st.data(),
 )
 def test_host_kernel_equals_numpy_for_shuffled_sharded_epochs(
-    shim: ctypes.CDLL,
+    host_kernels: HostKernels,
     sampler: StratifiedPatching,
     draw: int,
     shuffle: bool,
@@ -575,7 +558,7 @@ def test_host_kernel_equals_numpy_for_shuffled_sharded_epochs(
         drop_last=drop_last,
     )
     expected = NumpyBackend().draw(tables, order, draw, sampler.seed)
-    backend = HostLaunchedBackend(shim)
+    backend = HostBackend(host_kernels)
     actual = backend.draw(tables, order, draw, sampler.seed)
     _assert_same_draws(expected, actual)
     assert backend.launch_count == (1 if order.n_rows else 0)
@@ -583,18 +566,11 @@ def test_host_kernel_equals_numpy_for_shuffled_sharded_epochs(
 
 
 def test_host_kernel_draws_a_shuffled_shard_in_one_launch_without_an_index_array(
-    shim: ctypes.CDLL,
+    host_kernels: HostKernels,
 ) -> None:
     sampler = StratifiedPatching([(3, 1, 40, 36)], (8, 6), seed=9, backend="numpy")
-    backend = HostLaunchedBackend(shim)
     launched: list[tuple[Any, ...]] = []
-    kernel = backend._kernel()
-
-    def recording_kernel(grid: tuple[int], block: tuple[int], args: tuple[Any, ...]) -> None:
-        launched.append(args)
-        kernel(grid, block, args)
-
-    backend._kernel = lambda: recording_kernel  # type: ignore[method-assign]
+    backend = HostBackend(host_kernels, _recording(host_kernels, launched))
     order = EpochOrder.shard(sampler.n_patches, shuffle=True, rank=1, world_size=4)
     result = backend.draw(sampler._tables, order, 7, sampler.seed)
     assert len(launched) == 1
@@ -617,7 +593,16 @@ _FUZZ_SCRIPT = textwrap.dedent(
     from gpu_patching import StratifiedPatching
     from gpu_patching.backends.cuda_backend import pack_sample_table, split_sample_table
 
-    shim = ctypes.CDLL(sys.argv[1])
+    # The host launcher of the shipped sample_epoch (tests/host_launch.py).
+    launch_entry = getattr(ctypes.CDLL(sys.argv[1]), sys.argv[2])
+
+    class Launch(ctypes.Structure):
+        _fields_ = [
+            ("grid", ctypes.c_longlong * 3),
+            ("block", ctypes.c_longlong * 3),
+            ("order_seed", ctypes.c_ulonglong),
+        ]
+
     generator = np.random.default_rng(12345)
     P = ctypes.c_void_p
     L = ctypes.c_longlong
@@ -697,7 +682,14 @@ _FUZZ_SCRIPT = textwrap.dedent(
             np.full(n_rows, sentinel, dtype=np.int64) for _ in range(3)
         )
         coords = np.full(n_rows * max(ndim, 0), sentinel, dtype=np.int64)
-        shim.draw_epoch(
+        # Any launch shape: one thread, fewer threads than rows, more than rows.
+        launch = Launch(
+            (ctypes.c_longlong * 3)(int(generator.integers(1, 5)), 1, 1),
+            (ctypes.c_longlong * 3)(int(generator.integers(1, 65)), 1, 1),
+            trial + 1,
+        )
+        launch_entry(
+            ctypes.byref(launch),
             *[P(a.ctypes.data if a.size else None) for a in arrays],
             L(n_samples), L(n_regions), ctypes.c_int(ndim),
             P(indices.ctypes.data if use_indices else None),
@@ -729,7 +721,8 @@ def test_host_kernel_stays_in_bounds_on_inconsistent_tables(
 ) -> None:
     """Corrupted tables (right lengths, wrong contents) under AddressSanitizer.
 
-    Real tables with a few entries overwritten: every array is its own
+    The shipped kernel, launched on the host over random grid shapes. Real
+    tables with a few entries overwritten: every array is its own
     allocation with red zones, so a read or write outside the lengths
     documented on ``TableView`` aborts the child process, and
     UndefinedBehaviorSanitizer aborts it on a division by zero.
@@ -742,11 +735,14 @@ def test_host_kernel_stays_in_bounds_on_inconsistent_tables(
     ).stdout.strip()
     if not runtime or not Path(runtime).exists():
         pytest.skip(f"{compiler} has no AddressSanitizer runtime")
-    directory = tmp_path_factory.mktemp("kernel_shim_asan")
-    library = _build_shim(
+    directory = tmp_path_factory.mktemp("host_kernels_asan")
+    kernels = HostKernels(
         directory,
         ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
+        files=[SAMPLE_EPOCH.file],
+        load=False,
     )
+    library = kernels.libraries[SAMPLE_EPOCH.file]
     script = directory / "fuzz.py"
     script.write_text(_FUZZ_SCRIPT)
     environment = {
@@ -767,7 +763,7 @@ def test_host_kernel_stays_in_bounds_on_inconsistent_tables(
     if bare.returncode != 0:
         pytest.skip(f"AddressSanitizer cannot run Python here: {bare.stderr[-300:]}")
     result = subprocess.run(
-        [sys.executable, str(script), str(library)],
+        [sys.executable, str(script), str(library), entry_name(SAMPLE_EPOCH)],
         capture_output=True,
         text=True,
         env=environment,

@@ -17,26 +17,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpu_patching import StratifiedPatching
-from gpu_patching.backends import cuda_backend
+from gpu_patching import StratifiedPatching, cuda
 from gpu_patching.backends.cuda_backend import (
-    C_SCALAR_TYPES,
-    KERNEL_NAME,
-    NULL_POINTER,
     OUTPUT_PARAMS,
-    SAMPLE_EPOCH_PARAMS,
     _launch_args,
-    compile_options,
-    kernel_code,
-    kernel_dir,
-    launch_grid,
     pack_sample_table,
     split_sample_table,
 )
+from gpu_patching.cuda import (
+    C_SCALAR_TYPES,
+    KERNELS,
+    NULL_POINTER,
+    SAMPLE_EPOCH,
+    compile_options,
+    kernel_dir,
+    kernel_source,
+    launch_grid,
+)
 from gpu_patching.permutation import EpochOrder
 
+KERNEL_NAME = SAMPLE_EPOCH.name
+SAMPLE_EPOCH_PARAMS = SAMPLE_EPOCH.params
+
 ARCHITECTURES = ["compute_70", "compute_90"]
-SHIM_SOURCE = Path(__file__).with_name("kernel_shim.cpp")
 
 # -- NVRTC through ctypes --------------------------------------------------------------
 
@@ -67,12 +70,29 @@ def nvrtc() -> ctypes.CDLL:
 
 def _compile(nvrtc: ctypes.CDLL, source: str, name: str, options: list[str]) -> str:
     """Compile one source to PTX; fail with NVRTC's log on any error."""
+    return _compile_lowered(nvrtc, source, name, options, ())[0]
+
+
+def _compile_lowered(
+    nvrtc: ctypes.CDLL,
+    source: str,
+    name: str,
+    options: list[str],
+    name_expressions: tuple[str, ...],
+) -> tuple[str, dict[str, str]]:
+    """Compile to PTX with template name expressions, as CuPy's RawModule does.
+
+    Returns the PTX and the lowered (mangled) entry name of each expression.
+    """
     program = ctypes.c_void_p()
     status = nvrtc.nvrtcCreateProgram(
         ctypes.byref(program), source.encode(), name.encode(), 0, None, None
     )
     assert status == 0, nvrtc.nvrtcGetErrorString(status).decode()
     try:
+        for expression in name_expressions:
+            status = nvrtc.nvrtcAddNameExpression(program, expression.encode())
+            assert status == 0, nvrtc.nvrtcGetErrorString(status).decode()
         encoded = [option.encode() for option in options]
         status = nvrtc.nvrtcCompileProgram(
             program, len(encoded), (ctypes.c_char_p * len(encoded))(*encoded)
@@ -87,7 +107,13 @@ def _compile(nvrtc: ctypes.CDLL, source: str, name: str, options: list[str]) -> 
         assert nvrtc.nvrtcGetPTXSize(program, ctypes.byref(ptx_size)) == 0
         ptx = ctypes.create_string_buffer(ptx_size.value)
         assert nvrtc.nvrtcGetPTX(program, ptx) == 0
-        return ptx.value.decode()
+        lowered = {}
+        for expression in name_expressions:
+            mangled = ctypes.c_char_p()
+            status = nvrtc.nvrtcGetLoweredName(program, expression.encode(), ctypes.byref(mangled))
+            assert status == 0, nvrtc.nvrtcGetErrorString(status).decode()
+            lowered[expression] = mangled.value.decode()
+        return ptx.value.decode(), lowered
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
@@ -96,7 +122,7 @@ def _compile(nvrtc: ctypes.CDLL, source: str, name: str, options: list[str]) -> 
 def test_epoch_kernel_compiles_with_nvrtc(nvrtc: ctypes.CDLL, architecture: str) -> None:
     # kernel_code() is the exact text CuPy compiles (digest line included).
     options = [*compile_options(), f"--gpu-architecture={architecture}"]
-    ptx = _compile(nvrtc, kernel_code(), cuda_backend.KERNEL_FILE, options)
+    ptx = _compile(nvrtc, kernel_source(SAMPLE_EPOCH.file), SAMPLE_EPOCH.file, options)
     assert re.search(rf"\.entry\s+{KERNEL_NAME}\s*\(", ptx), "no sample_epoch entry"
     # One thread keeps its few values in registers: no local-memory stack.
     assert ".local" not in ptx
@@ -133,13 +159,22 @@ def parse_c_signature(source: str, function: str) -> list[tuple[str, str]]:
 
 
 def test_kernel_signature_is_the_launch_codes() -> None:
-    source = (kernel_dir() / cuda_backend.KERNEL_FILE).read_text()
+    source = (kernel_dir() / SAMPLE_EPOCH.file).read_text()
     assert re.search(rf'extern\s+"C"\s+__global__\s+void\s+{KERNEL_NAME}\s*\(', source)
     assert parse_c_signature(source, KERNEL_NAME) == list(SAMPLE_EPOCH_PARAMS)
 
 
-def test_host_shim_signature_is_the_kernels() -> None:
-    assert parse_c_signature(SHIM_SOURCE.read_text(), "draw_epoch") == list(SAMPLE_EPOCH_PARAMS)
+def test_the_kernel_descriptions_are_every_global_function_of_the_sources() -> None:
+    # Every __global__ function of every .cu file is described (and so
+    # compiled, marshalled and launched on the host by the tests), and every
+    # description names one.
+    described = {(kernel.file, kernel.name.split("<")[0]) for kernel in KERNELS}
+    found = set()
+    for path in kernel_dir().glob("*.cu"):
+        text = re.sub(r"//[^\n]*|/\*.*?\*/", " ", path.read_text(), flags=re.DOTALL)
+        for name in re.findall(r"__global__\s+void\s+(\w+)\s*\(", text):
+            found.add((path.name, name))
+    assert found == described
 
 
 @pytest.mark.parametrize(
@@ -261,7 +296,8 @@ def test_every_sample_array_is_packed_once() -> None:
 )
 def test_launch_args_refuse_scalars_that_do_not_fit_their_c_type(field: str, value: int) -> None:
     tables = _small_tables(2)
-    with pytest.raises(OverflowError):
+    parameter = "draw_number" if field == "draw" else "seed"
+    with pytest.raises(ValueError, match=parameter):
         _args_for(tables, **{field: value})
 
 
@@ -336,7 +372,7 @@ def _rows_of_each_thread(n_rows: int, blocks: int, threads: int) -> list[int]:
 @pytest.mark.parametrize("n_rows", [0, 1, 255, 256, 257, 1000, 4097])
 def test_launch_grid_covers_every_row_exactly_once(n_rows: int) -> None:
     blocks, threads = launch_grid(n_rows)
-    assert blocks >= 1 and threads == cuda_backend.THREADS_PER_BLOCK
+    assert blocks >= 1 and threads == cuda.THREADS_PER_BLOCK
     assert blocks * threads >= n_rows
     assert sorted(_rows_of_each_thread(n_rows, blocks, threads)) == list(range(n_rows))
 
@@ -349,7 +385,7 @@ def test_launch_grid_stays_within_cuda_limits_for_huge_epochs() -> None:
 def test_grid_stride_covers_every_row_when_the_grid_is_capped(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cuda_backend, "_MAX_BLOCKS", 3)
+    monkeypatch.setattr(cuda, "MAX_GRID_X", 3)
     blocks, threads = launch_grid(1000, threads=32)
     assert blocks == 3 and blocks * threads < 1000
     assert sorted(_rows_of_each_thread(1000, blocks, threads)) == list(range(1000))

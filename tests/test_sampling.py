@@ -32,9 +32,9 @@ from conftest import (
     selectable_corners,
     selectable_mask,
 )
+from draw_reference import stratum_points
 
 from gpu_patching import PatchBatch, StratifiedPatching
-from gpu_patching.backends.numpy_backend import stratum_points
 
 PROB_ONE = 1 << 20  # the quantisation step of DESIGN.md section 2
 

@@ -9,15 +9,11 @@ same integers for the same inputs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any
 
+from ..cuda import BackendUnavailableError
+from .base import Backend
 from .numpy_backend import NumpyBackend
-
-if TYPE_CHECKING:
-    from .cuda_backend import CudaBackend
-
-#: What :func:`resolve_backend` returns.
-Backend = Union[NumpyBackend, "CudaBackend"]
 
 __all__ = [
     "BACKENDS",
@@ -29,10 +25,6 @@ __all__ = [
 
 #: Accepted values of the ``backend`` argument.
 BACKENDS = ("auto", "cuda", "numpy")
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run on this machine."""
 
 
 def _cuda_problem() -> str | None:

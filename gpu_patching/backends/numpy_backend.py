@@ -36,7 +36,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -44,8 +44,9 @@ from numpy.typing import NDArray
 from .. import grid, rng
 from ..permutation import EpochOrder
 from ..tables import RegionTables
+from .base import check_indices
 
-__all__ = ["NumpyBackend", "locate_corners", "mulhi64", "stratum_points"]
+__all__ = ["NumpyBackend"]
 
 #: Patches drawn per vectorised pass; 8192 int64 values are 64 KiB.
 _CHUNK = 8192
@@ -58,29 +59,17 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
 
 
-def mulhi64(a: NDArray[np.uint64], b: NDArray[np.uint64]) -> NDArray[np.uint64]:
-    """Return the high 64 bits of the 128-bit products ``a * b``, exactly.
-
-    Parameters
-    ----------
-    a, b : numpy.ndarray of uint64
-        Factors.
-
-    Returns
-    -------
-    numpy.ndarray of uint64
-        ``floor(a * b / 2**64)``, from 32-bit limbs whose products fit uint64.
-    """
-    return _mulhi64_halves(a & _MASK32, a >> _SHIFT32, b & _MASK32, b >> _SHIFT32)
-
-
 def _mulhi64_halves(
     a_low: NDArray[np.uint64],
     a_high: NDArray[np.uint64],
     b_low: NDArray[np.uint64],
     b_high: NDArray[np.uint64],
 ) -> NDArray[np.uint64]:
-    """:func:`mulhi64` of ``a = a_high << 32 | a_low`` and ``b``, given as 32-bit halves."""
+    """Return the high 64 bits of the 128-bit products ``a * b``, exactly.
+
+    ``a = a_high << 32 | a_low`` and ``b`` are given as 32-bit halves (uint64
+    arrays), so that every partial product fits uint64.
+    """
     high_low = a_high * b_low
     # (low*low >> 32) + low 32 bits of high*low + low*high < 2**64: no overflow.
     middle = a_low * b_low
@@ -95,95 +84,62 @@ def _mulhi64_halves(
     return result
 
 
-def stratum_points(
-    stratum: NDArray[np.int64],
-    n_patches: NDArray[np.int64],
-    mass_total: NDArray[np.int64],
-    word: NDArray[np.uint64],
-) -> NDArray[np.int64]:
-    """Return the mass point drawn in each stratum.
-
-    Parameters
-    ----------
-    stratum : numpy.ndarray of int64
-        Stratum ``j`` of each draw, ``0 <= j < n``.
-    n_patches : numpy.ndarray of int64
-        Number of strata ``n`` (the sample's patch count), ``0 < n < 2**31``.
-    mass_total : numpy.ndarray of int64
-        Total mass ``M`` of the sample, ``0 < M < 2**62``.
-    word : numpy.ndarray of uint64
-        A uniform 64-bit random word per draw.
-
-    Returns
-    -------
-    numpy.ndarray of int64
-        ``x = lo + floor(word * (hi - lo) / 2**64)`` in ``[lo, hi)`` with
-        ``lo = floor(j M / n)`` and ``hi = floor((j + 1) M / n)``, or ``lo``
-        when the stratum is empty (only possible when ``M < n``). A stratum is
-        narrower than ``2**62``, so 64 random bits reach every one of its points.
-    """
-    quotient, remainder = np.divmod(mass_total, n_patches)
-    lower, upper = _stratum_bounds(stratum, quotient, remainder, n_patches, 0)
-    width = (upper - lower).astype(np.uint64)
-    return lower + mulhi64(word, width).astype(np.int64)
-
-
 class _BoxIndex:
-    """Flat tables over every ``(region, sub-box)`` pair: point to corner in a few calls.
+    """Small tables that take a global mass point to its corner in a few NumPy calls.
 
-    Entry ``e = region * 2**d + bit`` is sub-box ``bit`` of a region, and
-    ``start[e]`` its first global mass point: a region's selectable sub-boxes
-    lie along its mass interval in bit order, each ``weight * size`` points
-    long, and an unselectable one is empty and starts where the next one does.
-    ``start`` is non-decreasing, so the sub-box holding a point ``x`` is the
-    last entry with ``start <= x`` (one ``searchsorted``); an empty entry
-    shares its start with the next one and is never chosen.
+    A point is located in two searches. The first, over the tables'
+    ``mass_prefix`` (one entry per region), finds the region whose mass
+    interval holds the point; the point's offset in the region, divided by
+    the region's weight, is the *rank* of its corner there. The second finds
+    the sub-box that holds the rank, in a small table of *layouts*.
 
-    The shapes of the sub-boxes are the same for every sample of a stack, so
-    they are kept once per stack: geometry row ``e + delta[sample]`` holds the
-    first corner of entry ``e`` (``origin``: the cell's first corner, plus 1
-    along the axes where the sub-box takes part 1) and its number of corners
-    along each axis but the first (``row_length``), to unravel a rank inside
-    the sub-box row-major. ``start`` is rebuilt when the tables change (their
-    ``version``), in O(R * 2**d).
+    A region's layout is everything its corners' order depends on besides its
+    position: its sub-box mask, and along each axis the sizes of its two
+    parts (interior cells all share them; the last cells of an axis differ).
+    Layout ``k`` has ``2**d`` entries ``k * 2**d + bit``, one per sub-box in
+    bit order, holding ``entry_start`` (``layout_base[k]`` plus the corners of
+    the sub-boxes before it), which part the sub-box takes along each axis and
+    its number of corners along each axis. ``layout_base`` leaves one unused
+    value after each layout, so that ``entry_start`` is increasing across
+    layouts and the sub-box of rank ``r`` in layout ``k`` is the last entry
+    with ``entry_start <= layout_base[k] + r`` (one ``searchsorted``; an
+    empty sub-box shares its start with the next one and is never chosen).
+    The region's cell, unravelled from its row, gives the corner's origin.
+
+    Per region the index keeps one layout number (``uint16``; ``uint32`` if
+    there are more than 65,536 layouts): a few hundred layouts at most for a
+    stack, so the layout tables are small. Layout numbers are rebuilt when
+    the tables change (their ``version``), in O(R) with small temporaries.
     """
 
     def __init__(self, tables: RegionTables) -> None:
         self.ndim = tables.ndim
-        self.shift = tables.ndim
-        n_boxes = 1 << self.shift
-        origins, lengths = [], []
-        self.box_size: list[NDArray[np.int64]] = []
-        self.delta = np.zeros(tables.n_samples, dtype=np.int64)
-        geometry_rows = 0
-        for stack in range(tables.n_stacks):
-            first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
-            cells = tables.sample_grid(first) if first < last else ()
-            if first < last:
-                origin, length, size = _stack_geometry(
-                    tuple(int(s) for s in tables.spatial_shape[first]), tables.patch_size, cells
-                )
-                origins.append(origin)
-                lengths.append(length)
-                self.delta[first:last] = geometry_rows - tables.region_offset[first:last] * n_boxes
-                geometry_rows += len(origin)
-            else:
-                size = np.zeros((n_boxes, 0), dtype=np.int64)
-            self.box_size.append(size)
-        self.origin = origins[0] if len(origins) == 1 else np.concatenate(origins)
-        # The first axis takes what is left of a rank: its lengths are not needed.
-        self.row_length = [np.empty(0, dtype=np.int64)] + [
-            lengths[0][axis] if len(lengths) == 1 else np.concatenate([le[axis] for le in lengths])
-            for axis in range(1, self.ndim)
+        self.patch_size = [int(p) for p in tables.patch_size]
+        self.part_of = np.asarray(grid.subbox_offsets(self.ndim), dtype=np.int64)
+        # Per sample, for locating points of many samples at once.
+        self.region_offset = tables.region_offset
+        self.sample_cells = [
+            np.ascontiguousarray(tables.grid_shape[:, axis]) for axis in range(self.ndim)
+        ]
+        # The static part of each stack's layouts: per axis, the distinct
+        # (part 0, part 1) sizes of its cells and the class of each cell, and
+        # each cell's combination of classes (row-major, the smallest dtype).
+        self._stack_classes: list[_StackClasses | None] = [
+            _stack_classes(tables, stack) for stack in range(tables.n_stacks)
         ]
         self.version = -1
-        self.start = np.empty(0, dtype=np.int64)
+        self.layout: NDArray[Any] = np.empty(0, dtype=np.uint16)
+        self.layout_base = np.empty(0, dtype=np.int64)
+        self.entry_start = np.empty(0, dtype=np.int64)
+        self.entry_part: list[NDArray[np.int64]] = []
+        self.entry_length: list[NDArray[np.int64]] = []
+        self.mass_prefix = np.empty(0, dtype=np.int64)
         self.weight = np.empty(0, dtype=np.int64)
         self.weight_shift = -1
         self.uniform_weight = 0
         # Kept between epochs for samplers of at most _CACHED_PATCHES patches:
         # Philox prefixes by (seed, first index, rows) (tables-independent),
-        # and stratum bounds by (first index, rows) (rebuilt with `start`).
+        # and stratum bounds by (first index, rows) (rebuilt with the layouts).
         self.cache_chunks = tables.total_patches <= _CACHED_PATCHES
         self._prefixes: dict[tuple[int, int, int], rng.CounterPrefix] = {}
         self._bounds: dict[tuple[int, int], tuple[NDArray[np.int64], ...]] = {}
@@ -191,26 +147,11 @@ class _BoxIndex:
         self.refresh(tables)
 
     def refresh(self, tables: RegionTables) -> None:
-        """Rebuild ``start`` if the tables changed since the last build."""
+        """Rebuild the layouts if the tables changed since the last build."""
         if self.version == tables.version:
             return
-        n_boxes = 1 << self.shift
-        start = np.empty((len(tables.weight), n_boxes), dtype=np.int64)
-        for stack in range(tables.n_stacks):
-            first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
-            rows = slice(int(tables.region_offset[first]), int(tables.region_offset[last]))
-            batch = (last - first, -1)
-            mask = tables.subbox_mask[rows].reshape(batch)
-            weight = tables.weight[rows].reshape(batch)
-            running = tables.mass_prefix[rows].reshape(batch)
-            out = start[rows].reshape(last - first, -1, n_boxes)
-            for bit in range(n_boxes):
-                out[:, :, bit] = running
-                if bit < n_boxes - 1:
-                    box_mass = np.where(mask & (1 << bit), self.box_size[stack][bit], 0)
-                    box_mass *= weight
-                    running = running + box_mass
-        self.start = start.reshape(-1)
+        self._build_layouts(tables)
+        self.mass_prefix = np.asarray(tables.mass_prefix, dtype=np.int64)
         self.weight = np.asarray(tables.weight, dtype=np.int64)
         # Without probabilities every region that can be drawn has the same
         # weight: the rank is then a shift (a power of two) or one division.
@@ -227,6 +168,57 @@ class _BoxIndex:
             self._prefixes = {}
             self._patch_offset = tables.patch_offset.copy()
         self.version = tables.version
+
+    def _build_layouts(self, tables: RegionTables) -> None:
+        """Give every region its layout number and build the layout tables."""
+        n_boxes = 1 << self.ndim
+        rows_of_layout: dict[bytes, int] = {}
+        layouts: list[NDArray[np.int64]] = []  # (cumulative corners, lengths, area)
+        keymaps: list[NDArray[np.int64] | None] = []
+        for stack, classes in enumerate(self._stack_classes):
+            if classes is None:
+                keymaps.append(None)
+                continue
+            present = np.zeros(classes.n_keys, dtype=bool)
+            for _, key in _stack_keys(tables, stack, classes):
+                # A bincount: linear in the regions, unlike a sort.
+                present |= np.bincount(key.reshape(-1), minlength=classes.n_keys) > 0
+            keys = np.flatnonzero(present)
+            keymap = np.zeros(classes.n_keys, dtype=np.int64)
+            for key, row in zip(
+                keys.tolist(), _layout_rows(classes, keys, self.part_of), strict=True
+            ):
+                text = row.tobytes()
+                number = rows_of_layout.get(text)
+                if number is None:
+                    number = rows_of_layout[text] = len(layouts)
+                    layouts.append(row)
+                keymap[key] = number
+            keymaps.append(keymap)
+        number_type = np.uint16 if len(layouts) <= 1 << 16 else np.uint32
+        if self.layout.dtype != number_type or len(self.layout) != len(tables.weight):
+            self.layout = np.zeros(len(tables.weight), dtype=number_type)
+        for stack, classes in enumerate(self._stack_classes):
+            keymap = keymaps[stack]
+            if classes is None or keymap is None:
+                continue
+            numbers = keymap.astype(number_type)
+            for rows, key in _stack_keys(tables, stack, classes):
+                # Every key is below n_keys: mode="clip" only skips the checks.
+                np.take(numbers, key, out=self.layout[rows].reshape(key.shape), mode="clip")
+        table = np.asarray(layouts, dtype=np.int64).reshape(len(layouts), -1)
+        cumulative = table[:, :n_boxes]
+        lengths = table[:, n_boxes:-1].reshape(len(layouts), n_boxes, self.ndim)
+        area = table[:, -1]
+        # One spare value after each layout keeps the starts increasing.
+        self.layout_base = np.concatenate([[0], np.cumsum(area + 1)[:-1]]).astype(np.int64)
+        self.entry_start = (self.layout_base[:, None] + cumulative).reshape(-1)
+        self.entry_part = [
+            np.tile(self.part_of[:, axis], len(layouts)) for axis in range(self.ndim)
+        ]
+        self.entry_length = [
+            np.ascontiguousarray(lengths[:, :, axis].reshape(-1)) for axis in range(self.ndim)
+        ]
 
     def consecutive_chunk(
         self,
@@ -275,72 +267,160 @@ class _BoxIndex:
         return word0, word1, bounds[0], bounds[1], bounds[2]
 
     def locate(
-        self, point: NDArray[np.int64], delta: int | NDArray[np.int64], out: NDArray[np.int64]
+        self, point: NDArray[np.int64], sample: int | NDArray[np.int64], out: NDArray[np.int64]
     ) -> None:
         """Write the corner that owns each global mass point into ``out``.
 
         Parameters
         ----------
         point : numpy.ndarray of int64, shape (n,)
-            Global mass points.
-        delta : int or numpy.ndarray of int64
-            ``self.delta`` of each point's sample (a scalar when they share it).
+            Global mass points (overwritten: used as scratch).
+        sample : int or numpy.ndarray of int64
+            The flat sample of each point (a scalar when they share it).
         out : numpy.ndarray of int64, shape (n, d)
             Where the corners go.
         """
-        entry = np.searchsorted(self.start, point, side="right")
-        entry -= 1
-        # Every entry and geometry row is valid (start[0] is 0 and every point
-        # is >= 0), so mode="clip" only skips NumPy's bounds check.
-        rank = point - np.take(self.start, entry, mode="clip")
+        # Every region, layout and entry taken below is valid (the first
+        # prefix and start are 0 and every point and rank is >= 0), so
+        # mode="clip" only skips NumPy's bounds checks.
+        region = np.searchsorted(self.mass_prefix, point, side="right")
+        region -= 1
+        rank = point
+        rank -= np.take(self.mass_prefix, region, mode="clip")
         if self.weight_shift >= 0:
             rank >>= self.weight_shift
         elif self.uniform_weight:
             rank //= self.uniform_weight
         else:
-            rank //= np.take(self.weight, entry >> self.shift, mode="clip")
-        entry += delta
-        np.take(self.origin, entry, axis=0, mode="clip", out=out)
-        # Row-major inside the sub-box: the last axis varies fastest; what is
-        # left of the rank is the offset along the first axis.
+            rank //= np.take(self.weight, region, mode="clip")
+        key = np.take(self.layout_base, np.take(self.layout, region, mode="clip"), mode="clip")
+        key += rank
+        entry = np.searchsorted(self.entry_start, key, side="right")
+        entry -= 1
+        inside = key
+        inside -= np.take(self.entry_start, entry, mode="clip")  # rank in the sub-box
+        # The region's cell, row-major in its sample's grid.
+        cell = region
+        if isinstance(sample, int):
+            cell -= int(self.region_offset[sample])
+        else:
+            cell -= np.take(self.region_offset, sample, mode="clip")
+        # Row-major inside the sub-box too: the last axis varies fastest, and
+        # what is left of the rank is the offset along the first axis.
         for axis in range(self.ndim - 1, 0, -1):
-            rank, offset = np.divmod(rank, np.take(self.row_length[axis], entry, mode="clip"))
-            out[:, axis] += offset
-        out[:, 0] += rank
+            if isinstance(sample, int):
+                cells: int | NDArray[np.int64] = int(self.sample_cells[axis][sample])
+            else:
+                cells = np.take(self.sample_cells[axis], sample, mode="clip")
+            cell, along = np.divmod(cell, cells)
+            inside, offset = np.divmod(inside, np.take(self.entry_length[axis], entry, mode="clip"))
+            along *= self.patch_size[axis]
+            along += offset
+            along += np.take(self.entry_part[axis], entry, mode="clip")
+            out[:, axis] = along
+        cell *= self.patch_size[0]
+        cell += inside
+        cell += np.take(self.entry_part[0], entry, mode="clip")
+        out[:, 0] = cell
 
 
-def _stack_geometry(
-    spatial_shape: tuple[int, ...], patch_size: tuple[int, ...], cells: tuple[int, ...]
-) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
-    """Origins, lengths and sizes of the sub-boxes of one sample's regions.
+class _StackClasses(NamedTuple):
+    """The static part of one stack's layouts (see :class:`_BoxIndex`)."""
 
-    Returns
-    -------
-    origin : numpy.ndarray of int64, shape (n_cells * 2**d, d)
-        First corner of sub-box ``bit`` of cell ``c`` (row-major) in row
-        ``c * 2**d + bit``.
-    length : numpy.ndarray of int64, shape (d, n_cells * 2**d)
-        Corners along each axis of the same sub-boxes.
-    size : numpy.ndarray of int64, shape (2**d, n_cells)
-        Corners of sub-box ``bit`` of each cell when it is selectable.
-    """
-    ndim = len(patch_size)
-    part_of = np.asarray(grid.subbox_offsets(ndim), dtype=np.int64)  # (2**d, d)
-    n_boxes = len(part_of)
-    # Grid-shaped views: every value below is broadcast from per-axis vectors.
-    origin = np.empty((*cells, n_boxes, ndim), dtype=np.int64)
-    length = np.empty((ndim, *cells, n_boxes), dtype=np.int64)
-    size = np.ones((n_boxes, *cells), dtype=np.int64)
-    for axis in range(ndim):
-        along = [1] * ndim
+    #: Per axis, the distinct ``(part 0, part 1)`` sizes, shape (k_a, 2).
+    parts: list[NDArray[np.int64]]
+    #: Each cell's class combination, row-major over the sample's grid.
+    combination: NDArray[Any]
+    #: Number of class combinations (the product of the ``k_a``).
+    n_combinations: int
+    #: Number of layout keys ``mask * n_combinations + combination``.
+    n_keys: int
+
+
+def _stack_classes(tables: RegionTables, stack: int) -> _StackClasses | None:
+    """Return the per-axis classes of a stack's cells (None for a stack without samples)."""
+    first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
+    if first == last:
+        return None
+    cells = tables.sample_grid(first)
+    spatial = [int(s) for s in tables.spatial_shape[first]]
+    parts, classes = [], []
+    for axis in range(tables.ndim):
+        part0, part1 = grid.axis_part_sizes(spatial[axis], tables.patch_size[axis], cells[axis])
+        distinct, of_cell = np.unique(np.stack([part0, part1], axis=1), axis=0, return_inverse=True)
+        parts.append(distinct.astype(np.int64))
+        classes.append(of_cell.reshape(-1))
+    n_combinations = 1
+    for distinct in parts:
+        n_combinations *= len(distinct)
+    n_keys = (1 << (1 << tables.ndim)) * n_combinations
+    key_type = np.int16 if n_keys < 1 << 15 else np.int32
+    combination = np.zeros(cells, dtype=key_type)
+    for axis, of_cell in enumerate(classes):
+        along = [1] * tables.ndim
         along[axis] = cells[axis]
-        cell_start = np.arange(cells[axis], dtype=np.int64) * patch_size[axis]
-        origin[..., axis] = cell_start.reshape(*along, 1) + part_of[:, axis]
-        parts = np.stack(grid.axis_part_sizes(spatial_shape[axis], patch_size[axis], cells[axis]))
-        box_parts = parts[part_of[:, axis]]  # (2**d, cells[axis])
-        length[axis] = box_parts.T.reshape(*along, n_boxes)
-        size *= box_parts.reshape(n_boxes, *along)
-    return origin.reshape(-1, ndim), length.reshape(ndim, -1), size.reshape(n_boxes, -1)
+        combination *= len(parts[axis])
+        combination += of_cell.reshape(along).astype(key_type)
+    return _StackClasses(parts, combination.reshape(-1), n_combinations, n_keys)
+
+
+#: Regions whose layout keys are computed in one pass (bounds the temporaries).
+_KEY_ROWS = 1 << 20
+
+
+def _stack_keys(
+    tables: RegionTables, stack: int, classes: _StackClasses
+) -> Iterator[tuple[slice, NDArray[Any]]]:
+    """Yield ``(rows, key)``: the layout key of every region of a stack, by slices.
+
+    ``key = sub-box mask * n_combinations + class combination``, shaped
+    ``(samples, cells)`` for whole samples or flat for part of one sample.
+    """
+    first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
+    n_cells = len(classes.combination)
+    key_type = classes.combination.dtype
+    offset = int(tables.region_offset[first])
+    if n_cells <= _KEY_ROWS:
+        step = max(1, _KEY_ROWS // max(n_cells, 1))
+        for start in range(first, last, step):
+            stop = min(start + step, last)
+            rows = slice(offset + (start - first) * n_cells, offset + (stop - first) * n_cells)
+            key = tables.subbox_mask[rows].reshape(stop - start, n_cells).astype(key_type)
+            key *= classes.n_combinations
+            key += classes.combination
+            yield rows, key
+        return
+    for sample in range(last - first):
+        for start in range(0, n_cells, _KEY_ROWS):
+            stop = min(start + _KEY_ROWS, n_cells)
+            base = offset + sample * n_cells
+            rows = slice(base + start, base + stop)
+            key = tables.subbox_mask[rows].astype(key_type)
+            key *= classes.n_combinations
+            key += classes.combination[start:stop]
+            yield rows, key
+
+
+def _layout_rows(
+    classes: _StackClasses, keys: NDArray[np.int64], part_of: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """Return the layouts of some keys of a stack, one row each.
+
+    A row is the corners before each sub-box (bit order), the corners of each
+    sub-box along each axis (bit-major), and the region's area.
+    """
+    n_boxes, ndim = part_of.shape
+    mask, combination = np.divmod(keys, classes.n_combinations)
+    length = np.empty((len(keys), n_boxes, ndim), dtype=np.int64)
+    for axis in range(ndim - 1, -1, -1):
+        combination, of_axis = np.divmod(combination, len(classes.parts[axis]))
+        sizes = classes.parts[axis][of_axis]  # (keys, 2): part 0, part 1
+        length[:, :, axis] = sizes[:, part_of[:, axis]]
+    selectable = (mask[:, None] >> np.arange(n_boxes)) & 1
+    box = np.prod(length, axis=2) * selectable
+    cumulative = np.cumsum(box, axis=1) - box
+    area = box.sum(axis=1)
+    return np.concatenate([cumulative, length.reshape(len(keys), -1), area[:, None]], axis=1)
 
 
 #: One index per live tables object, rebuilt lazily when the tables change.
@@ -355,36 +435,6 @@ def _box_index(tables: RegionTables) -> _BoxIndex:
     else:
         index.refresh(tables)
     return index
-
-
-def locate_corners(
-    tables: RegionTables, sample: NDArray[np.int64], point: NDArray[np.int64]
-) -> NDArray[np.int64]:
-    """Return the corner that owns each mass point of a sample.
-
-    The region is the one whose mass interval holds the point; inside it each
-    corner owns ``weight`` consecutive points, in the order of the selectable
-    sub-boxes (bit order) and row-major inside a sub-box.
-
-    Parameters
-    ----------
-    tables : RegionTables
-        Tables on the NumPy backend.
-    sample : numpy.ndarray of int64
-        Flat sample number of each point.
-    point : numpy.ndarray of int64
-        Mass point relative to the sample, ``0 <= point < M``.
-
-    Returns
-    -------
-    numpy.ndarray of int64, shape (len(point), d)
-        Patch corners (top-left, and first slice in 3D).
-    """
-    corner = np.empty((len(point), tables.ndim), dtype=np.int64)
-    global_point = np.asarray(tables.mass_offset[sample] + point, dtype=np.int64)
-    index = _box_index(tables)
-    index.locate(global_point, index.delta[sample], corner)
-    return corner
 
 
 def _draw_chunk(
@@ -417,10 +467,10 @@ def _draw_chunk(
         )
         point = _mulhi64_halves(word0, word1, width_low, width_high).view(np.int64)
         point += lower
-        index.locate(point, int(index.delta[first]), corner_out)
+        index.locate(point, first, corner_out)
         return
     word0, word1 = rng.random_uint32_pair(seed, indices, draw_number, rng.PURPOSE_STRATUM)
-    delta: int | NDArray[np.int64]
+    located: int | NDArray[np.int64]
     if one_sample:
         # Increasing indices of one sample (a shard's chunks): scalar n, M.
         n_patches = int(tables.n_patches[first])
@@ -428,7 +478,7 @@ def _draw_chunk(
         offset = int(tables.mass_offset[first])
         stratum = indices - int(tables.patch_offset[first])
         lower, upper = _stratum_bounds(stratum, quotient, remainder, n_patches, offset)
-        delta = int(index.delta[first])
+        located = first
     else:
         stratum = indices - tables.patch_offset[sample]
         n_patches_of = tables.n_patches[sample]
@@ -436,11 +486,11 @@ def _draw_chunk(
         lower, upper = _stratum_bounds(
             stratum, quotient_of, remainder_of, n_patches_of, tables.mass_offset[sample]
         )
-        delta = np.take(index.delta, sample)
+        located = sample
     width = (upper - lower).view(np.uint64)
     point = _mulhi64_halves(word0, word1, width & _MASK32, width >> _SHIFT32).view(np.int64)
     point += lower
-    index.locate(point, delta, corner_out)
+    index.locate(point, located, corner_out)
 
 
 def _mass_bound(
@@ -584,7 +634,12 @@ class NumpyBackend:
         Raises
         ------
         IndexError
-            If an order draws indices outside ``[0, tables.total_patches)``.
+            If an index is outside ``[0, tables.total_patches)`` (the same
+            rule and message as the CUDA backend's).
+        TypeError
+            If an index array does not hold integers.
+        ValueError
+            If a range has a step other than 1 or an index array is not 1-D.
         """
         if isinstance(indices, EpochOrder):
             indices.check_within(tables.total_patches)
@@ -593,9 +648,19 @@ class NumpyBackend:
             indices = range(indices.first_position, indices.first_position + indices.n_rows)
         increasing = isinstance(indices, range) and indices.step == 1
         if isinstance(indices, range):
+            if len(indices) > 1 and indices.step != 1:
+                raise ValueError(f"a range of indices must have step 1, got {indices}")
+            # The same check, and message, as the CUDA backend's.
+            EpochOrder.contiguous(indices.start, indices.stop).check_within(tables.total_patches)
             indices = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64)
         else:
-            indices = np.array(indices, dtype=np.int64)
+            array = np.asarray(indices)
+            if array.ndim != 1:
+                raise ValueError(f"indices must be 1-D, got shape {array.shape}")
+            if array.dtype.kind not in "iu":
+                raise TypeError(f"indices must be integers, got dtype {array.dtype}")
+            check_indices(np, array, tables.total_patches)
+            indices = np.array(array, dtype=np.int64)
         corner = np.empty((len(indices), tables.ndim), dtype=np.int64)
         with self._scratch(len(indices), tables.ndim, corners=False) as (sample, _):
             self._draw_samples(
@@ -678,8 +743,3 @@ class NumpyBackend:
             data_idx, sample_idx = _sample_names(tables, sample, row_of)
             coords = np.take(corner, row_of, axis=0, mode="clip")
         return data_idx, sample_idx, coords, wanted
-
-    @staticmethod
-    def to_host(values: Any) -> NDArray[Any]:
-        """Return ``values`` as a NumPy array."""
-        return np.asarray(values)

@@ -1,8 +1,9 @@
 // Patch extraction: which element of which stack each output element copies.
 //
-// This is the index math of the crop kernel (crop_patches.cu) and of its host
-// build (tests/crop_shim.cpp); gpu_patching/crop.py holds the NumPy twin and
-// the launch code. The output is C-contiguous (N, C, PZ, PY, PX) (PZ = 1 in
+// This is the index math of the crop kernel (crop_patches.cu);
+// gpu_patching/crop.py holds the NumPy twin and gpu_patching/cuda.py the launch
+// code. The test suite launches the kernel itself on the host
+// (tests/host_launch.py). The output is C-contiguous (N, C, PZ, PY, PX) (PZ = 1 in
 // 2D); element (row, c, z, y, x) is stacks[d][s, c, z0 + z, y0 + y, x0 + x]
 // with d = data_idx[row], s = sample_idx[row] and (z0,) y0, x0 = coords[row].
 //

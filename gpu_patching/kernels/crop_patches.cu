@@ -1,14 +1,15 @@
 // Patch extraction from device-resident stacks: one launch per batch.
 //
-// crop_patches_<size> copies every patch of a batch, from any number of
-// stacks, into one C-contiguous (N, C, (PZ,) PY, PX) array; <size> is the
-// element size in bytes (1, 2, 4 or 8), and every dtype of that size shares the
-// entry point (the kernel copies bits). check_crop_rows finds the first row
-// whose patch leaves its stack, for batches whose rows live on the device.
-// The index math is in crop.cuh. The parameter lists are mirrored by
-// CROP_PARAMS and CHECK_PARAMS in gpu_patching/crop.py (a test compares them);
-// every scalar has an exact NumPy twin: long long <-> numpy.int64,
-// int <-> numpy.int32.
+// crop_patches<T> copies every patch of a batch, from any number of stacks,
+// into one C-contiguous (N, C, (PZ,) PY, PX) array. T is the unsigned integer
+// type of the elements' size (1, 2, 4 or 8 bytes): the kernel copies bits, so
+// every dtype of a size shares one instantiation. gpu_patching/cuda.py names
+// the four instantiations (crop_kernel) and hands them to NVRTC as name
+// expressions. check_crop_rows finds the first row whose patch leaves its
+// stack, for batches whose rows live on the device. The index math is in
+// crop.cuh. Both parameter lists are described in gpu_patching/cuda.py (a test
+// compares them); every scalar has an exact NumPy twin:
+// long long <-> numpy.int64, int <-> numpy.int32.
 #include "crop.cuh"
 
 namespace {
@@ -26,89 +27,27 @@ __device__ __forceinline__ gp::ThreadPlace this_thread() {
     return place;
 }
 
+}  // namespace
+
 template <typename T>
-__device__ __forceinline__ void crop_patches(const long long* stack_table, long long n_stacks,
-                                             const long long* data_idx,
-                                             const long long* sample_idx,
-                                             const long long* coords, int ndim,
-                                             long long n_rows, long long n_channels,
-                                             long long patch_z, long long patch_y,
-                                             long long patch_x, T* out) {
+__global__ void crop_patches(
+    const long long* stack_table,
+    long long n_stacks,
+    const long long* data_idx,
+    const long long* sample_idx,
+    const long long* coords,
+    int ndim,
+    long long n_rows,
+    long long n_channels,
+    long long patch_z,
+    long long patch_y,
+    long long patch_x,
+    T* out) {
     const gp::CropJob<T> job = {{stack_table, n_stacks},
                                 {data_idx, sample_idx, coords, ndim, n_rows},
                                 {n_channels, {patch_z, patch_y, patch_x}},
                                 out};
     gp::crop_thread(job, this_thread());
-}
-
-}  // namespace
-
-extern "C" __global__ void crop_patches_1(
-    const long long* stack_table,
-    long long n_stacks,
-    const long long* data_idx,
-    const long long* sample_idx,
-    const long long* coords,
-    int ndim,
-    long long n_rows,
-    long long n_channels,
-    long long patch_z,
-    long long patch_y,
-    long long patch_x,
-    unsigned char* out) {
-    crop_patches(stack_table, n_stacks, data_idx, sample_idx, coords, ndim, n_rows, n_channels,
-                 patch_z, patch_y, patch_x, out);
-}
-
-extern "C" __global__ void crop_patches_2(
-    const long long* stack_table,
-    long long n_stacks,
-    const long long* data_idx,
-    const long long* sample_idx,
-    const long long* coords,
-    int ndim,
-    long long n_rows,
-    long long n_channels,
-    long long patch_z,
-    long long patch_y,
-    long long patch_x,
-    unsigned short* out) {
-    crop_patches(stack_table, n_stacks, data_idx, sample_idx, coords, ndim, n_rows, n_channels,
-                 patch_z, patch_y, patch_x, out);
-}
-
-extern "C" __global__ void crop_patches_4(
-    const long long* stack_table,
-    long long n_stacks,
-    const long long* data_idx,
-    const long long* sample_idx,
-    const long long* coords,
-    int ndim,
-    long long n_rows,
-    long long n_channels,
-    long long patch_z,
-    long long patch_y,
-    long long patch_x,
-    unsigned int* out) {
-    crop_patches(stack_table, n_stacks, data_idx, sample_idx, coords, ndim, n_rows, n_channels,
-                 patch_z, patch_y, patch_x, out);
-}
-
-extern "C" __global__ void crop_patches_8(
-    const long long* stack_table,
-    long long n_stacks,
-    const long long* data_idx,
-    const long long* sample_idx,
-    const long long* coords,
-    int ndim,
-    long long n_rows,
-    long long n_channels,
-    long long patch_z,
-    long long patch_y,
-    long long patch_x,
-    unsigned long long* out) {
-    crop_patches(stack_table, n_stacks, data_idx, sample_idx, coords, ndim, n_rows, n_channels,
-                 patch_z, patch_y, patch_x, out);
 }
 
 // first_bad[0] must hold n_rows on entry; it ends as the first row whose patch

@@ -42,7 +42,7 @@ struct TableView {
     int ndim;                  // d in [MIN_NDIM, MAX_NDIM]
 };
 
-// The high 64 bits of the 128-bit product a * b: numpy_backend.mulhi64, with
+// The high 64 bits of the 128-bit product a * b: numpy_backend._mulhi64_halves, with
 // the same 32-bit limbs. Written out rather than __umul64hi so that the GPU
 // runs exactly the code the host build is tested with (both are exact anyway).
 GP_HD u64 mulhi64(u64 a, u64 b) {

@@ -296,6 +296,103 @@ def test_host_kernel_equals_numpy_draw_for_arbitrary_indices(
     np.testing.assert_array_equal(actual[3], index_array)
 
 
+# -- every launch shape and thread order ---------------------------------------------
+
+#: Launch shapes the grid-stride loop must make equivalent: one thread, one
+#: block, fewer threads than rows (each thread takes several rows), more threads
+#: than rows (most threads take none).
+LAUNCH_SHAPES = [
+    ((1,), (1,)),
+    ((1,), (256,)),
+    ((3,), (5,)),
+    ((2,), (7,)),
+    ((40,), (64,)),
+]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    sampler=samplers(),
+    draw=st.integers(0, 2**32 - 1),
+    shape=st.sampled_from([None, *LAUNCH_SHAPES]),
+    order_seed=st.integers(0, 2**64 - 1),
+    mode=st.sampled_from(["epoch", "shuffled", "shard", "indices"]),
+    data=st.data(),
+)
+def test_any_launch_shape_and_thread_order_draws_every_row_once_as_numpy_does(
+    host_kernels: HostKernels,
+    sampler: StratifiedPatching,
+    draw: int,
+    shape: Any,
+    order_seed: int,
+    mode: str,
+    data: st.DataObject,
+) -> None:
+    # The same argument tuple launched over any grid, with the threads run in
+    # any order: every row is written (the outputs start as a sentinel), nothing
+    # outside the outputs is (guard zones), and the rows are the NumPy draw's.
+    tables = sampler._tables
+    n = tables.total_patches
+    rows: Any
+    if mode == "epoch":
+        rows = range(n)
+    elif mode == "shuffled":
+        rows = EpochOrder.shard(n, shuffle=True, rank=0, world_size=1)
+    elif mode == "shard":
+        world_size = data.draw(st.integers(1, 5))
+        rank = data.draw(st.integers(0, world_size - 1))
+        rows = EpochOrder.shard(
+            n, shuffle=data.draw(st.booleans()), rank=rank, world_size=world_size
+        )
+    else:
+        if n == 0:
+            return
+        rows = np.asarray(data.draw(st.lists(st.integers(0, n - 1), max_size=50)), dtype=np.int64)
+    expected = NumpyBackend().draw(tables, rows, draw, sampler.seed)
+    actual = _raw_draw(host_kernels, tables, rows, draw, sampler.seed, shape, order_seed)
+    _assert_same_draws(expected, actual)
+
+
+def test_the_backend_launches_the_grid_it_computes_and_it_covers_every_row(
+    host_kernels: HostKernels,
+) -> None:
+    sampler = StratifiedPatching([(3, 1, 90, 70)], (6, 5), seed=3, backend="numpy")
+    n = sampler.n_patches
+    assert n > 256, "more than one block"
+    backend = HostBackend(host_kernels)
+    host_kernels.launches.clear()
+    actual = backend.draw(sampler._tables, range(n), 4, sampler.seed)
+    blocks, threads = launch_grid(n)
+    assert host_kernels.launches == [(SAMPLE_EPOCH.name, (blocks, 1, 1), (threads, 1, 1))]
+    assert blocks > 1
+    _assert_same_draws(_numpy_draw(sampler._tables, range(n), 4, sampler.seed), actual)
+
+
+def test_the_host_launch_refuses_a_bare_python_int_for_a_c_scalar(
+    host_kernels: HostKernels,
+) -> None:
+    # CuPy passes a bare int as 64 bits; the host launch refuses it, so a
+    # marshalling slip fails here rather than on a GPU.
+    sampler = StratifiedPatching([(1, 1, 20, 20)], (4, 4), seed=3, backend="numpy")
+    tables = sampler._tables
+    n = tables.total_patches
+    arrays = split_sample_table(pack_sample_table(tables), tables.n_samples, tables.ndim)
+    outputs = tuple(
+        np.empty((n, tables.ndim) if name == "coords" else n, dtype=np.int64)
+        for name in OUTPUT_PARAMS
+    )
+    args = list(_launch_args(tables, arrays, EpochOrder.contiguous(0, n), 0, 3, outputs))
+    position = [name for name, _ in SAMPLE_EPOCH.params].index("ndim")
+    args[position] = int(args[position])
+    with pytest.raises(TypeError, match="ndim"):
+        host_kernels.function(SAMPLE_EPOCH)((1,), (32,), tuple(args))
+
+
 def test_host_kernel_skips_a_sample_whose_every_cell_is_excluded(host_kernels: HostKernels) -> None:
     sampler = StratifiedPatching(
         [(3, 1, 40, 36), (1, 1, 17, 23)], (8, 6), seed=2**64 - 1, backend="numpy"
@@ -358,6 +455,7 @@ def _raw_draw(
     draw: int,
     seed: int,
     shape: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    order_seed: int = 0x5EED,
 ) -> Draw:
     """Launch the kernel directly (no host-side index checks), on the computed grid.
 
@@ -385,7 +483,7 @@ def _raw_draw(
     args = _launch_args(tables, arrays, rows, draw, seed, outputs)
     blocks, threads = launch_grid(n)
     grid, block = shape or ((blocks,), (threads,))
-    host_kernels.function(SAMPLE_EPOCH)(grid, block, args)
+    host_kernels.function(SAMPLE_EPOCH, order_seed)(grid, block, args)
     for name, column in zip(COLUMNS, outputs, strict=True):
         assert (column != sentinel).all(), f"{name}: a row was not written"
     return outputs

@@ -7,6 +7,8 @@ and what was expected. None of them changes any state.
 
 from __future__ import annotations
 
+import math
+import operator
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,8 +19,15 @@ from . import grid
 from ._arrays import to_host
 
 __all__ = [
+    "EPOCH_LIMIT",
+    "MAX_WORLD_SIZE",
+    "as_array",
     "as_int",
+    "as_real",
+    "check_epoch",
+    "check_flag",
     "check_index",
+    "check_rank_world_size",
     "check_stack_shape",
     "coords_to_mask",
     "dense_grid_array",
@@ -33,6 +42,10 @@ __all__ = [
 def as_int(value: Any, name: str) -> int:
     """Return ``value`` as a Python int; reject bools, floats and the rest.
 
+    Python and NumPy integers are accepted, and so is any 0-d integer array
+    or tensor (NumPy, CuPy, PyTorch: whatever implements ``__index__`` for a
+    single integer element), as samplers that yield tensors hand them out.
+
     Parameters
     ----------
     value : Any
@@ -43,11 +56,167 @@ def as_int(value: Any, name: str) -> int:
     Returns
     -------
     int
-        The value.
+        The value, exactly (a uint64 ``2**64 - 1`` stays ``2**64 - 1``).
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is a bool, not an integer, or an array of more than one
+        element or of a non-integer type.
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    return int(value)
+    if type(value) is int:
+        return value
+    # Booleans index as 0 and 1 but are flags, not counts or positions.
+    boolean = isinstance(value, (bool, np.bool_)) or "bool" in str(getattr(value, "dtype", ""))
+    if not boolean and tuple(getattr(value, "shape", ())) == ():
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+
+
+def as_real(value: Any, name: str, *, finite: bool = False) -> float:
+    """Return ``value`` as a float; reject bools, strings and the rest.
+
+    Python and NumPy integers and floats are accepted, and so is a 0-d real
+    array or tensor. Integers too large for a float (``10**400``) are refused
+    with the value as given.
+
+    Parameters
+    ----------
+    value : Any
+        The value to check.
+    name : str
+        How the value is named in the error message.
+    finite : bool, default False
+        Refuse NaN and infinities too.
+
+    Returns
+    -------
+    float
+        The value.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not a real number.
+    ValueError
+        If ``value`` is an integer too large for a float, or not finite when
+        ``finite`` is set.
+    """
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    ):
+        scalar: Any = value
+    else:
+        dtype = str(getattr(value, "dtype", ""))
+        real = any(kind in dtype for kind in ("int", "float")) and "complex" not in dtype
+        if not real or tuple(getattr(value, "shape", (1,))) != ():
+            raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+        scalar = value.item()
+    try:
+        number = float(scalar)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a float64, got {value!r}") from None
+    if finite and not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+#: Epochs and draw numbers are 32-bit (the Philox counter word that holds them).
+EPOCH_LIMIT = 1 << 32
+#: Largest world size: positions ``rank + t * world_size`` stay far inside int64.
+MAX_WORLD_SIZE = 1 << 32
+
+
+def check_epoch(value: Any, name: str = "epoch") -> int:
+    """Return an epoch (or draw number) as an int in ``[0, 2**32)``.
+
+    Parameters
+    ----------
+    value : Any
+        The epoch.
+    name : str, default "epoch"
+        How the value is named in the error message.
+
+    Returns
+    -------
+    int
+        The epoch.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not an integer.
+    ValueError
+        If it is negative or not below ``2**32``.
+    """
+    epoch = as_int(value, name)
+    if not 0 <= epoch < EPOCH_LIMIT:
+        raise ValueError(f"{name} must be in [0, 2**32), got {epoch}")
+    return epoch
+
+
+def check_rank_world_size(
+    rank: Any,
+    world_size: Any,
+    *,
+    rank_name: str = "rank",
+    world_size_name: str = "world_size",
+) -> tuple[int, int]:
+    """Return ``(rank, world_size)``: ``1 <= world_size <= 2**32``, ``0 <= rank < world_size``.
+
+    Parameters
+    ----------
+    rank, world_size : Any
+        This process's rank and the number of processes.
+    rank_name, world_size_name : str
+        How they are named in the error messages (PyTorch calls the world
+        size ``num_replicas``).
+
+    Returns
+    -------
+    tuple of int
+        The rank and the world size.
+
+    Raises
+    ------
+    TypeError
+        If either is not an integer.
+    ValueError
+        If the world size is below 1 or above ``2**32``, or the rank is
+        outside ``[0, world_size)``.
+    """
+    size = as_int(world_size, world_size_name)
+    index = as_int(rank, rank_name)
+    if not 1 <= size <= MAX_WORLD_SIZE:
+        raise ValueError(f"{world_size_name} must be >= 1 and at most 2**32, got {size}")
+    if not 0 <= index < size:
+        raise ValueError(
+            f"{rank_name} must be in [0, {world_size_name}) = [0, {size}), got {index}"
+        )
+    return index, size
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """Return a bool flag; ``TypeError`` for anything but ``bool`` and ``numpy.bool_``.
+
+    Parameters
+    ----------
+    value : Any
+        The flag.
+    name : str
+        How the flag is named in the error message.
+
+    Returns
+    -------
+    bool
+        The flag.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
 
 
 def check_index(value: Any, name: str, length: int) -> int:
@@ -147,6 +316,64 @@ def is_dense(value: Any) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
+def as_array(value: Any, name: str) -> Any:
+    """Return an array-like as a NumPy or CuPy array; None for Python containers.
+
+    NumPy and CuPy arrays are returned as they are. Other arrays are read
+    through the protocols they offer: ``__cuda_array_interface__`` (PyTorch
+    CUDA tensors, Numba) into CuPy, ``__array__`` (PyTorch CPU tensors and
+    most array libraries) or DLPack into NumPy, and a ``memoryview`` through
+    the buffer protocol. Lists, tuples, sets, dicts and other sequences give
+    None: the caller reads them entry by entry.
+
+    Parameters
+    ----------
+    value : Any
+        The value.
+    name : str
+        How the value is named in error messages.
+
+    Returns
+    -------
+    numpy.ndarray, cupy.ndarray or None
+        The array, or None when ``value`` is not an array.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` offers an array protocol but cannot be read through it
+        (e.g. a CUDA array without CuPy, or a memoryview of an unknown
+        format), naming its type.
+    """
+    if isinstance(value, np.ndarray):
+        return value
+    if type(value).__module__.split(".")[0] == "cupy":
+        return value
+    try:
+        if isinstance(value, memoryview):
+            return np.asarray(value)
+        if hasattr(value, "__cuda_array_interface__"):
+            import cupy
+
+            return cupy.asarray(value)
+        if hasattr(value, "__array__"):
+            return np.asarray(value)
+        if hasattr(value, "__dlpack__"):
+            return np.from_dlpack(value)
+    except (
+        ImportError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+        BufferError,
+        NotImplementedError,
+    ) as error:
+        raise TypeError(
+            f"{name} ({type(value).__name__}) cannot be read as a NumPy or CuPy array: {error}"
+        ) from None
+    return None
+
+
 def dense_grid_array(value: Any, cells: tuple[int, ...], name: str, xp: Any) -> Any:
     """Return a dense per-cell array as an ``xp`` array, checking its shape."""
     shape = tuple(int(s) for s in value.shape)
@@ -183,8 +410,9 @@ def coords_to_mask(grid_coords: Any, cells: tuple[int, ...], name: str) -> np.nd
 def coords_array(grid_coords: Any, cells: tuple[int, ...], name: str) -> np.ndarray:
     """Return grid coordinates as a checked ``(k, d)`` int64 array."""
     ndim = len(cells)
-    if is_dense(grid_coords):
-        array = to_host(grid_coords)
+    dense = as_array(grid_coords, name)
+    if dense is not None:
+        array = to_host(dense)
         if array.dtype.kind not in "iu":
             raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
         if array.size == 0:
@@ -193,6 +421,11 @@ def coords_array(grid_coords: Any, cells: tuple[int, ...], name: str) -> np.ndar
             raise ValueError(
                 f"{name} must have shape (k, {ndim}) for a {ndim}D grid, got {array.shape}"
             )
+        # Compare before converting: a uint64 2**64 - 1 would wrap to -1.
+        outside = np.any((array < 0) | (array >= np.asarray(cells)), axis=1)
+        if outside.any():
+            bad = tuple(array[np.argmax(outside)].tolist())
+            raise ValueError(f"{name} entry {bad} lies outside the grid of shape {cells}")
         coords = array.astype(np.int64)
     else:
         if isinstance(grid_coords, (str, bytes)) or not isinstance(
@@ -271,12 +504,7 @@ def probabilities_to_grid(
             f"grid shape {cells}, got {type(probs).__name__}"
         )
     coords = coords_array(list(probs.keys()), cells, name)
-    raw = list(probs.values())
-    for value in raw:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(
-            value, (int, float, np.integer, np.floating)
-        ):
-            raise TypeError(f"{name} values must be real numbers, got {value!r}")
+    raw = [as_real(value, f"{name} value") for value in probs.values()]
     values = check_probabilities(np.asarray(raw, dtype=np.float64), name)
     updated = current.copy()
     updated[tuple(coords.T)] = values

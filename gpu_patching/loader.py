@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _validation as check
 from .backends import BackendUnavailableError
-from .crop import _device_crop, _is_device_array, extract_patches
+from .crop import _check_stacks, _device_crop, _is_device_array, extract_patches
 from .permutation import EpochOrder
 from .specs import PatchBatch
 from .stores import (
@@ -42,6 +42,21 @@ from .stores import (
 from .strategy import StratifiedPatching
 
 __all__ = ["PatchLoader"]
+
+
+def _stack_dtype(stack: Any, name: str) -> np.dtype[Any]:
+    """Return a stack's dtype as a NumPy dtype; ``TypeError`` naming the stack otherwise."""
+    try:
+        try:
+            return np.dtype(stack.dtype)
+        except TypeError:
+            # PyTorch names its dtypes "torch.float32": the NumPy name follows the dot.
+            return np.dtype(str(stack.dtype).rpartition(".")[2])
+    except (AttributeError, TypeError) as error:
+        raise TypeError(
+            f"{name} ({type(stack).__name__}) has no NumPy dtype: {error}; give NumPy or "
+            "CuPy arrays, CUDA arrays or chunked stores"
+        ) from None
 
 
 class PatchLoader:
@@ -151,6 +166,13 @@ class PatchLoader:
             raise ValueError(
                 f"the stacks' shapes {shapes} differ from the strategy's data_shapes {expected}"
             )
+        as_torch = check.check_flag(as_torch, "as_torch")
+        if stream is not None and not hasattr(stream, "ptr"):
+            raise TypeError(f"stream must be a cupy.cuda.Stream or None, got {stream!r}")
+        # The crops' own rule (channels, one dtype, shapes against the patch),
+        # applied now rather than at the first batch, mid-training.
+        dtypes = [_stack_dtype(stack, f"stacks[{k}]") for k, stack in enumerate(stacks)]
+        _check_stacks(shapes, dtypes, strategy.patch_size)
         cache_limit, n_workers = check_reader_options(cache_bytes, workers)
         chunked = [is_chunked_stack(stack) for stack in stacks]
         if device_output and not all(chunked):
@@ -175,8 +197,12 @@ class PatchLoader:
         if as_torch:
             import torch  # fail now, not at the first batch
 
-            for stack in stacks:
-                dtype = np.dtype(getattr(stack, "dtype", np.float32))
+            for dtype in dtypes:
+                if dtype.kind not in "biuf":
+                    raise TypeError(
+                        f"as_torch=True: the stacks hold {dtype} values, which PyTorch "
+                        "tensors cannot hold; give stacks of booleans, integers or floats"
+                    )
                 wide_unsigned = dtype.kind == "u" and dtype.itemsize > 1
                 if wide_unsigned and getattr(torch, str(dtype), None) is None:
                     raise TypeError(
@@ -210,10 +236,7 @@ class PatchLoader:
         epoch : int
             The epoch, in ``[0, 2**32)``.
         """
-        value = check.as_int(epoch, "epoch")
-        if not 0 <= value < 1 << 32:
-            raise ValueError(f"epoch must be in [0, 2**32), got {value}")
-        self._epoch = value
+        self._epoch = check.check_epoch(epoch)
 
     def __len__(self) -> int:
         rows = EpochOrder.shard(self._strategy.n_patches, **self._options).n_rows

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from . import _validation as check
 from . import rng
 
 __all__ = [
@@ -289,18 +290,6 @@ def permute(
     return result.reshape(shape)
 
 
-def _check_flag(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return bool(value)
-
-
-def _check_int(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class EpochOrder:
     """The patch index each row of a (shuffled, sharded) epoch draws.
@@ -387,16 +376,12 @@ class EpochOrder:
             If ``rank`` or ``world_size`` is not an integer, or ``shuffle`` or
             ``drop_last`` not a bool.
         ValueError
-            If ``world_size < 1`` or ``rank`` is outside ``[0, world_size)``.
+            If ``world_size`` is outside ``[1, 2**32]`` or ``rank`` outside
+            ``[0, world_size)``.
         """
-        world_size = _check_int(world_size, "world_size")
-        rank = _check_int(rank, "rank")
-        shuffle = _check_flag(shuffle, "shuffle")
-        drop_last = _check_flag(drop_last, "drop_last")
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size) = [0, {world_size}), got {rank}")
+        rank, world_size = check.check_rank_world_size(rank, world_size)
+        shuffle = check.check_flag(shuffle, "shuffle")
+        drop_last = check.check_flag(drop_last, "drop_last")
         n_rows = n_patches // world_size if drop_last else -(-n_patches // world_size)
         if not shuffle and world_size == 1:
             return cls.contiguous(0, n_patches)

@@ -31,7 +31,6 @@ from .specs import PatchSpecs
 from .stats import (
     DEFAULT_BINS,
     STATISTICS,
-    _as_real,
     _check_stack,
     _check_workers,
     region_statistics,
@@ -213,11 +212,11 @@ def filter_background(
         )
     if threshold is None and coverage is None:
         raise ValueError("give a threshold, a coverage, or both: nothing to filter on")
-    limit = None if threshold is None else _as_real(threshold, "threshold")
-    min_coverage = None if coverage is None else _as_real(coverage, "coverage")
+    limit = None if threshold is None else check.as_real(threshold, "threshold", finite=True)
+    min_coverage = None if coverage is None else check.as_real(coverage, "coverage", finite=True)
     if min_coverage is not None and not 0.0 <= min_coverage <= 1.0:
         raise ValueError(f"coverage must be a fraction in [0, 1], got {min_coverage}")
-    probability = _as_real(filtered_prob, "filtered_prob")
+    probability = check.as_real(filtered_prob, "filtered_prob", finite=True)
     if not 0.0 <= probability <= MAX_PROBABILITY:
         raise ValueError(f"filtered_prob must be in [0, {MAX_PROBABILITY:g}], got {probability}")
     if min_coverage is not None and mask_stacks is None:

@@ -9,6 +9,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from ._arrays import to_host
+from ._validation import as_int
 
 __all__ = ["PatchBatch", "PatchSpecs"]
 
@@ -73,6 +74,17 @@ class PatchBatch:
             raise TypeError(
                 "index a PatchBatch with a slice or an index array; use .spec(k) for a single patch"
             )
+        if not isinstance(rows, slice):
+            dtype = str(getattr(rows, "dtype", ""))
+            is_array = hasattr(rows, "shape") and ("int" in dtype or "bool" in dtype)
+            is_list = isinstance(rows, (list, tuple)) and all(
+                isinstance(row, (int, np.integer)) for row in rows
+            )
+            if not (is_array or is_list):
+                raise TypeError(
+                    "PatchBatch rows are selected by a slice, an integer or boolean array or a "
+                    f"list of ints, got {rows!r} ({type(rows).__name__})"
+                )
         return PatchBatch(
             data_idx=self.data_idx[rows],
             sample_idx=self.sample_idx[rows],
@@ -93,10 +105,21 @@ class PatchBatch:
         -------
         PatchSpecs
             The patch of that row.
+
+        Raises
+        ------
+        TypeError
+            If ``row`` is not an integer (a bool, a float and a string are not).
+        IndexError
+            If ``row`` is out of range.
         """
         n_rows = len(self)
+        row = as_int(row, "row")
         if not -n_rows <= row < n_rows:
-            raise IndexError(f"row {row} is out of range for a batch of {n_rows}")
+            raise IndexError(
+                f"row {row} is out of range for a batch of {n_rows}: expected "
+                f"{-n_rows} <= row < {n_rows}"
+            )
         return {
             "data_idx": int(self.data_idx[row]),
             "sample_idx": int(self.sample_idx[row]),

@@ -47,7 +47,7 @@ from . import _validation as check
 from ._arrays import to_host
 from .grid import grid_shape
 
-__all__ = ["DEFAULT_BINS", "STATISTICS", "filter_map", "region_statistics"]
+__all__ = ["DEFAULT_BINS", "MAX_BINS", "STATISTICS", "filter_map", "region_statistics"]
 
 #: Statistics that :func:`region_statistics` computes.
 STATISTICS = ("mean", "std", "min", "max", "entropy", "coverage")
@@ -70,6 +70,9 @@ _COPY_ELEMENTS_GPU = 1 << 24
 _ENTROPY_TABLE_MAX = 1 << 22
 #: Default number of histogram bins of the entropy.
 DEFAULT_BINS = 64
+#: Most histogram bins: a block's histogram (``bins + 1`` int64 counts) stays
+#: within a few MiB.
+MAX_BINS = 1 << 20
 
 
 # -- array namespaces and checks -----------------------------------------------
@@ -147,18 +150,6 @@ def _check_stats(stats: Any) -> tuple[str, ...]:
     return tuple(ordered)
 
 
-def _as_real(value: Any, name: str) -> float:
-    """Return a finite real number as a float; reject bools, NaN and inf."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.integer, np.floating)
-    ):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {number}")
-    return number
-
-
 def _check_value_range(value_range: Any) -> tuple[float, float] | None:
     if value_range is None:
         return None
@@ -166,8 +157,8 @@ def _check_value_range(value_range: Any) -> tuple[float, float] | None:
         raise TypeError(f"value_range must be a pair (low, high) or None, got {value_range!r}")
     if len(value_range) != 2:
         raise ValueError(f"value_range must be a pair (low, high), got {value_range!r}")
-    low = _as_real(value_range[0], "value_range[0]")
-    high = _as_real(value_range[1], "value_range[1]")
+    low = check.as_real(value_range[0], "value_range[0]", finite=True)
+    high = check.as_real(value_range[1], "value_range[1]", finite=True)
     if not low < high:
         raise ValueError(f"value_range must have low < high, got ({low}, {high})")
     return low, high
@@ -622,7 +613,7 @@ def region_statistics(
         - ``"coverage"``: fraction of the region's pixels that are True in
           ``mask``.
     bins : int, default 64
-        Number of histogram bins of ``"entropy"``.
+        Number of histogram bins of ``"entropy"``, in ``[1, 2**20]``.
     value_range : (float, float) or None, default None
         The range ``(low, high)`` that the entropy's bins split equally. Values
         outside it are counted in the first or last bin. None uses the
@@ -689,8 +680,8 @@ def region_statistics(
     stack_shape = tuple(int(s) for s in stack.shape)
     channel = check.check_index(channel, "channel", stack_shape[1])
     bins = check.as_int(bins, "bins")
-    if bins < 1:
-        raise ValueError(f"bins must be positive, got {bins}")
+    if not 1 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be in [1, {MAX_BINS}], got {bins}")
     value_range = _check_value_range(value_range)
     n_workers = _check_workers(workers)
     if "coverage" in names and mask is None:

@@ -340,11 +340,13 @@ class StratifiedPatching:
         sample = self._sample(data_idx, sample_idx)
         cells = self._tables.sample_grid(sample)
         xp = self._backend.xp
-        dense: Any = grid_coords
-        if check.is_dense(dense) and np.dtype(dense.dtype) == np.bool_:
+        # Tensors and other array-likes are read as NumPy or CuPy arrays first.
+        dense = check.as_array(grid_coords, "grid_coords")
+        if dense is not None and dense.dtype == np.bool_:
             new_cells = check.dense_grid_array(dense, cells, "grid_coords", xp)
         else:
-            new_cells = xp.asarray(check.coords_to_mask(grid_coords, cells, "grid_coords"))
+            coords = grid_coords if dense is None else dense
+            new_cells = xp.asarray(check.coords_to_mask(coords, cells, "grid_coords"))
         excluded = self._tables.excluded_grid(sample) | new_cells
         self._update(sample, excluded, self._tables.probability_grid(sample))
 
@@ -386,8 +388,9 @@ class StratifiedPatching:
         sample = self._sample(data_idx, sample_idx)
         cells = self._tables.sample_grid(sample)
         xp = self._backend.xp
-        if check.is_dense(probs):
-            values = check.dense_grid_array(probs, cells, "probs", np)
+        dense = check.as_array(probs, "probs")
+        if dense is not None:
+            values = check.dense_grid_array(dense, cells, "probs", np)
             probability = xp.asarray(check.check_probabilities(values, "probs"))
         else:
             current = to_host(self._tables.probability_grid(sample))
@@ -625,7 +628,7 @@ class StratifiedPatching:
         >>> len(shard)
         8
         """
-        draw = self._check_epoch(epoch)
+        draw = check.check_epoch(epoch)
         order = EpochOrder.shard(
             self.n_patches, shuffle=shuffle, rank=rank, world_size=world_size, drop_last=drop_last
         )
@@ -673,7 +676,7 @@ class StratifiedPatching:
         ValueError, TypeError
             As in :meth:`sample_epoch`.
         """
-        draw = self._check_epoch(epoch)
+        draw = check.check_epoch(epoch)
         order = EpochOrder.shard(
             self.n_patches, shuffle=shuffle, rank=rank, world_size=world_size, drop_last=drop_last
         )
@@ -768,7 +771,7 @@ class StratifiedPatching:
         if state["seed"] is None:
             raise ValueError("state['seed'] is None; a state always holds the seed in use")
         seed = check.validate_seed(state["seed"])
-        epoch_base = self._check_epoch(state["epoch_base"])
+        epoch_base = check.check_epoch(state["epoch_base"], "state['epoch_base']")
         n_patches = check.as_int(state["n_patches"], "state['n_patches']")
         n_regions = int(self._tables.region_offset[-1])
         excluded = _state.decode_array(state["excluded"], "excluded", "bool", n_regions)

@@ -70,6 +70,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
+from . import _validation as check
 from .permutation import EpochOrder
 from .specs import PatchBatch
 from .strategy import StratifiedPatching
@@ -77,10 +78,10 @@ from .strategy import StratifiedPatching
 __all__ = ["PatchDataset", "PatchSampler", "PatchTensors", "to_tensors"]
 
 
-def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    return int(value)
+def _check_strategy(strategy: Any) -> StratifiedPatching:
+    if not isinstance(strategy, StratifiedPatching):
+        raise TypeError(f"strategy must be a StratifiedPatching, got {type(strategy).__name__}")
+    return strategy
 
 
 class PatchSampler(Sampler[int]):
@@ -111,9 +112,12 @@ class PatchSampler(Sampler[int]):
     Raises
     ------
     ValueError
-        If ``num_replicas < 1`` or ``rank`` is outside ``[0, num_replicas)``.
+        If ``num_replicas`` is outside ``[1, 2**32]`` or ``rank`` outside
+        ``[0, num_replicas)``.
     TypeError
-        If ``num_replicas`` or ``rank`` is not an integer.
+        If ``strategy`` is not a :class:`~gpu_patching.StratifiedPatching`,
+        ``num_replicas`` or ``rank`` is not an integer, or ``shuffle`` or
+        ``drop_last`` is not a bool.
 
     Notes
     -----
@@ -133,24 +137,19 @@ class PatchSampler(Sampler[int]):
         shuffle: bool = True,
         drop_last: bool = False,
     ) -> None:
+        strategy = _check_strategy(strategy)
         distributed = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
             num_replicas = dist.get_world_size() if distributed else 1
         if rank is None:
             rank = dist.get_rank() if distributed else 0
-        # Validates rank, world size and flags, raising before anything is set.
-        EpochOrder.shard(
-            strategy.n_patches,
-            shuffle=shuffle,
-            rank=rank,
-            world_size=num_replicas,
-            drop_last=drop_last,
+        # Everything is checked before anything is set.
+        self.rank, self.num_replicas = check.check_rank_world_size(
+            rank, num_replicas, world_size_name="num_replicas"
         )
+        self.shuffle = check.check_flag(shuffle, "shuffle")
+        self.drop_last = check.check_flag(drop_last, "drop_last")
         self.strategy = strategy
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
-        self.shuffle = bool(shuffle)
-        self.drop_last = bool(drop_last)
         self.epoch = 0
 
     def _options(self) -> dict[str, Any]:
@@ -189,8 +188,8 @@ class PatchSampler(Sampler[int]):
         epoch : int
             The epoch, in ``[0, 2**32)``.
         """
-        epoch = _as_int(epoch, "epoch")
-        self.strategy.set_epoch(epoch)  # validates the range first
+        epoch = check.check_epoch(epoch)
+        self.strategy.set_epoch(epoch)
         self.epoch = epoch
 
 
@@ -214,6 +213,10 @@ class PatchDataset(Dataset[torch.Tensor]):
 
     Raises
     ------
+    TypeError
+        If ``strategy`` is not a :class:`~gpu_patching.StratifiedPatching`,
+        ``stacks`` is not a sequence of arrays or ``transform`` is not
+        callable.
     ValueError
         If the stacks' shapes are not the strategy's ``data_shapes``.
     """
@@ -225,6 +228,17 @@ class PatchDataset(Dataset[torch.Tensor]):
         *,
         transform: Callable[[torch.Tensor], Any] | None = None,
     ) -> None:
+        strategy = _check_strategy(strategy)
+        if isinstance(stacks, (str, bytes)) or not isinstance(stacks, Sequence):
+            raise TypeError(f"stacks must be a sequence of arrays, got {type(stacks).__name__}")
+        for k, stack in enumerate(stacks):
+            if not hasattr(stack, "shape"):
+                raise TypeError(
+                    f"stacks[{k}] must be an array (NumPy, memory map, or anything that "
+                    f"slices like one), got {stack!r} ({type(stack).__name__})"
+                )
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable or None, got {transform!r}")
         shapes = tuple(tuple(int(s) for s in stack.shape) for stack in stacks)
         if shapes != strategy.data_shapes:
             raise ValueError(
@@ -292,7 +306,16 @@ def to_tensors(batch: PatchBatch) -> PatchTensors:
         ``data_idx``, ``sample_idx``, ``coords`` (``(N, d)``) and ``indices``
         as int64 tensors on the batch's device, without a copy: through DLPack
         for CuPy arrays, ``torch.from_numpy`` for NumPy arrays.
+
+    Raises
+    ------
+    TypeError
+        If ``batch`` is not a :class:`~gpu_patching.PatchBatch`.
     """
+    if not isinstance(batch, PatchBatch):
+        raise TypeError(
+            f"batch must be a PatchBatch (from sample_epoch), got {type(batch).__name__}"
+        )
     return PatchTensors(
         data_idx=_tensor(batch.data_idx),
         sample_idx=_tensor(batch.sample_idx),

@@ -489,3 +489,239 @@ def test_largest_epoch_is_accepted():
 )
 def test_get_patch_indices_rejects_bad_data_idx_and_changes_nothing(data_idx, error, offending):
     check_rejected(lambda sampler: sampler.get_patch_indices(data_idx), error, offending)
+
+
+# -- exceptions outside the contract (OverflowError, NotImplementedError, ...) ---------
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "offending"),
+    [
+        pytest.param(
+            lambda s: s.set_region_probs(0, 0, {(0, 0): 10**400}),
+            ValueError,
+            str(10**400),
+            id="probability-too-large-for-a-float",
+        ),
+        pytest.param(
+            lambda s: s.sample_epoch(0, rank=2**63 + 1, world_size=2),
+            ValueError,
+            str(2**63 + 1),
+            id="rank-2**63+1",
+        ),
+        pytest.param(
+            lambda s: s.sample_epoch(0, rank=2**63 + 1, world_size=2**64),
+            ValueError,
+            str(2**64),
+            id="world-size-2**64",
+        ),
+        pytest.param(
+            lambda s: s.epoch_indices(0, shuffle=True, rank=2**62, world_size=2**63 - 1),
+            ValueError,
+            str(2**63 - 1),
+            id="world-size-2**63-1",
+        ),
+        pytest.param(
+            lambda s: s.exclude_patches(0, 0, np.array([[2**64 - 1, 0]], dtype=np.uint64)),
+            ValueError,
+            f"({2**64 - 1}, 0)",
+            id="uint64-coordinate-as-given",
+        ),
+        pytest.param(
+            lambda s: s.exclude_patches(0, 0, memoryview(np.array([[1.5, 0.0]]))),
+            TypeError,
+            "float64",
+            id="memoryview-of-floats",
+        ),
+        pytest.param(
+            lambda s: s.exclude_patches(0, 0, memoryview(np.array([[1, 2, 3]]))),
+            ValueError,
+            "(1, 3)",
+            id="memoryview-of-the-wrong-shape",
+        ),
+        pytest.param(
+            lambda s: s.set_region_probs(0, 0, {(0, 0): np.array([0.5, 0.5])}),
+            TypeError,
+            "array([0.5, 0.5])",
+            id="probability-array-in-a-dict",
+        ),
+    ],
+)
+def test_hostile_values_raise_contract_errors_naming_the_value_as_given(call, error, offending):
+    check_rejected(call, error, offending)
+
+
+def test_a_memoryview_of_coordinates_excludes_like_the_coordinates():
+    sampler, twin = make_twins()
+    coords = np.array([[2, 3], [0, 1]], dtype=np.int64)
+    sampler.exclude_patches(1, 0, memoryview(coords))
+    twin.exclude_patches(1, 0, [(2, 3), (0, 1)])
+    assert_same_behaviour(sampler, twin)
+
+
+# -- array types: NumPy integers, 0-d arrays and tensors, other array-likes --------------
+
+
+class OnlyArrayProtocol:
+    """An array-like that offers nothing but ``__array__`` (as many libraries do)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self._values = values
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self._values, dtype=dtype)
+
+
+class OnlyDLPack:
+    """An array-like that offers nothing but DLPack."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self._values = values
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        return self._values.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self) -> Any:
+        return self._values.__dlpack_device__()
+
+
+class BrokenArray:
+    """Claims the array protocol but cannot deliver."""
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        raise RuntimeError("device lost")
+
+
+@pytest.mark.parametrize(
+    "wrap", [np.asarray, OnlyArrayProtocol, OnlyDLPack], ids=lambda w: w.__name__
+)
+def test_array_likes_are_read_through_their_protocols(wrap):
+    sampler, twin = make_twins()
+    coords = np.array([[2, 3], [0, 1]], dtype=np.int64)
+    mask = np.zeros((3, 5), dtype=bool)
+    mask[1, 4] = True
+    probs = np.linspace(0.0, 2.0, 16).reshape(4, 4)
+    sampler.exclude_patches(1, 0, wrap(coords))
+    sampler.exclude_patches(1, 0, wrap(mask))
+    sampler.set_region_probs(0, 1, wrap(probs))
+    twin.exclude_patches(1, 0, [(2, 3), (0, 1), (1, 4)])
+    twin.set_region_probs(0, 1, probs)
+    assert_same_behaviour(sampler, twin)
+
+
+def test_an_array_like_that_cannot_be_read_is_a_type_error_naming_its_type():
+    check_rejected(lambda s: s.exclude_patches(0, 0, BrokenArray()), TypeError, "BrokenArray")
+    check_rejected(lambda s: s.set_region_probs(0, 0, BrokenArray()), TypeError, "BrokenArray")
+
+
+@pytest.mark.parametrize(
+    "index", [np.int64(5), np.uint8(5), np.array(5), np.array(5, dtype=np.uint64)], ids=repr
+)
+def test_numpy_integers_and_0d_integer_arrays_are_indices(index):
+    sampler, twin = make_twins()
+    assert sampler.get_patch_spec(index) == twin.get_patch_spec(5)
+    assert_same_behaviour(sampler, twin)
+
+
+@pytest.mark.parametrize(
+    ("index", "offending"),
+    [
+        (np.array([5]), "array([5])"),
+        (np.array(5.0), "array(5.)"),
+        (np.array(True), "array(True)"),
+        (np.bool_(True), "True"),
+    ],
+    ids=repr,
+)
+def test_arrays_that_are_not_one_integer_are_not_indices(index, offending):
+    check_rejected(lambda s: s.get_patch_spec(index), TypeError, offending)
+
+
+def test_torch_tensors_are_taken_wherever_numpy_arrays_are():
+    torch = pytest.importorskip("torch")
+    sampler, twin = make_twins()
+    mask = torch.zeros((3, 5), dtype=torch.bool)
+    mask[2, 0] = True
+    sampler.exclude_patches(torch.tensor(1), torch.tensor(0), torch.tensor([[2, 3], [0, 1]]))
+    sampler.exclude_patches(1, 0, mask)
+    sampler.set_region_probs(0, 1, torch.linspace(0.0, 2.0, 16).reshape(4, 4))
+    sampler.set_region_probs(0, 0, {(torch.tensor(1), 2): torch.tensor(0.25)})
+    twin.exclude_patches(1, 0, [(2, 3), (0, 1), (2, 0)])
+    twin.set_region_probs(0, 1, torch.linspace(0.0, 2.0, 16).reshape(4, 4).numpy())
+    twin.set_region_probs(0, 0, {(1, 2): 0.25})
+    assert sampler.get_patch_spec(torch.tensor(7)) == twin.get_patch_spec(7)
+    sampler.set_epoch(torch.tensor(4))
+    twin.set_epoch(4)
+    assert_same_behaviour(sampler, twin)
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "offending"),
+    [
+        (lambda torch: torch.tensor(1.0), TypeError, "tensor(1.)"),
+        (lambda torch: torch.tensor([1]), TypeError, "tensor([1])"),
+        (lambda torch: torch.tensor(True), TypeError, "tensor(True)"),
+    ],
+)
+def test_tensors_that_are_not_one_integer_are_not_indices(make, error, offending):
+    torch = pytest.importorskip("torch")
+    check_rejected(lambda s: s.get_patch_spec(make(torch)), error, offending)
+
+
+def test_torch_masks_and_coordinates_of_the_wrong_kind_name_argument_and_expectation():
+    torch = pytest.importorskip("torch")
+    check_rejected(
+        lambda s: s.exclude_patches(0, 0, torch.zeros((4, 3), dtype=torch.bool)),
+        ValueError,
+        "grid_coords has shape (4, 3), but the sample's grid has shape (4, 4)",
+    )
+    check_rejected(
+        lambda s: s.exclude_patches(0, 0, torch.tensor([[1.0, 1.0]])),
+        TypeError,
+        "grid_coords must hold integers, got dtype float32",
+    )
+
+
+# -- PatchBatch rows -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("row", "offending"), [(1.0, "1.0"), (True, "True"), ("1", "'1'"), (None, "None")]
+)
+def test_patch_batch_spec_names_the_row_and_what_is_expected(row, offending):
+    batch = numpy_sampler(SHAPES, PATCH).sample_epoch(0)
+    with pytest.raises(TypeError, match=f"row must be an integer, got {escaped(offending)}"):
+        batch.spec(row)
+
+
+def test_patch_batch_spec_takes_numpy_and_0d_integers_and_names_a_row_out_of_range():
+    batch = numpy_sampler(SHAPES, PATCH).sample_epoch(0)
+    assert batch.spec(np.int64(3)) == batch.spec(np.array(3)) == batch.spec(3)
+    with pytest.raises(IndexError, match=f"row {2**64} is out of range"):
+        batch.spec(2**64)
+
+
+@pytest.mark.parametrize(("rows", "offending"), [(1.0, "1.0"), ("a", "'a'"), ([1.5], "[1.5]")])
+def test_patch_batch_rows_of_the_wrong_type_name_it(rows, offending):
+    batch = numpy_sampler(SHAPES, PATCH).sample_epoch(0)
+    with pytest.raises(TypeError, match=escaped(offending)):
+        batch[rows]
+
+
+# -- one helper per rule -----------------------------------------------------------------
+
+
+def test_one_rank_and_world_size_rule_for_every_entry_point():
+    from gpu_patching import _validation as check
+
+    assert check.check_rank_world_size(3, 2**32) == (3, 2**32)
+    assert check.check_rank_world_size(np.int64(0), np.array(1)) == (0, 1)
+    with pytest.raises(
+        ValueError, match=f"world_size must be >= 1 and at most 2\\*\\*32, got {2**32 + 1}"
+    ):
+        check.check_rank_world_size(0, 2**32 + 1)
+    with pytest.raises(ValueError, match="num_replicas"):
+        check.check_rank_world_size(5, 5, world_size_name="num_replicas")
+    assert check.check_epoch(np.uint32(2**32 - 1)) == 2**32 - 1
+    with pytest.raises(ValueError, match=r"draw_number must be in \[0, 2\*\*32\), got -1"):
+        check.check_epoch(-1, "draw_number")

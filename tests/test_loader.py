@@ -111,6 +111,9 @@ def test_as_torch_yields_tensors_sharing_memory_with_the_crop():
         ({"rank": 3, "world_size": 3}, ValueError, "rank"),
         ({"world_size": 0}, ValueError, "world_size"),
         ({"shuffle": "yes"}, TypeError, "shuffle"),
+        ({"rank": 2**63 + 1, "world_size": 2**64}, ValueError, "world_size"),
+        ({"as_torch": "yes"}, TypeError, "as_torch must be a bool, got 'yes'"),
+        ({"stream": "default"}, TypeError, "stream must be a cupy.cuda.Stream or None"),
     ],
 )
 def test_bad_arguments_are_rejected_when_the_loader_is_built(kwargs, error, message):
@@ -161,3 +164,42 @@ def test_as_torch_refuses_unsigned_stacks_this_torch_cannot_hold(monkeypatch):
     # float stacks, and uint16 without as_torch, are fine
     PatchLoader(make_stacks(), make_strategy(), 4, as_torch=True)
     PatchLoader(stacks, make_strategy(), 4)
+
+
+def test_stacks_of_mixed_dtypes_are_refused_when_the_loader_is_built():
+    stacks = make_stacks()
+    stacks[1] = stacks[1].astype(np.uint16)
+    with pytest.raises(TypeError, match="stacks\\[0\\] is float32, stacks\\[1\\] is uint16"):
+        PatchLoader(stacks, make_strategy(), 4)
+
+
+def test_stacks_of_mixed_channel_counts_are_refused_when_the_loader_is_built():
+    shapes = [(2, 2, 90, 70), (1, 3, 64, 120)]
+    with pytest.raises(ValueError, match="same number of channels"):
+        PatchLoader(make_stacks(shapes), make_strategy(shapes), 4)
+
+
+def test_stacks_without_a_dtype_are_refused_when_the_loader_is_built():
+    class ShapeOnly:
+        shape = SHAPES[0]
+
+    with pytest.raises(TypeError, match="stacks\\[0\\] \\(ShapeOnly\\) has no NumPy dtype"):
+        PatchLoader([ShapeOnly(), make_stacks()[1]], make_strategy(), 4)
+
+
+def test_as_torch_refuses_stacks_torch_cannot_hold_when_the_loader_is_built():
+    pytest.importorskip("torch")
+    stacks = [stack.astype("U1") for stack in make_stacks()]
+    with pytest.raises(TypeError, match="<U1"):
+        PatchLoader(stacks, make_strategy(), 4, as_torch=True)
+
+
+def test_set_epoch_takes_numpy_integers_and_refuses_the_rest():
+    loader = PatchLoader(make_stacks(), make_strategy(), 4)
+    loader.set_epoch(np.uint32(7))
+    assert loader.epoch == 7
+    with pytest.raises(ValueError, match=f"epoch must be in \\[0, 2\\*\\*32\\), got {2**64}"):
+        loader.set_epoch(2**64)
+    with pytest.raises(TypeError, match=r"epoch must be an integer, got 1\.0"):
+        loader.set_epoch(1.0)
+    assert loader.epoch == 7

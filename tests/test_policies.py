@@ -202,6 +202,8 @@ def test_filter_background_logs_a_summary(caplog: pytest.LogCaptureFixture) -> N
         ({"threshold": None}, ValueError, "nothing to filter"),
         ({"threshold": np.nan}, ValueError, "finite"),
         ({"threshold": "1"}, TypeError, "threshold"),
+        ({"threshold": 10**400}, ValueError, "threshold is too large for a float64"),
+        ({"filtered_prob": 10**400}, ValueError, "filtered_prob is too large for a float64"),
         ({"filtered_prob": -0.1}, ValueError, "filtered_prob"),
         ({"filtered_prob": 2000.0}, ValueError, "filtered_prob"),
         ({"stat": "coverage"}, ValueError, "'coverage' argument"),

@@ -288,6 +288,8 @@ def test_input_stack_is_not_modified() -> None:
         ({"workers": 0}, ValueError, "workers must be >= 1"),
         ({"workers": 2.0}, TypeError, "workers"),
         ({"workers": True}, TypeError, "workers"),
+        ({"stats": "entropy", "bins": 2**63}, ValueError, f"bins must be in .*got {2**63}"),
+        ({"stats": "entropy", "value_range": (0, 10**400)}, ValueError, "value_range.1. is too"),
     ],
 )
 def test_bad_arguments_are_rejected_with_a_clear_message(

@@ -141,6 +141,10 @@ def test_set_epoch_refuses_a_bad_epoch(epoch: Any, error: type[Exception]) -> No
         ({"num_replicas": 2, "rank": -1}, ValueError),
         ({"num_replicas": 2.0, "rank": 0}, TypeError),
         ({"num_replicas": 2, "rank": "1"}, TypeError),
+        ({"num_replicas": 2**64, "rank": 2**63 + 1}, ValueError),
+        ({"num_replicas": 2, "rank": 2**63 + 1}, ValueError),
+        ({"num_replicas": 2, "rank": 0, "shuffle": "yes"}, TypeError),
+        ({"num_replicas": 2, "rank": 0, "drop_last": 1}, TypeError),
     ],
 )
 def test_sampler_refuses_a_bad_rank_or_world_size(
@@ -289,3 +293,42 @@ def test_the_core_never_imports_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# -- arguments of the wrong kind are TypeErrors that name them ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: PatchSampler("x"), "strategy must be a StratifiedPatching, got str"),
+        (lambda: PatchDataset("x", coded_stacks()), "strategy must be a StratifiedPatching"),
+        (lambda: PatchDataset(strategy(), [1, 2]), r"stacks\[0\] must be an array.*got 1 \(int\)"),
+        (lambda: PatchDataset(strategy(), "ab"), "stacks must be a sequence of arrays, got str"),
+        (
+            lambda: PatchDataset(strategy(), coded_stacks(), transform=3),
+            "transform must be callable",
+        ),
+        (lambda: to_tensors({"data_idx": 1}), "batch must be a PatchBatch.*got dict"),
+        (lambda: to_tensors(None), "batch must be a PatchBatch.*got NoneType"),
+    ],
+)
+def test_arguments_of_the_wrong_kind_are_type_errors_naming_them(call: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_set_epoch_takes_a_0d_integer_tensor() -> None:
+    patching = strategy()
+    sampler = PatchSampler(patching)
+    sampler.set_epoch(torch.tensor(5))
+    assert sampler.epoch == 5 and patching.epoch == 5
+    assert list(sampler) == patching.epoch_indices(5, shuffle=True).tolist()
+
+
+def test_dataset_items_may_be_0d_integer_tensors() -> None:
+    stacks = coded_stacks()
+    dataset = PatchDataset(strategy(), stacks)
+    twin = PatchDataset(strategy(), stacks)
+    for index in (0, 3, 3, 7):
+        assert torch.equal(dataset[torch.tensor(index)], twin[index])

@@ -1,101 +1,253 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU should run, in two calls of under ten
-# minutes each, from the repository root on the GPU machine (which has CuPy,
-# PyTorch, pytest, hypothesis and compute-sanitizer, and no package index):
+# Everything a session with a lent GPU should run, in ONE call of at most
+# 8 minutes, from the repository root on the GPU machine (CuPy, PyTorch,
+# pytest and hypothesis; ncu and compute-sanitizer where the image has them;
+# no package index). The package is used from the checkout (PYTHONPATH).
 #
-#   bash benchmarks/gpu_session.sh tests   # the GPU tests, then again under memcheck
-#   bash benchmarks/gpu_session.sh bench   # bench_gpu, bench_crop, bench_filters
+#   bash benchmarks/gpu_session.sh          # every step, in turn
+#   bash benchmarks/gpu_session.sh plan     # the steps and their time budgets
+#   bash benchmarks/gpu_session.sh check-pytest-log FILE
+#                                           # exit 1 unless a GPU test passed in FILE
+#   bash benchmarks/gpu_session.sh list-gpu-tests
 #
-# The package is used from the checkout (PYTHONPATH), not installed. The
-# benchmarks write benchmarks/results/*-<card>.md and filters.md as usual;
-# logs, the device's description and copies of the results go to $OUT (the
-# folder the device tool brings back), or to /tmp/gpu-session without it.
-# The last lines printed are a short summary. Exit status: 0 when every step
-# passed.
+# The steps, each under its own timeout, all within SESSION_S seconds (a
+# step gets what is left when earlier ones overran):
+#   describe       the card, the driver, CuPy, PyTorch and the tools present
+#   pytest-cuda    pytest -m cuda over every test file holding GPU tests; the
+#                  session FAILS LOUDLY when none of them passed (all skipped)
+#   memcheck       the kernel tests again under compute-sanitizer --tool memcheck,
+#                  with CuPy's memory pool off so that each array is its own
+#                  allocation (skipped, and said so, without compute-sanitizer)
+#   launches       kernel launches per epoch: ncu over 5 epochs drawn between
+#                  cudaProfilerStart/Stop (bench_gpu.py --profile-epochs); without
+#                  ncu, torch.profiler (CUPTI) and CudaBackend.launch_count
+#                  (bench_gpu.py --launch-probe), and the summary says which
+#   bench-gpu      bench_gpu.py (full sizes, a shorter budget per case)
+#   bench-crop     bench_crop.py --quick
+#   bench-filters  bench_filters.py --quick
+#
+# Results: $OUT (the folder the device tool brings back, at most 8 files) gets
+# summary.txt (one line per step, and the launch count), session.tar.gz
+# (every log, the device's description and every markdown result), and
+# copies of pytest-cuda.log and the GPU results (gpu-<card>.md,
+# crop-gpu-<card>.md, filters-quick.md). Without $OUT: /tmp/gpu-session.
+# The committed benchmarks/results/*.md are not touched except gpu-<card>.md.
+# Exit status: 0 when every step passed, 1 otherwise.
 
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu-session}
-mkdir -p "$OUT"
 
-# The test files that hold GPU tests (pytest -m cuda); naming them keeps
-# collection away from modules whose optional imports the machine may lack.
-GPU_TESTS=(tests/test_cuda.py tests/test_crop_cuda.py tests/test_loader.py tests/test_stats.py tests/test_policies.py)
-# The kernels' own tests, run again under compute-sanitizer's memcheck.
+# The whole session's seconds: the device call is at most 8 minutes (480 s);
+# the rest is kept for timeout's grace and the packing at the end.
+SESSION_S=450
+# Each step's budget in seconds (the plan adds up to SESSION_S).
+STEPS=(describe pytest-cuda memcheck launches bench-gpu bench-crop bench-filters)
+declare -A BUDGET=(
+    [describe]=15
+    [pytest-cuda]=100
+    [memcheck]=70
+    [launches]=45
+    [bench-gpu]=130
+    [bench-crop]=50
+    [bench-filters]=40
+)
+# Seconds timeout waits after TERM before it kills a step.
+GRACE_S=3
+# Epochs that ncu (or torch.profiler) counts.
+PROFILED_EPOCHS=5
+# The kernel tests that memcheck runs (they launch our own kernels).
 SANITIZED_TESTS=(tests/test_cuda.py tests/test_crop_cuda.py)
 
-summary=()
-status=0
+plan() {
+    local total=0
+    for name in "${STEPS[@]}"; do
+        printf '%-14s %4d s\n' "$name" "${BUDGET[$name]}"
+        total=$((total + BUDGET[$name]))
+    done
+    printf '%-14s %4d s (of %d s for the session)\n' total "$total" "$SESSION_S"
+    printf '%-14s %4d s (after TERM, before KILL, per step)\n' grace "$GRACE_S"
+}
 
-step() {  # step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, remember the outcome
-    local name=$1 limit=$2
-    shift 2
-    local started=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-    local code=$?
-    local seconds=$((SECONDS - started))
-    if [ "$code" -eq 0 ]; then
-        summary+=("ok      $name (${seconds} s)")
-    else
-        summary+=("FAILED  $name (exit $code after ${seconds} s; see $OUT/$name.log)")
-        status=1
+list_gpu_tests() {  # the test files that hold tests marked cuda
+    grep -l -E 'pytest\.mark\.cuda|mark\.cuda\b' tests/test_*.py
+}
+
+# check_pytest_log FILE: 0 when FILE's pytest summary says a test passed;
+# otherwise a loud line and 1 (every GPU test skipped, or none ran). The
+# summary is pytest's last line, "[=== ]N passed, M skipped, ... in T s[ ===]"
+# or "no tests ran ...", not any line that mentions a count.
+check_pytest_log() {
+    local log=$1 last
+    last=$(grep -E '^(=+ )?([0-9]+ [a-z]+(, )?)+ in [0-9.]+s|^(=+ )?no tests ran' "$log" | tail -n 1)
+    if grep -qE '(^|[^0-9])[1-9][0-9]* passed' <<<"$last"; then
+        echo "ok      GPU tests ran: $last"
+        return 0
     fi
-    tail -n 3 "$OUT/$name.log"
+    echo "FAILED: no GPU test passed: every GPU test skipped or none ran (${last:-no pytest summary}; see $log)"
+    return 1
 }
 
-describe_device() {
-    {
-        nvidia-smi -L 2>&1
-        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem \
-            --format=csv 2>&1
-        "$PY" -c 'import cupy, numpy, sys
-print("python", sys.version.split()[0], "numpy", numpy.__version__, "cupy", cupy.__version__)
-print("device:", cupy.cuda.runtime.getDeviceProperties(0)["name"])' 2>&1
-        "$PY" -c 'import torch; print("torch", torch.__version__)' 2>&1
-    } >"$OUT/device.txt"
-    cat "$OUT/device.txt"
-}
-
-run_tests() {
-    step pytest-cuda 420 "$PY" -m pytest -m cuda -q -p no:cacheprovider "${GPU_TESTS[@]}"
-    if ! grep -q " passed" "$OUT/pytest-cuda.log"; then
-        summary+=("FAILED  no GPU test passed: all skipped? (see $OUT/pytest-cuda.log)")
-        status=1
-    fi
-    if command -v compute-sanitizer >/dev/null; then
-        step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 86 \
-            "$PY" -m pytest -m cuda -q -x -p no:cacheprovider "${SANITIZED_TESTS[@]}"
-    else
-        summary+=("skipped memcheck (no compute-sanitizer on PATH)")
-    fi
-}
-
-run_benchmarks() {
-    step bench-gpu 300 "$PY" benchmarks/bench_gpu.py
-    step bench-crop 150 "$PY" benchmarks/bench_crop.py
-    step bench-filters 120 "$PY" benchmarks/bench_filters.py
-    mkdir -p "$OUT/results"
-    cp benchmarks/results/*.md "$OUT/results/" 2>/dev/null
-}
-
-case "${1:-}" in
-    tests)
-        describe_device
-        run_tests
+case "${1:-all}" in
+    plan)
+        plan
+        exit 0
         ;;
-    bench)
-        describe_device
-        run_benchmarks
+    list-gpu-tests)
+        list_gpu_tests
+        exit 0
         ;;
+    check-pytest-log)
+        check_pytest_log "${2:?usage: gpu_session.sh check-pytest-log FILE}"
+        exit $?
+        ;;
+    all) ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh tests|bench" >&2
+        echo "usage: bash benchmarks/gpu_session.sh [plan|list-gpu-tests|check-pytest-log FILE]" >&2
         exit 2
         ;;
 esac
 
-echo
-echo "summary (logs in $OUT):"
-printf '  %s\n' "${summary[@]}"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+DEADLINE=$((SECONDS + SESSION_S))
+status=0
+
+note() {  # a line of the summary, printed too
+    echo "$1" | tee -a "$SUMMARY"
+}
+
+# step NAME COMMAND...: run under NAME's budget (or what is left of the
+# session), log to $LOGS/NAME.log, write the outcome to the summary.
+step() {
+    local name=$1
+    shift
+    local left=$((DEADLINE - SECONDS))
+    local limit=${BUDGET[$name]}
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    if [ "$limit" -lt 5 ]; then
+        note "FAILED  $name: not run, the session's $SESSION_S s are spent"
+        status=1
+        return 1
+    fi
+    local started=$SECONDS
+    timeout --kill-after="$GRACE_S" "$limit" "$@" >"$LOGS/$name.log" 2>&1
+    local code=$?
+    local seconds=$((SECONDS - started))
+    if [ "$code" -eq 0 ]; then
+        note "ok      $name (${seconds} s of ${limit} s)"
+    elif [ "$code" -eq 124 ] || [ "$code" -eq 137 ]; then
+        note "FAILED  $name: TIMED OUT after ${limit} s (see logs/$name.log)"
+        status=1
+    else
+        note "FAILED  $name (exit $code after ${seconds} s; see logs/$name.log)"
+        status=1
+    fi
+    tail -n 3 "$LOGS/$name.log"
+    return "$code"
+}
+
+describe() {
+    nvidia-smi -L
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+    "$PY" -c 'import cupy, numpy, sys
+print("python", sys.version.split()[0], "numpy", numpy.__version__, "cupy", cupy.__version__)
+print("device:", cupy.cuda.runtime.getDeviceProperties(0)["name"])'
+    "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+    for tool in ncu compute-sanitizer nvcc; do
+        echo "$tool: $(command -v "$tool" || echo absent)"
+    done
+}
+
+# Runs pytest with CuPy's memory pool off, so that memcheck sees every array
+# as its own allocation (an overrun inside a pooled block goes unseen).
+POOL_OFF='import sys, cupy, pytest
+cupy.cuda.set_allocator(None)
+cupy.cuda.set_pinned_memory_allocator(None)
+sys.exit(pytest.main(sys.argv[1:]))'
+
+run_memcheck() {
+    if ! command -v compute-sanitizer >/dev/null; then
+        note "skipped memcheck: compute-sanitizer is not on PATH"
+        return
+    fi
+    step memcheck compute-sanitizer --tool memcheck --error-exitcode 86 \
+        "$PY" -c "$POOL_OFF" -m cuda -q -x -p no:cacheprovider "${SANITIZED_TESTS[@]}"
+}
+
+run_launch_count() {
+    if command -v ncu >/dev/null; then
+        # --profile-from-start off: only the epochs between cudaProfilerStart and
+        # Stop; one metric keeps each kernel to one replay pass.
+        if step launches ncu --profile-from-start off --clock-control none --csv \
+            --metrics gpu__time_duration.sum \
+            "$PY" benchmarks/bench_gpu.py --profile-epochs "$PROFILED_EPOCHS"; then
+            local counted
+            if counted=$("$PY" benchmarks/bench_gpu.py --count-ncu "$LOGS/launches.log" 2>&1); then
+                note "launches per epoch counted with ncu: $counted"
+            else
+                note "FAILED  launches: ncu's log could not be read: $(tail -n 1 <<<"$counted")"
+                status=1
+            fi
+        fi
+    else
+        note "no ncu on PATH: launches counted with torch.profiler (CUPTI) and CudaBackend.launch_count instead"
+        if step launches "$PY" benchmarks/bench_gpu.py --launch-probe; then
+            note "launches per epoch (torch.profiler): $(tail -n 1 "$LOGS/launches.log")"
+        fi
+    fi
+}
+
+pack() {  # everything into one archive; the most useful files beside it
+    cp benchmarks/results/gpu-*.md "$LOGS/" 2>/dev/null
+    tar -czf "$OUT/session.tar.gz" -C "$OUT" logs
+    for file in "$LOGS"/pytest-cuda.log "$LOGS"/gpu-*.md "$LOGS"/crop-gpu-*.md "$LOGS"/filters-quick.md; do
+        [ -f "$file" ] && cp "$file" "$OUT/"
+    done
+    rm -rf "$LOGS"
+}
+
+echo "GPU session: at most $SESSION_S s; logs in $LOGS"
+export PY
+export -f describe
+step describe bash -c describe
+
+gpu_ok=1
+"$PY" -c 'import sys
+from gpu_patching.testing import usable_cupy
+cupy, why = usable_cupy()
+sys.exit(0 if cupy is not None else (print(why) or 1))' >"$LOGS/usable-gpu.log" 2>&1 || gpu_ok=0
+if [ "$gpu_ok" -eq 0 ]; then
+    note "FAILED  no usable GPU here: $(tail -n 1 "$LOGS/usable-gpu.log")"
+    status=1
+fi
+
+mapfile -t GPU_TESTS < <(list_gpu_tests)
+step pytest-cuda "$PY" -m pytest -m cuda -q -p no:cacheprovider "${GPU_TESTS[@]}"
+if ! check_pytest_log "$LOGS/pytest-cuda.log" | tee -a "$SUMMARY"; then
+    status=1
+fi
+
+if [ "$gpu_ok" -eq 1 ]; then
+    run_memcheck
+    run_launch_count
+    budget=$((BUDGET[bench-gpu] - 15))
+    step bench-gpu "$PY" benchmarks/bench_gpu.py --no-torch-profile --time-budget "$budget" \
+        --epoch-budget 1.5
+    step bench-crop "$PY" benchmarks/bench_crop.py --quick --output "$LOGS/crop-cpu.md"
+    step bench-filters "$PY" benchmarks/bench_filters.py --quick --output "$LOGS/filters-quick.md"
+else
+    note "skipped memcheck, launches and the benchmarks: no usable GPU"
+fi
+
+if [ "$status" -eq 0 ]; then
+    note "GPU session: every step passed"
+else
+    note "GPU SESSION FAILED: see the FAILED lines above"
+fi
+pack
 exit "$status"

@@ -129,6 +129,7 @@ def _args(**overrides: Any) -> argparse.Namespace:
         "no_numpy": False,
         "numpy_max_patches": 10**7,
         "no_torch_profile": False,
+        "epoch_budget": None,
     }
     return argparse.Namespace(**{**values, **overrides})
 
@@ -541,8 +542,12 @@ def test_ncu_summary_says_whether_each_epoch_is_one_launch() -> None:
 def test_count_ncu_from_the_command_line(tmp_path: Path, capsys: Any) -> None:
     log = tmp_path / "ncu.csv"
     log.write_text(NCU_LOG)
-    assert bench.main(["--count-ncu", str(log), "--epochs", "2", "--launch-count", "2"]) == 0
+    # The epochs and launch count come from the log's own PROFILED_EPOCHS line.
+    assert bench.main(["--count-ncu", str(log)]) == 0
     assert capsys.readouterr().out.strip() == bench.ncu_summary({"sample_epoch": 2}, 2, 2)
+    log.write_text(NCU_LOG.split("\n", 1)[1])  # without it: the options say
+    assert bench.main(["--count-ncu", str(log), "--epochs", "1", "--launch-count", "1"]) == 0
+    assert capsys.readouterr().out.strip() == bench.ncu_summary({"sample_epoch": 2}, 1, 1)
 
 
 def test_profile_epochs_counts_the_backends_draws() -> None:
@@ -568,7 +573,7 @@ def test_orders_section_on_the_host() -> None:
 
 @pytest.mark.usefixtures("small_sizes")
 def test_orders_section_keeps_to_the_time_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    session = _session(time_budget=bench.RESERVE_S)
+    session = _session(time_budget=bench.TAIL_RESERVE_S + bench.PROBE_RESERVE_S)
     assert bench.orders_section(session, 0.0, 0.0) == []
     rows = [line for line in session.report.lines if line.startswith("| ~1k")]
     assert len(rows) == 2 and all("would overrun --time-budget" in line for line in rows)
@@ -642,3 +647,107 @@ def test_script_without_a_device_exits_0(tmp_path: Path) -> None:
     # One line with the reason: CuPy missing, no device visible, or none usable.
     assert len(lines) == 1 and lines[0].endswith("; skipping the GPU benchmark"), done.stdout
     assert not output.exists()
+
+
+# -- the GPU session script (benchmarks/gpu_session.sh) ---------------------------------------
+
+#: The device call's limit for the whole session (issue 11): 8 minutes.
+SESSION_LIMIT_S = 480
+
+
+def _session_script(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(SESSION), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable, **env},
+        timeout=300,
+        check=False,
+    )
+
+
+def test_gpu_session_script_parses_and_names_files_that_exist() -> None:
+    subprocess.run(["bash", "-n", str(SESSION)], check=True)
+    text = SESSION.read_text()
+    named = re.findall(r"\b(?:tests|benchmarks)/[\w/]+\.py\b", text)
+    assert "tests/test_cuda.py" in named and "benchmarks/bench_gpu.py" in named
+    for name in named:
+        assert (ROOT / name).is_file(), name
+
+
+def test_gpu_session_steps_fit_one_8_minute_call() -> None:
+    done = _session_script("plan")
+    assert done.returncode == 0, done.stderr
+    budgets = dict(re.findall(r"^([\w-]+) +(\d+) s", done.stdout, re.MULTILINE))
+    steps = ["describe", "pytest-cuda", "memcheck", "launches", "bench-gpu"]
+    steps += ["bench-crop", "bench-filters"]
+    assert [name for name in budgets if name not in ("total", "grace")] == steps
+    total, grace = int(budgets.pop("total")), int(budgets.pop("grace"))
+    assert total == sum(int(seconds) for seconds in budgets.values())
+    session_s = int(re.search(r"of (\d+) s for the session", done.stdout).group(1))
+    assert total <= session_s
+    # A step that overruns is killed GRACE s after its limit, and later steps only
+    # get what is left of the session: the call ends within its 8 minutes, with
+    # time left for the summary and the archive.
+    assert session_s + grace + 20 <= SESSION_LIMIT_S
+
+
+@pytest.mark.parametrize(
+    ("summary", "passed"),
+    [
+        ("4 passed, 2 skipped, 300 deselected in 3.10s", True),
+        ("========= 1 failed, 3 passed, 1 skipped in 9.00s =========", True),
+        ("128 skipped, 142 deselected in 1.98s", False),
+        ("========= 5 skipped in 0.50s =========", False),
+        ("no tests ran in 0.10s", False),
+        ("270 deselected in 0.40s", False),
+        ("2 errors in 0.20s", False),
+        ("", False),
+    ],
+)
+def test_gpu_session_fails_loudly_when_no_gpu_test_passed(
+    tmp_path: Path, summary: str, passed: bool
+) -> None:
+    log = tmp_path / "pytest-cuda.log"
+    # The lines pytest's -ra summary prints before the last one.
+    log.write_text(f"ss.s\nSKIPPED [3] tests/test_cuda.py:40: 12 passed earlier\n{summary}\n")
+    done = _session_script("check-pytest-log", str(log))
+    assert done.returncode == (0 if passed else 1), done.stdout + done.stderr
+    if passed:
+        assert done.stdout.startswith("ok      GPU tests ran:")
+    else:
+        assert done.stdout.startswith("FAILED: no GPU test passed: every GPU test skipped")
+        assert str(log) in done.stdout
+
+
+def test_gpu_session_finds_every_file_with_gpu_tests() -> None:
+    done = _session_script("list-gpu-tests")
+    assert done.returncode == 0, done.stderr
+    listed = done.stdout.split()
+    assert {"tests/test_cuda.py", "tests/test_crop_cuda.py"} <= set(listed)
+    for name in listed:
+        assert "mark.cuda" in (ROOT / name).read_text(), name
+    unlisted = set(p.relative_to(ROOT).as_posix() for p in ROOT.glob("tests/test_*.py"))
+    for name in unlisted - set(listed):
+        assert "pytest.mark.cuda" not in (ROOT / name).read_text(), name
+
+
+def test_gpu_session_without_a_gpu_fails_and_packs_its_logs(tmp_path: Path) -> None:
+    # Here every GPU test skips: the session must not call that a success.
+    done = _session_script(OUT=str(tmp_path))
+    assert done.returncode == 1, done.stdout + done.stderr
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "FAILED: no GPU test passed" in summary
+    assert "GPU SESSION FAILED" in summary.splitlines()[-1]
+    # What comes back from the device machine: at most 8 files, no folder.
+    returned = sorted(p.name for p in tmp_path.iterdir())
+    assert returned == ["pytest-cuda.log", "session.tar.gz", "summary.txt"]
+    listing = subprocess.run(
+        ["tar", "-tzf", str(tmp_path / "session.tar.gz")], capture_output=True, text=True
+    ).stdout.split()
+    assert {"logs/describe.log", "logs/pytest-cuda.log"} <= set(listing)
+
+
+def test_gpu_session_rejects_an_unknown_part() -> None:
+    done = _session_script("tests")
+    assert done.returncode == 2 and "usage" in done.stderr

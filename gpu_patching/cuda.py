@@ -179,7 +179,7 @@ class Kernel:
                     f"{self.name}: parameter {name} ({c_type}) must be an integer, got {value!r}"
                 )
             scalar_type = C_SCALAR_TYPES[c_type]
-            info = np.iinfo(scalar_type)
+            info = np.iinfo(np.dtype(scalar_type))
             if not info.min <= int(value) <= info.max:
                 raise ValueError(
                     f"{self.name}: parameter {name} ({c_type}) must be in "

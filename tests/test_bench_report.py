@@ -144,3 +144,13 @@ def test_machine_line_names_cpu_python_and_numpy() -> None:
     line = _report.machine_line()
     assert line.startswith("CPU: ") and f"NumPy {np.__version__}" in line
     assert "logical cores" in line
+
+
+def test_the_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    text = (BENCHMARKS / "README.md").read_text()
+    section = text[text.index("## The shared report module") :]
+    example = section[section.index("```python\n") + 10 : section.index("```\n", 10)]
+    exec(compile(example, "benchmarks/README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("# Sum: np.sum against a Python loop\n")
+    assert "| case | np.sum | Python sum() | ratio |" in printed

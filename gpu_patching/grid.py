@@ -4,7 +4,7 @@ Everything here is written once against an array namespace ``xp`` (NumPy or
 CuPy) and works on a batch of samples that share one spatial shape, so the same
 code builds the tables on the host and on the device.
 
-The model (see ``DESIGN.md`` section 2), per spatial axis ``a`` of length
+The model (see ``docs/design.md``, section 1), per spatial axis ``a`` of length
 ``D_a`` and patch size ``P_a``:
 
 * The grid has ``G_a = (D_a + 1) // P_a`` cells. Cell ``g`` holds the patch

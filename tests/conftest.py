@@ -1,7 +1,7 @@
 """Shared helpers for the test suite.
 
-The helpers here are written straight from the definitions of DESIGN.md
-section 2, independently of the library's grid code, so that the tests compare
+The helpers here are written straight from the definitions of docs/design.md
+section 1, independently of the library's grid code, so that the tests compare
 the library against the specification rather than against itself:
 
 * a corner ``c`` is valid iff ``0 <= c_a <= D_a - P_a``;
@@ -65,7 +65,7 @@ def numpy_sampler(
 
 
 def grid_shape(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> Cell:
-    """``G_a = (D_a + 1) // P_a`` cells per axis (DESIGN.md section 2)."""
+    """``G_a = (D_a + 1) // P_a`` cells per axis (docs/design.md section 1)."""
     return tuple((d + 1) // p for d, p in zip(spatial_shape, patch_size, strict=True))
 
 
@@ -168,7 +168,7 @@ def expected_sample_patches(
     excluded_cells: Iterable[Sequence[int]],
     probabilities: Mapping[Cell, float] | None = None,
 ) -> int:
-    """The number of patches of one sample, recomputed from DESIGN.md section 2.
+    """The number of patches of one sample, recomputed from docs/design.md section 1.
 
     ``n = 0`` when no selectable corner lies in a region with ``p > 0``, else
     ``max(1, ceil(prod(D / P) - sum_g (1 - p_g) - n_excluded))``.

@@ -1,4 +1,4 @@
-"""Bad input (DESIGN.md section 6).
+"""Bad input (docs/design.md section 4).
 
 Every bad input raises ``ValueError``, ``TypeError`` or ``IndexError`` with a
 message that names the offending value, and a rejected call leaves the sampler

@@ -1,4 +1,4 @@
-"""Philox4x32-10 and the counter layout (DESIGN.md section 3)."""
+"""Philox4x32-10 and the counter layout (docs/design.md section 2)."""
 
 from __future__ import annotations
 

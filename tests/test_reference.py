@@ -1,7 +1,7 @@
 """Side by side with the reference: CAREamics 0.3.5 ``StratifiedPatching``.
 
 A user of the reference must be able to swap ours in without changing a line
-(DESIGN.md section 1), so every deterministic answer must agree: the grid
+(docs/design.md), so every deterministic answer must agree: the grid
 coordinates, the included coordinates, the patch indices of every stack, the
 number of patches, and which sample each patch index comes from. The random
 corners themselves differ by design (different generators).
@@ -204,7 +204,7 @@ def test_n_patches_is_within_one_of_the_reference_with_random_probabilities(
         for sample_idx, sample in enumerate(samples):
             key = (data_idx, sample_idx)
             if key in massless:
-                # Every selectable corner has p = 0: DESIGN.md gives n = 0; the
+                # Every selectable corner has p = 0: docs/design.md gives n = 0; the
                 # reference keeps n > 0 but cannot draw (0 / 0 weights).
                 assert counts[key] == 0
                 continue

@@ -1,6 +1,6 @@
 """The documented sampling behaviour of ``StratifiedPatching`` (NumPy backend).
 
-SEED.md states what the sampler promises; DESIGN.md sections 2 and 3 say how.
+docs/design.md states what the sampler promises (sections 1 and 2) and how.
 Each test checks one rule. Probabilities are computed exactly where the draw
 algorithm allows it (every stratum ``[lo_j, hi_j)`` of mass points is drawn
 once per epoch, each point with probability ``1 / (hi_j - lo_j)``); where a
@@ -36,7 +36,7 @@ from draw_reference import stratum_points
 
 from gpu_patching import PatchBatch, StratifiedPatching
 
-PROB_ONE = 1 << 20  # the quantisation step of DESIGN.md section 2
+PROB_ONE = 1 << 20  # the quantisation step of docs/design.md section 1
 
 
 def cell_of(corners: np.ndarray, patch_size) -> np.ndarray:

@@ -66,7 +66,7 @@ def chi_square_z(counts: np.ndarray) -> float:
 def probability_sampler(n_patches_wanted: int) -> StratifiedPatching:
     """A sampler whose one sample has exactly the wanted number of patches (>= 1)."""
     sampler = numpy_sampler([(1, 1, 80, 80)], (4, 4), seed=11)  # 400 cells
-    # Each probability-0 region takes one patch off the count (DESIGN.md section 2).
+    # Each probability-0 region takes one patch off the count (docs/design.md, patches per sample).
     cells = 400 - n_patches_wanted
     grid = np.ones((20, 20))
     grid.reshape(-1)[:cells] = 0.0

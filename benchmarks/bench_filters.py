@@ -60,6 +60,9 @@ from gpu_patching import (
 RESULTS = RESULTS_DIR / "filters.md"
 # The threads region_statistics uses by default (workers=None).
 THREADS = stats._check_workers(None)
+#: The image of issue 6 (65,832 regions of 32x32), and the --quick one.
+SHAPE = (10000, 6760)
+QUICK_SHAPE = (2500, 1690)
 PATCH = (32, 32)
 BINS = 64
 THRESHOLD = 400.0  # between the background (~100) and the foreground (~1000)
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
 
-    shape = (2500, 1690) if args.quick else (10000, 6760)
+    shape = QUICK_SHAPE if args.quick else SHAPE
     repeats = 3 if args.quick else 7
     stack, mask_stack = make_image(shape)
     regions = ((shape[0] + 1) // PATCH[0]) * ((shape[1] + 1) // PATCH[1])

@@ -19,13 +19,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 from typing import Any
 
-import numpy as np
 import pytest
+from bench_host import host_cupy
 
 from gpu_patching import StratifiedPatching
 from gpu_patching.grid import MAX_PROBABILITY
@@ -54,70 +53,7 @@ def _no_device_env() -> dict[str, str]:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
-# -- a host stand-in for the CuPy calls of the script ------------------------------------
-
-
-class _Event:
-    def record(self, stream: Any = None) -> None:
-        self.at = time.perf_counter()
-
-    def synchronize(self) -> None:
-        return None
-
-
-class _HostArray(np.ndarray):
-    """A NumPy array whose ``data`` copies bytes as a CuPy MemoryPointer does."""
-
-    @property
-    def data(self) -> Any:  # type: ignore[override]
-        array = self
-
-        def copy_from_device_async(source: Any, nbytes: int, stream: Any = None) -> None:
-            target = array.reshape(-1).view(np.uint8)
-            target[:nbytes] = source.array.reshape(-1).view(np.uint8)[:nbytes]
-
-        return SimpleNamespace(array=self, copy_from_device_async=copy_from_device_async)
-
-
-class _ElementwiseKernel:
-    """The bandwidth kernels: ``y = x`` and ``y = v`` both assign their input to the output."""
-
-    def __init__(self, inputs: str, outputs: str, operation: str, name: str) -> None:
-        assert operation in ("y = x", "y = v"), operation
-
-    def __call__(self, value: Any, out: Any) -> None:
-        out[...] = value
-
-
-def _host_cupy() -> Any:
-    """What bench_gpu uses of CuPy, on the host."""
-    pool = SimpleNamespace(free_all_blocks=lambda: None)
-    stream = SimpleNamespace(synchronize=lambda: None)
-    properties = {"name": b"Host stand-in", "multiProcessorCount": 2, "totalGlobalMem": 1 << 34}
-    return SimpleNamespace(
-        __version__="host",
-        uint64=np.uint64,
-        int64=np.int64,
-        asarray=np.asarray,
-        ones=lambda n, dtype: np.ones(n, dtype).view(_HostArray),
-        zeros=lambda n, dtype: np.zeros(n, dtype).view(_HostArray),
-        ElementwiseKernel=_ElementwiseKernel,
-        cuda=SimpleNamespace(
-            Event=_Event,
-            Device=lambda: SimpleNamespace(id=0, synchronize=lambda: None),
-            get_current_stream=lambda: stream,
-            get_elapsed_time=lambda start, end: (end.at - start.at) * 1e3,
-            runtime=SimpleNamespace(
-                memGetInfo=lambda: (1 << 34, 1 << 34),
-                getDeviceProperties=lambda device: properties,
-                runtimeGetVersion=lambda: 13000,
-                driverGetVersion=lambda: 13000,
-            ),
-            memory=SimpleNamespace(OutOfMemoryError=MemoryError),
-        ),
-        get_default_memory_pool=lambda: pool,
-        get_default_pinned_memory_pool=lambda: pool,
-    )
+# -- the sections' options and sizes ---------------------------------------------------------
 
 
 def _args(**overrides: Any) -> argparse.Namespace:
@@ -135,7 +71,7 @@ def _args(**overrides: Any) -> argparse.Namespace:
 
 
 def _session(**overrides: Any) -> Any:
-    return bench.Session(_args(**overrides), _host_cupy(), bench.Report(echo=False), "numpy")
+    return bench.Session(_args(**overrides), host_cupy(), bench.Report(echo=False), "numpy")
 
 
 @pytest.fixture
@@ -173,20 +109,20 @@ def epoch_result() -> dict[str, Any]:
     """measure_epoch's real output (the NumPy backend on both sides)."""
     case = _small_case()
     result: dict[str, Any] = bench.measure_epoch(
-        _host_cupy(), _sampler(case), _sampler(case), quick=True
+        host_cupy(), _sampler(case), _sampler(case), quick=True
     )
     return result
 
 
 @pytest.fixture(scope="module")
 def latency_result() -> dict[str, Any]:
-    result: dict[str, Any] = bench.measure_latency(_host_cupy(), _sampler(_small_case()), 5)
+    result: dict[str, Any] = bench.measure_latency(host_cupy(), _sampler(_small_case()), 5)
     return result
 
 
 @pytest.fixture(scope="module")
 def order_result() -> dict[str, Any]:
-    result: dict[str, Any] = bench.measure_orders(_host_cupy(), _sampler(_small_case()), 0.01, 2)
+    result: dict[str, Any] = bench.measure_orders(host_cupy(), _sampler(_small_case()), 0.01, 2)
     return result
 
 
@@ -333,7 +269,7 @@ def test_measure_latency_and_its_row(latency_result: dict[str, Any]) -> None:
 def test_measure_updates_and_their_rows() -> None:
     shapes, patch = [(1, 1, 640, 640)], (32, 32)
     host = bench.measure_updates("numpy", shapes, patch, 2)
-    native = bench.measure_updates("numpy", shapes, patch, 2, _host_cupy())
+    native = bench.measure_updates("numpy", shapes, patch, 2, host_cupy())
     assert set(host) == set(native) == {key for key, _ in bench.UPDATE_ROWS}
     assert all(t > 0 for t in host.values())
     for other in (None, host):
@@ -421,7 +357,7 @@ def test_same_batches_compares_every_column() -> None:
 
 def test_bandwidth_section_on_a_real_measurement() -> None:
     nbytes = 1 << 12
-    seconds = bench.measure_copy_bandwidth(_host_cupy(), nbytes, per_burst=3, rounds=2)
+    seconds = bench.measure_copy_bandwidth(host_cupy(), nbytes, per_burst=3, rounds=2)
     lines, copy_roof, fill_roof = bench.bandwidth_section(seconds, nbytes)
     assert copy_roof == max(nbytes / seconds["memcpy"], nbytes / seconds["copy"])
     assert fill_roof == nbytes / seconds["fill"]
@@ -597,7 +533,7 @@ def test_the_whole_run_builds_its_report_from_real_measurements(
 
     monkeypatch.setattr(bench, "run_launch_probe", probe)
     output = tmp_path / "gpu.md"
-    text = bench.run(_args(output=output), _host_cupy(), backend="numpy")
+    text = bench.run(_args(output=output), host_cupy(), backend="numpy")
     capsys.readouterr()
     assert output.read_text() == text
     for heading in (

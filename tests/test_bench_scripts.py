@@ -1,0 +1,171 @@
+"""The CPU, crop and filter benchmark scripts, run end to end on tiny cases.
+
+Each script's measurements run for real (on the host; the crop script's GPU
+part on a host stand-in for CuPy and the shipped crop kernel compiled for the
+host), and their results feed the scripts' own report code: a table that reads
+a result a measurement does not return fails here. The timings themselves are
+not checked (speed is for the scripts to report, not for tests to assert).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+from bench_host import host_cupy
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import _report by name
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_cpu = _load("bench_cpu")
+bench_crop = _load("bench_crop")
+bench_filters = _load("bench_filters")
+
+
+def _table(text: str, header_start: str) -> list[list[str]]:
+    """The rows of the markdown table whose header starts with ``header_start``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    width = len(lines[start].strip("|").split("|"))
+    assert all(len(row) == width for row in rows), rows
+    return rows
+
+
+# -- bench_cpu ----------------------------------------------------------------------------
+
+
+def test_bench_cpu_reports_every_case_against_the_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = ("tiny: 256x192, 32x32", [(1, 1, 256, 192)], (32, 32))
+    monkeypatch.setattr(bench_cpu, "CASES", [tiny])
+    monkeypatch.setattr(bench_cpu, "SCALING", [("48", [(1, 1, 256, 192)], (32, 32))])
+    output = tmp_path / "cpu.md"
+    text = bench_cpu.main(["--quick", "--output", str(output)])
+    capsys.readouterr()
+    assert output.read_text() == text
+    rows = _table(text, "| case | patches | what |")
+    whats = [row[2] for row in rows]
+    assert whats[:6] == [what for _, what in bench_cpu.CASE_ROWS]
+    referenced = "reference not available" not in text
+    if referenced:  # CAREamics installed: every row has a ratio, and the per-patch row
+        assert whats[6] == "epoch cost per patch"
+        assert all(row[5].startswith("x") for row in rows)
+    else:
+        assert all(row[5] == "n/a" for row in rows)
+    scaling = _table(text, "| regions | patches | setup / region |")
+    assert [row[0] for row in scaling] == ["48 (48)"]
+    orders = _table(text, "| case | patches | plain epoch |")
+    assert len(orders) == 1 and orders[0][4].startswith(("+", "-"))
+
+
+# -- bench_filters --------------------------------------------------------------------------
+
+
+def test_bench_filters_reports_every_statistic_and_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench_filters, "QUICK_SHAPE", (256, 192))
+    monkeypatch.setattr(bench_filters, "PILOT_REGIONS", 10)
+    output = tmp_path / "filters.md"
+    text = bench_filters.main(["--quick", "--no-gpu", "--output", str(output)])
+    capsys.readouterr()
+    assert output.read_text() == text
+    rows = _table(text, "| what | region-by-region loop |")
+    whats = [row[0] for row in rows]
+    for name in ("mean", "std", "max", "mean + std + max", "entropy", "coverage"):
+        assert name in whats
+        assert rows[whats.index(name)][3].startswith("x")  # loop / ours
+    assert any(what.startswith("filter_background") for what in whats)
+    assert "Target of issue 6: filtering at least x100" in text
+    assert "## GPU\n\nNot run: skipped with --no-gpu." in text
+
+
+# -- bench_crop -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_crops(monkeypatch: pytest.MonkeyPatch) -> None:
+    cases = (
+        bench_crop.Case("8x8 float32", (2, 1, 64, 48), (8, 8)),
+        bench_crop.Case("4x8x8 float32", (2, 1, 8, 16, 16), (4, 8, 8)),
+    )
+    monkeypatch.setattr(bench_crop, "CASES", cases)
+    monkeypatch.setattr(bench_crop, "BATCHES", (4, 16))
+    monkeypatch.setattr(bench_crop, "TARGET_BATCH", 16)
+    monkeypatch.setattr(bench_crop, "BANDWIDTH_BYTES", 1 << 12)
+
+
+@pytest.mark.usefixtures("tiny_crops")
+def test_bench_crop_cpu_part_compares_the_two_methods(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench_crop, "usable_cupy", lambda: (None, "no GPU in this test"))
+    output = tmp_path / "crop-cpu.md"
+    assert bench_crop.main(["--quick", "--output", str(output)]) == 0
+    capsys.readouterr()
+    text = output.read_text()
+    rows = _table(text, "| patch | batch | method |")
+    assert len(rows) == 2 * 2 * 4  # cases x batches x methods
+    assert {row[2] for row in rows} == {
+        "extract_patches (NumPy)",
+        "extract_patches (NumPy), out= reused",
+        "per-patch slicing loop",
+        "per-patch slicing loop, out reused",
+    }
+    assert "Both methods give identical arrays in every case: yes" in text
+    assert "GPU part: skipped: no GPU in this test" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop-cpu.md"]
+
+
+@pytest.mark.usefixtures("tiny_crops")
+def test_bench_crop_gpu_report_from_the_host_launched_kernel(
+    host_kernels: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpu_patching.crop import DeviceCrop
+
+    # The prepared launch gets the shipped crop kernel compiled for the host.
+    cropper = DeviceCrop(xp=np, functions=host_kernels.functions())
+    monkeypatch.setattr(bench_crop.crop_module, "_device_crop", lambda: cropper)
+    cupy = host_cupy()
+    results, copy_bandwidth = bench_crop.run_gpu(cupy, quick=True)
+    cpu = bench_crop.run_cpu(quick=True)
+    capsys.readouterr()
+    assert copy_bandwidth > 0
+    assert [(r["case"].label, r["n_rows"]) for r in results] == [
+        ("8x8 float32", 4),
+        ("8x8 float32", 16),
+        ("4x8x8 float32", 4),
+        ("4x8x8 float32", 16),
+    ]
+    assert all(r["same"] for r in results)  # the host kernel agrees with slicing
+    text = bench_crop.gpu_markdown(cupy, results, copy_bandwidth, cpu)
+    rows = _table(text, "| patch | batch | method | time per batch |")
+    assert len(rows) == 4 * 5  # cases x batches x methods
+    assert all(row[-1].endswith("%") for row in rows)  # a fraction of the copy bandwidth
+    assert "All methods give identical arrays in every case: yes" in text
+    verdicts = [line for line in text.splitlines() if line.startswith("- ")]
+    assert len(verdicts) == 2 and all("batch 16: crop kernel at" in v for v in verdicts)
+    assert "GPU: Host stand-in (device 0, 2 SMs" in text
+    assert len(_table(text, "| patch | batch | method | time per batch | patches/s | GB/s |")) > 0

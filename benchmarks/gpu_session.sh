@@ -235,7 +235,7 @@ fi
 if [ "$gpu_ok" -eq 1 ]; then
     run_memcheck
     run_launch_count
-    budget=$((BUDGET[bench-gpu] - 15))
+    budget=$((${BUDGET[bench-gpu]} - 15))
     step bench-gpu "$PY" benchmarks/bench_gpu.py --no-torch-profile --time-budget "$budget" \
         --epoch-budget 1.5
     step bench-crop "$PY" benchmarks/bench_crop.py --quick --output "$LOGS/crop-cpu.md"

@@ -17,8 +17,12 @@ cut patches out of them without ever reading a whole stack:
   it arrives; the rows keep the batch's order. Chunks go through a cache with
   a byte limit (:data:`DEFAULT_CACHE_BYTES`), so neighbouring batches that
   touch the same chunks do not decode them again.
-  :meth:`ChunkReader.batches` prefetches batch ``k + 1`` on a thread while
-  batch ``k`` trains.
+  :meth:`ChunkReader.batches` (what :class:`~gpu_patching.PatchLoader` uses)
+  reads ``W`` batches at once, each chunk once for all ``W`` (``W`` up to 16,
+  as many as a quarter of the cache's bytes can buffer), and reads the next
+  ``W`` on a thread while these train. The batches of a shuffled epoch are
+  spread over the whole stack, so a window of them shares most chunks: this
+  is what keeps shuffled epochs from decoding each chunk for a few patches.
 
 Why this and not one zarr read per patch: a zarr read decodes every chunk the
 selection touches, so slicing patch after patch decodes each chunk once per
@@ -33,10 +37,13 @@ against TensorStore on the same chunks: the asynchronous reads were as fast
 as TensorStore and faster than the synchronous reads, so TensorStore (an
 extra dependency that does not read tifffile's stores) is not used.
 
-Memory. What a read holds: the chunk cache (at most ``cache_bytes``), the
-chunks in flight (at most ``workers``, each dropped once its pieces are
-copied unless the cache keeps it), and the batches being assembled and handed
-over (two with :meth:`ChunkReader.batches`). Nothing grows with the store.
+Memory. ``cache_bytes`` budgets the cached chunks, the reads in flight (at
+most ``workers``, each holding up to three chunk sizes until its pieces are
+copied) and the batches read ahead; what is left of it after the other two
+is the cache's limit (:attr:`ChunkReader.cache_limit`). Beyond it, a pass
+holds the two batches it is handing over. Nothing grows with the store. (Reads
+in flight are never held back, so a budget smaller than three chunks per
+worker is exceeded by that much.)
 
 Faults. A chunk that fails to decode or read, a store whose metadata has
 disappeared, and a store whose shape, dtype or chunks changed since it was
@@ -74,6 +81,8 @@ from .specs import PatchBatch
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
+    "DEFAULT_WORKERS",
+    "MAX_READ_AHEAD",
     "ChunkPlan",
     "ChunkReader",
     "ChunkedStack",
@@ -90,6 +99,8 @@ __all__ = [
 DEFAULT_CACHE_BYTES = 512 << 20
 #: Default number of chunk reads in flight (zarr's codecs decode in threads).
 DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+#: The most batches :meth:`ChunkReader.batches` reads at once by default.
+MAX_READ_AHEAD = 16
 
 # OME-Zarr axis names to our letters (time points are samples).
 _OME_AXES = {"t": "S", "c": "C", "z": "Z", "y": "Y", "x": "X"}
@@ -646,6 +657,9 @@ class ChunkReader:
             raise ValueError(f"the stacks mix 2D and 3D shapes: {[s.shape for s in self.stacks]}")
         self.cache_bytes = limit
         self.workers = n_workers
+        # Reads in flight hold up to three chunk sizes each (see cache_limit).
+        self._in_flight_bytes = 3 * n_workers * max(s.chunk_bytes for s in self.stacks)
+        self._reserved_bytes = 0
         self.chunks_read = 0
         self.cache_hits = 0
         self._cache: OrderedDict[tuple[int, tuple[int, ...]], NDArray[Any]] = OrderedDict()
@@ -771,22 +785,72 @@ class ChunkReader:
             if isinstance(result, BaseException):
                 raise result
 
+    @property
+    def cache_limit(self) -> int:
+        """Bytes the cached chunks may take now.
+
+        ``cache_bytes`` less what reads in flight may hold (three chunk sizes
+        each: the compressed bytes, zarr's decoded chunk and its copy) and
+        less the batches a :meth:`batches` pass reads ahead.
+        """
+        return max(0, self.cache_bytes - self._in_flight_bytes - self._reserved_bytes)
+
     def _keep(self, key: tuple[int, tuple[int, ...]], block: NDArray[Any]) -> None:
-        """Put a chunk in the cache, evicting the least recently used over the limit."""
-        if key in self._cache or block.nbytes > self.cache_bytes:
-            return
-        self._cache[key] = block
-        self._cached_bytes += block.nbytes
-        while self._cached_bytes > self.cache_bytes:
+        """Put a chunk in the cache (if it fits), then evict down to the limit."""
+        if key not in self._cache and block.nbytes <= self.cache_limit:
+            self._cache[key] = block
+            self._cached_bytes += block.nbytes
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used chunks until the cache is within its limit."""
+        limit = self.cache_limit
+        while self._cached_bytes > limit:
             _, dropped = self._cache.popitem(last=False)
             self._cached_bytes -= dropped.nbytes
 
-    def batches(self, rows: PatchBatch, batch_size: int) -> Iterator[tuple[Any, PatchBatch]]:
-        """Yield ``(patches, batch)`` for consecutive slices of ``rows``, one batch ahead.
+    def read_ahead(self, batch_bytes: int) -> int:
+        """Return the batches :meth:`batches` reads at once by default.
 
-        Batch ``k + 1`` is read on a background thread while batch ``k`` is
-        used. A fault raises :class:`StoreError` here, in the consumer's
-        thread, instead of the batch it spoiled.
+        The largest ``W`` up to :data:`MAX_READ_AHEAD` whose buffers (see
+        :meth:`batches`) take at most a quarter of ``cache_bytes``; 1 when
+        even that of ``W = 2`` does not fit.
+
+        Parameters
+        ----------
+        batch_bytes : int
+            Bytes of one batch of patches.
+
+        Returns
+        -------
+        int
+            ``W >= 1``.
+        """
+        best = 1
+        for window in range(2, MAX_READ_AHEAD + 1):
+            if _reserved_batches(window) * batch_bytes <= self.cache_bytes // 4:
+                best = window
+        return best
+
+    def batches(
+        self, rows: PatchBatch, batch_size: int, *, read_ahead: int | None = None
+    ) -> Iterator[tuple[Any, PatchBatch]]:
+        """Yield ``(patches, batch)`` for consecutive slices of ``rows``, read ahead.
+
+        The rows are read ``W`` batches at a time (``read_ahead``): each chunk
+        the ``W`` batches touch is read once for all of them. This is what
+        makes shuffled epochs cheap: the patches of a shuffled epoch are
+        spread over the whole stack, so consecutive batches touch mostly the
+        same chunks. The next ``W`` batches are read on a background thread
+        while these are used. A fault raises :class:`StoreError` here, in the
+        consumer's thread, in place of the batches it spoiled. Every batch
+        holds exactly the rows it would hold with ``W = 1``, in order.
+
+        Memory: while the consumer uses a batch, the reader holds the batches
+        of the current window and of the next one (``2W`` batches; with
+        ``W = 1``, three while the consumer still holds the previous batch
+        during ``next()``); all but two of them are taken out of
+        ``cache_bytes`` for the pass (:attr:`cache_limit`).
 
         Parameters
         ----------
@@ -794,44 +858,78 @@ class ChunkReader:
             In-range rows with NumPy arrays (e.g. ``sample_epoch(e).to_numpy()``).
         batch_size : int
             Rows per batch (the last may be smaller).
+        read_ahead : int, optional
+            Batches read at once, ``W >= 1``; default :meth:`read_ahead` of
+            the batch's size in bytes.
 
-        Yields
-        ------
-        patches : numpy.ndarray
-            ``(len(batch), C, *patch_size)``.
-        batch : PatchBatch
-            The rows of these patches.
+        Returns
+        -------
+        iterator of (numpy.ndarray, PatchBatch)
+            ``(patches, batch)`` pairs: patches of shape
+            ``(len(batch), C, *patch_size)`` (a view of the window's array)
+            and the rows of these patches.
         """
         size = check.as_int(batch_size, "batch_size")
         if size < 1:
             raise ValueError(f"batch_size must be at least 1, got {size}")
-        starts = list(range(0, len(rows), size))
-        if not starts:
-            return
         patch_size = tuple(int(p) for p in rows.patch_size)
+        first = self.stacks[0]
+        batch_bytes = size * first.shape[1] * math.prod(patch_size) * first.dtype.itemsize
+        if read_ahead is None:
+            window = self.read_ahead(batch_bytes)
+        else:
+            window = check.as_int(read_ahead, "read_ahead")
+            if window < 1:
+                raise ValueError(f"read_ahead must be at least 1, got {window}")
+        return self._batches(rows, size, window, patch_size, batch_bytes)
+
+    def _batches(
+        self,
+        rows: PatchBatch,
+        size: int,
+        window: int,
+        patch_size: tuple[int, ...],
+        batch_bytes: int,
+    ) -> Iterator[tuple[Any, PatchBatch]]:
+        starts = list(range(0, len(rows), size))
+        windows = [starts[k : k + window] for k in range(0, len(starts), window)]
+        if not windows:
+            return
         prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu_patching_prefetch")
 
-        def submit(start: int) -> tuple[Future[NDArray[Any]], PatchBatch]:
-            batch = rows[start : start + size]
+        def submit(batch_starts: list[int]) -> Future[NDArray[Any]]:
+            part = rows[batch_starts[0] : batch_starts[-1] + size]
             host = (
-                np.asarray(batch.data_idx, dtype=np.int64),
-                np.asarray(batch.sample_idx, dtype=np.int64),
-                np.asarray(batch.coords, dtype=np.int64),
+                np.asarray(part.data_idx, dtype=np.int64),
+                np.asarray(part.sample_idx, dtype=np.int64),
+                np.asarray(part.coords, dtype=np.int64),
             )
-            return prefetch.submit(self.read, host, patch_size), batch
+            return prefetch.submit(self.read, host, patch_size)
 
-        pending: tuple[Future[NDArray[Any]], PatchBatch] | None = submit(starts[0])
+        reserved = _reserved_batches(window) * batch_bytes
+        with self._lock:
+            self._reserved_bytes += reserved
+            self._evict()
+        pending: Future[NDArray[Any]] | None = submit(windows[0])
         try:
-            for k in range(len(starts)):
+            for w, batch_starts in enumerate(windows):
                 assert pending is not None
-                future, batch = pending
-                patches = future.result()  # raises the reader's error here
-                pending = submit(starts[k + 1]) if k + 1 < len(starts) else None
-                yield patches, batch
+                patches = pending.result()  # raises the reader's error here
+                pending = None
+                for j, start in enumerate(batch_starts):
+                    # Read the next window once the consumer has let go of the
+                    # previous one: when it asks for this window's second
+                    # batch (at once when a window has one batch).
+                    if w + 1 < len(windows) and j == min(1, len(batch_starts) - 1):
+                        pending = submit(windows[w + 1])
+                    offset = start - batch_starts[0]
+                    yield patches[offset : offset + size], rows[start : start + size]
         finally:
             if pending is not None:
-                pending[0].cancel()
+                pending.cancel()
             prefetch.shutdown(wait=True)
+            with self._lock:
+                self._reserved_bytes -= reserved
 
     def close(self) -> None:
         """Drop the cache (the stacks stay open)."""
@@ -842,6 +940,11 @@ class ChunkReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reserved_batches(window: int) -> int:
+    """Batches a pass of ``window`` batches at a time holds beyond the two allowed."""
+    return max(1, 2 * window - 2)
 
 
 def check_reader_options(cache_bytes: Any, workers: Any) -> tuple[int, int]:

@@ -23,8 +23,8 @@ from gpu_patching.stores import (
     plan_chunks,
 )
 
-zarr = pytest.importorskip("zarr")
-tifffile = pytest.importorskip("tifffile")
+zarr = pytest.importorskip("zarr", minversion="3")
+tifffile = pytest.importorskip("tifffile", minversion="2025.5.21")
 from zarr.codecs import BloscCodec  # noqa: E402
 
 
@@ -234,16 +234,18 @@ def test_cache_serves_a_repeated_batch_within_its_byte_limit(tmp_path):
     batch = _batch((10, 10), [0, 0, 0], [(0, 0), (30, 30), (50, 10)])
     rows = (batch.data_idx, batch.sample_idx, batch.coords)
     chunk_bytes = 16 * 16 * 2
-    reader = ChunkReader([stack], cache_bytes=20 * chunk_bytes)
+    # One read in flight takes three chunk sizes of the budget.
+    reader = ChunkReader([stack], cache_bytes=(3 + 20) * chunk_bytes, workers=1)
+    assert reader.cache_limit == 20 * chunk_bytes
     reader.read(rows, (10, 10))
     log.keys.clear()
     again = reader.read(rows, (10, 10))
     assert [key for key in log.keys if key.startswith("c/")] == []
     assert reader.cache_hits == reader.chunks_read
     assert np.array_equal(again, _sliced(data, batch))
-    small = ChunkReader([stack], cache_bytes=3 * chunk_bytes)
+    small = ChunkReader([stack], cache_bytes=(3 + 3) * chunk_bytes, workers=1)
     small.read(rows, (10, 10))
-    assert 0 < small.cached_bytes <= 3 * chunk_bytes
+    assert small.cached_bytes == 3 * chunk_bytes  # 9 chunks read, the last 3 kept
 
 
 def test_plan_tiles_every_patch_once():
@@ -263,6 +265,38 @@ def test_plan_tiles_every_patch_once():
     assert (coverage == 1).all()
     keys = {(int(s), tuple(c)) for s, c in zip(plan.stack, plan.chunk.tolist(), strict=True)}
     assert len(keys) == len(plan.chunk)
+
+
+def test_read_ahead_windows_give_the_same_batches_and_read_each_chunk_once(tmp_path):
+    data = _data((1, 1, 48, 48), seed=16)
+    _write(tmp_path / "a.zarr", data, (1, 1, 16, 16))
+    stack, log = _logged_stack(tmp_path / "a.zarr")
+    strategy = StratifiedPatching([data.shape], (8, 8), seed=2)
+    rows = strategy.sample_epoch(0, shuffle=True).to_numpy()[:40]
+    one_at_a_time = ChunkReader([stack], cache_bytes=0)
+    expected = [(p.copy(), b) for p, b in one_at_a_time.batches(rows, 6, read_ahead=1)]
+    windowed = ChunkReader([stack], cache_bytes=0)
+    log.keys.clear()
+    got = list(windowed.batches(rows, 6, read_ahead=4))
+    assert len(got) == len(expected) == -(-len(rows) // 6)
+    for (patches, batch), (want, want_batch) in zip(got, expected, strict=True):
+        assert np.array_equal(batch.coords, want_batch.coords)
+        assert np.array_equal(patches, want)
+    chunk_gets = [key for key in log.keys if key.startswith("c/")]
+    # two windows (24 and 12 rows), each reading each of its chunks once
+    assert len(chunk_gets) == windowed.chunks_read <= 2 * 9
+    assert windowed.chunks_read < one_at_a_time.chunks_read
+    with pytest.raises(ValueError, match="read_ahead"):
+        windowed.batches(rows, 6, read_ahead=0)
+
+
+def test_default_read_ahead_buffers_a_quarter_of_the_cache_at_most(tmp_path):
+    stack = open_stack(_write(tmp_path / "a.zarr", _data((1, 1, 32, 32)), (1, 1, 16, 16)))
+    batch_bytes = 1 << 20
+    assert ChunkReader([stack], cache_bytes=0).read_ahead(batch_bytes) == 1
+    # 2W - 2 batches of buffers within 8 MiB: W = 5
+    assert ChunkReader([stack], cache_bytes=32 << 20).read_ahead(batch_bytes) == 5
+    assert ChunkReader([stack], cache_bytes=1 << 40).read_ahead(batch_bytes) == 16
 
 
 # -- the loader ----------------------------------------------------------------------------

@@ -1,0 +1,624 @@
+"""Patches from chunked stores: our loader against per-patch zarr slicing.
+
+The cases of issue 15, on stores this script writes (OME-Zarr 0.5 images,
+zarr format 3, uint16, zstd through Blosc with byte shuffle):
+
+* 2D: 20000x20000 (800 MB raw), 1024x1024 chunks, 64x64 patches;
+* 3D: 256x2048x2048 (2 GB raw), 64x256x256 chunks, 16x64x64 patches;
+
+batches of 128. Rows of each case:
+
+* per-patch slicing: one zarr read per patch (``array[z:z+pz, y:y+py,
+  x:x+px]``), what CAREamics' zarr image stack does per item, and CAREamics'
+  own ``ZarrImageStack.extract_patch`` where its module loads;
+* ours: :class:`gpu_patching.PatchLoader` on the store (each chunk a batch
+  touches read once, a 512 MiB chunk cache, the next batch read while the
+  current one is used), with one and two reads in flight, on the shuffled
+  epoch order (what training uses) and on the sampler's plain order;
+* time to the first batch and peak memory (tracemalloc) of ours against
+  reading the whole stack first.
+
+Before the cases, the chunk reader is chosen by measurement: the same chunks
+read by per-chunk synchronous zarr calls (one thread, and a pool of two), by
+zarr's asynchronous API (what :class:`gpu_patching.stores.ChunkReader` uses)
+and by TensorStore when it imports (``--tensorstore-path`` adds a folder to
+``sys.path``; it is not a dependency). Throughputs are measured for a fixed
+time from a fresh loader (cold cache), so they include the cache's warm-up.
+
+The stores go to ``--store-dir`` (default ``/tmp/gpu-patching-stores``) and
+are deleted at the end unless ``--keep``; a later run reuses kept stores.
+``--quick`` uses 4096x4096 and 64x512x512 stores. The markdown goes to
+``benchmarks/results/stores.md`` unless ``--output`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import shutil
+import sys
+import time
+import tracemalloc
+import types
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib.metadata import version as _version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _report import (
+    RESULTS_DIR,
+    Report,
+    fmt_bytes,
+    fmt_rate,
+    fmt_ratio,
+    fmt_time,
+    fmt_verdict,
+    machine_line,
+    markdown_table,
+)
+
+from gpu_patching import PatchLoader, StratifiedPatching, extract_patches
+from gpu_patching.stores import DEFAULT_CACHE_BYTES, ChunkReader, open_stack, plan_chunks
+
+RESULTS = RESULTS_DIR / "stores.md"
+BATCH = 128
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple[int, ...]  # stored axes (Z)YX
+    chunks: tuple[int, ...]
+    patch: tuple[int, ...]
+
+    @property
+    def axes(self) -> str:
+        return "zyx"[3 - len(self.shape) :]
+
+    @property
+    def raw_bytes(self) -> int:
+        return int(np.prod(self.shape)) * 2
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        return [
+            Case("2D", (4096, 4096), (1024, 1024), (64, 64)),
+            Case("3D", (64, 512, 512), (64, 256, 256), (16, 64, 64)),
+        ]
+    return [
+        Case("2D", (20000, 20000), (1024, 1024), (64, 64)),
+        Case("3D", (256, 2048, 2048), (64, 256, 256), (16, 64, 64)),
+    ]
+
+
+# -- the stores ------------------------------------------------------------------------
+
+
+def _slab(rng: np.random.Generator, origin: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """Microscopy-like uint16 pixels: a background level, smooth structure, noise.
+
+    The structure is a sum of one smooth profile per axis (cheap to make at
+    this size); the noise spans 64 levels, so the chunks compress about 2:1.
+    """
+    pixels = np.full(shape, 400, dtype=np.uint16)
+    for k, (start, size) in enumerate(zip(origin, shape, strict=True)):
+        axis = np.arange(start, start + size, dtype=np.float32)
+        profile = (150 * (1 + np.sin(axis / np.float32(37 + 11 * k)))).astype(np.uint16)
+        pixels += profile.reshape([size if a == k else 1 for a in range(len(shape))])
+    pixels += rng.integers(0, 64, size=shape, dtype=np.uint16)
+    return pixels
+
+
+def ensure_store(folder: Path, case: Case) -> Path:
+    """Write the case's OME-Zarr image once (reused when it is already there)."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    path = folder / f"{case.name.lower()}.ome.zarr"
+    if path.exists():
+        try:
+            array = zarr.open_array(str(path / "0"), mode="r")
+            if array.shape == case.shape and array.chunks == case.chunks:
+                return path
+        except Exception:
+            pass
+        shutil.rmtree(path)
+    start = time.perf_counter()
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    array = group.create_array(
+        "0",
+        shape=case.shape,
+        chunks=case.chunks,
+        dtype=np.uint16,
+        compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+    )
+    rng = np.random.default_rng(2026)
+    # Slabs of one chunk along the first axis and at most 64 MiB.
+    step = list(case.chunks)
+    for axis in range(1, len(case.shape)):
+        step[axis] = case.shape[axis]
+    while int(np.prod(step)) * 2 > 64 << 20 and step[1] > case.chunks[1]:
+        step[1] = max(case.chunks[1], step[1] // 2 // case.chunks[1] * case.chunks[1])
+    for origin in np.ndindex(*(-(-n // s) for n, s in zip(case.shape, step, strict=True))):
+        low = [o * s for o, s in zip(origin, step, strict=True)]
+        high = [min(lo + s, n) for lo, s, n in zip(low, step, case.shape, strict=True)]
+        size = tuple(h - lo for lo, h in zip(low, high, strict=True))
+        array[tuple(slice(lo, h) for lo, h in zip(low, high, strict=True))] = _slab(
+            rng, tuple(low), size
+        )
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [{"name": a, "type": "space"} for a in case.axes],
+                "datasets": [
+                    {
+                        "path": "0",
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [1.0] * len(case.shape)}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    stored = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(
+        f"wrote {path} ({fmt_bytes(case.raw_bytes)} raw, {fmt_bytes(stored)} stored) in "
+        f"{time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
+    return path
+
+
+# -- the baselines -----------------------------------------------------------------------
+
+
+_CAREAMICS: list[tuple[Any, str]] = []
+
+
+def careamics_stack_class() -> tuple[Any, str]:
+    """CAREamics' ZarrImageStack, loaded once from its files without CAREamics' __init__."""
+    if not _CAREAMICS:
+        _CAREAMICS.append(_load_careamics_stack())
+    return _CAREAMICS[0]
+
+
+def _load_careamics_stack() -> tuple[Any, str]:
+    try:
+        spec = importlib.util.find_spec("careamics")
+        if spec is None or not spec.submodule_search_locations:
+            return None, "careamics is not installed"
+        root = Path(next(iter(spec.submodule_search_locations)))
+        # CAREamics' package __init__ imports PyTorch Lightning and more; the
+        # zarr stack needs only NumPy, zarr and two helper modules.
+        for name, folder in (
+            ("careamics", root),
+            ("careamics.utils", root / "utils"),
+            ("careamics.dataset", root / "dataset"),
+            ("careamics.dataset.image_stack", root / "dataset" / "image_stack"),
+            (
+                "careamics.dataset.image_stack.image_utils",
+                root / "dataset" / "image_stack" / "image_utils",
+            ),
+        ):
+            if name not in sys.modules:
+                package = types.ModuleType(name)
+                package.__path__ = [str(folder)]
+                sys.modules[name] = package
+        module = importlib.import_module("careamics.dataset.image_stack.zarr_image_stack")
+        return module.ZarrImageStack, "CAREamics 0.3.5 ZarrImageStack.extract_patch"
+    except Exception as error:  # a different CAREamics layout: say why
+        return None, f"CAREamics' ZarrImageStack did not load ({type(error).__name__}: {error})"
+
+
+def rate_for(seconds: float, step: Callable[[int], int], limit: int) -> tuple[float, int]:
+    """Run ``step(k)`` (returning patches done) for ``seconds``; return (patches/s, patches)."""
+    done = 0
+    start = time.perf_counter()
+    k = 0
+    while k < limit:
+        done += step(k)
+        k += 1
+        if time.perf_counter() - start >= seconds:
+            break
+    return done / (time.perf_counter() - start), done
+
+
+def per_patch_rate(array: Any, rows: Any, seconds: float) -> tuple[float, int]:
+    patch = rows.patch_size
+
+    def one(k: int) -> int:
+        corner = rows.coords[k].tolist()
+        np.asarray(array[tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True))])
+        return 1
+
+    return rate_for(seconds, one, len(rows))
+
+
+def careamics_rate(cls: Any, path: Path, case: Case, rows: Any, seconds: float) -> float:
+    import zarr
+
+    stack = cls(zarr.open_group(str(path), mode="r"), "0", case.axes.upper())
+
+    def one(k: int) -> int:
+        stack.extract_patch(0, None, rows.coords[k].tolist(), rows.patch_size)
+        return 1
+
+    return rate_for(seconds, one, len(rows))[0]
+
+
+def loader_batches(loader: PatchLoader) -> Iterator[Any]:
+    for patches, _ in loader:
+        yield patches
+
+
+def loader_rate(
+    stack: Any, strategy: Any, shuffle: bool, workers: int, seconds: float
+) -> tuple[float, ChunkReader]:
+    """Patches/s of a fresh PatchLoader (its default read-ahead) for ``seconds``."""
+    loader = PatchLoader([stack], strategy, BATCH, shuffle=shuffle, workers=workers)
+    batches = iter(loader_batches(loader))
+    rate, _ = rate_for(seconds, lambda k: len(next(batches)), len(loader))
+    batches.close()
+    assert loader._reader is not None
+    return rate, loader._reader
+
+
+def per_batch_rate(
+    stack: Any, rows: Any, workers: int, seconds: float
+) -> tuple[float, ChunkReader]:
+    """Patches/s of the reader one batch at a time (read_ahead=1), for ``seconds``."""
+    reader = ChunkReader([stack], workers=workers)
+    batches = reader.batches(rows, BATCH, read_ahead=1)
+    rate, _ = rate_for(seconds, lambda k: len(next(batches)[0]), -(-len(rows) // BATCH))
+    batches.close()  # type: ignore[attr-defined]
+    return rate, reader
+
+
+def reads_note(reader: ChunkReader) -> str:
+    touched = reader.chunks_read + reader.cache_hits
+    return (
+        f"{reader.chunks_read:,} chunks read, {reader.cache_hits:,} from the cache "
+        f"({reader.cache_hits / max(1, touched):.0%})"
+    )
+
+
+# -- the reader choice -------------------------------------------------------------------
+
+
+def reader_choice(path: Path, case: Case, tensorstore_path: str | None) -> list[str]:
+    """The same chunks read four ways: ms per chunk."""
+    stack = open_stack(path)
+    grid = stack.chunk_grid[2:]
+    n_chunks = min(24, int(np.prod(grid)))
+    picks = np.random.default_rng(1).choice(int(np.prod(grid)), n_chunks, replace=False)
+    indices = [np.unravel_index(int(p), grid) for p in picks]
+    boxes = [
+        tuple(
+            slice(int(i) * c, min((int(i) + 1) * c, n))
+            for i, c, n in zip(ix, case.chunks, case.shape, strict=True)
+        )
+        for ix in indices
+    ]
+    array = stack.array
+    results: list[tuple[str, float | None, str]] = []
+
+    def best(function: Callable[[], Any], repeats: int = 3) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - start)
+        return min(times) / n_chunks
+
+    results.append(
+        ("zarr, one synchronous read per chunk", best(lambda: [array[b] for b in boxes]), "")
+    )
+    with ThreadPoolExecutor(2) as pool:
+        results.append(
+            (
+                "zarr, synchronous reads from a pool of 2 threads",
+                best(lambda: list(pool.map(lambda b: array[b], boxes))),
+                "",
+            )
+        )
+    # One patch at each chunk's origin: the reader reads exactly these chunks.
+    coords = np.array([[b.start for b in box] for box in boxes], dtype=np.int64)
+    rows = (np.zeros(n_chunks, np.int64), np.zeros(n_chunks, np.int64), coords)
+    for workers in (1, 2):
+        reader = ChunkReader([stack], cache_bytes=0, workers=workers)
+        results.append(
+            (
+                f"zarr async (ChunkReader, {workers} in flight)",
+                best(lambda reader=reader: reader.read(rows, (1,) * len(case.shape))),
+                "ours",
+            )
+        )
+    if tensorstore_path:
+        sys.path.insert(0, tensorstore_path)
+    try:
+        import tensorstore as ts
+
+        handle = ts.open(
+            {
+                "driver": "zarr3",
+                "kvstore": {"driver": "file", "path": str(path / "0")},
+                "context": {
+                    "cache_pool": {"total_bytes_limit": 0},
+                    "data_copy_concurrency": {"limit": 2},
+                },
+            },
+            read=True,
+        ).result()
+        results.append(
+            (
+                f"TensorStore {_version('tensorstore')}, all reads issued at once "
+                "(2 copy threads, no cache)",
+                best(lambda: [f.result() for f in [handle[b].read() for b in boxes]]),
+                "",
+            )
+        )
+    except ImportError:
+        results.append(("TensorStore", None, "not installed (optional; not a dependency)"))
+    ours = min(r[1] for r in results if r[2] == "ours" and r[1] is not None)
+    rows_md = [
+        [name, "n/a" if value is None else fmt_time(value), note or fmt_ratio(value, ours, 2)]
+        for name, value, note in results
+    ]
+    lines = [
+        f"### Choosing the reader ({case.name} store, {n_chunks} chunks of "
+        f"{fmt_bytes(stack.chunk_bytes)}, best of 3)",
+        "",
+        *markdown_table(["reader", "time per chunk", "vs ours (x = ours faster)"], rows_md, "lrr"),
+        "",
+    ]
+    ts_rows = [r for r in results if r[0].startswith("TensorStore ") and r[1] is not None]
+    if ts_rows:
+        ts_time = ts_rows[0][1]
+        assert ts_time is not None
+        verdict = (
+            "faster than ours by more than 20%: worth adopting"
+            if ts_time < 0.8 * ours
+            else "within 20% of ours or slower"
+        )
+        lines += [
+            f"TensorStore: {fmt_time(ts_time)} per chunk, {verdict}. The chunks' decode "
+            "dominates both; ours stays on zarr's asynchronous API, which needs no extra "
+            "dependency and also reads TIFFs through tifffile's zarr store.",
+            "",
+        ]
+    return lines
+
+
+# -- one case ----------------------------------------------------------------------------
+
+
+def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[str, Any]:
+    import zarr
+
+    stack = open_stack(path)  # OME-Zarr: level 0, axes from the metadata
+    array = zarr.open_array(str(path / "0"), mode="r")
+    strategy = StratifiedPatching([stack.shape], case.patch, seed=0)
+    shuffled = strategy.sample_epoch(0, shuffle=True).to_numpy()
+    batch_bytes = BATCH * int(np.prod(case.patch)) * 2
+    report.emit(
+        f"### {case.name}: {'x'.join(map(str, case.shape))} uint16 "
+        f"({fmt_bytes(case.raw_bytes)} raw), chunks {'x'.join(map(str, case.chunks))} "
+        f"({fmt_bytes(stack.chunk_bytes)}), patches {'x'.join(map(str, case.patch))}, "
+        f"batch {BATCH}, {strategy.n_patches:,} patches per epoch",
+        "",
+    )
+    slicing, _ = per_patch_rate(array, shuffled, seconds)
+    rows: list[list[str]] = [
+        ["per-patch zarr slicing", "shuffled", "1", fmt_rate(slicing), "x1", ""]
+    ]
+    cls, why = careamics_stack_class()
+    if cls is not None:
+        rate = careamics_rate(cls, path, case, shuffled, seconds)
+        rows.append([why, "shuffled", "1", fmt_rate(rate), fmt_ratio(rate, slicing, 2), ""])
+    else:
+        rows.append(["CAREamics ZarrImageStack", "shuffled", "1", "n/a", "n/a", why])
+    figures: dict[str, Any] = {"slicing": slicing}
+    rate, reader = per_batch_rate(stack, shuffled, 2, seconds)
+    rows.append(
+        [
+            "ours, one batch at a time (read_ahead=1)",
+            "shuffled",
+            "2",
+            fmt_rate(rate),
+            fmt_ratio(rate, slicing, 1),
+            reads_note(reader),
+        ]
+    )
+    del reader
+    gc.collect()
+    window = ChunkReader([stack]).read_ahead(batch_bytes)
+    for shuffle in (True, False):
+        for workers in (1, 2):
+            rate, reader = loader_rate(stack, strategy, shuffle, workers, seconds)
+            order = "shuffled" if shuffle else "plain"
+            rows.append(
+                [
+                    f"ours (PatchLoader: {window} batches read at once)",
+                    order,
+                    str(workers),
+                    fmt_rate(rate),
+                    fmt_ratio(rate, slicing, 1),
+                    reads_note(reader),
+                ]
+            )
+            figures[(order, workers)] = rate
+            del reader
+            gc.collect()
+    report.emit(
+        *markdown_table(
+            ["method", "order", "threads", "patches/s", "vs slicing", "chunks"], rows, "llrrrl"
+        ),
+        "",
+    )
+
+    # Time to the first batch (a fresh loader, cold cache), then peak memory
+    # under tracemalloc: ours vs reading the whole stack.
+    gc.collect()
+    start = time.perf_counter()
+    loader = PatchLoader([stack], strategy, BATCH, shuffle=True, workers=2)
+    next(iter(loader))
+    first_ours = time.perf_counter() - start
+    del loader
+    gc.collect()
+    tracemalloc.start()
+    start = time.perf_counter()
+    loader = PatchLoader([stack], strategy, BATCH, shuffle=True, workers=2)
+    batches = iter(loader)
+    next(batches)
+    n_batches = 1
+    while time.perf_counter() - start < seconds and n_batches < len(loader):
+        next(batches)
+        n_batches += 1
+    batches.close()
+    _, peak_ours = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del loader, batches
+    gc.collect()
+    tracemalloc.start()
+    start = time.perf_counter()
+    whole = np.asarray(array[...])
+    first_batch = shuffled[:BATCH]
+    rows_whole = (
+        np.zeros(BATCH, np.int64),
+        np.zeros(BATCH, np.int64),
+        first_batch.coords.astype(np.int64),
+    )
+    view = whole.reshape(stack.shape)
+    extract_patches([view], first_batch)
+    first_whole = time.perf_counter() - start
+    _, peak_whole = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del whole, view
+    gc.collect()
+    bound = DEFAULT_CACHE_BYTES + 2 * batch_bytes
+    report.emit(
+        *markdown_table(
+            ["", "time to first batch", "peak memory (tracemalloc)"],
+            [
+                [
+                    "ours (shuffled, 2 in flight)",
+                    fmt_time(first_ours),
+                    f"{fmt_bytes(peak_ours)} over {n_batches} batches",
+                ],
+                ["read the whole stack first", fmt_time(first_whole), fmt_bytes(peak_whole)],
+            ],
+            "lrr",
+        ),
+        "",
+        "(The whole-stack read is timed with tracemalloc on: it makes a few large "
+        "allocations, so the tracing costs it little.)",
+        "",
+        f"Memory bound of ours: cache_bytes {fmt_bytes(DEFAULT_CACHE_BYTES)} (the cached "
+        "chunks, the reads in flight and the batches read ahead) + two batches "
+        f"({fmt_bytes(2 * batch_bytes)}) = {fmt_bytes(bound)}; peak {fmt_bytes(peak_ours)}: "
+        f"within: {fmt_verdict(peak_ours <= bound)}.",
+        "",
+    )
+
+    # Device output: what an upload of the assembled batch moves, against
+    # uploading the chunks it touches to crop them on the device.
+    plan = plan_chunks([stack.shape], [stack.chunks], rows_whole, case.patch)
+    chunk_bytes = len(plan.chunk) * stack.chunk_bytes
+    report.emit(
+        f"Device output (first shuffled batch): the assembled batch is {fmt_bytes(batch_bytes)}; "
+        f"the {len(plan.chunk)} chunks it touches are {fmt_bytes(chunk_bytes)} "
+        f"({fmt_ratio(chunk_bytes, batch_bytes)} the bytes to copy over PCIe).",
+        "",
+    )
+    figures.update(first_ours=first_ours, first_whole=first_whole, peak=peak_ours, bound=bound)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small stores, short runs")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    parser.add_argument(
+        "--store-dir",
+        type=Path,
+        default=Path("/tmp/gpu-patching-stores"),
+        help="where the stores go",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the stores for a later run")
+    parser.add_argument("--seconds", type=float, help="time per throughput measurement")
+    parser.add_argument(
+        "--tensorstore-path", help="a folder holding TensorStore, for the reader choice"
+    )
+    args = parser.parse_args()
+    seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 8.0)
+    selected = cases(args.quick)
+    args.store_dir.mkdir(parents=True, exist_ok=True)
+    needed = sum(c.raw_bytes for c in selected)
+    free = shutil.disk_usage(args.store_dir).free
+    if free < 2 * needed:
+        raise SystemExit(
+            f"{args.store_dir} has {fmt_bytes(free)} free; the stores need up to "
+            f"{fmt_bytes(needed)} (twice that is required to run)"
+        )
+    report = Report()
+    report.emit(
+        "# Patches from chunked stores (issue 15)",
+        "",
+        f"Machine: {machine_line()}. Stores written by this script: OME-Zarr 0.5, zarr format 3, "
+        "uint16, Blosc zstd level 3 with byte shuffle, on the local disk. Throughputs: patches "
+        f"handed over per second for {seconds:g} s from a fresh loader (cold cache; the "
+        f"consumer does nothing with them), cache {fmt_bytes(DEFAULT_CACHE_BYTES)} (the default).",
+        "",
+    )
+    try:
+        paths = [ensure_store(args.store_dir, case) for case in selected]
+        report.emit(*reader_choice(paths[0], selected[0], args.tensorstore_path))
+        summary = []
+        for path, case in zip(paths, selected, strict=True):
+            figures = run_case(path, case, seconds, report)
+            best = max(figures[("shuffled", 2)], figures[("plain", 2)])
+            summary.append(
+                [
+                    case.name,
+                    fmt_ratio(figures[("shuffled", 1)], figures["slicing"], 1),
+                    fmt_ratio(figures[("shuffled", 2)], figures["slicing"], 1),
+                    fmt_ratio(figures[("plain", 2)], figures["slicing"], 1),
+                    fmt_verdict(figures[("shuffled", 2)] >= 5 * figures["slicing"]),
+                    fmt_verdict(best >= 5 * figures["slicing"]),
+                    fmt_verdict(figures["peak"] <= figures["bound"]),
+                ]
+            )
+        report.emit(
+            "### Summary against the targets (x5 the patches/s of per-patch slicing; "
+            "peak memory at most the cache plus two batches)",
+            "",
+            *markdown_table(
+                [
+                    "case",
+                    "shuffled, 1 thread",
+                    "shuffled, 2 threads",
+                    "plain order, 2 threads",
+                    "x5 shuffled",
+                    "x5 plain",
+                    "memory",
+                ],
+                summary,
+                "lrrrrrr",
+            ),
+            "",
+        )
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.store_dir, ignore_errors=True)
+    report.write(args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -229,7 +229,11 @@ def check_index(value: Any, name: str, length: int) -> int:
 
 def _int_sequence(value: Any, name: str) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
-        raise TypeError(f"{name} must be a sequence of integers, got {value!r}")
+        # A 1-D tensor or other array-like of integers reads as its host copy.
+        array = None if isinstance(value, (str, bytes)) else as_array(value, name)
+        if array is None or array.ndim != 1:
+            raise TypeError(f"{name} must be a sequence of integers, got {value!r}")
+        value = to_host(array)
     return tuple(as_int(v, f"{name} entry") for v in value)
 
 
@@ -256,7 +260,12 @@ def validate_data_shapes(
     their stacks with :func:`check_stack_shape`, which refuses it.
     """
     if isinstance(data_shapes, (str, bytes)) or not isinstance(data_shapes, (Sequence, np.ndarray)):
-        raise TypeError(f"data_shapes must be a sequence of shapes, got {data_shapes!r}")
+        array = (
+            None if isinstance(data_shapes, (str, bytes)) else as_array(data_shapes, "data_shapes")
+        )
+        if array is None or array.ndim != 2:
+            raise TypeError(f"data_shapes must be a sequence of shapes, got {data_shapes!r}")
+        data_shapes = to_host(array)
     if len(data_shapes) == 0:
         raise ValueError("data_shapes is empty: give the SC(Z)YX shape of at least one stack")
     shapes = []

@@ -31,6 +31,7 @@ from .specs import PatchSpecs
 from .stats import (
     DEFAULT_BINS,
     STATISTICS,
+    _as_array,
     _check_stack,
     _check_workers,
     region_statistics,
@@ -139,7 +140,8 @@ def filter_background(
     strategy : StratifiedPatching
         The sampler to update.
     stacks : sequence of array, or array
-        One ``SC(Z)YX`` NumPy or CuPy array per ``data_idx``, of shape
+        One ``SC(Z)YX`` array per ``data_idx`` (NumPy, CuPy, or a tensor
+        read as one, see :func:`~gpu_patching.stats.region_statistics`), of shape
         ``strategy.data_shapes[data_idx]`` (a lone array for a single stack).
     stat : {"mean", "std", "min", "max", "entropy"}, default "mean"
         The statistic compared with ``threshold``.
@@ -229,6 +231,11 @@ def filter_background(
         if mask_stacks is None
         else _per_stack(mask_stacks, n_stacks, "mask_stacks")
     )
+    stack_list = [_as_array(stack, f"stacks[{k}]") for k, stack in enumerate(stack_list)]
+    masks = [
+        None if mask is None else _as_array(mask, f"mask_stacks[{k}]")
+        for k, mask in enumerate(masks)
+    ]
     for k, stack in enumerate(stack_list):
         _check_stack(stack, strategy.patch_size, f"stacks[{k}]")
         shape = tuple(int(s) for s in stack.shape)

@@ -91,6 +91,20 @@ def _namespace(array: Any, name: str) -> Any:
     raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(array).__name__}")
 
 
+def _as_array(value: Any, name: str) -> Any:
+    """Return an array-like as a NumPy or CuPy array (tensors too); ``TypeError`` otherwise.
+
+    PyTorch CPU tensors and other ``__array__``/DLPack producers are read as
+    NumPy arrays, CUDA arrays (``__cuda_array_interface__``) as CuPy arrays.
+    """
+    array = check.as_array(value, name)
+    if array is None:
+        raise TypeError(
+            f"{name} must be a NumPy or CuPy array (or a tensor), got {type(value).__name__}"
+        )
+    return array
+
+
 def _check_stack(stack: Any, patch: tuple[int, ...], name: str) -> Any:
     """Check a ``SC(Z)YX`` image stack against the patch size; return its namespace."""
     xp = _namespace(stack, name)
@@ -597,7 +611,9 @@ def region_statistics(
     Parameters
     ----------
     stack : numpy.ndarray or cupy.ndarray
-        Image stack with axes ``SC(Z)YX``, integer or float.
+        Image stack with axes ``SC(Z)YX``, integer or float. PyTorch tensors
+        and other array-likes are read as NumPy arrays (``__array__``, DLPack),
+        CUDA arrays as CuPy arrays.
     patch_size : sequence of int
         Patch size per spatial axis (2 or 3 entries), as given to the sampler.
     channel : int, default 0
@@ -635,14 +651,14 @@ def region_statistics(
     dict of str to array
         One float64 array of shape ``(S, *grid_shape)`` per requested
         statistic, in the order asked, on the stack's device (NumPy in, NumPy
-        out; CuPy in, CuPy out). A region without pixels (only possible when
+        out; CuPy or CUDA tensor in, CuPy out). A region without pixels (only possible when
         a patch size is 1) is NaN. Regions with a NaN pixel have a NaN mean,
         std, min, max and entropy.
 
     Raises
     ------
     TypeError
-        If ``stack`` or ``mask`` is not a NumPy or CuPy array, ``stack`` is not
+        If ``stack`` or ``mask`` is not an array (nor array-like), ``stack`` is not
         integer or float, ``mask`` is not boolean, or an argument has the
         wrong type.
     ValueError
@@ -675,6 +691,8 @@ def region_statistics(
     2015.0
     """
     patch = check.validate_patch_size(patch_size)
+    stack = _as_array(stack, "stack")
+    mask = None if mask is None else _as_array(mask, "mask")
     xp = _check_stack(stack, patch, "stack")
     names = _check_stats(stats)
     stack_shape = tuple(int(s) for s in stack.shape)
@@ -821,7 +839,7 @@ def filter_map(
     Raises
     ------
     TypeError
-        If ``statistic`` is not a NumPy or CuPy array of real numbers.
+        If ``statistic`` is not an array (or array-like) of real numbers.
     ValueError
         If the shapes do not match or ``combine`` is unknown.
 
@@ -836,6 +854,7 @@ def filter_map(
            [1., 1., 5., 5.],
            [1., 1., 5., 5.]])
     """
+    statistic = _as_array(statistic, "statistic")
     xp = _namespace(statistic, "statistic")
     if np.dtype(statistic.dtype).kind not in "iuf":
         raise TypeError(

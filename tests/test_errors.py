@@ -725,3 +725,15 @@ def test_one_rank_and_world_size_rule_for_every_entry_point():
     assert check.check_epoch(np.uint32(2**32 - 1)) == 2**32 - 1
     with pytest.raises(ValueError, match=r"draw_number must be in \[0, 2\*\*32\), got -1"):
         check.check_epoch(-1, "draw_number")
+
+
+def test_the_constructor_takes_shapes_and_seeds_as_tensors():
+    torch = pytest.importorskip("torch")
+    sampler = StratifiedPatching(
+        torch.tensor([[2, 1, 16, 16]]), torch.tensor([4, 4]), torch.tensor(9), backend="numpy"
+    )
+    twin = numpy_sampler([(2, 1, 16, 16)], (4, 4), seed=9)
+    assert sampler.data_shapes == twin.data_shapes and sampler.patch_size == twin.patch_size
+    np.testing.assert_array_equal(sampler.sample_epoch(2).coords, twin.sample_epoch(2).coords)
+    with pytest.raises(TypeError, match=escaped("tensor([[4, 4]])")):
+        StratifiedPatching([(1, 1, 16, 16)], torch.tensor([[4, 4]]), backend="numpy")

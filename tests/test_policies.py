@@ -405,3 +405,21 @@ def test_filtering_cupy_stacks_equals_filtering_numpy_stacks(backend: str) -> No
     assert result == expected
     assert validation_split(on_device, 5, seed=3) == validation_split(on_host, 5, seed=3)
     assert epochs_equal(on_device, on_host)
+
+
+def test_filtering_tensor_stacks_equals_filtering_numpy_stacks() -> None:
+    torch = pytest.importorskip("torch")
+    shapes = [(2, 1, 40, 32), (1, 1, 24, 24)]
+    stacks = [random_stack(shape, np.float32, seed=k) for k, shape in enumerate(shapes)]
+    masks = [stack[:, 0] > 100.0 for stack in stacks]
+    on_numpy, on_torch = numpy_sampler(shapes, (8, 8)), numpy_sampler(shapes, (8, 8))
+    expected = filter_background(on_numpy, stacks, threshold=100.0, mask_stacks=masks, coverage=0.5)
+    result = filter_background(
+        on_torch,
+        [torch.from_numpy(stack) for stack in stacks],
+        threshold=100.0,
+        mask_stacks=[torch.from_numpy(mask) for mask in masks],
+        coverage=0.5,
+    )
+    assert result == expected
+    assert epochs_equal(on_torch, on_numpy)

@@ -311,3 +311,11 @@ def test_excluded_cells_read_back_as_the_complement_of_the_included_coords() -> 
     assert twin.get_included_grid_coords() == included
     with pytest.raises(IndexError):
         sampler.get_excluded_cells(0, 3)
+
+
+def test_a_state_nested_too_deep_for_json_is_refused(saved: Any) -> None:
+    _, state = saved
+    nested: Any = 0
+    for _ in range(100_000):
+        nested = [nested]
+    assert_refused(dict(state, data_shapes=nested), ValueError, "state is not plain JSON data")

@@ -414,3 +414,31 @@ def test_cupy_statistics_equal_numpy_statistics(
     grid_map = filter_map(on_device["mean"], patch, shape[2:])
     assert isinstance(grid_map, cupy.ndarray)
     np.testing.assert_allclose(grid_map.get(), filter_map(on_host["mean"], patch, shape[2:]))
+
+
+# -- array types -----------------------------------------------------------------
+
+
+def test_tensors_are_read_as_numpy_arrays_and_give_the_same_statistics() -> None:
+    torch = pytest.importorskip("torch")
+    stack = random_stack((2, 1, 30, 26), np.float32, seed=30)
+    mask = stack[:, 0] > 100.0
+    on_numpy = region_statistics(stack, (4, 3), stats=ALL_STATS, mask=mask)
+    on_torch = region_statistics(
+        torch.from_numpy(stack), torch.tensor([4, 3]), stats=ALL_STATS, mask=torch.from_numpy(mask)
+    )
+    for name in ALL_STATS:
+        assert isinstance(on_torch[name], np.ndarray)
+        np.testing.assert_array_equal(on_torch[name], on_numpy[name], err_msg=name)
+    mean = torch.from_numpy(on_numpy["mean"])
+    np.testing.assert_array_equal(
+        filter_map(mean, (4, 3), (30, 26)), filter_map(on_numpy["mean"], (4, 3), (30, 26))
+    )
+
+
+@pytest.mark.parametrize("stack", [[[[[1.0]]]], "image", None], ids=["list", "str", "None"])
+def test_a_stack_that_is_no_array_is_a_type_error_naming_its_type(stack: Any) -> None:
+    with pytest.raises(
+        TypeError, match=f"stack must be a NumPy or CuPy array.*{type(stack).__name__}"
+    ):
+        region_statistics(stack, (1, 1))

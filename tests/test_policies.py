@@ -423,3 +423,15 @@ def test_filtering_tensor_stacks_equals_filtering_numpy_stacks() -> None:
     )
     assert result == expected
     assert epochs_equal(on_torch, on_numpy)
+
+
+def test_validation_split_reads_the_patch_counts_without_drawing_an_epoch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    expected = validation_split(numpy_sampler(SHAPES, PATCH, seed=4), 6, seed=2)
+
+    def no_epochs(self: StratifiedPatching, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("validation_split drew an epoch")
+
+    monkeypatch.setattr(StratifiedPatching, "sample_epoch", no_epochs)
+    assert validation_split(numpy_sampler(SHAPES, PATCH, seed=4), 6, seed=2) == expected

@@ -442,3 +442,22 @@ def test_a_stack_that_is_no_array_is_a_type_error_naming_its_type(stack: Any) ->
         TypeError, match=f"stack must be a NumPy or CuPy array.*{type(stack).__name__}"
     ):
         region_statistics(stack, (1, 1))
+
+
+def test_region_statistics_import_nothing_of_the_sampler() -> None:
+    import ast
+    from pathlib import Path
+
+    source = Path(stats_module.__file__).read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module is not None
+    }
+    imported |= {
+        alias.name
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module is None
+        for alias in node.names
+    }
+    assert imported <= {"_validation", "_arrays", "grid"}, imported

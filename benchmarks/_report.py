@@ -322,6 +322,8 @@ def measure_copy_bandwidth(cupy: Any, nbytes: int, per_burst: int, rounds: int) 
 
     Raises
     ------
+    ValueError
+        If ``nbytes`` is less than one 8-byte word.
     RuntimeError
         If the kernels did not write what they should (a measurement of
         nothing).

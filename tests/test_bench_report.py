@@ -154,3 +154,28 @@ def test_the_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     printed = capsys.readouterr().out
     assert printed.startswith("# Sum: np.sum against a Python loop\n")
     assert "| case | np.sum | Python sum() | ratio |" in printed
+
+
+def test_copy_bandwidth_measures_three_operations_and_checks_they_wrote() -> None:
+    from bench_host import host_cupy
+
+    seconds = _report.measure_copy_bandwidth(host_cupy(), 1 << 12, per_burst=2, rounds=2)
+    assert set(seconds) == {"memcpy", "copy", "fill"} and all(t > 0 for t in seconds.values())
+    with pytest.raises(ValueError, match="nbytes"):
+        _report.measure_copy_bandwidth(host_cupy(), 7, per_burst=2, rounds=2)
+
+
+def test_copy_bandwidth_refuses_kernels_that_wrote_nothing() -> None:
+    from bench_host import host_cupy
+
+    class Idle:
+        def __init__(self, *args: Any) -> None:
+            return None
+
+        def __call__(self, value: Any, out: Any) -> None:
+            return None  # launched, but writes nothing
+
+    cupy = host_cupy()
+    cupy.ElementwiseKernel = Idle
+    with pytest.raises(RuntimeError, match="did not write"):
+        _report.measure_copy_bandwidth(cupy, 1 << 12, per_burst=2, rounds=1)

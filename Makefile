@@ -15,12 +15,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# setuptools announces every editable install with a note (a Python warning
+# its build backend prints even under --quiet) about folders named like the
+# package; it is information only, so the editable installs below silence it.
+EDITABLE := PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet -e
+
 $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[cli]'
+	$(EDITABLE) '.[cli]'
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(EDITABLE) '.[test]'
 	# PyTorch, for the tests of gpu_patching.torch and the two-process DDP test
 	# (they skip without it). The CPU build: the CI image keeps torch 2.13.0+cpu
 	# on disk (pip's find-links); elsewhere this fails fast instead of pulling a

@@ -257,10 +257,13 @@ def _draw_probabilities(scene: DemoScene, path: Path) -> Path:
             *(f"region, probability {v:.3g}" for v in values),
         ],
         fontsize=7,
-        loc="upper right",
-        framealpha=0.85,
+        # Above the image, so that it hides none of it.
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.01),
+        ncol=2,
+        frameon=False,
     )
-    axes.set_title("region sampling probabilities over the image", fontsize=10)
+    figure.suptitle("region sampling probabilities over the image", fontsize=10)
     _caption(
         axes,
         f"Each {scene.patch_size[0]}x{scene.patch_size[1]} grid cell coloured by the "

@@ -445,7 +445,7 @@ def run_demo(
             lambda epoch: sampler.sample_epoch(epoch).to_numpy().coords,
         )
     ]
-    why_not = "not asked for"
+    why_not = "left out on request"
     if compare_careamics:
         theirs, why_not = _careamics_sampler(sampler, stack.shape, seed % 2**32)
         if theirs is not None:
@@ -465,9 +465,9 @@ def run_demo(
             _independent_draws(weights, sampler.n_patches, seed),
         )
     )
-    _print_table(runs, floor, epochs, int(reachable.sum()), float(expected[reachable].mean()))
-    if why_not:
-        print(f"(no CAREamics row: {why_not})")
+    _print_table(
+        runs, floor, epochs, int(reachable.sum()), float(expected[reachable].mean()), why_not
+    )
     results: dict[str, Any] = {
         "runs": runs,
         "floor": floor,
@@ -500,7 +500,12 @@ def run_demo(
 
 
 def _print_table(
-    runs: Sequence[CoverageRun], floor: float, epochs: int, n_pixels: int, mean: float
+    runs: Sequence[CoverageRun],
+    floor: float,
+    epochs: int,
+    n_pixels: int,
+    mean: float,
+    careamics_missing: str,
 ) -> None:
     counts = sorted({*SPREAD_EPOCHS, epochs})
     counts = [c for c in counts if c <= epochs]
@@ -515,6 +520,9 @@ def _print_table(
             f"{run.label:30s} {run.n_patches:7d} {run.seconds_per_epoch * 1e3:9.2f} "
             f"{run.uncovered_first_epoch:11.1%}{spreads}"
         )
+        if run is runs[0] and careamics_missing:
+            # Its place in the table, with the reason it is empty.
+            print(f"{'CAREamics StratifiedPatching':30s} not run: {careamics_missing}")
     print(
         f"{'floor (expected coverage)':30s} {'':7s} {'':9s} {'':11s}"
         + f" {floor:10.3f}" * len(counts)

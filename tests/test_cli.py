@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpu_patching import StratifiedPatching
+from gpu_patching import BackendUnavailableError, StratifiedPatching
 from gpu_patching.cli import main
 from gpu_patching.io import read_shape, read_stack, to_scyx_axes
 
@@ -192,6 +192,7 @@ def test_demo_refuses_to_replace_pictures_before_any_work(tmp_path, capsys):
         OSError("disk full"),
         MemoryError(),
         OverflowError("too big"),
+        BackendUnavailableError("backend='cuda' is unavailable: no CUDA device is visible"),
     ],
 )
 def test_every_error_of_the_library_is_one_line_and_exit_status_2(

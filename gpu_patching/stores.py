@@ -226,8 +226,42 @@ class ChunkedStack:
         # stack exists to avoid.
         raise TypeError(
             f"{self!r} is not read whole; crop it with extract_patches or PatchLoader, "
-            "or read a region with read_region"
+            "or index it (stack[s, c] reads one sample's channel)"
         )
+
+    def __getitem__(self, key: Any) -> NDArray[Any]:
+        """Read the elements of integers and slices on the ``SC(Z)YX`` axes (a zarr read).
+
+        ``stack[s, c]`` reads one plane or volume, ``stack[s, :, 100:164]`` a
+        band of every channel; only the chunks the selection touches are read.
+        Steps are allowed; ``...``, ``None`` and arrays are not.
+        """
+        selection = key if isinstance(key, tuple) else (key,)
+        if len(selection) > self.ndim:
+            raise IndexError(f"{len(selection)} indices for the {self.ndim} axes of {self!r}")
+        selection = selection + (slice(None),) * (self.ndim - len(selection))
+        stored: list[Any] = [slice(None)] * len(self._stored_meta[0])
+        kept: list[int] = []  # SC(Z)YX axes that stay in the result
+        for axis, (item, where) in enumerate(zip(selection, self._stored_axis, strict=True)):
+            if isinstance(item, slice):
+                kept.append(axis)
+                if where is not None:
+                    stored[where] = item
+                continue
+            index = check.as_int(item, f"index on axis {'SCZYX'[5 - self.ndim :][axis]}")
+            size = self.shape[axis]
+            if not -size <= index < size:
+                raise IndexError(f"index {index} is out of range for an axis of size {size}")
+            if where is not None:
+                stored[where] = index % size
+        block = np.asarray(self._array[tuple(stored)])
+        # The block's axes are the kept stored axes in stored order; put them in
+        # SC(Z)YX order and add the kept axes the store does not have.
+        present = [axis for axis in kept if self._stored_axis[axis] is not None]
+        by_stored = sorted(present, key=lambda axis: self._stored_axis[axis] or 0)
+        block = np.transpose(block, [by_stored.index(axis) for axis in present])
+        added = tuple(k for k, axis in enumerate(kept) if self._stored_axis[axis] is None)
+        return np.expand_dims(block, added) if added else block
 
     def stored_index(self, index: Sequence[int]) -> tuple[int, ...]:
         """Return the stored array's chunk index of an ``SC(Z)YX`` chunk index."""
@@ -287,34 +321,6 @@ class ChunkedStack:
         selection = self._stored_selection(starts, stops)
         block = await self._array.async_array.getitem(selection)
         return self._to_full(np.asarray(block))
-
-    def read_region(self, sample: int, starts: Sequence[int], sizes: Sequence[int]) -> Any:
-        """Read one box of one sample (all channels) with a plain zarr read.
-
-        Parameters
-        ----------
-        sample : int
-            The sample.
-        starts, sizes : sequence of int
-            The box's corner and size on the spatial axes ``(Z)YX``.
-
-        Returns
-        -------
-        numpy.ndarray
-            Shape ``(C, *sizes)``.
-        """
-        sample = check.check_index(sample, "sample", self.shape[0])
-        spatial = self.shape[2:]
-        if len(starts) != len(spatial) or len(sizes) != len(spatial):
-            raise ValueError(f"starts and sizes need {len(spatial)} entries, got {starts}, {sizes}")
-        lows = [check.as_int(s, "starts entry") for s in starts]
-        highs = [low + check.as_int(n, "sizes entry") for low, n in zip(lows, sizes, strict=True)]
-        if any(not 0 <= lo < hi <= n for lo, hi, n in zip(lows, highs, spatial, strict=True)):
-            raise ValueError(
-                f"the box from {tuple(lows)} to {tuple(highs)} leaves the spatial shape {spatial}"
-            )
-        selection = self._stored_selection([sample, 0, *lows], [sample + 1, self.shape[1], *highs])
-        return self._to_full(np.asarray(self._array[selection]))[0]
 
     def check_unchanged(self) -> None:
         """Raise :class:`StoreError` if the store is gone or its array changed.
@@ -841,8 +847,9 @@ class ChunkReader:
         the ``W`` batches touch is read once for all of them. This is what
         makes shuffled epochs cheap: the patches of a shuffled epoch are
         spread over the whole stack, so consecutive batches touch mostly the
-        same chunks. The next ``W`` batches are read on a background thread
-        while these are used. A fault raises :class:`StoreError` here, in the
+        same chunks. The first batch is read alone (it comes sooner). The
+        next ``W`` batches are read on a background thread while these are
+        used. A fault raises :class:`StoreError` here, in the
         consumer's thread, in place of the batches it spoiled. Every batch
         holds exactly the rows it would hold with ``W = 1``, in order.
 
@@ -892,9 +899,11 @@ class ChunkReader:
         batch_bytes: int,
     ) -> Iterator[tuple[Any, PatchBatch]]:
         starts = list(range(0, len(rows), size))
-        windows = [starts[k : k + window] for k in range(0, len(starts), window)]
-        if not windows:
+        if not starts:
             return
+        # The first batch is read on its own, so that it comes as soon as its
+        # chunks are read; the rest W at a time.
+        windows = [starts[:1]] + [starts[k : k + window] for k in range(1, len(starts), window)]
         prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu_patching_prefetch")
 
         def submit(batch_starts: list[int]) -> Future[NDArray[Any]]:

@@ -263,7 +263,7 @@ def _draw_probabilities(scene: DemoScene, path: Path) -> Path:
         ncol=2,
         frameon=False,
     )
-    figure.suptitle("region sampling probabilities over the image", fontsize=10)
+    figure.suptitle(f"Region sampling probabilities over {scene.name}", fontsize=10)
     _caption(
         axes,
         f"Each {scene.patch_size[0]}x{scene.patch_size[1]} grid cell coloured by the "

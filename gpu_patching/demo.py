@@ -371,13 +371,23 @@ def run_demo(
 
     Raises
     ------
+    TypeError
+        If the image is not real-valued.
     ValueError
-        If the image is not 2D, ``epochs`` is below 1, or a fraction or
-        probability is out of range.
+        If the image is not 2D or has NaN or infinite pixels, ``epochs`` is
+        below 1, or a fraction or probability is out of range.
     """
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"the demo needs a 2D image, got shape {image.shape}")
+    if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
+        raise TypeError(f"the demo needs a real-valued image, got dtype {image.dtype}")
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise ValueError(
+            f"the image has {image.size - int(finite.sum())} NaN or infinite pixels; "
+            "region statistics (and so the background threshold) need finite values"
+        )
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an integer of at least 1, got {epochs!r}")
     if not 0 <= validation_fraction <= 0.5:

@@ -193,6 +193,15 @@ def test_run_demo_rejects_bad_settings_before_any_work(options, message, capsys)
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_run_demo_rejects_an_image_with_non_finite_pixels_before_any_work(bad, capsys):
+    image = textured_image()
+    image[3, 4] = bad
+    with pytest.raises(ValueError, match="1 NaN or infinite pixels"):
+        run_demo(image, name="x", progress=False)
+    assert capsys.readouterr().out == ""
+
+
 # -- the command ----------------------------------------------------------------
 
 

@@ -188,8 +188,9 @@ def filter_background(
     Notes
     -----
     Every input is checked and every region scored before the sampler is
-    changed; if updating a sample fails, the samples already updated get
-    their previous probabilities back, so a failed call changes nothing.
+    changed; if updating a sample fails, the whole state of the sampler
+    (probabilities, exclusions, call counters) comes back as it was, so a
+    failed call changes nothing.
     Regions without pixels (NaN statistic) are never filtered.
 
     Examples
@@ -272,8 +273,10 @@ def filter_background(
     included = _included_grids(strategy)
     filtered: dict[tuple[int, int], int] = {}
     scored: dict[tuple[int, int], int] = {}
-    previous: list[tuple[int, int, NDArray[np.float64]]] = []
-    try:
+    # All or nothing: if one sample's update is refused (say, it would exceed
+    # the per-sample patch limit), the whole sampler state comes back as it
+    # was, call counters included.
+    with strategy._all_or_nothing():
         for (data_idx, sample_idx), kept in included.items():
             hit = filtered_by_stack[data_idx][sample_idx] & kept
             key = (data_idx, sample_idx)
@@ -283,11 +286,6 @@ def filter_background(
             updated = np.where(hit, probability, current)
             if not np.array_equal(updated, current):
                 strategy.set_region_probs(data_idx, sample_idx, updated)
-                previous.append((data_idx, sample_idx, current))
-    except Exception:
-        for data_idx, sample_idx, current in reversed(previous):
-            strategy.set_region_probs(data_idx, sample_idx, current)
-        raise
     result = FilterResult(
         filtered=filtered, scored=scored, n_patches_before=n_before, n_patches=strategy.n_patches
     )
@@ -451,12 +449,13 @@ def validation_split(
                 }
             )
     n_before = strategy.n_patches
-    for data_idx, sample_idx, chosen in picked:
-        shape = strategy.data_shapes[data_idx][2:]
-        excluded = np.zeros(grid_shape(shape, strategy.patch_size), dtype=bool)
-        excluded[tuple(chosen.T)] = True
-        # The dense boolean form: one call per sample (typed as a sequence there).
-        strategy.exclude_patches(data_idx, sample_idx, excluded)
+    with strategy._all_or_nothing():  # a refused sample undoes the others
+        for data_idx, sample_idx, chosen in picked:
+            shape = strategy.data_shapes[data_idx][2:]
+            excluded = np.zeros(grid_shape(shape, strategy.patch_size), dtype=bool)
+            excluded[tuple(chosen.T)] = True
+            # The dense boolean form: one call per sample (typed as a sequence there).
+            strategy.exclude_patches(data_idx, sample_idx, excluded)
     logger.info(
         "validation_split: %d validation patches from %d samples (seed %d); n_patches %d -> %d",
         len(specs),

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
+import threading
 import warnings
-from array import array
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -16,6 +18,7 @@ from numpy.typing import NDArray
 from . import _state
 from . import _validation as check
 from ._arrays import to_host
+from ._counters import DRAW_MASK, CallCounters, UpcomingPatches
 from ._state import STATE_FORMAT, STATE_VERSION
 from .backends import resolve_backend
 from .permutation import EpochOrder
@@ -25,8 +28,7 @@ from .views import ImagePatchingView
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "SmallSampleWarning", "StratifiedPatching"]
 
-_DRAW_LIMIT = 1 << 32
-_CACHED_EPOCHS = 2
+_DRAW_LIMIT = check.EPOCH_LIMIT
 
 
 class SmallSampleWarning(UserWarning):
@@ -61,18 +63,39 @@ def _read_only(values: NDArray[Any]) -> NDArray[Any]:
     return values
 
 
-def _zero_counters(length: int) -> array:
-    """Return ``length`` zero call counters (unsigned 32-bit)."""
-    return array("I", bytes(4 * length))
+_Params = ParamSpec("_Params")
+_Result = TypeVar("_Result")
+
+#: Every live sampler, so that a forked child can renew their locks.
+_SAMPLERS: weakref.WeakSet[StratifiedPatching] = weakref.WeakSet()
 
 
-@dataclass(frozen=True)
-class _HostEpoch:
-    """One epoch as Python objects, so ``get_patch_spec`` is a few list lookups."""
+def _renew_locks() -> None:
+    """Give every sampler of a forked child an unlocked lock.
 
-    data_idx: list[int]
-    sample_idx: list[int]
-    coords: list[tuple[int, ...]]
+    A thread of the parent may have held a sampler's lock when the process
+    forked; that thread does not exist in the child, so the copy of the lock
+    would stay locked forever.
+    """
+    for sampler in list(_SAMPLERS):
+        sampler._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_locks)
+
+
+def _locked(
+    method: Callable[Concatenate[StratifiedPatching, _Params], _Result],
+) -> Callable[Concatenate[StratifiedPatching, _Params], _Result]:
+    """Run a method under the sampler's lock: concurrent calls act in some serial order."""
+
+    @functools.wraps(method)
+    def locked(self: StratifiedPatching, *args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class StratifiedPatching:
@@ -168,11 +191,16 @@ class StratifiedPatching:
             patch,
             self._backend.xp,
         )
-        self._epoch_base = 0
-        # Calls per index since the last set_epoch, modulo 2**32 (the draw
-        # number is): 4 bytes per index, and indexing yields Python ints.
-        self._calls = _zero_counters(self._tables.total_patches)
-        self._host_epochs: OrderedDict[int, _HostEpoch] = OrderedDict()
+        # One lock serialises every call that reads or changes the state, so
+        # threads sharing the sampler see some serial order of their calls.
+        self._lock = threading.RLock()
+        # Calls per index since the last set_epoch, and the epoch base, modulo
+        # 2**32 (the draw number is), in memory shared with the processes a
+        # DataLoader starts (see gpu_patching._counters).
+        self._counters = CallCounters(self._tables.total_patches)
+        # This process's cache of the patches of every index's next calls.
+        self._upcoming: UpcomingPatches | None = None
+        _SAMPLERS.add(self)
         _warn_small_samples(shapes, patch)
 
     # -- read-only state -------------------------------------------------------
@@ -288,7 +316,7 @@ class StratifiedPatching:
     @property
     def epoch(self) -> int:
         """The draw number set by the last :meth:`set_epoch` (0 until it is called)."""
-        return self._epoch_base
+        return self._counters.base
 
     def __repr__(self) -> str:
         return (
@@ -299,6 +327,7 @@ class StratifiedPatching:
 
     # -- the seed API ----------------------------------------------------------
 
+    @_locked
     def exclude_patches(
         self, data_idx: int, sample_idx: int, grid_coords: Sequence[tuple[int, ...]] | NDArray[Any]
     ) -> None:
@@ -350,6 +379,7 @@ class StratifiedPatching:
         excluded = self._tables.excluded_grid(sample) | new_cells
         self._update(sample, excluded, self._tables.probability_grid(sample))
 
+    @_locked
     def set_region_probs(
         self,
         data_idx: int,
@@ -424,16 +454,33 @@ class StratifiedPatching:
         """
         if type(index) is not int:  # the fast path takes plain ints only
             index = check.as_int(index, "index")
-        calls = self._calls
-        if not 0 <= index < len(calls):
-            raise IndexError(f"index {index} is out of range: expected 0 <= index < {len(calls)}")
-        count = calls[index]
-        epoch = self._host_epoch((self._epoch_base + count) % _DRAW_LIMIT)
-        calls[index] = (count + 1) % _DRAW_LIMIT
+        with self._lock:
+            counters = self._counters
+            n_patches = counters.n_indices
+            if not 0 <= index < n_patches:
+                raise IndexError(
+                    f"index {index} is out of range: expected 0 <= index < {n_patches}"
+                )
+            calls = counters.view
+            count = calls[index]
+            draw = (calls[n_patches] + count) & DRAW_MASK
+            upcoming = self._upcoming
+            # The usual case inline (this is the per-item call of a dataset):
+            # the patch is in this process's cache, 2D, one draw per index.
+            if upcoming is not None and upcoming.compact_2d and upcoming.first_view[index] == draw:
+                data_idx, sample_idx = upcoming.names[upcoming.sample_view[index]]
+                coords = upcoming.coords_view
+                patch = (data_idx, sample_idx, (coords[2 * index], coords[2 * index + 1]))
+            else:
+                patch = None if upcoming is None else upcoming.lookup(index, draw)
+                if patch is None:
+                    patch = self._draw_one(index, draw)
+            # Counted once the patch is drawn: a call that fails counts nothing.
+            calls[index] = (count + 1) & DRAW_MASK
         return {
-            "data_idx": epoch.data_idx[index],
-            "sample_idx": epoch.sample_idx[index],
-            "coords": epoch.coords[index],
+            "data_idx": patch[0],
+            "sample_idx": patch[1],
+            "coords": patch[2],
             "patch_size": self._patch_size,
         }
 
@@ -563,6 +610,7 @@ class StratifiedPatching:
 
     # -- epochs ----------------------------------------------------------------
 
+    @_locked
     def sample_epoch(
         self,
         epoch: int,
@@ -643,6 +691,7 @@ class StratifiedPatching:
             patch_size=self._patch_size,
         )
 
+    @_locked
     def epoch_indices(
         self,
         epoch: int,
@@ -695,11 +744,14 @@ class StratifiedPatching:
         epoch : int
             The draw number, in ``[0, 2**32)``.
         """
-        self._epoch_base = self._check_epoch(epoch)
-        self._calls = _zero_counters(self.n_patches)
+        base = check.check_epoch(epoch)
+        with self._lock:
+            # In place: processes sharing the counters see the new epoch too.
+            self._counters.reset(base)
 
     # -- checkpoints -----------------------------------------------------------
 
+    @_locked
     def state_dict(self) -> dict[str, Any]:
         """Return everything that determines future draws, as plain JSON data.
 
@@ -728,14 +780,15 @@ class StratifiedPatching:
                 "seed": self._seed,
                 "data_shapes": [list(shape) for shape in self._data_shapes],
                 "patch_size": list(self._patch_size),
-                "epoch_base": self._epoch_base,
+                "epoch_base": self._counters.base,
                 "n_patches": self.n_patches,
                 "excluded": _state.encode_array(to_host(tables.excluded, bool)),
                 "probability": _state.encode_array(to_host(tables.probability, np.float64)),
-                "calls": _state.encode_array(np.frombuffer(self._calls, dtype=np.uint32)),
+                "calls": _state.encode_array(self._counters.counts),
             }
         )
 
+    @_locked
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a state made by :meth:`state_dict`.
 
@@ -792,18 +845,26 @@ class StratifiedPatching:
         # Everything is checked: commit.
         self._seed = seed
         self._tables = tables
-        self._epoch_base = epoch_base
-        self._calls = array("I", calls.astype(np.uint32).tobytes())
-        self._host_epochs.clear()
+        self._set_counters(epoch_base, calls)
+        self._upcoming = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle as the backend's name and :meth:`state_dict`.
+        """Pickle as the backend's name, :meth:`state_dict` and the call counters.
 
         The tables hold their array module (NumPy or CuPy), which does not
         pickle; PyTorch's DataLoader pickles the dataset, and with it the
         sampler, for each worker it starts with ``spawn`` or ``forkserver``.
+        Pickled that way (while multiprocessing starts a process), the copy
+        shares this sampler's call counters and epoch base, so that the
+        workers' calls advance the draws of the whole training; any other
+        pickle or ``copy.deepcopy`` is an independent copy.
         """
-        return {"backend": self.backend, "state": self.state_dict()}
+        with self._lock:
+            return {
+                "backend": self.backend,
+                "state": self.state_dict(),
+                "counters": self._counters,
+            }
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
         state = pickled["state"]
@@ -815,7 +876,11 @@ class StratifiedPatching:
                 state["data_shapes"], state["patch_size"], state["seed"], backend=pickled["backend"]
             )
         fresh.load_state_dict(state)
+        counters = pickled.get("counters")
+        if isinstance(counters, CallCounters) and counters.n_indices == fresh.n_patches:
+            fresh._counters = counters
         self.__dict__.update(fresh.__dict__)
+        _SAMPLERS.add(self)
 
     def _tables_with(self, excluded: NDArray[np.bool_], probability: NDArray[Any]) -> RegionTables:
         """Return new tables (on this backend) with the given per-cell rows."""
@@ -838,33 +903,52 @@ class StratifiedPatching:
         sample = check.check_index(sample_idx, "sample_idx", n_samples)
         return tables.sample_id(stack, sample)
 
-    @staticmethod
-    def _check_epoch(epoch: Any) -> int:
-        value = check.as_int(epoch, "epoch")
-        if not 0 <= value < _DRAW_LIMIT:
-            raise ValueError(f"epoch must be in [0, 2**32), got {value}")
-        return value
-
     def _update(self, sample: int, excluded: Any, probability: Any) -> None:
         """Rebuild one sample's rows; indices keep their call counts."""
         self._tables.update_sample(sample, excluded, probability)
-        n_patches = self.n_patches
-        calls = self._calls[:n_patches]
-        calls.extend(_zero_counters(n_patches - len(calls)))
-        self._calls = calls
-        self._host_epochs.clear()
+        self._upcoming = None
+        if self._counters.n_indices != self.n_patches:
+            # New shared counters: processes started before keep the old ones
+            # (and the old tables: updates never reach running workers).
+            self._counters = self._counters.resized(self.n_patches)
 
-    def _host_epoch(self, draw: int) -> _HostEpoch:
-        cached = self._host_epochs.get(draw)
-        if cached is not None:
-            return cached
-        batch = self.sample_epoch(draw).to_numpy()
-        epoch = _HostEpoch(
-            data_idx=batch.data_idx.tolist(),
-            sample_idx=batch.sample_idx.tolist(),
-            coords=list(zip(*batch.coords.T.tolist(), strict=True)),
-        )
-        self._host_epochs[draw] = epoch
-        while len(self._host_epochs) > _CACHED_EPOCHS:
-            self._host_epochs.popitem(last=False)
-        return epoch
+    def _set_counters(self, base: int, calls: NDArray[Any]) -> None:
+        """Make the counters hold ``calls`` and ``base``, in place when the length allows."""
+        if self._counters.n_indices == len(calls):
+            self._counters.reset(base, calls)
+        else:
+            self._counters = CallCounters(len(calls), calls, base)
+
+    def _draw_one(self, index: int, draw: int) -> tuple[int, int, tuple[int, ...]]:
+        """Return the patch of ``(index, draw)``, filling this process's cache for it."""
+        upcoming = self._upcoming
+        if upcoming is None or not upcoming.is_current(self._tables, self._seed):
+            upcoming = self._upcoming = UpcomingPatches(self._tables, self._seed, self._backend)
+        return upcoming.miss(index, draw, self._counters)
+
+    @contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """Run a composite change of the sampler: if it raises, undo all of it.
+
+        For calls made of several updates (``filter_background``,
+        ``validation_split``): the exclusions, probabilities, seed, call
+        counters and epoch base come back exactly as they were, so
+        :meth:`state_dict` is identical after the exception. Holds the lock
+        throughout, so other threads never see the state half changed.
+        """
+        with self._lock:
+            tables, version, seed = self._tables, self._tables.version, self._seed
+            excluded = np.array(to_host(tables.excluded, bool))
+            probability = np.array(to_host(tables.probability, np.float64))
+            counters = self._counters
+            base, calls = counters.snapshot()
+            try:
+                yield
+            except BaseException:
+                if self._tables is not tables or tables.version != version:
+                    self._tables = self._tables_with(excluded, probability)
+                self._seed = seed
+                self._counters = counters  # the original block, shared as before
+                counters.reset(base, calls)
+                self._upcoming = None
+                raise

@@ -1,0 +1,354 @@
+"""Call counters shared by every process of one training, and the patches they point to.
+
+``get_patch_spec(i)`` returns row ``i`` of epoch ``base + calls[i]`` and then
+counts the call. PyTorch's ``DataLoader`` calls it in worker processes, which
+are copies of the main process (``fork``) or rebuilt from a pickle
+(``spawn``, ``forkserver``): counters that lived in each process's own memory
+would never advance in the main process, and every pass over the data would
+repeat the first one. So the counters live here, in memory that every
+process of a training shares.
+
+Ownership and clean-up
+----------------------
+:class:`CallCounters` holds ``n_patches + 1`` unsigned 32-bit words (the call
+counters, then the epoch base that ``set_epoch`` sets) in a block of
+``multiprocessing.sharedctypes.RawArray``: a shared mapping of a file that is
+deleted from the file system the moment it is created (or anonymous memory
+on Windows). So:
+
+* a process started with ``fork`` inherits the mapping and shares it;
+* a process started with ``spawn`` or ``forkserver`` receives the block when
+  multiprocessing pickles the process's arguments (the DataLoader's dataset,
+  and the sampler in it): multiprocessing passes the open file itself to the
+  child, never a name;
+* there is no name to leak, nothing for ``resource_tracker`` to track or warn
+  about: the memory is freed when the last process holding it drops it (or
+  exits, however it exits).
+
+Any other copy (``pickle.dumps``, ``copy.deepcopy``, a checkpoint) is an
+independent snapshot of the counters' values: sharing is only between the
+processes of one training, which multiprocessing starts.
+
+Within one process the sampler serialises its calls with a lock. Between
+processes the counters are plain shared memory: a call reads a counter and
+writes it back one higher, so two processes that call the *same* index at
+the same instant can both get the same draw. A ``DataLoader`` gives each
+index to one worker at a time within a pass (unless its sampler draws with
+replacement), so this does not happen there.
+
+The patches they point to
+-------------------------
+:class:`UpcomingPatches` is each process's own cache of the patches that the
+next calls of every index will return: for each index a window of ``depth``
+consecutive draw numbers, filled in large vectorised batches
+(:func:`gpu_patching.backends._per_index.draw_each`, or the backend's epoch
+draw when every index is at the same draw number). Its entries are a pure
+function of ``(tables, seed, index, draw number)``, so a stale entry is never
+wrong, only useless: a call checks that its draw number lies in the index's
+window. When it does not, the cache refills every window that the counters
+have moved past (one vectorised comparison), and gives an index that misses
+again and again a long window of its own, so that any access order costs a
+bounded amount per call: sequential, shuffled, with replacement, weighted, or
+one index over and over.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing.context
+import multiprocessing.sharedctypes
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .backends._per_index import ScalarDraw, draw_each, host_tables
+from .tables import RegionTables
+
+__all__ = ["DRAW_MASK", "CallCounters", "UpcomingPatches"]
+
+#: Draw numbers and call counters are taken modulo ``2**32``.
+DRAW_MASK = 0xFFFFFFFF
+#: Rows of windows the cache holds for small samplers (``depth * n_patches``).
+_CACHE_ROWS = 1 << 10
+#: Longest window of draws, and longest window given to one repeating index.
+_MAX_DEPTH = 8
+_MAX_HOT_WINDOW = 1024
+#: Indices given long windows at most (their windows are dropped beyond).
+_MAX_HOT_INDICES = 256
+#: The first miss after a refill refills every window if this fraction is behind.
+_REFILL_FRACTION = 0.5
+#: Misses served one by one before a refill: at least this many ...
+_MIN_REFILL_MISSES = 16
+#: ... and one per this many indices (a refill compares every window).
+_REFILL_MISS_RATIO = 256
+#: Windows probed to estimate that fraction.
+_PROBES = 64
+
+
+class CallCounters:
+    """Per-index call counters and the epoch base, shared with child processes.
+
+    Parameters
+    ----------
+    n_indices : int
+        Number of patch indices.
+    values : numpy.ndarray of uint32, optional
+        Initial counters (zero when omitted).
+    base : int, default 0
+        Initial epoch base, in ``[0, 2**32)``.
+
+    Attributes
+    ----------
+    n_indices : int
+        Number of counters.
+    array : numpy.ndarray of uint32, shape (n_indices + 1,)
+        The shared words: counters, then the epoch base.
+    view : memoryview
+        The same words as a ``memoryview`` (indexing yields Python ints: the
+        per-call path reads and writes through it).
+    """
+
+    def __init__(self, n_indices: int, values: NDArray[Any] | None = None, base: int = 0) -> None:
+        self._attach(multiprocessing.sharedctypes.RawArray(ctypes.c_uint32, n_indices + 1))
+        if values is not None:
+            self.array[:n_indices] = values
+        self.array[n_indices] = base
+
+    def _attach(self, block: Any) -> None:
+        self._block = block
+        self.array = np.frombuffer(block, dtype=np.uint32)
+        self.n_indices = len(self.array) - 1
+        self.view = memoryview(self.array)
+
+    @property
+    def base(self) -> int:
+        """The epoch base (the draw number of a first call)."""
+        return int(self.view[self.n_indices])
+
+    @property
+    def counts(self) -> NDArray[np.uint32]:
+        """A view of the call counters (no copy)."""
+        return self.array[: self.n_indices]
+
+    def draw_numbers(self) -> NDArray[np.uint32]:
+        """Return the draw number of every index's next call (``base + calls``, mod ``2**32``)."""
+        return self.counts + self.array[self.n_indices]
+
+    def reset(self, base: int, values: NDArray[Any] | None = None) -> None:
+        """Set every counter (to 0, or to ``values``) and the epoch base, in place."""
+        if values is None:
+            self.counts.fill(0)
+        else:
+            self.counts[:] = values
+        self.array[self.n_indices] = base
+
+    def snapshot(self) -> tuple[int, NDArray[np.uint32]]:
+        """Return ``(base, counters)``: a private copy of the values."""
+        return self.base, self.counts.copy()
+
+    def resized(self, n_indices: int) -> CallCounters:
+        """Return new counters for ``n_indices``: the first ones keep their counts."""
+        kept = min(n_indices, self.n_indices)
+        values = np.zeros(n_indices, dtype=np.uint32)
+        values[:kept] = self.counts[:kept]
+        return CallCounters(n_indices, values, self.base)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # While multiprocessing starts a process it pickles the process's
+        # arguments with a pickler that passes the shared block itself to the
+        # child; any other pickle is an independent copy of the values.
+        if multiprocessing.context.get_spawning_popen() is not None:
+            return (_shared_counters, (self._block,))
+        return (CallCounters, (self.n_indices, self.counts.copy(), self.base))
+
+
+def _shared_counters(block: Any) -> CallCounters:
+    """Rebuild counters over a block received from the parent process."""
+    counters = CallCounters.__new__(CallCounters)
+    counters._attach(block)
+    return counters
+
+
+class UpcomingPatches:
+    """One process's cache of the patches of every index's next calls.
+
+    Holds, for each index ``i``, the patches of the draw numbers
+    ``first[i] .. first[i] + depth - 1`` (mod ``2**32``), and long windows for a
+    few indices that keep missing. Built for one version of the tables and
+    one seed; the sampler drops it when either changes.
+
+    Parameters
+    ----------
+    tables : RegionTables
+        The sampler's tables (any backend).
+    seed : int
+        The 64-bit seed.
+    backend : Backend
+        The sampler's backend (its epoch draw fills uniform windows).
+    """
+
+    def __init__(self, tables: RegionTables, seed: int, backend: Any) -> None:
+        n_patches = tables.total_patches
+        self.tables = tables
+        self.version = tables.version
+        self.seed = seed
+        self._backend = backend
+        self._host: Any = None
+        self.ndim = tables.ndim
+        # Small samplers keep many draws per index: with indices drawn with
+        # replacement an index is then rarely past its window.
+        self.depth = max(1, min(_MAX_DEPTH, _CACHE_ROWS // max(n_patches, 1)))
+        self.first = np.zeros(n_patches, dtype=np.uint32)
+        fits_int32 = int(np.max(tables.spatial_shape, initial=0)) < 1 << 31
+        coord_type = np.int32 if fits_int32 else np.int64
+        self.sample = np.zeros(n_patches * self.depth, dtype=np.int32)
+        self.coords = np.zeros(n_patches * self.depth * self.ndim, dtype=coord_type)
+        self.first_view = memoryview(self.first)
+        self.sample_view = memoryview(self.sample)
+        self.coords_view = memoryview(self.coords)
+        self.names = list(
+            zip(tables.stack_of_sample.tolist(), tables.sample_in_stack.tolist(), strict=True)
+        )
+        self.filled = False
+        # Set once filled, when every index holds one draw of a 2D patch: the
+        # sampler then reads the cache inline.
+        self.compact_2d = False
+        # Evenly spread indices whose windows estimate how many are behind.
+        self._probes = np.unique(np.linspace(0, max(n_patches - 1, 0), _PROBES).astype(np.int64))
+        # index -> (first draw, window length, names, coords) of repeating indices
+        self.hot: dict[int, tuple[int, int, list[tuple[int, int]], list[tuple[int, ...]]]] = {}
+        self._hot_misses: dict[int, int] = {}
+        # Misses served one by one since the last refill, and how many pay for one.
+        self._misses = 0
+        self._refill_after = max(_MIN_REFILL_MISSES, n_patches // _REFILL_MISS_RATIO)
+        self._scalar: ScalarDraw | None = None
+
+    def is_current(self, tables: RegionTables, seed: int) -> bool:
+        """Say whether this cache was built for these tables and this seed."""
+        return tables is self.tables and tables.version == self.version and seed == self.seed
+
+    def lookup(self, index: int, draw: int) -> tuple[int, int, tuple[int, ...]] | None:
+        """Return ``(data_idx, sample_idx, coords)`` of ``(index, draw)``, or None if not cached."""
+        offset = (draw - self.first_view[index]) & DRAW_MASK
+        if offset < self.depth and self.filled:
+            row = index * self.depth + offset
+            data_idx, sample_idx = self.names[self.sample_view[row]]
+            base = row * self.ndim
+            if self.ndim == 2:
+                coords: tuple[int, ...] = (self.coords_view[base], self.coords_view[base + 1])
+            else:
+                coords = tuple(self.coords_view[base : base + self.ndim])
+            return data_idx, sample_idx, coords
+        window = self.hot.get(index)
+        if window is not None:
+            offset = (draw - window[0]) & DRAW_MASK
+            if offset < window[1]:
+                return (*window[2][offset], window[3][offset])
+        return None
+
+    def miss(
+        self, index: int, draw: int, counters: CallCounters
+    ) -> tuple[int, int, tuple[int, ...]]:
+        """Return the patch of ``(index, draw)``, which :meth:`lookup` did not have.
+
+        ``draw`` is the index's next draw number (its counter not yet moved).
+        Every window the counters moved past is refilled, in one vectorised
+        pass, when most of them are (the first miss of a new pass over the
+        data, or after ``set_epoch``), or once enough misses have been served
+        one by one since the last refill to pay for it (indices drawn with
+        replacement move past their windows a few at a time). In between a
+        miss is drawn on its own (:class:`~gpu_patching.backends._per_index.ScalarDraw`),
+        and an index that misses again gets a window of its own, longer at
+        each of its misses.
+        """
+        if not self.filled:
+            return self._refill(index, draw, counters)
+        self._misses += 1
+        if self._misses >= self._refill_after or (
+            self._misses == 1 and self._stale_fraction(counters) >= _REFILL_FRACTION
+        ):
+            return self._refill(index, draw, counters)
+        repeats = self._hot_misses.get(index, 0)
+        self._hot_misses[index] = repeats + 1
+        if repeats:
+            self._fill_hot(index, draw, min(_MAX_HOT_WINDOW, 2 << repeats))
+            patch = self.lookup(index, draw)
+            assert patch is not None  # the window starts at `draw`
+            return patch
+        if self._scalar is None:
+            self._scalar = ScalarDraw(self._host_tables(), self.seed)
+        return self._scalar.draw(index, draw)
+
+    def _refill(
+        self, index: int, draw: int, counters: CallCounters
+    ) -> tuple[int, int, tuple[int, ...]]:
+        next_draws = counters.draw_numbers()
+        if self.filled:
+            stale = np.flatnonzero((next_draws - self.first) >= self.depth)
+        else:
+            stale = np.arange(len(next_draws), dtype=np.int64)
+        self._fill_windows(stale, next_draws[stale])
+        self.filled = True
+        self.compact_2d = self.depth == 1 and self.ndim == 2
+        self._misses = 0
+        self.hot.clear()
+        self._hot_misses.clear()
+        patch = self.lookup(index, draw)
+        assert patch is not None  # `draw` is the index's next draw: its window starts there
+        return patch
+
+    def _stale_fraction(self, counters: CallCounters) -> float:
+        """Estimate the fraction of windows the counters moved past, from a few probes."""
+        probes = self._probes
+        behind = (counters.array[probes] + counters.array[-1]) - self.first[probes]
+        return float(np.count_nonzero(behind >= self.depth)) / len(probes)
+
+    def _fill_windows(self, stale: NDArray[np.int64], first: NDArray[np.uint32]) -> None:
+        """Draw the windows of the ``stale`` indices, starting at draw numbers ``first``."""
+        depth, n_patches = self.depth, len(self.first)
+        if not len(stale):
+            return
+        if depth == 1 and int(first.min()) == int(first.max()):
+            # Every index at one draw number (sequential or shuffled passes):
+            # the backend's epoch draw, its fastest path.
+            rows: Any = range(n_patches) if len(stale) == n_patches else stale
+            data_idx, sample_idx, coords, _ = self._backend.draw(
+                self.tables, rows, int(first[0]), self.seed
+            )
+            data_idx, sample_idx, coords = (
+                np.asarray(_host(data_idx)),
+                np.asarray(_host(sample_idx)),
+                np.asarray(_host(coords)),
+            )
+            slots = stale
+        else:
+            indices = np.repeat(stale, depth)
+            offsets = np.tile(np.arange(depth, dtype=np.uint32), len(stale))
+            draws = (np.repeat(first, depth) + offsets).astype(np.int64)
+            data_idx, sample_idx, coords = draw_each(self._host_tables(), indices, draws, self.seed)
+            slots = (indices * depth + offsets).astype(np.int64)
+        tables = self.tables
+        self.sample[slots] = tables.first_sample[data_idx] + sample_idx
+        self.coords.reshape(-1, self.ndim)[slots] = coords
+        self.first[stale] = first
+
+    def _fill_hot(self, index: int, draw: int, length: int) -> None:
+        if len(self.hot) >= _MAX_HOT_INDICES:
+            self.hot.clear()
+        indices = np.full(length, index, dtype=np.int64)
+        draws = (draw + np.arange(length, dtype=np.int64)) & DRAW_MASK
+        data_idx, sample_idx, coords = draw_each(self._host_tables(), indices, draws, self.seed)
+        names = list(zip(data_idx.tolist(), sample_idx.tolist(), strict=True))
+        self.hot[index] = (draw, length, names, [tuple(row) for row in coords.tolist()])
+
+    def _host_tables(self) -> Any:
+        if self._host is None:
+            self._host = host_tables(self.tables)
+        return self._host
+
+
+def _host(values: Any) -> Any:
+    """Return a device array's host copy (NumPy arrays as they are)."""
+    get = getattr(values, "get", None)
+    return values if isinstance(values, np.ndarray) or not callable(get) else get()

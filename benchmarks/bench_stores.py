@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import os
 import shutil
 import sys
 import time
@@ -82,6 +83,15 @@ class Case:
     @property
     def raw_bytes(self) -> int:
         return int(np.prod(self.shape)) * 2
+
+
+def load_line() -> str:
+    """The 1, 5 and 15 minute load averages against the cores, for the report."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} on {os.cpu_count()} cores"
 
 
 def cases(quick: bool) -> list[Case]:
@@ -293,7 +303,7 @@ def per_batch_rate(
     """Patches/s and patches of the reader one batch at a time (read_ahead=1)."""
     reader = ChunkReader([stack], workers=workers)
     batches = reader.batches(rows, BATCH, read_ahead=1)
-    rate, done = rate_for(seconds, lambda k: len(next(batches)[0]), -(-len(rows) // BATCH))
+    rate, done = rate_for(seconds, lambda k: len(next(batches)[0]), -(-len(rows) // BATCH), 3)
     batches.close()  # type: ignore[attr-defined]
     return rate, done, reader
 
@@ -432,6 +442,8 @@ def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[str
         f"({fmt_bytes(stack.chunk_bytes)}), patches {'x'.join(map(str, case.patch))}, "
         f"batch {BATCH}, {strategy.n_patches:,} patches per epoch",
         "",
+        f"({load_line()} as this case starts.)",
+        "",
     )
     slicing, done = per_patch_rate(array, shuffled, seconds)
     slicing_reads = reads_per_patch_of_slicing(stack, shuffled, done)
@@ -524,7 +536,10 @@ def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[str
     batches = iter(loader)
     next(batches)
     n_batches = 1
-    while time.perf_counter() - start < seconds and n_batches < len(loader):
+    # As long as the shuffled throughput runs: the cache and the windows fill.
+    while n_batches < len(loader) and (
+        n_batches < 1 + 2 * window or time.perf_counter() - start < seconds
+    ):
         next(batches)
         n_batches += 1
     batches.close()
@@ -620,7 +635,10 @@ def main() -> None:
         f"Machine: {machine_line()}. Stores written by this script: OME-Zarr 0.5, zarr format 3, "
         "uint16, Blosc zstd level 3 with byte shuffle, on the local disk. Throughputs: patches "
         f"handed over per second for {seconds:g} s from a fresh loader (cold cache; the "
-        f"consumer does nothing with them), cache {fmt_bytes(DEFAULT_CACHE_BYTES)} (the default).",
+        f"consumer does nothing with them), cache {fmt_bytes(DEFAULT_CACHE_BYTES)} (the default). "
+        "Chunk reads per patch (how many chunks were decoded per patch handed over) do not "
+        "depend on the machine's load; patches/s do, and this machine is shared: "
+        f"{load_line()} at the start.",
         "",
     )
     try:
@@ -663,6 +681,7 @@ def main() -> None:
             ),
             "",
         )
+        report.emit(f"{load_line()} at the end.", "")
     finally:
         if not args.keep:
             shutil.rmtree(args.store_dir, ignore_errors=True)

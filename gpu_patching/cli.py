@@ -206,7 +206,14 @@ def _load_demo_image(args: argparse.Namespace) -> tuple[np.ndarray, str]:
 
         image = data.cell().astype(np.float32)
         return image, "scikit-image's 'cell' (quantitative phase image of a cell in saline)"
-    stack = read_stack(args.image, args.axes)
+    stack: Any
+    if Path(args.image).suffix.lower() == ".zarr":
+        # A zarr store or an OME-Zarr image (its level 0): only the plane shown is read.
+        from .stores import open_stack
+
+        stack = open_stack(args.image, args.axes)
+    else:
+        stack = read_stack(args.image, args.axes)
     if stack.ndim != 4:
         raise CommandError(
             f"demo shows 2D images; {args.image} with axes {args.axes} is 3D "

@@ -19,7 +19,7 @@ cut patches out of them without ever reading a whole stack:
   touch the same chunks do not decode them again.
   :meth:`ChunkReader.batches` (what :class:`~gpu_patching.PatchLoader` uses)
   reads ``W`` batches at once, each chunk once for all ``W`` (``W`` up to 16,
-  as many as a quarter of the cache's bytes can buffer), and reads the next
+  as many as half of the cache's bytes can buffer), and reads the next
   ``W`` on a thread while these train. The batches of a shuffled epoch are
   spread over the whole stack, so a window of them shares most chunks: this
   is what keeps shuffled epochs from decoding each chunk for a few patches.
@@ -819,8 +819,10 @@ class ChunkReader:
         """Return the batches :meth:`batches` reads at once by default.
 
         The largest ``W`` up to :data:`MAX_READ_AHEAD` whose buffers (see
-        :meth:`batches`) take at most a quarter of ``cache_bytes``; 1 when
-        even that of ``W = 2`` does not fit.
+        :meth:`batches`) take at most half of ``cache_bytes``; 1 when even
+        that of ``W = 2`` does not fit. Half, because on a shuffled epoch a
+        batch read ahead saves more decoding than the same bytes of cached
+        chunks (``benchmarks/bench_stores.py``: the chunk reads per patch).
 
         Parameters
         ----------
@@ -834,7 +836,7 @@ class ChunkReader:
         """
         best = 1
         for window in range(2, MAX_READ_AHEAD + 1):
-            if _reserved_batches(window) * batch_bytes <= self.cache_bytes // 4:
+            if _reserved_batches(window) * batch_bytes <= self.cache_bytes // 2:
                 best = window
         return best
 

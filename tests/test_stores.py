@@ -297,12 +297,12 @@ def test_read_ahead_windows_give_the_same_batches_and_read_each_chunk_once(tmp_p
         windowed.batches(rows, 6, read_ahead=0)
 
 
-def test_default_read_ahead_buffers_a_quarter_of_the_cache_at_most(tmp_path):
+def test_default_read_ahead_buffers_half_of_the_cache_at_most(tmp_path):
     stack = open_stack(_write(tmp_path / "a.zarr", _data((1, 1, 32, 32)), (1, 1, 16, 16)))
     batch_bytes = 1 << 20
     assert ChunkReader([stack], cache_bytes=0).read_ahead(batch_bytes) == 1
-    # 2W - 2 batches of buffers within 8 MiB: W = 5
-    assert ChunkReader([stack], cache_bytes=32 << 20).read_ahead(batch_bytes) == 5
+    # 2W - 2 batches of buffers within 16 MiB: W = 9
+    assert ChunkReader([stack], cache_bytes=32 << 20).read_ahead(batch_bytes) == 9
     assert ChunkReader([stack], cache_bytes=1 << 40).read_ahead(batch_bytes) == 16
 
 
@@ -412,3 +412,21 @@ def test_bad_input_is_named(tmp_path):
     group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
     with pytest.raises(ValueError, match="multiscales"):
         open_stack(group)
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def test_demo_reads_one_plane_of_an_ome_zarr_store(tmp_path, capsys):
+    import argparse
+
+    from gpu_patching.cli import _load_demo_image, main
+
+    planes = _data((2, 40, 48), seed=17)
+    _write_ome(tmp_path / "image.zarr", [planes, planes[:, ::2, ::2].copy()], "cyx", 3)
+    args = argparse.Namespace(image=str(tmp_path / "image.zarr"), axes="CYX", sample=0, channel=1)
+    image, name = _load_demo_image(args)
+    assert np.array_equal(image, planes[1].astype(np.float32))
+    assert "channel 1 of 2" in name
+    assert main(["demo", "--image", str(tmp_path / "image.zarr"), "--axes", "ZYX"]) == 2
+    assert "3D" in capsys.readouterr().err

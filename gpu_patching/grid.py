@@ -189,14 +189,18 @@ def region_areas(
         for a in range(ndim)
     ]
     area = xp.zeros(masks.shape, dtype=xp.int64)
+    # One region-sized int64 scratch for every sub-box: the box sizes are
+    # broadcast from per-axis vectors, never made grid-sized.
+    term = xp.empty(masks.shape, dtype=xp.int64)
     for bit, box in enumerate(subbox_offsets(ndim)):
-        box_size = xp.ones(cells, dtype=xp.int64)
+        box_size = xp.ones((1,) * ndim, dtype=xp.int64)
         for a, b in enumerate(box):
             shape = [1] * ndim
             shape[a] = cells[a]
             box_size = box_size * parts[a][b].reshape(shape)
-        selectable = ((masks >> bit) & 1).astype(xp.int64)
-        area += selectable * box_size
+        selectable = (masks >> bit) & 1
+        xp.multiply(selectable, box_size, out=term)
+        area += term
     return area
 
 
@@ -216,8 +220,13 @@ def quantise_probabilities(probabilities: Any, xp: Any = np) -> Any:
         ``round(p * PROB_ONE)``, raised to 1 where ``p > 0`` so that a small
         positive probability never switches a region off.
     """
-    q = xp.rint(probabilities * PROB_ONE).astype(xp.int64)
-    return xp.where(probabilities > 0, xp.maximum(q, 1), 0)
+    scaled = probabilities * PROB_ONE
+    xp.rint(scaled, out=scaled)
+    q = scaled.astype(xp.int64)
+    del scaled
+    # In place, with boolean temporaries only: 1 where 0 < p rounded to 0.
+    q[(q < 1) & (probabilities > 0)] = 1
+    return q
 
 
 def patches_per_sample(

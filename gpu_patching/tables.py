@@ -51,6 +51,8 @@ MAX_AXIS_LENGTH = 1 << 62
 #: arrays), per sample (the per-sample arrays) and per patch (the call
 #: counters). Used to refuse, up front, tables larger than the machine.
 _REGION_BYTES, _SAMPLE_BYTES, _PATCH_BYTES = 26, 96, 4
+#: Values per block of the float64 mass estimate of an update.
+_ESTIMATE_VALUES = 1 << 18
 
 
 def _physical_memory_bytes() -> int | None:
@@ -223,11 +225,17 @@ class RegionTables:
         n_regions = int(self.region_offset[-1])
         n_samples = len(self.n_cells)
 
+        # A new sampler's rows: nothing excluded, every probability 1, every
+        # sub-box selectable. Written in place: no row-sized temporary.
         self.excluded = xp.zeros(n_regions, dtype=bool)
         self.probability = xp.ones(n_regions, dtype=xp.float64)
-        self.weight = xp.zeros(n_regions, dtype=xp.int64)
-        self.subbox_mask = xp.zeros(n_regions, dtype=xp.uint8)
-        self.mass = xp.zeros(n_regions, dtype=xp.int64)
+        self.weight = xp.full(n_regions, grid.PROB_ONE, dtype=xp.int64)
+        self.subbox_mask = xp.full(n_regions, (1 << (1 << self.ndim)) - 1, dtype=xp.uint8)
+        # Exclusive prefix of the region masses over all samples: region r
+        # holds the global mass points [mass_prefix[r], mass_prefix[r + 1]).
+        # The masses themselves are not kept (the ``mass`` property derives
+        # them): 8 bytes per region less.
+        self.mass_prefix = xp.zeros(n_regions, dtype=xp.int64)
         # Counts the changes of the tables, so that copies elsewhere (the CUDA
         # backend's upload of the per-sample arrays) know when they are stale.
         self.version = 0
@@ -238,11 +246,11 @@ class RegionTables:
         self.mass_estimate = np.zeros(n_samples, dtype=np.float64)
 
         # Samples of one stack share a grid, so they are built as one batch.
+        mass_start = 0
         for stack in range(len(stack_grids)):
-            first, last = self.first_sample[stack], self.first_sample[stack + 1]
-            if first == last:
-                continue
-            self._commit(int(first), int(last), self._default_rows(stack))
+            first, last = int(self.first_sample[stack]), int(self.first_sample[stack + 1])
+            if first < last:
+                mass_start += self._write_default_rows(stack, mass_start)
         self._refresh_totals()
 
     # -- shape helpers ---------------------------------------------------------
@@ -309,7 +317,13 @@ class RegionTables:
         weight_total = self.weight_total.copy()
         weight_total[sample] = update.weight_total[0]
         self._check_limits(mass_estimate, self._patches(n_excluded, weight_total, mass_total))
-        self._commit(sample, sample + 1, update)
+        rows = self.sample_rows(sample)
+        mass_start = int(self.mass_offset[sample])
+        change = int(update.mass_total[0]) - int(self.mass_total[sample])
+        self._commit(sample, sample + 1, update, mass_start)
+        if change:
+            # The samples after this one move along the mass line, in place.
+            self.mass_prefix[rows.stop :] += change
         self._refresh_totals()
 
     def replace_all_rows(self, excluded: NDArray[np.bool_], probability: NDArray[Any]) -> None:
@@ -334,6 +348,9 @@ class RegionTables:
             of this method should then be dropped: rows may be half replaced.
         """
         xp = self.xp
+        # Each stack's prefix is written from where the stack starts now; the
+        # stacks after a changed one are moved once at the end (one pass).
+        old_start = np.concatenate([[0], np.cumsum(self.mass_total)]).astype(np.int64)
         for stack in range(self.n_stacks):
             first, last = int(self.first_sample[stack]), int(self.first_sample[stack + 1])
             rows = slice(int(self.region_offset[first]), int(self.region_offset[last]))
@@ -345,15 +362,24 @@ class RegionTables:
                 xp.asarray(excluded[rows].reshape(batch)),
                 xp.asarray(probability[rows].reshape(batch)),
             )
-            self._commit(first, last, update)
+            self._commit(first, last, update, int(old_start[first]))
+        new_start = np.concatenate([[0], np.cumsum(self.mass_total)]).astype(np.int64)
+        for stack in range(self.n_stacks):
+            first, last = int(self.first_sample[stack]), int(self.first_sample[stack + 1])
+            move = int(new_start[first]) - int(old_start[first])
+            if move and first < last:
+                rows = slice(int(self.region_offset[first]), int(self.region_offset[last]))
+                self.mass_prefix[rows] += move
         self._refresh_totals()
 
-    def _default_rows(self, stack: int) -> _SampleUpdate:
-        """Return the rows of a stack's samples with nothing excluded, probability 1.
+    def _write_default_rows(self, stack: int, mass_start: int) -> int:
+        """Set a new stack's per-sample totals and mass prefix; return its total mass.
 
-        The same rows as ``_compute`` with those inputs, without its general
-        steps: every sub-box is selectable, so a region's area is the product
-        over the axes of its corners along each axis (part 0 plus part 1).
+        Nothing excluded and every probability 1 (the rows the constructor
+        filled), without the general steps of :meth:`_compute`: every sub-box
+        is selectable, so a region's area is the product over the axes of its
+        corners along each axis (part 0 plus part 1), the same in every sample
+        of the stack. Only one sample's worth of temporaries is made.
         """
         xp = self.xp
         first, last = int(self.first_sample[stack]), int(self.first_sample[stack + 1])
@@ -366,22 +392,25 @@ class RegionTables:
             shape[axis] = cells[axis]
             area *= (part0 + part1).reshape(shape)
         one_sample = area.reshape(-1)
-        batch, n_cells = last - first, int(one_sample.size)
-        n_regions = batch * n_cells
-        mass = xp.tile(one_sample * grid.PROB_ONE, batch)
-        per_sample = np.ones(batch, dtype=np.int64)
-        return _SampleUpdate(
-            excluded=xp.zeros(n_regions, dtype=bool),
-            probability=xp.ones(n_regions, dtype=xp.float64),
-            weight=xp.full(n_regions, grid.PROB_ONE, dtype=xp.int64),
-            subbox_mask=xp.full(n_regions, (1 << (1 << self.ndim)) - 1, dtype=xp.uint8),
-            mass=mass,
-            n_excluded=per_sample * 0,
-            weight_total=per_sample * (n_cells * grid.PROB_ONE),
-            mass_total=per_sample * to_host(mass[:n_cells].sum(), np.int64),
-            mass_estimate=per_sample
-            * to_host((one_sample.astype(xp.float64) * grid.PROB_ONE).sum(), np.float64),
-        )
+        n_cells, batch = int(one_sample.size), last - first
+        # Exact in float64 (fewer than 2**42 corners: the mass limit), so the
+        # same value as the general update's float sum of area * weight.
+        corners = int(to_host(one_sample.sum(), np.int64))
+        one_sample *= grid.PROB_ONE  # the masses, in place
+        sample_mass = corners * grid.PROB_ONE
+        rows = slice(int(self.region_offset[first]), int(self.region_offset[last]))
+        prefix = self.mass_prefix[rows].reshape(batch, n_cells)
+        if n_cells:
+            xp.cumsum(one_sample, out=prefix[0])
+            prefix[0] -= one_sample
+            prefix[0] += mass_start
+            later = xp.arange(1, batch, dtype=xp.int64) * sample_mass
+            xp.add(prefix[0][None, :], later[:, None], out=prefix[1:])
+        self.n_excluded[first:last] = 0
+        self.weight_total[first:last] = n_cells * grid.PROB_ONE
+        self.mass_total[first:last] = sample_mass
+        self.mass_estimate[first:last] = float(corners) * grid.PROB_ONE
+        return sample_mass * batch
 
     def _compute(self, stack: int, excluded: Any, probability: Any) -> _SampleUpdate:
         """Compute the rows of a batch of samples of one stack (no commit)."""
@@ -391,30 +420,51 @@ class RegionTables:
         masks = grid.subbox_masks(excluded, xp)
         area = grid.region_areas(masks, spatial, self.patch_size, xp)
         weight = grid.quantise_probabilities(probability, xp)
-        mass = area * weight
         batch = excluded.shape[0]
         flat = (batch, -1)
+        mass_estimate = self._mass_estimate(area.reshape(flat), weight.reshape(flat))
+        area *= weight  # the masses, in place: one region-sized array less
         return _SampleUpdate(
             excluded=excluded.reshape(-1),
             probability=probability.reshape(-1),
             weight=weight.reshape(-1),
             subbox_mask=masks.reshape(-1),
-            mass=mass.reshape(-1),
+            mass=area.reshape(-1),
             n_excluded=to_host(excluded.reshape(flat).sum(axis=1), np.int64),
             weight_total=to_host(weight.reshape(flat).sum(axis=1), np.int64),
-            mass_total=to_host(mass.reshape(flat).sum(axis=1), np.int64),
-            mass_estimate=to_host(
-                (area.astype(xp.float64) * weight).reshape(flat).sum(axis=1), np.float64
-            ),
+            mass_total=to_host(area.reshape(flat).sum(axis=1), np.int64),
+            mass_estimate=mass_estimate,
         )
 
-    def _commit(self, first: int, last: int, update: _SampleUpdate) -> None:
+    def _mass_estimate(self, area: Any, weight: Any) -> NDArray[np.float64]:
+        """Return ``sum(float64(area) * weight)`` per sample (rows), by column blocks.
+
+        The float64 products of a block of columns at a time: the same value
+        as one sum over whole rows when the sums are exact, and otherwise
+        within the 1e-12 the limit check allows for; a few megabytes of
+        temporaries instead of two region-sized arrays.
+        """
+        xp = self.xp
+        n_cells = area.shape[1]
+        step = max(1, _ESTIMATE_VALUES // max(area.shape[0], 1))
+        total = np.zeros(area.shape[0], dtype=np.float64)
+        for start in range(0, n_cells, step):
+            block = area[:, start : start + step].astype(xp.float64)
+            block *= weight[:, start : start + step]
+            total += to_host(block.sum(axis=1), np.float64)
+        return total
+
+    def _commit(self, first: int, last: int, update: _SampleUpdate, mass_start: int) -> None:
+        """Write computed rows; their mass prefix starts at ``mass_start``."""
         rows = slice(int(self.region_offset[first]), int(self.region_offset[last]))
         self.excluded[rows] = update.excluded
         self.probability[rows] = update.probability
         self.weight[rows] = update.weight
         self.subbox_mask[rows] = update.subbox_mask
-        self.mass[rows] = update.mass
+        prefix = self.mass_prefix[rows]
+        self.xp.cumsum(update.mass, out=prefix)
+        prefix -= update.mass
+        prefix += mass_start
         self.n_excluded[first:last] = update.n_excluded
         self.weight_total[first:last] = update.weight_total
         self.mass_total[first:last] = update.mass_total
@@ -454,18 +504,23 @@ class RegionTables:
             )
 
     def _refresh_totals(self) -> None:
-        """Recompute the derived per-sample scalars and the global prefix sums."""
-        xp = self.xp
+        """Recompute the derived per-sample scalars and their prefix sums."""
         n_patches = self._patches(self.n_excluded, self.weight_total, self.mass_total)
         self._check_limits(self.mass_estimate, n_patches)
         self.version += 1
         self.n_patches = n_patches
         self.patch_offset = np.concatenate([[0], np.cumsum(n_patches)]).astype(np.int64)
         self.mass_offset = np.concatenate([[0], np.cumsum(self.mass_total)]).astype(np.int64)
-        # Exclusive prefix of the region masses over all samples: region r of
-        # sample s holds the global mass points
-        # [mass_prefix[r], mass_prefix[r] + mass[r]).
-        self.mass_prefix = xp.cumsum(self.mass) - self.mass
+
+    @property
+    def mass(self) -> Any:
+        """Every region's mass (a new array, from ``mass_prefix``: not kept)."""
+        xp = self.xp
+        following = xp.empty_like(self.mass_prefix)
+        following[:-1] = self.mass_prefix[1:]
+        following[-1:] = int(self.mass_offset[-1])
+        following -= self.mass_prefix
+        return following
 
     @property
     def total_patches(self) -> int:

@@ -880,11 +880,16 @@ def test_fresh_tables_are_the_general_rows_of_nothing_excluded_at_probability_on
         first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
         batch = (last - first, *tables.sample_grid(first))
         general = tables._compute(stack, np.zeros(batch, dtype=bool), np.ones(batch))
-        shortcut = tables._default_rows(stack)
+        rows = slice(int(tables.region_offset[first]), int(tables.region_offset[last]))
+        samples = slice(first, last)
         for field in general.__dataclass_fields__:
-            expected, got = getattr(general, field), getattr(shortcut, field)
+            expected = getattr(general, field)
+            per_sample = field in ("n_excluded", "weight_total", "mass_total", "mass_estimate")
+            got = getattr(tables, field)[samples if per_sample else rows]
             assert np.asarray(got).dtype == np.asarray(expected).dtype, field
             np.testing.assert_array_equal(got, expected, err_msg=field)
+        prefix = tables.mass_prefix[rows] - tables.mass_offset[first]
+        np.testing.assert_array_equal(prefix, np.cumsum(general.mass) - general.mass)
 
 
 @pytest.mark.parametrize("probability", [1.0, 0.5, 0.3, 7.25])

@@ -32,10 +32,8 @@ into the epoch's order.
 from __future__ import annotations
 
 import itertools
-import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -175,14 +173,24 @@ class _BoxIndex:
         rows_of_layout: dict[bytes, int] = {}
         layouts: list[NDArray[np.int64]] = []  # (cumulative corners, lengths, area)
         keymaps: list[NDArray[np.int64] | None] = []
+        stack_keys: list[list[tuple[slice, NDArray[Any]]] | None] = []
         for stack, classes in enumerate(self._stack_classes):
             if classes is None:
                 keymaps.append(None)
+                stack_keys.append([])
                 continue
             present = np.zeros(classes.n_keys, dtype=bool)
-            for _, key in _stack_keys(tables, stack, classes):
+            # A small stack's keys are kept for the second pass (a large
+            # one's are made again: its keys would cost memory).
+            kept_keys: list[tuple[slice, NDArray[Any]]] | None = []
+            for rows, key in _stack_keys(tables, stack, classes):
                 # A bincount: linear in the regions, unlike a sort.
                 present |= np.bincount(key.reshape(-1), minlength=classes.n_keys) > 0
+                if kept_keys is not None and key.size <= _KEPT_KEYS:
+                    kept_keys.append((rows, key))
+                else:
+                    kept_keys = None
+            stack_keys.append(kept_keys)
             keys = np.flatnonzero(present)
             keymap = np.zeros(classes.n_keys, dtype=np.int64)
             for key, row in zip(
@@ -203,10 +211,12 @@ class _BoxIndex:
             if classes is None or keymap is None:
                 continue
             numbers = keymap.astype(number_type)
-            for rows, key in _stack_keys(tables, stack, classes):
+            kept = stack_keys[stack]
+            for rows, key in kept if kept is not None else _stack_keys(tables, stack, classes):
                 # Every key is below n_keys: mode="clip" only skips the checks.
                 np.take(numbers, key, out=self.layout[rows].reshape(key.shape), mode="clip")
-        table = np.asarray(layouts, dtype=np.int64).reshape(len(layouts), -1)
+        width = n_boxes * (1 + self.ndim) + 1
+        table = np.asarray(layouts, dtype=np.int64).reshape(len(layouts), width)
         cumulative = table[:, :n_boxes]
         lengths = table[:, n_boxes:-1].reshape(len(layouts), n_boxes, self.ndim)
         area = table[:, -1]
@@ -338,18 +348,21 @@ class _StackClasses(NamedTuple):
 
 
 def _stack_classes(tables: RegionTables, stack: int) -> _StackClasses | None:
-    """Return the per-axis classes of a stack's cells (None for a stack without samples)."""
+    """Return the per-axis classes of a stack's cells (None for a stack without regions)."""
     first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
-    if first == last:
-        return None
-    cells = tables.sample_grid(first)
+    cells = tables.sample_grid(first) if first < last else ()
+    if not cells or min(cells) == 0:
+        return None  # no samples, or samples smaller than the patch: no regions
     spatial = [int(s) for s in tables.spatial_shape[first]]
     parts, classes = [], []
     for axis in range(tables.ndim):
         part0, part1 = grid.axis_part_sizes(spatial[axis], tables.patch_size[axis], cells[axis])
-        distinct, of_cell = np.unique(np.stack([part0, part1], axis=1), axis=0, return_inverse=True)
-        parts.append(distinct.astype(np.int64))
-        classes.append(of_cell.reshape(-1))
+        # Both parts only shrink along an axis (interior cells, then the last
+        # ones): a class starts wherever either changes; no sort needed.
+        starts = np.ones(cells[axis], dtype=bool)
+        starts[1:] = (part0[1:] != part0[:-1]) | (part1[1:] != part1[:-1])
+        parts.append(np.stack([part0[starts], part1[starts]], axis=1))
+        classes.append(np.cumsum(starts) - 1)
     n_combinations = 1
     for distinct in parts:
         n_combinations *= len(distinct)
@@ -366,6 +379,8 @@ def _stack_classes(tables: RegionTables, stack: int) -> _StackClasses | None:
 
 #: Regions whose layout keys are computed in one pass (bounds the temporaries).
 _KEY_ROWS = 1 << 20
+#: Stacks of at most this many regions keep their keys between the two passes.
+_KEPT_KEYS = 1 << 16
 
 
 def _stack_keys(
@@ -539,64 +554,48 @@ def _chunk_bounds(
     return [(start, stop) for start, stop in itertools.pairwise(bounds) if stop > start]
 
 
-def _sample_names(
-    tables: RegionTables, sample: NDArray[np.int64], rows: NDArray[np.int64] | None = None
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Return ``(data_idx, sample_idx)`` of flat sample numbers (of ``sample[rows]``)."""
-    n_rows = len(sample) if rows is None else len(rows)
+def _name_arrays(
+    tables: RegionTables, n_rows: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64], tuple[NDArray[np.int64], ...] | None]:
+    """Return ``(data_idx, sample_idx, to_fill)`` arrays for ``n_rows`` rows.
+
+    With a single sample both are zeros (``np.zeros`` maps zero pages lazily:
+    no pass over the memory, and no memory until read) and ``to_fill`` is
+    None; otherwise they are empty and ``to_fill`` holds them.
+    """
     if tables.n_samples == 1:
-        # np.zeros maps zero pages lazily: no pass over the memory here.
-        return np.zeros(n_rows, dtype=np.int64), np.zeros(n_rows, dtype=np.int64)
-    # Rows and flat samples are valid: mode="clip" only skips the bounds checks.
-    if rows is not None:
-        sample = np.take(sample, rows, mode="clip")
-    return (
-        np.take(tables.stack_of_sample, sample, mode="clip"),
-        np.take(tables.sample_in_stack, sample, mode="clip"),
-    )
+        return np.zeros(n_rows, dtype=np.int64), np.zeros(n_rows, dtype=np.int64), None
+    data_idx, sample_idx = np.empty(n_rows, dtype=np.int64), np.empty(n_rows, dtype=np.int64)
+    return data_idx, sample_idx, (data_idx, sample_idx)
+
+
+def _fill_names(
+    tables: RegionTables,
+    sample: NDArray[np.int64],
+    to_fill: tuple[NDArray[np.int64], ...],
+    rows: slice,
+) -> None:
+    """Write ``(data_idx, sample_idx)`` of flat samples into rows of ``to_fill``."""
+    # Flat samples are valid: mode="clip" only skips the bounds checks.
+    np.take(tables.stack_of_sample, sample, out=to_fill[0][rows], mode="clip")
+    np.take(tables.sample_in_stack, sample, out=to_fill[1][rows], mode="clip")
 
 
 class NumpyBackend:
     """The host backend: NumPy tables and a vectorised per-patch draw.
 
-    A backend belongs to one sampler. It keeps two scratch arrays between
-    draws (the flat sample of each row, and the corners of a shuffled epoch in
-    index order, ``(1 + d) * 8`` bytes per patch): fresh memory of that size
-    costs a page fault per 4 KiB when first written, which is a sizeable part
-    of an epoch's time on the CPU. The arrays it returns never share memory
-    with the scratch, and concurrent draws from several threads each get their
-    own (only one at a time uses the scratch).
+    A backend belongs to one sampler and keeps nothing between draws but the
+    draw index of its tables (one layout number per region, see
+    :class:`_BoxIndex`). A draw allocates its outputs and chunk-sized
+    temporaries only, plus, for a shuffled or sharded epoch, the corners in
+    index order (``4 * d`` bytes per patch when the coordinates fit in 32
+    bits), so that its peak memory stays a small multiple of its output's
+    (docs: the memory table in the README). Concurrent draws from several
+    threads share nothing but the index.
     """
 
     name = "numpy"
     xp: Any = np
-
-    def __init__(self) -> None:
-        self._scratch_lock = threading.Lock()
-        self._scratch_sample = np.empty(0, dtype=np.int64)
-        self._scratch_corner = np.empty((0, 0), dtype=np.int64)
-
-    @contextmanager
-    def _scratch(
-        self, n_rows: int, ndim: int, *, corners: bool
-    ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.int64] | None]]:
-        """Lend ``n_rows`` rows of scratch: samples, and corners if asked for."""
-        if not self._scratch_lock.acquire(blocking=False):
-            # Another thread is drawing: this draw uses its own memory.
-            corner = np.empty((n_rows, ndim), dtype=np.int64) if corners else None
-            yield np.empty(n_rows, dtype=np.int64), corner
-            return
-        try:
-            if len(self._scratch_sample) < n_rows:
-                self._scratch_sample = np.empty(n_rows, dtype=np.int64)
-            corner = None
-            if corners:
-                if len(self._scratch_corner) < n_rows or self._scratch_corner.shape[1] != ndim:
-                    self._scratch_corner = np.empty((n_rows, ndim), dtype=np.int64)
-                corner = self._scratch_corner[:n_rows]
-            yield self._scratch_sample[:n_rows], corner
-        finally:
-            self._scratch_lock.release()
 
     def draw(
         self,
@@ -662,11 +661,10 @@ class NumpyBackend:
             check_indices(np, array, tables.total_patches)
             indices = np.array(array, dtype=np.int64)
         corner = np.empty((len(indices), tables.ndim), dtype=np.int64)
-        with self._scratch(len(indices), tables.ndim, corners=False) as (sample, _):
-            self._draw_samples(
-                tables, indices, draw_number, seed, sample, corner, increasing=increasing
-            )
-            data_idx, sample_idx = _sample_names(tables, sample)
+        data_idx, sample_idx, to_fill = _name_arrays(tables, len(indices))
+        self._draw_samples(
+            tables, indices, draw_number, seed, corner, to_fill, increasing=increasing
+        )
         return data_idx, sample_idx, corner, indices
 
     @staticmethod
@@ -675,17 +673,19 @@ class NumpyBackend:
         indices: range | NDArray[np.int64],
         draw_number: int,
         seed: int,
-        sample: NDArray[np.int64],
-        corner: NDArray[np.int64],
+        corner: NDArray[Any],
+        to_fill: tuple[NDArray[np.int64], ...] | None,
         *,
         increasing: bool,
     ) -> None:
-        """Write the flat sample and corner of each index into ``sample``, ``corner``.
+        """Write the corner of each index into ``corner``, its names into ``to_fill``.
 
+        ``to_fill`` is ``(data_idx, sample_idx)``, or None to skip them.
         Fastest when the indices increase; ``increasing`` says they are known
         to increase strictly.
         """
         index = _box_index(tables)
+        sample = np.empty(min(_CHUNK, len(indices)), dtype=np.int64)
         # Chunks keep every temporary small: cache-resident, and recycled by
         # the allocator instead of being mapped (and page-faulted) afresh. A
         # range is never made into an array as long as the epoch.
@@ -695,16 +695,19 @@ class NumpyBackend:
                 chunk = np.arange(indices.start + start, indices.start + stop)
             else:
                 chunk = indices[rows]
+            chunk_sample = sample[: stop - start]
             _draw_chunk(
                 tables,
                 index,
                 chunk,
                 draw_number,
                 seed,
-                sample[rows],
+                chunk_sample,
                 corner[rows],
                 increasing=increasing,
             )
+            if to_fill is not None:
+                _fill_names(tables, chunk_sample, to_fill, rows)
 
     def _draw_order(
         self, tables: RegionTables, order: EpochOrder, draw_number: int, seed: int
@@ -733,13 +736,22 @@ class NumpyBackend:
             count_type = np.int32 if n_patches < 1 << 31 else np.int64
             row_of = np.cumsum(present, dtype=count_type)[wanted].astype(np.int64)
             row_of -= 1
-        with self._scratch(len(drawn), tables.ndim, corners=True) as (sample, corner):
-            assert corner is not None
-            # Both kinds of `drawn` increase strictly.
-            self._draw_samples(tables, drawn, draw_number, seed, sample, corner, increasing=True)
-            # np.take, not fancy indexing: ten times faster on the (N, d)
-            # corners; every row_of is a valid row, so mode="clip" only skips
-            # the bounds checks.
-            data_idx, sample_idx = _sample_names(tables, sample, row_of)
-            coords = np.take(corner, row_of, axis=0, mode="clip")
+        # The corners in index order, in 32 bits when they fit (they do when
+        # every axis is shorter than 2**31): the largest temporary of a draw.
+        fits = tables.n_samples == 0 or int(tables.spatial_shape.max()) < 1 << 31
+        corner = np.empty((len(drawn), tables.ndim), dtype=np.int32 if fits else np.int64)
+        # Both kinds of `drawn` increase strictly.
+        self._draw_samples(tables, drawn, draw_number, seed, corner, None, increasing=True)
+        coords = np.empty((len(wanted), tables.ndim), dtype=np.int64)
+        data_idx, sample_idx, to_fill = _name_arrays(tables, len(wanted))
+        for start in range(0, len(wanted), _CHUNK):
+            rows = slice(start, start + _CHUNK)
+            # np.take, not fancy indexing: ten times faster on (N, d) corners;
+            # every row_of is a valid row, so mode="clip" only skips the
+            # bounds checks.
+            coords[rows] = np.take(corner, row_of[rows], axis=0, mode="clip")
+            if to_fill is not None:
+                sample = np.searchsorted(tables.patch_offset, wanted[rows], side="right")
+                sample -= 1
+                _fill_names(tables, sample, to_fill, rows)
         return data_idx, sample_idx, coords, wanted

@@ -1,0 +1,236 @@
+"""Memory benchmark: peak resident memory per region of each operation, in fresh processes.
+
+Every measurement runs in a process of its own, which imports NumPy and
+gpu-patching (and, for the reference, CAREamics' ``StratifiedPatching``),
+notes its resident memory (the baseline), builds a sampler, runs the steps
+that come before the measured operation, resets the kernel's peak counter
+(``/proc/self/clear_refs``) and runs the operation. Its figure is the peak
+resident memory while the operation ran (``VmHWM``, which includes what the
+sampler already held) minus the baseline, per grid cell (sampling region) of
+the sampler.
+
+Operations (gpu-patching, NumPy backend):
+
+* ``construct``: building the sampler;
+* ``exclude 5%``: ``exclude_patches`` with a dense mask of 5% of the cells;
+* ``set_region_probs``: a dense probability array for every cell;
+* ``first epoch``: ``sample_epoch`` right after the updates (it also builds
+  the draw index); ``epoch``: the next one; ``shuffled epoch``;
+* ``first get_patch_spec``: the first call (it fills the per-index cache of
+  upcoming patches); ``1,000 get_patch_spec``: the calls after it.
+
+The reference (CAREamics 0.3.5, loaded without its dependencies) is measured
+at the sizes it builds in reasonable time: construction, the same exclusion
+(as coordinates), the first ``get_patch_spec`` and 1,000 calls (it has no
+epoch call). Run ``python benchmarks/bench_memory.py`` (``--quick``: 1M
+regions only, no reference); the markdown goes to
+``benchmarks/results/memory.md`` unless ``--output`` says otherwise. Linux
+only (``/proc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from _report import RESULTS_DIR, Report, machine_line, markdown_row, markdown_table
+
+RESULTS = RESULTS_DIR / "memory.md"
+#: The issue's target: peak resident memory per region.
+TARGET_BYTES_PER_REGION = 100
+
+# (label, data_shapes, patch_size): ours at 1M and 10M regions, 2D and 3D,
+# and several samples (whose epochs carry per-row stack and sample numbers).
+CASES = [
+    ("2D, 1M regions: 16384x16384, 16x16", [(1, 1, 16384, 16384)], (16, 16)),
+    ("2D, 1M regions: 16 x 4096x4096, 16x16", [(16, 1, 4096, 4096)], (16, 16)),
+    ("3D, 1M regions: 800^3, 8^3", [(1, 1, 800, 800, 800)], (8, 8, 8)),
+    ("2D, 10M regions: 51200x51200, 16x16", [(1, 1, 51200, 51200)], (16, 16)),
+    ("3D, 10M regions: 1720^3, 8^3", [(1, 1, 1720, 1720, 1720)], (8, 8, 8)),
+]
+QUICK_CASES = CASES[:3]
+# Side by side with the reference, at sizes it builds in seconds to a minute.
+REFERENCE_CASES = [
+    ("2D, ~66k regions: 10000x6760, 32x32", [(1, 1, 10000, 6760)], (32, 32)),
+    ("2D, ~264k regions: 4 x 10000x6760, 32x32", [(4, 1, 10000, 6760)], (32, 32)),
+]
+OURS = [
+    "construct",
+    "exclude 5%",
+    "set_region_probs",
+    "first epoch",
+    "epoch",
+    "shuffled epoch",
+    "first get_patch_spec",
+    "1,000 get_patch_spec",
+]
+THEIRS = ["construct", "exclude 5%", "first get_patch_spec", "1,000 get_patch_spec"]
+
+# The measuring process: argv[1] is a JSON {"shapes", "patch", "operation",
+# "reference"}; it prints one JSON line {"regions", "peak", "held"}.
+CHILD = r"""
+import json, sys
+
+def status(key):
+    with open("/proc/self/status") as lines:
+        for line in lines:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+job = json.loads(sys.argv[1])
+import numpy as np
+from gpu_patching import StratifiedPatching
+if job["reference"]:
+    from gpu_patching.testing import load_reference
+    build = load_reference()
+else:
+    def build(shapes, patch, seed):
+        return StratifiedPatching(shapes, patch, seed, backend="numpy")
+shapes = [tuple(shape) for shape in job["shapes"]]
+patch = tuple(job["patch"])
+ndim = len(patch)
+cells = tuple((size + 1) // p for size, p in zip(shapes[0][2:], patch))
+regions = sum(shape[0] * int(np.prod([(s + 1) // p for s, p in zip(shape[2:], patch)]))
+              for shape in shapes)
+# 5% of the first sample's cells, evenly spread (every 20th, row-major).
+chosen = np.zeros(int(np.prod(cells)), dtype=bool)
+chosen[::20] = True
+chosen = chosen.reshape(cells)
+baseline = status("VmRSS")
+steps = {
+    "construct": lambda: None,
+    "exclude 5%": lambda s: s.exclude_patches(
+        0, 0, chosen if not job["reference"] else [tuple(c) for c in np.argwhere(chosen)]
+    ),
+    "set_region_probs": lambda s: s.set_region_probs(
+        0, 0, np.where(chosen, 0.25, 1.0)
+    ),
+    "first epoch": lambda s: s.sample_epoch(0),
+    "epoch": lambda s: s.sample_epoch(1),
+    "shuffled epoch": lambda s: s.sample_epoch(2, shuffle=True),
+    "first get_patch_spec": lambda s: s.get_patch_spec(0),
+    "1,000 get_patch_spec": lambda s: [s.get_patch_spec(i % s.n_patches) for i in range(1000)],
+}
+order = job["order"]
+operation = job["operation"]
+sampler = None
+if operation == "construct":
+    reset_peak()
+    sampler = build(shapes, patch, 1)
+else:
+    sampler = build(shapes, patch, 1)
+    for step in order[1 : order.index(operation)]:
+        result = steps[step](sampler)
+        del result
+    reset_peak()
+    result = steps[operation](sampler)
+peak = status("VmHWM") - baseline
+held = status("VmRSS") - baseline
+print(json.dumps({"regions": regions, "peak": peak, "held": held}))
+"""
+
+
+def measure(shapes: list, patch: tuple, operation: str, reference: bool) -> dict[str, Any]:
+    """Run one operation in a fresh process; return its figures."""
+    job = {
+        "shapes": shapes,
+        "patch": patch,
+        "operation": operation,
+        "reference": reference,
+        "order": THEIRS if reference else OURS,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True, text=True
+    )
+    if done.returncode:
+        raise RuntimeError(f"measuring {operation} of {shapes} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def per_region(figures: dict[str, Any] | None) -> str:
+    if figures is None:
+        return "n/a"
+    return f"{figures['peak'] / figures['regions']:.0f}"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1M regions only, no reference")
+    parser.add_argument("--no-reference", action="store_true", help="skip CAREamics")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    args = parser.parse_args(argv)
+    if not Path("/proc/self/clear_refs").exists():
+        raise SystemExit("bench_memory.py needs Linux's /proc/self/clear_refs")
+
+    report = Report()
+    report.emit(
+        "# Memory benchmark: peak resident memory per region",
+        "",
+        machine_line(),
+        "",
+        "Each figure is one operation in a fresh process: the peak resident memory while it "
+        "ran (VmHWM, reset just before it; it includes what the sampler already held) "
+        "minus the process's memory after its imports, divided by the number of grid cells "
+        "(sampling regions). The steps before an operation run in the same process, in the "
+        f"order of the table. Target: at most {TARGET_BYTES_PER_REGION} bytes per region.",
+        "",
+        "## gpu-patching (NumPy backend)",
+        "",
+        *markdown_table(["case", "regions", *OURS], [], "lr" + "r" * len(OURS)),
+    )
+    worst = 0.0
+    for label, shapes, patch in QUICK_CASES if args.quick else CASES:
+        figures = [measure(shapes, patch, operation, False) for operation in OURS]
+        worst = max(worst, *(f["peak"] / f["regions"] for f in figures))
+        regions = f"{figures[0]['regions']:,}"
+        report.emit(markdown_row([label, regions, *(per_region(f) for f in figures)]))
+    report.emit("", f"Largest figure: {worst:.0f} bytes per region.")
+
+    if not (args.quick or args.no_reference):
+        report.emit(
+            "",
+            "## Side by side with the reference (CAREamics 0.3.5)",
+            "",
+            "Bytes per region; the reference has no epoch call (an epoch is n_patches "
+            "get_patch_spec calls).",
+            "",
+            *markdown_table(
+                ["case", "regions", "operation", "reference", "gpu-patching (numpy)"],
+                [],
+                "lrlrr",
+            ),
+        )
+        for label, shapes, patch in REFERENCE_CASES:
+            for operation in THEIRS:
+                theirs = measure(shapes, patch, operation, True)
+                ours = measure(shapes, patch, operation, False)
+                report.emit(
+                    markdown_row(
+                        [
+                            label,
+                            f"{ours['regions']:,}",
+                            operation,
+                            per_region(theirs),
+                            per_region(ours),
+                        ]
+                    )
+                )
+    text = report.write(args.output)
+    print(f"\nwritten to {args.output}")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -687,3 +687,11 @@ def test_gpu_session_without_a_gpu_fails_and_packs_its_logs(tmp_path: Path) -> N
 def test_gpu_session_rejects_an_unknown_part() -> None:
     done = _session_script("tests")
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+def test_benchmarks_readme_states_the_session_budgets_the_script_uses() -> None:
+    plan = _session_script("plan").stdout
+    budgets = dict(re.findall(r"^([\w-]+) +(\d+) s", plan, re.MULTILINE))
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
+    stated = dict(re.findall(r"^\| ([\w-]+) \| (\d+) s \|", readme, re.MULTILINE))
+    assert stated == {k: v for k, v in budgets.items() if k not in ("total", "grace")}

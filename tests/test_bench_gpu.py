@@ -695,3 +695,20 @@ def test_benchmarks_readme_states_the_session_budgets_the_script_uses() -> None:
     readme = (ROOT / "benchmarks" / "README.md").read_text()
     stated = dict(re.findall(r"^\| ([\w-]+) \| (\d+) s \|", readme, re.MULTILINE))
     assert stated == {k: v for k, v in budgets.items() if k not in ("total", "grace")}
+
+
+def test_the_cuda_backend_on_the_host_draws_each_epoch_in_one_launch(host_kernels: Any) -> None:
+    # The CUDA backend's own code (launch_count, grid, argument tuple) with the
+    # shipped kernel run on the host: what the GPU report's launch columns read.
+    from host_launch import HostBackend
+
+    case = _small_case(10**3)
+    sampler = _sampler(case)
+    sampler._backend = HostBackend(host_kernels)
+    latency = bench.measure_latency(host_cupy(), sampler, 3)
+    assert latency["launches"] == 1
+    orders = bench.measure_orders(host_cupy(), sampler, 0.001, 1)
+    assert [v["launches"] for v in orders["variants"].values()] == [1, 1, 1, 1]
+    assert [v["launches"] for v in orders["baselines"].values()] == [1, 1]
+    same = bench.compare_orders(sampler, _sampler(case), bench.ORDER_CHECK_EPOCH)
+    assert same == {key: True for key, _, _ in bench.order_variants()}

@@ -71,6 +71,8 @@ __all__ = ["DRAW_MASK", "CallCounters", "UpcomingPatches"]
 DRAW_MASK = 0xFFFFFFFF
 #: Rows of windows the cache holds for small samplers (``depth * n_patches``).
 _CACHE_ROWS = 1 << 10
+#: Indices whose windows are drawn in one pass (bounds a refill's temporaries).
+_FILL_BLOCK = 1 << 16
 #: Longest window of draws, and longest window given to one repeating index.
 _MAX_DEPTH = 8
 _MAX_HOT_WINDOW = 1024
@@ -306,13 +308,23 @@ class UpcomingPatches:
 
     def _fill_windows(self, stale: NDArray[np.int64], first: NDArray[np.uint32]) -> None:
         """Draw the windows of the ``stale`` indices, starting at draw numbers ``first``."""
-        depth, n_patches = self.depth, len(self.first)
+        # By blocks of indices, so that the draws' outputs and temporaries
+        # stay a few megabytes whatever the number of patches.
+        for start in range(0, len(stale), _FILL_BLOCK):
+            block = slice(start, start + _FILL_BLOCK)
+            self._fill_block(stale[block], first[block])
+
+    def _fill_block(self, stale: NDArray[np.int64], first: NDArray[np.uint32]) -> None:
+        """:meth:`_fill_windows` of a block of increasing indices."""
+        depth = self.depth
         if not len(stale):
             return
         if depth == 1 and int(first.min()) == int(first.max()):
             # Every index at one draw number (sequential or shuffled passes):
-            # the backend's epoch draw, its fastest path.
-            rows: Any = range(n_patches) if len(stale) == n_patches else stale
+            # the backend's epoch draw, its fastest path (on a range when the
+            # indices are consecutive).
+            consecutive = int(stale[-1]) - int(stale[0]) == len(stale) - 1
+            rows: Any = range(int(stale[0]), int(stale[-1]) + 1) if consecutive else stale
             data_idx, sample_idx, coords, _ = self._backend.draw(
                 self.tables, rows, int(first[0]), self.seed
             )

@@ -71,8 +71,9 @@ plan() {
     printf '%-14s %4d s (after TERM, before KILL, per step)\n' grace "$GRACE_S"
 }
 
-list_gpu_tests() {  # the test files that hold tests marked cuda
-    grep -l -E 'pytest\.mark\.cuda|mark\.cuda\b' tests/test_*.py
+list_gpu_tests() {  # the test files that mark tests cuda (a decorator or pytestmark)
+    grep -l -E '^[[:space:]]*@pytest\.mark\.cuda\b|^pytestmark[[:space:]]*=.*pytest\.mark\.cuda\b' \
+        tests/test_*.py
 }
 
 # check_pytest_log FILE: 0 when FILE's pytest summary says a test passed;
@@ -227,7 +228,9 @@ if [ "$gpu_ok" -eq 0 ]; then
 fi
 
 mapfile -t GPU_TESTS < <(list_gpu_tests)
-step pytest-cuda "$PY" -m pytest -m cuda -q -p no:cacheprovider "${GPU_TESTS[@]}"
+# A module that fails to import there (a missing package) must not stop the others.
+step pytest-cuda "$PY" -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
+    "${GPU_TESTS[@]}"
 if ! check_pytest_log "$LOGS/pytest-cuda.log" | tee -a "$SUMMARY"; then
     status=1
 fi

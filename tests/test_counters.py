@@ -1,0 +1,264 @@
+"""Per-index call counters and the per-index draw paths.
+
+The ``k``-th call of ``get_patch_spec(i)`` (counting from the last
+``set_epoch``) is row ``i`` of ``sample_epoch(base + k)``, whatever the order
+of the calls: sequential, shuffled, with replacement, weighted, one index over
+and over. Every path that serves a call (the cache of upcoming patches, its
+vectorised refills, the one-patch draw, long windows for repeating indices) is
+checked against epoch rows, and the counters' sharing and copying rules are
+checked too.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpu_patching._counters as counters_module
+from gpu_patching import StratifiedPatching, _state
+from gpu_patching._counters import CallCounters
+from gpu_patching.backends._per_index import HostTables, ScalarDraw, draw_each, philox_pair
+from gpu_patching.backends._per_index import _round_keys as round_keys
+from gpu_patching.rng import PURPOSE_SHUFFLE, PURPOSE_STRATUM, random_uint32_pair
+
+
+def _sampler_2d() -> StratifiedPatching:
+    """Two stacks of several samples, exclusions, probabilities, an empty sample."""
+    sampler = StratifiedPatching(
+        [(2, 1, 150, 100), (3, 1, 60, 170)], (16, 16), seed=2**64 - 12345, backend="numpy"
+    )
+    sampler.exclude_patches(1, 1, [(1, 1), (2, 3)])
+    cells = sampler.get_region_probs(0, 0).shape
+    sampler.set_region_probs(0, 0, np.random.default_rng(3).uniform(0.0, 3.0, cells))
+    sampler.exclude_patches(1, 2, np.ones(sampler.get_excluded_cells(1, 2).shape, dtype=bool))
+    return sampler
+
+
+def _sampler_3d() -> StratifiedPatching:
+    sampler = StratifiedPatching([(2, 1, 20, 37, 41)], (8, 8, 8), seed=7, backend="numpy")
+    sampler.exclude_patches(0, 1, [(0, 1, 1)])
+    return sampler
+
+
+SAMPLERS = {"2d": _sampler_2d, "3d": _sampler_3d}
+_STATE_ENVELOPE = ("format", "version", "checksum")
+
+
+def _epoch_row(epochs: dict[int, Any], sampler: StratifiedPatching, draw: int, index: int) -> Any:
+    if draw not in epochs:
+        epochs[draw] = sampler.sample_epoch(draw).to_numpy()
+    batch = epochs[draw]
+    return (
+        int(batch.data_idx[index]),
+        int(batch.sample_idx[index]),
+        tuple(int(c) for c in batch.coords[index]),
+    )
+
+
+def _check_calls(sampler: StratifiedPatching, order: list[int], base: int = 0) -> None:
+    """Call get_patch_spec in ``order``; each call must be its epoch row."""
+    calls: Counter[int] = Counter()
+    epochs: dict[int, Any] = {}
+    for index in order:
+        spec = sampler.get_patch_spec(index)
+        draw = (base + calls[index]) % 2**32
+        calls[index] += 1
+        got = (spec["data_idx"], spec["sample_idx"], spec["coords"])
+        assert got == _epoch_row(epochs, sampler, draw, index), (index, draw)
+
+
+def _orders(n_patches: int) -> dict[str, list[int]]:
+    generator = np.random.default_rng(11)
+    weights = generator.pareto(1.0, n_patches) + 0.01
+    return {
+        "sequential": list(range(n_patches)) * 3,
+        "shuffled": np.concatenate([generator.permutation(n_patches) for _ in range(3)]).tolist(),
+        "replacement": generator.integers(0, n_patches, 4 * n_patches).tolist(),
+        "weighted": generator.choice(n_patches, 4 * n_patches, p=weights / weights.sum()).tolist(),
+        "one index": [n_patches // 2] * 300 + list(range(n_patches)),
+        "two indices": [3, n_patches - 1] * 150,
+    }
+
+
+@pytest.mark.parametrize(
+    "kind", ["sequential", "shuffled", "replacement", "weighted", "one index", "two indices"]
+)
+@pytest.mark.parametrize("shape", sorted(SAMPLERS))
+def test_every_access_order_returns_the_epoch_rows(shape: str, kind: str) -> None:
+    sampler = SAMPLERS[shape]()
+    _check_calls(sampler, _orders(sampler.n_patches)[kind])
+
+
+def test_every_serving_path_returns_the_epoch_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Few misses before a refill and short windows: every path of the cache
+    # (refill, one-patch draw, long window, window expiry) serves many calls.
+    monkeypatch.setattr(counters_module, "_MIN_REFILL_MISSES", 5)
+    monkeypatch.setattr(counters_module, "_MAX_HOT_WINDOW", 4)
+    monkeypatch.setattr(counters_module, "_MAX_HOT_INDICES", 2)
+    paths: Counter[str] = Counter()
+    for name in ("_refill", "_fill_hot"):
+        original = getattr(counters_module.UpcomingPatches, name)
+
+        def counted(self: Any, *args: Any, _name: str = name, _original: Any = original) -> Any:
+            paths[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(counters_module.UpcomingPatches, name, counted)
+    original_draw = ScalarDraw.draw
+
+    def counted_draw(self: ScalarDraw, *args: Any) -> Any:
+        paths["scalar"] += 1
+        return original_draw(self, *args)
+
+    monkeypatch.setattr(ScalarDraw, "draw", counted_draw)
+    sampler = _sampler_2d()
+    orders = _orders(sampler.n_patches)
+    _check_calls(
+        sampler,
+        orders["replacement"] + orders["one index"] + orders["two indices"] + orders["sequential"],
+    )
+    assert min(paths["_refill"], paths["_fill_hot"], paths["scalar"]) >= 3, paths
+
+
+def test_small_samplers_keep_several_draws_per_index() -> None:
+    sampler = StratifiedPatching([(1, 1, 64, 64)], (16, 16), seed=5, backend="numpy")
+    _check_calls(sampler, np.random.default_rng(2).integers(0, 16, 400).tolist())
+    assert sampler._upcoming is not None and sampler._upcoming.depth > 1
+
+
+def test_calls_after_set_epoch_and_updates_return_the_epoch_rows() -> None:
+    sampler = _sampler_2d()
+    order = np.random.default_rng(4).integers(0, sampler.n_patches, 600).tolist()
+    _check_calls(sampler, order)
+    sampler.set_epoch(2**32 - 2)  # draw numbers wrap round past 2**32 - 1
+    _check_calls(sampler, order, base=2**32 - 2)
+    sampler.set_epoch(9)
+    sampler.exclude_patches(0, 1, [(0, 0)])
+    calls = sampler.state_dict()["calls"]
+    assert sampler.epoch == 9 and calls["length"] == sampler.n_patches
+    _check_calls(sampler, [index for index in order if index < sampler.n_patches], base=9)
+
+
+@pytest.mark.parametrize("shape", sorted(SAMPLERS))
+def test_scalar_draw_is_the_epoch_row(shape: str) -> None:
+    sampler = SAMPLERS[shape]()
+    draw = ScalarDraw(sampler._tables, sampler.seed)
+    epochs: dict[int, Any] = {}
+    for number in (0, 5, 2**32 - 1):
+        for index in range(sampler.n_patches):
+            assert draw.draw(index, number) == _epoch_row(epochs, sampler, number, index)
+
+
+@pytest.mark.parametrize("shape", sorted(SAMPLERS))
+def test_draw_each_rows_are_the_epoch_rows(shape: str) -> None:
+    sampler = SAMPLERS[shape]()
+    generator = np.random.default_rng(8)
+    indices = generator.integers(0, sampler.n_patches, 3000)
+    numbers = generator.choice([0, 1, 77, 2**32 - 1], 3000)
+    data_idx, sample_idx, coords = draw_each(sampler._tables, indices, numbers, sampler.seed)
+    epochs: dict[int, Any] = {}
+    for row, (index, number) in enumerate(zip(indices.tolist(), numbers.tolist(), strict=True)):
+        got = (int(data_idx[row]), int(sample_idx[row]), tuple(coords[row].tolist()))
+        assert got == _epoch_row(epochs, sampler, number, index)
+
+
+def test_host_mirror_of_the_tables_draws_the_same_patches() -> None:
+    # The CUDA backend's tables are mirrored this way; NumPy arrays stand in.
+    sampler = _sampler_2d()
+    direct = ScalarDraw(sampler._tables, sampler.seed)
+    mirrored = ScalarDraw(HostTables(sampler._tables), sampler.seed)
+    for index in range(sampler.n_patches):
+        assert mirrored.draw(index, 3) == direct.draw(index, 3)
+
+
+def test_philox_pair_matches_the_vectorised_generator() -> None:
+    generator = np.random.default_rng(1)
+    for seed in (0, 2**64 - 1, int(generator.integers(0, 2**63))):
+        keys = round_keys(seed)
+        indices = generator.integers(0, 2**40, 200)
+        for index in indices.tolist():
+            for number, purpose in ((0, PURPOSE_STRATUM), (2**32 - 1, PURPOSE_SHUFFLE)):
+                word0, word1 = random_uint32_pair(seed, [index], number, purpose)
+                assert philox_pair(keys, index, number, purpose) == (int(word0[0]), int(word1[0]))
+
+
+def test_pickle_and_deepcopy_are_independent_copies() -> None:
+    sampler = _sampler_2d()
+    for index in range(10):
+        sampler.get_patch_spec(index)
+    for clone in (pickle.loads(pickle.dumps(sampler)), copy.deepcopy(sampler)):
+        assert clone.state_dict() == sampler.state_dict()
+        clone.get_patch_spec(0)
+        clone.set_epoch(5)
+        assert sampler.state_dict()["calls"] != clone.state_dict()["calls"]
+        assert sampler.epoch == 0
+
+
+def test_counters_pickled_outside_a_process_start_are_a_copy() -> None:
+    counters = CallCounters(4, np.array([1, 2, 3, 4], dtype=np.uint32), base=9)
+    clone = pickle.loads(pickle.dumps(counters))
+    clone.view[0] = 100
+    assert counters.counts.tolist() == [1, 2, 3, 4] and clone.base == 9
+
+
+def test_counters_keep_their_counts_when_resized() -> None:
+    counters = CallCounters(4, np.array([1, 2, 3, 4], dtype=np.uint32), base=9)
+    assert counters.resized(2).counts.tolist() == [1, 2]
+    grown = counters.resized(6)
+    assert grown.counts.tolist() == [1, 2, 3, 4, 0, 0] and grown.base == 9
+
+
+def _state_after_calls() -> tuple[StratifiedPatching, dict[str, Any]]:
+    sampler = _sampler_2d()
+    for index in range(sampler.n_patches - 40, sampler.n_patches):
+        sampler.get_patch_spec(index)
+    sampler.set_epoch(3)
+    for index in range(sampler.n_patches - 20, sampler.n_patches):
+        sampler.get_patch_spec(index)
+    return sampler, sampler.state_dict()
+
+
+def test_a_failed_composite_update_leaves_the_state_unchanged() -> None:
+    sampler, before = _state_after_calls()
+    with pytest.raises(RuntimeError, match="late failure"):
+        with sampler._all_or_nothing():
+            sampler.exclude_patches(1, 0, [(0, 0), (1, 1), (2, 2)])  # fewer patches
+            sampler.set_region_probs(0, 1, {(0, 0): 40.0})  # more patches
+            sampler.set_epoch(77)
+            raise RuntimeError("late failure")
+    assert sampler.state_dict() == before
+    # The indices not called since set_epoch(3) draw epoch 3 next.
+    _check_calls(sampler, list(range(sampler.n_patches - 20)), base=3)
+
+
+def test_filter_background_over_the_patch_limit_changes_nothing() -> None:
+    from gpu_patching import filter_background
+
+    # The second stack has 2.16M regions; oversampling its background would
+    # give it more patches than one sample may have, so the call is refused
+    # after the first stack was updated (the case of a bug report: the last
+    # indices' call counters came back as 0).
+    small = np.zeros((1, 1, 32, 32), dtype=np.float32)
+    large = np.zeros((1, 1, 1469, 1469), dtype=np.float32)
+    sampler = StratifiedPatching([small.shape, large.shape], (1, 1), seed=3, backend="numpy")
+    # Filtering lowers the small stack's patch count (1024 -> 1000 per
+    # region) before the large stack is refused: the indices shift.
+    sampler.set_region_probs(0, 0, np.full((33, 33), 1024.0))
+    # The last indices have been called (set through a state: calling them
+    # would first draw all 3.2M patches into the cache).
+    state = sampler.state_dict()
+    calls = np.zeros(sampler.n_patches, dtype=np.uint32)
+    calls[-50:] = 7
+    body = {key: value for key, value in state.items() if key not in _STATE_ENVELOPE}
+    sampler.load_state_dict(
+        _state.seal({**body, "epoch_base": 4, "calls": _state.encode_array(calls)})
+    )
+    before = sampler.state_dict()
+    with pytest.raises(ValueError, match="patches"):
+        filter_background(sampler, [small, large], threshold=1.0, filtered_prob=1000.0)
+    assert sampler.state_dict() == before

@@ -218,7 +218,7 @@ export -f describe
 step describe bash -c describe
 
 gpu_ok=1
-"$PY" -c 'import sys
+timeout 30 "$PY" -c 'import sys
 from gpu_patching.testing import usable_cupy
 cupy, why = usable_cupy()
 sys.exit(0 if cupy is not None else (print(why) or 1))' >"$LOGS/usable-gpu.log" 2>&1 || gpu_ok=0
@@ -238,7 +238,10 @@ fi
 if [ "$gpu_ok" -eq 1 ]; then
     run_memcheck
     run_launch_count
-    budget=$((${BUDGET[bench-gpu]} - 15))
+    # The script's own budget: what the step will get, less 15 s for its start and report.
+    budget=${BUDGET[bench-gpu]}
+    if [ $((DEADLINE - SECONDS)) -lt "$budget" ]; then budget=$((DEADLINE - SECONDS)); fi
+    budget=$((budget - 15))
     step bench-gpu "$PY" benchmarks/bench_gpu.py --no-torch-profile --time-budget "$budget" \
         --epoch-budget 1.5
     step bench-crop "$PY" benchmarks/bench_crop.py --quick --output "$LOGS/crop-cpu.md"

@@ -21,6 +21,7 @@ import pytest
 from conftest import sample_rows
 
 from gpu_patching import PatchBatch, StratifiedPatching, extract_patches
+from gpu_patching.backends.numpy_backend import NumpyBackend
 from gpu_patching.strategy import SmallSampleWarning
 
 # Stack 0: one sample shorter than the patch along Y (no cell along Y);
@@ -165,6 +166,21 @@ def test_crops_still_refuse_a_stack_smaller_than_the_patch():
     zero = np.zeros(1, np.int64)
     with pytest.raises(ValueError, match="larger than the spatial shape"):
         extract_patches([stack], PatchBatch(zero, zero, np.zeros((1, 2), np.int64), zero, PATCH))
+
+
+def test_host_compiled_cuda_kernel_equals_numpy_with_zero_region_samples(host_kernels):
+    from host_launch import HostBackend
+
+    sampler = build()
+    sampler.exclude_patches(1, 0, [(1, 1)])
+    tables = sampler._tables
+    assert int(tables.n_cells[0]) == 0  # a sample with no region row at all
+    n = sampler.n_patches
+    for draw in (0, 2**32 - 1):
+        expected = NumpyBackend().draw(tables, range(n), draw, sampler.seed)
+        actual = HostBackend(host_kernels).draw(tables, range(n), draw, sampler.seed)
+        for want, got in zip(expected, actual, strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_reference_matches_on_small_samples(reference):

@@ -1557,9 +1557,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.count_ncu is not None:
         log = args.count_ncu.read_text()
         epochs, launch_count = args.epochs, args.launch_count
-        profiled = [line for line in log.splitlines() if line.startswith(PROFILE_PREFIX)]
-        if profiled:  # the --profile-epochs line of the same run says what was drawn
-            drawn = json.loads(profiled[-1][len(PROFILE_PREFIX) :])
+        drawn_lines = [line for line in log.splitlines() if line.startswith(PROFILE_PREFIX)]
+        if drawn_lines:  # the --profile-epochs line of the same run says what was drawn
+            drawn = json.loads(drawn_lines[-1][len(PROFILE_PREFIX) :])
             epochs, launch_count = drawn["epochs"], drawn["launch_count"]
         print(ncu_summary(count_ncu_kernels(log), epochs, launch_count))
         return 0

@@ -76,7 +76,7 @@ class PatchBatch:
             )
         if not isinstance(rows, slice):
             dtype = str(getattr(rows, "dtype", ""))
-            is_array = hasattr(rows, "shape") and ("int" in dtype or "bool" in dtype)
+            is_array = len(getattr(rows, "shape", ())) >= 1 and ("int" in dtype or "bool" in dtype)
             is_list = isinstance(rows, (list, tuple)) and all(
                 isinstance(row, (int, np.integer)) for row in rows
             )

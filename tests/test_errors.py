@@ -701,7 +701,10 @@ def test_patch_batch_spec_takes_numpy_and_0d_integers_and_names_a_row_out_of_ran
         batch.spec(2**64)
 
 
-@pytest.mark.parametrize(("rows", "offending"), [(1.0, "1.0"), ("a", "'a'"), ([1.5], "[1.5]")])
+@pytest.mark.parametrize(
+    ("rows", "offending"),
+    [(1.0, "1.0"), ("a", "'a'"), ([1.5], "[1.5]"), (np.array(2), "array(2)")],
+)
 def test_patch_batch_rows_of_the_wrong_type_name_it(rows, offending):
     batch = numpy_sampler(SHAPES, PATCH).sample_epoch(0)
     with pytest.raises(TypeError, match=escaped(offending)):

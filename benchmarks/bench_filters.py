@@ -112,7 +112,7 @@ def loop_scorers(value_range: tuple[float, float]) -> dict[str, Callable[..., An
 
 
 def loop_over(
-    image: Any, mask: Any, cells: list[tuple[int, int]], score: Callable[..., Any]
+    image: Any, mask: Any, cells: list[tuple[int, ...]], score: Callable[..., Any]
 ) -> list[Any]:
     """The region-by-region loop: cut the 2x-patch crop, score it."""
     py, px = PATCH
@@ -124,7 +124,7 @@ def loop_over(
 
 
 def time_loop(
-    image: Any, mask: Any, cells: list[tuple[int, int]], score: Callable[..., Any], sync: Callable
+    image: Any, mask: Any, cells: list[tuple[int, ...]], score: Callable[..., Any], sync: Callable
 ) -> tuple[float, str]:
     """Time the loop over every cell, or over a spread subset and extrapolate."""
     stride = max(1, len(cells) // PILOT_REGIONS)
@@ -158,7 +158,7 @@ def measure(
     scorers = loop_scorers(value_range)
     if xp is not np:  # the loop on GPU crops: np.histogram has no CuPy twin
         scorers["entropy"] = lambda crop, m: _cupy_entropy(xp, crop, value_range)
-    rows = []
+    rows: list[tuple[str, float, float | None, str]] = []
     # Not a feature: one reduction over every pixel, the least any statistic of
     # every region can cost. The loop / floor ratio bounds the attainable speed-up.
     floor = median_time(lambda _k: image.max(), repeats, sync)
@@ -239,7 +239,7 @@ def check_agreement(
     mask_stack: Any,
     image: Any,
     mask: Any,
-    cells: list[tuple[int, int]],
+    cells: list[tuple[int, ...]],
     names: tuple[str, ...],
     score: Callable[..., Any],
     xp: Any,

@@ -33,23 +33,25 @@ The reader is zarr-python's own asynchronous API: one event-loop task per
 chunk, at most ``workers`` reads in flight, and zarr's codecs decode in
 zarr's thread pool (they release the GIL). ``benchmarks/bench_stores.py``
 measured it against per-chunk synchronous reads from a thread pool and
-against TensorStore on the same chunks: the asynchronous reads were as fast
-as TensorStore and faster than the synchronous reads, so TensorStore (an
-extra dependency that does not read tifffile's stores) is not used.
+against TensorStore on the same chunks: the asynchronous reads were at least
+as fast as TensorStore and faster than the synchronous reads (decoding
+dominates all of them), so TensorStore, an extra dependency that does not
+read tifffile's stores, is not used.
 
 Memory. ``cache_bytes`` budgets the cached chunks, the reads in flight (at
 most ``workers``, each holding up to three chunk sizes until its pieces are
-copied) and the batches read ahead; what is left of it after the other two
-is the cache's limit (:attr:`ChunkReader.cache_limit`). Beyond it, a pass
-holds the two batches it is handing over. Nothing grows with the store. (Reads
-in flight are never held back, so a budget smaller than three chunks per
-worker is exceeded by that much.)
+copied), the batches read ahead and the rows of the pass (40 or 48 bytes per
+patch of an epoch); what is left of it after the others is the cache's limit
+(:attr:`ChunkReader.cache_limit`). Beyond it, a pass holds the two batches it
+is handing over; nothing outside the budget grows with the store. (Reads in
+flight are never held back, so a budget smaller than three chunks per worker
+is exceeded by that much.)
 
 Faults. A chunk that fails to decode or read, a store whose metadata has
 disappeared, and a store whose shape, dtype or chunks changed since it was
 opened each raise :class:`StoreError`, naming the store and (for a chunk) the
-chunk's index and key. Metadata is checked before and after each batch's
-reads; a batch with a fault is never returned (not even partly: patches are
+chunk's index and key. Metadata is checked before and after each read (a
+batch, or a window of batches); a batch with a fault is never returned (not even partly: patches are
 assembled into a new array and copied into a caller's ``out`` only once
 complete). With :meth:`ChunkReader.batches` the error is raised in the
 consumer's thread, from the ``next()`` that would have returned the batch.
@@ -717,6 +719,15 @@ class ChunkReader:
         StoreError
             If a chunk cannot be read or a store disappeared or changed.
         """
+        return self._read(rows, patch_size, None)
+
+    def _read(
+        self,
+        rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
+        patch_size: tuple[int, ...],
+        stop: threading.Event | None,
+    ) -> NDArray[Any]:
+        """:meth:`read`; once ``stop`` is set, chunks not yet read are skipped (_StoppedError)."""
         n_rows = len(rows[0])
         n_channels = self.stacks[0].shape[1]
         out = np.empty((n_rows, n_channels, *patch_size), dtype=self.stacks[0].dtype)
@@ -727,7 +738,7 @@ class ChunkReader:
         with self._lock:
             for k in touched:
                 self.stacks[k].check_unchanged()
-            _run(self._read_plan(plan, rows, out))
+            _run(self._read_plan(plan, rows, out, stop))
             # A store deleted during the reads gave fill values for the chunks
             # it no longer had: its metadata is gone now.
             for k in touched:
@@ -739,6 +750,7 @@ class ChunkReader:
         plan: ChunkPlan,
         rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
         out: NDArray[Any],
+        stop: threading.Event | None,
     ) -> None:
         # Pieces of each chunk: [bounds[j], bounds[j + 1]) (pieces are grouped by chunk).
         bounds = np.searchsorted(plan.piece_chunk, np.arange(len(plan.chunk) + 1))
@@ -774,15 +786,20 @@ class ChunkReader:
             if block is not None:
                 self._cache.move_to_end(key)
                 self.cache_hits += 1
-            else:
-                async with gate:
-                    try:
-                        block = await self.stacks[stack]._read_chunk_async(index)
-                    except Exception as error:
-                        raise _chunk_error(self.stacks[stack], index, error) from error
+                copy_pieces(j, stack, index, block)
+                return
+            # At most `workers` chunks are outside the cache at once, from the
+            # start of their read to the end of their copy (see cache_limit).
+            async with gate:
+                if stop is not None and stop.is_set():
+                    raise _StoppedError  # the pass was closed: its batches are not wanted
+                try:
+                    block = await self.stacks[stack]._read_chunk_async(index)
+                except Exception as error:
+                    raise _chunk_error(self.stacks[stack], index, error) from error
                 self.chunks_read += 1
-            copy_pieces(j, stack, index, block)
-            self._keep(key, block)
+                copy_pieces(j, stack, index, block)
+                self._keep(key, block)
 
         results = await asyncio.gather(
             *(one(j) for j in range(len(plan.chunk))), return_exceptions=True
@@ -797,7 +814,7 @@ class ChunkReader:
 
         ``cache_bytes`` less what reads in flight may hold (three chunk sizes
         each: the compressed bytes, zarr's decoded chunk and its copy) and
-        less the batches a :meth:`batches` pass reads ahead.
+        less the batches a :meth:`batches` pass reads ahead and its rows.
         """
         return max(0, self.cache_bytes - self._in_flight_bytes - self._reserved_bytes)
 
@@ -858,8 +875,9 @@ class ChunkReader:
         Memory: while the consumer uses a batch, the reader holds the batches
         of the current window and of the next one (``2W`` batches; with
         ``W = 1``, three while the consumer still holds the previous batch
-        during ``next()``); all but two of them are taken out of
-        ``cache_bytes`` for the pass (:attr:`cache_limit`).
+        during ``next()``) and ``rows``; all but two of those batches, and
+        ``rows``, are taken out of ``cache_bytes`` for the pass
+        (:attr:`cache_limit`).
 
         Parameters
         ----------
@@ -907,6 +925,7 @@ class ChunkReader:
         # chunks are read; the rest W at a time.
         windows = [starts[:1]] + [starts[k : k + window] for k in range(1, len(starts), window)]
         prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu_patching_prefetch")
+        stop = threading.Event()
 
         def submit(batch_starts: list[int]) -> Future[NDArray[Any]]:
             part = rows[batch_starts[0] : batch_starts[-1] + size]
@@ -915,9 +934,15 @@ class ChunkReader:
                 np.asarray(part.sample_idx, dtype=np.int64),
                 np.asarray(part.coords, dtype=np.int64),
             )
-            return prefetch.submit(self.read, host, patch_size)
+            return prefetch.submit(self._read, host, patch_size, stop)
 
-        reserved = _reserved_batches(window) * batch_bytes
+        # The pass's rows (the whole epoch, for a loader) count against the
+        # budget too: they are the one thing that grows with the store.
+        rows_bytes = sum(
+            int(getattr(getattr(rows, name), "nbytes", 0))
+            for name in ("data_idx", "sample_idx", "coords", "indices")
+        )
+        reserved = _reserved_batches(window) * batch_bytes + rows_bytes
         with self._lock:
             self._reserved_bytes += reserved
             self._evict()
@@ -936,6 +961,9 @@ class ChunkReader:
                     offset = start - batch_starts[0]
                     yield patches[offset : offset + size], rows[start : start + size]
         finally:
+            # A pass closed early (the consumer stopped): a window being read
+            # stops at its next chunk instead of being read to the end.
+            stop.set()
             if pending is not None:
                 pending.cancel()
             prefetch.shutdown(wait=True)
@@ -1013,6 +1041,10 @@ def upload_batch(patches: NDArray[Any], stream: Any = None) -> Any:
         done.record(stream)
     current.wait_event(done)
     return device
+
+
+class _StoppedError(Exception):
+    """A read abandoned because its pass was closed."""
 
 
 def _chunk_error(stack: ChunkedStack, index: tuple[int, ...], error: Exception) -> StoreError:

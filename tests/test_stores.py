@@ -430,3 +430,26 @@ def test_demo_reads_one_plane_of_an_ome_zarr_store(tmp_path, capsys):
     assert "channel 1 of 2" in name
     assert main(["demo", "--image", str(tmp_path / "image.zarr"), "--axes", "ZYX"]) == 2
     assert "3D" in capsys.readouterr().err
+
+
+def test_a_closed_pass_reads_no_more_chunks(tmp_path):
+    import threading
+
+    from gpu_patching.stores import _StoppedError
+
+    data = _data((1, 1, 32, 32), seed=18)
+    stack = open_stack(_write(tmp_path / "a.zarr", data, (1, 1, 8, 8)))
+    reader = ChunkReader([stack], cache_bytes=0, workers=1)
+    batch = _batch((8, 8), [0, 0], [(0, 0), (20, 20)])
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(_StoppedError):
+        reader._read((batch.data_idx, batch.sample_idx, batch.coords), (8, 8), stop)
+    assert reader.chunks_read == 0
+    # A pass closed after its first batch leaves the reader usable.
+    rows = StratifiedPatching([data.shape], (8, 8), seed=3).sample_epoch(0).to_numpy()
+    passes = reader.batches(rows, 2, read_ahead=3)
+    next(passes)
+    passes.close()
+    patches, first = next(iter(reader.batches(rows, 2)))
+    assert np.array_equal(patches, _sliced(data, first))

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 REFERENCE := careamics==0.3.5
 TORCH ?= torch==2.13.0+cpu
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean careamics-tier
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,27 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	# dependencies we leave out on purpose as a red resolver ERROR.
 	$(BIN)/python -m pip install --quiet --no-deps $(REFERENCE)
 	touch $@
+
+# The optional CAREamics tier: CAREamics' own dependencies beside the CPU PyTorch
+# above, for tests/test_careamics_tier.py (skipped without them; `make test` never
+# installs them) and benchmarks/bench_careamics.py. The constraint keeps pip from
+# replacing the CPU PyTorch. CAREamics 0.3.5 caps torchvision at 0.26, which is built
+# for an older PyTorch, so torchvision comes without dependencies in the release built
+# for this PyTorch; `pip check` then reports that cap (and CAREamics' cap on pyyaml),
+# and nothing else. Runs the tier's tests, the spawn worker tests included.
+CAREAMICS_DEPS := 'bioimageio-core>=0.9.0,<=0.11.0' 'lightning>=2.2,<=2.6.6,!=2.6.2,!=2.6.3' \
+	'microssim<=0.0.5' 'psutil<=7.2.2' 'pydantic>=2.11,<=2.14.1' 'torchmetrics>0.7.0,<1.9.0'
+TORCHVISION ?= torchvision==0.28.0
+
+$(VENV)/.careamics-installed: $(VENV)/.test-installed
+	printf '%s\n' '$(TORCH)' > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install --quiet -c $(VENV)/torch-constraint.txt $(CAREAMICS_DEPS)
+	$(BIN)/python -m pip install --quiet --no-deps '$(TORCHVISION)'
+	-$(BIN)/python -m pip check
+	touch $@
+
+careamics-tier: $(VENV)/.careamics-installed
+	GPU_PATCHING_SPAWN_TIER=1 $(BIN)/python -m pytest -p no:cacheprovider tests/test_careamics_tier.py
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/gpu-patching demo --output demo-output --overwrite

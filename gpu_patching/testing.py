@@ -18,7 +18,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REFERENCE_VERSION", "cpu_model", "load_reference", "usable_cupy"]
+__all__ = ["REFERENCE_VERSION", "cpu_model", "import_careamics", "load_reference", "usable_cupy"]
 
 #: The CAREamics release whose behaviour gpu-patching reproduces.
 REFERENCE_VERSION = "0.3.5"
@@ -61,6 +61,44 @@ def load_reference() -> Any:
         del sys.modules[_ALIAS]
         raise
     return module.StratifiedPatching
+
+
+def import_careamics() -> Any:
+    """Return the whole ``careamics`` package (with its dependencies), for the CAREamics tier.
+
+    CAREamics imports torchvision, whose only wheels on PyPI for Linux are
+    CUDA builds: beside a CPU build of PyTorch their compiled operators cannot
+    load, and ``import torchvision`` then stops on the fake kernels it
+    registers for ``torchvision::nms`` and ``torchvision::qnms``, which need
+    those operators declared. CAREamics' data pipeline calls no torchvision
+    operator, so in that case (and only then) this declares the two operator
+    schemas, without any kernel, and imports again. A torchvision whose
+    operators load is left alone.
+
+    Returns
+    -------
+    module
+        The ``careamics`` package.
+
+    Raises
+    ------
+    ImportError
+        If CAREamics or one of its dependencies is missing.
+    """
+    try:
+        import torchvision
+    except RuntimeError as error:
+        if "torchvision::nms" not in str(error):
+            raise
+        import torch
+
+        library = torch.library.Library("torchvision", "DEF")
+        for name in ("nms", "qnms"):
+            library.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        # Keep the declarations for the life of the process.
+        globals()["_TORCHVISION_SCHEMAS"] = library
+        import torchvision  # noqa: F401
+    return importlib.import_module("careamics")
 
 
 def usable_cupy() -> tuple[Any, str]:

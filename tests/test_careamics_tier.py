@@ -1,0 +1,385 @@
+"""The optional CAREamics tier: our sampler inside CAREamics' own training pipeline.
+
+Runs only where CAREamics and its dependencies (PyTorch CPU, pydantic,
+lightning, torchvision, ...) are installed (``make careamics-tier``); skipped
+cleanly elsewhere, with the reason. It checks that
+
+* the datasets of :mod:`gpu_patching.careamics` yield what CAREamics' own
+  factory's yield (item types, keys, shapes, dtypes, normalisation), with our
+  sampler from the start;
+* CAREamics' helpers ``create_val_split``, ``filter_background`` and
+  ``filter_background_with_mask`` run unchanged on our sampler and choose what
+  they choose on CAREamics' sampler;
+* with ``DataLoader`` workers (fork and spawn, persistent or not), every pass
+  draws new patches, as with ``num_workers=0``, while a seed replays the same
+  passes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+from collections import Counter
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpu_patching import StratifiedPatching
+from gpu_patching.testing import import_careamics
+
+try:
+    import_careamics()
+except ImportError as error:  # pragma: no cover - depends on the machine
+    pytest.skip(
+        f"the CAREamics tier needs CAREamics and its dependencies ({error}); install them "
+        f"with 'make careamics-tier'",
+        allow_module_level=True,
+    )
+
+import torch
+from careamics.config import create_care_config, create_n2v_config
+from careamics.config.data.patch_filter import MaxPatchFilterConfig
+from careamics.config.data.patch_filter.mask_filter_config import (
+    MaskPatchFilterConfig,
+)
+from careamics.dataset.factory import (
+    TrainValData,
+    TrainValSplitData,
+    init_patch_extractor,
+)
+from careamics.dataset.factory import (
+    create_train_dataset as careamics_train_dataset,
+)
+from careamics.dataset.factory import (
+    create_val_split_datasets as careamics_val_split_datasets,
+)
+from careamics.dataset.factory.filter_bg import (
+    filter_background,
+    filter_background_with_mask,
+)
+from careamics.dataset.factory.val_split import create_val_split
+from careamics.dataset.image_stack_loader import load_arrays
+from careamics.dataset.patch_extractor import PatchExtractor
+from careamics.dataset.patching import StratifiedPatching as CareamicsStratified
+from torch.utils.data import DataLoader, Dataset
+
+from gpu_patching.careamics import (
+    create_stratified_patching,
+    create_train_dataset,
+    create_train_val_datasets,
+    create_val_split_datasets,
+)
+
+SEED = 7
+
+
+def n2v_config(patch: int = 32, seed: int = SEED) -> Any:
+    """A fresh N2V data configuration (normalisation and augmentations on)."""
+    config = create_n2v_config(
+        experiment_name="tier",
+        data_type="array",
+        axes="YX",
+        patch_size=[patch, patch],
+        batch_size=8,
+        augmentations=["x_flip", "y_flip", "rotate_90"],
+    ).data_config
+    config.patching.seed = seed
+    return config
+
+
+def image(shape: tuple[int, ...] = (160, 192), seed: int = 0) -> np.ndarray:
+    generator = np.random.default_rng(seed)
+    return generator.random(shape, dtype=np.float32)
+
+
+def describe(item: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """What a dataset item is, without its random content: type, keys, shape, dtype."""
+    return [
+        (
+            type(region).__name__,
+            region._fields,
+            region.data.shape,
+            region.data.dtype,
+            region.axes,
+            tuple(region.data_shape),
+            sorted(region.region_spec),
+        )
+        for region in item
+    ]
+
+
+# -- the dataset builder ---------------------------------------------------------------
+
+
+def test_train_dataset_yields_what_careamics_yields():
+    data = TrainValSplitData(train_data=[image(), image(seed=1)], n_val_patches=0)
+    ours = create_train_dataset(n2v_config(), data, backend="numpy")
+    theirs = careamics_train_dataset(n2v_config(), data, None)
+    sampler = ours.patch_constructor.patching_strategy
+    assert isinstance(sampler, StratifiedPatching)
+    assert len(ours) == len(theirs) == sampler.n_patches
+    assert describe(ours[0]) == describe(theirs[0])
+    assert ours[0][0].data.dtype == np.float32
+    # Both normalised from the same images: statistics of different patches,
+    # of the same pixels (every pixel is covered about once per pass).
+    ours_stats = ours.config.normalization
+    theirs_stats = theirs.config.normalization
+    assert ours_stats.name == theirs_stats.name == "mean_std"
+    np.testing.assert_allclose(ours_stats.input_means, theirs_stats.input_means, rtol=0.05)
+    np.testing.assert_allclose(ours_stats.input_stds, theirs_stats.input_stds, rtol=0.05)
+
+
+def test_the_normalisation_pass_draws_through_our_sampler():
+    data = TrainValSplitData(train_data=[image()], n_val_patches=0)
+    dataset = create_train_dataset(n2v_config(), data, backend="numpy")
+    sampler = dataset.patch_constructor.patching_strategy
+    # The pass asked for every index once: the next call of index i is its
+    # second, the patch of epoch 1 (no set_epoch in CAREamics' pipeline).
+    spec = dataset[0][0].region_spec
+    corner = sampler.sample_epoch(1).coords[0]
+    assert tuple(spec["coords"]) == tuple(int(c) for c in corner)
+
+
+def test_paired_targets_yield_what_careamics_yields():
+    config = create_care_config(
+        experiment_name="tier", data_type="array", axes="YX", patch_size=[32, 32], batch_size=4
+    ).data_config
+    config.patching.seed = SEED
+    inputs, targets = [image()], [image(seed=3)]
+    data = TrainValData(
+        train_data=inputs,
+        val_data=[image((64, 64))],
+        train_data_target=targets,
+        val_data_target=[image((64, 64), 4)],
+    )
+    ours_train, ours_val = create_train_val_datasets(config, data, backend="numpy")
+    config_theirs = config.model_copy(deep=True)
+    theirs_train = careamics_train_dataset(config_theirs, data, None)
+    assert len(ours_train[0]) == 2  # input and target
+    assert describe(ours_train[0]) == describe(theirs_train[0])
+    assert ours_val.config.mode == "validating" and len(ours_val) > 0
+
+
+def test_val_split_datasets_match_careamics_and_never_overlap():
+    data = TrainValSplitData(train_data=[image()], n_val_patches=5)
+    ours_train, ours_val = create_val_split_datasets(
+        n2v_config(), data, rng=np.random.default_rng(2), backend="numpy"
+    )
+    theirs_train, theirs_val = careamics_val_split_datasets(
+        n2v_config(), data, None, np.random.default_rng(2)
+    )
+    assert len(ours_val) == len(theirs_val) == 5
+    assert len(ours_train) == len(theirs_train)
+    assert describe(ours_val[0]) == describe(theirs_val[0])
+    assert ours_val.config.mode == "validating"
+    patch = np.array([32, 32])
+    val_cells = {tuple(np.array(ours_val[k][0].region_spec["coords"]) // patch) for k in range(5)}
+    sampler = ours_train.patch_constructor.patching_strategy
+    for epoch in range(3):
+        corners = sampler.sample_epoch(epoch).coords
+        first = corners // patch
+        last = (corners + patch - 1) // patch
+        for low, high in zip(first.tolist(), last.tolist(), strict=True):
+            touched = {
+                (y, x) for y in range(low[0], high[0] + 1) for x in range(low[1], high[1] + 1)
+            }
+            assert not touched & val_cells
+
+
+def test_builder_refuses_a_configuration_it_does_not_replace():
+    config = n2v_config()
+    data = TrainValSplitData(train_data=[image()], n_val_patches=0)
+    with pytest.raises(ValueError, match="validating"):
+        create_train_dataset(config.convert_mode("validating"), data)
+    with pytest.raises(TypeError, match="DataConfig"):
+        create_train_dataset({"patching": "stratified"}, data)
+    with pytest.raises(ValueError, match="n_val_patches"):
+        create_val_split_datasets(config, TrainValData(train_data=[image()], val_data=[image()]))
+
+
+# -- CAREamics' helpers on our sampler -------------------------------------------------
+
+
+def extractor(arrays: list[np.ndarray]) -> Any:
+    return init_patch_extractor(PatchExtractor, load_arrays, arrays, "YX")
+
+
+def test_create_val_split_runs_on_ours():
+    shapes = [(1, 1, 160, 192), (1, 1, 96, 96)]
+    ours = StratifiedPatching(shapes, [32, 32], seed=SEED, backend="numpy")
+    before = ours.n_patches
+    train, val = create_val_split(ours, 6, np.random.default_rng(0))
+    assert train is ours and val.n_patches == 6
+    assert ours.n_patches == before - 6  # each validation cell is excluded
+    excluded = [int(ours.get_excluded_cells(k, 0).sum()) for k in range(2)]
+    assert sum(excluded) == 6
+    specs = [val.get_patch_spec(k) for k in range(6)]
+    for spec in specs:  # each validation patch covers exactly one excluded cell
+        cell = tuple(c // 32 for c in spec["coords"])
+        assert ours.get_excluded_cells(spec["data_idx"], spec["sample_idx"])[cell]
+    assert ours.cumulative_image_patches[-1] == ours.n_patches
+
+
+def regions_changed_by_filter(sampler: Any) -> dict[tuple[int, int], set[tuple[int, ...]]]:
+    """The regions whose probability a filter changed, per sample, for either sampler."""
+    changed: dict[tuple[int, int], set[tuple[int, ...]]] = {}
+    for data_idx, stack in enumerate(sampler.image_patching):
+        for sample_idx, sample in enumerate(stack):
+            if isinstance(sampler, StratifiedPatching):
+                probs = sampler.get_region_probs(data_idx, sample_idx)
+                cells = {tuple(int(c) for c in cell) for cell in np.argwhere(probs != 1.0)}
+            else:
+                grid = {index: cell for cell, index in sample.grid_coords.items()}
+                cells = {grid[k] for k, p in sample.relative_probs.items() if p != 1.0}
+            changed[(data_idx, sample_idx)] = cells
+    return changed
+
+
+def test_filter_background_chooses_on_ours_what_it_chooses_on_careamics():
+    arrays = [image(), image((96, 128), 5)]
+    arrays[0][:80] = 0.0  # a dark top half: background
+    shapes = [(1, 1, *a.shape) for a in arrays]
+    config = MaxPatchFilterConfig(threshold=0.5, filtered_patch_prob=0.25, coverage=0.25)
+    ours = StratifiedPatching(shapes, [32, 32], seed=SEED, backend="numpy")
+    theirs = CareamicsStratified(shapes, [32, 32], seed=SEED)
+    filter_background(config, ours, extractor(arrays))
+    filter_background(config, theirs, extractor(arrays))
+    changed = regions_changed_by_filter(ours)
+    assert changed == regions_changed_by_filter(theirs)
+    assert len(changed[(0, 0)]) > 0
+    assert ours.n_patches == theirs.n_patches  # 0.25 is exact in our quantisation
+
+
+def test_filter_background_with_mask_chooses_on_ours_what_it_chooses_on_careamics():
+    arrays = [image()]
+    mask = np.zeros_like(arrays[0])
+    mask[40:120, 64:160] = 1.0
+    config = MaskPatchFilterConfig(coverage=0.25, filtered_patch_prob=0.0)
+    shapes = [(1, 1, *arrays[0].shape)]
+    ours = StratifiedPatching(shapes, [32, 32], seed=SEED, backend="numpy")
+    theirs = CareamicsStratified(shapes, [32, 32], seed=SEED)
+    filter_background_with_mask(config, ours, extractor([mask]))
+    filter_background_with_mask(config, theirs, extractor([mask]))
+    assert regions_changed_by_filter(ours) == regions_changed_by_filter(theirs)
+    assert ours.n_patches == theirs.n_patches
+
+
+def test_sampler_from_a_config_uses_its_patch_size_and_seed():
+    sampler = create_stratified_patching(n2v_config(64), [(2, 1, 160, 80)], backend="numpy")
+    assert sampler.patch_size == (64, 64) and sampler.seed == SEED
+    with pytest.raises(ValueError, match="stratified"):
+        create_stratified_patching(n2v_config().convert_mode("validating"), [(1, 1, 64, 64)])
+
+
+# -- DataLoader workers (item 1 of issue 13) -------------------------------------------
+
+
+def corners_of(batch: list[tuple[Any, ...]]) -> list[tuple[int, int, tuple[int, ...]]]:
+    """A batch's patches as (data_idx, sample_idx, corner); module level for spawn."""
+    return [
+        (
+            int(item[0].region_spec["data_idx"]),
+            int(item[0].region_spec["sample_idx"]),
+            tuple(int(c) for c in item[0].region_spec["coords"]),
+        )
+        for item in batch
+    ]
+
+
+class _SpawnSafe(Dataset):
+    """A dataset that loads CAREamics the tier's way in a spawned worker first.
+
+    Only needed on machines whose torchvision is a CUDA build beside CPU
+    PyTorch (see ``gpu_patching.testing.import_careamics``): a spawned worker
+    unpickles CAREamics' dataset, which imports torchvision. The inner dataset
+    is pickled by multiprocessing's own pickler, exactly as the DataLoader
+    would pickle it.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (bytes(ForkingPickler.dumps(self.dataset)),))
+
+
+def _rebuild(payload: bytes) -> _SpawnSafe:
+    import_careamics()
+    return _SpawnSafe(pickle.loads(payload))
+
+
+def passes(dataset: Any, n_passes: int, **loader: Any) -> list[list[tuple[Any, ...]]]:
+    """The patches of ``n_passes`` shuffled passes of a DataLoader over ``dataset``."""
+    generator = torch.Generator().manual_seed(0)
+    data_loader = DataLoader(
+        _SpawnSafe(dataset),
+        batch_size=16,
+        shuffle=True,
+        collate_fn=corners_of,
+        generator=generator,
+        **loader,
+    )
+    return [[corner for batch in data_loader for corner in batch] for _ in range(n_passes)]
+
+
+def repeated_fraction(earlier: list[Any], later: list[Any]) -> float:
+    """The fraction of ``later``'s patches that ``earlier`` already had."""
+    seen = Counter(earlier)
+    return sum(1 for corner in later if seen[corner]) / len(later)
+
+
+def worker_dataset() -> Any:
+    data = TrainValSplitData(train_data=[image((512, 512), 8)], n_val_patches=0)
+    return create_train_dataset(n2v_config(32), data, backend="numpy")
+
+
+# A spawned worker imports CAREamics anew (~15 s of CPU each, more on a busy
+# machine): 4 to 12 imports per test, too slow for every run of the suite.
+SPAWN = pytest.mark.skipif(
+    os.environ.get("GPU_PATCHING_SPAWN_TIER") != "1",
+    reason="spawned DataLoader workers import CAREamics anew (minutes of CPU); "
+    "run them with 'make careamics-tier' (GPU_PATCHING_SPAWN_TIER=1)",
+)
+
+
+@pytest.mark.parametrize(
+    ("context", "persistent"),
+    [
+        ("fork", False),
+        ("fork", True),
+        pytest.param("spawn", False, marks=SPAWN),
+        pytest.param("spawn", True, marks=SPAWN),
+    ],
+)
+def test_every_pass_through_dataloader_workers_draws_new_patches(context, persistent):
+    if context not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"the {context} start method is not available here")
+    loader = {
+        "num_workers": 2,
+        "multiprocessing_context": context,
+        "persistent_workers": persistent,
+    }
+    runs = passes(worker_dataset(), 3, **loader)
+    n = len(runs[0])
+    assert n == len(worker_dataset()) and all(len(run) == n for run in runs)
+    # CAREamics' sampler repeats 0-1% of its patches from one pass to the next,
+    # ours with num_workers=0 about as few; a stuck pass repeats 100%.
+    for earlier, later in ((runs[0], runs[1]), (runs[1], runs[2]), (runs[0], runs[2])):
+        assert repeated_fraction(earlier, later) < 0.1
+    # The same seed replays the same training.
+    assert passes(worker_dataset(), 3, **loader) == runs
+
+
+def test_passes_without_workers_draw_new_patches_too():
+    runs = passes(worker_dataset(), 2, num_workers=0)
+    assert repeated_fraction(runs[0], runs[1]) < 0.1
+    assert passes(worker_dataset(), 2, num_workers=0) == runs

@@ -73,11 +73,18 @@ DRAW_MASK = 0xFFFFFFFF
 _CACHE_ROWS = 1 << 10
 #: Indices whose windows are drawn in one pass (bounds a refill's temporaries).
 _FILL_BLOCK = 1 << 16
-#: Longest window of draws, and longest window given to one repeating index.
+#: Longest window of draws per index.
 _MAX_DEPTH = 8
+#: An index's misses served one by one before it gets a window of its own (a
+#: vectorised draw of a few rows costs about as much as this many one-patch
+#: draws), that window's length, doubled at each further miss up to the last.
+_HOT_AFTER_MISSES = 8
+_FIRST_HOT_WINDOW = 64
 _MAX_HOT_WINDOW = 1024
-#: Indices given long windows at most (their windows are dropped beyond).
-_MAX_HOT_INDICES = 256
+#: Rows of long windows kept at most (all are dropped beyond), and indices
+#: whose misses are remembered at most (forgotten beyond).
+_MAX_HOT_ROWS = 1 << 18
+_MAX_REMEMBERED_MISSES = 1 << 16
 #: The first miss after a refill refills every window if this fraction is behind.
 _REFILL_FRACTION = 0.5
 #: Misses served one by one before a refill: at least this many ...
@@ -218,8 +225,10 @@ class UpcomingPatches:
         self.compact_2d = False
         # Evenly spread indices whose windows estimate how many are behind.
         self._probes = np.unique(np.linspace(0, max(n_patches - 1, 0), _PROBES).astype(np.int64))
-        # index -> (first draw, window length, names, coords) of repeating indices
-        self.hot: dict[int, tuple[int, int, list[tuple[int, int]], list[tuple[int, ...]]]] = {}
+        # index -> (first draw, window length, flat samples, flat coords) of
+        # repeating indices: windows of their own, valid until the tables change.
+        self.hot: dict[int, tuple[int, int, memoryview, memoryview]] = {}
+        self._hot_rows = 0
         self._hot_misses: dict[int, int] = {}
         # Misses served one by one since the last refill, and how many pay for one.
         self._misses = 0
@@ -246,7 +255,9 @@ class UpcomingPatches:
         if window is not None:
             offset = (draw - window[0]) & DRAW_MASK
             if offset < window[1]:
-                return (*window[2][offset], window[3][offset])
+                data_idx, sample_idx = self.names[window[2][offset]]
+                base = offset * self.ndim
+                return data_idx, sample_idx, tuple(window[3][base : base + self.ndim])
         return None
 
     def miss(
@@ -261,23 +272,29 @@ class UpcomingPatches:
         one by one since the last refill to pay for it (indices drawn with
         replacement move past their windows a few at a time). In between a
         miss is drawn on its own (:class:`~gpu_patching.backends._per_index.ScalarDraw`),
-        and an index that misses again gets a window of its own, longer at
-        each of its misses.
+        and an index that keeps missing (``_HOT_AFTER_MISSES`` times) gets a
+        window of its own, longer at each further miss.
         """
         if not self.filled:
             return self._refill(index, draw, counters)
+        repeats = self._hot_misses.get(index, 0)
+        if repeats >= _HOT_AFTER_MISSES:
+            # A repeating index: a window of its own, twice as long at each
+            # further miss; it stays valid across refills.
+            self._hot_misses[index] = repeats + 1
+            length = _FIRST_HOT_WINDOW << min(repeats - _HOT_AFTER_MISSES, 5)
+            self._fill_hot(index, draw, min(_MAX_HOT_WINDOW, length))
+            patch = self.lookup(index, draw)
+            assert patch is not None  # the window starts at `draw`
+            return patch
         self._misses += 1
         if self._misses >= self._refill_after or (
             self._misses == 1 and self._stale_fraction(counters) >= _REFILL_FRACTION
         ):
             return self._refill(index, draw, counters)
-        repeats = self._hot_misses.get(index, 0)
+        if len(self._hot_misses) >= _MAX_REMEMBERED_MISSES:
+            self._hot_misses.clear()
         self._hot_misses[index] = repeats + 1
-        if repeats:
-            self._fill_hot(index, draw, min(_MAX_HOT_WINDOW, 2 << repeats))
-            patch = self.lookup(index, draw)
-            assert patch is not None  # the window starts at `draw`
-            return patch
         if self._scalar is None:
             self._scalar = ScalarDraw(self._host_tables(), self.seed)
         return self._scalar.draw(index, draw)
@@ -294,8 +311,6 @@ class UpcomingPatches:
         self.filled = True
         self.compact_2d = self.depth == 1 and self.ndim == 2
         self._misses = 0
-        self.hot.clear()
-        self._hot_misses.clear()
         patch = self.lookup(index, draw)
         assert patch is not None  # `draw` is the index's next draw: its window starts there
         return patch
@@ -346,13 +361,19 @@ class UpcomingPatches:
         self.first[stale] = first
 
     def _fill_hot(self, index: int, draw: int, length: int) -> None:
-        if len(self.hot) >= _MAX_HOT_INDICES:
+        if self._hot_rows + length > _MAX_HOT_ROWS:
             self.hot.clear()
+            self._hot_rows = 0
+        old = self.hot.pop(index, None)
+        if old is not None:
+            self._hot_rows -= old[1]
         indices = np.full(length, index, dtype=np.int64)
         draws = (draw + np.arange(length, dtype=np.int64)) & DRAW_MASK
         data_idx, sample_idx, coords = draw_each(self._host_tables(), indices, draws, self.seed)
-        names = list(zip(data_idx.tolist(), sample_idx.tolist(), strict=True))
-        self.hot[index] = (draw, length, names, [tuple(row) for row in coords.tolist()])
+        samples = (self.tables.first_sample[data_idx] + sample_idx).astype(np.int32)
+        flat = coords.astype(self.coords.dtype).reshape(-1)
+        self.hot[index] = (draw, length, memoryview(samples), memoryview(flat))
+        self._hot_rows += length
 
     def _host_tables(self) -> Any:
         if self._host is None:

@@ -6,10 +6,12 @@ import functools
 import itertools
 import os
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from threading import get_ident
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
@@ -71,14 +73,16 @@ _SAMPLERS: weakref.WeakSet[StratifiedPatching] = weakref.WeakSet()
 
 
 def _renew_locks() -> None:
-    """Give every sampler of a forked child an unlocked lock.
+    """Give every sampler of a forked child an unlocked lock, owned by its one thread.
 
-    A thread of the parent may have held a sampler's lock when the process
-    forked; that thread does not exist in the child, so the copy of the lock
-    would stay locked forever.
+    A thread of the parent may have held a sampler's lock (or been inside an
+    unlocked call) when the process forked; that thread does not exist in
+    the child, so the copies would stay locked (or busy) forever.
     """
     for sampler in list(_SAMPLERS):
         sampler._lock = threading.RLock()
+        sampler._owner = threading.get_ident()
+        sampler._busy = False
 
 
 if hasattr(os, "register_at_fork"):
@@ -92,7 +96,7 @@ def _locked(
 
     @functools.wraps(method)
     def locked(self: StratifiedPatching, *args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
-        with self._lock:
+        with self._exclusive():
             return method(self, *args, **kwargs)
 
     return locked
@@ -193,7 +197,11 @@ class StratifiedPatching:
         )
         # One lock serialises every call that reads or changes the state, so
         # threads sharing the sampler see some serial order of their calls.
+        # Until a second thread uses the sampler, its owner (the thread that
+        # built it) calls get_patch_spec without the lock: see _exclusive.
         self._lock = threading.RLock()
+        self._owner: int | None = threading.get_ident()
+        self._busy = False
         # Calls per index since the last set_epoch, and the epoch base, modulo
         # 2**32 (the draw number is), in memory shared with the processes a
         # DataLoader starts (see gpu_patching._counters).
@@ -454,29 +462,41 @@ class StratifiedPatching:
         """
         if type(index) is not int:  # the fast path takes plain ints only
             index = check.as_int(index, "index")
-        with self._lock:
-            counters = self._counters
-            n_patches = counters.n_indices
-            if not 0 <= index < n_patches:
-                raise IndexError(
-                    f"index {index} is out of range: expected 0 <= index < {n_patches}"
-                )
-            calls = counters.view
-            count = calls[index]
-            draw = (calls[n_patches] + count) & DRAW_MASK
-            upcoming = self._upcoming
-            # The usual case inline (this is the per-item call of a dataset):
-            # the patch is in this process's cache, 2D, one draw per index.
-            if upcoming is not None and upcoming.compact_2d and upcoming.first_view[index] == draw:
-                data_idx, sample_idx = upcoming.names[upcoming.sample_view[index]]
-                coords = upcoming.coords_view
-                patch = (data_idx, sample_idx, (coords[2 * index], coords[2 * index + 1]))
-            else:
-                patch = None if upcoming is None else upcoming.lookup(index, draw)
-                if patch is None:
-                    patch = self._draw_one(index, draw)
-            # Counted once the patch is drawn: a call that fails counts nothing.
-            calls[index] = (count + 1) & DRAW_MASK
+        ident = get_ident()
+        if ident == self._owner:
+            # The only thread so far: no lock. Announce the call, then check
+            # that no other thread has arrived (see _exclusive).
+            self._busy = True
+            try:
+                if self._owner is not None:
+                    return self._patch_spec(index)
+            finally:
+                self._busy = False
+        with self._exclusive(ident):
+            return self._patch_spec(index)
+
+    def _patch_spec(self, index: int) -> PatchSpecs:
+        """:meth:`get_patch_spec` of a checked int, the caller holding the sampler."""
+        counters = self._counters
+        n_patches = counters.n_indices
+        if not 0 <= index < n_patches:
+            raise IndexError(f"index {index} is out of range: expected 0 <= index < {n_patches}")
+        calls = counters.view
+        count = calls[index]
+        draw = (calls[n_patches] + count) & DRAW_MASK
+        upcoming = self._upcoming
+        # The usual case inline (this is the per-item call of a dataset):
+        # the patch is in this process's cache, 2D, one draw per index.
+        if upcoming is not None and upcoming.compact_2d and upcoming.first_view[index] == draw:
+            data_idx, sample_idx = upcoming.names[upcoming.sample_view[index]]
+            coords = upcoming.coords_view
+            patch = (data_idx, sample_idx, (coords[2 * index], coords[2 * index + 1]))
+        else:
+            patch = None if upcoming is None else upcoming.lookup(index, draw)
+            if patch is None:
+                patch = self._draw_one(index, draw)
+        # Counted once the patch is drawn: a call that fails counts nothing.
+        calls[index] = (count + 1) & DRAW_MASK
         return {
             "data_idx": patch[0],
             "sample_idx": patch[1],
@@ -745,7 +765,7 @@ class StratifiedPatching:
             The draw number, in ``[0, 2**32)``.
         """
         base = check.check_epoch(epoch)
-        with self._lock:
+        with self._exclusive():
             # In place: processes sharing the counters see the new epoch too.
             self._counters.reset(base)
 
@@ -859,7 +879,7 @@ class StratifiedPatching:
         workers' calls advance the draws of the whole training; any other
         pickle or ``copy.deepcopy`` is an independent copy.
         """
-        with self._lock:
+        with self._exclusive():
             return {
                 "backend": self.backend,
                 "state": self.state_dict(),
@@ -927,6 +947,27 @@ class StratifiedPatching:
         return upcoming.miss(index, draw, self._counters)
 
     @contextmanager
+    def _exclusive(self, ident: int | None = None) -> Iterator[None]:
+        """Hold the sampler's lock; from another thread than the owner, end the lock-free mode.
+
+        The owner thread calls :meth:`get_patch_spec` without the lock while
+        no other thread has used the sampler. The first other thread clears
+        the owner and waits for the owner's call in flight, if any: the owner
+        announces a call (``_busy``) before it checks the owner, and this
+        thread clears the owner before it checks ``_busy``, so one of the two
+        always sees the other (the interpreter's lock orders the reads and
+        writes of attributes). From then on every call takes the lock.
+        """
+        if ident is None:
+            ident = get_ident()
+        if self._owner is not None and self._owner != ident:
+            self._owner = None
+            while self._busy:
+                time.sleep(0)
+        with self._lock:
+            yield
+
+    @contextmanager
     def _all_or_nothing(self) -> Iterator[None]:
         """Run a composite change of the sampler: if it raises, undo all of it.
 
@@ -936,7 +977,7 @@ class StratifiedPatching:
         :meth:`state_dict` is identical after the exception. Holds the lock
         throughout, so other threads never see the state half changed.
         """
-        with self._lock:
+        with self._exclusive():
             tables, version, seed = self._tables, self._tables.version, self._seed
             excluded = np.array(to_host(tables.excluded, bool))
             probability = np.array(to_host(tables.probability, np.float64))

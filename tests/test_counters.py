@@ -99,7 +99,7 @@ def test_every_serving_path_returns_the_epoch_rows(monkeypatch: pytest.MonkeyPat
     # (refill, one-patch draw, long window, window expiry) serves many calls.
     monkeypatch.setattr(counters_module, "_MIN_REFILL_MISSES", 5)
     monkeypatch.setattr(counters_module, "_MAX_HOT_WINDOW", 4)
-    monkeypatch.setattr(counters_module, "_MAX_HOT_INDICES", 2)
+    monkeypatch.setattr(counters_module, "_MAX_HOT_ROWS", 8)
     paths: Counter[str] = Counter()
     for name in ("_refill", "_fill_hot"):
         original = getattr(counters_module.UpcomingPatches, name)

@@ -83,6 +83,35 @@ def test_threads_calling_the_same_indices_lose_no_draw() -> None:
     assert sampler._counters.counts.tolist() == [N_THREADS * ROUNDS] * n_patches
 
 
+def _owner_and_another_thread(seed: int) -> None:
+    sampler = StratifiedPatching([(1, 1, 256, 256)], (16, 16), seed=seed, backend="numpy")
+    n_patches = sampler.n_patches
+    started = threading.Event()
+    theirs: list[tuple[int, Any]] = []
+
+    def other() -> None:
+        started.wait()
+        theirs.extend((i, sampler.get_patch_spec(i)) for _ in range(4) for i in range(n_patches))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    mine = []
+    for round_number in range(4):
+        for index in range(n_patches):
+            if round_number == 0 and index == n_patches // 2:
+                started.set()
+            mine.append((index, sampler.get_patch_spec(index)))
+    thread.join()
+    _assert_each_draw_once(sampler, [mine, theirs], 8)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_building_thread_and_another_thread_lose_no_draw(seed: int) -> None:
+    # The thread that built the sampler calls without the lock until another
+    # thread arrives; the hand-over happens while both are calling.
+    _owner_and_another_thread(seed)
+
+
 def test_threads_drawing_with_replacement_lose_no_draw() -> None:
     sampler = StratifiedPatching([(2, 1, 200, 300)], (32, 32), seed=4, backend="numpy")
     n_patches = sampler.n_patches

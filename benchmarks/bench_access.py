@@ -1,0 +1,218 @@
+"""``get_patch_spec`` in any access order: ours and the reference side by side.
+
+A dataset's item ``i`` calls ``get_patch_spec(i)``, and the loader's sampler
+decides the order of the ``i``: sequential, shuffled once per pass, drawn with
+replacement (``RandomSampler(replacement=True)``), weighted
+(``WeightedRandomSampler``), or, at worst, one index over and over. The draw
+number of a call is ``base + calls[i]``, so with replacement the call counts
+drift apart and consecutive calls need patches of many different epochs.
+
+For each order and size this measures the mean cost per call over a long run
+of calls on a fresh sampler (every refill of our cache included), ours and
+CAREamics 0.3.5's ``StratifiedPatching`` (the reference, fewer calls: it costs
+50-600 us per call) in one process, on the same order of indices. A second
+table measures what the per-sampler lock costs the single-threaded path: the
+same sequential and with-replacement runs with the lock swapped for a no-op.
+
+Run it with ``python benchmarks/bench_access.py`` (``--quick`` for a small
+smoke run, ``--no-reference`` without CAREamics); the markdown goes to
+``benchmarks/results/access.md`` unless ``--output`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _report import RESULTS_DIR, Report, fmt_ratio, fmt_time, machine_line, markdown_table
+
+from gpu_patching import StratifiedPatching
+from gpu_patching.testing import load_reference
+
+# (label, data_shapes, patch_size, reference?): ~1k to ~1M regions.
+CASES = [
+    ("~1k: 2048x2048, 64x64", [(1, 1, 2048, 2048)], (64, 64), True),
+    ("~66k: 10000x6760, 32x32", [(1, 1, 10000, 6760)], (32, 32), True),
+    ("~264k: 4 x 10000x6760, 32x32", [(4, 1, 10000, 6760)], (32, 32), True),
+    # The reference needs about a minute to build this one: ours only.
+    ("~1M: 16 x 8192x8192, 32x32", [(16, 1, 8192, 8192)], (32, 32), False),
+]
+QUICK_CASES = [
+    ("~1k: 2048x2048, 64x64", [(1, 1, 2048, 2048)], (64, 64), True),
+    ("~16k: 4096x4096, 32x32", [(1, 1, 4096, 4096)], (32, 32), False),
+]
+ORDERS = ["sequential", "shuffled", "with replacement", "weighted", "one index"]
+TARGET_PER_CALL = 5e-6
+RESULTS = RESULTS_DIR / "access.md"
+
+
+def make_order(kind: str, n_patches: int, n_calls: int, seed: int = 0) -> list[int]:
+    """Return ``n_calls`` patch indices in the given order."""
+    generator = np.random.default_rng(seed)
+    if kind == "sequential":
+        return (np.arange(n_calls) % n_patches).tolist()
+    if kind == "shuffled":
+        passes = -(-n_calls // n_patches)
+        order = np.concatenate([generator.permutation(n_patches) for _ in range(passes)])
+        return order[:n_calls].tolist()
+    if kind == "with replacement":
+        return generator.integers(0, n_patches, n_calls).tolist()
+    if kind == "weighted":
+        # Heavy-tailed weights, as a WeightedRandomSampler over rare classes.
+        weights = generator.pareto(1.0, n_patches) + 0.01
+        return generator.choice(n_patches, n_calls, p=weights / weights.sum()).tolist()
+    if kind == "one index":
+        return [n_patches // 2] * n_calls
+    raise ValueError(f"unknown order {kind!r}")
+
+
+def per_call(sampler: Any, order: list[int]) -> float:
+    """Mean seconds per ``get_patch_spec`` call over ``order``."""
+    get = sampler.get_patch_spec
+    start = time.perf_counter()
+    for index in order:
+        get(index)
+    return (time.perf_counter() - start) / len(order)
+
+
+class _NoLock:
+    """A stand-in for the sampler's lock that does nothing (for the overhead table)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def measure_ours(
+    shapes: list[Any], patch: tuple[int, ...], orders: dict[str, list[int]]
+) -> dict[str, float]:
+    results = {}
+    for kind, order in orders.items():
+        sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+        results[kind] = per_call(sampler, order)
+    return results
+
+
+def measure_lock(
+    shapes: list[Any], patch: tuple[int, ...], orders: dict[str, list[int]], rounds: int
+) -> dict[str, tuple[float, float]]:
+    """Per call with the lock and with a no-op in its place, best of ``rounds`` in turns."""
+    results = {}
+    for kind in ("sequential", "with replacement"):
+        best: dict[bool, float] = {True: float("inf"), False: float("inf")}
+        for _ in range(rounds):
+            for locked in (True, False):
+                sampler = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+                if not locked:
+                    sampler._lock = _NoLock()  # type: ignore[assignment]
+                best[locked] = min(best[locked], per_call(sampler, orders[kind]))
+        results[kind] = (best[True], best[False])
+    return results
+
+
+def measure_reference(
+    reference: Any, shapes: list[Any], patch: tuple[int, ...], orders: dict[str, list[int]]
+) -> tuple[float, dict[str, float]]:
+    start = time.perf_counter()
+    sampler = reference(shapes, list(patch), seed=1)
+    setup = time.perf_counter() - start
+    return setup, {kind: per_call(sampler, order) for kind, order in orders.items()}
+
+
+def run(cases: list[Any], calls: int, reference_calls: int, use_reference: bool) -> Report:
+    report = Report()
+    reference: Callable[..., Any] | None = None
+    why_not = "--no-reference"
+    if use_reference:
+        try:
+            reference = load_reference()
+        except ImportError as error:
+            why_not = str(error)
+    report.emit(
+        "# get_patch_spec in any access order: ours vs the reference (CAREamics 0.3.5)",
+        "",
+        machine_line(),
+        "",
+        f"Mean cost per call over a run of calls on a fresh sampler (ours: up to "
+        f"{calls:,} calls, at least one pass; reference: {reference_calls:,} calls of the "
+        "same order). Ours includes every refill of its cache of upcoming patches. "
+        f"Target: at most {fmt_time(TARGET_PER_CALL)} per call in every order.",
+        "",
+    )
+    # One-time costs of the process (imports, first NumPy calls) are not a call's.
+    warm = StratifiedPatching([(1, 1, 256, 256)], (16, 16), seed=1, backend="numpy")
+    for kind in ORDERS:
+        per_call(warm, make_order(kind, warm.n_patches, 2000))
+    header = ["case", "patches", "order", "reference", "gpu-patching (numpy)", "ratio", "target"]
+    rows = []
+    lock_rows = []
+    for label, shapes, patch, with_reference in cases:
+        n_patches = StratifiedPatching(shapes, patch, seed=1, backend="numpy").n_patches
+        n_calls = max(calls, n_patches) if calls >= n_patches // 4 else calls
+        orders = {kind: make_order(kind, n_patches, n_calls) for kind in ORDERS}
+        ours = measure_ours(shapes, patch, orders)
+        theirs: dict[str, float] = {}
+        if reference is not None and with_reference:
+            short = {kind: order[:reference_calls] for kind, order in orders.items()}
+            _, theirs = measure_reference(reference, shapes, patch, short)
+        for kind in ORDERS:
+            rows.append(
+                [
+                    label,
+                    f"{n_patches:,}",
+                    kind,
+                    fmt_time(theirs.get(kind)),
+                    fmt_time(ours[kind]),
+                    fmt_ratio(theirs.get(kind), ours[kind]),
+                    "yes" if ours[kind] <= TARGET_PER_CALL else "NO",
+                ]
+            )
+            print(" | ".join(rows[-1]), flush=True)
+        lock = measure_lock(shapes, patch, orders, rounds=3)
+        for kind, (locked, unlocked) in lock.items():
+            lock_rows.append(
+                [
+                    label,
+                    kind,
+                    fmt_time(locked),
+                    fmt_time(unlocked),
+                    f"{(locked - unlocked) / unlocked:+.0%}",
+                ]
+            )
+    report.emit(*markdown_table(header, rows, "lrlrrrl"), "")
+    if reference is None:
+        report.emit(f"The reference did not run: {why_not}.", "")
+    report.emit(
+        "## The lock's cost on one thread",
+        "",
+        "The same runs with the sampler's lock (which makes concurrent callers see some "
+        "serial order) and with a no-op in its place: best of 3, in turns.",
+        "",
+        *markdown_table(
+            ["case", "order", "with the lock", "without", "overhead"], lock_rows, "llrrr"
+        ),
+    )
+    return report
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small cases, few calls")
+    parser.add_argument("--no-reference", action="store_true", help="skip CAREamics")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        report = run(QUICK_CASES, 3000, 200, not args.no_reference)
+    else:
+        report = run(CASES, 300_000, 2_000, not args.no_reference)
+    return report.write(args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,8 @@
 The public names:
 
 * :class:`StratifiedPatching`, a drop-in replacement for CAREamics'
-  stratified patching strategy, on a NumPy or a CUDA backend;
+  stratified patching strategy, on a NumPy or a CUDA backend
+  (:class:`SmallSampleWarning` names samples smaller than the patch);
 * :class:`PatchBatch`, patches as parallel arrays (an epoch, or a slice);
   :class:`PatchSpecs`, the dictionary that names one patch;
 * :func:`extract_patches`, patches cut out of host or device stacks, and
@@ -13,7 +14,8 @@ The public names:
   :func:`validation_split` (:mod:`gpu_patching.policies`): background
   filtering and validation splits that change a sampler.
 
-PyTorch glue (samplers, datasets, DDP) lives in :mod:`gpu_patching.torch`.
+PyTorch glue (samplers, datasets, DDP) lives in :mod:`gpu_patching.torch`;
+CAREamics' training datasets built with our sampler in :mod:`gpu_patching.careamics`.
 """
 
 from .backends import BackendUnavailableError
@@ -22,7 +24,7 @@ from .loader import PatchLoader
 from .policies import FilterResult, filter_background, validation_split
 from .specs import PatchBatch, PatchSpecs
 from .stats import filter_map, region_statistics
-from .strategy import StratifiedPatching
+from .strategy import SmallSampleWarning, StratifiedPatching
 
 __all__ = [
     "BackendUnavailableError",
@@ -30,6 +32,7 @@ __all__ = [
     "PatchBatch",
     "PatchLoader",
     "PatchSpecs",
+    "SmallSampleWarning",
     "StratifiedPatching",
     "__version__",
     "extract_patches",

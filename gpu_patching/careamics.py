@@ -192,6 +192,10 @@ def create_train_dataset(
         If CAREamics or one of its dependencies is missing.
     """
     _check_training_config(config)
+    if not hasattr(data, "train_data"):
+        raise TypeError(
+            f"data must be a CAREamics TrainValData or TrainValSplitData, got {type(data).__name__}"
+        )
     masks = getattr(data, "train_data_mask", None)
     if masks is not None and config.mask_filter is None:
         raise ValueError(

@@ -274,7 +274,7 @@ def test_sampler_from_a_config_uses_its_patch_size_and_seed():
         create_stratified_patching(n2v_config().convert_mode("validating"), [(1, 1, 64, 64)])
 
 
-# -- DataLoader workers (item 1 of issue 13) -------------------------------------------
+# -- DataLoader workers: every pass draws new patches ----------------------------------
 
 
 def corners_of(batch: list[tuple[Any, ...]]) -> list[tuple[int, int, tuple[int, ...]]]:

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 from conftest import sample_rows
 
-from gpu_patching import PatchBatch, StratifiedPatching, extract_patches
+from gpu_patching import PatchBatch, SmallSampleWarning, StratifiedPatching, extract_patches
 from gpu_patching.backends.numpy_backend import NumpyBackend
-from gpu_patching.strategy import SmallSampleWarning
 
 # Stack 0: one sample shorter than the patch along Y (no cell along Y);
 # stack 1: two normal samples; stack 2: one pixel short along X (one empty cell).

@@ -86,6 +86,7 @@ def small_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "QUICK_BANDWIDTH_BYTES", 1 << 12)
     monkeypatch.setattr(bench, "QUICK_ORDER_REGION_SET", bench.REGION_SETS[0])
     monkeypatch.setattr(bench, "QUICK_ORDER_PATCH_TARGETS", (10**3, 10**4))
+    monkeypatch.setattr(bench, "ORDER_BUDGET_S", 0.04)
 
 
 @pytest.fixture(scope="module")
@@ -711,3 +712,80 @@ def test_the_cuda_backend_on_the_host_draws_each_epoch_in_one_launch(host_kernel
     assert [v["launches"] for v in orders["baselines"].values()] == [1, 1]
     same = bench.compare_orders(sampler, _sampler(case), bench.ORDER_CHECK_EPOCH)
     assert same == {key: True for key, _, _ in bench.order_variants()}
+
+
+# A machine that has what the GPU path of the session needs, but no GPU: stubs
+# of nvidia-smi, ncu and compute-sanitizer on PATH, and a python3 that passes
+# the GPU check and stands in for the GPU-only runs. Everything else is real:
+# the GPU tests (which skip here), the epochs that ncu would profile (on the
+# NumPy backend) and the count of its CSV.
+FAKE_PYTHON = """#!/usr/bin/env bash
+real={python}
+case "$*" in
+    *usable_cupy*) exit 0 ;;  # the GPU check
+    *"import cupy, numpy"*) echo "cupy (stand-in)"; exit 0 ;;
+    *"import torch"*) echo "torch (stand-in)"; exit 0 ;;
+    *set_allocator*) shift 2; exec "$real" -m pytest "$@" ;;  # CuPy's pool: none here
+    *--profile-epochs*) exec "$real" "$@" --backend numpy ;;
+    *"bench_gpu.py --no-torch-profile"*) echo "bench_gpu (stand-in): $*"; exit 0 ;;
+    *bench_crop.py*|*bench_filters.py*)  # their --output is an absolute path under $OUT
+        args="$*"
+        output=${{args##*--output }}
+        [[ "$output" == /* ]] || exit 3
+        echo "# stand-in" >"$output"
+        if [[ "$args" == *bench_crop.py* ]]; then
+            echo "# stand-in" >"${{output%/*}}/crop-gpu-stand-in.md"
+        fi
+        exit 0 ;;
+esac
+exec "$real" "$@"
+"""
+
+FAKE_TOOLS = {
+    "nvidia-smi": 'echo "GPU 0: stand-in"',
+    # Drops its options, runs the program, then prints one launch per profiled epoch.
+    "ncu": """while [[ $1 == --* ]]; do [[ $1 == --csv ]] && shift || shift 2; done
+"$@" || exit $?
+echo '"ID","Kernel Name","Metric Name","Metric Value"'
+for i in 0 1 2 3 4; do
+    echo "\\"$i\\",\\"sample_epoch\\",\\"gpu__time_duration.sum\\",\\"9\\""
+done""",
+    "compute-sanitizer": """while [[ $1 == --* ]]; do shift 2; done
+exec "$@\"""",
+}
+
+
+def test_gpu_session_runs_every_step_on_a_machine_with_the_tools(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {**FAKE_TOOLS, "python3": FAKE_PYTHON.format(python=sys.executable)}.items():
+        tool = bin_dir / name
+        tool.write_text(body if body.startswith("#!") else f"#!/usr/bin/env bash\n{body}\n")
+        tool.chmod(0o755)
+    out = tmp_path / "out"
+    done = _session_script(
+        OUT=str(out),
+        PYTHON=str(bin_dir / "python3"),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    )
+    summary = (out / "summary.txt").read_text()
+    assert done.returncode == 1, done.stdout + done.stderr  # the GPU tests skipped here
+    lines = summary.splitlines()
+    for name in ("describe", "pytest-cuda", "memcheck", "launches", "bench-gpu"):
+        assert any(line.startswith(f"ok      {name} (") for line in lines), (name, summary)
+    assert any(line.startswith("ok      bench-crop (") for line in lines), summary
+    assert any(line.startswith("ok      bench-filters (") for line in lines), summary
+    assert "FAILED: no GPU test passed" in summary
+    counted = next(line for line in lines if line.startswith("launches per epoch counted with ncu"))
+    assert "1 sample_epoch launch(es) per epoch over 5 epochs" in counted
+    assert "CudaBackend.launch_count: 1 per epoch; one launch per epoch: yes" in counted
+    assert lines[-1] == "GPU SESSION FAILED: see the FAILED lines above"
+    returned = sorted(p.name for p in out.iterdir())
+    assert returned == [
+        "crop-gpu-stand-in.md",
+        "filters-quick.md",
+        "pytest-cuda.log",
+        "session.tar.gz",
+        "summary.txt",
+    ]
+    assert len(returned) <= 8  # what the device tool brings back

@@ -584,7 +584,8 @@ def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[str
         "allocations, so the tracing costs it little.)",
         "",
         f"Memory bound of ours: cache_bytes {fmt_bytes(DEFAULT_CACHE_BYTES)} (the cached "
-        "chunks, the reads in flight and the batches read ahead) + two batches "
+        "chunks, the reads in flight, the batches read ahead, the epoch's rows and the "
+        "reads' bookkeeping) + two batches "
         f"({fmt_bytes(2 * batch_bytes)}) = {fmt_bytes(bound)}; peak {fmt_bytes(peak_ours)}: "
         f"within: {fmt_verdict(peak_ours <= bound)}.",
         "",

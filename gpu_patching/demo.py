@@ -427,6 +427,12 @@ def run_demo(
         f"{scores.size} regions get probability {filtered_prob} -> {sampler.n_patches} patches "
         f"per epoch"
     )
+    if sampler.n_patches == 0:
+        raise ValueError(
+            f"no patches left to compare: every region is held out or background at "
+            f"probability {filtered_prob}; give background a probability above 0 or a "
+            f"lower threshold"
+        )
 
     excluded = sampler.get_excluded_cells(0, 0)
     probabilities = sampler.get_region_probs(0, 0)

@@ -193,6 +193,14 @@ def test_run_demo_rejects_bad_settings_before_any_work(options, message, capsys)
     assert capsys.readouterr().out == ""
 
 
+def test_run_demo_says_so_when_the_filter_leaves_nothing_to_sample():
+    with pytest.raises(ValueError, match="no patches left"):
+        run_demo(
+            textured_image(), name="x", patch_size=(16, 16), background_threshold=1e9,
+            filtered_prob=0.0, compare_careamics=False, progress=False,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_run_demo_rejects_an_image_with_non_finite_pixels_before_any_work(bad, capsys):
     image = textured_image()

@@ -307,6 +307,10 @@ class UpcomingPatches:
             stale = np.flatnonzero((next_draws - self.first) >= self.depth)
         else:
             stale = np.arange(len(next_draws), dtype=np.int64)
+        # Not filled while it is written: a refill that stops half way (an
+        # exception, an interrupt) leaves a cache that the next miss refills
+        # whole, never windows that claim draws they do not hold.
+        self.filled = self.compact_2d = False
         self._fill_windows(stale, next_draws[stale])
         self.filled = True
         self.compact_2d = self.depth == 1 and self.ndim == 2

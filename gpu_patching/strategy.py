@@ -925,12 +925,18 @@ class StratifiedPatching:
 
     def _update(self, sample: int, excluded: Any, probability: Any) -> None:
         """Rebuild one sample's rows; indices keep their call counts."""
-        self._tables.update_sample(sample, excluded, probability)
+        tables = self._tables
+        previous = (tables.excluded_grid(sample), tables.probability_grid(sample))
+        tables.update_sample(sample, excluded, probability)
         self._upcoming = None
         if self._counters.n_indices != self.n_patches:
             # New shared counters: processes started before keep the old ones
             # (and the old tables: updates never reach running workers).
-            self._counters = self._counters.resized(self.n_patches)
+            try:
+                self._counters = self._counters.resized(self.n_patches)
+            except BaseException:  # no shared memory left, say: undo the rows too
+                tables.update_sample(sample, *previous)
+                raise
 
     def _set_counters(self, base: int, calls: NDArray[Any]) -> None:
         """Make the counters hold ``calls`` and ``base``, in place when the length allows."""

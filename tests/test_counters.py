@@ -262,3 +262,48 @@ def test_filter_background_over_the_patch_limit_changes_nothing() -> None:
     with pytest.raises(ValueError, match="patches"):
         filter_background(sampler, [small, large], threshold=1.0, filtered_prob=1000.0)
     assert sampler.state_dict() == before
+
+
+def test_an_update_whose_counters_cannot_be_allocated_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sampler, before = _state_after_calls()
+
+    def no_memory(self: CallCounters, n_indices: int) -> CallCounters:
+        raise OSError("no space left for shared memory")
+
+    monkeypatch.setattr(CallCounters, "resized", no_memory)
+    with pytest.raises(OSError, match="shared memory"):
+        sampler.exclude_patches(0, 0, [(1, 1)])
+    assert sampler.state_dict() == before
+
+
+def test_a_call_whose_draw_fails_counts_nothing_and_spoils_no_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sampler = _sampler_2d()
+    order = list(range(sampler.n_patches))
+    _check_calls(sampler, order)
+    original = counters_module.UpcomingPatches._fill_block
+    calls = {"n": 0}
+
+    def fails_half_way(self: Any, stale: Any, first: Any) -> None:
+        calls["n"] += 1
+        original(self, stale[: len(stale) // 2], first[: len(first) // 2])
+        raise MemoryError("out of memory half way through a refill")
+
+    monkeypatch.setattr(counters_module.UpcomingPatches, "_fill_block", fails_half_way)
+    sampler.set_epoch(50)  # every window is behind: the next call refills them all
+    before = sampler.state_dict()
+    with pytest.raises(MemoryError):
+        sampler.get_patch_spec(5)
+    assert calls["n"] == 1 and sampler.state_dict() == before
+    monkeypatch.setattr(counters_module.UpcomingPatches, "_fill_block", original)
+    calls_so_far: Counter[int] = Counter()
+    epochs: dict[int, Any] = {}
+    for index in [5, *order]:
+        spec = sampler.get_patch_spec(index)
+        draw = 50 + calls_so_far[index]
+        calls_so_far[index] += 1
+        got = (spec["data_idx"], spec["sample_idx"], spec["coords"])
+        assert got == _epoch_row(epochs, sampler, draw, index)

@@ -145,3 +145,22 @@ def test_shuffled_epochs_with_coordinates_beyond_32_bits_keep_them_exact():
     assert int(plain.coords[:, 0].max()) >= 1 << 31
     np.testing.assert_array_equal(shuffled.coords, plain.coords[shuffled.indices])
     np.testing.assert_array_equal(shuffled.sample_idx, plain.sample_idx[shuffled.indices])
+
+
+def test_layouts_built_in_small_slices_draw_the_same_epochs(monkeypatch):
+    # Layout keys are made by slices of regions (whole samples, or parts of
+    # one large sample) to bound the temporaries; the slicing must not
+    # change a single draw.
+    shapes, patch = [(3, 1, 60, 44), (1, 1, 90, 70)], (6, 5)
+
+    def epochs() -> list[np.ndarray]:
+        sampler = StratifiedPatching(shapes, patch, seed=5, backend="numpy")
+        sampler.exclude_patches(0, 1, [(2, 2), (7, 3)])
+        sampler.set_region_probs(1, 0, {(4, 4): 0.0, (5, 1): 3.5})
+        return [sampler.sample_epoch(epoch).coords for epoch in range(3)]
+
+    whole = epochs()
+    monkeypatch.setattr(numpy_backend, "_KEY_ROWS", 7)
+    monkeypatch.setattr(numpy_backend, "_KEPT_KEYS", 3)
+    for mine, theirs in zip(epochs(), whole, strict=True):
+        np.testing.assert_array_equal(mine, theirs)

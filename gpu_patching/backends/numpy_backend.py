@@ -207,10 +207,10 @@ class _BoxIndex:
         if self.layout.dtype != number_type or len(self.layout) != len(tables.weight):
             self.layout = np.zeros(len(tables.weight), dtype=number_type)
         for stack, classes in enumerate(self._stack_classes):
-            keymap = keymaps[stack]
-            if classes is None or keymap is None:
+            stack_keymap = keymaps[stack]
+            if classes is None or stack_keymap is None:
                 continue
-            numbers = keymap.astype(number_type)
+            numbers = stack_keymap.astype(number_type)
             kept = stack_keys[stack]
             for rows, key in kept if kept is not None else _stack_keys(tables, stack, classes):
                 # Every key is below n_keys: mode="clip" only skips the checks.

@@ -232,12 +232,23 @@ def test_demo_on_a_named_stack_says_which_sample_and_channel_and_draws_pictures(
         assert label in printed
 
 
-def test_demo_defaults_to_the_bundled_cell_image(tmp_path, capsys):
+def test_demo_defaults_to_the_bundled_cell_image(tmp_path, monkeypatch, capsys):
+    drawn = []  # the pictures themselves are drawn (and checked) in the test above
+
+    def record(folder, scene, runs):
+        drawn.append((folder, scene.name, scene.image.shape, [run.label for run in runs]))
+        return [folder / name for name in PICTURE_NAMES]
+
+    monkeypatch.setattr("gpu_patching.demo.draw_demo_pictures", record)
     status = main(["demo", "--epochs", "1", "--output", str(tmp_path), "--no-progress",
                    "--backend", "numpy", "--no-careamics"])  # fmt: skip
     assert status == 0
     assert "'cell'" in capsys.readouterr().out
-    assert all((tmp_path / name).read_bytes()[:8] == PNG for name in PICTURE_NAMES)
+    [(folder, name, shape, labels)] = drawn
+    assert folder == tmp_path
+    assert "'cell'" in name
+    assert shape == (660, 550)
+    assert labels == ["ours (numpy)", "independent random draws"]
 
 
 def test_demo_rejects_a_3d_stack_with_one_line(tmp_path, capsys):

@@ -544,12 +544,12 @@ def _print_table(
         + f" {floor:10.3f}" * len(counts)
     )
     print(
-        f"\nSpread: standard deviation of patches per pixel per epoch over the {n_pixels} "
-        f"pixels a patch can reach (mean {mean:.2f}); all rows draw from one distribution, "
-        f"so with more epochs each spread falls toward the floor ({floor:.3f}, set by border "
-        f"pixels and background that is drawn less on purpose), and the closer a sampler "
-        f"starts to it and the fewer pixels one epoch leaves uncovered, the more evenly "
-        f"every epoch trains."
+        f"\nStratification is for even coverage within each epoch: every row draws each "
+        f"corner with the same probability, so its spread (standard deviation of patches per "
+        f"pixel per epoch over the {n_pixels} pixels a patch can reach, mean {mean:.2f}) "
+        f"falls toward the same floor ({floor:.3f}: border pixels and background drawn less "
+        f"on purpose) as epochs add up, and a sampler is better the closer to it it starts "
+        f"and the fewer pixels one epoch leaves uncovered."
     )
     touched = ", ".join(f"{run.label} {run.touched_validation}" for run in runs)
     print(f"validation pixels covered by training patches: {touched}")

@@ -399,12 +399,15 @@ def gpu_markdown(
         "",
         "## The same cases on this machine's CPU (NumPy stacks)",
         "",
-        *markdown_table(
+    ]
+    if cpu:
+        lines += markdown_table(
             ["patch", "batch", "method", "time per batch", "patches/s", "GB/s", "speed-up"],
             result_rows(cpu, "per-patch slicing loop"),
             "lrlrrrr",
-        ),
-    ]
+        )
+    else:
+        lines.append("Not run (--gpu-only).")
     return "\n".join(lines) + "\n"
 
 
@@ -417,15 +420,22 @@ def main(argv: list[str] | None = None) -> int:
         default=RESULTS_DIR / "crop-cpu.md",
         help="the CPU markdown; the GPU markdown goes beside it as crop-gpu-<card>.md",
     )
+    parser.add_argument(
+        "--gpu-only",
+        action="store_true",
+        help="skip the CPU part (and write no CPU markdown): for a GPU session short of time",
+    )
     args = parser.parse_args(argv)
 
-    cpu = run_cpu(args.quick)
     cupy, why = usable_cupy()
-    gpu_note = f"skipped: {why}" if cupy is None else "see crop-gpu-<card>.md"
-    cpu_text = cpu_markdown(cpu, gpu_note)
-    write_markdown(args.output, cpu_text)
-    print(cpu_text)
-    print(f"written to {args.output}")
+    cpu = []
+    if not args.gpu_only:
+        cpu = run_cpu(args.quick)
+        gpu_note = f"skipped: {why}" if cupy is None else "see crop-gpu-<card>.md"
+        cpu_text = cpu_markdown(cpu, gpu_note)
+        write_markdown(args.output, cpu_text)
+        print(cpu_text)
+        print(f"written to {args.output}")
     if cupy is None:
         print(f"GPU part skipped: {why}")
         return 0

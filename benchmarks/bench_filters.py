@@ -328,8 +328,15 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 2500x1690 image, few repeats")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU half")
+    parser.add_argument(
+        "--gpu-only",
+        action="store_true",
+        help="skip the CPU half: for a GPU session short of time",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args(argv)
+    if args.gpu_only and args.no_gpu:
+        parser.error("--gpu-only and --no-gpu leave nothing to run")
 
     shape = QUICK_SHAPE if args.quick else SHAPE
     repeats = 3 if args.quick else 7
@@ -352,15 +359,20 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"## CPU: {cpu_model()}",
         "",
-        f"Python {platform.python_version()}, NumPy {np.__version__}; `region_statistics` "
-        f"on a NumPy stack with the default `workers=None` ({THREADS} threads here). "
-        "Load average before the run (the cores may be shared): "
-        f"{os.getloadavg()[0]:.2f}.",
-        "",
     )
-    print(f"CPU, {label}", flush=True)
-    cpu_rows = measure(stack, mask_stack, np, repeats, lambda: None)
-    report.emit(*table(cpu_rows, regions), "", *target_note(cpu_rows, regions))
+    if args.gpu_only:
+        report.emit("Not run (--gpu-only).")
+    else:
+        report.emit(
+            f"Python {platform.python_version()}, NumPy {np.__version__}; `region_statistics` "
+            f"on a NumPy stack with the default `workers=None` ({THREADS} threads here). "
+            "Load average before the run (the cores may be shared): "
+            f"{os.getloadavg()[0]:.2f}.",
+            "",
+        )
+        print(f"CPU, {label}", flush=True)
+        cpu_rows = measure(stack, mask_stack, np, repeats, lambda: None)
+        report.emit(*table(cpu_rows, regions), "", *target_note(cpu_rows, regions))
 
     report.emit("", "## GPU", "")
     cupy, why = (None, "skipped with --no-gpu") if args.no_gpu else usable_cupy()

@@ -23,14 +23,14 @@
 #                  ncu, torch.profiler (CUPTI) and CudaBackend.launch_count
 #                  (bench_gpu.py --launch-probe), and the summary says which
 #   bench-gpu      bench_gpu.py (full sizes, a shorter budget per case)
-#   bench-crop     bench_crop.py --quick
-#   bench-filters  bench_filters.py --quick
+#   bench-crop     bench_crop.py --gpu-only (full sizes, no CPU half)
+#   bench-filters  bench_filters.py --gpu-only (the 10000x6760 image, no CPU half)
 #
 # Results: $OUT (the folder the device tool brings back, at most 8 files) gets
 # summary.txt (one line per step, and the launch count), session.tar.gz
 # (every log, the device's description and every markdown result), and
 # copies of pytest-cuda.log and the GPU results (gpu-<card>.md,
-# crop-gpu-<card>.md, filters-quick.md). Without $OUT: /tmp/gpu-session.
+# crop-gpu-<card>.md, filters-gpu.md). Without $OUT: /tmp/gpu-session.
 # The committed benchmarks/results/*.md are not touched except gpu-<card>.md.
 # Exit status: 0 when every step passed, 1 otherwise.
 
@@ -51,8 +51,8 @@ declare -A BUDGET=(
     [memcheck]=60
     [launches]=45
     [bench-gpu]=130
-    [bench-crop]=50
-    [bench-filters]=40
+    [bench-crop]=35
+    [bench-filters]=55
 )
 # Seconds timeout waits after TERM before it kills a step.
 GRACE_S=3
@@ -206,7 +206,7 @@ run_launch_count() {
 pack() {  # everything into one archive; the most useful files beside it
     cp benchmarks/results/gpu-*.md "$LOGS/" 2>/dev/null
     tar -czf "$OUT/session.tar.gz" -C "$OUT" logs
-    for file in "$LOGS"/pytest-cuda.log "$LOGS"/gpu-*.md "$LOGS"/crop-gpu-*.md "$LOGS"/filters-quick.md; do
+    for file in "$LOGS"/pytest-cuda.log "$LOGS"/gpu-*.md "$LOGS"/crop-gpu-*.md "$LOGS"/filters-gpu.md; do
         [ -f "$file" ] && cp "$file" "$OUT/"
     done
     rm -rf "$LOGS"
@@ -244,8 +244,9 @@ if [ "$gpu_ok" -eq 1 ]; then
     budget=$((budget - 15))
     step bench-gpu "$PY" benchmarks/bench_gpu.py --no-torch-profile --time-budget "$budget" \
         --epoch-budget 1.5
-    step bench-crop "$PY" benchmarks/bench_crop.py --quick --output "$LOGS/crop-cpu.md"
-    step bench-filters "$PY" benchmarks/bench_filters.py --quick --output "$LOGS/filters-quick.md"
+    # The GPU halves only, at full size (the CPU halves are recorded from CPU machines).
+    step bench-crop "$PY" benchmarks/bench_crop.py --gpu-only --output "$LOGS/crop-cpu.md"
+    step bench-filters "$PY" benchmarks/bench_filters.py --gpu-only --output "$LOGS/filters-gpu.md"
 else
     note "skipped memcheck, launches and the benchmarks: no usable GPU"
 fi

@@ -783,7 +783,7 @@ def test_gpu_session_runs_every_step_on_a_machine_with_the_tools(tmp_path: Path)
     returned = sorted(p.name for p in out.iterdir())
     assert returned == [
         "crop-gpu-stand-in.md",
-        "filters-quick.md",
+        "filters-gpu.md",
         "pytest-cuda.log",
         "session.tar.gz",
         "summary.txt",

@@ -169,3 +169,39 @@ def test_bench_crop_gpu_report_from_the_host_launched_kernel(
     assert len(verdicts) == 2 and all("batch 16: crop kernel at" in v for v in verdicts)
     assert "GPU: Host stand-in (device 0, 2 SMs" in text
     assert len(_table(text, "| patch | batch | method | time per batch | patches/s | GB/s |")) > 0
+
+
+@pytest.mark.usefixtures("tiny_crops")
+def test_bench_crop_gpu_only_writes_the_gpu_report_alone(
+    host_kernels: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from gpu_patching.crop import DeviceCrop
+
+    cropper = DeviceCrop(xp=np, functions=host_kernels.functions())
+    monkeypatch.setattr(bench_crop.crop_module, "_device_crop", lambda: cropper)
+    monkeypatch.setattr(bench_crop, "usable_cupy", lambda: (host_cupy(), ""))
+    assert bench_crop.main(["--gpu-only", "--output", str(tmp_path / "crop-cpu.md")]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop-gpu-host-stand-in.md"]
+    text = (tmp_path / "crop-gpu-host-stand-in.md").read_text()
+    assert len(_table(text, "| patch | batch | method | time per batch |")) == 4 * 5
+    assert text.rstrip().endswith(
+        "## The same cases on this machine's CPU (NumPy stacks)\n\nNot run (--gpu-only)."
+    )
+
+
+def test_bench_filters_gpu_only_without_a_gpu_says_so_for_both_halves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench_filters, "SHAPE", (256, 192))
+    monkeypatch.setattr(bench_filters, "usable_cupy", lambda: (None, "no GPU in this test"))
+    text = bench_filters.main(["--gpu-only", "--output", str(tmp_path / "f.md")])
+    capsys.readouterr()
+    assert "## CPU: " in text and "Not run (--gpu-only)." in text
+    assert "Not run: no GPU in this test." in text
+    assert "| what |" not in text
+    with pytest.raises(SystemExit):
+        bench_filters.main(["--gpu-only", "--no-gpu"])

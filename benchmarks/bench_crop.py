@@ -23,7 +23,9 @@ stack and written once to the output, so ``2 * output bytes / time``.
 Run ``python benchmarks/bench_crop.py`` (``--quick`` for fewer repeats). The
 CPU markdown goes to ``benchmarks/results/crop-cpu.md``, the GPU markdown to
 ``benchmarks/results/crop-gpu-<card>.md``; without a GPU the GPU part is
-skipped and the script says so.
+skipped and the script says so. ``--gpu-only`` skips the CPU part (a GPU
+session's device time is short). Every method's output is checked against the
+others, the prepared launch's too (into an output filled with NaN first).
 """
 
 from __future__ import annotations

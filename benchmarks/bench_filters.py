@@ -20,7 +20,8 @@ The CPU half always runs; the GPU half runs when CuPy finds a usable device
 CuPy crops) and the report says why it did not run otherwise. Run it with
 ``python benchmarks/bench_filters.py`` (``--quick`` for a small smoke run);
 the markdown goes to ``benchmarks/results/filters.md`` unless ``--output``
-says otherwise.
+says otherwise; ``--gpu-only`` skips the CPU half (a GPU session's device time
+is short), ``--no-gpu`` the GPU half.
 """
 
 from __future__ import annotations

@@ -115,6 +115,8 @@ LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
+STARTED="$LOGS/started"
+touch "$STARTED"
 DEADLINE=$((SECONDS + SESSION_S))
 status=0
 
@@ -204,7 +206,8 @@ run_launch_count() {
 }
 
 pack() {  # everything into one archive; the most useful files beside it
-    cp benchmarks/results/gpu-*.md "$LOGS/" 2>/dev/null
+    # Only the reports this session wrote, not ones committed before it.
+    find benchmarks/results -maxdepth 1 -name 'gpu-*.md' -newer "$STARTED" -exec cp {} "$LOGS/" \;
     tar -czf "$OUT/session.tar.gz" -C "$OUT" logs
     for file in "$LOGS"/pytest-cuda.log "$LOGS"/gpu-*.md "$LOGS"/crop-gpu-*.md "$LOGS"/filters-gpu.md; do
         [ -f "$file" ] && cp "$file" "$OUT/"

@@ -128,7 +128,7 @@ class CallCounters:
         self._block = block
         self.array = np.frombuffer(block, dtype=np.uint32)
         self.n_indices = len(self.array) - 1
-        self.view = memoryview(self.array)
+        self.view = self.array.data  # a memoryview: indexing yields ints
 
     @property
     def base(self) -> int:
@@ -213,9 +213,9 @@ class UpcomingPatches:
         coord_type = np.int32 if fits_int32 else np.int64
         self.sample = np.zeros(n_patches * self.depth, dtype=np.int32)
         self.coords = np.zeros(n_patches * self.depth * self.ndim, dtype=coord_type)
-        self.first_view = memoryview(self.first)
-        self.sample_view = memoryview(self.sample)
-        self.coords_view = memoryview(self.coords)
+        self.first_view = self.first.data
+        self.sample_view = self.sample.data
+        self.coords_view = self.coords.data
         self.names = list(
             zip(tables.stack_of_sample.tolist(), tables.sample_in_stack.tolist(), strict=True)
         )
@@ -376,7 +376,7 @@ class UpcomingPatches:
         data_idx, sample_idx, coords = draw_each(self._host_tables(), indices, draws, self.seed)
         samples = (self.tables.first_sample[data_idx] + sample_idx).astype(np.int32)
         flat = coords.astype(self.coords.dtype).reshape(-1)
-        self.hot[index] = (draw, length, memoryview(samples), memoryview(flat))
+        self.hot[index] = (draw, length, samples.data, flat.data)
         self._hot_rows += length
 
     def _host_tables(self) -> Any:

@@ -485,6 +485,7 @@ class StratifiedPatching:
         count = calls[index]
         draw = (calls[n_patches] + count) & DRAW_MASK
         upcoming = self._upcoming
+        patch: tuple[int, int, tuple[int, ...]] | None
         # The usual case inline (this is the per-item call of a dataset):
         # the patch is in this process's cache, 2D, one draw per index.
         if upcoming is not None and upcoming.compact_2d and upcoming.first_view[index] == draw:

@@ -183,7 +183,7 @@ def philox_pair(
 
 def _view(values: Any) -> memoryview:
     """Return an array as a flat ``memoryview`` of int64 (indexing yields Python ints)."""
-    return memoryview(np.ascontiguousarray(values, dtype=np.int64).reshape(-1))
+    return np.ascontiguousarray(values, dtype=np.int64).reshape(-1).data
 
 
 class ScalarDraw:
@@ -214,7 +214,7 @@ class ScalarDraw:
         self._round_keys = _round_keys(seed)
         self._mass_prefix = _view(tables.mass_prefix)
         self._weight = _view(tables.weight)
-        self._subbox_mask = memoryview(np.ascontiguousarray(tables.subbox_mask, dtype=np.uint8))
+        self._subbox_mask = np.ascontiguousarray(tables.subbox_mask, dtype=np.uint8).data
         self._patch_offset = _view(tables.patch_offset)
         self._boxes = list(enumerate(grid.subbox_offsets(ndim)))
         # Per stack: its grid shape, and per axis the corners of part 0 and

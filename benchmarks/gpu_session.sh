@@ -46,9 +46,9 @@ SESSION_S=450
 # Each step's budget in seconds (the plan adds up to SESSION_S).
 STEPS=(describe pytest-cuda memcheck launches bench-gpu bench-crop bench-filters)
 declare -A BUDGET=(
-    [describe]=15
+    [describe]=20
     [pytest-cuda]=110
-    [memcheck]=60
+    [memcheck]=55
     [launches]=45
     [bench-gpu]=130
     [bench-crop]=35

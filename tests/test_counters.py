@@ -307,3 +307,23 @@ def test_a_call_whose_draw_fails_counts_nothing_and_spoils_no_cache(
         calls_so_far[index] += 1
         got = (spec["data_idx"], spec["sample_idx"], spec["coords"])
         assert got == _epoch_row(epochs, sampler, draw, index)
+
+
+def test_the_cuda_backend_serves_calls_from_the_same_cache(host_kernels: Any) -> None:
+    # The CUDA backend's launch path with the shipped kernel run on the host:
+    # refills where every index is at one draw number launch the epoch kernel.
+    from host_launch import HostBackend
+
+    shapes, patch = [(1, 1, 600, 600)], (16, 16)  # 1,369 patches: one draw per index
+    sampler = StratifiedPatching(shapes, patch, seed=6, backend="numpy")
+    sampler._backend = HostBackend(host_kernels)
+    expected = StratifiedPatching(shapes, patch, seed=6, backend="numpy")
+    orders = _orders(sampler.n_patches)
+    calls: Counter[int] = Counter()
+    epochs: dict[int, Any] = {}
+    for index in orders["shuffled"][: 2 * sampler.n_patches] + orders["replacement"][:500]:
+        spec = sampler.get_patch_spec(index)
+        got = (spec["data_idx"], spec["sample_idx"], spec["coords"])
+        assert got == _epoch_row(epochs, expected, calls[index], index)
+        calls[index] += 1
+    assert sampler._backend.launch_count >= 2  # one refill per pass at least

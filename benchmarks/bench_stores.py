@@ -684,7 +684,15 @@ def main() -> None:
             ),
             "",
         )
-        report.emit(f"{load_line()} at the end.", "")
+        report.emit(
+            "Device output: `PatchLoader(..., device_output=True)` uploads each assembled "
+            "batch (`gpu_patching.stores.upload_batch`) rather than the chunks it was cut "
+            "from, since those are many times its bytes (the lines above). This script "
+            "times no upload; the GPU scripts time the device crop.",
+            "",
+            f"{load_line()} at the end.",
+            "",
+        )
     finally:
         if not args.keep:
             shutil.rmtree(args.store_dir, ignore_errors=True)

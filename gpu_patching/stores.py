@@ -33,10 +33,9 @@ The reader is zarr-python's own asynchronous API: one event-loop task per
 chunk, at most ``workers`` reads in flight, and zarr's codecs decode in
 zarr's thread pool (they release the GIL). ``benchmarks/bench_stores.py``
 measured it against per-chunk synchronous reads from a thread pool and
-against TensorStore on the same chunks: the asynchronous reads were at least
-as fast as TensorStore and faster than the synchronous reads (decoding
-dominates all of them), so TensorStore, an extra dependency that does not
-read tifffile's stores, is not used.
+against TensorStore on the same chunks: in every run the asynchronous reads
+were no slower than either (decoding dominates all of them), so TensorStore,
+an extra dependency that does not read tifffile's stores, is not used.
 
 Memory. ``cache_bytes`` budgets the cached chunks, the reads in flight (at
 most ``workers``, each holding up to three chunk sizes until its pieces are

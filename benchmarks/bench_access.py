@@ -22,6 +22,7 @@ smoke run, ``--no-reference`` without CAREamics); the markdown goes to
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,14 @@ def measure_reference(
     return setup, {kind: per_call(sampler, order) for kind, order in orders.items()}
 
 
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages, or n/a where the system has none."""
+    try:
+        return ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
 def run(cases: list[Any], calls: int, reference_calls: int, use_reference: bool) -> Report:
     report = Report()
     reference: Callable[..., Any] | None = None
@@ -137,6 +146,10 @@ def run(cases: list[Any], calls: int, reference_calls: int, use_reference: bool)
         f"{calls:,} calls, at least one pass; reference: {reference_calls:,} calls of the "
         "same order). Ours includes every refill of its cache of upcoming patches. "
         f"Target: at most {fmt_time(TARGET_PER_CALL)} per call in every order.",
+        "",
+        f"Load average at the start: {_load()} (the machine is shared: both columns slow "
+        "down alike, so compare ratios; the reference's quiet-machine costs per call are "
+        "in cpu.md).",
         "",
     )
     # One-time costs of the process (imports, first NumPy calls) are not a call's.
@@ -173,7 +186,9 @@ def run(cases: list[Any], calls: int, reference_calls: int, use_reference: bool)
             lock_rows.append(
                 [label, kind, fmt_time(alone), fmt_time(shared), f"{(shared - alone) / alone:+.0%}"]
             )
-    report.emit(*markdown_table(header, rows, "lrlrrrl"), "")
+    report.emit(
+        *markdown_table(header, rows, "lrlrrrl"), "", f"Load average at the end: {_load()}.", ""
+    )
     if reference is None:
         report.emit(f"The reference did not run: {why_not}.", "")
     report.emit(

@@ -79,6 +79,10 @@ _MAX_DEPTH = 8
 #: vectorised draw of a few rows costs about as much as this many one-patch
 #: draws), that window's length, doubled at each further miss up to the last.
 _HOT_AFTER_MISSES = 8
+#: Indices with this many misses get a first window with the next index that
+#: needs one (one vectorised draw for many windows), up to this many at once.
+_WARM_MISSES = 3
+_MAX_HOT_BATCH = 256
 _FIRST_HOT_WINDOW = 64
 _MAX_HOT_WINDOW = 1024
 #: Rows of long windows kept at most (all are dropped beyond), and indices
@@ -230,6 +234,8 @@ class UpcomingPatches:
         self.hot: dict[int, tuple[int, int, memoryview, memoryview]] = {}
         self._hot_rows = 0
         self._hot_misses: dict[int, int] = {}
+        # Indices with a few misses, whose windows the next window draw adds.
+        self._warm: set[int] = set()
         # Misses served one by one since the last refill, and how many pay for one.
         self._misses = 0
         self._refill_after = max(_MIN_REFILL_MISSES, n_patches // _REFILL_MISS_RATIO)
@@ -283,7 +289,7 @@ class UpcomingPatches:
             # further miss; it stays valid across refills.
             self._hot_misses[index] = repeats + 1
             length = _FIRST_HOT_WINDOW << min(repeats - _HOT_AFTER_MISSES, 5)
-            self._fill_hot(index, draw, min(_MAX_HOT_WINDOW, length))
+            self._fill_hot(index, draw, min(_MAX_HOT_WINDOW, length), counters)
             patch = self.lookup(index, draw)
             assert patch is not None  # the window starts at `draw`
             return patch
@@ -295,6 +301,11 @@ class UpcomingPatches:
         if len(self._hot_misses) >= _MAX_REMEMBERED_MISSES:
             self._hot_misses.clear()
         self._hot_misses[index] = repeats + 1
+        if repeats + 1 == _WARM_MISSES:
+            # Likely to need a window soon: drawn with the next one needed.
+            if len(self._warm) >= _MAX_HOT_BATCH:
+                self._warm.clear()
+            self._warm.add(index)
         if self._scalar is None:
             self._scalar = ScalarDraw(self._host_tables(), self.seed)
         return self._scalar.draw(index, draw)
@@ -364,20 +375,41 @@ class UpcomingPatches:
         self.coords.reshape(-1, self.ndim)[slots] = coords
         self.first[stale] = first
 
-    def _fill_hot(self, index: int, draw: int, length: int) -> None:
-        if self._hot_rows + length > _MAX_HOT_ROWS:
+    def _fill_hot(self, index: int, draw: int, length: int, counters: CallCounters) -> None:
+        """Give ``index`` the window ``draw .. draw + length - 1``, and warm indices theirs."""
+        self._warm.discard(index)
+        windows = [(index, draw, length)]
+        base = counters.base
+        while self._warm and len(windows) < _MAX_HOT_BATCH:
+            other = self._warm.pop()
+            windows.append((other, (base + counters.view[other]) & DRAW_MASK, _FIRST_HOT_WINDOW))
+        rows = sum(window[2] for window in windows)
+        if self._hot_rows + rows > _MAX_HOT_ROWS:
             self.hot.clear()
             self._hot_rows = 0
-        old = self.hot.pop(index, None)
-        if old is not None:
-            self._hot_rows -= old[1]
-        indices = np.full(length, index, dtype=np.int64)
-        draws = (draw + np.arange(length, dtype=np.int64)) & DRAW_MASK
+        lengths = np.array([window[2] for window in windows], dtype=np.int64)
+        starts = np.array([window[1] for window in windows], dtype=np.int64)
+        indices = np.repeat(np.array([window[0] for window in windows], dtype=np.int64), lengths)
+        # Draw k of each window: its first draw plus k (mod 2**32).
+        offsets = np.arange(rows, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        draws = (np.repeat(starts, lengths) + offsets) & DRAW_MASK
         data_idx, sample_idx, coords = draw_each(self._host_tables(), indices, draws, self.seed)
         samples = (self.tables.first_sample[data_idx] + sample_idx).astype(np.int32)
         flat = coords.astype(self.coords.dtype).reshape(-1)
-        self.hot[index] = (draw, length, samples.data, flat.data)
-        self._hot_rows += length
+        first_row = 0
+        for other, start, window_length in windows:
+            old = self.hot.pop(other, None)
+            if old is not None:
+                self._hot_rows -= old[1]
+            last_row = first_row + window_length
+            self.hot[other] = (
+                start,
+                window_length,
+                samples[first_row:last_row].data,
+                flat[first_row * self.ndim : last_row * self.ndim].data,
+            )
+            self._hot_rows += window_length
+            first_row = last_row
 
     def _host_tables(self) -> Any:
         if self._host is None:

@@ -161,6 +161,15 @@ class StratifiedPatching:
     :meth:`state_dict` and :meth:`load_state_dict` checkpoint and resume the
     sampler exactly, as plain JSON data.
 
+    The call counters and the epoch base live in memory shared with the
+    processes that multiprocessing starts with the sampler as an argument
+    (PyTorch ``DataLoader`` workers, ``fork`` or ``spawn``), so that their
+    calls advance the draws of the whole training; any other copy (pickle,
+    ``copy.deepcopy``) is independent (see :mod:`gpu_patching._counters`).
+    Threads may share a sampler: concurrent calls give what some serial order
+    of them gives. Every public call is all or nothing: when it raises, the
+    state is what it was.
+
     Examples
     --------
     >>> from gpu_patching import StratifiedPatching

@@ -1,0 +1,322 @@
+"""CAREamics' training pipeline with its own sampler and with ours, side by side.
+
+What a CAREamics user sees when gpu-patching's sampler replaces CAREamics'
+``StratifiedPatching``: the same N2V configuration (mean/std
+normalisation, flips and 90-degree rotations), the same arrays, one process.
+CAREamics' side is built by ``careamics.dataset.factory.create_train_dataset``,
+ours by :func:`gpu_patching.careamics.create_train_dataset` (our sampler from
+the start, so the normalisation pass draws through it).
+
+Data shapes (float32, random):
+
+* one 2048x2048 image, 64x64 patches (~1k patches);
+* one 10000x6760 image, 32x32 patches (~66k patches);
+* one 64x1024x1024 stack, 16x64x64 patches (~1k patches, 3D);
+* eight 2048x2048 images, 64x64 patches (~8k patches).
+
+Columns, for each case and each sampler:
+
+* ``build``: the dataset factory call, from arrays to dataset (loading,
+  sampler, and the normalisation pass that constructs every patch once);
+* ``item``: one ``dataset[i]`` (patch, normalisation, augmentation), indices
+  in a shuffled order, mean over ``ITEMS`` calls;
+* ``sampler``: one ``get_patch_spec(i)`` over the same indices, and its share
+  of an item;
+* ``DataLoader 0 / 2 workers``: patches per second of
+  ``DataLoader(dataset, batch_size=32, shuffle=True, num_workers=k)`` (fork,
+  CAREamics' ``default_collate``) over the ``BATCHES - 1`` batches after the
+  first, and the time to the first batch (the workers' start-up);
+* ``PatchLoader``: our :class:`~gpu_patching.PatchLoader` on the same arrays
+  and sampler: patches cut out in batches, without CAREamics' normalisation or
+  augmentation (so not the same work: what the crops alone cost).
+
+The machine has 2 cores: the worker rows show what two worker processes buy
+there, not on a workstation. Run it with ``python benchmarks/bench_careamics.py``
+(``--quick``: smaller images and fewer batches, for a smoke run); it needs
+CAREamics and its dependencies (``make careamics-tier``). The markdown goes to
+``benchmarks/results/careamics.md`` unless ``--output`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _report import RESULTS_DIR, Report, cpu_model, fmt_rate, fmt_ratio, fmt_time, markdown_table
+
+from gpu_patching import PatchLoader
+from gpu_patching.testing import import_careamics
+
+RESULTS = RESULTS_DIR / "careamics.md"
+BATCH_SIZE = 32
+#: Items timed one by one per case and sampler (fewer when a case has fewer patches).
+ITEMS = 1000
+#: DataLoader batches per measurement: 48 x 32 = 1,536 patches.
+BATCHES = 48
+SEED = 1234
+
+
+@dataclass(frozen=True)
+class Case:
+    """One data shape: the arrays' shapes, their axes and the patch size."""
+
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+    axes: str
+    patch_size: tuple[int, ...]
+
+
+CASES = (
+    Case("2048x2048, 64x64", ((2048, 2048),), "YX", (64, 64)),
+    Case("10000x6760, 32x32", ((10000, 6760),), "YX", (32, 32)),
+    Case("64x1024x1024, 16x64x64", ((64, 1024, 1024),), "ZYX", (16, 64, 64)),
+    Case("8 x 2048x2048, 64x64", ((2048, 2048),) * 8, "YX", (64, 64)),
+)
+QUICK_CASES = (
+    Case("512x512, 64x64", ((512, 512),), "YX", (64, 64)),
+    Case("2500x1690, 32x32", ((2500, 1690),), "YX", (32, 32)),
+    Case("16x256x256, 16x64x64", ((16, 256, 256),), "ZYX", (16, 64, 64)),
+    Case("8 x 512x512, 64x64", ((512, 512),) * 8, "YX", (64, 64)),
+)
+
+
+@dataclass
+class Row:
+    """The figures of one sampler on one case."""
+
+    sampler: str
+    n_patches: int
+    build_s: float
+    item_s: float
+    spec_s: float
+    loader_rates: dict[int, tuple[float, float]]
+
+
+def make_arrays(case: Case) -> list[np.ndarray]:
+    generator = np.random.default_rng(SEED)
+    return [generator.random(shape, dtype=np.float32) for shape in case.shapes]
+
+
+def n2v_config(case: Case) -> Any:
+    """A fresh N2V data configuration: every build computes its own normalisation."""
+    from careamics.config import create_n2v_config
+
+    config = create_n2v_config(
+        experiment_name="bench",
+        data_type="array",
+        axes=case.axes,
+        patch_size=list(case.patch_size),
+        batch_size=BATCH_SIZE,
+        augmentations=["x_flip", "y_flip", "rotate_90"],
+    ).data_config
+    config.patching.seed = SEED
+    return config
+
+
+def loader_rate(dataset: Any, workers: int, batches: int) -> tuple[float, float]:
+    """A shuffled DataLoader over ``batches`` batches: time to the first, then patches/s.
+
+    The rate is over the batches after the first, so that the workers'
+    start-up (forking a process that holds PyTorch and CAREamics) is the
+    first figure and not part of the second.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from torch.utils.data._utils.collate import default_collate
+
+    data_loader = DataLoader(
+        dataset,
+        batch_size=BATCH_SIZE,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=default_collate,
+        multiprocessing_context="fork" if workers else None,
+        generator=torch.Generator().manual_seed(SEED),
+    )
+    batches = max(2, min(batches, len(data_loader)))
+    start = time.perf_counter()
+    patches = 0
+    for k, batch in enumerate(data_loader):
+        if k == 0:
+            first_s = time.perf_counter() - start
+            start = time.perf_counter()
+        else:
+            patches += len(batch[0].data)
+        if k + 1 == batches:
+            break
+    return first_s, patches / (time.perf_counter() - start)
+
+
+def measure(
+    label: str,
+    build: Callable[[Any, Any], Any],
+    case: Case,
+    arrays: list[np.ndarray],
+    items: int,
+    batches: int,
+) -> tuple[Row, Any]:
+    """Build one sampler's dataset and time it; returns the row and the dataset."""
+    from careamics.dataset.factory import TrainValSplitData
+
+    data = TrainValSplitData(train_data=arrays, n_val_patches=0)
+    config = n2v_config(case)
+    start = time.perf_counter()
+    dataset = build(config, data)
+    build_s = time.perf_counter() - start
+    sampler = dataset.patch_constructor.patching_strategy
+    n = len(dataset)
+    order = np.random.default_rng(SEED).permutation(n)[: min(items, n)].tolist()
+    start = time.perf_counter()
+    for index in order:
+        dataset[index]
+    item_s = (time.perf_counter() - start) / len(order)
+    start = time.perf_counter()
+    for index in order:
+        sampler.get_patch_spec(index)
+    spec_s = (time.perf_counter() - start) / len(order)
+    rates = {workers: loader_rate(dataset, workers, batches) for workers in (0, 2)}
+    return Row(label, n, build_s, item_s, spec_s, rates), dataset
+
+
+def patch_loader_rate(arrays: list[np.ndarray], sampler: Any, batches: int) -> float:
+    """Patches per second of our PatchLoader over the same arrays and sampler."""
+    stacks = [array[None, None] for array in arrays]  # SC(Z)YX
+    loader = PatchLoader(stacks, sampler, BATCH_SIZE, shuffle=True)
+    loader.set_epoch(1)
+    batches = max(2, min(batches, len(loader)))
+    start = time.perf_counter()
+    patches = 0
+    for k, (crops, _) in enumerate(loader):
+        if k == 0:  # timed from the second batch, as the DataLoader
+            start = time.perf_counter()
+        else:
+            patches += len(crops)
+        if k + 1 == batches:
+            break
+    return patches / (time.perf_counter() - start)
+
+
+def run_case(report: Report, case: Case, items: int, batches: int) -> list[str]:
+    """Measure both samplers on one case; returns the summary line."""
+    from careamics.dataset.factory import create_train_dataset as careamics_build
+
+    from gpu_patching.careamics import create_train_dataset as ours_build
+
+    arrays = make_arrays(case)
+    theirs, _ = measure(
+        "CAREamics", lambda c, d: careamics_build(c, d, None), case, arrays, items, batches
+    )
+    ours, dataset = measure(
+        "gpu-patching",
+        lambda c, d: ours_build(c, d, backend="numpy"),
+        case,
+        arrays,
+        items,
+        batches,
+    )
+    crops = patch_loader_rate(arrays, dataset.patch_constructor.patching_strategy, batches)
+    rows = []
+    for row in (theirs, ours):
+        rows.append(
+            [
+                row.sampler,
+                f"{row.n_patches:,}",
+                fmt_time(row.build_s),
+                fmt_time(row.item_s),
+                fmt_time(row.spec_s),
+                f"{100 * row.spec_s / row.item_s:.0f}%",
+                fmt_rate(row.loader_rates[0][1]),
+                f"{fmt_rate(row.loader_rates[2][1])} ({fmt_time(row.loader_rates[2][0])})",
+            ]
+        )
+    crops_row = ["PatchLoader (ours, crops only)", f"{ours.n_patches:,}", *[""] * 4]
+    rows.append([*crops_row, fmt_rate(crops), ""])
+    report.emit(f"### {case.name}", "")
+    report.emit(
+        *markdown_table(
+            [
+                "sampler",
+                "patches",
+                "build",
+                "item",
+                "get_patch_spec",
+                "sampler share",
+                "DataLoader, 0 workers",
+                "DataLoader, 2 workers (first batch)",
+            ],
+            rows,
+            "lrrrrrrr",
+        ),
+        "",
+    )
+    return [
+        case.name,
+        fmt_ratio(theirs.build_s, ours.build_s, 1),
+        fmt_ratio(theirs.item_s, ours.item_s, 1),
+        fmt_ratio(theirs.spec_s, ours.spec_s),
+        fmt_ratio(ours.loader_rates[0][1], theirs.loader_rates[0][1], 1),
+        fmt_ratio(ours.loader_rates[2][1], theirs.loader_rates[2][1], 1),
+    ]
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small images, few batches")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # CAREamics' progress bars
+    careamics = import_careamics()
+    logging.getLogger("Statistics").setLevel(logging.WARNING)  # its normalisation log
+    import torch
+
+    torch.set_num_threads(1)  # the DataLoader's workers are the parallelism measured
+    cases = QUICK_CASES if args.quick else CASES
+    items = 100 if args.quick else ITEMS
+    batches = 8 if args.quick else BATCHES
+    report = Report()
+    report.emit(
+        "# CAREamics' pipeline with its sampler and with ours",
+        "",
+        f"CPU: {cpu_model()}; Python {platform.python_version()}, NumPy {np.__version__}, "
+        f"PyTorch {torch.__version__}, CAREamics {careamics.__version__}; our NumPy backend.",
+        "",
+        f"N2V configuration (mean/std normalisation, flips, 90-degree rotations), float32 "
+        f"arrays, batch size {BATCH_SIZE}; `item` and `get_patch_spec` are means over "
+        f"{items:,} shuffled indices (all of them when fewer); the DataLoader and "
+        f"PatchLoader rates are over the {batches - 1} batches after the first "
+        f"({(batches - 1) * BATCH_SIZE:,} patches; the time to the first batch, the "
+        f"workers' start-up, is in brackets), fork start method. The machine has 2 cores "
+        f"shared with other work, so single figures can move by 10-20%. Produced by "
+        f"`python benchmarks/bench_careamics.py{' --quick' if args.quick else ''}`.",
+        "",
+    )
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    summary = [run_case(report, case, items, batches) for case in cases]
+    report.emit(
+        "### Ours against CAREamics' (how many times faster)",
+        "",
+        *markdown_table(
+            ["case", "build", "item", "get_patch_spec", "DataLoader 0 w.", "DataLoader 2 w."],
+            summary,
+            "lrrrrr",
+        ),
+        "",
+        f"Whole run: {time.perf_counter() - started:.0f} s; load average (1 min) "
+        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (2 cores: "
+        f"above 2, other processes shared the cores and every figure is slower than on "
+        f"an idle machine, both samplers alike).",
+    )
+    return report.write(args.output)
+
+
+if __name__ == "__main__":
+    main()

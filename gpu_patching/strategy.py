@@ -872,10 +872,17 @@ class StratifiedPatching:
                 f"{tables.total_patches} patches, but it says n_patches = {n_patches}"
             )
         calls = _state.decode_array(state["calls"], "calls", "<u4", n_patches)
+        # New shared counters (when the length changes) before anything
+        # changes: their allocation is the last thing that can fail.
+        counters = self._counters
+        if counters.n_indices != n_patches:
+            counters = CallCounters(n_patches, calls, epoch_base)
         # Everything is checked: commit.
         self._seed = seed
         self._tables = tables
-        self._set_counters(epoch_base, calls)
+        if counters is self._counters:
+            counters.reset(epoch_base, calls)  # in place: shared with the workers
+        self._counters = counters
         self._upcoming = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -947,13 +954,6 @@ class StratifiedPatching:
             except BaseException:  # no shared memory left, say: undo the rows too
                 tables.update_sample(sample, *previous)
                 raise
-
-    def _set_counters(self, base: int, calls: NDArray[Any]) -> None:
-        """Make the counters hold ``calls`` and ``base``, in place when the length allows."""
-        if self._counters.n_indices == len(calls):
-            self._counters.reset(base, calls)
-        else:
-            self._counters = CallCounters(len(calls), calls, base)
 
     def _draw_one(self, index: int, draw: int) -> tuple[int, int, tuple[int, ...]]:
         """Return the patch of ``(index, draw)``, filling this process's cache for it."""

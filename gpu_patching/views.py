@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 from . import _validation as check
+from . import grid
 
 if TYPE_CHECKING:
     from .strategy import StratifiedPatching
@@ -81,8 +82,7 @@ class SamplePatchingView:
     @property
     def grid_shape(self) -> tuple[int, ...]:
         """Grid cells per axis, ``(D + 1) // P`` (0 along an axis shorter than ``P - 1``)."""
-        patch = self._sampler.patch_size
-        return tuple((size + 1) // p for size, p in zip(self.shape, patch, strict=True))
+        return grid.grid_shape(self.shape, self._sampler.patch_size)
 
     @property
     def n_patches(self) -> int:

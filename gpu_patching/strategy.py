@@ -478,6 +478,22 @@ class StratifiedPatching:
             self._busy = True
             try:
                 if self._owner is not None:
+                    # The usual call of a dataset's item, inline: a 2D patch
+                    # in this process's cache (_patch_spec does the rest).
+                    counters, upcoming = self._counters, self._upcoming
+                    calls, n_patches = counters.view, counters.n_indices
+                    if upcoming is not None and upcoming.compact_2d and 0 <= index < n_patches:
+                        count = calls[index]
+                        if upcoming.first_view[index] == (calls[n_patches] + count) & DRAW_MASK:
+                            data_idx, sample_idx = upcoming.names[upcoming.sample_view[index]]
+                            coords = upcoming.coords_view
+                            calls[index] = (count + 1) & DRAW_MASK
+                            return {
+                                "data_idx": data_idx,
+                                "sample_idx": sample_idx,
+                                "coords": (coords[2 * index], coords[2 * index + 1]),
+                                "patch_size": self._patch_size,
+                            }
                     return self._patch_spec(index)
             finally:
                 self._busy = False
@@ -494,17 +510,9 @@ class StratifiedPatching:
         count = calls[index]
         draw = (calls[n_patches] + count) & DRAW_MASK
         upcoming = self._upcoming
-        patch: tuple[int, int, tuple[int, ...]] | None
-        # The usual case inline (this is the per-item call of a dataset):
-        # the patch is in this process's cache, 2D, one draw per index.
-        if upcoming is not None and upcoming.compact_2d and upcoming.first_view[index] == draw:
-            data_idx, sample_idx = upcoming.names[upcoming.sample_view[index]]
-            coords = upcoming.coords_view
-            patch = (data_idx, sample_idx, (coords[2 * index], coords[2 * index + 1]))
-        else:
-            patch = None if upcoming is None else upcoming.lookup(index, draw)
-            if patch is None:
-                patch = self._draw_one(index, draw)
+        patch = None if upcoming is None else upcoming.lookup(index, draw)
+        if patch is None:
+            patch = self._draw_one(index, draw)
         # Counted once the patch is drawn: a call that fails counts nothing.
         calls[index] = (count + 1) & DRAW_MASK
         return {

@@ -337,6 +337,26 @@ def test_loader_device_output_is_for_stores(tmp_path):
             PatchLoader([stack], strategy, batch_size=4, device_output=True)
 
 
+@pytest.mark.cuda
+def test_device_output_uploads_the_same_batches(tmp_path):
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception as error:  # no driver
+        pytest.skip(f"no usable CUDA device ({error})")
+    data = _data((2, 1, 40, 36), seed=19)
+    stack = open_stack(_write(tmp_path / "a.zarr", data, (1, 1, 9, 9)))
+    strategy = StratifiedPatching([data.shape], (8, 8), seed=4)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    on_device = PatchLoader([stack], strategy, 7, device_output=True, stream=stream)
+    on_host = PatchLoader([data], strategy, 7)
+    for (patches, batch), (expected, _) in zip(on_device, on_host, strict=True):
+        assert isinstance(patches, cupy.ndarray)
+        np.testing.assert_array_equal(cupy.asnumpy(patches), expected)
+        assert np.array_equal(expected, _sliced(data, batch))
+
+
 # -- faults ------------------------------------------------------------------------------
 
 

@@ -97,7 +97,8 @@ __all__ = [
     "upload_batch",
 ]
 
-#: Default byte limit of a :class:`ChunkReader`'s chunk cache (512 MiB).
+#: Default memory budget of a :class:`ChunkReader` (512 MiB): its chunk cache,
+#: reads in flight, batches read ahead and rows (see ``ChunkReader.cache_limit``).
 DEFAULT_CACHE_BYTES = 512 << 20
 #: Default number of chunk reads in flight (zarr's codecs decode in threads).
 DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
@@ -141,7 +142,7 @@ class ChunkedStack:
     """An ``SC(Z)YX`` view of a chunked array: shape, dtype, chunk reads.
 
     Nothing but metadata is read when it is built; :meth:`read_chunk` reads
-    one chunk. Build it with :func:`open_stack` (paths, OME-Zarr groups,
+    one chunk, and indexing (``stack[s, c]``, slices) reads a selection. Build it with :func:`open_stack` (paths, OME-Zarr groups,
     TIFFs) or directly from a zarr array.
 
     Parameters
@@ -632,9 +633,10 @@ class ChunkReader:
         The stacks, axes ``SC(Z)YX`` (zarr arrays are wrapped as they are;
         use :func:`open_stack` for other axes, OME-Zarr and TIFF).
     cache_bytes : int, default DEFAULT_CACHE_BYTES
-        Byte limit of the chunk cache (least recently used chunks leave
-        first; 0 keeps no chunk between batches). A chunk larger than the
-        limit is not kept.
+        Memory budget of the chunk cache, the reads in flight and (during a
+        :meth:`batches` pass) the batches read ahead and the rows; the cache
+        takes what the others leave (:attr:`cache_limit`), least recently
+        used chunks leaving first. 0 keeps no chunk between reads.
     workers : int, default DEFAULT_WORKERS
         Chunk reads in flight at once (zarr decodes them in its thread pool).
 

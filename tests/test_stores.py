@@ -92,6 +92,9 @@ def test_patches_straddling_chunk_corners_equal_slicing(tmp_path):
     coords = [(7, 7), (17, 27), (27, 17), (0, 34), (34, 0)]
     batch = _batch((6, 6), [0, 1, 0, 1, 1], coords)
     assert np.array_equal(extract_patches([stack], batch), _sliced(data, batch))
+    assert np.array_equal(stack.read_chunk((1, 0, 2, 3)), data[1:2, :, 20:30, 30:40])
+    with pytest.raises(IndexError, match="outside the chunk grid"):
+        stack.read_chunk((2, 0, 0, 0))
 
 
 def test_3d_format_2_store_patches_equal_slicing(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import sys
 import threading
 import time
 import warnings
@@ -68,6 +69,11 @@ def _read_only(values: NDArray[Any]) -> NDArray[Any]:
 _Params = ParamSpec("_Params")
 _Result = TypeVar("_Result")
 
+#: Whether the interpreter runs without its global lock (free-threaded
+#: builds): the owner's lock-free calls rely on it to order attribute reads
+#: and writes between threads, so there every call takes the lock.
+_NO_GIL = hasattr(sys, "_is_gil_enabled") and not sys._is_gil_enabled()
+
 #: Every live sampler, so that a forked child can renew their locks.
 _SAMPLERS: weakref.WeakSet[StratifiedPatching] = weakref.WeakSet()
 
@@ -81,7 +87,7 @@ def _renew_locks() -> None:
     """
     for sampler in list(_SAMPLERS):
         sampler._lock = threading.RLock()
-        sampler._owner = threading.get_ident()
+        sampler._owner = None if _NO_GIL else threading.get_ident()
         sampler._busy = False
 
 
@@ -209,7 +215,7 @@ class StratifiedPatching:
         # Until a second thread uses the sampler, its owner (the thread that
         # built it) calls get_patch_spec without the lock: see _exclusive.
         self._lock = threading.RLock()
-        self._owner: int | None = threading.get_ident()
+        self._owner: int | None = None if _NO_GIL else threading.get_ident()
         self._busy = False
         # Calls per index since the last set_epoch, and the epoch base, modulo
         # 2**32 (the draw number is), in memory shared with the processes a

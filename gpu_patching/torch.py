@@ -18,13 +18,13 @@ of the package never imports it.
 
 Epochs and DataLoader workers
 -----------------------------
-With ``num_workers > 0`` and ``persistent_workers=False``, every epoch's
-workers are made afresh from the main process and get a copy of the dataset,
-hence of the strategy, as it is at that moment. Whatever a worker's
-``get_patch_spec`` calls count is lost with the worker, so the epoch has to
-reach the workers from the main process: :meth:`PatchSampler.set_epoch`
-calls ``strategy.set_epoch(epoch)`` there, before the DataLoader makes the
-workers, and every worker then draws epoch ``epoch``'s patches. Call it at the
+With ``num_workers > 0`` the workers get a copy of the dataset, hence of the
+strategy, but the strategy's call counters and epoch base are shared by every
+process of the training (``fork`` or ``spawn``, persistent workers or not):
+``get_patch_spec`` calls made in workers advance the draws of the main
+process too, and a ``set_epoch`` made there reaches the workers.
+:meth:`PatchSampler.set_epoch` calls ``strategy.set_epoch(epoch)`` in the main
+process, and every worker then draws epoch ``epoch``'s patches. Call it at the
 start of every epoch, exactly as with ``DistributedSampler`` (PyTorch
 Lightning does so by itself). A pass without a new ``set_epoch`` repeats the
 epoch: the same order and the same patches, with or without workers.

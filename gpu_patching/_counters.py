@@ -45,11 +45,14 @@ consecutive draw numbers, filled in large vectorised batches
 draw when every index is at the same draw number). Its entries are a pure
 function of ``(tables, seed, index, draw number)``, so a stale entry is never
 wrong, only useless: a call checks that its draw number lies in the index's
-window. When it does not, the cache refills every window that the counters
-have moved past (one vectorised comparison), and gives an index that misses
-again and again a long window of its own, so that any access order costs a
-bounded amount per call: sequential, shuffled, with replacement, weighted, or
-one index over and over.
+window. A miss is drawn on its own, in Python integers
+(:class:`~gpu_patching.backends._per_index.ScalarDraw`, a few microseconds),
+until most windows are behind (a new pass over the data: one vectorised
+refill of every window the counters moved past) or enough misses have been
+paid for one by one to pay for a refill; an index that misses again and again
+gets a long window of its own (drawn with those of other indices that missed
+a few times). So any access order costs a bounded amount per call:
+sequential, shuffled, with replacement, weighted, or one index over and over.
 """
 
 from __future__ import annotations

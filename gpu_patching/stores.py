@@ -142,8 +142,9 @@ class ChunkedStack:
     """An ``SC(Z)YX`` view of a chunked array: shape, dtype, chunk reads.
 
     Nothing but metadata is read when it is built; :meth:`read_chunk` reads
-    one chunk, and indexing (``stack[s, c]``, slices) reads a selection. Build it with :func:`open_stack` (paths, OME-Zarr groups,
-    TIFFs) or directly from a zarr array.
+    one chunk, and indexing (``stack[s, c]``, slices) reads a selection.
+    Build it with :func:`open_stack` (paths, OME-Zarr groups, TIFFs) or
+    directly from a zarr array.
 
     Parameters
     ----------

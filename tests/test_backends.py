@@ -88,3 +88,27 @@ def test_an_index_array_out_of_range_names_the_position_and_the_value(
     for backend in _backends(host_kernels):
         with pytest.raises(IndexError, match=rf"indices\[2\] = {n + 4} .*\[0, {n}\)"):
             backend.draw(sampler._tables, bad, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("draw_number", "seed", "error"),
+    [
+        (-1, 1, ValueError),
+        (2**32, 1, ValueError),
+        (1.5, 1, TypeError),
+        (True, 1, TypeError),
+        (0, -1, ValueError),
+        (0, 2**64, ValueError),
+        (0, None, TypeError),
+        (0, "7", TypeError),
+    ],
+)
+def test_a_bad_draw_number_or_seed_is_the_same_error_on_both_backends(
+    host_kernels: HostKernels, sampler: StratifiedPatching, draw_number: Any, seed: Any, error: Any
+) -> None:
+    messages = set()
+    for backend in _backends(host_kernels):
+        with pytest.raises(error) as caught:
+            backend.draw(sampler._tables, range(4), draw_number, seed)
+        messages.add(str(caught.value))
+    assert len(messages) == 1

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from .._validation import check_epoch, validate_seed
 from ..permutation import EpochOrder
 from ..tables import RegionTables
 
-__all__ = ["Backend", "check_indices"]
+__all__ = ["Backend", "check_draw", "check_indices"]
 
 
 @runtime_checkable
@@ -64,6 +65,32 @@ class Backend(Protocol):
             (:func:`check_indices` for arrays).
         """
         ...
+
+
+def check_draw(draw_number: Any, seed: Any) -> tuple[int, int]:
+    """Return a draw's number and seed as ints, or raise as both backends do.
+
+    Parameters
+    ----------
+    draw_number : int
+        In ``[0, 2**32)``.
+    seed : int
+        In ``[0, 2**64)``.
+
+    Returns
+    -------
+    draw_number, seed : int
+
+    Raises
+    ------
+    TypeError
+        If either is not an integer.
+    ValueError
+        If either is out of range (``None`` is not a seed here).
+    """
+    if seed is None:
+        raise TypeError("seed must be an integer, got None")
+    return check_epoch(draw_number, "draw_number"), validate_seed(seed)
 
 
 def check_indices(xp: Any, indices: Any, total_patches: int) -> None:

@@ -56,7 +56,7 @@ from .. import cuda
 from ..cuda import SAMPLE_EPOCH, Kernel
 from ..permutation import EpochOrder
 from ..tables import RegionTables
-from .base import check_indices
+from .base import check_draw, check_indices
 
 __all__ = [
     "OUTPUT_PARAMS",
@@ -326,10 +326,7 @@ class CudaBackend:
             ``draw_number`` / ``seed`` is out of range.
         """
         xp = self.xp
-        if not 0 <= draw_number < 1 << 32:
-            raise ValueError(f"draw_number must be in [0, 2**32), got {draw_number}")
-        if not 0 <= seed < 1 << 64:
-            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        draw_number, seed = check_draw(draw_number, seed)
         rows = self._rows(tables, indices)
         n_rows = rows.n_rows if isinstance(rows, EpochOrder) else int(rows.size)
         # xp.empty only allocates (from the memory pool): no kernel runs.

@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 from .. import grid, rng
 from ..permutation import EpochOrder
 from ..tables import RegionTables
-from .base import check_indices
+from .base import check_draw, check_indices
 
 __all__ = ["NumpyBackend"]
 
@@ -638,8 +638,10 @@ class NumpyBackend:
         TypeError
             If an index array does not hold integers.
         ValueError
-            If a range has a step other than 1 or an index array is not 1-D.
+            If a range has a step other than 1, an index array is not 1-D, or
+            ``draw_number`` / ``seed`` is out of range.
         """
+        draw_number, seed = check_draw(draw_number, seed)
         if isinstance(indices, EpochOrder):
             indices.check_within(tables.total_patches)
             if not indices.is_contiguous:

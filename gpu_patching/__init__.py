@@ -24,20 +24,24 @@ from .loader import PatchLoader
 from .policies import FilterResult, filter_background, validation_split
 from .specs import PatchBatch, PatchSpecs
 from .stats import filter_map, region_statistics
+from .stores import ChunkedStack, StoreError, open_stack
 from .strategy import SmallSampleWarning, StratifiedPatching
 
 __all__ = [
     "BackendUnavailableError",
+    "ChunkedStack",
     "FilterResult",
     "PatchBatch",
     "PatchLoader",
     "PatchSpecs",
     "SmallSampleWarning",
+    "StoreError",
     "StratifiedPatching",
     "__version__",
     "extract_patches",
     "filter_background",
     "filter_map",
+    "open_stack",
     "region_statistics",
     "validation_split",
 ]

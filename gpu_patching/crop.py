@@ -43,21 +43,19 @@ crop kernel writes anything, instead of flagging bad rows after ``out`` was
 written. The crop kernel also clamps every index into its stack, so no row
 contents can make it read outside a stack.
 
-Stacks that do not fit on the device are out of scope for now: device stacks
-must be whole arrays in device memory. Two recipes meanwhile:
+Device stacks must be whole arrays in device memory. Stacks larger than the
+device (or the host) are cropped on the host from where they live:
 
-* **Host stacks.** Keep the stacks in host memory (NumPy arrays, or a
-  ``numpy.memmap`` for data larger than RAM: only the pages a batch touches are
-  read), sample with ``backend="numpy"`` (or any backend: the crop follows the
-  stacks), crop each batch on the host and move only the patches to the
-  device (``len(batch) * C * prod(patch_size)`` elements; e.g.
+* **Chunked stores.** zarr, OME-Zarr and TIFF stores (or
+  :func:`gpu_patching.stores.open_stack`) are stacks too: a batch reads each
+  chunk it touches once, and only the patches are assembled
+  (:mod:`gpu_patching.stores`); :class:`~gpu_patching.PatchLoader` reads ahead
+  and can upload each assembled batch to the device.
+* **Host arrays.** NumPy arrays, or a ``numpy.memmap`` (only the pages a batch
+  touches are read): crop each batch on the host and move only the patches to
+  the device (``len(batch) * C * prod(patch_size)`` elements; e.g.
   ``cupy.asarray(patches)``, or ``torch.from_numpy(patches).pin_memory()``
   then ``.cuda(non_blocking=True)`` to overlap the copy with training).
-* **Tiles.** Cut each stack into tiles that fit on the device, overlapping by
-  ``patch_size - 1`` so that every patch of the stack lies inside a tile, and
-  give the tiles to the sampler as stacks of their own (``data_shapes`` of the
-  tiles); keep the tiles in use on the device. Patches near tile borders are
-  then drawn slightly more often than with the whole stack.
 
 Launch contract (checked by the test suite without a GPU, which launches the
 shipped kernels on the host through :class:`DeviceCrop` itself; see
@@ -177,8 +175,7 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
     even into ``out``). On the device, one crop kernel runs per call; rows
     that live on the device are first checked by one small kernel and one
     scalar copy back (see the module docstring). Stacks that do not fit on the
-    device are out of scope for now; crop them on the host or tile them (see
-    the module docstring).
+    device stay on the host or in a chunked store (see the module docstring).
     """
     patch_size, n_rows = _check_batch(batch)
     stack_list = _stack_list(stacks)

@@ -528,6 +528,7 @@ class StratifiedPatching:
             "patch_size": self._patch_size,
         }
 
+    @_locked
     def get_patch_indices(self, data_idx: int) -> Sequence[int]:
         """Return the patch indices for a specific image stack.
 
@@ -576,6 +577,7 @@ class StratifiedPatching:
                 coords[(stack, sample_idx)] = list(stack_coords)
         return coords
 
+    @_locked
     def get_included_grid_coords(self) -> dict[tuple[int, int], list[tuple[int, ...]]]:
         """Get all grid coordinates included in the patching strategy.
 
@@ -601,6 +603,7 @@ class StratifiedPatching:
             included[key] = list(zip(*columns, strict=True))
         return included
 
+    @_locked
     def get_region_probs(self, data_idx: int, sample_idx: int) -> NDArray[np.float64]:
         """Return the probability of every region of a sample, shaped like its grid.
 
@@ -626,6 +629,7 @@ class StratifiedPatching:
         sample = self._sample(data_idx, sample_idx)
         return to_host(self._tables.probability_grid(sample), np.float64)
 
+    @_locked
     def get_excluded_cells(self, data_idx: int, sample_idx: int) -> NDArray[np.bool_]:
         """Return which grid cells of a sample are excluded, shaped like its grid.
 

@@ -133,10 +133,29 @@ def test_the_mass_prefix_follows_every_update_and_checkpoint():
     np.testing.assert_array_equal(restored.sample_epoch(4).coords, sampler.sample_epoch(4).coords)
 
 
-def test_shuffled_epochs_with_coordinates_beyond_32_bits_keep_them_exact():
-    # Shuffled epochs keep the corners in index order in 32 bits when every
-    # axis is shorter than 2**31, else in 64 bits: rows must equal the plain
-    # epoch's either way.
+@pytest.mark.parametrize("narrow_from", [0, 1 << 40], ids=["narrow-corners", "wide-corners"])
+def test_shuffled_and_sharded_rows_are_the_plain_epochs_rows(monkeypatch, narrow_from):
+    # Large shuffled or sharded draws keep the corners in index order in 32
+    # bits, small ones in 64 bits; the rows are the plain epoch's either way,
+    # names included (several stacks and samples).
+    monkeypatch.setattr(numpy_backend, "_NARROW_CORNERS", narrow_from)
+    sampler = StratifiedPatching([(3, 1, 90, 70), (2, 2, 40, 300)], (6, 7), seed=6, backend="numpy")
+    plain = sampler.sample_epoch(3)
+    for rows in (
+        sampler.sample_epoch(3, shuffle=True),
+        sampler.sample_epoch(3, shuffle=True, rank=2, world_size=3),
+        sampler.sample_epoch(3, rank=1, world_size=4, drop_last=True),
+    ):
+        np.testing.assert_array_equal(rows.coords, plain.coords[rows.indices])
+        np.testing.assert_array_equal(rows.data_idx, plain.data_idx[rows.indices])
+        np.testing.assert_array_equal(rows.sample_idx, plain.sample_idx[rows.indices])
+
+
+def test_shuffled_epochs_with_coordinates_beyond_32_bits_keep_them_exact(monkeypatch):
+    # Corners in index order are kept in 32 bits only when every axis is
+    # shorter than 2**31, else in 64 bits (even for a draw large enough to
+    # narrow them): rows must equal the plain epoch's.
+    monkeypatch.setattr(numpy_backend, "_NARROW_CORNERS", 0)
     # 16 cells of 2**28 along an axis of 2**32: strata cover the mass line
     # evenly, so the upper half of each sample's patches lies beyond 2**31.
     sampler = StratifiedPatching([(2, 1, 1 << 32, 5)], (1 << 28, 2), seed=4, backend="numpy")

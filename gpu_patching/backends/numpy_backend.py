@@ -51,6 +51,9 @@ _CHUNK = 8192
 #: Largest sampler (in patches) whose epoch chunks keep their draw-independent
 #: parts between epochs (56 bytes per patch: at most 28 MiB).
 _CACHED_PATCHES = 1 << 19
+#: Shuffled or sharded draws of at least this many rows keep their corners in
+#: index order in 32 bits (when they fit): memory matters, the widening does not.
+_NARROW_CORNERS = 1 << 16
 #: Samples with at least this many patches get chunks of their own.
 _MIN_SAMPLE_CHUNK = 256
 _MASK32 = np.uint64(0xFFFFFFFF)
@@ -738,20 +741,22 @@ class NumpyBackend:
             count_type = np.int32 if n_patches < 1 << 31 else np.int64
             row_of = np.cumsum(present, dtype=count_type)[wanted].astype(np.int64)
             row_of -= 1
-        # The corners in index order, in 32 bits when they fit (they do when
-        # every axis is shorter than 2**31): the largest temporary of a draw.
-        fits = tables.n_samples == 0 or int(tables.spatial_shape.max()) < 1 << 31
-        corner = np.empty((len(drawn), tables.ndim), dtype=np.int32 if fits else np.int64)
+        # The corners in index order: the largest temporary of a large draw,
+        # so in 32 bits when they fit (every axis shorter than 2**31).
+        narrow = len(drawn) >= _NARROW_CORNERS and int(tables.spatial_shape.max()) < 1 << 31
+        corner = np.empty((len(drawn), tables.ndim), dtype=np.int32 if narrow else np.int64)
         # Both kinds of `drawn` increase strictly.
         self._draw_samples(tables, drawn, draw_number, seed, corner, None, increasing=True)
-        coords = np.empty((len(wanted), tables.ndim), dtype=np.int64)
+        # np.take, not fancy indexing: ten times faster on (N, d) corners;
+        # every row_of is a valid row, so mode="clip" only skips the bounds
+        # checks. Narrow corners are widened a chunk at a time.
+        wide = None if narrow else np.take(corner, row_of, axis=0, mode="clip")
+        coords = np.empty((len(wanted), tables.ndim), dtype=np.int64) if wide is None else wide
         data_idx, sample_idx, to_fill = _name_arrays(tables, len(wanted))
         for start in range(0, len(wanted), _CHUNK):
             rows = slice(start, start + _CHUNK)
-            # np.take, not fancy indexing: ten times faster on (N, d) corners;
-            # every row_of is a valid row, so mode="clip" only skips the
-            # bounds checks.
-            coords[rows] = np.take(corner, row_of[rows], axis=0, mode="clip")
+            if wide is None:
+                coords[rows] = np.take(corner, row_of[rows], axis=0, mode="clip")
             if to_fill is not None:
                 sample = np.searchsorted(tables.patch_offset, wanted[rows], side="right")
                 sample -= 1

@@ -682,10 +682,12 @@ class NumpyBackend:
         to_fill: tuple[NDArray[np.int64], ...] | None,
         *,
         increasing: bool,
+        samples: NDArray[Any] | None = None,
     ) -> None:
         """Write the corner of each index into ``corner``, its names into ``to_fill``.
 
-        ``to_fill`` is ``(data_idx, sample_idx)``, or None to skip them.
+        ``to_fill`` is ``(data_idx, sample_idx)``, or None to skip them;
+        ``samples``, if given, gets the flat sample of each index.
         Fastest when the indices increase; ``increasing`` says they are known
         to increase strictly.
         """
@@ -713,6 +715,8 @@ class NumpyBackend:
             )
             if to_fill is not None:
                 _fill_names(tables, chunk_sample, to_fill, rows)
+            if samples is not None:
+                samples[rows] = chunk_sample
 
     def _draw_order(
         self, tables: RegionTables, order: EpochOrder, draw_number: int, seed: int
@@ -745,20 +749,24 @@ class NumpyBackend:
         # so in 32 bits when they fit (every axis shorter than 2**31).
         narrow = len(drawn) >= _NARROW_CORNERS and int(tables.spatial_shape.max()) < 1 << 31
         corner = np.empty((len(drawn), tables.ndim), dtype=np.int32 if narrow else np.int64)
+        data_idx, sample_idx, to_fill = _name_arrays(tables, len(wanted))
+        # Each drawn row's flat sample, for the names (32 bits: 4 bytes a row).
+        sample_type = np.int32 if tables.n_samples < 1 << 31 else np.int64
+        samples = None if to_fill is None else np.empty(len(drawn), dtype=sample_type)
         # Both kinds of `drawn` increase strictly.
-        self._draw_samples(tables, drawn, draw_number, seed, corner, None, increasing=True)
+        self._draw_samples(
+            tables, drawn, draw_number, seed, corner, None, increasing=True, samples=samples
+        )
         # np.take, not fancy indexing: ten times faster on (N, d) corners;
         # every row_of is a valid row, so mode="clip" only skips the bounds
         # checks. Narrow corners are widened a chunk at a time.
         wide = None if narrow else np.take(corner, row_of, axis=0, mode="clip")
         coords = np.empty((len(wanted), tables.ndim), dtype=np.int64) if wide is None else wide
-        data_idx, sample_idx, to_fill = _name_arrays(tables, len(wanted))
         for start in range(0, len(wanted), _CHUNK):
             rows = slice(start, start + _CHUNK)
             if wide is None:
                 coords[rows] = np.take(corner, row_of[rows], axis=0, mode="clip")
-            if to_fill is not None:
-                sample = np.searchsorted(tables.patch_offset, wanted[rows], side="right")
-                sample -= 1
+            if to_fill is not None and samples is not None:
+                sample = np.take(samples, row_of[rows], mode="clip")
                 _fill_names(tables, sample, to_fill, rows)
         return data_idx, sample_idx, coords, wanted

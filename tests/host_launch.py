@@ -80,6 +80,7 @@ class LaunchStruct(ctypes.Structure):
         ("grid", ctypes.c_longlong * 3),
         ("block", ctypes.c_longlong * 3),
         ("order_seed", ctypes.c_ulonglong),
+        ("only_pair", ctypes.c_longlong),
     ]
 
 
@@ -208,6 +209,9 @@ class HostFunction:
         self.kernel = kernel
         self._entry = entry
         self.order_seed = order_seed
+        #: >= 0: run only the (block, thread) pair of this linear index
+        #: (block_linear * threads_per_block + thread_linear).
+        self.only_pair = -1
 
     def __call__(self, grid: Any, block: Any, args: tuple[Any, ...]) -> None:
         kernel = self.kernel
@@ -245,7 +249,10 @@ class HostFunction:
             guarded.append((name, value, buffer, is_output))
             converted.append(buffer[GUARD:].ctypes.data)
         launch = LaunchStruct(
-            (ctypes.c_longlong * 3)(*grid3), (ctypes.c_longlong * 3)(*block3), self.order_seed
+            (ctypes.c_longlong * 3)(*grid3),
+            (ctypes.c_longlong * 3)(*block3),
+            self.order_seed,
+            self.only_pair,
         )
         self._entry(ctypes.byref(launch), *converted)
         for name, value, buffer, is_output in guarded:

@@ -699,6 +699,7 @@ _FUZZ_SCRIPT = textwrap.dedent(
             ("grid", ctypes.c_longlong * 3),
             ("block", ctypes.c_longlong * 3),
             ("order_seed", ctypes.c_ulonglong),
+            ("only_pair", ctypes.c_longlong),
         ]
 
     generator = np.random.default_rng(12345)
@@ -785,6 +786,7 @@ _FUZZ_SCRIPT = textwrap.dedent(
             (ctypes.c_longlong * 3)(int(generator.integers(1, 5)), 1, 1),
             (ctypes.c_longlong * 3)(int(generator.integers(1, 65)), 1, 1),
             trial + 1,
+            -1,
         )
         launch_entry(
             ctypes.byref(launch),

@@ -45,6 +45,7 @@ struct Launch {
     long long grid[3];
     long long block[3];
     unsigned long long order_seed;
+    long long only_pair;  // >= 0: run only the (block, thread) pair of this linear index
 };
 
 // splitmix64: a small, well-mixed generator for the permutation.
@@ -93,6 +94,7 @@ void run(const Launch& launch, Body body) {
                  static_cast<unsigned int>(launch.block[1]),
                  static_cast<unsigned int>(launch.block[2])};
     for (const long long pair : order) {
+        if (launch.only_pair >= 0 && pair != launch.only_pair) continue;
         block_index = unravel(pair / n_threads, launch.grid);
         thread_index = unravel(pair % n_threads, launch.block);
         body();

@@ -243,12 +243,12 @@ def test_bad_shard_arguments_are_refused(
 ) -> None:
     sampler = numpy_sampler([(2, 1, 40, 40)], (8, 8), seed=3)
     sampler.get_patch_spec(0)
-    before = (sampler.epoch, sampler._calls.tolist(), sampler.n_patches)
+    before = (sampler.epoch, sampler.state_dict()["calls"], sampler.n_patches)
     with pytest.raises(error, match=message):
         sampler.sample_epoch(0, **arguments)
     with pytest.raises(error, match=message):
         sampler.epoch_indices(0, **arguments)
-    assert (sampler.epoch, sampler._calls.tolist(), sampler.n_patches) == before
+    assert (sampler.epoch, sampler.state_dict()["calls"], sampler.n_patches) == before
 
 
 def test_numpy_integer_rank_and_world_size_are_accepted() -> None:

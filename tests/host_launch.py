@@ -26,6 +26,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -196,8 +197,8 @@ class HostKernels:
 
 def _dims(value: Any) -> tuple[int, int, int]:
     dims = tuple(int(v) for v in (value if isinstance(value, tuple) else (value,)))
-    if not 1 <= len(dims) <= 3:
-        raise ValueError(f"grid and block take 1 to 3 sizes, got {value}")
+    if not 1 <= len(dims) <= 3 or min(dims) < 1:
+        raise ValueError(f"grid and block take 1 to 3 sizes >= 1, got {value}")
     return (*dims, *(1,) * (3 - len(dims)))  # type: ignore[return-value]
 
 
@@ -314,3 +315,63 @@ class HostBackend(CudaBackend):
 
     def _stream_id(self) -> int:
         return 0
+
+
+SANITIZER_FLAGS = [
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+]
+
+
+class SanitizerUnavailable(Exception):  # noqa: N818 (a reason to skip, not an error)
+    """AddressSanitizer cannot run a Python child process on this machine."""
+
+
+def run_under_sanitizers(
+    directory: Path, kernel: Kernel, script_text: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Build ``kernel``'s file with ASan and UBSan, and run a script against it in a child.
+
+    The script gets the library's path and the kernel's launcher entry as
+    ``sys.argv[1:3]``. Each array it passes is its own allocation with red
+    zones (no guard copies here), so any read or write outside an array
+    aborts the child, as does undefined behaviour such as a division by zero.
+
+    Raises
+    ------
+    SanitizerUnavailable
+        If there is no compiler, no ASan runtime, or it cannot run Python here.
+    """
+    compiler = cxx()
+    if compiler is None:
+        raise SanitizerUnavailable("no C++ compiler on PATH")
+    runtime = subprocess.run(
+        [compiler, "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    if not runtime or not Path(runtime).exists():
+        raise SanitizerUnavailable(f"{compiler} has no AddressSanitizer runtime")
+    kernels = HostKernels(directory, SANITIZER_FLAGS, files=[kernel.file], load=False)
+    script = directory / "fuzz.py"
+    script.write_text(script_text)
+    environment = {**os.environ, "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0"}
+    # Some address-space layouts defeat a preloaded ASan runtime; only a
+    # failure of the fuzz run itself (not of a bare interpreter) is a bug.
+    bare = subprocess.run(
+        [sys.executable, "-c", "pass"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+        timeout=60,
+    )
+    if bare.returncode != 0:
+        raise SanitizerUnavailable(f"AddressSanitizer cannot run Python here: {bare.stderr[-300:]}")
+    return subprocess.run(
+        [sys.executable, str(script), str(kernels.libraries[kernel.file]), entry_name(kernel)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+        timeout=timeout,
+    )

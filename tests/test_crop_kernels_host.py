@@ -19,12 +19,13 @@ import ctypes
 import os
 import shutil
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from host_launch import WRITE_COUNTS, HostKernels
+from host_launch import WRITE_COUNTS, HostKernels, SanitizerUnavailable, run_under_sanitizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -517,3 +518,108 @@ def test_the_stack_table_upload_is_reused_while_unchanged(host_kernels: HostKern
         cropper.extract(other, batch, (4, 4), 2, None), sliced(other, batch)
     )
     assert cropper._tables._entries[(0, 0)][1] is not first
+
+
+# -- any rows, any launch shape, under AddressSanitizer ----------------------------------
+
+_CROP_FUZZ_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, sys
+    import numpy as np
+
+    from gpu_patching import cuda
+    from gpu_patching.crop import check_launch_args, crop_launch_args, stack_table
+
+    lib = ctypes.CDLL(sys.argv[1])
+    prefix = sys.argv[2].rsplit("_", 1)[0] + "_"
+
+    class Launch(ctypes.Structure):
+        _fields_ = [
+            ("grid", ctypes.c_longlong * 3),
+            ("block", ctypes.c_longlong * 3),
+            ("order_seed", ctypes.c_ulonglong),
+            ("only_pair", ctypes.c_longlong),
+        ]
+
+    def entry(kernel):
+        return getattr(lib, prefix + str(cuda.KERNELS.index(kernel)))
+
+    def call(kernel, grid, block, args, trial):
+        # Arrays as raw pointers, scalars at their C width: no guard copies,
+        # so every array is exactly its own allocation with ASan's red zones.
+        values = []
+        for (name, c_type), value in zip(kernel.params, args):
+            if c_type.endswith("*"):
+                values.append(ctypes.c_void_p(value.ctypes.data if value.size else None))
+            elif c_type == "int":
+                values.append(ctypes.c_int(int(value)))
+            else:
+                values.append(ctypes.c_longlong(int(value)))
+        grid = (*grid, 1, 1)[:3]
+        block = (*block, 1, 1)[:3]
+        launch = Launch((ctypes.c_longlong * 3)(*grid), (ctypes.c_longlong * 3)(*block),
+                        trial + 1, -1)
+        entry(kernel)(ctypes.byref(launch), *values)
+
+    generator = np.random.default_rng(2024)
+    dtypes = [np.uint8, np.int16, np.float32, np.float64]
+    huge = [-(2**63), -(2**40), -1, 2**40, 2**63 - 1]
+    for trial in range(250):
+        ndim = int(generator.choice([2, 3]))
+        patch = tuple(int(p) for p in generator.integers(1, 6, size=ndim))
+        dtype = dtypes[trial % len(dtypes)]
+        n_channels = int(generator.integers(1, 3))
+        stacks = []
+        for _ in range(int(generator.integers(1, 3))):
+            # Spatial sizes below, at and above the patch: clamps on every side.
+            spatial = tuple(int(p + generator.integers(-p + 1, 4)) for p in patch)
+            shape = (int(generator.integers(1, 3)), n_channels, *spatial)
+            stacks.append(np.ascontiguousarray(generator.random(shape) * 100).astype(dtype))
+        itemsize = np.dtype(dtype).itemsize
+        table = stack_table(
+            [s.ctypes.data for s in stacks],
+            [s.shape for s in stacks],
+            [tuple(v // itemsize for v in s.strides) for s in stacks],
+        )
+        n_rows = int(generator.integers(1, 40))
+        def column(low, high, size):
+            values = generator.integers(low, high, size=size, dtype=np.int64)
+            wild = generator.random(size) < 0.2
+            values[wild] = generator.choice(huge, size=int(wild.sum()))
+            return values
+        rows = (
+            column(-1, len(stacks) + 1, n_rows),
+            column(-1, 3, n_rows),
+            column(-2, 8, n_rows * ndim),
+        )
+        out = np.empty((n_rows, n_channels, *patch), dtype=dtype)
+        grid = (int(generator.integers(1, 5)), int(generator.integers(1, 4)))
+        block = (int(generator.integers(1, 40)), int(generator.integers(1, 7)))
+        args = crop_launch_args(table, rows, n_rows, n_channels, patch, out)
+        call(cuda.crop_kernel(itemsize), grid, block, args, trial)
+        first_bad = np.array([n_rows], dtype=np.int64)
+        args = check_launch_args(table, rows, n_rows, patch, first_bad)
+        call(cuda.CHECK_CROP_ROWS, (grid[0],), (block[0],), args, trial)
+        assert 0 <= int(first_bad[0]) <= n_rows, trial
+    print("ok")
+    """
+)
+
+
+def test_crop_kernels_stay_in_bounds_whatever_the_rows_and_launch_shape(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Hostile rows over random grids, under AddressSanitizer and UBSan.
+
+    The shipped crop and row-check kernels read the row arrays, the stack table
+    and the stacks, and write ``out``: each its own allocation here, so one
+    element read or written past any of them aborts the child process. Stacks
+    are smaller than, equal to and larger than the patch.
+    """
+    try:
+        result = run_under_sanitizers(
+            tmp_path_factory.mktemp("crop_kernels_asan"), CHECK_CROP_ROWS, _CROP_FUZZ_SCRIPT
+        )
+    except SanitizerUnavailable as reason:
+        pytest.skip(str(reason))
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-4000:]

@@ -23,7 +23,6 @@ import itertools
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 from draw_reference import mulhi64
-from host_launch import HostBackend, HostKernels, entry_name
+from host_launch import HostBackend, HostKernels, SanitizerUnavailable, run_under_sanitizers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -827,47 +826,10 @@ def test_host_kernel_stays_in_bounds_on_inconsistent_tables(
     documented on ``TableView`` aborts the child process, and
     UndefinedBehaviorSanitizer aborts it on a division by zero.
     """
-    compiler = _cxx()
-    if compiler is None:
-        pytest.skip("no C++ compiler on PATH")
-    runtime = subprocess.run(
-        [compiler, "-print-file-name=libasan.so"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    if not runtime or not Path(runtime).exists():
-        pytest.skip(f"{compiler} has no AddressSanitizer runtime")
-    directory = tmp_path_factory.mktemp("host_kernels_asan")
-    kernels = HostKernels(
-        directory,
-        ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
-        files=[SAMPLE_EPOCH.file],
-        load=False,
-    )
-    library = kernels.libraries[SAMPLE_EPOCH.file]
-    script = directory / "fuzz.py"
-    script.write_text(_FUZZ_SCRIPT)
-    environment = {
-        **os.environ,
-        "LD_PRELOAD": runtime,
-        "ASAN_OPTIONS": "detect_leaks=0",
-    }
-    # Some kernels' address-space layouts defeat a preloaded ASan runtime; only
-    # a failure of the fuzz run itself (not of a bare interpreter) is a bug.
-    bare = subprocess.run(
-        [sys.executable, "-c", "pass"],
-        capture_output=True,
-        text=True,
-        env=environment,
-        check=False,
-        timeout=60,
-    )
-    if bare.returncode != 0:
-        pytest.skip(f"AddressSanitizer cannot run Python here: {bare.stderr[-300:]}")
-    result = subprocess.run(
-        [sys.executable, str(script), str(library), entry_name(SAMPLE_EPOCH)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        check=False,
-        timeout=300,
-    )
+    try:
+        result = run_under_sanitizers(
+            tmp_path_factory.mktemp("host_kernels_asan"), SAMPLE_EPOCH, _FUZZ_SCRIPT
+        )
+    except SanitizerUnavailable as reason:
+        pytest.skip(str(reason))
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-4000:]

@@ -18,8 +18,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <numeric>
-#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -71,13 +72,19 @@ void run(const Launch& launch, Body body) {
     long long n_threads = 1;
     for (int axis = 0; axis < 3; ++axis) {
         if (launch.grid[axis] < 1 || launch.block[axis] < 1) {
-            throw std::invalid_argument("grid and block sizes must be >= 1");
+            // No exception may cross the extern "C" launcher into ctypes.
+            std::fprintf(stderr, "gp_host::run: grid and block sizes must be >= 1\n");
+            std::abort();
         }
         n_blocks *= launch.grid[axis];
         n_threads *= launch.block[axis];
     }
     const long long n_pairs = n_blocks * n_threads;
-    if (n_pairs > (1LL << 24)) throw std::invalid_argument("launch too large for the host");
+    if (n_pairs > (1LL << 24)) {
+        std::fprintf(stderr, "gp_host::run: launch of %lld threads too large for the host\n",
+                     n_pairs);
+        std::abort();
+    }
     std::vector<long long> order(static_cast<std::size_t>(n_pairs));
     std::iota(order.begin(), order.end(), 0LL);
     if (launch.order_seed != 0) {

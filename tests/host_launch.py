@@ -68,9 +68,17 @@ WRITE_COUNTS = Kernel(
     name="crop_patches<gp_host::WriteCounter>",
     params=(*crop_kernel(8).params[:-1], ("out", "gp_host::WriteCounter*")),
 )
+#: The crop kernel instantiated with an element that counts how often it is
+#: read (``gp_host::ReadCounter``): the stacks are arrays of 8-byte counters
+#: starting at 0, and a launch shows how many times each element was read.
+READ_COUNTS = Kernel(
+    file=crop_kernel(8).file,
+    name="crop_patches<gp_host::ReadCounter>",
+    params=(*crop_kernel(8).params[:-1], ("out", "gp_host::ReadCounter*")),
+)
 #: Kernels the tests add to the shipped ones, and their elements' sizes.
-TEST_KERNELS = (WRITE_COUNTS,)
-_TEST_ELEMENT_SIZES = {"gp_host::WriteCounter": 8}
+TEST_KERNELS = (WRITE_COUNTS, READ_COUNTS)
+_TEST_ELEMENT_SIZES = {"gp_host::WriteCounter": 8, "gp_host::ReadCounter": 8}
 _ALL_KERNELS = (*KERNELS, *TEST_KERNELS)
 
 

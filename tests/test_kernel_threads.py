@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from host_launch import WRITE_COUNTS, HostKernels
+from host_launch import READ_COUNTS, WRITE_COUNTS, HostKernels
 from test_crop_kernels_host import _crop_args, clamped
 
 from gpu_patching import PatchBatch, StratifiedPatching
@@ -210,3 +210,43 @@ def test_check_crop_rows_rejects_a_stack_past_n_stacks_even_where_the_table_memo
         args[position] = np.int64(1)
         host_kernels.function(CHECK_CROP_ROWS)((2,), (3,), tuple(args))
         assert int(first_bad[0]) == bad
+
+
+@pytest.mark.parametrize(
+    ("grid", "block"), [((1, 1), (1, 1)), ((2, 3), (5, 3)), ((4, 1), (32, 8)), ((1, 2), (7, 2))]
+)
+@pytest.mark.parametrize("patch", [(3, 5), (2, 3, 9), (13, 4)])
+def test_crop_patches_reads_each_stack_element_once_per_patch_that_covers_it(
+    host_kernels: HostKernels, grid: tuple[int, int], block: tuple[int, int], patch: tuple[int, ...]
+) -> None:
+    # No load the kernel does not need: every element of a stack is read
+    # exactly as many times as the batch's patches cover it (the last chunk's
+    # partial lines included, where a thread has fewer than
+    # CROP_LINES_PER_THREAD lines).
+    ndim = len(patch)
+    generator = np.random.default_rng(len(patch) * 100 + grid[0] * 10 + block[1])
+    shapes = [(2, 2, *(p + 3 for p in patch)), (1, 2, *(p + 1 for p in patch))]
+    stacks = [np.zeros(shape, dtype=np.int64) for shape in shapes]
+    table = stack_table(
+        [s.ctypes.data for s in stacks],
+        [s.shape for s in stacks],
+        [tuple(v // 8 for v in s.strides) for s in stacks],
+    )
+    n = 11
+    data_idx = generator.integers(0, 2, n)
+    sample_idx = np.array([generator.integers(0, shapes[d][0]) for d in data_idx])
+    coords = np.array(
+        [
+            [generator.integers(0, shapes[d][2 + a] - patch[a] + 1) for a in range(ndim)]
+            for d in data_idx
+        ]
+    )
+    rows = (data_idx.astype(np.int64), sample_idx.astype(np.int64), coords.reshape(-1))
+    expected = [np.zeros(shape, dtype=np.int64) for shape in shapes]
+    for d, s, corner in zip(data_idx, sample_idx, coords, strict=True):
+        window = tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True))
+        expected[d][(s, slice(None), *window)] += 1
+    out = np.zeros((n, 2, *patch), dtype=np.int64)
+    host_kernels.function(READ_COUNTS)(grid, block, crop_launch_args(table, rows, n, 2, patch, out))
+    for k in range(2):
+        np.testing.assert_array_equal(stacks[k], expected[k], err_msg=f"stack {k}")

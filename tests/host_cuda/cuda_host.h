@@ -138,4 +138,17 @@ struct WriteCounter {
 };
 static_assert(sizeof(WriteCounter) == 8, "a counter is read like an 8-byte element");
 
+// An 8-byte element that counts how often it is read: assigning from it
+// increments the source's count. The crop kernel instantiated with it
+// (READ_COUNTS) shows how many times a launch reads each stack element.
+struct ReadCounter {
+    mutable long long reads;
+    ReadCounter() : reads(0) {}
+    ReadCounter& operator=(const ReadCounter& source) {
+        ++source.reads;
+        return *this;
+    }
+};
+static_assert(sizeof(ReadCounter) == 8, "a counter is read like an 8-byte element");
+
 }  // namespace gp_host

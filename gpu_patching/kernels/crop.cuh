@@ -204,8 +204,9 @@ GP_HD void crop_thread(const CropJob<T>& job, const ThreadPlace& place) {
                                       ? chunk_start + lines_per_chunk
                                       : lines_per_patch;
             const i64 first_line = chunk_start + place.thread_y;
-            if (first_line >= chunk_end) continue;
-            // Lines first_line + k * dim_y, k < count, are this thread's.
+            // Lines first_line + k * dim_y, k < count, are this thread's. A
+            // thread past the chunk's last line (first_line < chunk_start +
+            // dim_y) gets count == 0 and neither loads nor stores.
             const i64 count = (chunk_end - first_line + place.dim_y - 1) / place.dim_y;
             const LinePosition first = line_position(shape, first_line);
             T* out = job.out + (row * lines_per_patch + first_line) * width;

@@ -113,10 +113,10 @@ GP_HD bool locate_corner(const TableView& tables, i64 sample, i64 point, i64* co
     if (region < first) return false;
     const i64 weight = tables.weight[region];
     if (weight <= 0) return false;
+    // Non-negative by the search. On absurd tables wrapped arithmetic can make
+    // it negative: then the sub-box search below stops at once with a negative
+    // box_rank, which is refused there, before any division by a part size.
     const i64 rank = (global_point - tables.mass_prefix[region]) / weight;
-    // Non-negative by the search; checked so that wrapped arithmetic on absurd
-    // tables cannot pick an empty sub-box below (and divide by its zero size).
-    if (rank < 0) return false;
     const u32 mask = tables.subbox_mask[region];
 
     // Unravel the cell row-major and size both parts of every axis

@@ -593,7 +593,7 @@ class NumpyBackend:
     temporaries only, plus, for a shuffled or sharded epoch, the corners in
     index order (``4 * d`` bytes per patch when the coordinates fit in 32
     bits), so that its peak memory stays a small multiple of its output's
-    (docs: the memory table in the README). Concurrent draws from several
+    (the README's Memory section). Concurrent draws from several
     threads share nothing but the index.
     """
 

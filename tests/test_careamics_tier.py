@@ -145,7 +145,7 @@ def test_the_normalisation_pass_draws_through_our_sampler():
 
 def test_paired_targets_yield_what_careamics_yields():
     config = create_care_config(
-        experiment_name="tier", data_type="array", axes="YX", patch_size=[32, 32], batch_size=4
+        experiment_name="tier", data_type="array", axes="YX", patch_size=[32, 32], batch_size=8
     ).data_config
     config.patching.seed = SEED
     inputs, targets = [image()], [image(seed=3)]

@@ -38,7 +38,9 @@ class SpecItems(torch.utils.data.Dataset):  # type: ignore[misc]
 
 
 def _passes(start_method: str, persistent: bool) -> tuple[list[np.ndarray], StratifiedPatching]:
-    sampler = StratifiedPatching([(2, 1, 96, 64), (1, 1, 80, 80)], (16, 16), seed=99)
+    sampler = StratifiedPatching(
+        [(2, 1, 96, 64), (1, 1, 80, 80)], (16, 16), seed=99, backend="numpy"
+    )
     generator = torch.Generator()
     generator.manual_seed(0)
     loader = torch.utils.data.DataLoader(

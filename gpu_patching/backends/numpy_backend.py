@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -574,7 +574,7 @@ def _name_arrays(
 
 def _fill_names(
     tables: RegionTables,
-    sample: NDArray[np.int64],
+    sample: NDArray[np.int32] | NDArray[np.int64],
     to_fill: tuple[NDArray[np.int64], ...],
     rows: slice,
 ) -> None:
@@ -760,7 +760,12 @@ class NumpyBackend:
         # np.take, not fancy indexing: ten times faster on (N, d) corners;
         # every row_of is a valid row, so mode="clip" only skips the bounds
         # checks. Narrow corners are widened a chunk at a time.
-        wide = None if narrow else np.take(corner, row_of, axis=0, mode="clip")
+        # Not narrow: the corners are int64 already, and so is their gather.
+        wide = (
+            None
+            if narrow
+            else cast(NDArray[np.int64], np.take(corner, row_of, axis=0, mode="clip"))
+        )
         coords = np.empty((len(wanted), tables.ndim), dtype=np.int64) if wide is None else wide
         for start in range(0, len(wanted), _CHUNK):
             rows = slice(start, start + _CHUNK)

@@ -57,7 +57,7 @@ $(VENV)/.careamics-installed: $(VENV)/.test-installed
 	touch $@
 
 careamics-tier: $(VENV)/.careamics-installed
-	GPU_PATCHING_SPAWN_TIER=1 $(BIN)/python -m pytest -p no:cacheprovider tests/test_careamics_tier.py
+	GPU_PATCHING_SPAWN_TIER=1 $(BIN)/python -m pytest -p no:cacheprovider -o timeout=0 tests/test_careamics_tier.py
 
 demo: $(VENV)/.demo-installed
 	$(BIN)/gpu-patching demo --output demo-output --overwrite

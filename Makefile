@@ -26,15 +26,15 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(EDITABLE) '.[test]'
-	# PyTorch, for the tests of gpu_patching.torch and the two-process DDP test
-	# (they skip without it). The CPU build: the CI image keeps torch 2.13.0+cpu
-	# on disk (pip's find-links); elsewhere this fails fast instead of pulling a
-	# multi-GB CUDA build (set TORCH=... to choose another).
+	@# PyTorch, for the tests of gpu_patching.torch and the two-process DDP test
+	@# (they skip without it). The CPU build: the CI image keeps torch 2.13.0+cpu
+	@# on disk (pip's find-links); elsewhere this fails fast instead of pulling a
+	@# multi-GB CUDA build (set TORCH=... to choose another).
 	$(BIN)/python -m pip install --quiet '$(TORCH)' \
 		|| echo "note: no local $(TORCH) wheel; the PyTorch tests will be skipped"
-	# The reference goes in last: once it is installed, any later install of a
-	# package it depends on (torch, numpy, ...) makes pip list the reference's
-	# dependencies we leave out on purpose as a red resolver ERROR.
+	@# The reference goes in last: once it is installed, any later install of a
+	@# package it depends on (torch, numpy, ...) makes pip list the reference's
+	@# dependencies we leave out on purpose as a red resolver ERROR.
 	$(BIN)/python -m pip install --quiet --no-deps $(REFERENCE)
 	touch $@
 

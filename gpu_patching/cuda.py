@@ -57,10 +57,13 @@ __all__ = [
     "compile_options",
     "crop_kernel",
     "crop_launch",
+    "current_device_id",
+    "current_stream_key",
     "get_function",
     "kernel_dir",
     "kernel_source",
     "launch_grid",
+    "name_expressions",
     "sources_digest",
 ]
 
@@ -406,7 +409,19 @@ def kernel_source(file_name: str) -> str:
 
 
 def name_expressions(file_name: str) -> tuple[str, ...]:
-    """Return the template instantiations of :data:`KERNELS` defined in a file."""
+    """Return the template instantiations of :data:`KERNELS` defined in a file.
+
+    Parameters
+    ----------
+    file_name : str
+        A ``.cu`` file of :func:`kernel_dir`.
+
+    Returns
+    -------
+    tuple of str
+        The name expressions NVRTC must instantiate (``crop_patches<unsigned
+        char>``, ...); empty for a file of ``extern "C"`` kernels only.
+    """
     return tuple(
         kernel.name for kernel in KERNELS if kernel.file == file_name and kernel.is_template
     )

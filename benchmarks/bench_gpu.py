@@ -1188,10 +1188,8 @@ def case_skip_note(session: Session, case: Case, n_patches: int, per_patch: floa
     return ""
 
 
-def numpy_note(session: Session, n_patches: int, numpy_per_patch: float) -> str:
-    """Why the NumPy comparison of a case is skipped ('' when it runs)."""
-    estimate = numpy_per_patch * n_patches * (7 if n_patches <= 10**6 else 2)
-    left = session.left(session.reserve() + ORDER_RESERVE_S)
+def numpy_skip_reason(session: Session, n_patches: int, estimate: float, left: float) -> str:
+    """Why a NumPy comparison of ``estimate`` seconds is skipped ('' when it runs)."""
     if session.args.no_numpy:
         return "skipped (--no-numpy)"
     if n_patches > session.numpy_max():
@@ -1199,6 +1197,13 @@ def numpy_note(session: Session, n_patches: int, numpy_per_patch: float) -> str:
     if estimate >= min(30.0, left / 2):
         return "skipped (time)"
     return ""
+
+
+def numpy_note(session: Session, n_patches: int, numpy_per_patch: float) -> str:
+    """Why the NumPy comparison of a case is skipped ('' when it runs)."""
+    estimate = numpy_per_patch * n_patches * (7 if n_patches <= 10**6 else 2)
+    left = session.left(session.reserve() + ORDER_RESERVE_S)
+    return numpy_skip_reason(session, n_patches, estimate, left)
 
 
 def throughput_section(session: Session, copy_roof: float, fill_roof: float) -> Throughput:
@@ -1384,13 +1389,7 @@ def order_check_note(
     estimate = max(numpy_per_patch, NUMPY_FALLBACK_PER_PATCH) * n_patches * 6
     if case.target_patches != checked:
         return "not checked (larger case)"
-    if session.args.no_numpy:
-        return "skipped (--no-numpy)"
-    if n_patches > session.numpy_max():
-        return "skipped (size)"
-    if estimate >= min(30.0, left / 2):
-        return "skipped (time)"
-    return ""
+    return numpy_skip_reason(session, n_patches, estimate, left)
 
 
 def updates_section(session: Session) -> tuple[dict[str, float], str]:

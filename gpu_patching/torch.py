@@ -193,6 +193,24 @@ class PatchSampler(Sampler[int]):
         self.epoch = epoch
 
 
+def _owned_copy(window: Any) -> np.ndarray:
+    """Return a patch as a C-contiguous, writable array in native byte order, owning its memory.
+
+    A slice of a NumPy stack is a view of the user's array whenever the patch
+    spans whole rows (or the whole image): an in-place transform of the tensor
+    would then write into the user's stack, or crash on a read-only memory map.
+    ``torch.from_numpy`` also needs the native byte order. Arrays that the
+    slice created (e.g. read from a zarr store) already own their memory and
+    are returned without a second copy.
+    """
+    patch = np.asarray(window)
+    dtype = patch.dtype.newbyteorder("=")
+    owned = patch.flags.owndata and patch.flags.writeable and patch.flags.c_contiguous
+    if owned and patch.dtype == dtype and not isinstance(patch, np.memmap):
+        return patch
+    return np.array(patch, dtype=dtype, order="C", copy=True)
+
+
 class PatchDataset(Dataset[torch.Tensor]):
     """Map-style dataset: item ``i`` is the patch ``strategy.get_patch_spec(i)`` names.
 
@@ -210,6 +228,10 @@ class PatchDataset(Dataset[torch.Tensor]):
         them).
     transform : callable, optional
         Applied to each patch tensor (e.g. a normalisation or augmentation).
+        It may work in place: every item is a tensor of its own (a copy, in
+        native byte order), never a view of a stack, so a transform cannot
+        change the stacks, and read-only stacks (``numpy.memmap`` opened with
+        mode ``"r"``, arrays with ``writeable=False``) give writable items.
 
     Raises
     ------
@@ -260,7 +282,7 @@ class PatchDataset(Dataset[torch.Tensor]):
             for start, size in zip(spec["coords"], spec["patch_size"], strict=True)
         )
         where = (spec["sample_idx"], slice(None), *window)
-        patch = np.ascontiguousarray(self.stacks[spec["data_idx"]][where])
+        patch = _owned_copy(self.stacks[spec["data_idx"]][where])
         tensor = torch.from_numpy(patch)
         return tensor if self.transform is None else self.transform(tensor)
 

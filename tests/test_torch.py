@@ -8,6 +8,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -332,3 +333,94 @@ def test_dataset_items_may_be_0d_integer_tensors() -> None:
     twin = PatchDataset(strategy(), stacks)
     for index in (0, 3, 3, 7):
         assert torch.equal(dataset[torch.tensor(index)], twin[index])
+
+
+# -- items never alias the user's stacks (issue 19, item 3) ---------------------------
+
+
+def zero_in_place(patch: torch.Tensor) -> torch.Tensor:
+    """An in-place transform, as augmentations often are."""
+    return patch.mul_(0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch"),
+    [
+        ((2, 1, 16, 12), (16, 12)),  # the patch is the whole image
+        ((2, 1, 40, 12), (8, 12)),  # the patch spans whole rows
+        ((2, 1, 6, 16, 12), (2, 16, 12)),  # 3D: whole slices
+    ],
+)
+def test_an_in_place_transform_never_changes_the_stack(
+    shape: tuple[int, ...], patch: tuple[int, ...]
+) -> None:
+    stack = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + 1
+    original = stack.copy()
+    dataset = PatchDataset(numpy_sampler([shape], patch, seed=3), [stack], transform=zero_in_place)
+    loader = DataLoader(dataset, batch_size=4, num_workers=0)
+    batches = list(loader)
+    assert all(bool((batch == 0).all()) for batch in batches)
+    np.testing.assert_array_equal(stack, original)
+
+
+def test_an_item_of_a_whole_image_patch_is_a_copy() -> None:
+    stack = np.ones((1, 1, 16, 12), dtype=np.float32)
+    item = PatchDataset(numpy_sampler([stack.shape], (16, 12)), [stack])[0]
+    assert not np.shares_memory(item.numpy(), stack)
+
+
+def test_an_in_place_transform_of_a_read_only_array_gives_a_writable_copy() -> None:
+    stack = np.arange(2 * 16 * 12, dtype=np.float32).reshape(2, 1, 16, 12) + 1
+    stack.flags.writeable = False
+    original = stack.copy()
+    dataset = PatchDataset(numpy_sampler([stack.shape], (16, 12)), [stack], transform=zero_in_place)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps a read-only array
+        items = [dataset[index] for index in range(len(dataset))]
+    assert all(bool((item == 0).all()) for item in items)
+    np.testing.assert_array_equal(stack, original)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_in_place_transform_of_a_read_only_memmap_does_not_crash(
+    tmp_path: Any, num_workers: int
+) -> None:
+    # A memmap opened with mode "r" is mapped read-only: a write into it is a
+    # segmentation fault, so the check runs in a child process.
+    path = tmp_path / "stack.npy"
+    stack = (np.arange(2 * 16 * 12) % 200).astype(np.uint8).reshape(2, 1, 16, 12)
+    np.save(path, stack)
+    code = f"""
+import numpy as np
+from torch.utils.data import DataLoader
+from gpu_patching import StratifiedPatching
+from gpu_patching.torch import PatchDataset
+
+stack = np.load({str(path)!r}, mmap_mode="r")
+strategy = StratifiedPatching([stack.shape], (16, 12), seed=0, backend="numpy")
+dataset = PatchDataset(strategy, [stack], transform=lambda patch: patch.add_(1))
+loader = DataLoader(dataset, batch_size=2, num_workers={num_workers})
+batches = [batch for batch in loader]
+assert sum(len(batch) for batch in batches) == strategy.n_patches
+assert all(int(batch.min()) >= 1 for batch in batches)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(path), stack)
+
+
+# -- big-endian stacks are read correctly (issue 19, item 8) ------------------------
+
+
+@pytest.mark.parametrize("dtype", [">u2", ">f4", ">i8"])
+def test_a_big_endian_stack_gives_the_same_items_as_a_native_one(dtype: str) -> None:
+    native = [stack.astype(np.dtype(dtype).newbyteorder("=")) for stack in coded_stacks()]
+    if np.dtype(dtype).itemsize < 8:
+        native = [stack % 60000 for stack in native]
+    swapped = [stack.astype(dtype) for stack in native]
+    items = PatchDataset(strategy(), swapped)
+    expected = PatchDataset(strategy(), native)
+    for index in (0, 5, 5, 17):
+        item, want = items[index], expected[index]
+        assert item.dtype == want.dtype and torch.equal(item, want)

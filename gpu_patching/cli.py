@@ -138,11 +138,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise CommandError(f"--output must end in .npy or .csv, got {output.name!r}")
     _require_backend(args.backend)
     _require("gpu-patching sample", _reader_modules(args.inputs))
+    # The inputs first (shapes only, no pixels): a missing input is the error
+    # to report even when the output already exists.
+    shapes = [read_shape(path, args.axes) for path in args.inputs]
     _check_outputs([output], args.inputs, args.overwrite)
-    shapes = []
-    for path in args.inputs:
-        shape = read_shape(path, args.axes)
-        shapes.append(shape)
     spatial = {len(s) - 2 for s in shapes}
     if len(spatial) != 1:
         raise CommandError("the inputs mix 2D and 3D stacks; pass stacks of one kind")
@@ -199,27 +198,30 @@ def _patch_size(values: Sequence[int] | None, ndim: int) -> tuple[int, ...]:
 # -- demo ----------------------------------------------------------------------
 
 
-def _load_demo_image(args: argparse.Namespace) -> tuple[np.ndarray, str]:
-    """Return the 2D image the demo shows and a name that says where it came from."""
-    if args.image is None:
-        from skimage import data
+def _open_demo_image(args: argparse.Namespace) -> tuple[Any, str]:
+    """Open the image the demo shows, reading its shape only, and check the flags against it.
 
-        image = data.cell().astype(np.float32)
-        return image, "scikit-image's 'cell' (quantitative phase image of a cell in saline)"
+    Returns the opened stack (a lazy ``SC(Z)YX`` stack for ``.zarr``, else the
+    path, read later by :func:`_read_demo_image`) and a name that says where
+    the plane comes from. Called before the outputs are checked, so that a
+    missing or unsuitable input is what the user hears about first.
+    """
     stack: Any
     if Path(args.image).suffix.lower() == ".zarr":
         # A zarr store or an OME-Zarr image (its level 0): only the plane shown is read.
         from .stores import open_stack
 
         stack = open_stack(args.image, args.axes)
+        shape = tuple(stack.shape)
     else:
-        stack = read_stack(args.image, args.axes)
-    if stack.ndim != 4:
+        stack = args.image
+        shape = read_shape(args.image, args.axes)
+    if len(shape) != 4:
         raise CommandError(
             f"demo shows 2D images; {args.image} with axes {args.axes} is 3D "
             "(use 'sample' for 3D data)"
         )
-    samples, channels = stack.shape[:2]
+    samples, channels = shape[:2]
     for flag, value, count in (
         ("--sample", args.sample, samples),
         ("--channel", args.channel, channels),
@@ -227,7 +229,25 @@ def _load_demo_image(args: argparse.Namespace) -> tuple[np.ndarray, str]:
         if not 0 <= value < count:
             raise CommandError(f"{flag} {value} is out of range: {args.image} has {count}")
     name = f"{args.image} (sample {args.sample} of {samples}, channel {args.channel} of {channels})"
-    return stack[args.sample, args.channel].astype(np.float32), name
+    return stack, name
+
+
+def _read_demo_image(args: argparse.Namespace, opened: Any) -> np.ndarray:
+    """Read the plane that :func:`_open_demo_image` checked, as float32."""
+    if isinstance(opened, str):
+        opened = read_stack(opened, args.axes)
+    return np.asarray(opened[args.sample, args.channel]).astype(np.float32)
+
+
+def _load_demo_image(args: argparse.Namespace) -> tuple[np.ndarray, str]:
+    """Return the 2D image the demo shows and a name that says where it came from."""
+    if args.image is None:
+        from skimage import data
+
+        image = data.cell().astype(np.float32)
+        return image, "scikit-image's 'cell' (quantitative phase image of a cell in saline)"
+    opened, name = _open_demo_image(args)
+    return _read_demo_image(args, opened), name
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -242,6 +262,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not args.no_progress:
         modules.append(("tqdm", "progress bars"))
     _require("gpu-patching demo", modules)
+    # The input first (its shape, not its pixels): a missing image is the
+    # error to report even when the output folder already holds pictures.
+    opened = _open_demo_image(args) if args.image is not None else None
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise CommandError(f"--output {output} is a file; name a folder for the pictures")
@@ -250,7 +273,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         [args.image] if args.image else [],
         args.overwrite,
     )
-    image, name = _load_demo_image(args)
+    if opened is None:
+        image, name = _load_demo_image(args)
+    else:
+        image, name = _read_demo_image(args, opened[0]), opened[1]
     from .demo import run_demo
 
     run_demo(

@@ -39,6 +39,25 @@ settings.load_profile("gpu-patching")
 Cell = tuple[int, ...]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _run_in_an_empty_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterable[None]:
+    """Run every test from an empty folder, never from the checkout.
+
+    A command's default output (``demo-output/``, say) or any relative path
+    then lands in a fresh folder, so no test sees what ``make demo`` or a
+    user left in the working tree. Session-scoped: hypothesis refuses
+    function-scoped fixtures on its tests.
+    """
+    import os
+
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 # -- the reference implementation ------------------------------------------------------
 
 

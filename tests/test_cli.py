@@ -180,6 +180,39 @@ def test_demo_refuses_to_replace_pictures_before_any_work(tmp_path, capsys):
     assert (tmp_path / "coverage.png").read_bytes() == b"old picture"
 
 
+def test_demo_names_a_missing_image_before_the_pictures_already_in_its_output(tmp_path, capsys):
+    (tmp_path / "coverage.png").write_bytes(b"old picture")
+    missing = tmp_path / "missing.tif"
+    assert main(["demo", "--image", str(missing), "--output", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert f"no such file or folder: {missing}" in error
+    assert "exists" not in error
+
+
+def test_demo_checks_a_3d_image_before_the_pictures_already_in_its_output(tmp_path, capsys):
+    (tmp_path / "coverage.png").write_bytes(b"old picture")
+    np.save(tmp_path / "volume.npy", np.zeros((8, 32, 32), dtype=np.uint8))
+    arguments = ["demo", "--image", str(tmp_path / "volume.npy"), "--axes", "ZYX"]
+    assert main([*arguments, "--output", str(tmp_path)]) == 2
+    assert "demo shows 2D images" in capsys.readouterr().err
+
+
+def test_sample_names_a_missing_input_before_an_existing_output(tmp_path, capsys):
+    output = tmp_path / "epoch.npy"
+    output.write_bytes(b"keep me")
+    missing = tmp_path / "missing.npy"
+    assert main(sample_args(missing, output)) == 2
+    error = capsys.readouterr().err
+    assert f"no such file or folder: {missing}" in error
+    assert output.read_bytes() == b"keep me"
+
+
+def test_tests_run_outside_the_checkout_so_its_files_cannot_change_them():
+    checkout = Path(__file__).resolve().parent.parent
+    here = Path.cwd().resolve()
+    assert here != checkout and checkout not in here.parents
+
+
 # -- one line and exit status 2 for every error ----------------------------------
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from ._atomic import write_atomically
+
 __all__ = ["PICTURE_NAMES", "CoverageRun", "DemoScene", "draw_demo_pictures"]
 
 #: The files :func:`draw_demo_pictures` writes, in order.
@@ -168,8 +170,15 @@ def _save(figure: Any, path: Path) -> Path:
     # The figures lay themselves out (constrained layout): one draw, not two.
     # The PNG carries its words as its description: a text for screen readers
     # and search, and what the tests read to hold the words to the numbers.
-    figure.savefig(path, dpi=90, metadata={"Description": _words(figure)})
-    _pyplot().close(figure)
+    # Written atomically: an interrupted demo leaves the old picture, not half of one.
+    description = {"Description": _words(figure)}
+    try:
+        write_atomically(
+            path,
+            lambda stream: figure.savefig(stream, dpi=90, format="png", metadata=description),
+        )
+    finally:
+        _pyplot().close(figure)
     return path
 
 

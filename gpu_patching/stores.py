@@ -66,9 +66,10 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,10 @@ _BOOKKEEPING_BYTES_PER_ROW = 1024
 
 # OME-Zarr axis names to our letters (time points are samples).
 _OME_AXES = {"t": "S", "c": "C", "z": "Z", "y": "Y", "x": "X"}
+#: How to install what this module needs (zarr-python 3 and tifffile's zarr 3 stores).
+_STORES_EXTRA = "pip install 'gpu-patching[stores]'"
+# tifffile's zarr store speaks zarr-python 3 from this release on.
+_TIFFFILE_MIN = (2025, 5, 21)
 
 
 class StoreError(OSError):
@@ -194,14 +199,21 @@ class ChunkedStack:
             letters.index(a) if a in letters else None for a in full
         )
         self._order = order
-        self._array = array
-        self._closer: Any = None
+        # (process that opened it, the array, what closes its file). A TIFF is
+        # read through an open file whose position every forked process would
+        # share: a process other than the opener opens the file again
+        # (_tiff_source), and so does an unpickled copy.
+        self._handle: tuple[int, Any, Any] = (os.getpid(), array, None)
+        self._tiff_source: tuple[str, int] | None = None
         self.axes = letters
         self.name = name if name is not None else _store_url(array)
-        self.dtype = np.dtype(array.dtype)
+        stored_dtype = np.dtype(array.dtype)
+        # Chunks are handed out in native byte order (a zarr format 2 store may
+        # hold big-endian elements, which PyTorch and the crop kernels refuse).
+        self.dtype = _native_byte_order(stored_dtype)
         self.shape = tuple(1 if i is None else stored_shape[i] for i in self._stored_axis)
         self.chunks = tuple(1 if i is None else stored_chunks[i] for i in self._stored_axis)
-        self._stored_meta = (stored_shape, self.dtype, stored_chunks)
+        self._stored_meta = (stored_shape, stored_dtype, stored_chunks)
 
     @property
     def ndim(self) -> int:
@@ -210,8 +222,54 @@ class ChunkedStack:
 
     @property
     def array(self) -> Any:
-        """The zarr array this stack reads."""
+        """The zarr array this stack reads (in this process: see :meth:`close`)."""
         return self._array
+
+    @property
+    def _array(self) -> Any:
+        pid, array, _ = self._handle
+        if pid != os.getpid() and self._tiff_source is not None:
+            array = self._reopen()
+        return array
+
+    def _reopen(self) -> Any:
+        """Open this process's own handle of a TIFF (after a fork or unpickling)."""
+        assert self._tiff_source is not None
+        path, level = self._tiff_source
+        _, _, inherited_close = self._handle
+        if inherited_close is not None:
+            # This process's copy of the opener's file descriptor: closing it
+            # leaves the opener's file open.
+            inherited_close()
+        try:
+            array, close = _open_tiff(Path(path), level)
+        except Exception as error:
+            raise StoreError(
+                f"the store {self.name} cannot be opened again in process {os.getpid()} "
+                f"({type(error).__name__}: {error})",
+                self.name,
+            ) from error
+        now = (
+            tuple(int(s) for s in array.shape),
+            np.dtype(array.dtype),
+            tuple(int(c) for c in array.chunks),
+        )
+        if now != self._stored_meta:
+            close()
+            raise StoreError(
+                f"the array in {self.name} changed since it was opened: shape, dtype and "
+                f"chunks were {_describe(self._stored_meta)}, now {_describe(now)}",
+                self.name,
+            )
+        self._handle = (os.getpid(), array, close)
+        return array
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._tiff_source is not None:
+            # An open file does not pickle; the copy opens its own at first use.
+            state["_handle"] = (-1, None, None)
+        return state
 
     @property
     def chunk_grid(self) -> tuple[int, ...]:
@@ -262,7 +320,7 @@ class ChunkedStack:
                 raise IndexError(f"index {index} is out of range for an axis of size {size}")
             if where is not None:
                 stored[where] = index % size
-        block = np.asarray(self._array[tuple(stored)])
+        block = np.asarray(self._array[tuple(stored)]).astype(self.dtype, copy=False)
         # The block's axes are the kept stored axes in stored order; put them in
         # SC(Z)YX order and add the kept axes the store does not have.
         present = [axis for axis in kept if self._stored_axis[axis] is not None]
@@ -294,8 +352,11 @@ class ChunkedStack:
         return tuple(selection)
 
     def _to_full(self, block: NDArray[Any]) -> NDArray[Any]:
-        """Return a stored-order block as an ``SC(Z)YX`` view (transposed, axes of 1 added)."""
-        view = np.transpose(block, self._order)
+        """Return a stored-order block as an ``SC(Z)YX`` view (transposed, axes of 1 added).
+
+        Big-endian blocks are copied to native byte order first.
+        """
+        view = np.transpose(block.astype(self.dtype, copy=False), self._order)
         missing = [a for a, axis in enumerate(self._stored_axis) if axis is None]
         return np.expand_dims(view, tuple(missing)) if missing else view
 
@@ -334,11 +395,12 @@ class ChunkedStack:
         """Raise :class:`StoreError` if the store is gone or its array changed.
 
         Re-reads the array's metadata (one small read); a TIFF is read
-        through its open file, so it is not checked.
+        through its open file, so it is not checked (a process that opens it
+        again checks it then).
         """
-        if _tiff_backed(self._array):
+        if self._tiff_source is not None:
             return
-        import zarr
+        zarr = _import_zarr()
 
         try:
             current = zarr.open_array(store=self._array.store, path=self._array.path, mode="r")
@@ -361,10 +423,74 @@ class ChunkedStack:
             )
 
     def close(self) -> None:
-        """Close the file a TIFF stack keeps open (nothing to do for zarr stores)."""
-        if self._closer is not None:
-            self._closer()
-            self._closer = None
+        """Close the file a TIFF stack keeps open (nothing to do for zarr stores).
+
+        Each process reads a TIFF through a file of its own (a forked
+        process or an unpickled copy opens it again at its first read); this
+        closes the calling process's file only.
+        """
+        pid, array, close = self._handle
+        if close is not None and pid == os.getpid():
+            close()
+            self._handle = (pid, array, None)
+
+
+def _native_byte_order(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """Return ``dtype`` in the machine's byte order (unchanged where it already is)."""
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """Return the leading numbers of a version string: ``"3.1.6"`` -> ``(3, 1, 6)``."""
+    numbers = re.match(r"\d+(\.\d+)*", text)
+    return tuple(int(n) for n in numbers.group(0).split(".")) if numbers else ()
+
+
+def _import_zarr() -> Any:
+    """Import zarr-python 3, or say which extra installs it."""
+    try:
+        import zarr
+    except ImportError as error:
+        raise ImportError(
+            f"chunked stores need zarr-python 3 (Python 3.11 or later): {_STORES_EXTRA}"
+        ) from error
+    if _version(zarr.__version__)[:1] < (3,):
+        raise ImportError(
+            f"chunked stores need zarr-python 3, found zarr {zarr.__version__}: {_STORES_EXTRA}"
+        )
+    return zarr
+
+
+def _import_tifffile() -> Any:
+    """Import a tifffile whose zarr store speaks zarr-python 3, or say which extra installs it."""
+    wanted = ".".join(str(n) for n in _TIFFFILE_MIN)
+    try:
+        import tifffile
+    except ImportError as error:
+        raise ImportError(
+            f"TIFF stacks need tifffile {wanted} or later: {_STORES_EXTRA}"
+        ) from error
+    if _version(tifffile.__version__) < _TIFFFILE_MIN:
+        raise ImportError(
+            f"TIFF stacks need tifffile {wanted} or later, found {tifffile.__version__}: "
+            f"{_STORES_EXTRA}"
+        )
+    return tifffile
+
+
+def _open_tiff(path: Path, level: int) -> tuple[Any, Any]:
+    """Open level ``level`` of a TIFF as a zarr array; return it and what closes its file."""
+    tifffile = _import_tifffile()
+    zarr = _import_zarr()
+    tiff = tifffile.TiffFile(path)
+    try:
+        n_levels = len(tiff.series[0].levels)
+        _check_level(level, n_levels, str(path))
+        array = zarr.open_array(store=tiff.aszarr(level=level), mode="r")
+    except BaseException:
+        tiff.close()
+        raise
+    return array, tiff.close
 
 
 def _describe(meta: tuple[Any, ...]) -> str:
@@ -380,11 +506,6 @@ def _is_zarr_array(value: Any) -> bool:
 
 def _store_url(array: Any) -> str:
     return str(getattr(array, "store_path", type(array).__name__))
-
-
-def _tiff_backed(array: Any) -> bool:
-    store = getattr(array, "store", None)
-    return (type(store).__module__ or "").split(".")[0] == "tifffile"
 
 
 def is_chunked_stack(value: Any) -> bool:
@@ -480,22 +601,16 @@ def _check_level(level: int, n_levels: int, name: str) -> None:
 def _open_path(path: Path, axes: str | None, level: int) -> ChunkedStack:
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
-    import zarr
-
+    zarr = _import_zarr()
     if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-
-        tiff = tifffile.TiffFile(path)
+        array, close = _open_tiff(path, level)
         try:
-            n_levels = len(tiff.series[0].levels)
-            _check_level(level, n_levels, str(path))
-            store = tiff.aszarr(level=level)
-            array = zarr.open_array(store=store, mode="r")
+            stack = ChunkedStack(array, axes, name=str(path))
         except BaseException:
-            tiff.close()
+            close()
             raise
-        stack = ChunkedStack(array, axes, name=str(path))
-        stack._closer = tiff.close
+        stack._handle = (os.getpid(), array, close)
+        stack._tiff_source = (str(path.absolute()), level)
         return stack
     opened = zarr.open(str(path), mode="r")
     if _is_zarr_array(opened):
@@ -505,27 +620,80 @@ def _open_path(path: Path, axes: str | None, level: int) -> ChunkedStack:
 
 
 def _open_group(group: Any, axes: str | None, level: int, name: str) -> ChunkedStack:
-    """Level ``level`` of an OME-Zarr multiscale image (0.4: attrs; 0.5: attrs['ome'])."""
+    """Level ``level`` of an OME-Zarr multiscale image (0.4: attrs; 0.5: attrs['ome']).
+
+    The metadata is checked field by field: a malformed image is a
+    ``ValueError`` that names the store and the field, not whatever Python
+    error indexing it would raise.
+    """
     attributes = dict(group.attrs)
-    multiscales = attributes.get("multiscales", attributes.get("ome", {}).get("multiscales"))
-    if not multiscales:
+    ome = attributes.get("ome", {})
+    if not isinstance(ome, Mapping):
+        raise ValueError(
+            f"{name}: the OME-Zarr attribute 'ome' must be a mapping, got {_kind(ome)}"
+        )
+    multiscales = attributes.get("multiscales", ome.get("multiscales"))
+    if multiscales is None:
         raise ValueError(
             f"{name} is a zarr group without OME-Zarr 'multiscales' metadata; "
             "open the array inside it instead"
         )
+    if not isinstance(multiscales, list) or not multiscales:
+        raise ValueError(
+            f"{name}: OME-Zarr 'multiscales' must be a non-empty list, got {_kind(multiscales)}"
+        )
     image = multiscales[0]
-    datasets = image.get("datasets", [])
+    if not isinstance(image, Mapping):
+        raise ValueError(f"{name}: OME-Zarr 'multiscales[0]' must be a mapping, got {_kind(image)}")
+    datasets = image.get("datasets")
+    if not isinstance(datasets, list):
+        raise ValueError(
+            f"{name}: OME-Zarr 'multiscales[0].datasets' must be a list, got {_kind(datasets)}"
+        )
     _check_level(level, len(datasets), name)
-    path = datasets[level]["path"]
+    field = f"multiscales[0].datasets[{level}].path"
+    dataset = datasets[level]
+    path = dataset.get("path") if isinstance(dataset, Mapping) else None
+    if not isinstance(path, str):
+        raise ValueError(f"{name}: OME-Zarr '{field}' must be a string, got {_kind(path)}")
     if axes is None and "axes" in image:
-        names = [a["name"] if isinstance(a, dict) else str(a) for a in image["axes"]]
-        unknown = [n for n in names if n.lower() not in _OME_AXES]
-        if unknown:
-            raise ValueError(
-                f"{name} has axes {names}; {unknown} have no SC(Z)YX meaning: give axes="
-            )
-        axes = "".join(_OME_AXES[n.lower()] for n in names)
-    return ChunkedStack(group[path], axes, name=f"{name}/{path}")
+        axes = _ome_axes(image["axes"], name)
+    try:
+        array = group[path]
+    except (KeyError, FileNotFoundError) as error:
+        raise ValueError(
+            f"{name}: OME-Zarr '{field}' is {path!r}, which does not exist in the group"
+        ) from error
+    if not _is_zarr_array(array):
+        raise ValueError(f"{name}: OME-Zarr '{field}' is {path!r}, which is not an array")
+    return ChunkedStack(array, axes, name=f"{name}/{path}")
+
+
+def _ome_axes(entries: Any, name: str) -> str:
+    """Our axes letters of OME-Zarr ``axes`` (0.4 and 0.5: mappings with a ``name``)."""
+    if not isinstance(entries, list):
+        raise ValueError(
+            f"{name}: OME-Zarr 'multiscales[0].axes' must be a list, got {_kind(entries)}"
+        )
+    names = []
+    for k, entry in enumerate(entries):
+        # 0.3 listed the names themselves; later versions a mapping per axis.
+        axis = entry.get("name") if isinstance(entry, Mapping) else entry
+        if not isinstance(axis, str):
+            raise ValueError(f"{name}: OME-Zarr 'multiscales[0].axes[{k}]' has no name: {entry!r}")
+        names.append(axis)
+    unknown = [n for n in names if n.lower() not in _OME_AXES]
+    if unknown:
+        raise ValueError(f"{name} has axes {names}; {unknown} have no SC(Z)YX meaning: give axes=")
+    return "".join(_OME_AXES[n.lower()] for n in names)
+
+
+def _kind(value: Any) -> str:
+    """Describe a metadata value for an error: its type, and the value when short."""
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 40 else type(value).__name__
 
 
 # -- planning: which chunks a batch touches ---------------------------------------------

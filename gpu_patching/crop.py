@@ -121,8 +121,8 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
     ----------
     stacks : sequence of arrays
         One array per stack, shaped like the sampler's ``data_shapes``: axes
-        ``SC(Z)YX``, the same channel count and dtype for all, each spatial
-        size at least the patch size. Either all on the host (NumPy arrays, or
+        ``SC(Z)YX``, the same channel count and dtype for all (in either byte
+        order), each spatial size at least the patch size. Either all on the host (NumPy arrays, or
         anything ``numpy.asarray`` accepts) or all on one CUDA device (CuPy
         arrays, or arrays with ``__cuda_array_interface__`` or DLPack such as
         PyTorch CUDA tensors, read in place through their strides), or all
@@ -134,7 +134,8 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
         CuPy arrays of integers) and ``patch_size``.
     out : array, optional
         Where to write the patches: C-contiguous, of shape
-        ``(len(batch), C, *patch_size)`` and the stacks' dtype, on the host for
+        ``(len(batch), C, *patch_size)`` and the stacks' dtype (on the host, in
+        either byte order), on the host for
         host stacks and on the stacks' device for device stacks, sharing no
         memory with any stack. It is returned. The crop is enqueued on CuPy's
         current stream; an ``out`` from another library (a PyTorch tensor)
@@ -146,8 +147,10 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
     -------
     numpy.ndarray or cupy.ndarray
         ``out`` when given; otherwise a new C-contiguous array of shape
-        ``(len(batch), C, *patch_size)`` and the stacks' dtype, NumPy for host
-        stacks and CuPy for device stacks. Row ``k`` equals
+        ``(len(batch), C, *patch_size)`` and the stacks' dtype in native byte
+        order (a big-endian ``>u2`` stack gives ``uint16`` patches on x86 or
+        ARM, with the same values), NumPy for host stacks and CuPy for device
+        stacks. It never shares memory with a stack. Row ``k`` equals
         ``stacks[d][s, :, z:z+pz, y:y+py, x:x+px]`` for
         ``d = batch.data_idx[k]``, ``s = batch.sample_idx[k]`` and
         ``(z,) y, x = batch.coords[k]``.
@@ -234,10 +237,23 @@ def _stack_list(stacks: Any) -> list[Any]:
     return list(stacks)
 
 
+def native_dtype(dtype: Any) -> np.dtype[Any]:
+    """Return ``dtype`` in the machine's byte order (``>u2`` becomes ``uint16`` on x86).
+
+    Patches always come out in native byte order: PyTorch cannot hold any
+    other, and a conversion while copying a patch loses no value.
+    """
+    return np.dtype(dtype).newbyteorder("=")
+
+
 def _check_stacks(
     shapes: Sequence[tuple[int, ...]], dtypes: Sequence[np.dtype[Any]], patch_size: tuple[int, ...]
 ) -> tuple[int, np.dtype[Any]]:
-    """Return ``(n_channels, dtype)`` after checking the stacks' metadata."""
+    """Return ``(n_channels, dtype)`` after checking the stacks' metadata.
+
+    ``dtype`` is the stacks' common dtype in native byte order: stacks that
+    differ only in byte order hold the same values and are accepted.
+    """
     for k, shape in enumerate(shapes):
         check_stack_shape(shape, patch_size, f"stacks[{k}]")
         if shape[1] != shapes[0][1]:
@@ -245,12 +261,12 @@ def _check_stacks(
                 f"every stack must have the same number of channels: stacks[0] has "
                 f"{shapes[0][1]} (shape {shapes[0]}), stacks[{k}] has {shape[1]} (shape {shape})"
             )
-        if dtypes[k] != dtypes[0]:
+        if native_dtype(dtypes[k]) != native_dtype(dtypes[0]):
             raise TypeError(
                 f"every stack must have the same dtype: stacks[0] is {dtypes[0]}, "
                 f"stacks[{k}] is {dtypes[k]}"
             )
-    return shapes[0][1], dtypes[0]
+    return shapes[0][1], native_dtype(dtypes[0])
 
 
 def _bad_rows(
@@ -274,13 +290,18 @@ def _bad_rows(
 
 def _raise_for_row(
     row: int,
-    data_idx: int,
-    sample_idx: int,
-    corner: tuple[int, ...],
+    batch: PatchBatch,
     shapes: Sequence[tuple[int, ...]],
     patch_size: tuple[int, ...],
 ) -> None:
-    """Raise the error that names why ``row`` is out of range (it must be)."""
+    """Raise the error that names why ``row`` of ``batch`` is out of range (it must be).
+
+    The values are read from the batch as given, not from their int64 copies,
+    so a uint64 ``2**64 - 1`` is shown as such rather than as ``-1``.
+    """
+    data_idx = int(to_host(batch.data_idx[row : row + 1])[0])
+    sample_idx = int(to_host(batch.sample_idx[row : row + 1])[0])
+    corner = tuple(int(c) for c in to_host(batch.coords[row]).tolist())
     if not 0 <= data_idx < len(shapes):
         raise IndexError(
             f"batch.data_idx[{row}] = {data_idx} is out of range: there are "
@@ -304,25 +325,33 @@ def _check_host_rows(
     rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
     shapes: Sequence[tuple[int, ...]],
     patch_size: tuple[int, ...],
+    batch: PatchBatch,
 ) -> None:
     """Raise for the first row of host ``(data_idx, sample_idx, coords)`` out of range."""
     data_idx, sample_idx, coords = rows
     bad = _bad_rows(data_idx, sample_idx, coords, shapes, patch_size)
     if bad.any():
-        row = int(np.argmax(bad))
-        corner = tuple(int(c) for c in coords[row])
-        _raise_for_row(row, int(data_idx[row]), int(sample_idx[row]), corner, shapes, patch_size)
+        _raise_for_row(int(np.argmax(bad)), batch, shapes, patch_size)
+
+
+def _as_int64(values: Any) -> NDArray[np.int64]:
+    """Return integer row values as int64 on the host, saturating unsigned values past int64.
+
+    A plain cast would wrap a uint64 ``2**63`` or more to a negative number;
+    saturated, it stays a value no stack can hold, so the row is still
+    refused (and the message reads the value from the batch itself).
+    """
+    host = to_host(values)
+    if host.dtype.kind == "u" and host.dtype.itemsize == 8:
+        host = np.minimum(host, np.uint64(np.iinfo(np.int64).max))
+    return host.astype(np.int64, copy=False)
 
 
 def _host_rows(
     batch: PatchBatch,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
     """Return the batch's rows as int64 NumPy arrays (copied from the device if needed)."""
-    return (
-        to_host(batch.data_idx, np.int64),
-        to_host(batch.sample_idx, np.int64),
-        to_host(batch.coords, np.int64),
-    )
+    return (_as_int64(batch.data_idx), _as_int64(batch.sample_idx), _as_int64(batch.coords))
 
 
 # -- chunked stores ------------------------------------------------------------------------
@@ -343,11 +372,12 @@ def _extract_chunked(
     if out is not None:
         _check_host_out(out, result_shape, dtype, [])
     rows = _host_rows(batch)
-    _check_host_rows(rows, shapes, patch_size)
+    _check_host_rows(rows, shapes, patch_size, batch)
     # Each chunk the batch touches is read once; no cache outlives the call.
     patches = ChunkReader(chunked, cache_bytes=0).read(rows, patch_size)
     if out is None:
-        return patches
+        # No copy when the store's dtype is already in native byte order.
+        return patches.astype(dtype, copy=False)
     out[...] = patches  # only a complete batch reaches out
     return out
 
@@ -370,7 +400,7 @@ def _extract_host(
     if out is not None:
         _check_host_out(out, result_shape, dtype, arrays)
     rows = _host_rows(batch)
-    _check_host_rows(rows, shapes, patch_size)
+    _check_host_rows(rows, shapes, patch_size, batch)
 
     data_idx, sample_idx, coords = rows
     spatial_axes = tuple(range(2, 2 + len(patch_size)))
@@ -399,8 +429,8 @@ def _extract_host(
 
     if out is None and len(groups) == 1:
         # One gather straight into a new array: each element is read once and
-        # written once.
-        return np.ascontiguousarray(gather(*groups[0]))
+        # written once (twice for a stack in the other byte order, swapped here).
+        return np.ascontiguousarray(gather(*groups[0]), dtype=dtype)
     target = np.empty(result_shape, dtype=dtype) if out is None else out
     # Fancy indexing has no out=: gather a chunk of rows into a temporary and
     # copy it into place. Chunks of HOST_CHUNK_BYTES keep the temporary in
@@ -434,7 +464,8 @@ def _check_out_metadata(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) 
     actual = tuple(int(s) for s in out.shape)
     if actual != shape:
         raise ValueError(f"out has shape {actual}, expected (len(batch), C, *patch_size) = {shape}")
-    if np.dtype(out.dtype) != dtype:
+    # Either byte order: copying into out converts, and loses no value.
+    if native_dtype(out.dtype) != dtype:
         raise TypeError(f"out has dtype {out.dtype}, expected the stacks' dtype {dtype}")
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
@@ -800,7 +831,7 @@ class DeviceCrop:
         else:
             # Host rows are checked here, with no device work.
             host_rows = _host_rows(batch)
-            _check_host_rows(host_rows, shapes, patch_size)
+            _check_host_rows(host_rows, shapes, patch_size, batch)
 
         with self.on_device(device_id):
             if n_rows == 0:
@@ -813,7 +844,9 @@ class DeviceCrop:
                     for column in columns.values()
                 )
                 if not trusted_rows:
-                    self._check_device_rows(device_id, table, rows, n_rows, shapes, patch_size)
+                    self._check_device_rows(
+                        device_id, table, rows, n_rows, shapes, patch_size, batch
+                    )
             else:
                 rows = self._upload_rows(host_rows, n_rows)
             if target is None:
@@ -903,6 +936,7 @@ class DeviceCrop:
         n_rows: int,
         shapes: Sequence[tuple[int, ...]],
         patch_size: tuple[int, ...],
+        batch: PatchBatch,
     ) -> None:
         """One check launch and one 8-byte copy back; raise for the first bad row."""
         first_bad = self.xp.asarray(np.array([n_rows], dtype=np.int64))
@@ -912,16 +946,7 @@ class DeviceCrop:
         self.check_count += 1
         row = int(to_host(first_bad)[0])
         if row < n_rows:
-            ndim = len(patch_size)
-            corner = tuple(int(c) for c in to_host(rows[2][row * ndim : (row + 1) * ndim]))
-            _raise_for_row(
-                row,
-                int(to_host(rows[0][row : row + 1])[0]),
-                int(to_host(rows[1][row : row + 1])[0]),
-                corner,
-                shapes,
-                patch_size,
-            )
+            _raise_for_row(row, batch, shapes, patch_size)
 
 
 # The DeviceCrop of extract_patches (created on first use: it imports CuPy).

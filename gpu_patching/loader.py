@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _validation as check
 from .backends import BackendUnavailableError
-from .crop import _check_stacks, _device_crop, _is_device_array, extract_patches
+from .crop import _check_stacks, _device_crop, _is_device_array, extract_patches, native_dtype
 from .permutation import EpochOrder
 from .specs import PatchBatch
 from .stores import (
@@ -197,7 +197,8 @@ class PatchLoader:
         if as_torch:
             import torch  # fail now, not at the first batch
 
-            for dtype in dtypes:
+            # Batches come out in native byte order, which is what PyTorch holds.
+            for dtype in map(native_dtype, dtypes):
                 if dtype.kind not in "biuf":
                     raise TypeError(
                         f"as_torch=True: the stacks hold {dtype} values, which PyTorch "
@@ -262,7 +263,9 @@ class PatchLoader:
     def _store_batches(self, epoch: int) -> Iterator[tuple[Any, PatchBatch]]:
         assert self._reader is not None
         rows = self._strategy.sample_epoch(epoch, **self._options).to_numpy()
-        for patches, batch in self._reader.batches(rows, self._batch_size):
+        for raw, batch in self._reader.batches(rows, self._batch_size):
+            # A store in the other byte order: swap while copying (no copy otherwise).
+            patches = raw.astype(native_dtype(raw.dtype), copy=False)
             if not self._device_output:
                 yield self._convert(patches), batch
                 continue

@@ -441,3 +441,61 @@ def test_a_bad_out_is_refused(setup: Any) -> None:
             make_batch([1], [0], [[0, 0]], (4, 4)),
             out=inside[:, :, :4],
         )
+
+
+# -- byte order and the values a message shows (issue 19, item 8) --------------------
+
+
+@pytest.mark.parametrize("dtype", [">u2", ">i4", ">f4", ">f8", ">c16"])
+def test_a_big_endian_stack_is_cropped_into_native_byte_order(dtype: str) -> None:
+    native_dtype = np.dtype(dtype).newbyteorder("=")
+    stacks = [values((2, 1, 10, 12), native_dtype), values((1, 1, 8, 20), native_dtype, seed=1)]
+    batch = random_batch([s.shape for s in stacks], (4, 4), 20, seed=2)
+    result = extract_patches([stack.astype(dtype) for stack in stacks], batch)
+    assert result.dtype == native_dtype and result.dtype.isnative
+    assert_equals_slicing(result, stacks, batch)
+
+
+def test_stacks_of_both_byte_orders_are_read_exactly() -> None:
+    stacks = [values((2, 1, 10, 12), np.uint16), values((1, 1, 8, 20), np.uint16, seed=1)]
+    stacks[0][0, 0, 0, :4] = [0, 1, 256, 65535]  # bytes that differ when swapped
+    batch = random_batch([s.shape for s in stacks], (4, 4), 20, seed=3)
+    mixed = [stacks[0].astype(">u2"), stacks[1]]
+    assert_equals_slicing(extract_patches(mixed, batch), stacks, batch)
+    out = np.empty((20, 1, 4, 4), dtype=">u2")  # out in the stacks' other byte order
+    assert_equals_slicing(extract_patches(mixed, batch, out=out).astype(np.uint16), stacks, batch)
+
+
+@pytest.mark.parametrize(
+    ("field", "error", "match"),
+    [
+        ("data_idx", IndexError, r"batch.data_idx\[1\] = 18446744073709551615 is out of range"),
+        ("sample_idx", IndexError, r"batch.sample_idx\[1\] = 18446744073709551615 is out"),
+        ("coords", ValueError, r"batch.coords\[1\] = \(0, 18446744073709551615\) puts"),
+    ],
+)
+def test_a_uint64_row_is_named_with_the_value_given(
+    setup: Any, field: str, error: type[Exception], match: str
+) -> None:
+    stacks, batch, out = setup
+    arrays = {
+        name: getattr(batch, name).astype(np.uint64)
+        for name in ("data_idx", "sample_idx", "coords")
+    }
+    column = arrays[field]
+    if field == "coords":
+        column[1, 1] = 2**64 - 1
+    else:
+        column[1] = 2**64 - 1
+    bad = PatchBatch(**arrays, indices=batch.indices, patch_size=batch.patch_size)
+    raises_untouched(error, match, stacks, bad, out)
+
+
+def test_a_uint64_corner_past_int64_is_refused_not_wrapped(setup: Any) -> None:
+    # 2**63 + 6 wraps to a negative int64: it must be refused as the value given.
+    stacks, batch, out = setup
+    coords = batch.coords.astype(np.uint64)
+    coords[0, 0] = 2**63 + 6
+    bad = PatchBatch(batch.data_idx, batch.sample_idx, coords, batch.indices, batch.patch_size)
+    match = r"batch.coords\[0\] = \(9223372036854775814, 8\)"
+    raises_untouched(ValueError, match, stacks, bad, out)

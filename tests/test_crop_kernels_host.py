@@ -451,6 +451,20 @@ def test_device_rows_raise_the_same_error_as_host_rows(
     assert errors[0] == errors[1]
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_a_uint64_corner_is_named_with_the_value_given(
+    host_kernels: HostKernels, on_device: bool
+) -> None:
+    # The check kernel sees the int64 copy (-1); the message shows the batch's value.
+    stacks = [np.zeros((1, 1, 16, 16), dtype=np.float32)]
+    coords = np.array([[0, 0], [2**64 - 1, 0]], dtype=np.uint64)
+    batch = PatchBatch(np.zeros(2, np.uint64), np.zeros(2, np.uint64), coords, np.arange(2), (8, 8))
+    cropper = HostCrop(host_kernels, rows_on_device=on_device)
+    with pytest.raises(ValueError, match=r"batch.coords\[1\] = \(18446744073709551615, 0\)"):
+        cropper.extract(stacks, batch, batch.patch_size, len(batch), None)
+    assert cropper.launch_count == 0
+
+
 def test_device_rows_are_checked_by_one_launch_then_cropped_by_one(
     host_kernels: HostKernels,
 ) -> None:

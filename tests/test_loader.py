@@ -203,3 +203,28 @@ def test_set_epoch_takes_numpy_integers_and_refuses_the_rest():
     with pytest.raises(TypeError, match=r"epoch must be an integer, got 1\.0"):
         loader.set_epoch(1.0)
     assert loader.epoch == 7
+
+
+@pytest.mark.parametrize("dtype", [">u2", ">f4"])
+def test_a_big_endian_stack_gives_native_batches(dtype):
+    native = [(stack * 60000).astype(np.dtype(dtype).newbyteorder("=")) for stack in make_stacks()]
+    swapped = [stack.astype(dtype) for stack in native]
+    loader = PatchLoader(swapped, make_strategy(), 8)
+    for (patches, _), (expected, _) in zip(
+        loader, PatchLoader(native, make_strategy(), 8), strict=True
+    ):
+        assert patches.dtype == expected.dtype and patches.dtype.isnative
+        np.testing.assert_array_equal(patches, expected)
+
+
+@pytest.mark.parametrize("dtype", [">u2", ">f4"])
+def test_a_big_endian_stack_gives_tensors_with_as_torch(dtype):
+    torch = pytest.importorskip("torch")
+    native = [(stack * 60000).astype(np.dtype(dtype).newbyteorder("=")) for stack in make_stacks()]
+    swapped = [stack.astype(dtype) for stack in native]
+    loader = PatchLoader(swapped, make_strategy(), 8, as_torch=True)
+    for (patches, _), (expected, _) in zip(
+        loader, PatchLoader(native, make_strategy(), 8), strict=True
+    ):
+        assert isinstance(patches, torch.Tensor)
+        np.testing.assert_array_equal(patches.numpy(), expected)

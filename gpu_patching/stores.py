@@ -816,6 +816,14 @@ class ChunkReader:
     cache_hits : int
         Chunks taken from the cache instead.
 
+    Raises
+    ------
+    TypeError
+        If a stack is not a chunked stack, or the stacks' dtypes differ
+        (compared in native byte order).
+    ValueError
+        If the stacks mix 2D and 3D, or their channel counts differ.
+
     Notes
     -----
     :meth:`read` and :meth:`batches` may be called from any thread; reads
@@ -838,6 +846,23 @@ class ChunkReader:
         ranks = {s.ndim for s in self.stacks}
         if len(ranks) > 1:
             raise ValueError(f"the stacks mix 2D and 3D shapes: {[s.shape for s in self.stacks]}")
+        # A batch is one array of the first stack's dtype and channels: another
+        # dtype would be cast into it (1e9 into uint16 is 51712) and fewer
+        # channels would leave elements unwritten. No promotion is made: a
+        # batch's dtype would then depend on which stacks were opened.
+        first = self.stacks[0]
+        for k, stack in enumerate(self.stacks[1:], start=1):
+            if stack.dtype != first.dtype:
+                raise TypeError(
+                    f"every stack must have the same dtype: stacks[0] ({first.name}) is "
+                    f"{first.dtype}, stacks[{k}] ({stack.name}) is {stack.dtype}"
+                )
+            if stack.shape[1] != first.shape[1]:
+                raise ValueError(
+                    f"every stack must have the same number of channels: stacks[0] "
+                    f"({first.name}) has {first.shape[1]}, stacks[{k}] ({stack.name}) "
+                    f"has {stack.shape[1]}"
+                )
         self.cache_bytes = limit
         self.workers = n_workers
         # Reads in flight hold up to three chunk sizes each (see cache_limit).

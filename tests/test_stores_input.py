@@ -10,14 +10,18 @@ Every store is written by zarr or tifffile into ``tmp_path``.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from gpu_patching import PatchLoader, StratifiedPatching, extract_patches
 from gpu_patching.specs import PatchBatch
-from gpu_patching.stores import open_stack
+from gpu_patching.stores import ChunkReader, open_stack
 
 zarr = pytest.importorskip("zarr", minversion="3")
 tifffile = pytest.importorskip("tifffile", minversion="2025.5.21")
@@ -121,3 +125,157 @@ def test_the_command_prints_one_line_and_exits_2_on_malformed_ome_zarr(tmp_path,
     assert status == 2
     assert len(error.strip().splitlines()) == 1
     assert str(path) in error and "path" in error
+
+
+# -- stacks that disagree ----------------------------------------------------------------------
+
+
+def _store(path: Path, data: np.ndarray, zarr_format: int = 3) -> Any:
+    array = zarr.create_array(
+        str(path), shape=data.shape, chunks=(1, 1, 8, 8), dtype=data.dtype, zarr_format=zarr_format
+    )
+    array[...] = data
+    return open_stack(array)
+
+
+def test_a_reader_refuses_stacks_of_different_dtypes_naming_both(tmp_path):
+    small = _store(tmp_path / "small.zarr", _data((1, 1, 16, 16)))
+    # 1e9 does not fit in uint16: a cast to the first stack's dtype would give 51712.
+    large = _store(tmp_path / "large.zarr", np.full((1, 1, 16, 16), 10**9, dtype=np.uint32))
+    with pytest.raises(TypeError) as raised:
+        ChunkReader([small, large])
+    message = str(raised.value)
+    assert "small.zarr" in message and "uint16" in message
+    assert "large.zarr" in message and "uint32" in message
+
+
+def test_a_reader_refuses_stacks_of_different_channel_counts_naming_both(tmp_path):
+    one = _store(tmp_path / "one.zarr", _data((1, 1, 16, 16)))
+    two = _store(tmp_path / "two.zarr", _data((1, 2, 16, 16)))
+    with pytest.raises(ValueError) as raised:
+        ChunkReader([one, two])
+    message = str(raised.value)
+    assert "one.zarr" in message and "two.zarr" in message and "channels" in message
+
+
+def test_extract_patches_and_the_loader_refuse_stores_that_disagree(tmp_path):
+    small = _store(tmp_path / "small.zarr", _data((1, 1, 16, 16)))
+    large = _store(tmp_path / "large.zarr", np.full((1, 1, 16, 16), 10**9, dtype=np.uint32))
+    two = _store(tmp_path / "two.zarr", _data((1, 2, 16, 16)))
+    batch = _batch((8, 8), [0], [(0, 0)])
+    for other, error in ((large, TypeError), (two, ValueError)):
+        strategy = StratifiedPatching([small.shape, other.shape], (8, 8), seed=0)
+        with pytest.raises(error):
+            extract_patches([small, other], batch)
+        with pytest.raises(error):
+            PatchLoader([small, other], strategy, batch_size=4)
+
+
+# -- byte order ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [">u2", ">f4", ">i8"])
+def test_a_big_endian_store_is_read_in_native_byte_order(tmp_path, dtype):
+    data = _data((2, 1, 32, 32), seed=3).astype(dtype)
+    stack = _store(tmp_path / "big.zarr", data, zarr_format=2)
+    native = data.astype(data.dtype.newbyteorder("="))
+    assert stack.dtype == native.dtype
+    strategy = StratifiedPatching([stack.shape], (8, 8), seed=1)
+    rows = strategy.sample_epoch(0).to_numpy()
+    patches = extract_patches([stack], rows)
+    assert patches.dtype.isnative
+    assert np.array_equal(patches, extract_patches([native], rows))
+    assert stack[1, 0].dtype.isnative and np.array_equal(stack[1, 0], native[1, 0])
+    assert np.array_equal(stack.read_chunk((0, 0, 1, 2)), native[:1, :, 8:16, 16:24])
+
+
+def test_a_loader_gives_tensors_of_a_big_endian_store(tmp_path):
+    torch = pytest.importorskip("torch")
+    data = _data((2, 1, 32, 32), seed=4).astype(">f4")
+    stack = _store(tmp_path / "big.zarr", data, zarr_format=2)
+    strategy = StratifiedPatching([stack.shape], (8, 8), seed=2)
+    loader = PatchLoader([stack], strategy, batch_size=16, as_torch=True)
+    for patches, batch in loader:
+        assert patches.dtype == torch.float32
+        assert np.array_equal(patches.numpy(), extract_patches([data.astype("=f4")], batch))
+
+
+def test_a_big_endian_tiff_is_read_in_native_byte_order(tmp_path):
+    data = _data((3, 32, 32), seed=5)
+    tifffile.imwrite(
+        tmp_path / "big.tif",
+        data.astype(">u2"),
+        byteorder=">",
+        tile=(16, 16),
+        photometric="minisblack",
+    )
+    stack = open_stack(tmp_path / "big.tif", axes="SYX")
+    try:
+        rows = StratifiedPatching([stack.shape], (8, 8), seed=3).sample_epoch(0).to_numpy()
+        patches = extract_patches([stack], rows)
+    finally:
+        stack.close()
+    assert patches.dtype == np.dtype("=u2")
+    assert np.array_equal(patches, extract_patches([data[:, np.newaxis]], rows))
+
+
+# -- without the [stores] extra --------------------------------------------------------------
+
+
+def _without(module: str, code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter in which ``module`` cannot be imported."""
+    # A None entry in sys.modules makes every import of the module raise ImportError,
+    # exactly as when it is not installed.
+    script = f"import sys\nsys.modules[{module!r}] = None\n" + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("module", ["zarr", "tifffile"])
+def test_opening_a_tiff_without_the_extra_names_the_extra(tmp_path, module):
+    tifffile.imwrite(tmp_path / "a.tif", _data((16, 16)))
+    result = _without(
+        module,
+        f"""
+        from gpu_patching.stores import open_stack
+        try:
+            open_stack({str(tmp_path / "a.tif")!r})
+        except ImportError as error:
+            print(error)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'gpu-patching[stores]'" in result.stdout
+
+
+def test_opening_a_zarr_store_without_zarr_names_the_extra(tmp_path):
+    _store(tmp_path / "a.zarr", _data((1, 1, 16, 16)))
+    result = _without(
+        "zarr",
+        f"""
+        from gpu_patching.stores import open_stack
+        try:
+            open_stack({str(tmp_path / "a.zarr")!r})
+        except ImportError as error:
+            print(error)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'gpu-patching[stores]'" in result.stdout
+
+
+@pytest.mark.parametrize(("module", "name"), [("zarr", "a.zarr"), ("tifffile", "a.tif")])
+def test_reading_a_file_without_its_reader_names_the_extra(tmp_path, module, name):
+    tifffile.imwrite(tmp_path / "a.tif", _data((16, 16)))
+    _store(tmp_path / "a.zarr", _data((1, 1, 16, 16)))
+    result = _without(
+        module,
+        f"""
+        from gpu_patching.io import read_stack
+        try:
+            read_stack({str(tmp_path / name)!r}, "SCYX" if {name!r}.endswith(".zarr") else "YX")
+        except ImportError as error:
+            print(error)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'gpu-patching[cli]'" in result.stdout

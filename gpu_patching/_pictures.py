@@ -83,15 +83,22 @@ class DemoScene:
     scores : numpy.ndarray, shape (Gy, Gx)
         The region statistic that chose the background.
     stat : str
-        Its name.
+        Its name, as the histogram's axis names it.
     threshold : float
         Regions scoring below it are background.
+    threshold_rule : str
+        How the threshold was chosen (Otsu's, the default, or given).
+    background : str
+        How often background regions are drawn, in words
+        (:func:`gpu_patching.demo.background_words`).
     expected : numpy.ndarray, shape (Y, X)
         Expected patches per pixel per epoch.
     reachable : numpy.ndarray of bool, shape (Y, X)
         Pixels that some patch can cover.
-    floor : float
-        Spread of ``expected`` over the reachable pixels.
+    limit : float
+        Spread of ``expected`` over the reachable pixels: what every
+        sampler's spread tends to as epochs add up (a finite run can end
+        below it).
     epochs : int
         Epochs drawn.
     """
@@ -105,9 +112,11 @@ class DemoScene:
     scores: NDArray[Any]
     stat: str
     threshold: float
+    threshold_rule: str
+    background: str
     expected: NDArray[np.float64]
     reachable: NDArray[np.bool_]
-    floor: float
+    limit: float
     epochs: int
 
 
@@ -182,6 +191,16 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
+def _count_background(scene: DemoScene) -> int:
+    """Background regions, counted as the filter counts them: included and under the threshold.
+
+    At probability 1 they look like the rest on the probability map, so they
+    are counted from the scores, not from the probabilities.
+    """
+    below = np.asarray(scene.scores) < scene.threshold
+    return int((below & ~np.asarray(scene.excluded)).sum())
+
+
 def _draw_image(scene: DemoScene, path: Path) -> Path:
     plt = _pyplot()
     figure, (left, right) = plt.subplots(
@@ -223,8 +242,8 @@ def _draw_image(scene: DemoScene, path: Path) -> Path:
     _caption(
         right,
         f"Histogram of the {scene.stat} of the {scores.size} sampling regions. Regions "
-        f"below the threshold ({scene.threshold:.4g}, Otsu's split of this histogram unless "
-        f"given) are background and are drawn less often.",
+        f"below the threshold ({scene.threshold:.4g}: {scene.threshold_rule}) are "
+        f"background, {scene.background}.",
     )
     return _save(figure, path)
 
@@ -260,7 +279,7 @@ def _draw_probabilities(scene: DemoScene, path: Path) -> Path:
     bar = figure.colorbar(shown, ax=axes, ticks=np.arange(len(values) + 1), shrink=0.5)
     bar.ax.set_yticklabels(["held out", *(f"p = {v:.3g}" for v in values)], fontsize=8)
     bar.set_label("region sampling probability", fontsize=9)
-    n_background = int((scene.probabilities[included] < 1).sum())
+    n_background = _count_background(scene)
     axes.legend(
         handles=[
             Patch(facecolor=_HELD_OUT, alpha=0.45, label="held-out cell (never sampled)"),
@@ -286,8 +305,8 @@ def _draw_probabilities(scene: DemoScene, path: Path) -> Path:
     _caption(
         axes,
         f"Each {scene.patch_size[0]}x{scene.patch_size[1]} grid cell coloured by the "
-        f"probability of its sampling region: {n_background} background regions are drawn "
-        f"less often, {len(scene.validation_corners)} cells are held out for validation "
+        f"probability of its sampling region: {n_background} background regions are "
+        f"{scene.background}, {len(scene.validation_corners)} cells are held out for validation "
         f"(no training patch overlaps them). Pixels past the last full cell belong to "
         f"the regions of the last row and column.",
         width=90,
@@ -342,7 +361,7 @@ def _draw_coverage(scene: DemoScene, runs: Sequence[CoverageRun], path: Path) ->
                 axes,
                 f"{run.n_patches} patches per epoch; {uncovered:.1%} of the reachable pixels "
                 f"never covered (bare image); spread {run.spreads[count - 1]:.3f} "
-                f"(floor {scene.floor:.3f}).",
+                f"(limit {scene.limit:.3f}).",
                 width=45,
             )
     expected_axes, curve = grid[0, -1], grid[1, -1]
@@ -358,15 +377,17 @@ def _draw_coverage(scene: DemoScene, runs: Sequence[CoverageRun], path: Path) ->
     expected_axes.set_title(f"({letters[columns - 1]}) expected coverage,\nany epoch", fontsize=9)
     _caption(
         expected_axes,
-        f"The average of every sampler here: border pixels are reachable by fewer patches "
-        f"and background is drawn less, so infinitely many epochs still leave a spread of "
-        f"{scene.floor:.3f} (the floor).",
+        "The average of every sampler here: pixels near the border or a held-out cell are "
+        "reachable by fewer patches"
+        + (f", background is {scene.background}" if _count_background(scene) else "")
+        + f"; its spread, {scene.limit:.3f}, is the limit every sampler's spread tends to "
+        f"as epochs add up.",
         width=45,
     )
     counts = np.arange(1, epochs + 1)
     for run in runs:
         curve.plot(counts, run.spreads, marker="o", ms=3, label=run.label)
-    curve.axhline(scene.floor, color="black", ls="--", lw=1, label="floor")
+    curve.axhline(scene.limit, color="black", ls="--", lw=1, label="limit (expected coverage)")
     curve.set_xlabel("epochs drawn", fontsize=8)
     curve.set_ylabel("spread (patches per pixel per epoch)", fontsize=8)
     curve.tick_params(labelsize=7)
@@ -377,7 +398,9 @@ def _draw_coverage(scene: DemoScene, runs: Sequence[CoverageRun], path: Path) ->
     _caption(
         curve,
         f"Standard deviation over the {int(scene.reachable.sum())} reachable pixels of the "
-        f"mean coverage per epoch so far; lower is more even; none can go below the floor.",
+        f"mean coverage per epoch so far; lower is more even. The dashed line is the limit: "
+        f"every curve tends to it as epochs add up, and a finite run may end above or below "
+        f"it.",
         width=45,
     )
     figure.colorbar(

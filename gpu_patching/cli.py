@@ -385,15 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--background-stat",
-        default="std",
-        choices=("mean", "std", "max", "entropy"),
-        help="region statistic that tells background: low values are background (default std)",
+        default="foreground",
+        choices=("foreground", "mean", "std", "max", "entropy"),
+        help="what tells background: low values are background (default foreground: the "
+        "fraction of a region's pixels above Otsu's threshold of the image's pixels)",
     )
     demo.add_argument(
         "--background-threshold",
         type=float,
-        help="regions whose statistic is below this are background "
-        "(default: Otsu's threshold of the regions' statistic, printed)",
+        help="regions whose statistic is below this are background (default: 0.01 for "
+        "foreground, else Otsu's threshold of the regions' statistic; printed)",
     )
     demo.add_argument(
         "--filtered-prob",

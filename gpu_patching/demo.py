@@ -2,9 +2,10 @@
 
 On one 2D microscopy image it sets up the target a user trains on: a
 validation split (held-out grid cells that no training patch may touch) and
-background regions sampled less often, chosen from the data by Otsu's
-threshold on a region statistic. Then it compares samplers that all draw from
-that *same* distribution over patch corners:
+background regions sampled at another probability (less often by default),
+chosen from the data by Otsu's threshold (by default: regions where almost no
+pixel is above Otsu's threshold of the image's pixels). Then it compares
+samplers that all draw from that *same* distribution over patch corners:
 
 * ours (stratified: patch index ``j`` draws one point of stratum ``j`` of the
   sample's mass line, see :mod:`gpu_patching.strategy`);
@@ -18,9 +19,14 @@ Sharing one distribution, the three share the expected coverage of every
 pixel; what differs is how far one epoch strays from it. Over the pixels that
 some patch can reach, the table reports the fraction one epoch leaves
 uncovered, the spread (standard deviation) of patches per pixel per epoch
-after 1, 5 and N epochs, and the floor: the spread of the expected coverage
-itself, which no sampler of this distribution can go below (border pixels are
-reachable by fewer patches, background regions are meant to be drawn less).
+after 1, 5 and N epochs, and the limit: the spread of the expected coverage
+itself (pixels near the border or a held-out cell are reachable by fewer
+patches, background regions have their own probability). Every sampler's
+spread tends to the limit as epochs add up. It is not a floor for a finite
+run: a run's coverage is the expected one plus noise, and the noise can lean
+against the expected coverage's own dips (stratified epochs often do) and end
+a run below the limit; only the mean *square* spread over runs of an unbiased
+sampler is bounded by the limit's square.
 """
 
 from __future__ import annotations
@@ -38,7 +44,11 @@ from . import StratifiedPatching, filter_background, region_statistics, validati
 from ._pictures import PICTURE_NAMES, CoverageRun, DemoScene, draw_demo_pictures
 
 __all__ = [
+    "BACKGROUND_STATS",
+    "FOREGROUND",
+    "FOREGROUND_FRACTION",
     "PICTURE_NAMES",
+    "background_words",
     "cell_map",
     "corner_weights",
     "coverage_map",
@@ -48,6 +58,22 @@ __all__ = [
 
 #: Epoch counts after which the table reports the coverage spread (and N).
 SPREAD_EPOCHS = (1, 5)
+
+#: The default background statistic: the fraction of a region's pixels that
+#: are foreground, foreground being the pixels above Otsu's threshold of the
+#: image's pixels (bright objects: fluorescence, phase contrast).
+FOREGROUND = "foreground"
+
+#: The statistics ``background_stat`` takes: :data:`FOREGROUND`, or a region
+#: statistic of :func:`~gpu_patching.region_statistics` split by Otsu.
+BACKGROUND_STATS = (FOREGROUND, "mean", "std", "max", "entropy")
+
+#: Regions with a smaller fraction of foreground pixels are background by
+#: default. 1% of a 64x64 region is 41 pixels: more than the few noisy
+#: pixels of empty background that pass Otsu's threshold, less than the edge
+#: of a cell or a nucleus cut by the region's border (see the README's demo
+#: section for the images it was checked on).
+FOREGROUND_FRACTION = 0.01
 
 
 def _check_2d(shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int, int, int]:
@@ -227,6 +253,28 @@ def expected_coverage(
     return _box_sum(weights * (int(n_patches) / total), patch_size, shape)
 
 
+def background_words(filtered_prob: float) -> str:
+    """Say how often background regions are drawn, compared with the rest.
+
+    Parameters
+    ----------
+    filtered_prob : float
+        Probability given to background regions (the rest keep 1).
+
+    Returns
+    -------
+    str
+        For example ``"drawn less often (probability 0.1)"``.
+    """
+    if filtered_prob == 0:
+        return "never drawn (probability 0)"
+    if filtered_prob < 1:
+        return f"drawn less often (probability {filtered_prob:g})"
+    if filtered_prob == 1:
+        return "drawn as often as the rest (probability 1)"
+    return f"drawn more often (probability {filtered_prob:g})"
+
+
 def _independent_draws(weights: NDArray[np.float64], n_patches: int, seed: int) -> Any:
     """Epochs of corners drawn independently with probability ``weights / sum``."""
     cumulative = np.cumsum(weights.ravel())
@@ -319,7 +367,7 @@ def run_demo(
     backend: str = "auto",
     output: Path | None = None,
     validation_fraction: float = 0.05,
-    background_stat: str = "std",
+    background_stat: str = FOREGROUND,
     background_threshold: float | None = None,
     filtered_prob: float = 0.1,
     compare_careamics: bool = True,
@@ -347,16 +395,22 @@ def run_demo(
     validation_fraction : float
         Fraction of the patches to hold out for validation, in ``[0, 0.5]``.
     background_stat : str
-        The region statistic that tells background (see
-        :func:`~gpu_patching.region_statistics`); ``"std"`` suits both
-        fluorescence and transmitted-light images (flat regions are
-        background), ``"mean"`` dark-background fluorescence.
+        What tells background (one of :data:`BACKGROUND_STATS`). The default,
+        ``"foreground"``, is the fraction of a region's pixels above Otsu's
+        threshold of the image's pixels (scikit-image's ``threshold_otsu``):
+        it keeps every region that holds part of a bright object, flat
+        inside or not (fluorescence, phase contrast). ``"mean"``, ``"std"``,
+        ``"max"`` and ``"entropy"`` are region statistics (see
+        :func:`~gpu_patching.region_statistics`), split by Otsu's threshold
+        of the regions' values; ``"std"`` takes flat regions for background,
+        which suits textured objects but also takes the flat inside of a
+        large cell.
     background_threshold : float, optional
         Regions whose statistic is below this are background. By default
-        Otsu's threshold of the regions' statistic (scikit-image's
-        ``threshold_otsu``), which splits them into two classes.
+        :data:`FOREGROUND_FRACTION` for ``"foreground"`` (a fraction in
+        ``[0, 1]``), Otsu's threshold of the regions' values otherwise.
     filtered_prob : float
-        Probability given to background regions.
+        Probability given to background regions (the others keep 1).
     compare_careamics : bool
         Also run CAREamics' ``StratifiedPatching`` when it can be loaded.
     progress : bool
@@ -366,8 +420,11 @@ def run_demo(
     -------
     dict
         The printed numbers: ``"runs"`` (one :class:`CoverageRun` per
-        sampler), ``"floor"``, ``"threshold"``, ``"reachable_pixels"``,
-        ``"careamics"`` (why its row is absent, or ``""``) and ``"pictures"``.
+        sampler), ``"limit"`` (the spread of the expected coverage, which
+        every row's spread tends to), ``"threshold"``, ``"reachable_pixels"``,
+        ``"careamics"`` (why its row is absent, or ``""``), ``"validation"``,
+        ``"background_regions"``, ``"region_probabilities"`` (the grid of
+        region probabilities every sampler used) and ``"pictures"``.
 
     Raises
     ------
@@ -375,7 +432,8 @@ def run_demo(
         If the image is not real-valued.
     ValueError
         If the image is not 2D or has NaN or infinite pixels, ``epochs`` is
-        below 1, or a fraction or probability is out of range.
+        below 1, ``background_stat`` is unknown, or a fraction, threshold or
+        probability is out of range.
     """
     image = np.asarray(image)
     if image.ndim != 2:
@@ -394,8 +452,21 @@ def run_demo(
         raise ValueError(f"validation fraction must be in [0, 0.5], got {validation_fraction}")
     if not (np.isfinite(filtered_prob) and filtered_prob >= 0):
         raise ValueError(f"filtered probability must be finite and >= 0, got {filtered_prob}")
+    if background_stat not in BACKGROUND_STATS:
+        raise ValueError(
+            f"background stat must be one of {BACKGROUND_STATS}, got {background_stat!r}"
+        )
     if background_threshold is not None and not np.isfinite(background_threshold):
         raise ValueError(f"background threshold must be finite, got {background_threshold}")
+    if (
+        background_stat == FOREGROUND
+        and background_threshold is not None
+        and not 0 <= background_threshold <= 1
+    ):
+        raise ValueError(
+            f"background threshold must be a fraction in [0, 1] for the foreground "
+            f"statistic, got {background_threshold}"
+        )
     shape = (int(image.shape[0]), int(image.shape[1]))
     patch = (int(patch_size[0]), int(patch_size[1]))
     stack = image[np.newaxis, np.newaxis]
@@ -408,24 +479,53 @@ def run_demo(
     validation = validation_split(sampler, n_validation, seed=seed) if n_validation else []
     print(f"validation: {len(validation)} patches held out -> {sampler.n_patches} patches")
 
-    scores = np.asarray(region_statistics(stack, patch, stats=(background_stat,))[background_stat])
-    scores = scores[0]
-    if background_threshold is None:
-        from skimage.filters import threshold_otsu
+    from skimage.filters import threshold_otsu
 
-        threshold = float(threshold_otsu(scores))
-        how = f"Otsu's threshold of the regions' {background_stat}"
+    if background_stat == FOREGROUND:
+        # Otsu on the pixels, where the two classes (object, background) are;
+        # a region statistic would split regions even when all hold cells.
+        pixel_threshold = float(threshold_otsu(image))
+        foreground = (image > pixel_threshold)[np.newaxis, np.newaxis]
+        scores = np.asarray(
+            region_statistics(stack, patch, stats=("coverage",), mask=foreground)["coverage"]
+        )[0]
+        stat_label = f"foreground fraction (pixels above {pixel_threshold:.4g})"
+        given = background_threshold is not None
+        threshold = FOREGROUND_FRACTION if background_threshold is None else background_threshold
+        how = (
+            f"{'fraction given' if given else 'default fraction'}; {pixel_threshold:.4g} is "
+            f"Otsu's threshold of the image's pixels"
+        )
+        filtered = filter_background(
+            sampler,
+            [stack],
+            mask_stacks=[foreground],
+            coverage=threshold,
+            filtered_prob=filtered_prob,
+        )
     else:
-        threshold = float(background_threshold)
-        how = "the threshold given"
-    filtered = filter_background(
-        sampler, [stack], stat=background_stat, threshold=threshold, filtered_prob=filtered_prob
-    )
+        scores = np.asarray(
+            region_statistics(stack, patch, stats=(background_stat,))[background_stat]
+        )[0]
+        stat_label = background_stat
+        if background_threshold is None:
+            threshold = float(threshold_otsu(scores))
+            how = f"Otsu's threshold of the regions' {background_stat}"
+        else:
+            threshold = float(background_threshold)
+            how = "the threshold given"
+        filtered = filter_background(
+            sampler,
+            [stack],
+            stat=background_stat,
+            threshold=threshold,
+            filtered_prob=filtered_prob,
+        )
     n_background = sum(filtered.filtered.values())
     print(
-        f"background: {background_stat} < {threshold:.4g} ({how}): {n_background} of "
-        f"{scores.size} regions get probability {filtered_prob} -> {sampler.n_patches} patches "
-        f"per epoch"
+        f"background: {stat_label} < {threshold:.4g} ({how}): {n_background} of "
+        f"{scores.size} regions {background_words(filtered_prob)} -> {sampler.n_patches} "
+        f"patches per epoch"
     )
     if sampler.n_patches == 0:
         raise ValueError(
@@ -439,7 +539,9 @@ def run_demo(
     weights = corner_weights(excluded, probabilities, patch, shape)
     reachable = _box_sum((weights > 0).astype(np.int64), patch, shape) > 0
     expected = expected_coverage(weights, sampler.n_patches, patch, shape)
-    floor = float(expected[reachable].std())
+    # What every sampler's spread tends to as epochs add up (not a floor for
+    # a finite run: see the module docstring).
+    limit = float(expected[reachable].std())
     held_out = np.zeros(shape, dtype=bool)
     for spec in validation:
         y, x = spec["coords"]
@@ -482,16 +584,23 @@ def run_demo(
         )
     )
     _print_table(
-        runs, floor, epochs, int(reachable.sum()), float(expected[reachable].mean()), why_not
+        runs,
+        limit,
+        epochs,
+        int(reachable.sum()),
+        float(expected[reachable].mean()),
+        why_not,
+        filtered_prob if n_background else None,
     )
     results: dict[str, Any] = {
         "runs": runs,
-        "floor": floor,
+        "limit": limit,
         "threshold": threshold,
         "reachable_pixels": int(reachable.sum()),
         "careamics": why_not,
         "validation": len(validation),
         "background_regions": n_background,
+        "region_probabilities": probabilities,
     }
     if output is not None:
         scene = DemoScene(
@@ -502,11 +611,13 @@ def run_demo(
             excluded=excluded,
             probabilities=probabilities,
             scores=scores,
-            stat=background_stat,
+            stat=stat_label,
             threshold=threshold,
+            threshold_rule=how,
+            background=background_words(filtered_prob),
             expected=expected,
             reachable=reachable,
-            floor=floor,
+            limit=limit,
             epochs=epochs,
         )
         written = draw_demo_pictures(Path(output), scene, runs)
@@ -517,11 +628,12 @@ def run_demo(
 
 def _print_table(
     runs: Sequence[CoverageRun],
-    floor: float,
+    limit: float,
     epochs: int,
     n_pixels: int,
     mean: float,
     careamics_missing: str,
+    filtered_prob: float | None,
 ) -> None:
     counts = sorted({*SPREAD_EPOCHS, epochs})
     counts = [c for c in counts if c <= epochs]
@@ -540,16 +652,21 @@ def _print_table(
             # Its place in the table, with the reason it is empty.
             print(f"{'CAREamics StratifiedPatching':30s} not run: {careamics_missing}")
     print(
-        f"{'floor (expected coverage)':30s} {'':7s} {'':9s} {'':11s}"
-        + f" {floor:10.3f}" * len(counts)
+        f"{'limit (expected coverage)':30s} {'':7s} {'':9s} {'':11s}"
+        + f" {limit:10.3f}" * len(counts)
     )
+    # Only what this run set up explains the limit: background is named
+    # only when some region got another probability.
+    why = "pixels near the border or a held-out cell are reachable by fewer patches"
+    if filtered_prob is not None:
+        why += f", background is {background_words(filtered_prob)}"
     print(
         f"\nStratification is for even coverage within each epoch: every row draws each "
         f"corner with the same probability, so its spread (standard deviation of patches per "
         f"pixel per epoch over the {n_pixels} pixels a patch can reach, mean {mean:.2f}) "
-        f"falls toward the same floor ({floor:.3f}: border pixels and background drawn less "
-        f"on purpose) as epochs add up, and a sampler is better the closer to it it starts "
-        f"and the fewer pixels one epoch leaves uncovered."
+        f"tends to the same limit as epochs add up: {limit:.3f}, the spread of the expected "
+        f"coverage ({why}). A finite run can end above or below it; a sampler is better the "
+        f"closer to it it starts and the fewer pixels one epoch leaves uncovered."
     )
     touched = ", ".join(f"{run.label} {run.touched_validation}" for run in runs)
     print(f"validation pixels covered by training patches: {touched}")

@@ -108,7 +108,8 @@ def test_our_draws_follow_the_corner_weights_the_demo_compares_against():
 def test_background_is_chosen_by_otsu_on_the_region_statistic(capsys):
     results = run_demo(
         textured_image(), name="bands", patch_size=(16, 16), epochs=1, backend="numpy",
-        validation_fraction=0.0, compare_careamics=False, progress=False,
+        validation_fraction=0.0, background_stat="std", compare_careamics=False,
+        progress=False,
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert "Otsu" in printed
@@ -129,10 +130,10 @@ def test_every_sampler_draws_from_one_distribution_and_none_touches_validation(c
     for run in results["runs"]:
         assert run.touched_validation == 0
         assert len(run.spreads) == 6
-        # No finite number of epochs beats the spread of the expected coverage.
-        assert min(run.spreads) > results["floor"] * 0.95
+        # Six epochs of 48 patches are still well above the limit here.
+        assert min(run.spreads) > results["limit"] * 0.95
     printed = capsys.readouterr().out
-    assert "floor (expected coverage)" in printed
+    assert "limit (expected coverage)" in printed
     assert "CAREamics StratifiedPatching   not run: left out on request" in printed
 
 
@@ -196,8 +197,9 @@ def test_run_demo_rejects_bad_settings_before_any_work(options, message, capsys)
 def test_run_demo_says_so_when_the_filter_leaves_nothing_to_sample():
     with pytest.raises(ValueError, match="no patches left"):
         run_demo(
-            textured_image(), name="x", patch_size=(16, 16), background_threshold=1e9,
-            filtered_prob=0.0, compare_careamics=False, progress=False,
+            textured_image(), name="x", patch_size=(16, 16), background_stat="std",
+            background_threshold=1e9, filtered_prob=0.0, compare_careamics=False,
+            progress=False,
         )  # fmt: skip
 
 
@@ -228,7 +230,7 @@ def test_demo_on_a_named_stack_says_which_sample_and_channel_and_draws_pictures(
         assert (output / name).read_bytes()[:8] == PNG
     printed = capsys.readouterr().out
     assert "sample 1 of 2, channel 2 of 3" in printed
-    for label in ("ours (numpy)", "independent random draws", "floor", "spread@5", "Otsu"):
+    for label in ("ours (numpy)", "independent random draws", "limit", "spread@5", "Otsu"):
         assert label in printed
 
 
@@ -267,3 +269,112 @@ def test_demo_rejects_a_sample_or_channel_out_of_range(tmp_path, capsys):
     assert main([*arguments, "--channel", "1"]) == 2
     assert "--channel 1 is out of range" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# -- the words of the report and the pictures match the run's numbers -----------
+
+
+def picture_words(path) -> str:
+    """Every text a picture shows (titles, captions, legends), as stored in the PNG."""
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        return picture.text["Description"]
+
+
+@pytest.fixture(scope="module", params=[0.0, 0.1, 1.0, 2.5], ids=lambda p: f"filtered_prob={p}")
+def demo_words(request, tmp_path_factory):
+    """One demo run per background probability: its results and every word it wrote."""
+    import contextlib
+    import io
+
+    output = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = run_demo(
+            textured_image(), name="bands", patch_size=(16, 16), epochs=4, backend="numpy",
+            output=output, filtered_prob=request.param, compare_careamics=False, progress=False,
+        )  # fmt: skip
+    pictures = {name: picture_words(output / name) for name in PICTURE_NAMES}
+    return request.param, results, printed.getvalue(), pictures
+
+
+def test_no_word_calls_the_spread_of_the_expected_coverage_a_floor(demo_words):
+    # A run's spread can fall below the spread of the expected coverage (its
+    # noise can lean against the border and background dips); only the
+    # limit over many epochs is certain, so nothing may promise a floor.
+    _, results, printed, pictures = demo_words
+    for words in (printed, *pictures.values()):
+        assert "floor" not in words.lower()
+        assert "go below" not in words and "can beat" not in words
+    limit = f"{results['limit']:.3f}"
+    assert "limit (expected coverage)" in printed
+    assert limit in printed and limit in pictures["coverage.png"]
+
+
+#: What the words must say about background at each filtered_prob, and never.
+BACKGROUND_WORDS = {
+    0.0: ("never drawn", ("drawn less often", "drawn more often")),
+    0.1: ("drawn less often", ("never drawn", "drawn more often")),
+    1.0: ("drawn as often as", ("never drawn", "drawn less often", "drawn more often")),
+    2.5: ("drawn more often", ("never drawn", "drawn less often")),
+}
+
+
+def test_the_words_on_background_follow_the_filtered_probability(demo_words):
+    filtered_prob, _, printed, pictures = demo_words
+    said, never_said = BACKGROUND_WORDS[filtered_prob]
+    for words in (printed, pictures["region-probabilities.png"], pictures["coverage.png"]):
+        assert said in words
+        for claim in never_said:
+            assert claim not in words
+
+
+def test_a_threshold_given_by_the_user_is_not_credited_to_otsu(tmp_path, capsys):
+    run_demo(
+        textured_image(), name="bands", patch_size=(16, 16), epochs=1, backend="numpy",
+        output=tmp_path, background_stat="std", background_threshold=7.5,
+        compare_careamics=False, progress=False,
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    words = picture_words(tmp_path / "image.png")
+    for text in (printed, words):
+        assert "Otsu" not in text
+        assert "threshold given" in text
+
+
+def cell_image() -> np.ndarray:
+    from skimage import data
+
+    return data.cell().astype(np.float32)
+
+
+def test_default_background_keeps_every_region_of_the_bundled_cell():
+    # scikit-image's 'cell': one round cell, about y 312-436 and x 364-491,
+    # bright and flat inside, in grey saline. Cells are 32 pixels and a
+    # region spans cells g and g + 1, so regions (10..12, 11..14) hold cell.
+    results = run_demo(
+        cell_image(), name="cell", epochs=1, backend="numpy", validation_fraction=0.0,
+        compare_careamics=False, progress=False,
+    )  # fmt: skip
+    probabilities = results["region_probabilities"]
+    assert np.all(probabilities[10:13, 11:15] == 1.0)
+
+
+def test_default_background_filters_the_empty_saline_of_the_bundled_cell():
+    results = run_demo(
+        cell_image(), name="cell", epochs=1, backend="numpy", validation_fraction=0.0,
+        compare_careamics=False, progress=False,
+    )  # fmt: skip
+    probabilities = results["region_probabilities"]
+    # Regions 0..7 x 0..9 cover y < 288 and x < 352: saline only.
+    assert np.all(probabilities[:8, :10] == 0.1)
+
+
+def test_the_command_defaults_to_the_background_statistic_of_run_demo():
+    import inspect
+
+    from gpu_patching.cli import build_parser
+
+    default = inspect.signature(run_demo).parameters["background_stat"].default
+    assert build_parser().parse_args(["demo"]).background_stat == default == "foreground"

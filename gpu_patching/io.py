@@ -194,7 +194,7 @@ def read_stack(path: str | Path, axes: str) -> np.ndarray:
     -------
     numpy.ndarray
         The stack, axes ``SCYX`` or ``SCZYX`` (missing ``S``/``C`` added as
-        axes of length 1).
+        axes of length 1), in native byte order.
     """
     opened = _open(Path(path))
     if hasattr(opened, "series"):
@@ -210,4 +210,7 @@ def read_stack(path: str | Path, axes: str) -> np.ndarray:
         data = data[np.newaxis]
     if "C" not in target:
         data = data[:, np.newaxis]
-    return np.ascontiguousarray(data)
+    # In native byte order: a big-endian file (.npy, zarr format 2) would give
+    # an array that PyTorch and the crop kernels refuse.
+    native = data.dtype if data.dtype.isnative else data.dtype.newbyteorder("=")
+    return np.ascontiguousarray(data, dtype=native)

@@ -228,8 +228,19 @@ class ChunkedStack:
     @property
     def _array(self) -> Any:
         pid, array, _ = self._handle
-        if pid != os.getpid() and self._tiff_source is not None:
-            array = self._reopen()
+        if pid != os.getpid():
+            if self._tiff_source is not None:
+                return self._reopen()
+            if _tiff_backed(array):
+                # Its file position is shared with the opener: reads would
+                # interleave and return wrong pixels without an error.
+                raise StoreError(
+                    f"{self.name} is a TIFF opened in another process and cannot be opened "
+                    "again here (it was wrapped as a zarr array, without its path): open it "
+                    "with gpu_patching.stores.open_stack(path) to read it in DataLoader "
+                    "workers or other processes",
+                    self.name,
+                )
         return array
 
     def _reopen(self) -> Any:
@@ -433,6 +444,12 @@ class ChunkedStack:
         if close is not None and pid == os.getpid():
             close()
             self._handle = (pid, array, None)
+
+
+def _tiff_backed(array: Any) -> bool:
+    """Tell an array read through tifffile's zarr store (an open file) from a zarr store."""
+    store = getattr(array, "store", None)
+    return (type(store).__module__ or "").split(".")[0] == "tifffile"
 
 
 def _native_byte_order(dtype: np.dtype[Any]) -> np.dtype[Any]:

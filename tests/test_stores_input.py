@@ -279,3 +279,18 @@ def test_reading_a_file_without_its_reader_names_the_extra(tmp_path, module, nam
     )
     assert result.returncode == 0, result.stderr
     assert "pip install 'gpu-patching[cli]'" in result.stdout
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".zarr"])
+def test_read_stack_returns_a_big_endian_file_in_native_byte_order(tmp_path, suffix):
+    from gpu_patching.io import read_stack
+
+    data = _data((2, 1, 16, 16), seed=6).astype(">u2")
+    path = tmp_path / f"big{suffix}"
+    if suffix == ".npy":
+        np.save(path, data)
+    else:
+        _store(path, data, zarr_format=2)
+    stack = read_stack(path, "SCYX")
+    assert stack.dtype == np.dtype("=u2")
+    assert np.array_equal(stack, data)

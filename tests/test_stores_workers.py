@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("zarr", minversion="3")
+zarr = pytest.importorskip("zarr", minversion="3")
 tifffile = pytest.importorskip("tifffile", minversion="2025.5.21")
 
 from gpu_patching import StratifiedPatching, extract_patches  # noqa: E402
@@ -109,3 +109,15 @@ def test_an_unpickled_tiff_stack_reads_through_a_handle_of_its_own(tmp_path):
             copy.close()
     finally:
         stack.close()
+
+
+def test_a_tiff_array_wrapped_without_its_path_is_refused_in_a_worker(tmp_path):
+    from gpu_patching.stores import ChunkedStack
+
+    data = _stack_data()
+    with tifffile.TiffFile(_write_tiff(tmp_path / "stack.tif", data, "strips")) as tiff:
+        array = zarr.open_array(store=tiff.aszarr(), mode="r")
+        stack = ChunkedStack(array, "SYX")  # no path: it cannot open the file again
+        assert np.array_equal(stack[0, 0], data[0, 0])
+        with pytest.raises(RuntimeError, match="open_stack"):
+            _loader_patches(stack, "fork", persistent=False)

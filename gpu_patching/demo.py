@@ -250,7 +250,13 @@ def expected_coverage(
     total = float(weights.sum())
     if total <= 0:
         return np.zeros((height, width))
-    return _box_sum(weights * (int(n_patches) / total), patch_size, shape)
+    coverage = _box_sum(weights * (int(n_patches) / total), patch_size, shape)
+    # The float cumulative sums leave residue (1e-17 and the like) on pixels
+    # that no weighted corner reaches; the integer count of those corners says
+    # exactly which pixels they are.
+    reached = _box_sum((weights > 0).astype(np.int64), patch_size, shape) > 0
+    coverage[~reached] = 0.0
+    return coverage
 
 
 def background_words(filtered_prob: float) -> str:
@@ -489,12 +495,12 @@ def run_demo(
         scores = np.asarray(
             region_statistics(stack, patch, stats=("coverage",), mask=foreground)["coverage"]
         )[0]
-        stat_label = f"foreground fraction (pixels above {pixel_threshold:.4g})"
+        stat_label = "foreground fraction"
         given = background_threshold is not None
         threshold = FOREGROUND_FRACTION if background_threshold is None else background_threshold
         how = (
-            f"{'fraction given' if given else 'default fraction'}; {pixel_threshold:.4g} is "
-            f"Otsu's threshold of the image's pixels"
+            f"{'fraction given' if given else 'default fraction'}; foreground pixels are those "
+            f"above {pixel_threshold:.4g}, Otsu's threshold of the image's pixels"
         )
         filtered = filter_background(
             sampler,
@@ -524,7 +530,8 @@ def run_demo(
     n_background = sum(filtered.filtered.values())
     print(
         f"background: {stat_label} < {threshold:.4g} ({how}): {n_background} of "
-        f"{scores.size} regions {background_words(filtered_prob)} -> {sampler.n_patches} "
+        f"{scores.size} regions are background, {background_words(filtered_prob)} -> "
+        f"{sampler.n_patches} "
         f"patches per epoch"
     )
     if sampler.n_patches == 0:

@@ -378,3 +378,18 @@ def test_the_command_defaults_to_the_background_statistic_of_run_demo():
 
     default = inspect.signature(run_demo).parameters["background_stat"].default
     assert build_parser().parse_args(["demo"]).background_stat == default == "foreground"
+
+
+def test_expected_coverage_is_exactly_zero_where_no_patch_reaches():
+    # Weights 0.1 and 1 leave rounding residue in the cumulative sums; a pixel
+    # that no weighted corner reaches must still read 0 (the pictures leave
+    # exactly those pixels bare).
+    shape, patch = (64, 80), (8, 8)
+    weights = np.full((57, 73), 0.1)
+    weights[:, 30:] = 0.0
+    weights[:20, :10] = 1.0
+    coverage = expected_coverage(weights, 13, patch, shape)
+    unreachable = np.zeros(shape, dtype=bool)
+    unreachable[:, 30 + 7 :] = True
+    assert np.all(coverage[unreachable] == 0.0)
+    assert np.all(coverage[~unreachable] > 0.0)

@@ -38,7 +38,7 @@ __all__ = [
 #: The ``format`` entry of every :meth:`StratifiedPatching.state_dict`.
 STATE_FORMAT = "gpu_patching.StratifiedPatching"
 #: The layout version of :meth:`StratifiedPatching.state_dict`.
-STATE_VERSION = 1
+STATE_VERSION = 2
 #: The keys of a state, no more and no fewer.
 STATE_KEYS = frozenset(
     {
@@ -51,6 +51,7 @@ STATE_KEYS = frozenset(
         "n_patches",
         "excluded",
         "probability",
+        "probability_order",
         "calls",
         "checksum",
     }

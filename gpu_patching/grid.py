@@ -35,11 +35,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from ._arrays import to_host
+
 __all__ = [
     "MAX_PROBABILITY",
     "PROB_ONE",
     "axis_part_sizes",
+    "count_start",
     "grid_shape",
+    "patch_budget",
     "patches_per_sample",
     "quantise_probabilities",
     "region_areas",
@@ -229,38 +233,145 @@ def quantise_probabilities(probabilities: Any, xp: Any = np) -> Any:
     return q
 
 
-def patches_per_sample(
-    spatial_shapes: NDArray[np.int64],
+#: Name of the device kernel of :func:`_subtract_in_order` (CuPy memoises it).
+_FOLD_KERNEL_NAME = "gpu_patching_subtract_in_order"
+_fold_kernels: dict[int, Any] = {}
+
+
+def _subtract_in_order(start: float, terms: Any, xp: Any) -> Any:
+    """Return ``(((start - t_0) - t_1) - ...)`` per row of ``terms``, rounded at every step.
+
+    The reference subtracts one float64 at a time, and float64 subtraction
+    does not associate: a tree or a scan (``cumsum``) rounds differently, and
+    the ceil of the result can move by one. So the fold is strictly
+    sequential along a row: NumPy's ``subtract.accumulate`` is defined as
+    that loop; on the device one thread per row runs it (CuPy has no
+    ``subtract.accumulate``), compiled without fast-math, so every step is
+    one IEEE-754 subtraction as on the host.
+    """
+    batch, n_terms = terms.shape
+    if xp is np:
+        running = np.empty((batch, n_terms + 1), dtype=np.float64)
+        running[:, 0] = start
+        running[:, 1:] = terms
+        np.subtract.accumulate(running, axis=1, out=running)
+        return running[:, -1].copy()
+    kernel = _fold_kernels.get(id(xp))
+    if kernel is None:
+        kernel = xp.ElementwiseKernel(
+            "raw float64 terms, int64 n_terms",
+            "float64 total",
+            "for (long long k = 0; k < n_terms; ++k) { total = total - terms[i * n_terms + k]; }",
+            _FOLD_KERNEL_NAME,
+        )
+        _fold_kernels[id(xp)] = kernel
+    total = xp.full(batch, start, dtype=xp.float64)
+    kernel(xp.ascontiguousarray(terms), np.int64(n_terms), total)
+    return total
+
+
+def count_start(spatial_shape: Sequence[int], patch_size: Sequence[int]) -> float:
+    """Return ``prod(D / P)`` as the reference computes it.
+
+    Float64 ``D / P`` per axis, multiplied in axis order.
+
+    Parameters
+    ----------
+    spatial_shape : sequence of int
+        The ``(Z)YX`` shape of a sample.
+    patch_size : sequence of int
+        The patch size.
+
+    Returns
+    -------
+    float
+        The patch count of a sample with nothing excluded and no probability set.
+    """
+    return float(np.prod(np.asarray(spatial_shape) / np.asarray(patch_size)))
+
+
+def patch_budget(
+    spatial_shape: Sequence[int],
     patch_size: Sequence[int],
-    n_cells: NDArray[np.int64],
+    probability: Any,
+    set_order: Any,
+    xp: Any = np,
+) -> NDArray[np.float64]:
+    """Return the reference's patch count before exclusions and ceil, per sample.
+
+    ``prod(D / P) - (1 - p_1) - (1 - p_2) - ...`` in float64, with one term per
+    region whose probability was ever set, subtracted in the order the
+    regions were first set: exactly CAREamics 0.3.5's float operations, so
+    the count equals its count bit for bit (``docs/design.md``, "Patches per
+    sample"). The probabilities are the ones given, not the quantised
+    weights: those only serve the draw. A region never set has ``p = 1``,
+    whose term ``0.0`` changes no float, so its place in the order is free.
+
+    Parameters
+    ----------
+    spatial_shape : sequence of int
+        The ``(Z)YX`` shape shared by the ``B`` samples.
+    patch_size : sequence of int
+        The patch size.
+    probability : array of float64, shape (B, n_cells)
+        Region probabilities, row-major per sample.
+    set_order : array of int64, shape (B, n_cells)
+        When each region's probability was first set (smaller is earlier;
+        distinct within a sample), or -1 for a region never set.
+    xp : module
+        Array namespace of ``probability`` and ``set_order``.
+
+    Returns
+    -------
+    numpy.ndarray of float64, shape (B,)
+        The budget of every sample (on the host).
+    """
+    start = count_start(spatial_shape, patch_size)
+    batch = set_order.shape[0]
+    # Only the regions ever set take part: O(set regions) beyond one boolean
+    # pass, so a fresh million-region sample costs nothing here.
+    sample, cell = xp.nonzero(set_order >= 0)
+    n_set = int(sample.size)
+    if n_set == 0:
+        return np.full(batch, start, dtype=np.float64)
+    # The orders are distinct over all samples: sort by them, then (stably)
+    # by sample, and every sample's terms follow one another in first-set order.
+    by_order = xp.argsort(set_order[sample, cell])
+    sample, cell = sample[by_order], cell[by_order]
+    by_sample = xp.argsort(sample, kind="stable")
+    sample, cell = sample[by_sample], cell[by_sample]
+    per_sample = xp.bincount(sample, minlength=batch)
+    first = xp.cumsum(per_sample) - per_sample
+    place = xp.arange(n_set, dtype=xp.int64) - first[sample]
+    # Padding with 0.0 changes no float: (t - 0.0) is t.
+    terms = xp.zeros((batch, int(per_sample.max())), dtype=xp.float64)
+    terms[sample, place] = 1.0 - probability[sample, cell]  # 1 - p, one IEEE step
+    total = _subtract_in_order(start, terms, xp)
+    return to_host(total, np.float64)
+
+
+def patches_per_sample(
     n_excluded: NDArray[np.int64],
-    weight_total: NDArray[np.int64],
+    budget: NDArray[np.float64],
     mass_total: NDArray[np.int64],
 ) -> NDArray[np.int64]:
     """Return the number of patches of every sample (host-side, float64).
 
-    ``n = 0`` when a sample has no mass, else
-    ``max(1, ceil(prod(D / P) - sum_g (1 - p_g) - n_excluded))``.
+    ``n = ceil(budget - n_excluded)``, CAREamics 0.3.5's count bit for bit
+    (``budget`` from :func:`patch_budget`), with two rules of our own where
+    the reference has no usable answer:
 
-    ``prod(D / P)`` is evaluated exactly as the reference implementation does
-    (float64, axis order), so without probabilities the result equals the
-    reference's. ``sum_g (1 - p_g)`` uses the quantised probabilities, which
-    makes it an exact dyadic rational, identical on every backend; with
-    probabilities set, ``n`` may therefore differ from the reference's by the
-    quantisation only (at most 1).
+    * ``n = 0`` when the sample has no mass (every selectable corner lies in
+      a region of probability 0, or there is none): the reference may still
+      count patches there, but it cannot draw them (0 / 0 weights).
+    * ``n = 0`` when the count is negative (the reference raises there).
 
     Parameters
     ----------
-    spatial_shapes : numpy.ndarray of int64, shape (S, d)
-        ``(Z)YX`` shape of every sample.
-    patch_size : sequence of int
-        The patch size.
-    n_cells : numpy.ndarray of int64, shape (S,)
-        Grid cells per sample.
     n_excluded : numpy.ndarray of int64, shape (S,)
         Excluded cells per sample.
-    weight_total : numpy.ndarray of int64, shape (S,)
-        Sum of the quantised probabilities ``q`` over the cells of each sample.
+    budget : numpy.ndarray of float64, shape (S,)
+        :func:`patch_budget` of every sample.
     mass_total : numpy.ndarray of int64, shape (S,)
         Total mass per sample.
 
@@ -269,15 +380,8 @@ def patches_per_sample(
     numpy.ndarray of int64, shape (S,)
         Patches per sample.
     """
-    base = np.prod(
-        spatial_shapes.astype(np.float64) / np.asarray(patch_size, dtype=np.float64),
-        axis=1,
-    )
-    # (n_cells * PROB_ONE - weight_total) is an exact integer; dividing by a
-    # power of two is exact, so this term is the same bits everywhere.
-    shortfall = (n_cells * PROB_ONE - weight_total).astype(np.float64) / PROB_ONE
-    wanted = np.ceil(base - n_excluded.astype(np.float64) - shortfall)
-    n_patches = np.maximum(wanted, 1).astype(np.int64)
+    wanted = np.ceil(budget - n_excluded.astype(np.float64))
+    n_patches = np.maximum(wanted, 0).astype(np.int64)
     return np.where(mass_total > 0, n_patches, 0).astype(np.int64)
 
 

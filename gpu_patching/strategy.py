@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import sys
 import threading
@@ -58,6 +59,29 @@ def _warn_small_samples(shapes: Sequence[tuple[int, ...]], patch: tuple[int, ...
             SmallSampleWarning,
             stacklevel=3,
         )
+
+
+def _check_set_order(set_order: NDArray[np.int64], probability: NDArray[Any]) -> NDArray[np.int64]:
+    """Check a state's first-set order of the region probabilities; return it.
+
+    Every value is -1 (never set) or a distinct non-negative number, and a
+    region whose probability is not 1 has been set: otherwise the order the
+    patch count subtracts the probabilities in is not defined.
+    """
+    name = "state['probability_order']"
+    if set_order.size and int(set_order.min()) < -1:
+        raise ValueError(f"{name} holds {int(set_order.min())}; expected -1 or a number >= 0")
+    placed = set_order[set_order >= 0]
+    if np.unique(placed).size != placed.size:
+        raise ValueError(f"{name} gives two regions the same place in the order")
+    unset = (set_order < 0) & (probability != 1.0)
+    if unset.any():
+        region = int(np.argmax(unset))
+        raise ValueError(
+            f"{name} says region row {region} was never set, but its probability is "
+            f"{float(probability[region])}, not 1"
+        )
+    return set_order
 
 
 def _read_only(values: NDArray[Any]) -> NDArray[Any]:
@@ -445,10 +469,16 @@ class StratifiedPatching:
         if dense is not None:
             values = check.dense_grid_array(dense, cells, "probs", np)
             probability = xp.asarray(check.check_probabilities(values, "probs"))
+            # An array sets every region, as a dict of every cell in row-major order.
+            set_cells = np.arange(math.prod(cells), dtype=np.int64)
         else:
             current = to_host(self._tables.probability_grid(sample))
             probability = xp.asarray(check.probabilities_to_grid(probs, current, cells, "probs"))
-        self._update(sample, self._tables.excluded_grid(sample), probability)
+            coords = check.coords_array(list(probs.keys()), cells, "probs")
+            set_cells = np.ravel_multi_index(tuple(coords.T), cells).astype(np.int64)
+        # The count subtracts the probabilities in the order regions were first set.
+        set_order = self._tables.set_order_after(sample, set_cells)
+        self._update(sample, self._tables.excluded_grid(sample), probability, set_order)
 
     def get_patch_spec(self, index: int) -> PatchSpecs:
         """Return the patch specs for a given index.
@@ -832,6 +862,7 @@ class StratifiedPatching:
                 "n_patches": self.n_patches,
                 "excluded": _state.encode_array(to_host(tables.excluded, bool)),
                 "probability": _state.encode_array(to_host(tables.probability, np.float64)),
+                "probability_order": _state.encode_array(to_host(tables.set_order, np.int64)),
                 "calls": _state.encode_array(self._counters.counts),
             }
         )
@@ -880,10 +911,14 @@ class StratifiedPatching:
             _state.decode_array(state["probability"], "probability", "<f8", n_regions),
             "state['probability']",
         )
+        set_order = _check_set_order(
+            _state.decode_array(state["probability_order"], "probability_order", "<i8", n_regions),
+            probability,
+        )
         # The calls are inflated only once n_patches is known to be right:
         # a state's own word must not size an allocation.
         _state.check_array_header(state["calls"], "calls", "<u4", n_patches)
-        tables = self._tables_with(excluded, probability)
+        tables = self._tables_with(excluded, probability, set_order)
         if tables.total_patches != n_patches:
             raise ValueError(
                 f"the state is inconsistent: its exclusions and probabilities give "
@@ -937,7 +972,12 @@ class StratifiedPatching:
         self.__dict__.update(fresh.__dict__)
         _SAMPLERS.add(self)
 
-    def _tables_with(self, excluded: NDArray[np.bool_], probability: NDArray[Any]) -> RegionTables:
+    def _tables_with(
+        self,
+        excluded: NDArray[np.bool_],
+        probability: NDArray[Any],
+        set_order: NDArray[np.int64],
+    ) -> RegionTables:
         """Return new tables (on this backend) with the given per-cell rows."""
         shapes = self._data_shapes
         tables = RegionTables(
@@ -946,7 +986,7 @@ class StratifiedPatching:
             self._patch_size,
             self._backend.xp,
         )
-        tables.replace_all_rows(excluded, probability)
+        tables.replace_all_rows(excluded, probability, set_order)
         return tables
 
     # -- internals -------------------------------------------------------------
@@ -958,11 +998,22 @@ class StratifiedPatching:
         sample = check.check_index(sample_idx, "sample_idx", n_samples)
         return tables.sample_id(stack, sample)
 
-    def _update(self, sample: int, excluded: Any, probability: Any) -> None:
+    def _update(
+        self,
+        sample: int,
+        excluded: Any,
+        probability: Any,
+        set_order: tuple[Any, int] | None = None,
+    ) -> None:
         """Rebuild one sample's rows; indices keep their call counts."""
         tables = self._tables
-        previous = (tables.excluded_grid(sample), tables.probability_grid(sample))
-        tables.update_sample(sample, excluded, probability)
+        previous = (
+            tables.excluded_grid(sample),
+            tables.probability_grid(sample),
+            tables.set_order_grid(sample),
+            tables.next_order,
+        )
+        tables.update_sample(sample, excluded, probability, *(set_order or ()))
         self._upcoming = None
         if self._counters.n_indices != self.n_patches:
             # New shared counters: processes started before keep the old ones
@@ -1015,13 +1066,14 @@ class StratifiedPatching:
             tables, version, seed = self._tables, self._tables.version, self._seed
             excluded = np.array(to_host(tables.excluded, bool))
             probability = np.array(to_host(tables.probability, np.float64))
+            set_order = np.array(to_host(tables.set_order, np.int64))
             counters = self._counters
             base, calls = counters.snapshot()
             try:
                 yield
             except BaseException:
                 if self._tables is not tables or tables.version != version:
-                    self._tables = self._tables_with(excluded, probability)
+                    self._tables = self._tables_with(excluded, probability, set_order)
                 self._seed = seed
                 self._counters = counters  # the original block, shared as before
                 counters.reset(base, calls)

@@ -50,7 +50,7 @@ MAX_AXIS_LENGTH = 1 << 62
 #: Lower bounds on what the tables keep: bytes per region (the per-region
 #: arrays), per sample (the per-sample arrays) and per patch (the call
 #: counters). Used to refuse, up front, tables larger than the machine.
-_REGION_BYTES, _SAMPLE_BYTES, _PATCH_BYTES = 26, 96, 4
+_REGION_BYTES, _SAMPLE_BYTES, _PATCH_BYTES = 34, 96, 4
 #: Values per block of the float64 mass estimate of an update.
 _ESTIMATE_VALUES = 1 << 18
 
@@ -69,11 +69,12 @@ class _SampleUpdate:
 
     excluded: Any
     probability: Any
+    set_order: Any
     weight: Any
     subbox_mask: Any
     mass: Any
     n_excluded: NDArray[np.int64]
-    weight_total: NDArray[np.int64]
+    budget: NDArray[np.float64]
     mass_total: NDArray[np.int64]
     mass_estimate: NDArray[np.float64]
 
@@ -229,6 +230,11 @@ class RegionTables:
         # sub-box selectable. Written in place: no row-sized temporary.
         self.excluded = xp.zeros(n_regions, dtype=bool)
         self.probability = xp.ones(n_regions, dtype=xp.float64)
+        # When each region's probability was first set (-1: never), the
+        # order CAREamics' count subtracts them in (grid.patch_budget);
+        # ``next_order`` is the value the next newly set region gets.
+        self.set_order = xp.full(n_regions, -1, dtype=xp.int64)
+        self.next_order = 0
         self.weight = xp.full(n_regions, grid.PROB_ONE, dtype=xp.int64)
         self.subbox_mask = xp.full(n_regions, (1 << (1 << self.ndim)) - 1, dtype=xp.uint8)
         # Exclusive prefix of the region masses over all samples: region r
@@ -240,7 +246,8 @@ class RegionTables:
         # backend's upload of the per-sample arrays) know when they are stale.
         self.version = 0
         self.n_excluded = np.zeros(n_samples, dtype=np.int64)
-        self.weight_total = np.zeros(n_samples, dtype=np.int64)
+        # grid.patch_budget per sample: the count before exclusions and ceil.
+        self.budget = np.zeros(n_samples, dtype=np.float64)
         self.mass_total = np.zeros(n_samples, dtype=np.int64)
         # Float64 totals: they cannot wrap, so they tell when int64 would.
         self.mass_estimate = np.zeros(n_samples, dtype=np.float64)
@@ -286,9 +293,51 @@ class RegionTables:
         rows = self.sample_rows(sample)
         return self.probability[rows].reshape(self.sample_grid(sample)).copy()
 
+    def set_order_grid(self, sample: int) -> Any:
+        """Return a copy of a sample's first-set order (-1: never set), shaped like its grid."""
+        rows = self.sample_rows(sample)
+        return self.set_order[rows].reshape(self.sample_grid(sample)).copy()
+
+    def set_order_after(self, sample: int, cells: NDArray[np.int64]) -> tuple[Any, int]:
+        """Return a sample's first-set order after setting ``cells``, and the next free value.
+
+        Parameters
+        ----------
+        sample : int
+            Flat sample number.
+        cells : numpy.ndarray of int64
+            Row-major cell numbers inside the sample, in the order they are
+            set (the order of a dict's keys); repeats count once, at their
+            first place.
+
+        Returns
+        -------
+        set_order : array of int64, shaped like the sample's grid
+            Cells already set keep their place; new ones follow every value
+            given before, in ``cells`` order, as a dict keeps keys.
+        next_order : int
+            The value the next newly set region will get.
+        """
+        xp = self.xp
+        current = self.set_order[self.sample_rows(sample)]
+        first_places = np.unique(cells, return_index=True)[1]
+        in_order = xp.asarray(cells[np.sort(first_places)])
+        new_cells = in_order[current[in_order] < 0]
+        n_new = int(new_cells.size)
+        updated = current.copy()
+        updated[new_cells] = self.next_order + xp.arange(n_new, dtype=xp.int64)
+        return updated.reshape(self.sample_grid(sample)), self.next_order + n_new
+
     # -- updates ---------------------------------------------------------------
 
-    def update_sample(self, sample: int, excluded: Any, probability: Any) -> None:
+    def update_sample(
+        self,
+        sample: int,
+        excluded: Any,
+        probability: Any,
+        set_order: Any = None,
+        next_order: int | None = None,
+    ) -> None:
         """Replace the excluded cells and probabilities of one sample.
 
         Parameters
@@ -299,6 +348,11 @@ class RegionTables:
             The new excluded cells (validated by the caller).
         probability : array of float64, shaped like the sample's grid
             The new probabilities (validated by the caller).
+        set_order : array of int64, shaped like the sample's grid, optional
+            The new first-set order (:meth:`set_order_after`); by default the
+            sample keeps its own.
+        next_order : int, optional
+            The next free first-set value, with ``set_order``.
 
         Raises
         ------
@@ -307,26 +361,34 @@ class RegionTables:
             sample, or masses beyond int64); the tables are then unchanged.
         """
         stack = int(self.stack_of_sample[sample])
-        update = self._compute(stack, excluded[None], probability[None])
+        if set_order is None:
+            set_order, next_order = self.set_order_grid(sample), self.next_order
+        update = self._compute(stack, excluded[None], probability[None], set_order[None])
         mass_total = self.mass_total.copy()
         mass_total[sample] = update.mass_total[0]
         mass_estimate = self.mass_estimate.copy()
         mass_estimate[sample] = update.mass_estimate[0]
         n_excluded = self.n_excluded.copy()
         n_excluded[sample] = update.n_excluded[0]
-        weight_total = self.weight_total.copy()
-        weight_total[sample] = update.weight_total[0]
-        self._check_limits(mass_estimate, self._patches(n_excluded, weight_total, mass_total))
+        budget = self.budget.copy()
+        budget[sample] = update.budget[0]
+        self._check_limits(mass_estimate, grid.patches_per_sample(n_excluded, budget, mass_total))
         rows = self.sample_rows(sample)
         mass_start = int(self.mass_offset[sample])
         change = int(update.mass_total[0]) - int(self.mass_total[sample])
         self._commit(sample, sample + 1, update, mass_start)
+        self.next_order = int(next_order if next_order is not None else self.next_order)
         if change:
             # The samples after this one move along the mass line, in place.
             self.mass_prefix[rows.stop :] += change
         self._refresh_totals()
 
-    def replace_all_rows(self, excluded: NDArray[np.bool_], probability: NDArray[Any]) -> None:
+    def replace_all_rows(
+        self,
+        excluded: NDArray[np.bool_],
+        probability: NDArray[Any],
+        set_order: NDArray[np.int64] | None = None,
+    ) -> None:
         """Set the excluded cells and probabilities of every sample of fresh tables.
 
         One batch per stack, as the constructor builds them, rather than an
@@ -340,6 +402,10 @@ class RegionTables:
             Excluded cells of all samples, in row order (validated by the caller).
         probability : numpy.ndarray of float64, shape (n_regions,)
             Probabilities of all cells, in row order (validated by the caller).
+        set_order : numpy.ndarray of int64, shape (n_regions,), optional
+            When each cell's probability was first set (-1: never; validated
+            by the caller). By default the cells whose probability is not 1
+            count as set in row order.
 
         Raises
         ------
@@ -348,19 +414,27 @@ class RegionTables:
             of this method should then be dropped: rows may be half replaced.
         """
         xp = self.xp
+        if set_order is None:
+            changed = probability != 1.0
+            set_order = np.where(changed, np.cumsum(changed) - 1, -1).astype(np.int64)
         # Each stack's prefix is written from where the stack starts now; the
         # stacks after a changed one are moved once at the end (one pass).
         old_start = np.concatenate([[0], np.cumsum(self.mass_total)]).astype(np.int64)
         for stack in range(self.n_stacks):
             first, last = int(self.first_sample[stack]), int(self.first_sample[stack + 1])
             rows = slice(int(self.region_offset[first]), int(self.region_offset[last]))
-            if not (excluded[rows].any() or (probability[rows] != 1.0).any()):
+            if not (
+                excluded[rows].any()
+                or (probability[rows] != 1.0).any()
+                or (set_order[rows] >= 0).any()
+            ):
                 continue  # the constructor's rows are already these
             batch = (last - first, *self.sample_grid(first))
             update = self._compute(
                 stack,
                 xp.asarray(excluded[rows].reshape(batch)),
                 xp.asarray(probability[rows].reshape(batch)),
+                xp.asarray(set_order[rows].reshape(batch)),
             )
             self._commit(first, last, update, int(old_start[first]))
         new_start = np.concatenate([[0], np.cumsum(self.mass_total)]).astype(np.int64)
@@ -370,6 +444,7 @@ class RegionTables:
             if move and first < last:
                 rows = slice(int(self.region_offset[first]), int(self.region_offset[last]))
                 self.mass_prefix[rows] += move
+        self.next_order = int(set_order.max(initial=-1)) + 1
         self._refresh_totals()
 
     def _write_default_rows(self, stack: int, mass_start: int) -> int:
@@ -407,12 +482,15 @@ class RegionTables:
             later = xp.arange(1, batch, dtype=xp.int64) * sample_mass
             xp.add(prefix[0][None, :], later[:, None], out=prefix[1:])
         self.n_excluded[first:last] = 0
-        self.weight_total[first:last] = n_cells * grid.PROB_ONE
+        # No probability set yet: the budget is the reference's prod(D / P).
+        self.budget[first:last] = grid.count_start(spatial, self.patch_size)
         self.mass_total[first:last] = sample_mass
         self.mass_estimate[first:last] = float(corners) * grid.PROB_ONE
         return sample_mass * batch
 
-    def _compute(self, stack: int, excluded: Any, probability: Any) -> _SampleUpdate:
+    def _compute(
+        self, stack: int, excluded: Any, probability: Any, set_order: Any
+    ) -> _SampleUpdate:
         """Compute the rows of a batch of samples of one stack (no commit)."""
         xp = self.xp
         first = int(self.first_sample[stack])
@@ -422,16 +500,20 @@ class RegionTables:
         weight = grid.quantise_probabilities(probability, xp)
         batch = excluded.shape[0]
         flat = (batch, -1)
+        budget = grid.patch_budget(
+            spatial, self.patch_size, probability.reshape(flat), set_order.reshape(flat), xp
+        )
         mass_estimate = self._mass_estimate(area.reshape(flat), weight.reshape(flat))
         area *= weight  # the masses, in place: one region-sized array less
         return _SampleUpdate(
             excluded=excluded.reshape(-1),
             probability=probability.reshape(-1),
+            set_order=set_order.reshape(-1),
             weight=weight.reshape(-1),
             subbox_mask=masks.reshape(-1),
             mass=area.reshape(-1),
             n_excluded=to_host(excluded.reshape(flat).sum(axis=1), np.int64),
-            weight_total=to_host(weight.reshape(flat).sum(axis=1), np.int64),
+            budget=budget,
             mass_total=to_host(area.reshape(flat).sum(axis=1), np.int64),
             mass_estimate=mass_estimate,
         )
@@ -459,6 +541,7 @@ class RegionTables:
         rows = slice(int(self.region_offset[first]), int(self.region_offset[last]))
         self.excluded[rows] = update.excluded
         self.probability[rows] = update.probability
+        self.set_order[rows] = update.set_order
         self.weight[rows] = update.weight
         self.subbox_mask[rows] = update.subbox_mask
         prefix = self.mass_prefix[rows]
@@ -466,24 +549,9 @@ class RegionTables:
         prefix -= update.mass
         prefix += mass_start
         self.n_excluded[first:last] = update.n_excluded
-        self.weight_total[first:last] = update.weight_total
+        self.budget[first:last] = update.budget
         self.mass_total[first:last] = update.mass_total
         self.mass_estimate[first:last] = update.mass_estimate
-
-    def _patches(
-        self,
-        n_excluded: NDArray[np.int64],
-        weight_total: NDArray[np.int64],
-        mass_total: NDArray[np.int64],
-    ) -> NDArray[np.int64]:
-        return grid.patches_per_sample(
-            self.spatial_shape,
-            self.patch_size,
-            self.n_cells,
-            n_excluded,
-            weight_total,
-            mass_total,
-        )
 
     def _check_limits(
         self, mass_estimate: NDArray[np.float64], n_patches: NDArray[np.int64]
@@ -505,7 +573,7 @@ class RegionTables:
 
     def _refresh_totals(self) -> None:
         """Recompute the derived per-sample scalars and their prefix sums."""
-        n_patches = self._patches(self.n_excluded, self.weight_total, self.mass_total)
+        n_patches = grid.patches_per_sample(self.n_excluded, self.budget, self.mass_total)
         self._check_limits(self.mass_estimate, n_patches)
         self.version += 1
         self.n_patches = n_patches

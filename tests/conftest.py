@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -190,12 +189,9 @@ def expected_sample_patches(
     """The number of patches of one sample, recomputed from docs/design.md section 1.
 
     ``n = 0`` when no selectable corner lies in a region with ``p > 0``, else
-    ``max(1, ceil(prod(D / P) - sum_g (1 - p_g) - n_excluded))``.
-
-    ``prod(D / P)`` is taken in float64 in axis order, exactly as the reference
-    implementation does (so that ``n_patches`` equals the reference's); the rest
-    is exact rational arithmetic, which is why tests give probabilities that
-    are dyadic (exact in the library's 2**-20 quantisation).
+    ``max(0, ceil(prod(D / P) - (1 - p_1) - (1 - p_2) - ... - n_excluded))``,
+    in float64, one subtraction per probability in the mapping's order (the
+    order the regions were first set), as the reference implementation does.
     """
     probabilities = dict(probabilities or {})
     excluded = {tuple(int(v) for v in cell) for cell in excluded_cells}
@@ -206,12 +202,12 @@ def expected_sample_patches(
     )
     if not has_mass:
         return 0
-    base = 1.0
+    total = 1.0
     for d, p in zip(spatial_shape, patch_size, strict=True):
-        base *= float(d) / float(p)
-    shortfall = sum(Fraction(1) - Fraction(p) for p in probabilities.values())
-    wanted = Fraction(base) - shortfall - len(excluded)
-    return max(1, math.ceil(wanted))
+        total *= float(d) / float(p)
+    for probability in probabilities.values():
+        total -= 1.0 - float(probability)
+    return max(0, math.ceil(total - len(excluded)))
 
 
 # -- per-sample views of an epoch ------------------------------------------------------

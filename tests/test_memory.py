@@ -111,6 +111,7 @@ def test_the_mass_prefix_follows_every_update_and_checkpoint():
                 stack,
                 tables.excluded[rows].reshape(batch),
                 tables.probability[rows].reshape(batch),
+                tables.set_order[rows].reshape(batch),
             )
             masses.append(update.mass)
         mass = np.concatenate(masses)

@@ -675,7 +675,7 @@ N_PATCH_CASES = [
         (5, 5),
         0.0,
         {(0, 0): 0.125, (0, 1): 0.0, (1, 0): 0.0, (1, 1): 0.0},
-        id="floor-one",
+        id="below-zero-is-zero",
     ),
 ]
 
@@ -879,12 +879,14 @@ def test_fresh_tables_are_the_general_rows_of_nothing_excluded_at_probability_on
     for stack in range(len(spatial_shapes)):
         first, last = int(tables.first_sample[stack]), int(tables.first_sample[stack + 1])
         batch = (last - first, *tables.sample_grid(first))
-        general = tables._compute(stack, np.zeros(batch, dtype=bool), np.ones(batch))
+        general = tables._compute(
+            stack, np.zeros(batch, dtype=bool), np.ones(batch), np.full(batch, -1, dtype=np.int64)
+        )
         rows = slice(int(tables.region_offset[first]), int(tables.region_offset[last]))
         samples = slice(first, last)
         for field in general.__dataclass_fields__:
             expected = getattr(general, field)
-            per_sample = field in ("n_excluded", "weight_total", "mass_total", "mass_estimate")
+            per_sample = field in ("n_excluded", "budget", "mass_total", "mass_estimate")
             got = getattr(tables, field)[samples if per_sample else rows]
             assert np.asarray(got).dtype == np.asarray(expected).dtype, field
             np.testing.assert_array_equal(got, expected, err_msg=field)

@@ -27,17 +27,29 @@ normalisation and the augmentations. The datasets are ``CareamicsDataset``
 objects that CAREamics' data module and ``torch.utils.data.DataLoader`` take
 as they are.
 
+For ``CAREamist.train`` there is :func:`using_gpu_patching`: inside its
+``with`` block, ``careamist.train(...)`` builds these datasets in place of
+CAREamics' own and trains and validates on them::
+
+    with using_gpu_patching(CAREamist(config)) as careamist:
+        careamist.train(train_data=image)
+
 CAREamics and its dependencies (PyTorch, pydantic, ...) are not dependencies
-of gpu-patching; this module imports them when a function is called.
+of gpu-patching (``pip install gpu-patching[careamics]`` installs them); this
+module imports them when a function is called.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
+from .backends import resolve_backend
 from .strategy import StratifiedPatching
 
 __all__ = [
@@ -45,6 +57,7 @@ __all__ = [
     "create_train_dataset",
     "create_train_val_datasets",
     "create_val_split_datasets",
+    "using_gpu_patching",
 ]
 
 
@@ -55,7 +68,7 @@ def _module(name: str) -> Any:
     except ImportError as error:
         raise ImportError(
             f"gpu_patching.careamics needs CAREamics and its dependencies ({name} cannot be "
-            f"imported: {error}); install them with 'pip install careamics'"
+            f"imported: {error}); install them with 'pip install gpu-patching[careamics]'"
         ) from error
 
 
@@ -343,3 +356,176 @@ def create_train_val_datasets(
         model_constraints=model_constraints,
     )
     return train, val
+
+
+# What CAREamics 0.3.5 offers and what using_gpu_patching relies on. CAREamist.train
+# takes no data module or dataset factory: it builds a CareamicsDataModule from its
+# arguments and hands it to ``self.trainer.fit(model, datamodule=...)``, whose
+# setup() builds the datasets with CAREamics' factory unless both are set already.
+# So the datasets are built here, inside Trainer.fit (after CAREamist.train's
+# seed_everything, as CAREamics' setup would be), from the module's validated data
+# (the private ``_data``), and the configuration with its new normalisation is saved
+# to the module's hyperparameters as its setup() does (the private
+# ``_save_hparams``). tests/test_careamics_tier.py pins these names on 0.3.5; every
+# assumption is also checked here at run time, and a broken one raises instead of
+# silently training on CAREamics' sampler.
+_CAREAMICS_NOTE = (
+    "using_gpu_patching supports CAREamics 0.3.5 (the version gpu-patching[careamics] "
+    "installs); this CAREamics ({version}) {problem}"
+)
+
+
+def _unsupported(problem: str) -> RuntimeError:
+    version = getattr(_module("careamics"), "__version__", "of unknown version")
+    return RuntimeError(_CAREAMICS_NOTE.format(version=version, problem=problem))
+
+
+def _prepare_data_module(datamodule: Any, backend: str) -> tuple[Any, Any]:
+    """Build the data module's datasets with our sampler; return them."""
+    data_module_type = _module("careamics.lightning").CareamicsDataModule
+    if not isinstance(datamodule, data_module_type):
+        raise _unsupported(
+            f"gave Trainer.fit a {type(datamodule).__name__} instead of a CareamicsDataModule"
+        )
+    save_hparams = getattr(datamodule, "_save_hparams", None)
+    data = getattr(datamodule, "_data", None)
+    factory = _module("careamics.dataset.factory")
+    if not callable(save_hparams):
+        raise _unsupported("has no CareamicsDataModule._save_hparams")
+    arguments = (datamodule.config, data, datamodule.loading)
+    if isinstance(data, factory.TrainValSplitData):
+        # The data module's own generator: the same validation split as CAREamics'.
+        train, val = create_val_split_datasets(
+            *arguments, datamodule.rng, datamodule.model_constraints, backend=backend
+        )
+    elif isinstance(data, factory.TrainValData):
+        train, val = create_train_val_datasets(
+            *arguments, datamodule.model_constraints, backend=backend
+        )
+    else:
+        raise _unsupported(
+            f"keeps {type(data).__name__} in CareamicsDataModule._data, not the "
+            f"TrainValSplitData or TrainValData of training"
+        )
+    datamodule.train_dataset, datamodule.val_dataset = train, val
+    save_hparams()
+    return train, val
+
+
+@contextmanager
+def using_gpu_patching(careamist: Any, *, backend: str = "numpy") -> Iterator[Any]:
+    """Make ``careamist.train(...)`` train and validate on our sampler within the block.
+
+    Inside the ``with`` block, every ``careamist.train(...)`` call builds its
+    training and validation datasets as :func:`create_val_split_datasets`
+    (``n_val_patches`` split off the training data) or
+    :func:`create_train_val_datasets` (with ``val_data``) do: CAREamics'
+    datasets, normalisation pass and validation split, with our
+    :class:`~gpu_patching.StratifiedPatching` in place of CAREamics' sampler
+    from the start. Everything else is ``CAREamist.train``'s own (its
+    arguments, seeding, callbacks, DataLoader workers, checkpoints). Its
+    DataLoader workers draw through counters shared with this process (see the
+    README's "DataLoader workers"), so every epoch draws new patches and the
+    same seed (``config.data_config.patching.seed``) replays the same ones.
+
+    Only this ``careamist`` is changed, and only until the block ends (even by
+    an exception): then ``careamist.train`` is CAREamics' again. Prediction
+    is not affected.
+
+    Parameters
+    ----------
+    careamist : careamics.CAREamist
+        A CAREamist whose configuration uses stratified patching (CAREamics'
+        default for training).
+    backend : {"auto", "cuda", "numpy"}, default "numpy"
+        The sampler's backend. CAREamics' dataset asks for one patch per item,
+        usually in DataLoader workers that Linux forks, where CUDA cannot run,
+        so the default is the NumPy backend.
+
+    Yields
+    ------
+    careamics.CAREamist
+        ``careamist`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``careamist`` is not a ``CAREamist``, or ``backend`` not a string.
+    ValueError
+        If the configuration's patching is not stratified, ``backend`` is not
+        a backend's name, or the block is entered again for the same
+        ``careamist`` inside itself.
+    BackendUnavailableError
+        If ``backend="cuda"`` cannot run here.
+    ImportError
+        If CAREamics or one of its dependencies is missing.
+    RuntimeError
+        From ``careamist.train`` inside the block, if this CAREamics does not
+        build its training data module as CAREamics 0.3.5 does (see Notes).
+
+    Notes
+    -----
+    ``CAREamist.train`` of CAREamics 0.3.5 accepts no data module or dataset
+    factory, so this relies on two of its private names:
+    ``CareamicsDataModule._data`` (the validated training data) and
+    ``CareamicsDataModule._save_hparams``. Within the block the CAREamist's
+    ``train`` is wrapped, and for each call its trainer's ``fit`` builds the
+    data module's datasets before Lightning's ``setup`` (which keeps datasets
+    that are set). Each of these is checked when it is used and raises
+    ``RuntimeError`` instead of training on CAREamics' sampler, and the
+    CAREamics tier of the tests pins them on 0.3.5.
+
+    Examples
+    --------
+    >>> with using_gpu_patching(CAREamist(config)) as careamist:  # doctest: +SKIP
+    ...     careamist.train(train_data=image)
+    >>> careamist.predict(image)  # doctest: +SKIP
+    """
+    careamist_type = _module("careamics").CAREamist
+    if not isinstance(careamist, careamist_type):
+        raise TypeError(f"careamist must be a careamics.CAREamist, got {type(careamist).__name__}")
+    resolve_backend(backend)  # validates the name (and CUDA) before anything changes
+    patching = careamist.config.data_config.patching
+    if patching.name != "stratified":
+        raise ValueError(
+            f"careamist.config.data_config.patching.name is {patching.name!r}: gpu-patching "
+            f"replaces CAREamics' stratified patching, so the configuration must use "
+            f"patching='stratified'"
+        )
+    if "train" in vars(careamist):
+        raise ValueError(
+            "careamist is already inside using_gpu_patching (or its train method was "
+            "replaced): enter the block once per CAREamist"
+        )
+    careamics_train = careamist.train
+
+    @functools.wraps(careamics_train)
+    def train(*args: Any, **kwargs: Any) -> None:
+        trainer = careamist.trainer
+        careamics_fit = trainer.fit
+        built: list[Any] = []
+
+        @functools.wraps(careamics_fit)
+        def fit(*fit_args: Any, **fit_kwargs: Any) -> Any:
+            datamodule = fit_kwargs.get("datamodule")
+            built.append(_prepare_data_module(datamodule, backend))
+            result = careamics_fit(*fit_args, **fit_kwargs)
+            if datamodule.train_dataset is not built[0][0]:
+                raise _unsupported("replaced the training dataset that was set before setup()")
+            return result
+
+        # An attribute of this trainer only, shadowing Trainer.fit for this call.
+        trainer.fit = fit
+        try:
+            careamics_train(*args, **kwargs)
+        finally:
+            del trainer.fit
+        if not built:
+            raise _unsupported("trained without calling careamist.trainer.fit")
+
+    # An attribute of this CAREamist only, shadowing CAREamist.train in the block.
+    careamist.train = train
+    try:
+        yield careamist
+    finally:
+        del careamist.train

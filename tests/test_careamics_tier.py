@@ -12,16 +12,25 @@ cleanly elsewhere, with the reason. It checks that
   they choose on CAREamics' sampler;
 * with ``DataLoader`` workers (fork and spawn, persistent or not), every pass
   draws new patches, as with ``num_workers=0``, while a seed replays the same
-  passes.
+  passes;
+* ``CAREamist.train`` inside :func:`gpu_patching.careamics.using_gpu_patching`
+  trains and validates on our sampler (its DataLoader worker included), the
+  same seed replays the same patches, CAREamics is left as it was afterwards,
+  and the README's CAREamist example runs as written.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import pickle
+import re
+import subprocess
+import sys
 from collections import Counter
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,12 +48,15 @@ except ImportError as error:  # pragma: no cover - depends on the machine
         allow_module_level=True,
     )
 
+import careamics
 import torch
+from careamics import CAREamist
 from careamics.config import create_care_config, create_n2v_config
 from careamics.config.data.patch_filter import MaxPatchFilterConfig
 from careamics.config.data.patch_filter.mask_filter_config import (
     MaskPatchFilterConfig,
 )
+from careamics.config.data.patching_strategies import RandomPatchingConfig
 from careamics.dataset.factory import (
     TrainValData,
     TrainValSplitData,
@@ -64,6 +76,8 @@ from careamics.dataset.factory.val_split import create_val_split
 from careamics.dataset.image_stack_loader import load_arrays
 from careamics.dataset.patch_extractor import PatchExtractor
 from careamics.dataset.patching import StratifiedPatching as CareamicsStratified
+from careamics.lightning import CareamicsDataModule
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from gpu_patching.careamics import (
@@ -71,6 +85,7 @@ from gpu_patching.careamics import (
     create_train_dataset,
     create_train_val_datasets,
     create_val_split_datasets,
+    using_gpu_patching,
 )
 
 SEED = 7
@@ -383,3 +398,207 @@ def test_passes_without_workers_draw_new_patches_too():
     runs = passes(worker_dataset(), 2, num_workers=0)
     assert repeated_fraction(runs[0], runs[1]) < 0.1
     assert passes(worker_dataset(), 2, num_workers=0) == runs
+
+
+# -- CAREamist.train on our sampler ----------------------------------------------------
+
+
+class PatchRecorder(Callback):
+    """Records the corner of every training patch and every training loss, in order."""
+
+    def __init__(self) -> None:
+        self.corners: list[tuple[int, int, tuple[int, ...]]] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        spec = batch[0].region_spec
+        coords = [axis.tolist() for axis in spec["coords"]]
+        for k, (data_idx, sample_idx) in enumerate(
+            zip(spec["data_idx"].tolist(), spec["sample_idx"].tolist(), strict=True)
+        ):
+            self.corners.append((data_idx, sample_idx, tuple(axis[k] for axis in coords)))
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
+
+N_VAL = 4
+
+
+def careamist(work_dir: Path, recorder: Callback | None = None, seed: int = SEED) -> Any:
+    """A CAREamist for one epoch of N2V with a two-level UNet (one DataLoader worker)."""
+    config = create_n2v_config(
+        experiment_name="tier",
+        data_type="array",
+        axes="YX",
+        patch_size=[32, 32],
+        batch_size=8,
+        num_epochs=1,
+        n_val_patches=N_VAL,
+    )
+    config.algorithm_config.model.depth = 2
+    config.data_config.seed = seed
+    config.data_config.patching.seed = seed
+    # One DataLoader worker each, as CAREamics gives on Linux outside pytest.
+    for params in (
+        config.data_config.train_dataloader_params,
+        config.data_config.val_dataloader_params,
+    ):
+        params.update(num_workers=1, persistent_workers=True)
+    return CAREamist(
+        config,
+        work_dir=work_dir,
+        enable_progress_bar=False,
+        callbacks=[] if recorder is None else [recorder],
+    )
+
+
+def train_image() -> np.ndarray:
+    return image((160, 192), 11)
+
+
+def trained(work_dir: Path) -> tuple[Any, PatchRecorder]:
+    """Train one epoch inside ``using_gpu_patching``; the CAREamist and what it drew."""
+    recorder = PatchRecorder()
+    model = careamist(work_dir, recorder)
+    with using_gpu_patching(model) as entered:
+        assert entered is model
+        model.train(train_data=train_image())
+    return model, recorder
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, PatchRecorder]:
+    return trained(tmp_path_factory.mktemp("first"))
+
+
+def training_sampler(model: Any) -> Any:
+    return model.train_datamodule.train_dataset.patch_constructor.patching_strategy
+
+
+def test_careamist_train_draws_every_training_patch_from_our_sampler(first_run):
+    model, recorder = first_run
+    sampler = training_sampler(model)
+    assert isinstance(sampler, StratifiedPatching)
+    # The normalisation pass drew epoch 0 of every index; the epoch of training,
+    # in the DataLoader worker, drew epoch 1: each patch trained on is a row of it.
+    epoch = sampler.sample_epoch(1)
+    rows = [
+        (int(d), int(s), tuple(int(c) for c in corner))
+        for d, s, corner in zip(epoch.data_idx, epoch.sample_idx, epoch.coords, strict=True)
+    ]
+    assert len(recorder.corners) == sampler.n_patches
+    assert Counter(recorder.corners) == Counter(rows)
+
+
+def test_the_worker_draws_of_careamist_training_advance_our_shared_counters(first_run):
+    model, _ = first_run
+    sampler = training_sampler(model)
+    # Two calls of every index happened (one in this process, one in the
+    # worker): the next call here is the third, row 0 of epoch 2.
+    spec = sampler.get_patch_spec(0)
+    assert tuple(spec["coords"]) == tuple(int(c) for c in sampler.sample_epoch(2).coords[0])
+
+
+def test_careamist_validation_patches_are_split_off_our_sampler(first_run):
+    model, _ = first_run
+    sampler = training_sampler(model)
+    assert len(model.train_datamodule.val_dataset) == N_VAL
+    assert int(sampler.get_excluded_cells(0, 0).sum()) == N_VAL
+
+
+def test_careamist_training_loss_is_finite(first_run):
+    _, recorder = first_run
+    assert recorder.losses and all(math.isfinite(loss) for loss in recorder.losses)
+
+
+def test_careamist_prediction_after_our_training_has_the_input_shape(first_run):
+    model, _ = first_run
+    predictions, _ = model.predict(train_image())
+    assert predictions[0].shape == train_image().shape
+
+
+def test_careamist_training_with_the_same_seed_draws_the_same_patches(first_run, tmp_path):
+    _, recorder = first_run
+    _, again = trained(tmp_path)
+    assert again.corners == recorder.corners
+
+
+def test_careamist_is_left_as_it_was_after_the_block(tmp_path):
+    recorder = PatchRecorder()
+    model = careamist(tmp_path, recorder)
+    methods = (dict(vars(model)), dict(vars(model.trainer)))
+    with pytest.raises(KeyError), using_gpu_patching(model):
+        raise KeyError("leaves the block")
+    assert (dict(vars(model)), dict(vars(model.trainer))) == methods
+    model.train(train_data=train_image())
+    assert isinstance(training_sampler(model), CareamicsStratified)
+
+
+def test_using_gpu_patching_refuses_bad_input_before_changing_anything(tmp_path):
+    model = careamist(tmp_path)
+    before = dict(vars(model))
+    with pytest.raises(TypeError, match="CAREamist"), using_gpu_patching(model.config):
+        pass
+    with pytest.raises(ValueError, match="'gpu'"), using_gpu_patching(model, backend="gpu"):
+        pass
+    model.config.data_config.patching = RandomPatchingConfig(patch_size=[32, 32])
+    with pytest.raises(ValueError, match="'random'"), using_gpu_patching(model):
+        pass
+    assert dict(vars(model)) == before
+
+
+def test_using_gpu_patching_refuses_to_be_entered_twice_on_one_careamist(tmp_path):
+    model = careamist(tmp_path)
+    with using_gpu_patching(model):
+        inside = dict(vars(model))
+        with pytest.raises(ValueError, match="already"), using_gpu_patching(model):
+            pass
+        assert dict(vars(model)) == inside
+
+
+def test_careamics_private_hooks_we_rely_on_are_those_of_0_3_5():
+    # using_gpu_patching hands CAREamics' data module datasets built before
+    # Trainer.fit: it reads the module's private _data and calls its private
+    # _save_hparams, and relies on setup() keeping datasets set beforehand. A
+    # CAREamics upgrade must fail here first, whatever its names.
+    assert careamics.__version__ == "0.3.5"
+    module = CareamicsDataModule(
+        create_n2v_config(
+            experiment_name="tier", data_type="array", axes="YX", patch_size=[32, 32], batch_size=8
+        ).data_config,
+        train_data=train_image(),
+    )
+    assert isinstance(module._data, TrainValSplitData)
+    assert callable(module._save_hparams)
+    module.train_dataset = module.val_dataset = "kept"
+    module.setup("fit")
+    assert module.train_dataset == module.val_dataset == "kept"
+
+
+# -- the README's CAREamist example ----------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_careamist_example_runs_as_written(tmp_path):
+    blocks = re.findall(r"```py\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    (block,) = [block for block in blocks if "using_gpu_patching" in block]
+    # import_careamics is a no-op where torchvision matches PyTorch; on a CPU
+    # PyTorch beside a CUDA torchvision (this tier's machines) it lets it import.
+    prelude = "from gpu_patching.testing import import_careamics; import_careamics()\n"
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + block],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "prediction" in result.stdout

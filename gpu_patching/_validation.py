@@ -256,8 +256,9 @@ def validate_data_shapes(
 
     Each shape must have ``len(patch_size) + 2`` axes. A spatial part smaller
     than the patch along some axis is accepted (the sampler gives such samples
-    no patches, as the reference does); the crop and statistics calls check
-    their stacks with :func:`check_stack_shape`, which refuses it.
+    no patches, as the reference does); the crop and statistics calls accept
+    such stacks too (:func:`check_stack_shape` with ``smaller_ok``), and the
+    crops refuse a row that names one.
     """
     if isinstance(data_shapes, (str, bytes)) or not isinstance(data_shapes, (Sequence, np.ndarray)):
         array = (

@@ -32,9 +32,11 @@ batch crops device stacks on the device (its rows are uploaded in one copy),
 and a CUDA sampler's batch crops host stacks on the host.
 
 Validation happens before any work: the batch's shapes, the stacks' number of
-axes, channel counts, dtypes and sizes (at least the patch size), ``out``
-(shape, dtype, C-contiguity, device, no overlap with a stack), and every row
-(``data_idx`` and ``sample_idx`` in range, corner within ``[0, D - P]``).
+axes, channel counts and dtypes, ``out`` (shape, dtype, C-contiguity,
+device, no overlap with a stack), and every row (``data_idx`` and
+``sample_idx`` in range, corner within ``[0, D - P]``). A stack smaller than
+the patch is accepted beside the others, as the sampler accepts it (it gives
+it no patches); a row that names it is refused.
 For a batch whose rows are NumPy arrays the rows are checked on the host. For
 rows that live on the device the check is one small kernel (``check_crop_rows``,
 the same rule as the host's, from the same header as the crop kernel) and one
@@ -122,8 +124,9 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
     stacks : sequence of arrays
         One array per stack, shaped like the sampler's ``data_shapes``: axes
         ``SC(Z)YX``, the same channel count and dtype for all (in either byte
-        order), each spatial size at least the patch size. Either all on the host (NumPy arrays, or
-        anything ``numpy.asarray`` accepts) or all on one CUDA device (CuPy
+        order). A stack smaller than the patch is accepted (the sampler gives
+        it no patches), but no row may name it. Either all on the host (NumPy
+        arrays, or anything ``numpy.asarray`` accepts) or all on one CUDA device (CuPy
         arrays, or arrays with ``__cuda_array_interface__`` or DLPack such as
         PyTorch CUDA tensors, read in place through their strides), or all
         chunked stores (zarr arrays with axes ``SC(Z)YX``, or stacks from
@@ -163,9 +166,9 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
         dtypes, a device stack's dtype is not 1, 2, 4 or 8 bytes of bool,
         integer or float, or ``out`` has the wrong type or dtype.
     ValueError
-        If a stack has the wrong number of axes, an empty axis, a spatial size
-        smaller than the patch or another channel count; if a corner leaves
-        ``[0, D - P]``; if the batch's arrays have inconsistent shapes; if the
+        If a stack has the wrong number of axes, an empty axis or another
+        channel count; if a corner leaves ``[0, D - P]`` (no corner does in a
+        stack smaller than the patch); if the batch's arrays have inconsistent shapes; if the
         arrays are on different devices, a device array is misaligned for its
         dtype; or if ``out`` has the wrong shape, is not C-contiguous, is
         read-only or overlaps a stack.
@@ -255,7 +258,9 @@ def _check_stacks(
     differ only in byte order hold the same values and are accepted.
     """
     for k, shape in enumerate(shapes):
-        check_stack_shape(shape, patch_size, f"stacks[{k}]")
+        # A stack smaller than the patch is accepted, as the sampler accepts
+        # it (it gives no patches); only a row that names it is refused.
+        check_stack_shape(shape, patch_size, f"stacks[{k}]", smaller_ok=True)
         if shape[1] != shapes[0][1]:
             raise ValueError(
                 f"every stack must have the same number of channels: stacks[0] has "
@@ -314,6 +319,11 @@ def _raise_for_row(
             f"(shape {shape}) has {shape[0]} samples"
         )
     last_corner = tuple(d - p for d, p in zip(shape[2:], patch_size, strict=True))
+    if min(last_corner) < 0:
+        raise ValueError(
+            f"batch.coords[{row}] = {corner} names stacks[{data_idx}] (spatial shape "
+            f"{shape[2:]}), which is smaller than the {patch_size} patch: no patch fits in it"
+        )
     raise ValueError(
         f"batch.coords[{row}] = {corner} puts the {patch_size} patch outside "
         f"stacks[{data_idx}] (spatial shape {shape[2:]}): expected "

@@ -143,6 +143,8 @@ def filter_background(
         One ``SC(Z)YX`` array per ``data_idx`` (NumPy, CuPy, or a tensor
         read as one, see :func:`~gpu_patching.stats.region_statistics`), of shape
         ``strategy.data_shapes[data_idx]`` (a lone array for a single stack).
+        Stacks smaller than the patch are accepted, as the sampler accepts
+        them; their samples have no patches to filter.
     stat : {"mean", "std", "min", "max", "entropy"}, default "mean"
         The statistic compared with ``threshold``.
     threshold : float or None, default None

@@ -112,13 +112,10 @@ def _check_stack(stack: Any, patch: tuple[int, ...], name: str) -> Any:
         raise TypeError(
             f"{name} must hold integers or floats, got dtype {np.dtype(stack.dtype).name}"
         )
-    check.check_stack_shape(tuple(int(s) for s in stack.shape), patch, name)
+    # A stack smaller than the patch is accepted, as the sampler accepts it:
+    # its grid is empty along that axis, or its one cell holds no corner.
+    check.check_stack_shape(tuple(int(s) for s in stack.shape), patch, name, smaller_ok=True)
     return xp
-
-
-def _check_patch_fits(spatial: tuple[int, ...], patch: tuple[int, ...], name: str) -> None:
-    if any(p > d for p, d in zip(patch, spatial, strict=True)):
-        raise ValueError(f"patch_size {patch} is larger than the spatial shape {spatial} of {name}")
 
 
 def _spatial_mask(mask: Any, stack_shape: tuple[int, ...], channel: int, name: str, xp: Any) -> Any:
@@ -601,7 +598,10 @@ def region_statistics(
     The sampling region of grid cell ``g`` is the box ``[g * P, (g + 2) * P)``
     clipped to the image, the "twice the patch size" region that patches with
     a corner in cell ``g`` are drawn from. The grid has
-    ``(D + 1) // P`` cells per axis, as in :class:`StratifiedPatching`.
+    ``(D + 1) // P`` cells per axis, as in :class:`StratifiedPatching`; a
+    stack smaller than the patch is accepted as the sampler accepts it (no
+    cell along an axis where ``D < P - 1``, one cell covering the image where
+    ``D == P - 1``).
 
     Every region is computed at once, on the stack's device, in one pass over
     the pixels per statistic family: each ``P``-sized block of the image is
@@ -871,7 +871,8 @@ def filter_map(
             f"spatial_shape {spatial} has {len(spatial)} axes but patch_size {patch} has "
             f"{len(patch)}"
         )
-    _check_patch_fits(spatial, patch, "the image")
+    if min(spatial, default=0) < 1:
+        raise ValueError(f"spatial_shape entries must be positive, got {spatial}")
     if combine not in _COMBINE:
         raise ValueError(f"combine must be one of {_COMBINE}, got {combine!r}")
     grid = grid_shape(spatial, patch)

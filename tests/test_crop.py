@@ -326,11 +326,13 @@ def test_stacks_with_different_dtypes_are_refused(setup: Any) -> None:
     )
 
 
-def test_a_stack_smaller_than_the_patch_is_refused(setup: Any) -> None:
+def test_a_row_naming_a_stack_smaller_than_the_patch_is_refused(setup: Any) -> None:
+    # The stack itself is accepted (the sampler gives it no patches); row 1 names it.
     stacks, batch, out = setup
     raises_untouched(
         ValueError,
-        "larger than the spatial shape",
+        r"batch.coords\[1\] = \(0, 16\) names stacks\[1\] \(spatial shape \(3, 20\)\), "
+        r"which is smaller than the \(4, 4\) patch",
         [stacks[0], values((1, 1, 3, 20), np.float32)],
         batch,
         out,

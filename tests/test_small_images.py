@@ -20,7 +20,16 @@ import numpy as np
 import pytest
 from conftest import sample_rows
 
-from gpu_patching import PatchBatch, SmallSampleWarning, StratifiedPatching, extract_patches
+from gpu_patching import (
+    PatchBatch,
+    PatchLoader,
+    SmallSampleWarning,
+    StratifiedPatching,
+    extract_patches,
+    filter_background,
+    region_statistics,
+    validation_split,
+)
 from gpu_patching.backends.numpy_backend import NumpyBackend
 
 # Stack 0: one sample shorter than the patch along Y (no cell along Y);
@@ -159,12 +168,77 @@ def test_a_3d_stack_thinner_than_the_patch_has_no_patches():
     assert set(sampler.sample_epoch(1).data_idx.tolist()) == {1}
 
 
-def test_crops_still_refuse_a_stack_smaller_than_the_patch():
-    # Only the sampler takes small samples; a crop of one would leave the image.
-    stack = np.zeros((1, 1, 30, 100), dtype=np.float32)
+def stacks_of(shapes=SHAPES) -> list[np.ndarray]:
+    """Stacks of the shapes whose pixels all differ (a misplaced pixel shows)."""
+    rng = np.random.default_rng(7)
+    return [rng.random(shape, dtype=np.float32) for shape in shapes]
+
+
+def sliced(stacks, batch) -> np.ndarray:
+    """The batch's patches by plain slicing."""
+    patches = []
+    for d, s, corner in zip(batch.data_idx, batch.sample_idx, batch.coords, strict=True):
+        window = tuple(slice(c, c + p) for c, p in zip(corner, batch.patch_size, strict=True))
+        patches.append(stacks[d][(s, slice(None), *window)])
+    return np.stack(patches)
+
+
+def test_an_epoch_is_cropped_from_stacks_beside_ones_smaller_than_the_patch():
+    sampler, stacks = build(), stacks_of()
+    stacks[2] = stacks[2][:, :1]  # one channel, as the others
+    epoch = sampler.sample_epoch(3)
+    np.testing.assert_array_equal(extract_patches(stacks, epoch), sliced(stacks, epoch))
+
+
+def test_a_row_that_names_a_stack_smaller_than_the_patch_is_refused():
+    # The sampler never draws one; a hand-made row that does would leave the image.
+    stacks = [np.zeros((1, 1, 30, 100), dtype=np.float32), np.zeros((1, 1, 64, 64), np.float32)]
     zero = np.zeros(1, np.int64)
-    with pytest.raises(ValueError, match="larger than the spatial shape"):
-        extract_patches([stack], PatchBatch(zero, zero, np.zeros((1, 2), np.int64), zero, PATCH))
+    batch = PatchBatch(zero, zero, np.zeros((1, 2), np.int64), zero, PATCH)
+    with pytest.raises(ValueError, match=r"stacks\[0\] .* is smaller than the \(64, 64\) patch"):
+        extract_patches(stacks, batch)
+
+
+def test_the_loader_takes_stacks_smaller_than_the_patch_beside_normal_ones():
+    shapes = [(1, 1, 30, 100), (2, 1, 150, 130)]
+    sampler, stacks = build(shapes), stacks_of(shapes)
+    loader = PatchLoader(stacks, sampler, batch_size=5, shuffle=True)
+    loader.set_epoch(2)
+    pairs = list(loader)
+    assert sum(len(batch) for _, batch in pairs) == sampler.n_patches
+    for patches, batch in pairs:
+        assert set(batch.data_idx.tolist()) == {1}
+        np.testing.assert_array_equal(patches, sliced(stacks, batch))
+
+
+def test_filter_background_takes_stacks_smaller_than_the_patch_beside_normal_ones():
+    shapes = [(1, 1, 30, 100), (2, 1, 150, 130), (1, 1, 90, 63)]
+    sampler, stacks = build(shapes), stacks_of(shapes)
+    alone = build([shapes[1]])
+    stacks[1][0, 0, :128] = 0  # a dark band: background in sample 0
+    result = filter_background(sampler, stacks, threshold=0.25, filtered_prob=0.1)
+    expected = filter_background(alone, [stacks[1]], threshold=0.25, filtered_prob=0.1)
+    assert result.filtered[(0, 0)] == 0 and result.scored[(0, 0)] == 0  # no cell at all
+    assert result.filtered[(1, 0)] == expected.filtered[(0, 0)] > 0
+    assert sampler.n_patches == alone.n_patches
+    assert sampler.n_patches_per_sample.tolist() == [0, *alone.n_patches_per_sample.tolist(), 0]
+
+
+def test_region_statistics_of_a_stack_smaller_than_the_patch_has_the_grid_shape():
+    thin, short = stacks_of([(2, 1, 30, 100), (1, 1, 90, 63)])
+    assert region_statistics(thin, PATCH)["mean"].shape == (2, 0, 1)
+    # (63 + 1) // 64 = 1 cell along X: its region is the whole image.
+    mean = region_statistics(short, PATCH, stats=("mean",))["mean"]
+    np.testing.assert_allclose(mean, [[[short.mean(dtype=np.float64)]]], rtol=1e-12)
+
+
+def test_validation_split_never_picks_a_cell_of_a_sample_smaller_than_the_patch():
+    sampler = build()
+    validation = validation_split(sampler, 4, seed=3)
+    assert len(validation) == 4
+    assert {spec["data_idx"] for spec in validation} == {1}
+    with pytest.raises(ValueError, match="available"):
+        validation_split(build(), build().n_patches + 1)
 
 
 def test_host_compiled_cuda_kernel_equals_numpy_with_zero_region_samples(host_kernels):

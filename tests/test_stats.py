@@ -270,7 +270,6 @@ def test_input_stack_is_not_modified() -> None:
         ({"stack": [[[[1.0]]]]}, TypeError, "NumPy or CuPy array"),
         ({"stack": np.zeros((1, 1, 8, 8), dtype=bool)}, TypeError, "integers or floats"),
         ({"stack": np.zeros((1, 8, 8))}, ValueError, "4 axes"),
-        ({"patch_size": (16, 4)}, ValueError, "larger than"),
         ({"patch_size": (4, 0)}, ValueError, "positive"),
         ({"channel": 1}, IndexError, "channel 1"),
         ({"channel": 1.0}, TypeError, "channel"),
@@ -367,6 +366,16 @@ def test_pixels_under_the_max_map_lie_only_in_filtered_regions() -> None:
         assert all(mean[0, gy, gx] < threshold for gy, gx in cells)
 
 
+def test_filter_map_of_an_image_smaller_than_the_patch_follows_its_grid() -> None:
+    # As the sampler: no cell along Y (30 < 63), or one cell covering the whole image.
+    thin = random_stack((2, 1, 30, 100), np.float32, seed=1)
+    no_cell = filter_map(region_statistics(thin, (64, 64))["mean"], (64, 64), (30, 100))
+    assert no_cell.shape == (2, 30, 100) and np.isnan(no_cell).all()
+    short = random_stack((1, 1, 90, 63), np.float32, seed=2)
+    one_cell = filter_map(region_statistics(short, (64, 64))["max"], (64, 64), (90, 63))
+    np.testing.assert_array_equal(one_cell, np.full((1, 90, 63), short.max(), dtype=np.float64))
+
+
 @pytest.mark.parametrize(
     ("statistic", "spatial", "kwargs", "error", "match"),
     [
@@ -374,7 +383,7 @@ def test_pixels_under_the_max_map_lie_only_in_filtered_regions() -> None:
         (np.zeros((1, 3, 3), dtype=bool), (13, 13), {}, TypeError, "real numbers"),
         (np.zeros((1, 3, 3)), (13, 13), {"combine": "mean"}, ValueError, "combine"),
         ([[0.0]], (4, 4), {}, TypeError, "NumPy or CuPy"),
-        (np.zeros((1, 3, 3)), (2, 13), {}, ValueError, "larger than"),
+        (np.zeros((1, 0, 3)), (0, 13), {}, ValueError, "must be positive"),
     ],
 )
 def test_filter_map_rejects_bad_arguments(

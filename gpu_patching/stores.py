@@ -59,6 +59,21 @@ zarr reads a chunk missing from a store as the fill value (zarr-python 3 does
 not write chunks that hold only the fill value), so a store deleted while a
 batch is being read is caught by the metadata check after the batch, not by
 the chunk reads; a TIFF keeps being read through its open file handle.
+
+Processes. A TIFF stack is read through an open file, and a forked process
+shares that file's position with its parent: reads from several
+``DataLoader`` workers would seek and read over each other and return wrong
+pixels without an error. So each process reads through a file of its own: a
+stack opened by :func:`open_stack` opens its TIFF again at its first read in
+another process (forked, or unpickled in a spawned worker) and checks that
+the file still holds the same array. A TIFF-backed zarr array wrapped
+without its path cannot be opened again and is refused in another process.
+zarr stores are read by key and need nothing of the sort.
+
+Refusals. The stacks of one reader must agree on dtype and channel count
+(a batch is one array); chunks come out in native byte order, so a
+big-endian store (zarr format 2 can hold one) reads like any other. Malformed
+OME-Zarr metadata is a ``ValueError`` naming the store and the field.
 """
 
 from __future__ import annotations
@@ -149,7 +164,9 @@ class ChunkedStack:
     Nothing but metadata is read when it is built; :meth:`read_chunk` reads
     one chunk, and indexing (``stack[s, c]``, slices) reads a selection.
     Build it with :func:`open_stack` (paths, OME-Zarr groups, TIFFs) or
-    directly from a zarr array.
+    directly from a zarr array. It pickles, and can be used from any
+    process: a TIFF opened by :func:`open_stack` is opened again by each
+    process that reads it (see the module's notes on processes).
 
     Parameters
     ----------
@@ -171,7 +188,7 @@ class ChunkedStack:
     chunks : tuple of int
         The chunk shape in the same axes (1 for an added axis).
     dtype : numpy.dtype
-        The element type.
+        The element type, in native byte order (what reads return).
     axes : str
         The stored array's axes.
     name : str
@@ -586,10 +603,14 @@ def open_stack(source: Any, axes: str | None = None, *, level: int = 0) -> Chunk
     FileNotFoundError
         If the path does not exist.
     ValueError
-        If the group is not a multiscale image, the level does not exist or
-        the axes do not fit the array.
+        If the group is not a multiscale image or its metadata is malformed
+        (the error names the field), the level does not exist or the axes do
+        not fit the array.
     TypeError
         If ``source`` is of another type.
+    ImportError
+        If zarr-python 3 (or, for a TIFF, tifffile 2025.5.21 or later) is not
+        installed: ``pip install 'gpu-patching[stores]'``.
     """
     level = check.as_int(level, "level")
     if level < 0:

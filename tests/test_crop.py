@@ -501,3 +501,13 @@ def test_a_uint64_corner_past_int64_is_refused_not_wrapped(setup: Any) -> None:
     bad = PatchBatch(batch.data_idx, batch.sample_idx, coords, batch.indices, batch.patch_size)
     match = r"batch.coords\[0\] = \(9223372036854775814, 8\)"
     raises_untouched(ValueError, match, stacks, bad, out)
+
+
+def test_the_result_is_a_writable_copy_even_of_a_whole_image_of_a_read_only_stack() -> None:
+    stack = values((2, 1, 6, 5), np.float32)
+    stack.flags.writeable = False
+    batch = make_batch([0, 0], [1, 0], [[0, 0], [0, 0]], (6, 5))
+    result = extract_patches([stack], batch)
+    assert result.flags.writeable and not np.shares_memory(result, stack)
+    result *= 0
+    np.testing.assert_array_equal(stack, values((2, 1, 6, 5), np.float32))

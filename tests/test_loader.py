@@ -228,3 +228,33 @@ def test_a_big_endian_stack_gives_tensors_with_as_torch(dtype):
     ):
         assert isinstance(patches, torch.Tensor)
         np.testing.assert_array_equal(patches.numpy(), expected)
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch"), [((2, 1, 16, 12), (16, 12)), ((2, 1, 40, 12), (8, 12))]
+)
+def test_an_in_place_change_of_a_batch_never_changes_the_stack(shape, patch):
+    # Patches as large as the image, or spanning whole rows, are contiguous
+    # slices of the stack: the batch must still be a copy.
+    torch = pytest.importorskip("torch")
+    stack = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + 1
+    original = stack.copy()
+    strategy = make_strategy([shape], patch)
+    for as_torch in (False, True):
+        for patches, _ in PatchLoader([stack], strategy, 3, as_torch=as_torch):
+            assert isinstance(patches, torch.Tensor) == as_torch
+            patches *= 0
+    np.testing.assert_array_equal(stack, original)
+
+
+def test_a_read_only_memmap_gives_writable_batches(tmp_path):
+    pytest.importorskip("torch")
+    stack = np.arange(2 * 16 * 12, dtype=np.float32).reshape(2, 1, 16, 12)
+    np.save(tmp_path / "stack.npy", stack)
+    mapped = np.load(tmp_path / "stack.npy", mmap_mode="r")
+    strategy = make_strategy([stack.shape], (16, 12))
+    for patches, _ in PatchLoader([mapped], strategy, 2):
+        assert patches.flags.writeable and not np.shares_memory(patches, mapped)
+    for patches, _ in PatchLoader([mapped], strategy, 2, as_torch=True):
+        assert not np.shares_memory(patches.numpy(), mapped)
+        patches.add_(1)  # a write into the mapping itself would be a segmentation fault

@@ -424,3 +424,14 @@ def test_a_big_endian_stack_gives_the_same_items_as_a_native_one(dtype: str) -> 
     for index in (0, 5, 5, 17):
         item, want = items[index], expected[index]
         assert item.dtype == want.dtype and torch.equal(item, want)
+
+
+def test_the_dataset_takes_stacks_smaller_than_the_patch_beside_normal_ones() -> None:
+    shapes = [(1, 1, 5, 40), (2, 1, 40, 36)]
+    with pytest.warns(UserWarning, match="data_idx 0"):
+        patching = numpy_sampler(shapes, PATCH, seed=4)
+    stacks = [np.full(shape, k, dtype=np.float32) for k, shape in enumerate(shapes)]
+    loader = DataLoader(PatchDataset(patching, stacks), batch_size=16, num_workers=0)
+    batches = list(loader)
+    assert sum(len(batch) for batch in batches) == patching.n_patches
+    assert all(bool((batch == 1).all()) for batch in batches)  # never the small stack

@@ -127,6 +127,8 @@ _BOOKKEEPING_BYTES_PER_ROW = 1024
 
 # OME-Zarr axis names to our letters (time points are samples).
 _OME_AXES = {"t": "S", "c": "C", "z": "Z", "y": "Y", "x": "X"}
+# Files inherited from the process that forked this one (see ChunkedStack._reopen).
+_INHERITED_FILES: list[Any] = []
 #: How to install what this module needs (zarr-python 3 and tifffile's zarr 3 stores).
 _STORES_EXTRA = "pip install 'gpu-patching[stores]'"
 # tifffile's zarr store speaks zarr-python 3 from this release on.
@@ -264,11 +266,12 @@ class ChunkedStack:
         """Open this process's own handle of a TIFF (after a fork or unpickling)."""
         assert self._tiff_source is not None
         path, level = self._tiff_source
-        _, _, inherited_close = self._handle
-        if inherited_close is not None:
-            # This process's copy of the opener's file descriptor: closing it
-            # leaves the opener's file open.
-            inherited_close()
+        if self._handle[2] is not None:
+            # The opener's file, inherited through fork, is kept open and never
+            # touched here: closing it takes its buffer's lock, which a thread
+            # of the opener may have held when it forked (a deadlock), and
+            # letting it be collected would close it the same way.
+            _INHERITED_FILES.append(self._handle)
         try:
             array, close = _open_tiff(Path(path), level)
         except Exception as error:

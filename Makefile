@@ -44,7 +44,11 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 # replacing the CPU PyTorch. CAREamics 0.3.5 caps torchvision at 0.26, which is built
 # for an older PyTorch, so torchvision comes without dependencies in the release built
 # for this PyTorch; `pip check` then reports that cap (and CAREamics' cap on pyyaml),
-# and nothing else. Runs the tier's tests, the spawn worker tests included.
+# and nothing else. Runs the tier's tests, the spawn worker tests included, and the
+# README's CAREamist example. Users follow the README's recipe instead, the same idea
+# with PyTorch 2.11 and torchvision 0.26 from PyTorch's own index, then
+# `pip install gpu-patching[careamics]` under the same kind of constraint; here only
+# the 2.13 CPU wheel of PyTorch is at hand.
 CAREAMICS_DEPS := 'bioimageio-core>=0.9.0,<=0.11.0' 'lightning>=2.2,<=2.6.6,!=2.6.2,!=2.6.3' \
 	'microssim<=0.0.5' 'psutil<=7.2.2' 'pydantic>=2.11,<=2.14.1' 'torchmetrics>0.7.0,<1.9.0'
 TORCHVISION ?= torchvision==0.28.0

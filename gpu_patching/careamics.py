@@ -507,7 +507,7 @@ def using_gpu_patching(careamist: Any, *, backend: str = "numpy") -> Iterator[An
 
         @functools.wraps(careamics_fit)
         def fit(*fit_args: Any, **fit_kwargs: Any) -> Any:
-            datamodule = fit_kwargs.get("datamodule")
+            datamodule: Any = fit_kwargs.get("datamodule")
             built.append(_prepare_data_module(datamodule, backend))
             result = careamics_fit(*fit_args, **fit_kwargs)
             if datamodule.train_dataset is not built[0][0]:

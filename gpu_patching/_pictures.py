@@ -304,7 +304,10 @@ def _draw_probabilities(scene: DemoScene, path: Path) -> Path:
         ncol=2,
         frameon=False,
     )
-    figure.suptitle(f"Region sampling probabilities over {scene.name}", fontsize=10)
+    # Wrapped: a file path in the name can be wider than the figure.
+    figure.suptitle(
+        textwrap.fill(f"Region sampling probabilities over {scene.name}", 100), fontsize=10
+    )
     _caption(
         axes,
         f"Each {scene.patch_size[0]}x{scene.patch_size[1]} grid cell coloured by the "
@@ -412,7 +415,7 @@ def _draw_coverage(scene: DemoScene, runs: Sequence[CoverageRun], path: Path) ->
         shrink=0.6,
         label="patches per pixel per epoch (red boxes: validation patches)",
     )
-    figure.suptitle(f"Coverage of {scene.name}", fontsize=11)
+    figure.suptitle(textwrap.fill(f"Coverage of {scene.name}", 160), fontsize=11)
     return _save(figure, path)
 
 

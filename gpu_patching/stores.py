@@ -142,6 +142,17 @@ class StoreError(OSError):
     disappeared, or a store whose shape, dtype or chunks changed since it was
     opened.
 
+    Parameters
+    ----------
+    message : str
+        What happened, naming the store.
+    source : str, optional
+        The store (empty where only the message is known: PyTorch's
+        ``DataLoader`` re-raises a worker's error in the main process from
+        its message alone, and keeps its type only if that works).
+    chunk : tuple of int, optional
+        The chunk that failed.
+
     Attributes
     ----------
     source : str
@@ -151,7 +162,9 @@ class StoreError(OSError):
         failed.
     """
 
-    def __init__(self, message: str, source: str, chunk: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self, message: str, source: str = "", chunk: tuple[int, ...] | None = None
+    ) -> None:
         super().__init__(message)
         self.source = source
         self.chunk = chunk

@@ -24,7 +24,7 @@ zarr = pytest.importorskip("zarr", minversion="3")
 tifffile = pytest.importorskip("tifffile", minversion="2025.5.21")
 
 from gpu_patching import StratifiedPatching, extract_patches  # noqa: E402
-from gpu_patching.stores import open_stack  # noqa: E402
+from gpu_patching.stores import StoreError, open_stack  # noqa: E402
 from gpu_patching.torch import PatchDataset  # noqa: E402
 
 #: Layouts of the TIFF: tiles or strips, compressed or not.
@@ -119,5 +119,6 @@ def test_a_tiff_array_wrapped_without_its_path_is_refused_in_a_worker(tmp_path):
         array = zarr.open_array(store=tiff.aszarr(), mode="r")
         stack = ChunkedStack(array, "SYX")  # no path: it cannot open the file again
         assert np.array_equal(stack[0, 0], data[0, 0])
-        with pytest.raises(RuntimeError, match="open_stack"):
+        # The worker's StoreError reaches the main process as a StoreError.
+        with pytest.raises(StoreError, match="open_stack"):
             _loader_patches(stack, "fork", persistent=False)

@@ -481,19 +481,23 @@ def training_sampler(model: Any) -> Any:
     return model.train_datamodule.train_dataset.patch_constructor.patching_strategy
 
 
+def epoch_rows(sampler: StratifiedPatching, epoch: int) -> list[tuple[Any, ...]]:
+    """The patches of one epoch of ``sampler`` as (data_idx, sample_idx, corner)."""
+    batch = sampler.sample_epoch(epoch)
+    return [
+        (int(d), int(s), tuple(int(c) for c in corner))
+        for d, s, corner in zip(batch.data_idx, batch.sample_idx, batch.coords, strict=True)
+    ]
+
+
 def test_careamist_train_draws_every_training_patch_from_our_sampler(first_run):
     model, recorder = first_run
     sampler = training_sampler(model)
     assert isinstance(sampler, StratifiedPatching)
     # The normalisation pass drew epoch 0 of every index; the epoch of training,
     # in the DataLoader worker, drew epoch 1: each patch trained on is a row of it.
-    epoch = sampler.sample_epoch(1)
-    rows = [
-        (int(d), int(s), tuple(int(c) for c in corner))
-        for d, s, corner in zip(epoch.data_idx, epoch.sample_idx, epoch.coords, strict=True)
-    ]
     assert len(recorder.corners) == sampler.n_patches
-    assert Counter(recorder.corners) == Counter(rows)
+    assert Counter(recorder.corners) == Counter(epoch_rows(sampler, 1))
 
 
 def test_the_worker_draws_of_careamist_training_advance_our_shared_counters(first_run):
@@ -529,13 +533,27 @@ def test_careamist_training_with_the_same_seed_draws_the_same_patches(first_run,
     assert again.corners == recorder.corners
 
 
+def test_careamist_with_separate_validation_data_trains_on_our_sampler(tmp_path):
+    recorder = PatchRecorder()
+    model = careamist(tmp_path, recorder)
+    with using_gpu_patching(model):
+        model.train(train_data=train_image(), val_data=image((64, 64), 12))
+    sampler = training_sampler(model)
+    assert isinstance(sampler, StratifiedPatching)
+    assert not sampler.get_excluded_cells(0, 0).any()  # nothing split off
+    assert len(recorder.corners) == sampler.n_patches
+    assert Counter(recorder.corners) == Counter(epoch_rows(sampler, 1))
+
+
 def test_careamist_is_left_as_it_was_after_the_block(tmp_path):
     recorder = PatchRecorder()
     model = careamist(tmp_path, recorder)
     methods = (dict(vars(model)), dict(vars(model.trainer)))
+    classes = (CAREamist.__dict__["train"], type(model.trainer).__dict__["fit"])
     with pytest.raises(KeyError), using_gpu_patching(model):
         raise KeyError("leaves the block")
     assert (dict(vars(model)), dict(vars(model.trainer))) == methods
+    assert (CAREamist.__dict__["train"], type(model.trainer).__dict__["fit"]) == classes
     model.train(train_data=train_image())
     assert isinstance(training_sampler(model), CareamicsStratified)
 

@@ -278,7 +278,7 @@ def filter_background(
     # All or nothing: if one sample's update is refused (say, it would exceed
     # the per-sample patch limit), the whole sampler state comes back as it
     # was, call counters included.
-    with strategy._all_or_nothing():
+    with strategy.transaction():
         for (data_idx, sample_idx), kept in included.items():
             hit = filtered_by_stack[data_idx][sample_idx] & kept
             key = (data_idx, sample_idx)
@@ -451,7 +451,7 @@ def validation_split(
                 }
             )
     n_before = strategy.n_patches
-    with strategy._all_or_nothing():  # a refused sample undoes the others
+    with strategy.transaction():  # a refused sample undoes the others
         for data_idx, sample_idx, chosen in picked:
             shape = strategy.data_shapes[data_idx][2:]
             excluded = np.zeros(grid_shape(shape, strategy.patch_size), dtype=bool)

@@ -1053,14 +1053,32 @@ class StratifiedPatching:
             yield
 
     @contextmanager
-    def _all_or_nothing(self) -> Iterator[None]:
-        """Run a composite change of the sampler: if it raises, undo all of it.
+    def transaction(self) -> Iterator[None]:
+        """Run several changes of the sampler as one: if the block raises, undo all of them.
 
         For calls made of several updates (``filter_background``,
         ``validation_split``): the exclusions, probabilities, seed, call
         counters and epoch base come back exactly as they were, so
         :meth:`state_dict` is identical after the exception. Holds the lock
         throughout, so other threads never see the state half changed.
+
+        Yields
+        ------
+        None
+            Inside the block, calls on this sampler change it as usual.
+
+        Examples
+        --------
+        >>> from gpu_patching import StratifiedPatching
+        >>> sampler = StratifiedPatching([(1, 1, 256, 256)], (64, 64), seed=42)
+        >>> try:
+        ...     with sampler.transaction():
+        ...         sampler.exclude_patches(0, 0, [(1, 1)])
+        ...         raise RuntimeError("changed my mind")
+        ... except RuntimeError:
+        ...     pass
+        >>> sampler.n_patches
+        16
         """
         with self._exclusive():
             tables, version, seed = self._tables, self._tables.version, self._seed

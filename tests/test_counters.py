@@ -223,10 +223,10 @@ def _state_after_calls() -> tuple[StratifiedPatching, dict[str, Any]]:
     return sampler, sampler.state_dict()
 
 
-def test_a_failed_composite_update_leaves_the_state_unchanged() -> None:
+def test_a_failed_transaction_leaves_the_state_unchanged() -> None:
     sampler, before = _state_after_calls()
     with pytest.raises(RuntimeError, match="late failure"):
-        with sampler._all_or_nothing():
+        with sampler.transaction():
             sampler.exclude_patches(1, 0, [(0, 0), (1, 1), (2, 2)])  # fewer patches
             sampler.set_region_probs(0, 1, {(0, 0): 40.0})  # more patches
             sampler.set_epoch(77)

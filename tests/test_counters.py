@@ -22,9 +22,7 @@ import pytest
 import gpu_patching._counters as counters_module
 from gpu_patching import StratifiedPatching, _state
 from gpu_patching._counters import CallCounters
-from gpu_patching.backends._per_index import HostTables, ScalarDraw, draw_each, philox_pair
-from gpu_patching.backends._per_index import _round_keys as round_keys
-from gpu_patching.rng import PURPOSE_SHUFFLE, PURPOSE_STRATUM, random_uint32_pair
+from gpu_patching.backends._per_index import HostTables, ScalarDraw, draw_each
 
 
 def _sampler_2d() -> StratifiedPatching:
@@ -174,17 +172,6 @@ def test_host_mirror_of_the_tables_draws_the_same_patches() -> None:
     mirrored = ScalarDraw(HostTables(sampler._tables), sampler.seed)
     for index in range(sampler.n_patches):
         assert mirrored.draw(index, 3) == direct.draw(index, 3)
-
-
-def test_philox_pair_matches_the_vectorised_generator() -> None:
-    generator = np.random.default_rng(1)
-    for seed in (0, 2**64 - 1, int(generator.integers(0, 2**63))):
-        keys = round_keys(seed)
-        indices = generator.integers(0, 2**40, 200)
-        for index in indices.tolist():
-            for number, purpose in ((0, PURPOSE_STRATUM), (2**32 - 1, PURPOSE_SHUFFLE)):
-                word0, word1 = random_uint32_pair(seed, [index], number, purpose)
-                assert philox_pair(keys, index, number, purpose) == (int(word0[0]), int(word1[0]))
 
 
 def test_pickle_and_deepcopy_are_independent_copies() -> None:

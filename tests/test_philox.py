@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,27 @@ def test_counter_prefix_gives_the_words_of_the_full_rounds(seed, purpose):
 def test_counter_prefix_refuses_indices_with_a_high_word():
     with pytest.raises(ValueError, match="2\\*\\*32"):
         rng.CounterPrefix(1, np.array([2**32], dtype=np.int64), rng.PURPOSE_STRATUM)
+
+
+@pytest.mark.parametrize("seed", [0, 0x0123456789ABCDEF, 2**64 - 1])
+@pytest.mark.parametrize("purpose", [rng.PURPOSE_STRATUM, rng.PURPOSE_SHUFFLE])
+def test_one_counter_in_python_ints_gives_the_words_of_the_vectorised_generator(seed, purpose):
+    indices = [0, 1, 77, 2**32 - 1, 2**32, 2**40 + 3, 2**63 - 1]
+    for number in (0, 5, 2**32 - 1):
+        word0, word1 = rng.random_uint32_pair(seed, indices, number, purpose)
+        for position, index in enumerate(indices):
+            pair = rng.random_pair_int(seed, index, number, purpose)
+            assert pair == (int(word0[position]), int(word1[position]))
+            assert all(type(word) is int for word in pair)
+
+
+def test_the_host_philox_is_written_once_in_rng():
+    # The multiplier of the rounds appears in one host module only: every other
+    # module that needs random bits calls rng.
+    package = Path(rng.__file__).parent
+    holders = [
+        path.relative_to(package).as_posix()
+        for path in sorted(package.rglob("*.py"))
+        if "D2511F53" in path.read_text(encoding="utf-8").upper()
+    ]
+    assert holders == ["rng.py"]

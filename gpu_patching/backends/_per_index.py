@@ -35,7 +35,7 @@ from .. import grid, rng
 from ..tables import RegionTables
 from .numpy_backend import _box_index, _mulhi64_halves, _stratum_bounds
 
-__all__ = ["HostTables", "ScalarDraw", "draw_each", "host_tables", "philox_pair"]
+__all__ = ["HostTables", "ScalarDraw", "draw_each", "host_tables"]
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)
@@ -133,54 +133,6 @@ def draw_each(
     return tables.stack_of_sample[sample], tables.sample_in_stack[sample], coords
 
 
-_WORD = 0xFFFFFFFF
-_M0 = 0xD2511F53
-_M1 = 0xCD9E8D57
-_W0 = 0x9E3779B9
-_W1 = 0xBB67AE85
-
-
-def _round_keys(seed: int) -> tuple[tuple[int, int], ...]:
-    """Return the ten Philox round keys of a 64-bit seed (bumped by the Weyl constants)."""
-    k0, k1 = seed & _WORD, seed >> 32
-    return tuple(((k0 + r * _W0) & _WORD, (k1 + r * _W1) & _WORD) for r in range(10))
-
-
-def philox_pair(
-    round_keys: tuple[tuple[int, int], ...], index: int, draw_number: int, purpose: int
-) -> tuple[int, int]:
-    """Return the first two Philox4x32-10 output words of one counter, in Python ints.
-
-    The counter is ``(index & 0xffffffff, draw_number, purpose, index >> 32)``
-    (the layout of :mod:`gpu_patching.rng`), so the words equal
-    ``rng.random_uint32_pair(seed, [index], draw_number, purpose)``.
-
-    Parameters
-    ----------
-    round_keys : tuple of (int, int)
-        The ten round keys of the seed (:func:`_round_keys`).
-    index : int
-        Patch index, ``0 <= index < 2**63``.
-    draw_number : int
-        Draw number, in ``[0, 2**32)``.
-    purpose : int
-        The counter's purpose word.
-
-    Returns
-    -------
-    word0, word1 : int
-        The two 32-bit words.
-    """
-    c0, c1, c2, c3 = index & _WORD, draw_number, purpose, index >> 32
-    for k0, k1 in round_keys[:9]:
-        p0 = _M0 * c0
-        p1 = _M1 * c2
-        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _WORD, (p0 >> 32) ^ c3 ^ k1, p0 & _WORD
-    # The last round computes only the two words asked for.
-    p1 = _M1 * c2
-    return (p1 >> 32) ^ c1 ^ round_keys[9][0], p1 & _WORD
-
-
 def _view(values: Any) -> memoryview:
     """Return an array as a flat ``memoryview`` of int64 (indexing yields Python ints)."""
     return np.ascontiguousarray(values, dtype=np.int64).reshape(-1).data
@@ -190,7 +142,8 @@ class ScalarDraw:
     """The patch of one ``(index, draw number)``, in plain Python integers.
 
     :func:`draw_each` for a single row, in about a hundred Python operations
-    instead of a hundred NumPy calls: one Philox evaluation in Python ints,
+    instead of a hundred NumPy calls: one Philox evaluation in Python ints
+    (:func:`gpu_patching.rng.random_pair_int`),
     the stratum's bounds, one ``bisect`` over the mass prefix of the index's
     sample (read through a ``memoryview``, without a copy) for the region,
     and then the corner of the rank inside the region by the rule of the
@@ -211,7 +164,7 @@ class ScalarDraw:
         self._tables = tables  # keeps the arrays behind the views alive
         self._ndim = ndim = tables.ndim
         self._patch_size = tuple(int(p) for p in tables.patch_size)
-        self._round_keys = _round_keys(seed)
+        self._seed = seed
         self._mass_prefix = _view(tables.mass_prefix)
         self._weight = _view(tables.weight)
         self._subbox_mask = np.ascontiguousarray(tables.subbox_mask, dtype=np.uint8).data
@@ -290,7 +243,7 @@ class ScalarDraw:
         lower = stratum * quotient + stratum * remainder // n_patches + mass_offset
         stratum += 1
         upper = stratum * quotient + stratum * remainder // n_patches + mass_offset
-        word0, word1 = philox_pair(self._round_keys, index, draw_number, rng.PURPOSE_STRATUM)
+        word0, word1 = rng.random_pair_int(self._seed, index, draw_number, rng.PURPOSE_STRATUM)
         point = lower + (((word1 << 32 | word0) * (upper - lower)) >> 64)
         prefix = self._mass_prefix
         # The regions of the sample only (its points lie in its mass range);

@@ -458,7 +458,7 @@ def test_demo_reads_one_plane_of_an_ome_zarr_store(tmp_path, capsys):
 def test_a_closed_pass_reads_no_more_chunks(tmp_path):
     import threading
 
-    from gpu_patching.stores import _StoppedError
+    from gpu_patching.stores.reader import _StoppedError
 
     data = _data((1, 1, 32, 32), seed=18)
     stack = open_stack(_write(tmp_path / "a.zarr", data, (1, 1, 8, 8)))

@@ -1,0 +1,37 @@
+"""Chunked stores: patches straight from zarr, OME-Zarr and TIFF stores.
+
+:func:`open_stack` opens a store as a :class:`ChunkedStack` (metadata only);
+:class:`ChunkReader` reads the patches of batches from such stacks, each chunk
+once, through a cache. Modules: ``open`` (every file and store is opened
+there), ``stack`` (the stack view), ``plan`` (the chunks of a batch),
+``reader`` (reads, cache, upload). How and why: ``docs/design.md``,
+"Chunked stores".
+"""
+
+from .open import open_stack
+from .plan import ChunkPlan, plan_chunks
+from .reader import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_WORKERS,
+    MAX_READ_AHEAD,
+    ChunkReader,
+    check_reader_options,
+    upload_batch,
+)
+from .stack import ChunkedStack, StoreError, as_chunked_stack, is_chunked_stack
+
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "DEFAULT_WORKERS",
+    "MAX_READ_AHEAD",
+    "ChunkPlan",
+    "ChunkReader",
+    "ChunkedStack",
+    "StoreError",
+    "as_chunked_stack",
+    "check_reader_options",
+    "is_chunked_stack",
+    "open_stack",
+    "plan_chunks",
+    "upload_batch",
+]

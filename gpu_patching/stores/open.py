@@ -1,0 +1,391 @@
+"""Opening stores and files: the one place that opens a path.
+
+:func:`open_stack` opens a zarr array, an OME-Zarr image or a TIFF as a
+:class:`~gpu_patching.stores.ChunkedStack` (metadata only);
+:func:`open_file` and :func:`read_file` open the files the command reads
+whole (``.npy``, ``.zarr``, ``.tif``) for :mod:`gpu_patching.io`. Errors name
+the file they are about.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import _validation as check
+from .stack import ChunkedStack, is_zarr_array, store_url
+
+__all__ = ["SUPPORTED_SUFFIXES", "open_file", "open_stack", "read_file", "read_file_shape"]
+
+#: File types :func:`open_file` understands.
+SUPPORTED_SUFFIXES = (".tif", ".tiff", ".zarr", ".npy")
+# OME-Zarr axis names to our letters (time points are samples).
+_OME_AXES = {"t": "S", "c": "C", "z": "Z", "y": "Y", "x": "X"}
+#: How to install what chunked stores need (zarr-python 3 and tifffile's zarr 3 stores).
+_STORES_EXTRA = "pip install 'gpu-patching[stores]'"
+#: How to install the readers of whole files.
+_CLI_EXTRA = "pip install 'gpu-patching[cli]'"
+# tifffile's zarr store speaks zarr-python 3 from this release on.
+_TIFFFILE_MIN = (2025, 5, 21)
+#: The first bytes of every ``.npy`` file (NumPy's format, any version).
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def open_stack(source: Any, axes: str | None = None, *, level: int = 0) -> ChunkedStack:
+    """Open a chunked store as an ``SC(Z)YX`` stack, reading only metadata.
+
+    Parameters
+    ----------
+    source : str, pathlib.Path, zarr.Array or zarr.Group
+        A zarr store (``.zarr`` folder, format 2 or 3), an OME-Zarr image
+        (a group with ``multiscales`` metadata, version 0.4 or 0.5), a
+        ``.tif``/``.tiff`` file (read through tifffile's zarr store: tiles or
+        strips are its chunks), or an opened zarr array or group.
+    axes : str, optional
+        The stored array's axes (see :class:`ChunkedStack`). OME-Zarr images
+        default to their own axes (``t`` is read as samples ``S``).
+    level : int, default 0
+        The multiscale level of an OME-Zarr image or a pyramidal TIFF (0 is
+        full resolution); other stores have only level 0.
+
+    Returns
+    -------
+    ChunkedStack
+        The stack; ``stack.shape`` is what a sampler's ``data_shapes`` takes.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the path does not exist.
+    ValueError
+        If the group is not a multiscale image or its metadata is malformed
+        (the error names the field), the level does not exist or the axes do
+        not fit the array.
+    TypeError
+        If ``source`` is of another type.
+    ImportError
+        If zarr-python 3 (or, for a TIFF, tifffile 2025.5.21 or later) is not
+        installed: ``pip install 'gpu-patching[stores]'``.
+    """
+    level = check.as_int(level, "level")
+    if level < 0:
+        raise ValueError(f"level must be at least 0, got {level}")
+    if isinstance(source, ChunkedStack):
+        if axes is not None or level:
+            raise ValueError("source is already a ChunkedStack; give axes and level when opening")
+        return source
+    if isinstance(source, (str, Path)):
+        return _open_path(Path(source), axes, level)
+    if is_zarr_array(source):
+        _check_level(level, 1, store_url(source))
+        return ChunkedStack(source, axes)
+    if (type(source).__module__ or "").split(".")[0] == "zarr":  # a group
+        return _open_group(source, axes, level, store_url(source))
+    raise TypeError(
+        f"source must be a path, a zarr array or a zarr group, got {type(source).__name__}"
+    )
+
+
+def _check_level(level: int, n_levels: int, name: str) -> None:
+    if level >= n_levels:
+        raise ValueError(f"{name} has {n_levels} level(s); level {level} does not exist")
+
+
+def _open_path(path: Path, axes: str | None, level: int) -> ChunkedStack:
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    zarr = _import_zarr()
+    if path.suffix.lower() in (".tif", ".tiff"):
+        array, close = _open_tiff(path, level)
+        # Each process reads a TIFF through its own file (docs/design.md,
+        # "Chunked stores"): the stack opens it again elsewhere with this.
+        reopen = functools.partial(_open_tiff, path.absolute(), level)
+        try:
+            return ChunkedStack(array, axes, name=str(path), reopen=reopen, close=close)
+        except BaseException:
+            close()
+            raise
+    opened = zarr.open(str(path), mode="r")
+    if is_zarr_array(opened):
+        _check_level(level, 1, str(path))
+        return ChunkedStack(opened, axes, name=str(path))
+    return _open_group(opened, axes, level, str(path))
+
+
+def _open_group(group: Any, axes: str | None, level: int, name: str) -> ChunkedStack:
+    """Level ``level`` of an OME-Zarr multiscale image (0.4: attrs; 0.5: attrs['ome']).
+
+    The metadata is checked field by field: a malformed image is a
+    ``ValueError`` that names the store and the field, not whatever Python
+    error indexing it would raise.
+    """
+    attributes = dict(group.attrs)
+    ome = attributes.get("ome", {})
+    if not isinstance(ome, Mapping):
+        raise ValueError(
+            f"{name}: the OME-Zarr attribute 'ome' must be a mapping, got {_kind(ome)}"
+        )
+    multiscales = attributes.get("multiscales", ome.get("multiscales"))
+    if multiscales is None:
+        raise ValueError(
+            f"{name} is a zarr group without OME-Zarr 'multiscales' metadata; "
+            "open the array inside it instead"
+        )
+    if not isinstance(multiscales, list) or not multiscales:
+        raise ValueError(
+            f"{name}: OME-Zarr 'multiscales' must be a non-empty list, got {_kind(multiscales)}"
+        )
+    image = multiscales[0]
+    if not isinstance(image, Mapping):
+        raise ValueError(f"{name}: OME-Zarr 'multiscales[0]' must be a mapping, got {_kind(image)}")
+    datasets = image.get("datasets")
+    if not isinstance(datasets, list):
+        raise ValueError(
+            f"{name}: OME-Zarr 'multiscales[0].datasets' must be a list, got {_kind(datasets)}"
+        )
+    _check_level(level, len(datasets), name)
+    field = f"multiscales[0].datasets[{level}].path"
+    dataset = datasets[level]
+    path = dataset.get("path") if isinstance(dataset, Mapping) else None
+    if not isinstance(path, str):
+        raise ValueError(f"{name}: OME-Zarr '{field}' must be a string, got {_kind(path)}")
+    if axes is None and "axes" in image:
+        axes = _ome_axes(image["axes"], name)
+    try:
+        array = group[path]
+    except (KeyError, FileNotFoundError) as error:
+        raise ValueError(
+            f"{name}: OME-Zarr '{field}' is {path!r}, which does not exist in the group"
+        ) from error
+    if not is_zarr_array(array):
+        raise ValueError(f"{name}: OME-Zarr '{field}' is {path!r}, which is not an array")
+    return ChunkedStack(array, axes, name=f"{name}/{path}")
+
+
+def _ome_axes(entries: Any, name: str) -> str:
+    """Our axes letters of OME-Zarr ``axes`` (0.4 and 0.5: mappings with a ``name``)."""
+    if not isinstance(entries, list):
+        raise ValueError(
+            f"{name}: OME-Zarr 'multiscales[0].axes' must be a list, got {_kind(entries)}"
+        )
+    names = []
+    for k, entry in enumerate(entries):
+        # 0.3 listed the names themselves; later versions a mapping per axis.
+        axis = entry.get("name") if isinstance(entry, Mapping) else entry
+        if not isinstance(axis, str):
+            raise ValueError(f"{name}: OME-Zarr 'multiscales[0].axes[{k}]' has no name: {entry!r}")
+        names.append(axis)
+    unknown = [n for n in names if n.lower() not in _OME_AXES]
+    if unknown:
+        raise ValueError(f"{name} has axes {names}; {unknown} have no SC(Z)YX meaning: give axes=")
+    return "".join(_OME_AXES[n.lower()] for n in names)
+
+
+def _kind(value: Any) -> str:
+    """Describe a metadata value for an error: its type, and the value when short."""
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 40 else type(value).__name__
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """Return the leading numbers of a version string: ``"3.1.6"`` -> ``(3, 1, 6)``."""
+    numbers = re.match(r"\d+(\.\d+)*", text)
+    return tuple(int(n) for n in numbers.group(0).split(".")) if numbers else ()
+
+
+def _import_zarr() -> Any:
+    """Import zarr-python 3, or say which extra installs it."""
+    try:
+        import zarr
+    except ImportError as error:
+        raise ImportError(
+            f"chunked stores need zarr-python 3 (Python 3.11 or later): {_STORES_EXTRA}"
+        ) from error
+    if _version(zarr.__version__)[:1] < (3,):
+        raise ImportError(
+            f"chunked stores need zarr-python 3, found zarr {zarr.__version__}: {_STORES_EXTRA}"
+        )
+    return zarr
+
+
+def _import_tifffile() -> Any:
+    """Import a tifffile whose zarr store speaks zarr-python 3, or say which extra installs it."""
+    wanted = ".".join(str(n) for n in _TIFFFILE_MIN)
+    try:
+        import tifffile
+    except ImportError as error:
+        raise ImportError(
+            f"TIFF stacks need tifffile {wanted} or later: {_STORES_EXTRA}"
+        ) from error
+    if _version(tifffile.__version__) < _TIFFFILE_MIN:
+        raise ImportError(
+            f"TIFF stacks need tifffile {wanted} or later, found {tifffile.__version__}: "
+            f"{_STORES_EXTRA}"
+        )
+    return tifffile
+
+
+def _open_tiff(path: Path, level: int) -> tuple[Any, Any]:
+    """Open level ``level`` of a TIFF as a zarr array; return it and what closes its file."""
+    tifffile = _import_tifffile()
+    zarr = _import_zarr()
+    tiff = tifffile.TiffFile(path)
+    try:
+        n_levels = len(tiff.series[0].levels)
+        _check_level(level, n_levels, str(path))
+        array = zarr.open_array(store=tiff.aszarr(level=level), mode="r")
+    except BaseException:
+        tiff.close()
+        raise
+    return array, tiff.close
+
+
+# -- whole files (the command) ---------------------------------------------------------
+
+
+def _open_npy(path: Path) -> Any:
+    # Checked first: np.load falls back to unpickling anything without the
+    # header, and its refusal then advises allow_pickle, which is never the fix.
+    try:
+        with open(path, "rb") as stream:
+            start = stream.read(len(_NPY_MAGIC))
+    except OSError as error:
+        raise OSError(f"cannot read {path}: {error.strerror or error}") from error
+    if start != _NPY_MAGIC:
+        raise ValueError(f"{path} is not a NumPy .npy file (it lacks the .npy header)")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable .npy array: {error}") from error
+
+
+def open_file(path: Path) -> Any:
+    """Open a file lazily: a ``.npy`` memory map, a zarr array or a ``tifffile.TiffFile``.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A ``.tif``/``.tiff``, ``.zarr`` or ``.npy`` file (any zarr-python
+        for ``.zarr``; :func:`open_stack` is the chunked reader).
+
+    Returns
+    -------
+    Any
+        The opened array, or the open TIFF file (:func:`read_file_shape` and
+        :func:`read_file` read and close it).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the path does not exist.
+    ValueError
+        If the file is of another type or cannot be read as its type.
+    ImportError
+        If its reader (zarr, tifffile) is not installed.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return _open_npy(path)
+    if suffix == ".zarr":
+        try:
+            import zarr
+        except ImportError as error:  # pragma: no cover - depends on the install
+            raise ImportError(f"reading .zarr needs zarr: {_CLI_EXTRA}") from error
+        try:
+            array = zarr.open(str(path), mode="r")
+        except Exception as error:  # zarr raises many kinds for a folder it cannot read
+            raise ValueError(f"{path} is not a readable zarr store: {error}") from error
+        if not hasattr(array, "shape"):
+            raise ValueError(f"{path} is a zarr group, not an array; name the array inside it")
+        return array
+    if suffix in (".tif", ".tiff"):
+        try:
+            import tifffile
+        except ImportError as error:  # pragma: no cover - depends on the install
+            raise ImportError(f"reading .tif needs tifffile: {_CLI_EXTRA}") from error
+        try:
+            with _quiet_tifffile():
+                return tifffile.TiffFile(path)
+        except Exception as error:  # tifffile's errors do not name the file
+            raise ValueError(f"{path} is not a readable TIFF file: {error}") from error
+    raise ValueError(
+        f"{path} has an unsupported file type {suffix!r}; use one of {SUPPORTED_SUFFIXES}"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Keep tifffile's own log lines about a damaged file off the terminal.
+
+    The error we raise for such a file names it and says what is wrong, on
+    one line; tifffile would add lines of its own before it.
+    """
+    logger = logging.getLogger("tifffile")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _tiff_series(opened: Any, path: Path, read: bool) -> Any:
+    """Return the first series of an open TIFF: its shape, or its pixels when ``read``."""
+    with opened, _quiet_tifffile():
+        try:
+            series = opened.series[0]
+            return series.asarray() if read else tuple(int(s) for s in series.shape)
+        except Exception as error:  # a damaged file fails here, not at opening
+            raise ValueError(f"{path} is not a readable TIFF file: {error}") from error
+
+
+def read_file_shape(path: Path) -> tuple[int, ...]:
+    """Return the stored shape of a file's array without reading its pixels.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A file :func:`open_file` opens.
+
+    Returns
+    -------
+    tuple of int
+        The shape, in the file's own axes.
+    """
+    opened = open_file(path)
+    if hasattr(opened, "series"):  # a TiffFile
+        return _tiff_series(opened, path, read=False)
+    return tuple(int(s) for s in opened.shape)
+
+
+def read_file(path: Path) -> np.ndarray:
+    """Read a file's array into memory, in the file's own axes and byte order.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        A file :func:`open_file` opens.
+
+    Returns
+    -------
+    numpy.ndarray
+        The pixels.
+    """
+    opened = open_file(path)
+    if hasattr(opened, "series"):
+        return _tiff_series(opened, path, read=True)
+    try:
+        return np.asarray(opened[...])
+    except (ValueError, OSError, EOFError) as error:  # e.g. a truncated file
+        raise ValueError(f"cannot read the pixels of {path}: {error}") from error

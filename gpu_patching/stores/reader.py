@@ -1,0 +1,549 @@
+"""Reading the patches of batches from chunked stacks: each chunk once, cached.
+
+:class:`ChunkReader` plans a batch (:func:`~gpu_patching.stores.plan_chunks`),
+reads each chunk it touches once, concurrently, through a byte-limited cache,
+and reads the next batches on a thread while these train; :func:`upload_batch`
+copies an assembled batch to the GPU. Memory and faults: ``docs/design.md``,
+"Chunked stores".
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .. import _validation as check
+from ..specs import PatchBatch
+from .plan import ChunkPlan, plan_chunks
+from .stack import ChunkedStack, StoreError, as_chunked_stack
+
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "DEFAULT_WORKERS",
+    "MAX_READ_AHEAD",
+    "ChunkReader",
+    "check_reader_options",
+    "upload_batch",
+]
+
+#: Default memory budget of a :class:`ChunkReader` (512 MiB): its chunk cache,
+#: reads in flight, batches read ahead and rows (see ``ChunkReader.cache_limit``).
+DEFAULT_CACHE_BYTES = 512 << 20
+#: Default number of chunk reads in flight (zarr's codecs decode in threads).
+DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+#: The most batches :meth:`ChunkReader.batches` reads at once by default.
+MAX_READ_AHEAD = 16
+# What a read keeps besides pixels, per row: its plan's pieces as Python lists
+# and one entry per chunk (measured: about 0.9 KiB per row of a shuffled 2D
+# window), counted against cache_bytes by ChunkReader.batches.
+_BOOKKEEPING_BYTES_PER_ROW = 1024
+
+
+class ChunkReader:
+    """Read batches of patches from chunked stacks: each chunk once, concurrently, cached.
+
+    Parameters
+    ----------
+    stacks : sequence of ChunkedStack or zarr.Array
+        The stacks, axes ``SC(Z)YX`` (zarr arrays are wrapped as they are;
+        use :func:`open_stack` for other axes, OME-Zarr and TIFF).
+    cache_bytes : int, default DEFAULT_CACHE_BYTES
+        Memory budget of the chunk cache, the reads in flight and (during a
+        :meth:`batches` pass) the batches read ahead and the rows; the cache
+        takes what the others leave (:attr:`cache_limit`), least recently
+        used chunks leaving first. 0 keeps no chunk between reads.
+    workers : int, default DEFAULT_WORKERS
+        Chunk reads in flight at once (zarr decodes them in its thread pool).
+
+    Attributes
+    ----------
+    chunks_read : int
+        Chunks read from the stores so far.
+    cache_hits : int
+        Chunks taken from the cache instead.
+
+    Raises
+    ------
+    TypeError
+        If a stack is not a chunked stack, or the stacks' dtypes differ
+        (compared in native byte order).
+    ValueError
+        If the stacks mix 2D and 3D, or their channel counts differ.
+
+    Notes
+    -----
+    :meth:`read` and :meth:`batches` may be called from any thread; reads
+    from several threads take turns (the cache has one owner at a time).
+    """
+
+    def __init__(
+        self,
+        stacks: Sequence[Any],
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        workers: int = DEFAULT_WORKERS,
+    ) -> None:
+        if isinstance(stacks, (str, bytes)) or not isinstance(stacks, Sequence):
+            raise TypeError(f"stacks must be a sequence of stacks, got {type(stacks).__name__}")
+        if len(stacks) == 0:
+            raise ValueError("stacks is empty: give one chunked stack per data_idx")
+        limit, n_workers = check_reader_options(cache_bytes, workers)
+        self.stacks = [as_chunked_stack(s, f"stacks[{k}]") for k, s in enumerate(stacks)]
+        ranks = {s.ndim for s in self.stacks}
+        if len(ranks) > 1:
+            raise ValueError(f"the stacks mix 2D and 3D shapes: {[s.shape for s in self.stacks]}")
+        # A batch is one array of the first stack's dtype and channels: another
+        # dtype would be cast into it (1e9 into uint16 is 51712) and fewer
+        # channels would leave elements unwritten. No promotion is made: a
+        # batch's dtype would then depend on which stacks were opened.
+        first = self.stacks[0]
+        for k, stack in enumerate(self.stacks[1:], start=1):
+            if stack.dtype != first.dtype:
+                raise TypeError(
+                    f"every stack must have the same dtype: stacks[0] ({first.name}) is "
+                    f"{first.dtype}, stacks[{k}] ({stack.name}) is {stack.dtype}"
+                )
+            if stack.shape[1] != first.shape[1]:
+                raise ValueError(
+                    f"every stack must have the same number of channels: stacks[0] "
+                    f"({first.name}) has {first.shape[1]}, stacks[{k}] ({stack.name}) "
+                    f"has {stack.shape[1]}"
+                )
+        self.cache_bytes = limit
+        self.workers = n_workers
+        # Reads in flight hold up to three chunk sizes each (see cache_limit).
+        self._in_flight_bytes = 3 * n_workers * max(s.chunk_bytes for s in self.stacks)
+        self._reserved_bytes = 0
+        self.chunks_read = 0
+        self.cache_hits = 0
+        self._cache: OrderedDict[tuple[int, tuple[int, ...]], NDArray[Any]] = OrderedDict()
+        self._cached_bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """``SC(Z)YX`` shape of every stack."""
+        return [s.shape for s in self.stacks]
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of the chunks in the cache now."""
+        return self._cached_bytes
+
+    def clear_cache(self) -> None:
+        """Drop every cached chunk."""
+        with self._lock:
+            self._cache.clear()
+            self._cached_bytes = 0
+
+    def read(
+        self,
+        rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
+        patch_size: tuple[int, ...],
+    ) -> NDArray[Any]:
+        """Read the patches of in-range rows into a new array.
+
+        The caller checks the rows (:func:`~gpu_patching.extract_patches`
+        does; a sampler's epoch built with these shapes is in range by
+        construction).
+
+        Parameters
+        ----------
+        rows : tuple of numpy.ndarray of int64
+            ``data_idx`` (n,), ``sample_idx`` (n,) and ``coords`` (n, ndim).
+        patch_size : tuple of int
+            The patch size.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``(n, C, *patch_size)``, the stacks' dtype; row ``k`` is
+            the patch of row ``k``.
+
+        Raises
+        ------
+        StoreError
+            If a chunk cannot be read or a store disappeared or changed.
+        """
+        return self._read(rows, patch_size, None)
+
+    def _read(
+        self,
+        rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
+        patch_size: tuple[int, ...],
+        stop: threading.Event | None,
+    ) -> NDArray[Any]:
+        """:meth:`read`; once ``stop`` is set, chunks not yet read are skipped (_StoppedError)."""
+        n_rows = len(rows[0])
+        n_channels = self.stacks[0].shape[1]
+        out = np.empty((n_rows, n_channels, *patch_size), dtype=self.stacks[0].dtype)
+        if n_rows == 0:
+            return out
+        plan = plan_chunks(self.shapes, [s.chunks for s in self.stacks], rows, patch_size)
+        touched = sorted({int(k) for k in plan.stack})
+        with self._lock:
+            for k in touched:
+                self.stacks[k].check_unchanged()
+            self._read_plan(plan, rows, out, stop)
+            # A store deleted during the reads gave fill values for the chunks
+            # it no longer had: its metadata is gone now.
+            for k in touched:
+                self.stacks[k].check_unchanged()
+        return out
+
+    def _read_plan(
+        self,
+        plan: ChunkPlan,
+        rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
+        out: NDArray[Any],
+        stop: threading.Event | None,
+    ) -> None:
+        # Pieces of each chunk: [bounds[j], bounds[j + 1]) (pieces are grouped by chunk).
+        bounds = np.searchsorted(plan.piece_chunk, np.arange(len(plan.chunk) + 1))
+        piece_row = plan.piece_row.tolist()
+        piece_low = plan.piece_low.tolist()
+        piece_high = plan.piece_high.tolist()
+        samples = rows[1].tolist()
+        # Each patch's origin on the axes C(Z)YX: channel 0 and its corner.
+        patch_origin = [[0, *corner] for corner in rows[2].tolist()]
+        keys = [
+            (int(stack), tuple(int(i) for i in index))
+            for stack, index in zip(plan.stack, plan.chunk, strict=True)
+        ]
+
+        def copy_pieces(j: int, block: NDArray[Any]) -> None:
+            stack, index = keys[j]
+            origin = [i * c for i, c in zip(index[1:], self.stacks[stack].chunks[1:], strict=True)]
+            sample_origin = index[0] * self.stacks[stack].chunks[0]
+            for p in range(int(bounds[j]), int(bounds[j + 1])):
+                row, low, high = piece_row[p], piece_low[p], piece_high[p]
+                corner = patch_origin[row]
+                target = (
+                    row,
+                    *(slice(a - b, c - b) for a, b, c in zip(low, corner, high, strict=True)),
+                )
+                source = (
+                    samples[row] - sample_origin,
+                    *(slice(a - o, c - o) for a, o, c in zip(low, origin, high, strict=True)),
+                )
+                out[target] = block[source]
+
+        def read_one(j: int) -> NDArray[Any]:
+            if stop is not None and stop.is_set():
+                raise _StoppedError  # the pass was closed: its batches are not wanted
+            stack, index = keys[j]
+            try:
+                return self.stacks[stack].read_chunk(index)
+            except Exception as error:
+                raise _chunk_error(self.stacks[stack], index, error) from error
+
+        to_read = []
+        for j, key in enumerate(keys):
+            block = self._cache.get(key)
+            if block is None:
+                to_read.append(j)
+                continue
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+            copy_pieces(j, block)
+        if not to_read:
+            return
+        # zarr's synchronous reads, `workers` at a time: each runs on zarr's
+        # own event loop and decodes in zarr's thread pool (zarr's public API
+        # only, so any store zarr opened reads as it would for the caller).
+        # At most `workers` chunks are outside the cache at once, from the
+        # start of their read to the end of their copy (see cache_limit), and
+        # only this thread copies and touches the cache.
+        failed: dict[int, BaseException] = {}
+        waiting = iter(to_read)
+        in_flight: dict[Future[NDArray[Any]], int] = {}
+        with ThreadPoolExecutor(
+            max_workers=min(self.workers, len(to_read)), thread_name_prefix="gpu_patching_read"
+        ) as pool:
+
+            def submit_next() -> None:
+                j = next(waiting, None)
+                if j is not None:
+                    in_flight[pool.submit(read_one, j)] = j
+
+            for _ in range(self.workers):
+                submit_next()
+            while in_flight:
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    j = in_flight.pop(future)
+                    try:
+                        block = future.result()
+                    except BaseException as error:  # raised below, after the reads in flight
+                        failed[j] = error
+                        continue
+                    self.chunks_read += 1
+                    copy_pieces(j, block)
+                    self._keep(keys[j], block)
+                    if not failed:
+                        submit_next()
+        if failed:
+            # Chunks are submitted in order, so every chunk before the first
+            # failure was read: the error is that of the first failing chunk.
+            raise failed[min(failed)]
+
+    @property
+    def cache_limit(self) -> int:
+        """Bytes the cached chunks may take now.
+
+        ``cache_bytes`` less what reads in flight may hold (three chunk sizes
+        each: the compressed bytes, zarr's decoded chunk and its copy) and
+        less the batches a :meth:`batches` pass reads ahead and its rows.
+        """
+        return max(0, self.cache_bytes - self._in_flight_bytes - self._reserved_bytes)
+
+    def _keep(self, key: tuple[int, tuple[int, ...]], block: NDArray[Any]) -> None:
+        """Put a chunk in the cache (if it fits), then evict down to the limit."""
+        if key not in self._cache and block.nbytes <= self.cache_limit:
+            self._cache[key] = block
+            self._cached_bytes += block.nbytes
+        self._evict()
+
+    def _evict(self) -> None:
+        """Drop the least recently used chunks until the cache is within its limit."""
+        limit = self.cache_limit
+        while self._cached_bytes > limit:
+            _, dropped = self._cache.popitem(last=False)
+            self._cached_bytes -= dropped.nbytes
+
+    def read_ahead(self, batch_bytes: int) -> int:
+        """Return the batches :meth:`batches` reads at once by default.
+
+        The largest ``W`` up to :data:`MAX_READ_AHEAD` whose buffers (see
+        :meth:`batches`) take at most half of ``cache_bytes``; 1 when even
+        that of ``W = 2`` does not fit. Half, because on a shuffled epoch a
+        batch read ahead saves more decoding than the same bytes of cached
+        chunks (``benchmarks/bench_stores.py``: the chunk reads per patch).
+
+        Parameters
+        ----------
+        batch_bytes : int
+            Bytes of one batch of patches.
+
+        Returns
+        -------
+        int
+            ``W >= 1``.
+        """
+        best = 1
+        for window in range(2, MAX_READ_AHEAD + 1):
+            if _reserved_batches(window) * batch_bytes <= self.cache_bytes // 2:
+                best = window
+        return best
+
+    def batches(
+        self, rows: PatchBatch, batch_size: int, *, read_ahead: int | None = None
+    ) -> Iterator[tuple[Any, PatchBatch]]:
+        """Yield ``(patches, batch)`` for consecutive slices of ``rows``, read ahead.
+
+        The rows are read ``W`` batches at a time (``read_ahead``): each chunk
+        the ``W`` batches touch is read once for all of them. This is what
+        makes shuffled epochs cheap: the patches of a shuffled epoch are
+        spread over the whole stack, so consecutive batches touch mostly the
+        same chunks. The first batch is read alone (it comes sooner). The
+        next ``W`` batches are read on a background thread while these are
+        used. A fault raises :class:`StoreError` here, in the
+        consumer's thread, in place of the batches it spoiled. Every batch
+        holds exactly the rows it would hold with ``W = 1``, in order.
+
+        Memory: while the consumer uses a batch, the reader holds the batches
+        of the current window and of the next one (``2W`` batches; with
+        ``W = 1``, three while the consumer still holds the previous batch
+        during ``next()``) and ``rows``; all but two of those batches, and
+        ``rows``, are taken out of ``cache_bytes`` for the pass
+        (:attr:`cache_limit`).
+
+        Parameters
+        ----------
+        rows : PatchBatch
+            In-range rows with NumPy arrays (e.g. ``sample_epoch(e).to_numpy()``).
+        batch_size : int
+            Rows per batch (the last may be smaller).
+        read_ahead : int, optional
+            Batches read at once, ``W >= 1``; default :meth:`read_ahead` of
+            the batch's size in bytes.
+
+        Returns
+        -------
+        iterator of (numpy.ndarray, PatchBatch)
+            ``(patches, batch)`` pairs: patches of shape
+            ``(len(batch), C, *patch_size)`` (a view of the window's array)
+            and the rows of these patches.
+        """
+        size = check.as_int(batch_size, "batch_size")
+        if size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {size}")
+        patch_size = tuple(int(p) for p in rows.patch_size)
+        first = self.stacks[0]
+        batch_bytes = size * first.shape[1] * math.prod(patch_size) * first.dtype.itemsize
+        if read_ahead is None:
+            window = self.read_ahead(batch_bytes)
+        else:
+            window = check.as_int(read_ahead, "read_ahead")
+            if window < 1:
+                raise ValueError(f"read_ahead must be at least 1, got {window}")
+        return self._batches(rows, size, window, patch_size, batch_bytes)
+
+    def _batches(
+        self,
+        rows: PatchBatch,
+        size: int,
+        window: int,
+        patch_size: tuple[int, ...],
+        batch_bytes: int,
+    ) -> Iterator[tuple[Any, PatchBatch]]:
+        starts = list(range(0, len(rows), size))
+        if not starts:
+            return
+        # The first batch is read on its own, so that it comes as soon as its
+        # chunks are read; the rest W at a time.
+        windows = [starts[:1]] + [starts[k : k + window] for k in range(1, len(starts), window)]
+        prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu_patching_prefetch")
+        stop = threading.Event()
+
+        def submit(batch_starts: list[int]) -> Future[NDArray[Any]]:
+            part = rows[batch_starts[0] : batch_starts[-1] + size]
+            host = (
+                np.asarray(part.data_idx, dtype=np.int64),
+                np.asarray(part.sample_idx, dtype=np.int64),
+                np.asarray(part.coords, dtype=np.int64),
+            )
+            return prefetch.submit(self._read, host, patch_size, stop)
+
+        # The pass's rows (the whole epoch, for a loader) count against the
+        # budget too: they are the one thing that grows with the store.
+        rows_bytes = sum(
+            int(getattr(getattr(rows, name), "nbytes", 0))
+            for name in ("data_idx", "sample_idx", "coords", "indices")
+        )
+        reserved = (
+            _reserved_batches(window) * batch_bytes
+            + rows_bytes
+            + window * size * _BOOKKEEPING_BYTES_PER_ROW
+        )
+        with self._lock:
+            self._reserved_bytes += reserved
+            self._evict()
+        pending: Future[NDArray[Any]] | None = submit(windows[0])
+        try:
+            for w, batch_starts in enumerate(windows):
+                assert pending is not None
+                patches = pending.result()  # raises the reader's error here
+                pending = None
+                for j, start in enumerate(batch_starts):
+                    # Read the next window once the consumer has let go of the
+                    # previous one: when it asks for this window's second
+                    # batch (at once when a window has one batch).
+                    if w + 1 < len(windows) and j == min(1, len(batch_starts) - 1):
+                        pending = submit(windows[w + 1])
+                    offset = start - batch_starts[0]
+                    yield patches[offset : offset + size], rows[start : start + size]
+        finally:
+            # A pass closed early (the consumer stopped): a window being read
+            # stops at its next chunk instead of being read to the end.
+            stop.set()
+            if pending is not None:
+                pending.cancel()
+            prefetch.shutdown(wait=True)
+            with self._lock:
+                self._reserved_bytes -= reserved
+
+    def close(self) -> None:
+        """Drop the cache (the stacks stay open)."""
+        self.clear_cache()
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _reserved_batches(window: int) -> int:
+    """Batches a pass of ``window`` batches at a time holds beyond the two allowed."""
+    return max(1, 2 * window - 2)
+
+
+def check_reader_options(cache_bytes: Any, workers: Any) -> tuple[int, int]:
+    """Return ``(cache_bytes, workers)`` of a :class:`ChunkReader` after checking them.
+
+    Parameters
+    ----------
+    cache_bytes : int
+        At least 0.
+    workers : int
+        At least 1.
+
+    Returns
+    -------
+    tuple of int
+        The two values.
+    """
+    limit = check.as_int(cache_bytes, "cache_bytes")
+    if limit < 0:
+        raise ValueError(f"cache_bytes must be at least 0, got {limit}")
+    n_workers = check.as_int(workers, "workers")
+    if n_workers < 1:
+        raise ValueError(f"workers must be at least 1, got {n_workers}")
+    return limit, n_workers
+
+
+def upload_batch(patches: NDArray[Any], stream: Any = None) -> Any:
+    """Copy an assembled batch to the current CUDA device, ordered for the current stream.
+
+    The copy is enqueued on ``stream``; the current stream then waits for it
+    through an event, without blocking the host. Uploading the assembled
+    batch moves ``len(batch) * C * prod(patch_size)`` elements, while
+    uploading the chunks to crop them on the device would move every decoded
+    chunk the batch touches (see ``benchmarks/results/stores.md``).
+
+    Parameters
+    ----------
+    patches : numpy.ndarray
+        The batch.
+    stream : cupy.cuda.Stream, optional
+        The stream of the copy; default: the current stream.
+
+    Returns
+    -------
+    cupy.ndarray
+        The batch on the device.
+    """
+    import cupy
+
+    current = cupy.cuda.get_current_stream()
+    stream = current if stream is None else stream
+    with stream:
+        device = cupy.asarray(patches)
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record(stream)
+    current.wait_event(done)
+    return device
+
+
+class _StoppedError(Exception):
+    """A read abandoned because its pass was closed."""
+
+
+def _chunk_error(stack: ChunkedStack, index: tuple[int, ...], error: Exception) -> StoreError:
+    stored = stack.stored_index(index)
+    key = stack.chunk_key(index)
+    where = f"chunk {stored}" + (f" (key {key!r})" if key else "")
+    return StoreError(
+        f"reading {where} of {stack.name} failed: {type(error).__name__}: {error}",
+        stack.name,
+        stored,
+    )

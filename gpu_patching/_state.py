@@ -1,14 +1,10 @@
 """The checkpoint codec of :meth:`StratifiedPatching.state_dict`: plain JSON, checksummed.
 
-A state is a flat dict of JSON values (dicts, lists, strings, ints; no
-pickle), so it can be saved with ``json.dump`` or inside a PyTorch
-checkpoint and read by any gpu-patching of the same :data:`STATE_VERSION`.
-Per-region and per-index arrays are stored as compressed little-endian bytes
-(:func:`encode_array`), and a SHA-256 of everything else
-(:func:`state_checksum`) makes a modified or corrupted state detectable.
-
-This module knows the layout of a state, not what its values mean: the
-sampler checks the values (shapes, seed, epoch, counts) against itself.
+:func:`encode_state` makes a state and :func:`decode_state` checks one
+completely and returns its values; the sampler only builds tables from them.
+Arrays are compressed little-endian bytes (:func:`encode_array`) and a SHA-256
+of everything else (:func:`state_checksum`) makes a modified state detectable.
+Version 1 states (no ``probability_order``) still load: see :func:`decode_state`.
 """
 
 from __future__ import annotations
@@ -19,18 +15,24 @@ import hashlib
 import json
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
+
+from . import _validation as check
 
 __all__ = [
     "STATE_FORMAT",
     "STATE_KEYS",
     "STATE_VERSION",
+    "DecodedState",
     "check_envelope",
     "decode_array",
+    "decode_calls",
+    "decode_state",
     "encode_array",
+    "encode_state",
     "seal",
     "state_checksum",
 ]
@@ -56,6 +58,8 @@ STATE_KEYS = frozenset(
         "checksum",
     }
 )
+#: Older layout versions that still load, and their keys.
+_OLD_STATE_KEYS = {1: STATE_KEYS - {"probability_order"}}
 _ARRAY_KEYS = frozenset({"dtype", "length", "encoding", "data"})
 _ARRAY_ENCODING = "zlib+base64"
 
@@ -219,7 +223,7 @@ def check_envelope(state: Any) -> Mapping[str, Any]:
     -------
     Mapping
         The same object, known to be a complete, unmodified state of this
-        format and version (its values are still the caller's to check).
+        format and of a version that loads (its values are still to check).
 
     Raises
     ------
@@ -231,8 +235,12 @@ def check_envelope(state: Any) -> Mapping[str, Any]:
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a mapping from state_dict(), got {type(state).__name__}")
+    version = state.get("version")
+    if type(version) is not int or (version != STATE_VERSION and version not in _OLD_STATE_KEYS):
+        version = STATE_VERSION  # the keys are checked first, against the current layout
+    expected = _OLD_STATE_KEYS.get(version, STATE_KEYS)
     keys = set(state)
-    missing, unknown = STATE_KEYS - keys, keys - STATE_KEYS
+    missing, unknown = expected - keys, keys - expected
     if missing or unknown:
         raise ValueError(
             f"not a StratifiedPatching state: missing keys {sorted(missing)}, "
@@ -240,10 +248,12 @@ def check_envelope(state: Any) -> Mapping[str, Any]:
         )
     if state["format"] != STATE_FORMAT:
         raise ValueError(f"state format is {state['format']!r}, expected {STATE_FORMAT!r}")
-    if type(state["version"]) is not int or state["version"] != STATE_VERSION:
+    if type(state["version"]) is not int or (
+        state["version"] != STATE_VERSION and state["version"] not in _OLD_STATE_KEYS
+    ):
         raise ValueError(
             f"state version {state['version']!r} is not supported (this gpu-patching "
-            f"reads version {STATE_VERSION})"
+            f"reads versions {sorted([*_OLD_STATE_KEYS, STATE_VERSION])})"
         )
     if state["checksum"] != state_checksum(state):
         raise ValueError(
@@ -251,3 +261,166 @@ def check_envelope(state: Any) -> Mapping[str, Any]:
             "corrupted after state_dict() made it"
         )
     return state
+
+
+class DecodedState(NamedTuple):
+    """The checked values of a state (:func:`decode_state`)."""
+
+    seed: int
+    epoch_base: int
+    n_patches: int
+    #: Per region, in row order.
+    excluded: NDArray[np.bool_]
+    probability: NDArray[np.float64]
+    #: When each region's probability was first set (-1: never); None for a
+    #: version 1 state, whose regions count as set in row order.
+    probability_order: NDArray[np.int64] | None
+
+
+def encode_state(
+    *,
+    seed: int,
+    data_shapes: tuple[tuple[int, ...], ...],
+    patch_size: tuple[int, ...],
+    epoch_base: int,
+    excluded: NDArray[np.bool_],
+    probability: NDArray[np.float64],
+    probability_order: NDArray[np.int64],
+    calls: NDArray[np.uint32],
+) -> dict[str, Any]:
+    """Return the state of a sampler with these values (see ``state_dict``).
+
+    Parameters
+    ----------
+    seed : int
+        The seed in use.
+    data_shapes, patch_size : tuple
+        What the sampler was built on.
+    epoch_base : int
+        The last ``set_epoch``.
+    excluded, probability, probability_order : numpy.ndarray
+        Per region, in row order (host arrays).
+    calls : numpy.ndarray of uint32
+        The per-index call counters; their length is ``n_patches``.
+
+    Returns
+    -------
+    dict
+        The sealed state: JSON values only.
+    """
+    return seal(
+        {
+            "seed": seed,
+            "data_shapes": [list(shape) for shape in data_shapes],
+            "patch_size": list(patch_size),
+            "epoch_base": epoch_base,
+            "n_patches": len(calls),
+            "excluded": encode_array(excluded),
+            "probability": encode_array(probability),
+            "probability_order": encode_array(probability_order),
+            "calls": encode_array(calls),
+        }
+    )
+
+
+def decode_state(
+    state: Any,
+    data_shapes: tuple[tuple[int, ...], ...],
+    patch_size: tuple[int, ...],
+    n_regions: int,
+) -> DecodedState:
+    """Check a state made by ``state_dict`` against a sampler and return its values.
+
+    Everything but the call counters is decoded and checked here; the caller
+    checks that the exclusions and probabilities give ``n_patches`` patches
+    before it inflates the counters (:func:`decode_calls`), so that a state's
+    own word never sizes an allocation.
+
+    A version 1 state has no ``probability_order``: its regions whose
+    probability is not 1 count as set in row order (row-major per sample,
+    samples in order). The patch count subtracts the probabilities in that
+    order, so where they were set in another order the counts of the restored
+    sampler can differ from the original's by the float rounding of the sum,
+    in rare cases by one patch.
+
+    Parameters
+    ----------
+    state : Any
+        What the user gave to ``load_state_dict``.
+    data_shapes, patch_size : tuple
+        The sampler's; the state must have been made for the same.
+    n_regions : int
+        The sampler's number of regions.
+
+    Returns
+    -------
+    DecodedState
+
+    Raises
+    ------
+    TypeError
+        If ``state`` is not a mapping.
+    ValueError
+        If it is not a state of a version that loads, its checksum does not
+        match, it was made for other shapes, or its values are inconsistent.
+    """
+    state = check_envelope(state)
+    patch = check.validate_patch_size(state["patch_size"])
+    shapes = check.validate_data_shapes(state["data_shapes"], patch)
+    if shapes != data_shapes or patch != patch_size:
+        raise ValueError(
+            f"the state is for data_shapes {list(shapes)} and patch_size {patch}, but "
+            f"this sampler has data_shapes {list(data_shapes)} and patch_size {patch_size}"
+        )
+    if state["seed"] is None:
+        raise ValueError("state['seed'] is None; a state always holds the seed in use")
+    seed = check.validate_seed(state["seed"])
+    epoch_base = check.check_epoch(state["epoch_base"], "state['epoch_base']")
+    n_patches = check.as_int(state["n_patches"], "state['n_patches']")
+    excluded = decode_array(state["excluded"], "excluded", "bool", n_regions)
+    probability = check.check_probabilities(
+        decode_array(state["probability"], "probability", "<f8", n_regions),
+        "state['probability']",
+    )
+    order = None
+    if "probability_order" in state:
+        order = _check_set_order(
+            decode_array(state["probability_order"], "probability_order", "<i8", n_regions),
+            probability,
+        )
+    check_array_header(state["calls"], "calls", "<u4", n_patches)
+    return DecodedState(seed, epoch_base, n_patches, excluded, probability, order)
+
+
+def decode_calls(state: Mapping[str, Any], n_patches: int) -> NDArray[np.uint32]:
+    """Return the call counters of a state checked by :func:`decode_state`.
+
+    Raises
+    ------
+    ValueError
+        If they cannot be decoded.
+    """
+    return decode_array(state["calls"], "calls", "<u4", n_patches)
+
+
+def _check_set_order(set_order: NDArray[np.int64], probability: NDArray[Any]) -> NDArray[np.int64]:
+    """Check a state's first-set order of the region probabilities; return it.
+
+    Every value is -1 (never set) or a distinct non-negative number, and a
+    region whose probability is not 1 has been set: otherwise the order the
+    patch count subtracts the probabilities in is not defined.
+    """
+    name = "state['probability_order']"
+    if set_order.size and int(set_order.min()) < -1:
+        raise ValueError(f"{name} holds {int(set_order.min())}; expected -1 or a number >= 0")
+    placed = set_order[set_order >= 0]
+    if np.unique(placed).size != placed.size:
+        raise ValueError(f"{name} gives two regions the same place in the order")
+    unset = (set_order < 0) & (probability != 1.0)
+    if unset.any():
+        region = int(np.argmax(unset))
+        raise ValueError(
+            f"{name} says region row {region} was never set, but its probability is "
+            f"{float(probability[region])}, not 1"
+        )
+    return set_order

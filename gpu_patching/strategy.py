@@ -61,29 +61,6 @@ def _warn_small_samples(shapes: Sequence[tuple[int, ...]], patch: tuple[int, ...
         )
 
 
-def _check_set_order(set_order: NDArray[np.int64], probability: NDArray[Any]) -> NDArray[np.int64]:
-    """Check a state's first-set order of the region probabilities; return it.
-
-    Every value is -1 (never set) or a distinct non-negative number, and a
-    region whose probability is not 1 has been set: otherwise the order the
-    patch count subtracts the probabilities in is not defined.
-    """
-    name = "state['probability_order']"
-    if set_order.size and int(set_order.min()) < -1:
-        raise ValueError(f"{name} holds {int(set_order.min())}; expected -1 or a number >= 0")
-    placed = set_order[set_order >= 0]
-    if np.unique(placed).size != placed.size:
-        raise ValueError(f"{name} gives two regions the same place in the order")
-    unset = (set_order < 0) & (probability != 1.0)
-    if unset.any():
-        region = int(np.argmax(unset))
-        raise ValueError(
-            f"{name} says region row {region} was never set, but its probability is "
-            f"{float(probability[region])}, not 1"
-        )
-    return set_order
-
-
 def _read_only(values: NDArray[Any]) -> NDArray[Any]:
     """Return an array the caller cannot write to (it is the caller's own copy)."""
     values.flags.writeable = False
@@ -853,18 +830,15 @@ class StratifiedPatching:
             strings and ints: no pickle.
         """
         tables = self._tables
-        return _state.seal(
-            {
-                "seed": self._seed,
-                "data_shapes": [list(shape) for shape in self._data_shapes],
-                "patch_size": list(self._patch_size),
-                "epoch_base": self._counters.base,
-                "n_patches": self.n_patches,
-                "excluded": _state.encode_array(to_host(tables.excluded, bool)),
-                "probability": _state.encode_array(to_host(tables.probability, np.float64)),
-                "probability_order": _state.encode_array(to_host(tables.set_order, np.int64)),
-                "calls": _state.encode_array(self._counters.counts),
-            }
+        return _state.encode_state(
+            seed=self._seed,
+            data_shapes=self._data_shapes,
+            patch_size=self._patch_size,
+            epoch_base=self._counters.base,
+            excluded=to_host(tables.excluded, bool),
+            probability=to_host(tables.probability, np.float64),
+            probability_order=to_host(tables.set_order, np.int64),
+            calls=self._counters.counts,
         )
 
     @_locked
@@ -886,45 +860,30 @@ class StratifiedPatching:
         TypeError
             If ``state`` is not a mapping.
         ValueError
-            If it is not a state of this format and version, its checksum does
-            not match its contents (it was modified or corrupted), it was made
-            for other data shapes or another patch size, or its contents are
-            inconsistent.
+            If it is not a state of this format and of a version that loads
+            (1 or 2), its checksum does not match its contents (it was
+            modified or corrupted), it was made for other data shapes or
+            another patch size, or its contents are inconsistent.
+
+        Notes
+        -----
+        A version 1 state does not say in which order the probabilities were
+        set; they count as set in row order, so its patch counts can differ
+        from the saving sampler's in rare cases (see
+        :func:`gpu_patching._state.decode_state`).
         """
-        state = _state.check_envelope(state)
-        patch = check.validate_patch_size(state["patch_size"])
-        shapes = check.validate_data_shapes(state["data_shapes"], patch)
-        if shapes != self._data_shapes or patch != self._patch_size:
-            raise ValueError(
-                f"the state is for data_shapes {list(shapes)} and patch_size {patch}, but "
-                f"this sampler has data_shapes {list(self._data_shapes)} and patch_size "
-                f"{self._patch_size}"
-            )
-        if state["seed"] is None:
-            raise ValueError("state['seed'] is None; a state always holds the seed in use")
-        seed = check.validate_seed(state["seed"])
-        epoch_base = check.check_epoch(state["epoch_base"], "state['epoch_base']")
-        n_patches = check.as_int(state["n_patches"], "state['n_patches']")
-        n_regions = int(self._tables.region_offset[-1])
-        excluded = _state.decode_array(state["excluded"], "excluded", "bool", n_regions)
-        probability = check.check_probabilities(
-            _state.decode_array(state["probability"], "probability", "<f8", n_regions),
-            "state['probability']",
+        decoded = _state.decode_state(
+            state, self._data_shapes, self._patch_size, int(self._tables.region_offset[-1])
         )
-        set_order = _check_set_order(
-            _state.decode_array(state["probability_order"], "probability_order", "<i8", n_regions),
-            probability,
-        )
-        # The calls are inflated only once n_patches is known to be right:
-        # a state's own word must not size an allocation.
-        _state.check_array_header(state["calls"], "calls", "<u4", n_patches)
-        tables = self._tables_with(excluded, probability, set_order)
+        n_patches = decoded.n_patches
+        tables = self._tables_with(decoded.excluded, decoded.probability, decoded.probability_order)
         if tables.total_patches != n_patches:
             raise ValueError(
                 f"the state is inconsistent: its exclusions and probabilities give "
                 f"{tables.total_patches} patches, but it says n_patches = {n_patches}"
             )
-        calls = _state.decode_array(state["calls"], "calls", "<u4", n_patches)
+        calls = _state.decode_calls(state, n_patches)
+        seed, epoch_base = decoded.seed, decoded.epoch_base
         # New shared counters (when the length changes) before anything
         # changes: their allocation is the last thing that can fail.
         counters = self._counters
@@ -976,7 +935,7 @@ class StratifiedPatching:
         self,
         excluded: NDArray[np.bool_],
         probability: NDArray[Any],
-        set_order: NDArray[np.int64],
+        set_order: NDArray[np.int64] | None,
     ) -> RegionTables:
         """Return new tables (on this backend) with the given per-cell rows."""
         shapes = self._data_shapes

@@ -258,10 +258,33 @@ def test_state_of_another_format_or_version_is_refused(saved: Any) -> None:
     _, state = saved
     assert_refused(with_checksum(dict(state, version=True)), ValueError, "True is not supported")
     assert_refused(with_checksum(dict(state, version=1.0)), ValueError, "1.0 is not supported")
-    # Version 1 had no probability_order, so its counts could differ from the reference.
-    assert_refused(with_checksum(dict(state, version=1)), ValueError, "version 1 is not supported")
+    assert_refused(with_checksum(dict(state, version=0)), ValueError, "version 0 is not supported")
     assert_refused(with_checksum(dict(state, version=3)), ValueError, "version 3 is not supported")
     assert_refused(with_checksum(dict(state, format="x")), ValueError, "state format is 'x'")
+
+
+def as_version_1(state: dict[str, Any]) -> dict[str, Any]:
+    """The state as version 1 wrote it: no probability_order."""
+    old = {key: value for key, value in state.items() if key != "probability_order"}
+    return with_checksum(dict(old, version=1))
+
+
+def test_a_version_1_state_loads_with_the_probabilities_set_in_row_order(saved: Any) -> None:
+    # configured_sampler sets its probabilities in row order, so the restored
+    # order, and with it every count and draw, is the original's.
+    original, state = saved
+    loaded = numpy_sampler(SHAPES, PATCH, seed=1)
+    loaded.load_state_dict(as_version_1(state))
+    assert loaded.state_dict() == original.state_dict()
+    indices = [0, 1, 2, 3, original.n_patches - 1]
+    assert specs_of(loaded, indices) == specs_of(original, indices)
+
+
+def test_a_version_1_state_with_a_probability_order_is_refused(saved: Any) -> None:
+    _, state = saved
+    old = as_version_1(state)
+    old["probability_order"] = state["probability_order"]
+    assert_refused(with_checksum(old), ValueError, r"unknown keys \['probability_order'\]")
 
 
 def test_state_with_missing_or_unknown_keys_is_refused(saved: Any) -> None:

@@ -9,13 +9,10 @@ batch.sample_idx[k]`` and ``(z,) y, x = batch.coords[k]``.
 
 Where it runs. The work happens where the stacks live:
 
-* **Host stacks** (NumPy arrays, or anything ``numpy.asarray`` accepts): a
-  vectorised NumPy gather, fancy indexing of a strided window view of each
-  stack (no Python loop over patches). With ``out`` or several stacks, rows are
-  gathered in chunks of about :data:`HOST_CHUNK_BYTES` and copied into place
-  (NumPy's fancy indexing has no ``out=``; a cache-sized temporary keeps that
-  copy cheap and the extra memory bounded). A batch on the device is copied to
-  the host first. Any dtype.
+* **Host stacks** (NumPy arrays, or anything ``numpy.asarray`` accepts): each
+  patch is copied straight from a strided window view of its stack into its
+  row of the output (no index arrays, no temporary). A batch on the device is
+  copied to the host first. Any dtype.
 * **Device stacks** (CuPy arrays, or any CUDA array with
   ``__cuda_array_interface__`` or DLPack, such as a PyTorch CUDA tensor; they
   are wrapped without a copy, and DLPack is preferred because it orders the
@@ -94,7 +91,6 @@ from .specs import PatchBatch
 from .stores import ChunkReader, as_chunked_stack, is_chunked_stack
 
 __all__ = [
-    "HOST_CHUNK_BYTES",
     "STACK_FIELDS",
     "CropLaunch",
     "DeviceCrop",
@@ -107,8 +103,6 @@ __all__ = [
 
 #: ``long long`` values per stack in the stack table: address, 5 sizes, 5 strides.
 STACK_FIELDS = 11
-#: Bytes of the temporary of each gather on the host when it is copied into place.
-HOST_CHUNK_BYTES = 1 << 20
 # DLPack device types of CUDA memory: kDLCUDA and kDLCUDAManaged.
 _DLPACK_CUDA_DEVICES = (2, 13)
 
@@ -402,7 +396,7 @@ def _extract_host(
     n_rows: int,
     out: Any,
 ) -> NDArray[Any]:
-    """``extract_patches`` for host stacks: fancy-indexing gathers, no loop over patches."""
+    """``extract_patches`` for host stacks: each patch copied straight into its row."""
     arrays = [np.asarray(stack) for stack in stacks]
     shapes = [tuple(int(s) for s in array.shape) for array in arrays]
     n_channels, dtype = _check_stacks(shapes, [array.dtype for array in arrays], patch_size)
@@ -411,48 +405,48 @@ def _extract_host(
         _check_host_out(out, result_shape, dtype, arrays)
     rows = _host_rows(batch)
     _check_host_rows(rows, shapes, patch_size, batch)
+    target = np.empty(result_shape, dtype=dtype) if out is None else out
+    _copy_patches(arrays, rows, patch_size, target)
+    return target
 
+
+def _copy_patches(
+    stacks: Sequence[NDArray[Any]],
+    rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
+    patch_size: tuple[int, ...],
+    target: NDArray[Any],
+) -> None:
+    """Copy the patch of every row into ``target[row]``: the one host crop path.
+
+    Parameters
+    ----------
+    stacks : sequence of numpy.ndarray
+        The ``SC(Z)YX`` stacks.
+    rows : tuple of numpy.ndarray of int64
+        ``(data_idx, sample_idx, coords)``, every row already checked in range.
+    patch_size : tuple of int
+        ``(PY, PX)`` or ``(PZ, PY, PX)``.
+    target : numpy.ndarray
+        Of shape ``(len(rows[0]), C, *patch_size)``; converted to its dtype
+        (a stack in the other byte order is swapped while copied).
+    """
     data_idx, sample_idx, coords = rows
     spatial_axes = tuple(range(2, 2 + len(patch_size)))
-    # The rows of each stack: a slice when there is one stack, else index arrays
-    # from one stable sort (O(N log N) for any number of stacks).
-    groups: list[tuple[int, Any]]
-    if len(arrays) == 1:
-        groups = [(0, np.s_[:])]
-    else:
-        order = np.argsort(data_idx, kind="stable")
-        bounds = np.searchsorted(data_idx[order], np.arange(len(arrays) + 1))
-        groups = [
-            (k, order[bounds[k] : bounds[k + 1]])
-            for k in range(len(arrays))
-            if bounds[k + 1] > bounds[k]
-        ]
-
-    def gather(stack: int, rows: Any) -> NDArray[Any]:
-        # windows[s, c, z, y, x, pz, py, px] is the patch of corner (z, y, x): a
-        # view. Advanced indices around a slice put the row axis first, giving
-        # (rows, C, *patch_size).
-        windows = sliding_window_view(arrays[stack], patch_size, axis=spatial_axes)
-        index = (sample_idx[rows], slice(None), *coords[rows].T)
-        gathered: NDArray[Any] = windows[index]
-        return gathered
-
-    if out is None and len(groups) == 1:
-        # One gather straight into a new array: each element is read once and
-        # written once (twice for a stack in the other byte order, swapped here).
-        return np.ascontiguousarray(gather(*groups[0]), dtype=dtype)
-    target = np.empty(result_shape, dtype=dtype) if out is None else out
-    # Fancy indexing has no out=: gather a chunk of rows into a temporary and
-    # copy it into place. Chunks of HOST_CHUNK_BYTES keep the temporary in
-    # cache (the copy is then cheap) and bound the extra memory.
-    row_bytes = max(1, math.prod(result_shape[1:]) * dtype.itemsize)
-    step = max(1, HOST_CHUNK_BYTES // row_bytes)
-    for stack, rows in groups:
-        one_stack = isinstance(rows, slice)  # then the rows are target's, in order
-        for start in range(0, n_rows if one_stack else len(rows), step):
-            chunk = slice(start, start + step) if one_stack else rows[start : start + step]
-            target[chunk] = gather(stack, chunk)
-    return target
+    # windows[s, :, z, y, x] is the patch of corner (z, y, x) as a view, so a
+    # row costs one basic index and one copy into place: no index arrays and
+    # no temporary, which NumPy's fancy indexing (it has no out=) would need.
+    # Built on first use: a stack smaller than the patch has no windows, and
+    # no checked row names it.
+    windows: dict[int, NDArray[Any]] = {}
+    every_channel = slice(None)
+    for row, (stack, sample, corner) in enumerate(
+        zip(data_idx.tolist(), sample_idx.tolist(), coords.tolist(), strict=True)
+    ):
+        view = windows.get(stack)
+        if view is None:
+            view = sliding_window_view(stacks[stack], patch_size, axis=spatial_axes)
+            windows[stack] = view
+        target[row] = view[(sample, every_channel, *corner)]
 
 
 def _check_host_out(

@@ -21,6 +21,7 @@ while a training step still reads it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -57,6 +58,35 @@ def _stack_dtype(stack: Any, name: str) -> np.dtype[Any]:
             f"{name} ({type(stack).__name__}) has no NumPy dtype: {error}; give NumPy or "
             "CuPy arrays, CUDA arrays or chunked stores"
         ) from None
+
+
+class _ReleasedBuffers:
+    """The outputs of earlier host batches, handed out again once the consumer drops them.
+
+    A fresh array per batch costs its page faults, as much as the copy itself
+    for large batches. A buffer is reused only when nothing but this pool refers
+    to it: a batch the consumer keeps (in a list, as a view, or as a tensor
+    made with ``torch.from_numpy``, which refers to the array) is never written
+    again. In a plain ``for`` loop the consumer holds the current batch while
+    the next one is cut, so two buffers take turns.
+    """
+
+    #: Buffers kept at most; a consumer that holds more batches gets new arrays.
+    MAX_BUFFERS = 3
+
+    def __init__(self) -> None:
+        self._buffers: list[np.ndarray[Any, Any]] = []
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+        """Return a released buffer of ``shape`` and ``dtype``, or a new one."""
+        for buffer in self._buffers:
+            # Three references: the list, the loop variable and getrefcount's argument.
+            if buffer.shape == shape and buffer.dtype == dtype and sys.getrefcount(buffer) == 3:
+                return buffer
+        buffer = np.empty(shape, dtype=dtype)
+        if len(self._buffers) < self.MAX_BUFFERS:
+            self._buffers.append(buffer)
+        return buffer
 
 
 class PatchLoader:
@@ -211,6 +241,9 @@ class PatchLoader:
                         "(PyTorch 2.3 added them); convert the stacks, e.g. to float32"
                     )
         self._stacks = list(stacks)
+        # The (C, *patch_size) of a row and the native dtype of every batch.
+        self._row_shape = (shapes[0][1], *strategy.patch_size)
+        self._dtype = native_dtype(dtypes[0])
         self._on_device = on_device == {True}
         self._strategy = strategy
         self._batch_size = size
@@ -254,9 +287,13 @@ class PatchLoader:
 
     def _host_batches(self, epoch: int) -> Iterator[tuple[Any, PatchBatch]]:
         rows = self._strategy.sample_epoch(epoch, **self._options).to_numpy()
+        buffers = _ReleasedBuffers()
         for start in range(0, len(rows), self._batch_size):
             batch = rows[start : start + self._batch_size]
-            yield self._convert(extract_patches(self._stacks, batch)), batch
+            out = buffers.take((len(batch), *self._row_shape), self._dtype)
+            patches = extract_patches(self._stacks, batch, out=out)
+            del out  # only the pool and the batch handed over refer to the buffer
+            yield self._convert(patches), batch
 
     # -- chunked stores --------------------------------------------------------
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from gpu_patching import PatchBatch, StratifiedPatching, extract_patches
-from gpu_patching import crop as crop_module
 from gpu_patching.crop import _is_device_array
 
 DTYPES = [
@@ -188,14 +187,11 @@ def test_any_integer_dtype_of_rows_is_accepted() -> None:
     assert_equals_slicing(extract_patches(stacks, batch), stacks, batch)
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 3])
-def test_gathers_in_chunks_fill_every_row(monkeypatch: pytest.MonkeyPatch, chunk_rows: int) -> None:
-    # Several stacks, or an out=, gather a few rows at a time into place.
+def test_several_stacks_and_out_fill_every_row() -> None:
+    # Rows of several stacks, interleaved, each copied into its own row of out.
     shapes = [(2, 2, 12, 14), (3, 2, 9, 20)]
     stacks = [values(shape, np.int16, seed=k) for k, shape in enumerate(shapes)]
     batch = random_batch(shapes, (4, 5), 31, seed=9)
-    row_bytes = 2 * 4 * 5 * np.dtype(np.int16).itemsize
-    monkeypatch.setattr(crop_module, "HOST_CHUNK_BYTES", chunk_rows * row_bytes)
     assert_equals_slicing(extract_patches(stacks, batch), stacks, batch)
     out = np.empty((31, 2, 4, 5), dtype=np.int16)
     assert extract_patches(stacks, batch, out=out) is out

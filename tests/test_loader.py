@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 
@@ -258,3 +260,44 @@ def test_a_read_only_memmap_gives_writable_batches(tmp_path):
     for patches, _ in PatchLoader([mapped], strategy, 2, as_torch=True):
         assert not np.shares_memory(patches.numpy(), mapped)
         patches.add_(1)  # a write into the mapping itself would be a segmentation fault
+
+
+def test_a_host_batch_the_consumer_dropped_is_the_buffer_of_a_later_batch():
+    # A plain loop holds one batch while the next is cut: the one before is free.
+    stacks, strategy = make_stacks(), make_strategy()
+    first = None
+    reused = []
+    for patches, batch in PatchLoader(stacks, strategy, 4, shuffle=False):
+        if first is None:
+            first = weakref.ref(patches)
+        else:
+            reused.append(patches is first())
+        expected = [slice_patch(stacks, *row, PATCH) for row in _rows(batch)]
+        np.testing.assert_array_equal(patches, np.stack(expected))
+    assert len(reused) >= 3 and any(reused)
+
+
+def test_host_batches_the_consumer_keeps_are_never_overwritten():
+    stacks, strategy = make_stacks(), make_strategy()
+    kept = list(PatchLoader(stacks, strategy, 4, shuffle=False))
+    assert len({id(patches) for patches, _ in kept}) == len(kept)
+    for patches, batch in kept:
+        expected = [slice_patch(stacks, *row, PATCH) for row in _rows(batch)]
+        np.testing.assert_array_equal(patches, np.stack(expected))
+
+
+def test_host_batches_held_as_views_or_tensors_are_never_overwritten():
+    torch = pytest.importorskip("torch")
+    stacks, strategy = make_stacks(), make_strategy()
+    held = []
+    for k, (patches, batch) in enumerate(PatchLoader(stacks, strategy, 4, shuffle=False)):
+        # Only a view or a tensor of the batch is kept, never the array itself.
+        held.append((patches[:1] if k % 2 else torch.from_numpy(patches), batch))
+    for part, batch in held:
+        expected = [slice_patch(stacks, *row, PATCH) for row in _rows(batch)][: len(part)]
+        np.testing.assert_array_equal(np.asarray(part), np.stack(expected))
+
+
+def _rows(batch):
+    """``(data_idx, sample_idx, corner)`` of every row of a batch."""
+    return zip(batch.data_idx, batch.sample_idx, batch.coords, strict=True)

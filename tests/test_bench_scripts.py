@@ -140,6 +140,25 @@ def test_bench_crop_cpu_part_compares_the_two_methods(
 
 
 @pytest.mark.usefixtures("tiny_crops")
+def test_bench_crop_cpu_part_sets_each_host_path_beside_the_reused_buffer_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench_crop, "usable_cupy", lambda: (None, "no GPU in this test"))
+    output = tmp_path / "crop-cpu.md"
+    assert bench_crop.main(["--quick", "--output", str(output)]) == 0
+    capsys.readouterr()
+    rows = _table(output.read_text(), "| patch | batch | loop, out reused |")
+    assert [(row[0], row[1]) for row in rows] == [
+        ("8x8 float32", "4"),
+        ("8x8 float32", "16"),
+        ("4x8x8 float32", "4"),
+        ("4x8x8 float32", "16"),
+    ]
+    # extract_patches (out= reused, new output) and PatchLoader, each as a ratio
+    assert all(row[k].startswith("x") for row in rows for k in (4, 6, 9))
+
+
+@pytest.mark.usefixtures("tiny_crops")
 def test_bench_crop_gpu_report_from_the_host_launched_kernel(
     host_kernels: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from gpu_patching._atomic import write_atomically
 from gpu_patching.testing import cpu_model, usable_cupy
 
 __all__ = [
@@ -437,6 +438,9 @@ class Report:
 
 
 def write_markdown(path: Path, text: str) -> None:
-    """Write a finished report to ``path``, creating its folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    """Write a finished report to ``path``, creating its folder.
+
+    Atomically (``gpu_patching._atomic``): a run stopped by Ctrl-C or SIGTERM
+    leaves the previous report, never half of one or a temporary file.
+    """
+    write_atomically(path, lambda stream: stream.write(text.encode()))

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import BackendUnavailableError, StratifiedPatching, __version__
+from ._atomic import Interrupted, interruptible, write_atomically
 from .io import SUPPORTED_SUFFIXES, read_shape, read_stack
 
 __all__ = ["main"]
@@ -107,27 +108,6 @@ def _check_outputs(outputs: Sequence[Path], inputs: Iterable[str], overwrite: bo
                 break
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename it over ``path``.
-
-    A failed or interrupted write leaves any existing file as it was.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        # mkstemp makes the file private (0600); give it the mode a plain
-        # open() would, i.e. what the umask allows.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 # -- sample --------------------------------------------------------------------
 
 
@@ -159,9 +139,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     table = np.column_stack([batch.indices, batch.data_idx, batch.sample_idx, batch.coords])
     columns = ["index", "data_idx", "sample_idx", *("zyx"[3 - ndim :])]
     if suffix == ".npy":
-        _write_atomically(output, lambda stream: np.save(stream, table.astype(np.int64)))
+        write_atomically(output, lambda stream: np.save(stream, table.astype(np.int64)))
     else:
-        _write_atomically(
+        write_atomically(
             output,
             lambda stream: np.savetxt(
                 stream, table, fmt="%d", delimiter=",", header=",".join(columns), comments=""
@@ -333,8 +313,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         env = dict(os.environ)
         root = str(folder.parent)
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        status |= subprocess.call(command, env=env)
+        status |= _run_to_the_end(command, env)
     return 1 if status else 0
+
+
+def _run_to_the_end(command: list[str], env: dict[str, str]) -> int:
+    """Run a benchmark script; SIGINT or SIGTERM is passed on to it, then awaited.
+
+    The script writes its report atomically and removes its temporary file
+    when a signal stops it, but only if it is allowed to finish: killing it
+    (what ``subprocess.call`` does on an exception) could leave the temporary
+    file, and leaving it running would write after the command is gone.
+    """
+    with interruptible():
+        child = subprocess.Popen(command, env=env)
+        try:
+            return child.wait()
+        except Interrupted as interrupted:
+            child.send_signal(interrupted.signum)
+            child.wait()
+            raise
 
 
 # -- parser ----------------------------------------------------------------------
@@ -490,8 +488,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as error:
         print(f"{_PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # pragma: no cover - interactive only
-        return 130
+    except KeyboardInterrupt as interrupted:
+        # Ctrl-C, or SIGTERM during a write (gpu_patching._atomic): what was
+        # being written is gone, what was written before stays. The shell's
+        # convention: 128 + the signal's number.
+        signum = getattr(interrupted, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        print(f"{_PROG} {args.command}: interrupted by {name}", file=sys.stderr)
+        return 128 + signum
 
 
 def _show_warning(command: str) -> Any:

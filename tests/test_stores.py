@@ -476,3 +476,29 @@ def test_a_closed_pass_reads_no_more_chunks(tmp_path):
     passes.close()
     patches, first = next(iter(reader.batches(rows, 2)))
     assert np.array_equal(patches, _sliced(data, first))
+
+
+def test_the_store_package_imports_no_private_zarr_module():
+    # zarr's public API is the top-level package and zarr.api, zarr.abc,
+    # zarr.codecs, zarr.storage; zarr.core is zarr's internals.
+    import ast
+    from pathlib import Path
+
+    import gpu_patching.stores
+
+    package = Path(gpu_patching.stores.__file__).parent
+    private = []
+    for source in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            private += [
+                f"{source.name}: {name}"
+                for name in names
+                if name.startswith("zarr.")
+                and name.split(".")[1] not in ("api", "abc", "codecs", "storage")
+            ]
+    assert private == []

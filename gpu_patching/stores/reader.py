@@ -9,12 +9,13 @@ copies an assembled batch to the GPU. Memory and faults: ``docs/design.md``,
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -192,14 +193,14 @@ class ChunkReader:
         with self._lock:
             for k in touched:
                 self.stacks[k].check_unchanged()
-            self._read_plan(plan, rows, out, stop)
+            _run(self._read_plan(plan, rows, out, stop))
             # A store deleted during the reads gave fill values for the chunks
             # it no longer had: its metadata is gone now.
             for k in touched:
                 self.stacks[k].check_unchanged()
         return out
 
-    def _read_plan(
+    async def _read_plan(
         self,
         plan: ChunkPlan,
         rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
@@ -214,13 +215,9 @@ class ChunkReader:
         samples = rows[1].tolist()
         # Each patch's origin on the axes C(Z)YX: channel 0 and its corner.
         patch_origin = [[0, *corner] for corner in rows[2].tolist()]
-        keys = [
-            (int(stack), tuple(int(i) for i in index))
-            for stack, index in zip(plan.stack, plan.chunk, strict=True)
-        ]
+        gate = asyncio.Semaphore(self.workers)
 
-        def copy_pieces(j: int, block: NDArray[Any]) -> None:
-            stack, index = keys[j]
+        def copy_pieces(j: int, stack: int, index: tuple[int, ...], block: NDArray[Any]) -> None:
             origin = [i * c for i, c in zip(index[1:], self.stacks[stack].chunks[1:], strict=True)]
             sample_origin = index[0] * self.stacks[stack].chunks[0]
             for p in range(int(bounds[j]), int(bounds[j + 1])):
@@ -236,64 +233,35 @@ class ChunkReader:
                 )
                 out[target] = block[source]
 
-        def read_one(j: int) -> NDArray[Any]:
-            if stop is not None and stop.is_set():
-                raise _StoppedError  # the pass was closed: its batches are not wanted
-            stack, index = keys[j]
-            try:
-                return self.stacks[stack].read_chunk(index)
-            except Exception as error:
-                raise _chunk_error(self.stacks[stack], index, error) from error
-
-        to_read = []
-        for j, key in enumerate(keys):
+        async def one(j: int) -> None:
+            stack = int(plan.stack[j])
+            index = tuple(int(i) for i in plan.chunk[j])
+            key = (stack, index)
             block = self._cache.get(key)
-            if block is None:
-                to_read.append(j)
-                continue
-            self._cache.move_to_end(key)
-            self.cache_hits += 1
-            copy_pieces(j, block)
-        if not to_read:
-            return
-        # zarr's synchronous reads, `workers` at a time: each runs on zarr's
-        # own event loop and decodes in zarr's thread pool (zarr's public API
-        # only, so any store zarr opened reads as it would for the caller).
-        # At most `workers` chunks are outside the cache at once, from the
-        # start of their read to the end of their copy (see cache_limit), and
-        # only this thread copies and touches the cache.
-        failed: dict[int, BaseException] = {}
-        waiting = iter(to_read)
-        in_flight: dict[Future[NDArray[Any]], int] = {}
-        with ThreadPoolExecutor(
-            max_workers=min(self.workers, len(to_read)), thread_name_prefix="gpu_patching_read"
-        ) as pool:
+            if block is not None:
+                self._cache.move_to_end(key)
+                self.cache_hits += 1
+                copy_pieces(j, stack, index, block)
+                return
+            # At most `workers` chunks are outside the cache at once, from the
+            # start of their read to the end of their copy (see cache_limit).
+            async with gate:
+                if stop is not None and stop.is_set():
+                    raise _StoppedError  # the pass was closed: its batches are not wanted
+                try:
+                    block = await self.stacks[stack].read_chunk_async(index)
+                except Exception as error:
+                    raise _chunk_error(self.stacks[stack], index, error) from error
+                self.chunks_read += 1
+                copy_pieces(j, stack, index, block)
+                self._keep(key, block)
 
-            def submit_next() -> None:
-                j = next(waiting, None)
-                if j is not None:
-                    in_flight[pool.submit(read_one, j)] = j
-
-            for _ in range(self.workers):
-                submit_next()
-            while in_flight:
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    j = in_flight.pop(future)
-                    try:
-                        block = future.result()
-                    except BaseException as error:  # raised below, after the reads in flight
-                        failed[j] = error
-                        continue
-                    self.chunks_read += 1
-                    copy_pieces(j, block)
-                    self._keep(keys[j], block)
-                    if not failed:
-                        submit_next()
-        if failed:
-            # Chunks are submitted in order, so every chunk before the first
-            # failure was read: the error is that of the first failing chunk.
-            raise failed[min(failed)]
+        results = await asyncio.gather(
+            *(one(j) for j in range(len(plan.chunk))), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     @property
     def cache_limit(self) -> int:
@@ -547,3 +515,44 @@ def _chunk_error(stack: ChunkedStack, index: tuple[int, ...], error: Exception) 
         stack.name,
         stored,
     )
+
+
+class _EventLoop:
+    """An asyncio event loop on a daemon thread: where every reader of this process reads.
+
+    Chunk reads are coroutines of zarr's public asynchronous API
+    (``zarr.Array.async_array``); this runs them from any thread, even one
+    inside a running loop. A forked process starts its own at its first read
+    (a thread does not survive a fork).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self, coroutine: Any) -> Any:
+        """Run ``coroutine`` on the loop and return its result (or raise its error)."""
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(
+                    target=loop.run_forever, name="gpu_patching_reads", daemon=True
+                ).start()
+                self._loop = loop
+            loop = self._loop
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
+
+    def forget(self) -> None:
+        """Drop the parent's loop in a forked child (its thread did not come along)."""
+        self._lock = threading.Lock()
+        self._loop = None
+
+
+_LOOP = _EventLoop()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_LOOP.forget)
+
+
+def _run(coroutine: Any) -> Any:
+    """Run a coroutine on this process's read loop (works from any thread)."""
+    return _LOOP.run(coroutine)

@@ -340,6 +340,27 @@ class ChunkedStack:
         starts, stops = self._chunk_bounds(chunk)
         return self._to_full(np.asarray(self._array[self._stored_selection(starts, stops)]))
 
+    async def read_chunk_async(self, index: tuple[int, ...]) -> NDArray[Any]:
+        """Read one chunk as :meth:`read_chunk` does, through zarr's asynchronous API.
+
+        The index is not checked (:class:`~gpu_patching.stores.ChunkReader`
+        reads the chunks its plan found, in the grid by construction).
+
+        Parameters
+        ----------
+        index : tuple of int
+            The chunk's index in :attr:`chunk_grid`.
+
+        Returns
+        -------
+        numpy.ndarray
+            The chunk's elements, axes ``SC(Z)YX``.
+        """
+        starts, stops = self._chunk_bounds(index)
+        selection = self._stored_selection(starts, stops)
+        block = await self._array.async_array.getitem(selection)
+        return self._to_full(np.asarray(block))
+
     def check_unchanged(self) -> None:
         """Raise :class:`StoreError` if the store is gone or its array changed.
 

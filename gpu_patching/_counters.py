@@ -41,12 +41,12 @@ The patches they point to
 :class:`UpcomingPatches` is each process's own cache of the patches that the
 next calls of every index will return: for each index a window of ``depth``
 consecutive draw numbers, filled in large vectorised batches
-(:func:`gpu_patching.backends._per_index.draw_each`, or the backend's epoch
+(:func:`gpu_patching.backends.numpy_backend.draw_rows`, or the backend's epoch
 draw when every index is at the same draw number). Its entries are a pure
 function of ``(tables, seed, index, draw number)``, so a stale entry is never
 wrong, only useless: a call checks that its draw number lies in the index's
 window. A miss is drawn on its own, in Python integers
-(:class:`~gpu_patching.backends._per_index.ScalarDraw`, a few microseconds),
+(``draw_rows`` of one Python-int index, a few microseconds),
 until most windows are behind (a new pass over the data: one vectorised
 refill of every window the counters moved past) or enough misses have been
 paid for one by one to pay for a refill; an index that misses again and again
@@ -65,7 +65,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from .backends._per_index import ScalarDraw, draw_each, host_tables
+from ._arrays import to_host
+from .backends.numpy_backend import draw_rows, host_tables
 from .tables import RegionTables
 
 __all__ = ["DRAW_MASK", "CallCounters", "UpcomingPatches"]
@@ -242,7 +243,6 @@ class UpcomingPatches:
         # Misses served one by one since the last refill, and how many pay for one.
         self._misses = 0
         self._refill_after = max(_MIN_REFILL_MISSES, n_patches // _REFILL_MISS_RATIO)
-        self._scalar: ScalarDraw | None = None
 
     def is_current(self, tables: RegionTables, seed: int) -> bool:
         """Say whether this cache was built for these tables and this seed."""
@@ -280,7 +280,7 @@ class UpcomingPatches:
         data, or after ``set_epoch``), or once enough misses have been served
         one by one since the last refill to pay for it (indices drawn with
         replacement move past their windows a few at a time). In between a
-        miss is drawn on its own (:class:`~gpu_patching.backends._per_index.ScalarDraw`),
+        miss is drawn on its own (``draw_rows`` of one index, in Python ints),
         and an index that keeps missing (``_HOT_AFTER_MISSES`` times) gets a
         window of its own, longer at each further miss.
         """
@@ -309,9 +309,7 @@ class UpcomingPatches:
             if len(self._warm) >= _MAX_HOT_BATCH:
                 self._warm.clear()
             self._warm.add(index)
-        if self._scalar is None:
-            self._scalar = ScalarDraw(self._host_tables(), self.seed)
-        return self._scalar.draw(index, draw)
+        return draw_rows(self._host_tables(), index, draw, self.seed)  # type: ignore[no-any-return]
 
     def _refill(
         self, index: int, draw: int, counters: CallCounters
@@ -362,16 +360,16 @@ class UpcomingPatches:
                 self.tables, rows, int(first[0]), self.seed
             )
             data_idx, sample_idx, coords = (
-                np.asarray(_host(data_idx)),
-                np.asarray(_host(sample_idx)),
-                np.asarray(_host(coords)),
+                to_host(data_idx),
+                to_host(sample_idx),
+                to_host(coords),
             )
             slots = stale
         else:
             indices = np.repeat(stale, depth)
             offsets = np.tile(np.arange(depth, dtype=np.uint32), len(stale))
             draws = (np.repeat(first, depth) + offsets).astype(np.int64)
-            data_idx, sample_idx, coords = draw_each(self._host_tables(), indices, draws, self.seed)
+            data_idx, sample_idx, coords = draw_rows(self._host_tables(), indices, draws, self.seed)
             slots = (indices * depth + offsets).astype(np.int64)
         tables = self.tables
         self.sample[slots] = tables.first_sample[data_idx] + sample_idx
@@ -396,7 +394,7 @@ class UpcomingPatches:
         # Draw k of each window: its first draw plus k (mod 2**32).
         offsets = np.arange(rows, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         draws = (np.repeat(starts, lengths) + offsets) & DRAW_MASK
-        data_idx, sample_idx, coords = draw_each(self._host_tables(), indices, draws, self.seed)
+        data_idx, sample_idx, coords = draw_rows(self._host_tables(), indices, draws, self.seed)
         samples = (self.tables.first_sample[data_idx] + sample_idx).astype(np.int32)
         flat = coords.astype(self.coords.dtype).reshape(-1)
         first_row = 0
@@ -418,9 +416,3 @@ class UpcomingPatches:
         if self._host is None:
             self._host = host_tables(self.tables)
         return self._host
-
-
-def _host(values: Any) -> Any:
-    """Return a device array's host copy (NumPy arrays as they are)."""
-    get = getattr(values, "get", None)
-    return values if isinstance(values, np.ndarray) or not callable(get) else get()

@@ -22,7 +22,7 @@ import pytest
 import gpu_patching._counters as counters_module
 from gpu_patching import StratifiedPatching, _state
 from gpu_patching._counters import CallCounters
-from gpu_patching.backends._per_index import HostTables, ScalarDraw, draw_each
+from gpu_patching.backends.numpy_backend import HostTables, draw_rows
 
 
 def _sampler_2d() -> StratifiedPatching:
@@ -107,20 +107,19 @@ def test_every_serving_path_returns_the_epoch_rows(monkeypatch: pytest.MonkeyPat
             return _original(self, *args)
 
         monkeypatch.setattr(counters_module.UpcomingPatches, name, counted)
-    original_draw = ScalarDraw.draw
 
-    def counted_draw(self: ScalarDraw, *args: Any) -> Any:
-        paths["scalar"] += 1
-        return original_draw(self, *args)
+    def counted_draw(tables: Any, indices: Any, *args: Any) -> Any:
+        paths["one patch" if isinstance(indices, int) else "rows"] += 1
+        return draw_rows(tables, indices, *args)
 
-    monkeypatch.setattr(ScalarDraw, "draw", counted_draw)
+    monkeypatch.setattr(counters_module, "draw_rows", counted_draw)
     sampler = _sampler_2d()
     orders = _orders(sampler.n_patches)
     _check_calls(
         sampler,
         orders["replacement"] + orders["one index"] + orders["two indices"] + orders["sequential"],
     )
-    assert min(paths["_refill"], paths["_fill_hot"], paths["scalar"]) >= 3, paths
+    assert min(paths["_refill"], paths["_fill_hot"], paths["one patch"]) >= 3, paths
 
 
 def test_small_samplers_keep_several_draws_per_index() -> None:
@@ -143,22 +142,23 @@ def test_calls_after_set_epoch_and_updates_return_the_epoch_rows() -> None:
 
 
 @pytest.mark.parametrize("shape", sorted(SAMPLERS))
-def test_scalar_draw_is_the_epoch_row(shape: str) -> None:
+def test_the_draw_of_one_index_is_the_epoch_row_in_python_ints(shape: str) -> None:
     sampler = SAMPLERS[shape]()
-    draw = ScalarDraw(sampler._tables, sampler.seed)
     epochs: dict[int, Any] = {}
     for number in (0, 5, 2**32 - 1):
         for index in range(sampler.n_patches):
-            assert draw.draw(index, number) == _epoch_row(epochs, sampler, number, index)
+            patch = draw_rows(sampler._tables, index, number, sampler.seed)
+            assert patch == _epoch_row(epochs, sampler, number, index)
+            assert all(type(value) is int for value in (*patch[:2], *patch[2]))
 
 
 @pytest.mark.parametrize("shape", sorted(SAMPLERS))
-def test_draw_each_rows_are_the_epoch_rows(shape: str) -> None:
+def test_rows_drawn_at_their_own_draw_numbers_are_the_epoch_rows(shape: str) -> None:
     sampler = SAMPLERS[shape]()
     generator = np.random.default_rng(8)
     indices = generator.integers(0, sampler.n_patches, 3000)
     numbers = generator.choice([0, 1, 77, 2**32 - 1], 3000)
-    data_idx, sample_idx, coords = draw_each(sampler._tables, indices, numbers, sampler.seed)
+    data_idx, sample_idx, coords = draw_rows(sampler._tables, indices, numbers, sampler.seed)
     epochs: dict[int, Any] = {}
     for row, (index, number) in enumerate(zip(indices.tolist(), numbers.tolist(), strict=True)):
         got = (int(data_idx[row]), int(sample_idx[row]), tuple(coords[row].tolist()))
@@ -168,10 +168,14 @@ def test_draw_each_rows_are_the_epoch_rows(shape: str) -> None:
 def test_host_mirror_of_the_tables_draws_the_same_patches() -> None:
     # The CUDA backend's tables are mirrored this way; NumPy arrays stand in.
     sampler = _sampler_2d()
-    direct = ScalarDraw(sampler._tables, sampler.seed)
-    mirrored = ScalarDraw(HostTables(sampler._tables), sampler.seed)
+    mirror = HostTables(sampler._tables)
     for index in range(sampler.n_patches):
-        assert mirrored.draw(index, 3) == direct.draw(index, 3)
+        direct = draw_rows(sampler._tables, index, 3, sampler.seed)
+        assert draw_rows(mirror, index, 3, sampler.seed) == direct
+    every = np.arange(sampler.n_patches)
+    direct_rows = draw_rows(sampler._tables, every, 3, sampler.seed)
+    for got, expected in zip(draw_rows(mirror, every, 3, sampler.seed), direct_rows, strict=True):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_pickle_and_deepcopy_are_independent_copies() -> None:

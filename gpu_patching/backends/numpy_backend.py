@@ -33,18 +33,20 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Iterator
+from bisect import bisect_right as _search_one
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
 from .. import grid, rng
+from .._arrays import to_host
 from ..permutation import EpochOrder
 from ..tables import RegionTables
 from .base import check_draw, check_indices
 
-__all__ = ["NumpyBackend"]
+__all__ = ["HostTables", "NumpyBackend", "draw_rows", "host_tables"]
 
 #: Patches drawn per vectorised pass; 8192 int64 values are 64 KiB.
 _CHUNK = 8192
@@ -145,6 +147,7 @@ class _BoxIndex:
         self._prefixes: dict[tuple[int, int, int], rng.CounterPrefix] = {}
         self._bounds: dict[tuple[int, int], tuple[NDArray[np.int64], ...]] = {}
         self._patch_offset = np.empty(0, dtype=np.int64)
+        self._views: _IntViews | None = None
         self.refresh(tables)
 
     def refresh(self, tables: RegionTables) -> None:
@@ -154,6 +157,13 @@ class _BoxIndex:
         self._build_layouts(tables)
         self.mass_prefix = np.asarray(tables.mass_prefix, dtype=np.int64)
         self.weight = np.asarray(tables.weight, dtype=np.int64)
+        # The per-sample arrays the draw reads (host arrays on every backend).
+        self.patch_offset = tables.patch_offset
+        self.n_patches = tables.n_patches
+        self.mass_total = tables.mass_total
+        self.mass_offset = tables.mass_offset
+        self.stack_of_sample = tables.stack_of_sample
+        self.sample_in_stack = tables.sample_in_stack
         # Without probabilities every region that can be drawn has the same
         # weight: the rank is then a shift (a power of two) or one division.
         drawn_weights = self.weight[self.weight > 0]
@@ -280,61 +290,132 @@ class _BoxIndex:
         return word0, word1, bounds[0], bounds[1], bounds[2]
 
     def locate(
-        self, point: NDArray[np.int64], sample: int | NDArray[np.int64], out: NDArray[np.int64]
-    ) -> None:
-        """Write the corner that owns each global mass point into ``out``.
+        self,
+        point: Any,
+        sample: int | NDArray[np.int64],
+        out: NDArray[np.int64] | None = None,
+    ) -> tuple[int, ...] | None:
+        """Find the corner that owns each global mass point.
+
+        One rule for both sizes: with arrays each step is a NumPy call over
+        all points (the corners go into ``out``); with one Python-int point
+        the same steps run on Python ints read through ``memoryview``s (a
+        NumPy call costs more than the whole one-point locate) and the corner
+        is returned.
 
         Parameters
         ----------
-        point : numpy.ndarray of int64, shape (n,)
-            Global mass points (overwritten: used as scratch).
+        point : numpy.ndarray of int64, shape (n,), or int
+            Global mass points (an array is overwritten: used as scratch).
         sample : int or numpy.ndarray of int64
             The flat sample of each point (a scalar when they share it).
-        out : numpy.ndarray of int64, shape (n, d)
-            Where the corners go.
+        out : numpy.ndarray of int64, shape (n, d), optional
+            Where the corners of an array of points go.
+
+        Returns
+        -------
+        tuple of int or None
+            The corner of a single point; None for arrays (see ``out``).
         """
-        # Every region, layout and entry taken below is valid (the first
-        # prefix and start are 0 and every point and rank is >= 0), so
-        # mode="clip" only skips NumPy's bounds checks.
-        region = np.searchsorted(self.mass_prefix, point, side="right")
+        one = isinstance(point, int)
+        tables = self.views() if one else self
+        search, take = (_search_one, _take_one) if one else (_search, _take)
+        region = search(tables.mass_prefix, point)
         region -= 1
         rank = point
-        rank -= np.take(self.mass_prefix, region, mode="clip")
+        rank -= take(tables.mass_prefix, region)
         if self.weight_shift >= 0:
             rank >>= self.weight_shift
         elif self.uniform_weight:
             rank //= self.uniform_weight
         else:
-            rank //= np.take(self.weight, region, mode="clip")
-        key = np.take(self.layout_base, np.take(self.layout, region, mode="clip"), mode="clip")
+            rank //= take(tables.weight, region)
+        key = take(tables.layout_base, take(tables.layout, region))
         key += rank
-        entry = np.searchsorted(self.entry_start, key, side="right")
+        entry = search(tables.entry_start, key)
         entry -= 1
         inside = key
-        inside -= np.take(self.entry_start, entry, mode="clip")  # rank in the sub-box
+        inside -= take(tables.entry_start, entry)  # rank in the sub-box
         # The region's cell, row-major in its sample's grid.
         cell = region
-        if isinstance(sample, int):
-            cell -= int(self.region_offset[sample])
-        else:
-            cell -= np.take(self.region_offset, sample, mode="clip")
+        shared = isinstance(sample, int)
+        cell -= tables.region_offset[sample] if shared else take(tables.region_offset, sample)
+        corner: list[Any] = [0] * self.ndim
         # Row-major inside the sub-box too: the last axis varies fastest, and
         # what is left of the rank is the offset along the first axis.
         for axis in range(self.ndim - 1, 0, -1):
-            if isinstance(sample, int):
-                cells: int | NDArray[np.int64] = int(self.sample_cells[axis][sample])
-            else:
-                cells = np.take(self.sample_cells[axis], sample, mode="clip")
-            cell, along = np.divmod(cell, cells)
-            inside, offset = np.divmod(inside, np.take(self.entry_length[axis], entry, mode="clip"))
+            cells = tables.sample_cells[axis]
+            cell, along = divmod(cell, cells[sample] if shared else take(cells, sample))
+            inside, offset = divmod(inside, take(tables.entry_length[axis], entry))
             along *= self.patch_size[axis]
             along += offset
-            along += np.take(self.entry_part[axis], entry, mode="clip")
-            out[:, axis] = along
+            along += take(tables.entry_part[axis], entry)
+            corner[axis] = along
         cell *= self.patch_size[0]
         cell += inside
-        cell += np.take(self.entry_part[0], entry, mode="clip")
-        out[:, 0] = cell
+        cell += take(tables.entry_part[0], entry)
+        corner[0] = cell
+        if one:
+            return tuple(corner)
+        assert out is not None
+        for axis in range(self.ndim):
+            out[:, axis] = corner[axis]
+        return None
+
+    def views(self) -> _IntViews:
+        """Return the index's and the tables' arrays as ``memoryview``s of int64.
+
+        Indexing a ``memoryview`` yields a Python int: the one-point draw
+        reads its tables through these. Made once per version of the tables.
+        """
+        if self._views is None or self._views.version != self.version:
+            self._views = _IntViews(self)
+        return self._views
+
+
+def _search(values: NDArray[np.int64], point: Any) -> Any:
+    """Return the index after the last value ``<= point``, per point (arrays)."""
+    return np.searchsorted(values, point, side="right")
+
+
+def _take(values: NDArray[Any], rows: Any) -> Any:
+    """``values[rows]``; every row is valid, so mode="clip" only skips the checks."""
+    return np.take(values, rows, mode="clip")
+
+
+def _take_one(values: Any, row: int) -> int:
+    """``values[row]`` of a ``memoryview``: a Python int."""
+    return values[row]  # type: ignore[no-any-return]
+
+
+def _as_view(values: Any) -> memoryview:
+    """Return an array as a flat ``memoryview`` of int64 (indexing yields Python ints)."""
+    return np.ascontiguousarray(values, dtype=np.int64).reshape(-1).data
+
+
+class _IntViews:
+    """The arrays of a :class:`_BoxIndex` and its tables as int64 ``memoryview``s."""
+
+    def __init__(self, index: _BoxIndex) -> None:
+        self.version = index.version
+        for name in (
+            "mass_prefix",
+            "weight",
+            "layout",
+            "layout_base",
+            "entry_start",
+            "region_offset",
+            "patch_offset",
+            "n_patches",
+            "mass_total",
+            "mass_offset",
+            "stack_of_sample",
+            "sample_in_stack",
+        ):
+            setattr(self, name, _as_view(getattr(index, name)))
+        self.sample_cells = [_as_view(cells) for cells in index.sample_cells]
+        self.entry_part = [_as_view(part) for part in index.entry_part]
+        self.entry_length = [_as_view(length) for length in index.entry_length]
 
 
 class _StackClasses(NamedTuple):
@@ -487,28 +568,134 @@ def _draw_chunk(
         point += lower
         index.locate(point, first, corner_out)
         return
-    word0, word1 = rng.random_uint32_pair(seed, indices, draw_number, rng.PURPOSE_STRATUM)
-    located: int | NDArray[np.int64]
     if one_sample:
         # Increasing indices of one sample (a shard's chunks): scalar n, M.
-        n_patches = int(tables.n_patches[first])
-        quotient, remainder = divmod(int(tables.mass_total[first]), n_patches)
-        offset = int(tables.mass_offset[first])
-        stratum = indices - int(tables.patch_offset[first])
-        lower, upper = _stratum_bounds(stratum, quotient, remainder, n_patches, offset)
-        located = first
+        sample = first
+    _draw_points(index, indices, sample, draw_number, seed, corner_out)
+
+
+def _draw_points(
+    index: _BoxIndex,
+    indices: Any,
+    sample: Any,
+    draw_number: Any,
+    seed: int,
+    out: NDArray[np.int64] | None = None,
+) -> tuple[int, ...] | None:
+    """Draw the corner of each index in its stratum: the per-patch draw, once.
+
+    Steps 2 to 4 of the module docstring, written with operators that act on
+    NumPy arrays and Python ints alike: arrays of indices (with one draw
+    number or one per row, and one sample or one per row) write their corners
+    into ``out``; one Python-int index at one draw number returns its corner,
+    every value a Python int read through the index's ``memoryview``s.
+    """
+    one = isinstance(indices, int)
+    if one:
+        tables: Any = index.views()
+        take: Callable[[Any, Any], Any] = _take_one
+        word0, word1 = rng.random_pair_int(seed, indices, draw_number, rng.PURPOSE_STRATUM)
     else:
-        stratum = indices - tables.patch_offset[sample]
-        n_patches_of = tables.n_patches[sample]
-        quotient_of, remainder_of = np.divmod(tables.mass_total[sample], n_patches_of)
-        lower, upper = _stratum_bounds(
-            stratum, quotient_of, remainder_of, n_patches_of, tables.mass_offset[sample]
-        )
-        located = sample
-    width = (upper - lower).view(np.uint64)
-    point = _mulhi64_halves(word0, word1, width & _MASK32, width >> _SHIFT32).view(np.int64)
-    point += lower
-    index.locate(point, located, corner_out)
+        tables, take = index, _take
+        word0, word1 = rng.random_uint32_pair(seed, indices, draw_number, rng.PURPOSE_STRATUM)
+    if isinstance(sample, int):
+        n_patches, mass = int(tables.n_patches[sample]), int(tables.mass_total[sample])
+        first_index, offset = int(tables.patch_offset[sample]), int(tables.mass_offset[sample])
+    else:
+        n_patches, mass = take(tables.n_patches, sample), take(tables.mass_total, sample)
+        first_index, offset = take(tables.patch_offset, sample), take(tables.mass_offset, sample)
+    quotient, remainder = divmod(mass, n_patches)
+    lower, upper = _stratum_bounds(indices - first_index, quotient, remainder, n_patches, offset)
+    width = upper - lower
+    if one:
+        point = lower + ((word1 << 32 | word0) * width >> 64)
+    else:
+        width = width.view(np.uint64)
+        point = _mulhi64_halves(word0, word1, width & _MASK32, width >> _SHIFT32).view(np.int64)
+        point += lower
+    return index.locate(point, sample, out)
+
+
+def draw_rows(tables: Any, indices: Any, draw_numbers: Any, seed: int) -> tuple[Any, Any, Any]:
+    """Draw the patch of each ``(index, draw number)``: the host draw of any rows.
+
+    The epoch draw of :class:`NumpyBackend`, random access
+    (``get_patch_spec`` through :mod:`gpu_patching._counters`) and the CUDA
+    backend's host side all draw through this function's steps.
+
+    Parameters
+    ----------
+    tables : RegionTables or HostTables
+        The sampler's tables as NumPy arrays (see :func:`host_tables`).
+    indices : int or numpy.ndarray of int64, shape (N,)
+        Global patch indices, each in ``[0, total_patches)`` (not checked).
+    draw_numbers : int or numpy.ndarray of int64, shape (N,)
+        One draw number for every row or one per row, each in
+        ``[0, 2**32)`` (not checked); an int with an int index.
+    seed : int
+        The 64-bit seed.
+
+    Returns
+    -------
+    data_idx, sample_idx, coords
+        Arrays of shapes ``(N,)``, ``(N,)``, ``(N, d)``, or for one int index
+        two ints and a tuple of ints: row ``indices[r]`` of
+        ``sample_epoch(draw_numbers[r])``.
+    """
+    index = _box_index(tables)
+    if isinstance(indices, int):
+        # One patch (random access): Python ints end to end, a few
+        # microseconds where NumPy calls on one-element arrays cost more.
+        views = index.views()
+        sample = _search_one(views.patch_offset, indices) - 1
+        corner = _draw_points(index, indices, sample, int(draw_numbers), seed)
+        assert corner is not None
+        return views.stack_of_sample[sample], views.sample_in_stack[sample], corner
+    per_row = np.ndim(draw_numbers) > 0
+    n_rows = len(indices)
+    sample = np.empty(n_rows, dtype=np.int64)
+    coords = np.empty((n_rows, tables.ndim), dtype=np.int64)
+    for start in range(0, n_rows, _CHUNK):
+        rows = slice(start, start + _CHUNK)
+        chunk_sample = sample[rows]
+        chunk_sample[:] = _search(tables.patch_offset, indices[rows])
+        chunk_sample -= 1
+        draws = np.asarray(draw_numbers[rows], dtype=np.uint64) if per_row else draw_numbers
+        _draw_points(index, indices[rows], chunk_sample, draws, seed, coords[rows])
+    return tables.stack_of_sample[sample], tables.sample_in_stack[sample], coords
+
+
+class HostTables:
+    """A host view of device tables: what the host draw reads.
+
+    The three per-region arrays the ``(region, sub-box)`` index is built
+    from (``weight``, ``subbox_mask``, ``mass_prefix``: 17 bytes per region)
+    are host copies, made once per version of the tables; every other
+    attribute (per-sample arrays, which are NumPy on every backend, shapes
+    and the version) is the tables' own. Random access on the CUDA backend
+    draws on the host: a kernel launch and a copy back per batch of a few
+    dozen patches would cost more than drawing them here.
+
+    Parameters
+    ----------
+    tables : RegionTables
+        Tables whose per-region arrays live in another array namespace.
+    """
+
+    def __init__(self, tables: RegionTables) -> None:
+        self._tables = tables
+        self.weight = to_host(tables.weight)
+        self.subbox_mask = to_host(tables.subbox_mask)
+        self.mass_prefix = to_host(tables.mass_prefix)
+        self.version = tables.version
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tables, name)
+
+
+def host_tables(tables: RegionTables) -> Any:
+    """Return ``tables`` if they are NumPy tables, else a :class:`HostTables` mirror."""
+    return tables if tables.xp is np else HostTables(tables)
 
 
 def _mass_bound(

@@ -113,8 +113,10 @@ def fmt_time(seconds: float | None) -> str:
     return f"{_three_digits(seconds / 1e-9)} ns"
 
 
-def fmt_rate(per_second: float) -> str:
-    """Items (patches, rows) per second with an SI prefix: '2.50 G/s'."""
+def fmt_rate(per_second: float | None) -> str:
+    """Items (patches, rows) per second with an SI prefix: '2.50 G/s' ('n/a' for None)."""
+    if per_second is None:
+        return "n/a"
     for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if per_second >= scale:
             return f"{per_second / scale:.2f} {prefix}/s"
@@ -145,12 +147,12 @@ def fmt_overhead(fraction: float) -> str:
 
 
 def fmt_ratio(numerator: float | None, denominator: float | None, decimals: int = 0) -> str:
-    """How many times ``numerator`` is ``denominator``: 'x1,234' ('n/a' if either is None).
+    """How many times ``numerator`` is ``denominator``: 'x1,234' ('n/a': a None or a 0 below).
 
     Benchmarks print ``reference time / our time``, so a speed-up reads 'x12'.
     """
-    if numerator is None or denominator is None:
-        return "n/a"
+    if numerator is None or denominator is None or denominator == 0:
+        return "n/a"  # not measured, or nothing measured (e.g. no batch to time)
     return f"x{numerator / denominator:,.{decimals}f}"
 
 

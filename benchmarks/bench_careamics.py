@@ -97,7 +97,7 @@ class Row:
     build_s: float
     item_s: float
     spec_s: float
-    loader_rates: dict[int, tuple[float, float]]
+    loader_rates: dict[int, tuple[float, float | None]]
 
 
 def make_arrays(case: Case) -> list[np.ndarray]:
@@ -121,7 +121,7 @@ def n2v_config(case: Case) -> Any:
     return config
 
 
-def loader_rate(dataset: Any, workers: int, batches: int) -> tuple[float, float]:
+def loader_rate(dataset: Any, workers: int, batches: int) -> tuple[float, float | None]:
     """A shuffled DataLoader over ``batches`` batches: time to the first, then patches/s.
 
     The rate is over the batches after the first, so that the workers'
@@ -152,7 +152,8 @@ def loader_rate(dataset: Any, workers: int, batches: int) -> tuple[float, float]
             patches += len(batch[0].data)
         if k + 1 == batches:
             break
-    return first_s, patches / (time.perf_counter() - start)
+    # A case of one batch has no batch after the first to time: no rate ('n/a').
+    return first_s, (patches / (time.perf_counter() - start) if patches else None)
 
 
 def measure(
@@ -186,7 +187,7 @@ def measure(
     return Row(label, n, build_s, item_s, spec_s, rates), dataset
 
 
-def patch_loader_rate(arrays: list[np.ndarray], sampler: Any, batches: int) -> float:
+def patch_loader_rate(arrays: list[np.ndarray], sampler: Any, batches: int) -> float | None:
     """Patches per second of our PatchLoader over the same arrays and sampler."""
     stacks = [array[None, None] for array in arrays]  # SC(Z)YX
     loader = PatchLoader(stacks, sampler, BATCH_SIZE, shuffle=True)
@@ -201,7 +202,7 @@ def patch_loader_rate(arrays: list[np.ndarray], sampler: Any, batches: int) -> f
             patches += len(crops)
         if k + 1 == batches:
             break
-    return patches / (time.perf_counter() - start)
+    return patches / (time.perf_counter() - start) if patches else None  # None: one batch only
 
 
 def run_case(report: Report, case: Case, items: int, batches: int) -> list[str]:

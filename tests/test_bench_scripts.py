@@ -224,3 +224,27 @@ def test_bench_filters_gpu_only_without_a_gpu_says_so_for_both_halves(
     assert "| what |" not in text
     with pytest.raises(SystemExit):
         bench_filters.main(["--gpu-only", "--no-gpu"])
+
+
+# -- bench_careamics --quick: a case smaller than a batch -------------------------------
+
+
+def test_a_loader_of_one_batch_has_no_rate_and_its_ratios_read_n_a() -> None:
+    from gpu_patching import StratifiedPatching
+
+    bench_careamics = _load("bench_careamics")
+    # The --quick 3D case: 16 patches, fewer than a batch of 32.
+    sampler = StratifiedPatching([(1, 1, 16, 256, 256)], (16, 64, 64), seed=0, backend="numpy")
+    assert sampler.n_patches < bench_careamics.BATCH_SIZE
+    volume = np.zeros((16, 256, 256), dtype=np.float32)
+    rate = bench_careamics.patch_loader_rate([volume], sampler, batches=8)
+    assert rate is None
+    assert bench_careamics.fmt_rate(rate) == "n/a"
+    assert bench_careamics.fmt_ratio(rate, 100.0) == "n/a"
+
+
+def test_a_ratio_over_nothing_measured_reads_n_a() -> None:
+    import _report
+
+    assert _report.fmt_ratio(5.0, 0.0, 1) == "n/a"
+    assert _report.fmt_ratio(5.0, 2.0, 1) == "x2.5"

@@ -83,7 +83,6 @@ from .cuda import (
     CHECK_CROP_ROWS,
     BackendUnavailableError,
     CropLaunch,
-    Kernel,
     crop_kernel,
     crop_launch,
 )
@@ -690,7 +689,7 @@ class DeviceCrop:
         The device array namespace; CuPy when omitted.
     functions : callable, optional
         ``functions(kernel, device_id)`` returns the compiled kernel, called
-        as ``function(grid, block, args)``; :func:`gpu_patching.cuda.get_function`
+        as ``function(grid, block, args)``; :func:`gpu_patching.cuda.device_functions`
         when omitted. The host tests pass NumPy and the shipped kernels
         compiled for the host, to run this class's validation and launch path
         without a GPU.
@@ -709,12 +708,7 @@ class DeviceCrop:
 
             xp = cupy
         self.xp = xp
-        if functions is None:
-
-            def functions(kernel: Kernel, device_id: int) -> Any:
-                return cuda.get_function(kernel, xp, device_id)
-
-        self._functions = functions
+        self._functions = cuda.device_functions(xp) if functions is None else functions
         self.launch_count = 0
         self.check_count = 0
         # (device id, stream) -> (host stack table, its device copy)
@@ -858,8 +852,8 @@ class DeviceCrop:
                 target = xp.empty(result_shape, dtype=dtype)
             args = crop_launch_args(table, rows, n_rows, n_channels, patch_size, target)
             launch = crop_launch(n_rows, n_channels, patch_size)
-            function = self._functions(crop_kernel(dtype.itemsize), device_id)
-            function(launch.grid, launch.block, args)
+            kernel = crop_kernel(dtype.itemsize)
+            cuda.launch(self._functions, kernel, device_id, launch.grid, launch.block, args)
             self.launch_count += 1
         return out if out is not None else target
 
@@ -946,7 +940,7 @@ class DeviceCrop:
         first_bad = self.xp.asarray(np.array([n_rows], dtype=np.int64))
         args = check_launch_args(table, (rows[0], rows[1], rows[2]), n_rows, patch_size, first_bad)
         blocks, threads = cuda.launch_grid(n_rows)
-        self._functions(CHECK_CROP_ROWS, device_id)((blocks,), (threads,), args)
+        cuda.launch(self._functions, CHECK_CROP_ROWS, device_id, (blocks,), (threads,), args)
         self.check_count += 1
         row = int(to_host(first_bad)[0])
         if row < n_rows:

@@ -25,6 +25,7 @@ that need a device take the array namespace (``xp``) as an argument.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import math
@@ -38,33 +39,34 @@ import numpy as np
 
 __all__ = [
     "CHECK_CROP_ROWS",
-    "COMPILE_OPTIONS",
     "CROP_LINES_PER_THREAD",
     "CROP_THREADS_PER_BLOCK",
     "C_SCALAR_TYPES",
     "ELEMENT_C_TYPES",
     "KERNELS",
     "MAX_GRID_X",
-    "MAX_GRID_Y",
     "NULL_POINTER",
     "SAMPLE_EPOCH",
     "THREADS_PER_BLOCK",
     "BackendUnavailableError",
     "CropLaunch",
     "Kernel",
+    "KernelFunctions",
     "UploadCache",
     "check_launch_array",
     "compile_options",
+    "compiled_module",
     "crop_kernel",
     "crop_launch",
     "current_device_id",
     "current_stream_key",
+    "device_functions",
     "get_function",
     "kernel_dir",
     "kernel_source",
+    "launch",
     "launch_grid",
     "name_expressions",
-    "sources_digest",
 ]
 
 
@@ -427,14 +429,47 @@ def name_expressions(file_name: str) -> tuple[str, ...]:
     )
 
 
-# (device id, file) -> compiled module; the lock keeps two threads from
-# compiling the same file twice.
-_MODULES: dict[tuple[int, str], Any] = {}
-_MODULES_LOCK = threading.Lock()
+@functools.cache
+def _module_compiler() -> Callable[[str], Any]:
+    """Return the memoised compile of one ``.cu`` file (imports CuPy on first use)."""
+    import cupy
+
+    # One compiled module per file and device, as cupyx.scipy.ndimage memoises
+    # its kernels: CuPy keys the memo on the current device.
+    @cupy.memoize(for_each_device=True)
+    def compile_file(file_name: str) -> Any:
+        return cupy.RawModule(
+            code=kernel_source(file_name),
+            options=compile_options(),
+            name_expressions=name_expressions(file_name) or None,
+        )
+
+    return compile_file
+
+
+def compiled_module(file_name: str, xp: Any, device_id: int) -> Any:
+    """Return a ``.cu`` file compiled for a device (one compile per file and device).
+
+    Parameters
+    ----------
+    file_name : str
+        A ``.cu`` file of :func:`kernel_dir`.
+    xp : module
+        CuPy.
+    device_id : int
+        The device to compile for; it is made current for the compile.
+
+    Returns
+    -------
+    cupy.RawModule
+        The same module on every call for this file and device.
+    """
+    with xp.cuda.Device(device_id):
+        return _module_compiler()(file_name)
 
 
 def get_function(kernel: Kernel, xp: Any, device_id: int) -> Any:
-    """Return ``kernel`` compiled for a device (one compile per file and device).
+    """Return ``kernel`` compiled for a device (see :func:`compiled_module`).
 
     Parameters
     ----------
@@ -443,25 +478,73 @@ def get_function(kernel: Kernel, xp: Any, device_id: int) -> Any:
     xp : module
         CuPy.
     device_id : int
-        The device to compile for; it is made current for the compile.
+        The device to compile for.
 
     Returns
     -------
     cupy.RawKernel
         Callable as ``function(grid, block, kernel.arguments(values))``.
     """
-    key = (device_id, kernel.file)
-    with _MODULES_LOCK:
-        module = _MODULES.get(key)
-        if module is None:
-            with xp.cuda.Device(device_id):
-                module = xp.RawModule(
-                    code=kernel_source(kernel.file),
-                    options=compile_options(),
-                    name_expressions=name_expressions(kernel.file) or None,
-                )
-            _MODULES[key] = module
-    return module.get_function(kernel.name)
+    return compiled_module(kernel.file, xp, device_id).get_function(kernel.name)
+
+
+#: ``functions(kernel, device_id)``: the compiled kernel, called as
+#: ``function(grid, block, args)``. The launchers take one, so that the test
+#: suite can hand them the shipped kernels compiled for the host.
+KernelFunctions = Callable[[Kernel, int], Any]
+
+
+def device_functions(xp: Any) -> KernelFunctions:
+    """Return the :data:`KernelFunctions` that compile the shipped kernels with CuPy.
+
+    Parameters
+    ----------
+    xp : module
+        CuPy.
+
+    Returns
+    -------
+    callable
+        ``functions(kernel, device_id)``, through :func:`get_function`.
+    """
+
+    def functions(kernel: Kernel, device_id: int) -> Any:
+        return get_function(kernel, xp, device_id)
+
+    return functions
+
+
+def launch(
+    functions: KernelFunctions,
+    kernel: Kernel,
+    device_id: int,
+    grid: Sequence[int],
+    block: Sequence[int],
+    args: tuple[Any, ...],
+) -> None:
+    """Launch ``kernel`` on a device: the one place the launchers call a kernel.
+
+    Parameters
+    ----------
+    functions : callable
+        Where the compiled kernel comes from (:func:`device_functions`).
+    kernel : Kernel
+        The entry point.
+    device_id : int
+        The device it runs on.
+    grid, block : sequence of int
+        One to three sizes each (:func:`launch_grid`, :func:`crop_launch`).
+    args : tuple
+        The argument tuple, built by :meth:`Kernel.arguments`.
+
+    Raises
+    ------
+    ValueError
+        If ``args`` has another length than the kernel's parameters.
+    """
+    if len(args) != len(kernel.params):
+        raise ValueError(f"{kernel.name} takes {len(kernel.params)} arguments, got {len(args)}")
+    functions(kernel, device_id)(tuple(grid), tuple(block), args)
 
 
 # -- grid sizing -------------------------------------------------------------------------

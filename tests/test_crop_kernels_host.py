@@ -637,3 +637,18 @@ def test_crop_kernels_stay_in_bounds_whatever_the_rows_and_launch_shape(
     except SanitizerUnavailable as reason:
         pytest.skip(str(reason))
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-4000:]
+
+
+def test_a_launch_with_the_wrong_number_of_arguments_is_refused_before_any_kernel() -> None:
+    from gpu_patching import cuda
+
+    fetched: list[Any] = []
+
+    def functions(kernel: Any, device_id: int) -> Any:
+        fetched.append(kernel)
+        return lambda grid, block, args: None
+
+    n_params = len(CHECK_CROP_ROWS.params)
+    with pytest.raises(ValueError, match=f"takes {n_params} arguments, got {n_params - 1}"):
+        cuda.launch(functions, CHECK_CROP_ROWS, 0, (1,), (1,), (0,) * (n_params - 1))
+    assert fetched == []

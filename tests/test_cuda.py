@@ -198,10 +198,10 @@ def test_kernel_is_compiled_once_per_device(case: Any) -> None:
 
     _, tables = case
     _backend().draw(tables, range(1), 0, 1)
-    key = (cupy.cuda.Device().id, cuda.SAMPLE_EPOCH.file)
-    module = cuda._MODULES[key]
+    device_id = cupy.cuda.Device().id
+    module = cuda.compiled_module(cuda.SAMPLE_EPOCH.file, cupy, device_id)
     _backend().draw(tables, range(1), 1, 1)
-    assert cuda._MODULES[key] is module
+    assert cuda.compiled_module(cuda.SAMPLE_EPOCH.file, cupy, device_id) is module
 
 
 def _cuda_twin(host: StratifiedPatching) -> StratifiedPatching:

@@ -46,14 +46,13 @@ tables' version is unchanged (:class:`gpu_patching.cuda.UploadCache`).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from .. import cuda
-from ..cuda import SAMPLE_EPOCH, Kernel
+from ..cuda import SAMPLE_EPOCH
 from ..permutation import EpochOrder
 from ..tables import RegionTables
 from .base import check_draw, check_indices
@@ -233,10 +232,6 @@ def _launch_args(
     return SAMPLE_EPOCH.arguments(values)
 
 
-#: ``functions(kernel, device_id)``: the compiled kernel to launch.
-KernelFunctions = Callable[[Kernel, int], Any]
-
-
 class CudaBackend:
     """The CUDA backend: CuPy tables on the current device and one launch per draw.
 
@@ -246,7 +241,7 @@ class CudaBackend:
         The device array namespace; CuPy when omitted.
     functions : callable, optional
         ``functions(kernel, device_id)`` returns the compiled kernel, called
-        as ``function(grid, block, args)``; :func:`gpu_patching.cuda.get_function`
+        as ``function(grid, block, args)``; :func:`gpu_patching.cuda.device_functions`
         when omitted. The test suite passes NumPy and the shipped kernel
         compiled for the host, to run this class's whole launch path without a
         GPU.
@@ -260,18 +255,13 @@ class CudaBackend:
     name = "cuda"
     xp: Any
 
-    def __init__(self, xp: Any = None, functions: KernelFunctions | None = None) -> None:
+    def __init__(self, xp: Any = None, functions: cuda.KernelFunctions | None = None) -> None:
         if xp is None:
             import cupy
 
             xp = cupy
         self.xp = xp
-        if functions is None:
-
-            def functions(kernel: Kernel, device_id: int) -> Any:
-                return cuda.get_function(kernel, xp, device_id)
-
-        self._functions = functions
+        self._functions = cuda.device_functions(xp) if functions is None else functions
         self.launch_count = 0
         # (device id, stream) -> (tables, version): the packed per-sample arrays
         self._uploads = cuda.UploadCache(xp.asarray)
@@ -344,7 +334,7 @@ class CudaBackend:
         )
         args = _launch_args(tables, sample_arrays, rows, draw_number, seed, outputs)
         blocks, threads = cuda.launch_grid(n_rows)
-        self._functions(SAMPLE_EPOCH, self._device_id())((blocks,), (threads,), args)
+        cuda.launch(self._functions, SAMPLE_EPOCH, self._device_id(), (blocks,), (threads,), args)
         self.launch_count += 1
         return outputs
 

@@ -445,7 +445,8 @@ def _copy_patches(
         if view is None:
             view = sliding_window_view(stacks[stack], patch_size, axis=spatial_axes)
             windows[stack] = view
-        target[row] = view[(sample, every_channel, *corner)]
+        index = (sample, every_channel, *corner)
+        target[row] = view[index]
 
 
 def _check_host_out(

@@ -32,9 +32,10 @@ into the epoch's order.
 from __future__ import annotations
 
 import itertools
+import operator
 import weakref
 from bisect import bisect_right as _search_one
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, NamedTuple, cast
 
 import numpy as np
@@ -294,6 +295,7 @@ class _BoxIndex:
         point: Any,
         sample: int | NDArray[np.int64],
         out: NDArray[np.int64] | None = None,
+        views: _IntViews | None = None,
     ) -> tuple[int, ...] | None:
         """Find the corner that owns each global mass point.
 
@@ -311,6 +313,8 @@ class _BoxIndex:
             The flat sample of each point (a scalar when they share it).
         out : numpy.ndarray of int64, shape (n, d), optional
             Where the corners of an array of points go.
+        views : _IntViews, optional
+            :meth:`views`, when the caller has them at hand.
 
         Returns
         -------
@@ -318,7 +322,7 @@ class _BoxIndex:
             The corner of a single point; None for arrays (see ``out``).
         """
         one = isinstance(point, int)
-        tables = self.views() if one else self
+        tables: Any = (views or self.views()) if one else self
         search, take = (_search_one, _take_one) if one else (_search, _take)
         region = search(tables.mass_prefix, point)
         region -= 1
@@ -383,9 +387,8 @@ def _take(values: NDArray[Any], rows: Any) -> Any:
     return np.take(values, rows, mode="clip")
 
 
-def _take_one(values: Any, row: int) -> int:
-    """``values[row]`` of a ``memoryview``: a Python int."""
-    return values[row]  # type: ignore[no-any-return]
+#: ``values[row]`` of a ``memoryview``: a Python int (a C call, no Python frame).
+_take_one = operator.getitem
 
 
 def _as_view(values: Any) -> memoryview:
@@ -591,19 +594,23 @@ def _draw_points(
     every value a Python int read through the index's ``memoryview``s.
     """
     one = isinstance(indices, int)
+    tables: Any
     if one:
-        tables: Any = index.views()
-        take: Callable[[Any, Any], Any] = _take_one
+        tables = views = index.views()
         word0, word1 = rng.random_pair_int(seed, indices, draw_number, rng.PURPOSE_STRATUM)
+        n_patches, mass = tables.n_patches[sample], tables.mass_total[sample]
+        first_index, offset = tables.patch_offset[sample], tables.mass_offset[sample]
     else:
-        tables, take = index, _take
+        tables, views = index, None
         word0, word1 = rng.random_uint32_pair(seed, indices, draw_number, rng.PURPOSE_STRATUM)
-    if isinstance(sample, int):
-        n_patches, mass = int(tables.n_patches[sample]), int(tables.mass_total[sample])
-        first_index, offset = int(tables.patch_offset[sample]), int(tables.mass_offset[sample])
-    else:
-        n_patches, mass = take(tables.n_patches, sample), take(tables.mass_total, sample)
-        first_index, offset = take(tables.patch_offset, sample), take(tables.mass_offset, sample)
+        if isinstance(sample, int):
+            n_patches, mass = int(tables.n_patches[sample]), int(tables.mass_total[sample])
+            first_index = int(tables.patch_offset[sample])
+            offset = int(tables.mass_offset[sample])
+        else:
+            n_patches, mass = _take(tables.n_patches, sample), _take(tables.mass_total, sample)
+            first_index = _take(tables.patch_offset, sample)
+            offset = _take(tables.mass_offset, sample)
     quotient, remainder = divmod(mass, n_patches)
     lower, upper = _stratum_bounds(indices - first_index, quotient, remainder, n_patches, offset)
     width = upper - lower
@@ -613,7 +620,7 @@ def _draw_points(
         width = width.view(np.uint64)
         point = _mulhi64_halves(word0, word1, width & _MASK32, width >> _SHIFT32).view(np.int64)
         point += lower
-    return index.locate(point, sample, out)
+    return index.locate(point, sample, out, views)
 
 
 def draw_rows(tables: Any, indices: Any, draw_numbers: Any, seed: int) -> tuple[Any, Any, Any]:

@@ -33,6 +33,8 @@ others, the prepared launch's too (into an output filled with NaN first).
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,44 +182,52 @@ def measure_cpu(case: Case, stack: np.ndarray, n_rows: int, quick: bool) -> dict
     }
 
 
-#: Batches in one timed PatchLoader pass (the first ones allocate their buffers).
-LOADER_BATCHES = 3
+#: Batches in one PatchLoader pass: the first two allocate the two buffers that
+#: then take turns (a plain loop holds one batch while the next is cut).
+LOADER_BATCHES = 4
+#: Batches of each pass left out of the loader's timing: they allocate.
+LOADER_WARMUP_BATCHES = 2
 
 
 def measure_loader(
     case: Case, stack: np.ndarray, n_rows: int, repeats: int
 ) -> tuple[dict[str, float], bool]:
-    """Per-batch time of a PatchLoader pass and of the slicing loop over the same rows.
+    """Median time per batch of a PatchLoader pass and of the slicing loop on its rows.
 
     The sampler gets the stack several times over (the same array), so that an
-    epoch holds :data:`LOADER_BATCHES` or more batches of ``n_rows``. The loop
-    slices the rows of that very epoch, pre-drawn, into one reused buffer; the
-    loader's time includes its draw of the epoch.
+    epoch holds :data:`LOADER_BATCHES` batches of ``n_rows``. Each batch of a
+    pass after the first :data:`LOADER_WARMUP_BATCHES` is timed on its own
+    (``next`` of the loader); the loop slices the very rows of those batches,
+    pre-drawn, into one reused buffer.
     """
     per_stack = StratifiedPatching([stack.shape], case.patch_size, seed=0).n_patches
     copies = max(1, -(-LOADER_BATCHES * n_rows // per_stack))
-    stacks = [stack] * copies
     strategy = StratifiedPatching([stack.shape] * copies, case.patch_size, seed=0)
-    loader = PatchLoader(stacks, strategy, n_rows, shuffle=True, drop_last=False)
+    loader = PatchLoader([stack] * copies, strategy, n_rows, shuffle=True)
     epoch = strategy.sample_epoch(0, shuffle=True).to_numpy()
-    batches = [epoch[start : start + n_rows] for start in range(0, len(epoch), n_rows)]
+    steady = [
+        epoch[start : start + n_rows]
+        for start in range(LOADER_WARMUP_BATCHES * n_rows, LOADER_BATCHES * n_rows, n_rows)
+    ]
     buffer = np.empty((n_rows, stack.shape[1], *case.patch_size), dtype=stack.dtype)
-
-    def loop_pass() -> None:
-        for batch in batches:
-            target = buffer if len(batch) == n_rows else None
-            slicing_loop(stack, batch, np, target)
-
-    def loader_pass() -> None:
-        for _patches, _batch in loader:
-            pass
-
-    same = all(
-        np.array_equal(patches, slicing_loop(stack, batch, np)) for (patches, batch) in loader
-    )
+    loop_times = [
+        median_time(lambda _k, batch=batch: slicing_loop(stack, batch, np, buffer), repeats)
+        for batch in steady
+    ]
+    loader_times = []
+    same = True
+    for _ in range(max(1, repeats)):
+        batches = iter(loader)
+        for k in range(LOADER_BATCHES):
+            start = time.perf_counter()
+            patches, batch = next(batches)
+            if k >= LOADER_WARMUP_BATCHES:
+                loader_times.append(time.perf_counter() - start)
+        same = same and bool(np.array_equal(patches, slicing_loop(stack, batch, np)))
+        del patches, batches
     times = {
-        "slicing loop, out reused": median_time(lambda _k: loop_pass(), repeats) / len(batches),
-        "PatchLoader (in memory)": median_time(lambda _k: loader_pass(), repeats) / len(batches),
+        "slicing loop, out reused": statistics.median(loop_times),
+        "PatchLoader (in memory)": statistics.median(loader_times),
     }
     return times, same
 
@@ -287,9 +297,11 @@ def cpu_markdown(results: list[dict[str, Any]], gpu_note: str) -> str:
         "## Against a plain loop that slices the same corners into a reused buffer",
         "",
         "Each ratio is the loop's time over the method's, measured side by side in this "
-        "run (>= x1.00: at least as fast). `extract_patches` runs on the corners above; "
-        f"`PatchLoader` is timed per batch over a pass of {LOADER_BATCHES} or more batches "
-        "(its epoch draw included) against the loop over that very epoch's rows.",
+        "run (>= x1.00: at least as fast). `extract_patches` runs on the corners above. "
+        f"`PatchLoader` (batches of one shuffled epoch, {LOADER_BATCHES} per pass) is timed "
+        f"per batch after the first {LOADER_WARMUP_BATCHES} of each pass, which allocate "
+        "the two buffers that then take turns; the loop slices the rows of those very "
+        "batches. Medians.",
         "",
         *markdown_table(
             [

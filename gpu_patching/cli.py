@@ -120,7 +120,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     _require("gpu-patching sample", _reader_modules(args.inputs))
     # The inputs first (shapes only, no pixels): a missing input is the error
     # to report even when the output already exists.
-    shapes = [read_shape(path, args.axes) for path in args.inputs]
+    shapes = [read_shape(path, args.axes, level=args.level) for path in args.inputs]
     _check_outputs([output], args.inputs, args.overwrite)
     spatial = {len(s) - 2 for s in shapes}
     if len(spatial) != 1:
@@ -187,18 +187,20 @@ def _open_demo_image(args: argparse.Namespace) -> tuple[Any, str]:
     missing or unsuitable input is what the user hears about first.
     """
     stack: Any
-    if Path(args.image).suffix.lower() == ".zarr":
-        # A zarr store or an OME-Zarr image (its level 0): only the plane shown is read.
+    if Path(args.image).is_dir():
+        # A zarr store or an OME-Zarr image (a level, with its own axes):
+        # only the plane shown is read.
         from .stores import open_stack
 
-        stack = open_stack(args.image, args.axes)
+        stack = open_stack(args.image, args.axes, level=args.level)
         shape = tuple(stack.shape)
     else:
+        args.axes = args.axes or "YX"
         stack = args.image
-        shape = read_shape(args.image, args.axes)
+        shape = read_shape(args.image, args.axes, level=args.level)
     if len(shape) != 4:
         raise CommandError(
-            f"demo shows 2D images; {args.image} with axes {args.axes} is 3D "
+            f"demo shows 2D images; {args.image} with axes {args.axes or stack.axes} is 3D "
             "(use 'sample' for 3D data)"
         )
     samples, channels = shape[:2]
@@ -364,7 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--image", help=f"an image file ({', '.join(SUPPORTED_SUFFIXES)})")
-    demo.add_argument("--axes", default="YX", help="axes of --image, e.g. YX, CYX (default YX)")
+    demo.add_argument(
+        "--axes", help="axes of --image, e.g. YX, CYX (default: an OME-Zarr image's own, else YX)"
+    )
+    demo.add_argument("--level", type=int, default=0, help="OME-Zarr level of --image (default 0)")
     demo.add_argument("--sample", type=int, default=0, help="sample of --image shown (default 0)")
     demo.add_argument("--channel", type=int, default=0, help="channel of --image shown (default 0)")
     demo.add_argument("--patch", type=int, nargs=2, metavar=("PY", "PX"), help="default 32 32")
@@ -419,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sample.add_argument("inputs", nargs="+", help="stack files, one per data_idx")
-    sample.add_argument("--axes", required=True, help="axes of the stacks, e.g. YX, SYX, SCZYX")
+    sample.add_argument(
+        "--axes", help="axes of the stacks, e.g. YX, SYX, TCZYX (OME-Zarr images: their own)"
+    )
+    sample.add_argument("--level", type=int, default=0, help="OME-Zarr level (default 0)")
     sample.add_argument(
         "--patch",
         type=int,

@@ -1,7 +1,8 @@
 """Reading whole image stacks from files, with their axes in ``SC(Z)YX`` order.
 
-What the command reads: ``.npy``, ``.zarr`` and ``.tif``/``.tiff`` files,
-opened by :mod:`gpu_patching.stores.open` (the one place that opens a file).
+What the command reads: ``.npy``, ``.zarr`` and ``.tif``/``.tiff`` files and
+OME-Zarr images, opened by :mod:`gpu_patching.stores.open` (the one place that
+opens a file).
 """
 
 from __future__ import annotations
@@ -11,27 +12,49 @@ from pathlib import Path
 import numpy as np
 
 from .stores.axes import scyx_shape, to_scyx_axes
-from .stores.open import SUPPORTED_SUFFIXES, read_file, read_file_shape
+from .stores.open import SUPPORTED_SUFFIXES, ome_zarr_axes, open_stack, read_file, read_file_shape
 
 __all__ = ["SUPPORTED_SUFFIXES", "read_shape", "read_stack", "to_scyx_axes"]
 
 
-def read_shape(path: str | Path, axes: str) -> tuple[int, ...]:
+def read_shape(path: str | Path, axes: str | None, *, level: int = 0) -> tuple[int, ...]:
     """Return the ``SC(Z)YX`` shape of a stored stack without reading its pixels.
 
     Parameters
     ----------
     path : str or pathlib.Path
-        A ``.tif``/``.tiff``, ``.zarr`` or ``.npy`` file.
-    axes : str
-        The axes of the stored array (see :func:`to_scyx_axes`).
+        A ``.tif``/``.tiff``, ``.zarr`` or ``.npy`` file, or an OME-Zarr image
+        (its group, or the array of one of its levels).
+    axes : str or None
+        The axes of the stored array (see :func:`to_scyx_axes`); None for an
+        OME-Zarr image, which declares its own (given ones must agree).
+    level : int, default 0
+        The level of an OME-Zarr image (0 is full resolution).
 
     Returns
     -------
     tuple of int
         The shape with axes ``SCYX`` or ``SCZYX``.
+
+    Raises
+    ------
+    ValueError
+        If ``axes`` is None for a file that does not declare its axes, they
+        contradict an OME-Zarr image's, or the level does not exist.
     """
-    return scyx_shape(read_file_shape(Path(path)), axes)
+    path = Path(path)
+    if ome_zarr_axes(path) is not None:
+        return tuple(open_stack(path, axes, level=level).shape)
+    if axes is None:
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or folder: {path}")
+        raise ValueError(
+            f"{path} does not say what its axes are (only OME-Zarr images do): give them, "
+            "e.g. 'SYX' (--axes in the command)"
+        )
+    if level:
+        raise ValueError(f"{path} has 1 level(s); level {level} does not exist")
+    return scyx_shape(read_file_shape(path), axes)
 
 
 def read_stack(path: str | Path, axes: str) -> np.ndarray:

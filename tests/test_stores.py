@@ -147,7 +147,15 @@ def _write_ome(path, levels, axes, zarr_format):
         {
             "version": "0.4" if zarr_format == 2 else "0.5",
             "axes": [{"name": a, "type": "space" if a in "zyx" else "channel"} for a in axes],
-            "datasets": [{"path": str(k)} for k in range(len(levels))],
+            "datasets": [
+                {
+                    "path": str(k),
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": [1.0 if a == "c" else 2.0**k for a in axes]}
+                    ],
+                }
+                for k in range(len(levels))
+            ],
         }
     ]
     if zarr_format == 2:
@@ -447,11 +455,14 @@ def test_demo_reads_one_plane_of_an_ome_zarr_store(tmp_path, capsys):
 
     planes = _data((2, 40, 48), seed=17)
     _write_ome(tmp_path / "image.zarr", [planes, planes[:, ::2, ::2].copy()], "cyx", 3)
-    args = argparse.Namespace(image=str(tmp_path / "image.zarr"), axes="CYX", sample=0, channel=1)
+    args = argparse.Namespace(
+        image=str(tmp_path / "image.zarr"), axes="CYX", level=0, sample=0, channel=1
+    )
     image, name = _load_demo_image(args)
     assert np.array_equal(image, planes[1].astype(np.float32))
     assert "channel 1 of 2" in name
-    assert main(["demo", "--image", str(tmp_path / "image.zarr"), "--axes", "ZYX"]) == 2
+    _write_ome(tmp_path / "volume.zarr", [planes], "zyx", 3)
+    assert main(["demo", "--image", str(tmp_path / "volume.zarr")]) == 2
     assert "3D" in capsys.readouterr().err
 
 

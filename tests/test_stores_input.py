@@ -53,8 +53,18 @@ def _ome_group(path: Path, attributes: dict[str, Any]) -> Path:
     return path
 
 
-_AXES = [{"name": "c", "type": "channel"}, {"name": "y"}, {"name": "x"}]
-_GOOD_IMAGE = {"version": "0.5", "axes": _AXES, "datasets": [{"path": "0"}]}
+_AXES = [
+    {"name": "c", "type": "channel"},
+    {"name": "y", "type": "space"},
+    {"name": "x", "type": "space"},
+]
+# Every dataset of an image has its scale (the specification requires it).
+_SCALE = [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]
+_GOOD_IMAGE = {
+    "version": "0.5",
+    "axes": _AXES,
+    "datasets": [{"path": "0", "coordinateTransformations": _SCALE}],
+}
 
 #: Malformed metadata -> the field the error must name.
 MALFORMED = {
@@ -68,16 +78,40 @@ MALFORMED = {
         "datasets",
     ),
     "dataset-without-path": (
-        {"ome": {"multiscales": [{"axes": _AXES, "datasets": [{"name": "0"}]}]}},
+        {
+            "ome": {
+                "multiscales": [
+                    {
+                        "axes": _AXES,
+                        "datasets": [{"name": "0", "coordinateTransformations": _SCALE}],
+                    }
+                ]
+            }
+        },
         "path",
     ),
     "dataset-a-string": ({"ome": {"multiscales": [{"axes": _AXES, "datasets": ["0"]}]}}, "path"),
     "path-a-number": (
-        {"ome": {"multiscales": [{"axes": _AXES, "datasets": [{"path": 0}]}]}},
+        {
+            "ome": {
+                "multiscales": [
+                    {"axes": _AXES, "datasets": [{"path": 0, "coordinateTransformations": _SCALE}]}
+                ]
+            }
+        },
         "path",
     ),
     "path-does-not-exist": (
-        {"ome": {"multiscales": [{"axes": _AXES, "datasets": [{"path": "full"}]}]}},
+        {
+            "ome": {
+                "multiscales": [
+                    {
+                        "axes": _AXES,
+                        "datasets": [{"path": "full", "coordinateTransformations": _SCALE}],
+                    }
+                ]
+            }
+        },
         "full",
     ),
     "ome-a-list": ({"ome": [_GOOD_IMAGE]}, "ome"),
@@ -104,7 +138,16 @@ def test_malformed_ome_zarr_metadata_is_a_value_error_naming_the_store_and_field
 
 
 def test_a_dataset_path_naming_a_group_is_a_value_error(tmp_path):
-    attributes = {"ome": {"multiscales": [{"axes": _AXES, "datasets": [{"path": "labels"}]}]}}
+    attributes = {
+        "ome": {
+            "multiscales": [
+                {
+                    "axes": _AXES,
+                    "datasets": [{"path": "labels", "coordinateTransformations": _SCALE}],
+                }
+            ]
+        }
+    }
     path = _ome_group(tmp_path / "image.zarr", attributes)
     zarr.open_group(str(path), mode="a").create_group("labels")
     with pytest.raises(ValueError, match=r"labels.*not an array"):

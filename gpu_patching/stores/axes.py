@@ -6,10 +6,43 @@ the ``--axes`` of the command and the axes of OME-Zarr metadata.
 
 from __future__ import annotations
 
-__all__ = ["KNOWN_AXES", "scyx_shape", "to_scyx_axes"]
+__all__ = ["KNOWN_AXES", "as_sample_axes", "scyx_shape", "to_scyx_axes"]
 
 #: The axes letters, in the sampler's order.
 KNOWN_AXES = "SCZYX"
+
+
+def as_sample_axes(axes: str) -> str:
+    """Return ``axes`` in capitals with a time axis ``T`` read as samples ``S``.
+
+    Time points are samples to the sampler (a time series is a stack of
+    independent images). ``T`` and ``S`` together are refused rather than
+    flattened: which of them varies faster is not something the letters say.
+
+    Parameters
+    ----------
+    axes : str
+        One letter per array axis.
+
+    Returns
+    -------
+    str
+        The letters, ``T`` replaced by ``S``.
+
+    Raises
+    ------
+    ValueError
+        If ``axes`` has both ``T`` and ``S``.
+    """
+    if not isinstance(axes, str):
+        raise TypeError(f"axes must be a string such as 'SYX', got {axes!r}")
+    letters = axes.upper()
+    if "T" in letters and "S" in letters:
+        raise ValueError(
+            f"axes {axes!r} has both T and S; time points are samples: give one of them "
+            "(or open each time point's samples as a stack of their own)"
+        )
+    return letters.replace("T", "S")
 
 
 def to_scyx_axes(axes: str, ndim: int) -> tuple[list[int], str]:
@@ -18,8 +51,9 @@ def to_scyx_axes(axes: str, ndim: int) -> tuple[list[int], str]:
     Parameters
     ----------
     axes : str
-        One letter per array axis, from ``S`` (samples), ``C`` (channels),
-        ``Z``, ``Y``, ``X``; for example ``"YX"``, ``"SYX"``, ``"ZYX"``,
+        One letter per array axis, from ``S`` (samples; or ``T``, time
+        points, which are samples), ``C`` (channels), ``Z``, ``Y``, ``X``;
+        for example ``"YX"``, ``"SYX"``, ``"ZYX"``,
         ``"SCZYX"``. ``Y`` and ``X`` are required.
     ndim : int
         The number of axes of the array.
@@ -34,16 +68,16 @@ def to_scyx_axes(axes: str, ndim: int) -> tuple[list[int], str]:
     Raises
     ------
     ValueError
-        If a letter is unknown or repeated, ``Y`` or ``X`` is missing, or the
-        string does not have one letter per axis.
+        If a letter is unknown or repeated, ``Y`` or ``X`` is missing, ``T``
+        and ``S`` are both given, or the string does not have one letter per
+        axis.
     """
-    if not isinstance(axes, str):
-        raise TypeError(f"axes must be a string such as 'SYX', got {axes!r}")
-    letters = axes.upper()
+    letters = as_sample_axes(axes)
     unknown = sorted({a for a in letters if a not in KNOWN_AXES})
     if unknown:
         raise ValueError(
-            f"axes {axes!r} has unknown letter(s) {''.join(unknown)}; use letters from {KNOWN_AXES}"
+            f"axes {axes!r} has unknown letter(s) {''.join(unknown)}; "
+            f"use letters from {KNOWN_AXES} (T for S)"
         )
     if len(set(letters)) != len(letters):
         raise ValueError(f"axes {axes!r} repeats a letter")

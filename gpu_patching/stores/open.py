@@ -13,21 +13,30 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import _validation as check
+from .axes import as_sample_axes
 from .stack import ChunkedStack, is_zarr_array, store_url
 
-__all__ = ["SUPPORTED_SUFFIXES", "open_file", "open_stack", "read_file", "read_file_shape"]
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "ome_zarr_axes",
+    "open_file",
+    "open_stack",
+    "read_file",
+    "read_file_shape",
+]
 
 #: File types :func:`open_file` understands.
 SUPPORTED_SUFFIXES = (".tif", ".tiff", ".zarr", ".npy")
-# OME-Zarr axis names to our letters (time points are samples).
-_OME_AXES = {"t": "S", "c": "C", "z": "Z", "y": "Y", "x": "X"}
+# OME-Zarr axis names, or else types, to our letters (time points are samples: T).
+_OME_AXES = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
+_OME_AXIS_TYPES = {"time": "T", "channel": "C"}
 #: How to install what chunked stores need (zarr-python 3 and tifffile's zarr 3 stores).
 _STORES_EXTRA = "pip install 'gpu-patching[stores]'"
 #: How to install the readers of whole files.
@@ -113,51 +122,91 @@ def _open_path(path: Path, axes: str | None, level: int) -> ChunkedStack:
             close()
             raise
     opened = zarr.open(str(path), mode="r")
+    if not is_zarr_array(opened):
+        return _open_group(opened, axes, level, str(path))
+    _check_level(level, 1, str(path))
+    parent = _ome_parent(path)
+    if parent is not None:
+        # A level of an OME-Zarr image, named by its path: it has the image's axes.
+        group, parent_level = parent
+        return _open_group(group, axes, parent_level, str(path.parent))
+    return ChunkedStack(opened, axes, name=str(path))
+
+
+def ome_zarr_axes(path: str | Path) -> str | None:
+    """Return the axes an OME-Zarr image declares, or None for anything else.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        An OME-Zarr image (its group, or the array of one of its levels), or
+        any other file or folder.
+
+    Returns
+    -------
+    str or None
+        The image's axes as letters (``T``, ``C``, ``Z``, ``Y``, ``X``), or
+        None where ``path`` is not an OME-Zarr image or zarr-python 3 is not
+        installed.
+
+    Raises
+    ------
+    ValueError
+        If the OME-Zarr metadata is malformed (naming the store and field).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    try:
+        zarr = _import_zarr()
+        opened = zarr.open(str(path), mode="r")
+    except Exception:  # no zarr 3, or not a zarr store: not an OME-Zarr image either
+        return None
     if is_zarr_array(opened):
-        _check_level(level, 1, str(path))
-        return ChunkedStack(opened, axes, name=str(path))
-    return _open_group(opened, axes, level, str(path))
+        parent = _ome_parent(path)
+        if parent is None:
+            return None
+        opened, path = parent[0], path.parent
+    attributes = dict(opened.attrs)
+    if "ome" not in attributes and "multiscales" not in attributes:
+        return None
+    return _ome_image(attributes, str(path))[1]
+
+
+def _ome_parent(path: Path) -> tuple[Any, int] | None:
+    """Return the OME-Zarr image whose level the array at ``path`` is, and the level."""
+    zarr = _import_zarr()
+    try:
+        group = zarr.open_group(str(path.parent), mode="r")
+    except Exception:  # no group above: a plain array
+        return None
+    attributes = dict(group.attrs)
+    if "ome" not in attributes and "multiscales" not in attributes:
+        return None
+    multiscale, _ = _ome_image(attributes, str(path.parent))
+    paths = [dataset.path for dataset in multiscale.datasets]
+    return (group, paths.index(path.name)) if path.name in paths else None
 
 
 def _open_group(group: Any, axes: str | None, level: int, name: str) -> ChunkedStack:
-    """Level ``level`` of an OME-Zarr multiscale image (0.4: attrs; 0.5: attrs['ome']).
-
-    The metadata is checked field by field: a malformed image is a
-    ``ValueError`` that names the store and the field, not whatever Python
-    error indexing it would raise.
-    """
+    """Level ``level`` of an OME-Zarr image (0.4: attrs; 0.5: attrs['ome'])."""
     attributes = dict(group.attrs)
-    ome = attributes.get("ome", {})
-    if not isinstance(ome, Mapping):
-        raise ValueError(
-            f"{name}: the OME-Zarr attribute 'ome' must be a mapping, got {_kind(ome)}"
-        )
-    multiscales = attributes.get("multiscales", ome.get("multiscales"))
-    if multiscales is None:
+    if "ome" not in attributes and "multiscales" not in attributes:
         raise ValueError(
             f"{name} is a zarr group without OME-Zarr 'multiscales' metadata; "
             "open the array inside it instead"
         )
-    if not isinstance(multiscales, list) or not multiscales:
-        raise ValueError(
-            f"{name}: OME-Zarr 'multiscales' must be a non-empty list, got {_kind(multiscales)}"
-        )
-    image = multiscales[0]
-    if not isinstance(image, Mapping):
-        raise ValueError(f"{name}: OME-Zarr 'multiscales[0]' must be a mapping, got {_kind(image)}")
-    datasets = image.get("datasets")
-    if not isinstance(datasets, list):
-        raise ValueError(
-            f"{name}: OME-Zarr 'multiscales[0].datasets' must be a list, got {_kind(datasets)}"
-        )
-    _check_level(level, len(datasets), name)
+    multiscale, image_axes = _ome_image(attributes, name)
+    _check_level(level, len(multiscale.datasets), name)
     field = f"multiscales[0].datasets[{level}].path"
-    dataset = datasets[level]
-    path = dataset.get("path") if isinstance(dataset, Mapping) else None
-    if not isinstance(path, str):
-        raise ValueError(f"{name}: OME-Zarr '{field}' must be a string, got {_kind(path)}")
-    if axes is None and "axes" in image:
-        axes = _ome_axes(image["axes"], name)
+    path = multiscale.datasets[level].path
+    if axes is None:
+        axes = image_axes
+    elif as_sample_axes(axes) != as_sample_axes(image_axes):
+        raise ValueError(
+            f"{name}: axes {axes.upper()!r} contradict the OME-Zarr metadata's axes "
+            f"{image_axes!r}; leave axes out to use the metadata's"
+        )
     try:
         array = group[path]
     except (KeyError, FileNotFoundError) as error:
@@ -169,23 +218,55 @@ def _open_group(group: Any, axes: str | None, level: int, name: str) -> ChunkedS
     return ChunkedStack(array, axes, name=f"{name}/{path}")
 
 
-def _ome_axes(entries: Any, name: str) -> str:
-    """Our axes letters of OME-Zarr ``axes`` (0.4 and 0.5: mappings with a ``name``)."""
-    if not isinstance(entries, list):
-        raise ValueError(
-            f"{name}: OME-Zarr 'multiscales[0].axes' must be a list, got {_kind(entries)}"
-        )
-    names = []
-    for k, entry in enumerate(entries):
-        # 0.3 listed the names themselves; later versions a mapping per axis.
-        axis = entry.get("name") if isinstance(entry, Mapping) else entry
-        if not isinstance(axis, str):
-            raise ValueError(f"{name}: OME-Zarr 'multiscales[0].axes[{k}]' has no name: {entry!r}")
-        names.append(axis)
-    unknown = [n for n in names if n.lower() not in _OME_AXES]
-    if unknown:
-        raise ValueError(f"{name} has axes {names}; {unknown} have no SC(Z)YX meaning: give axes=")
-    return "".join(_OME_AXES[n.lower()] for n in names)
+def _ome_image(attributes: dict[str, Any], name: str) -> tuple[Any, str]:
+    """Validate an image's OME-Zarr metadata; return its first multiscale and its axes letters.
+
+    v0.5 keeps the image under ``ome`` (zarr format 3), v0.4 at the top of
+    the attributes (zarr format 2). yaozarrs' models check every field; a
+    malformed image is a ``ValueError`` that names the store and the field.
+    """
+    yaozarrs = _import_yaozarrs()
+    from pydantic import ValidationError  # yaozarrs' models are pydantic's
+
+    if "ome" in attributes:
+        models, node, prefix = yaozarrs.v05, attributes["ome"], "ome"
+    else:
+        models, node, prefix = yaozarrs.v04, attributes, ""
+    try:
+        image = yaozarrs.validate_ome_object(node, models.Image)
+    except ValidationError as error:
+        raise _metadata_error(error, name, prefix, models) from None
+    multiscale = image.multiscales[0]
+    letters = []
+    for k, axis in enumerate(multiscale.axes):
+        letter = _OME_AXES.get(axis.name.lower()) or _OME_AXIS_TYPES.get(str(axis.type))
+        if letter is None:
+            raise ValueError(
+                f"{name}: OME-Zarr 'multiscales[0].axes[{k}]' is {axis.name!r} "
+                f"(type {axis.type!r}), which has no SC(Z)YX meaning"
+            )
+        letters.append(letter)
+    return multiscale, "".join(letters)
+
+
+def _metadata_error(error: Any, name: str, prefix: str, models: Any) -> ValueError:
+    """Turn a pydantic error of OME-Zarr metadata into one line naming the store and field."""
+    first = error.errors()[0]
+    parts = [prefix] if prefix else []
+    for item in first["loc"]:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]"]
+        else:
+            parts.append(str(item))
+    field = ".".join(parts) or "attributes"
+    message = first["msg"]
+    expected = getattr(models, (first.get("ctx") or {}).get("class_name", ""), None)
+    if first["type"] == "model_type" and expected is not None:
+        required = [k for k, f in expected.model_fields.items() if f.is_required()]
+        message += f" (an OME-Zarr {expected.__name__}: {', '.join(required)})"
+    if first["type"] != "missing":
+        message += f", got {_kind(first['input'])}"
+    return ValueError(f"{name}: OME-Zarr metadata '{field}': {message}")
 
 
 def _kind(value: Any) -> str:
@@ -194,6 +275,15 @@ def _kind(value: Any) -> str:
         return "nothing"
     text = repr(value)
     return f"{type(value).__name__} {text}" if len(text) <= 40 else type(value).__name__
+
+
+def _import_yaozarrs() -> Any:
+    """Import yaozarrs (the OME-Zarr metadata models), or say which extra installs it."""
+    try:
+        import yaozarrs
+    except ImportError as error:
+        raise ImportError(f"OME-Zarr images need yaozarrs: {_STORES_EXTRA}") from error
+    return yaozarrs
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import _validation as check
-from .axes import to_scyx_axes
+from .axes import as_sample_axes, to_scyx_axes
 
 __all__ = [
     "ChunkedStack",
@@ -86,8 +86,9 @@ class ChunkedStack:
         zarr store of a TIFF).
     axes : str, optional
         The stored array's axes, letters from ``S``, ``C``, ``Z``, ``Y``,
-        ``X`` (``Y`` and ``X`` required), e.g. ``"ZYX"`` or ``"YXC"``; missing
-        ``S``/``C`` become axes of length 1. Default: ``"SCYX"`` or
+        ``X`` (``Y`` and ``X`` required; ``T``, time, is read as ``S``),
+        e.g. ``"ZYX"`` or ``"YXC"``; missing ``S``/``C`` become axes of
+        length 1. Default: ``"SCYX"`` or
         ``"SCZYX"`` for 4 or 5 axes, ``"YX"`` for 2; other ranks need it.
     name : str, optional
         How errors name the store; default: zarr's store URL.
@@ -136,7 +137,7 @@ class ChunkedStack:
                 )
             axes = defaults[len(stored_shape)]
         order, present = to_scyx_axes(axes, len(stored_shape))
-        letters = axes.upper()
+        letters = as_sample_axes(axes)  # a time axis T is the samples S
         full = "SC" + ("Z" if "Z" in present else "") + "YX"
         # stored axis of each SC(Z)YX axis; None for an added S or C
         self._stored_axis: tuple[int | None, ...] = tuple(
@@ -149,7 +150,7 @@ class ChunkedStack:
         # (_reopen_source), and so does an unpickled copy.
         self._handle: tuple[int, Any, Any] = (os.getpid(), array, close)
         self._reopen_source = reopen
-        self.axes = letters
+        self.axes = axes.upper()
         self.name = name if name is not None else store_url(array)
         stored_dtype = np.dtype(array.dtype)
         # Chunks are handed out in native byte order (a zarr format 2 store may

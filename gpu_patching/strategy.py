@@ -5,12 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
-import sys
-import threading
-import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from threading import get_ident
@@ -23,6 +18,7 @@ from . import _state
 from . import _validation as check
 from ._arrays import to_host
 from ._counters import DRAW_MASK, CallCounters, UpcomingPatches
+from ._locking import OwnerLock
 from ._state import STATE_FORMAT, STATE_VERSION
 from .backends import resolve_backend
 from .permutation import EpochOrder
@@ -70,31 +66,6 @@ def _read_only(values: NDArray[Any]) -> NDArray[Any]:
 _Params = ParamSpec("_Params")
 _Result = TypeVar("_Result")
 
-#: Whether the interpreter runs without its global lock (free-threaded
-#: builds): the owner's lock-free calls rely on it to order attribute reads
-#: and writes between threads, so there every call takes the lock.
-_NO_GIL = hasattr(sys, "_is_gil_enabled") and not sys._is_gil_enabled()
-
-#: Every live sampler, so that a forked child can renew their locks.
-_SAMPLERS: weakref.WeakSet[StratifiedPatching] = weakref.WeakSet()
-
-
-def _renew_locks() -> None:
-    """Give every sampler of a forked child an unlocked lock, owned by its one thread.
-
-    A thread of the parent may have held a sampler's lock (or been inside an
-    unlocked call) when the process forked; that thread does not exist in
-    the child, so the copies would stay locked (or busy) forever.
-    """
-    for sampler in list(_SAMPLERS):
-        sampler._lock = threading.RLock()
-        sampler._owner = None if _NO_GIL else threading.get_ident()
-        sampler._busy = False
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_renew_locks)
-
 
 def _locked(
     method: Callable[Concatenate[StratifiedPatching, _Params], _Result],
@@ -103,7 +74,7 @@ def _locked(
 
     @functools.wraps(method)
     def locked(self: StratifiedPatching, *args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
-        with self._exclusive():
+        with self._guard.exclusive():
             return method(self, *args, **kwargs)
 
     return locked
@@ -214,17 +185,14 @@ class StratifiedPatching:
         # One lock serialises every call that reads or changes the state, so
         # threads sharing the sampler see some serial order of their calls.
         # Until a second thread uses the sampler, its owner (the thread that
-        # built it) calls get_patch_spec without the lock: see _exclusive.
-        self._lock = threading.RLock()
-        self._owner: int | None = None if _NO_GIL else threading.get_ident()
-        self._busy = False
+        # built it) calls get_patch_spec without the lock (gpu_patching._locking).
+        self._guard = OwnerLock()
         # Calls per index since the last set_epoch, and the epoch base, modulo
         # 2**32 (the draw number is), in memory shared with the processes a
         # DataLoader starts (see gpu_patching._counters).
         self._counters = CallCounters(self._tables.total_patches)
         # This process's cache of the patches of every index's next calls.
         self._upcoming: UpcomingPatches | None = None
-        _SAMPLERS.add(self)
         _warn_small_samples(shapes, patch)
 
     # -- read-only state -------------------------------------------------------
@@ -485,12 +453,13 @@ class StratifiedPatching:
         if type(index) is not int:  # the fast path takes plain ints only
             index = check.as_int(index, "index")
         ident = get_ident()
-        if ident == self._owner:
+        guard = self._guard
+        if ident == guard.owner:
             # The only thread so far: no lock. Announce the call, then check
-            # that no other thread has arrived (see _exclusive).
-            self._busy = True
+            # that no other thread has arrived (see OwnerLock.exclusive).
+            guard.busy = True
             try:
-                if self._owner is not None:
+                if guard.owner is not None:
                     # The usual call of a dataset's item, inline: a 2D patch
                     # in this process's cache (_patch_spec does the rest).
                     counters, upcoming = self._counters, self._upcoming
@@ -509,8 +478,8 @@ class StratifiedPatching:
                             }
                     return self._patch_spec(index)
             finally:
-                self._busy = False
-        with self._exclusive(ident):
+                guard.busy = False
+        with guard.exclusive(ident):
             return self._patch_spec(index)
 
     def _patch_spec(self, index: int) -> PatchSpecs:
@@ -800,7 +769,7 @@ class StratifiedPatching:
             The draw number, in ``[0, 2**32)``.
         """
         base = check.check_epoch(epoch)
-        with self._exclusive():
+        with self._guard.exclusive():
             # In place: processes sharing the counters see the new epoch too.
             self._counters.reset(base)
 
@@ -908,7 +877,7 @@ class StratifiedPatching:
         workers' calls advance the draws of the whole training; any other
         pickle or ``copy.deepcopy`` is an independent copy.
         """
-        with self._exclusive():
+        with self._guard.exclusive():
             return {
                 "backend": self.backend,
                 "state": self.state_dict(),
@@ -929,7 +898,6 @@ class StratifiedPatching:
         if isinstance(counters, CallCounters) and counters.n_indices == fresh.n_patches:
             fresh._counters = counters
         self.__dict__.update(fresh.__dict__)
-        _SAMPLERS.add(self)
 
     def _tables_with(
         self,
@@ -991,27 +959,6 @@ class StratifiedPatching:
         return upcoming.miss(index, draw, self._counters)
 
     @contextmanager
-    def _exclusive(self, ident: int | None = None) -> Iterator[None]:
-        """Hold the sampler's lock; from another thread than the owner, end the lock-free mode.
-
-        The owner thread calls :meth:`get_patch_spec` without the lock while
-        no other thread has used the sampler. The first other thread clears
-        the owner and waits for the owner's call in flight, if any: the owner
-        announces a call (``_busy``) before it checks the owner, and this
-        thread clears the owner before it checks ``_busy``, so one of the two
-        always sees the other (the interpreter's lock orders the reads and
-        writes of attributes). From then on every call takes the lock.
-        """
-        if ident is None:
-            ident = get_ident()
-        if self._owner is not None and self._owner != ident:
-            self._owner = None
-            while self._busy:
-                time.sleep(0)
-        with self._lock:
-            yield
-
-    @contextmanager
     def transaction(self) -> Iterator[None]:
         """Run several changes of the sampler as one: if the block raises, undo all of them.
 
@@ -1039,7 +986,7 @@ class StratifiedPatching:
         >>> sampler.n_patches
         16
         """
-        with self._exclusive():
+        with self._guard.exclusive():
             tables, version, seed = self._tables, self._tables.version, self._seed
             excluded = np.array(to_host(tables.excluded, bool))
             probability = np.array(to_host(tables.probability, np.float64))

@@ -39,11 +39,18 @@ CUDA and CuPy versions), ``slug(name)`` (a card's name as a file-name part),
 
 Writing: ``Report`` collects lines, prints each as it comes (``emit``) and
 writes the markdown file (``write``), creating its folder; ``write_markdown``
-writes a report built as one string.
+writes a report built as one string. Both write atomically, and nothing when
+the path is ``None``. A script writes only when asked:
+``add_output_arguments(parser, default)`` adds ``--output FILE`` and
+``--write-results`` (the committed file ``default`` under ``results/``), and
+``destination(args, default)`` turns them into ``(path or None, keep)``;
+with ``keep`` the ``## `` sections of the old file that this run did not redo
+stay (``merge_sections``).
 """
 
 from __future__ import annotations
 
+import argparse
 import platform
 import re
 import statistics
@@ -60,8 +67,10 @@ from gpu_patching.testing import cpu_model, usable_cupy
 __all__ = [
     "RESULTS_DIR",
     "Report",
+    "add_output_arguments",
     "cpu_model",
     "cuda_version",
+    "destination",
     "device_info",
     "device_lines",
     "fmt_bandwidth",
@@ -78,6 +87,7 @@ __all__ = [
     "markdown_table",
     "measure_copy_bandwidth",
     "median_time",
+    "merge_sections",
     "percentile",
     "slug",
     "time_burst",
@@ -88,7 +98,7 @@ __all__ = [
     "write_markdown",
 ]
 
-#: Where the scripts write their markdown unless told otherwise.
+#: Where the scripts write their markdown when asked (``--write-results``).
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -432,17 +442,105 @@ class Report:
         """The report so far (and ``extra`` lines after it), ending in a newline."""
         return "\n".join([*self.lines, *extra]) + "\n"
 
-    def write(self, path: Path, extra: Sequence[str] = ()) -> str:
-        """Write :meth:`text` to ``path`` (creating its folder) and return it."""
+    def write(self, path: Path | None, extra: Sequence[str] = (), keep: bool = False) -> str:
+        """Write :meth:`text` to ``path`` (nothing when ``None``) and return it.
+
+        With ``keep``, the old file's sections that this report lacks stay
+        (:func:`merge_sections`).
+        """
         text = self.text(extra)
-        write_markdown(path, text)
+        write_markdown(path, text, keep)
         return text
 
 
-def write_markdown(path: Path, text: str) -> None:
-    """Write a finished report to ``path``, creating its folder.
+def write_markdown(path: Path | None, text: str, keep: bool = False) -> None:
+    """Write a finished report to ``path``, creating its folder; nothing when ``None``.
 
     Atomically (``gpu_patching._atomic``): a run stopped by Ctrl-C or SIGTERM
-    leaves the previous report, never half of one or a temporary file.
+    leaves the previous report, never half of one or a temporary file. With
+    ``keep``, the sections of the old file that this run did not redo stay
+    (:func:`merge_sections`).
     """
+    if path is None:
+        return
+    if keep and path.is_file():
+        text = merge_sections(path.read_text(), text)
     write_atomically(path, lambda stream: stream.write(text.encode()))
+
+
+#: What a section of a partial run says instead of figures ("Not run (--gpu-only).").
+_NOT_RUN = re.compile(r"\s*not run\b", re.IGNORECASE)
+#: The line a kept section gets, once.
+KEPT_NOTE = "_Not rerun in the latest run: these figures are from the run before it._"
+
+
+def _sections(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """Split a report into the text before its first ``## `` heading and its sections."""
+    # A zero-width split before each heading: parts[0] is the preamble ("" when
+    # the text starts with a heading), every other part one whole section.
+    parts = re.split(r"(?m)^(?=## )", text)
+    sections = []
+    for part in parts[1:]:
+        heading, _, body = part.partition("\n")
+        sections.append((heading, body))
+    return parts[0], sections
+
+
+def _section_key(heading: str) -> str:
+    # "## CPU: AMD EPYC ..." and "## CPU: Intel ..." are the same section.
+    return heading.partition(":")[0].strip()
+
+
+def merge_sections(old: str, new: str) -> str:
+    """Return ``new`` with the ``## `` sections of ``old`` that ``new`` did not redo.
+
+    A section of ``new`` replaces the ``old`` one with the same heading (up to
+    its first ``:``), unless all it says is that it was not run; an ``old``
+    section that ``new`` lacks, or did not run, stays where it was, marked
+    with :data:`KEPT_NOTE`. ``new``'s own text before its first section (the
+    machine, the date) comes first; sections only ``new`` has come last.
+    """
+    _, old_sections = _sections(old)
+    preamble, new_sections = _sections(new)
+    rerun = {
+        _section_key(heading): (heading, body)
+        for heading, body in new_sections
+        if not _NOT_RUN.match(body)
+    }
+    merged, used = [], set()
+    for heading, body in old_sections:
+        key = _section_key(heading)
+        if key in rerun:
+            merged.append(rerun[key])
+            used.add(key)
+        else:
+            if KEPT_NOTE not in body:
+                body = f"\n{KEPT_NOTE}\n{body}"
+            merged.append((heading, body))
+            used.add(key)
+    merged += [(h, b) for h, b in new_sections if _section_key(h) not in used]
+    return preamble + "".join(f"{heading}\n{body}" for heading, body in merged)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default: Path) -> None:
+    """Add ``--output FILE`` and ``--write-results`` (into ``default``) to a script's parser.
+
+    Without either, the script prints its report and writes no file: the
+    committed results change only when someone asks for it.
+    """
+    parser.add_argument("--output", type=Path, default=None, help="write the markdown here")
+    parser.add_argument(
+        "--write-results",
+        action="store_true",
+        help=f"write the markdown into benchmarks/results/{default.name}, keeping the "
+        "sections this run did not redo",
+    )
+
+
+def destination(args: argparse.Namespace, default: Path) -> tuple[Path | None, bool]:
+    """Where the report goes: ``(path or None, keep the old file's other sections)``."""
+    if args.output is not None:
+        return args.output, False
+    if getattr(args, "write_results", False):
+        return default, True
+    return None, False

@@ -15,8 +15,9 @@ table measures what the per-sampler lock costs the single-threaded path: the
 same sequential and with-replacement runs with the lock swapped for a no-op.
 
 Run it with ``python benchmarks/bench_access.py`` (``--quick`` for a small
-smoke run, ``--no-reference`` without CAREamics); the markdown goes to
-``benchmarks/results/access.md`` unless ``--output`` says otherwise.
+smoke run, ``--no-reference`` without CAREamics); the tables are
+printed; ``--write-results`` writes them into ``benchmarks/results/access.md``
+(keeping the sections this run did not redo), ``--output FILE`` into FILE.
 """
 
 from __future__ import annotations
@@ -25,11 +26,19 @@ import argparse
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _report import RESULTS_DIR, Report, fmt_ratio, fmt_time, machine_line, markdown_table
+from _report import (
+    RESULTS_DIR,
+    Report,
+    add_output_arguments,
+    destination,
+    fmt_ratio,
+    fmt_time,
+    machine_line,
+    markdown_table,
+)
 
 from gpu_patching import StratifiedPatching
 from gpu_patching.testing import load_reference
@@ -227,13 +236,14 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small cases, few calls")
     parser.add_argument("--no-reference", action="store_true", help="skip CAREamics")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file")
+    add_output_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         report = run(QUICK_CASES, 3000, 200, not args.no_reference)
     else:
         report = run(CASES, 200_000, 1_000, not args.no_reference)
-    return report.write(args.output)
+    output, keep = destination(args, RESULTS)
+    return report.write(output, keep=keep)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ Columns, for each case and each sampler:
 The machine has 2 cores: the worker rows show what two worker processes buy
 there, not on a workstation. Run it with ``python benchmarks/bench_careamics.py``
 (``--quick``: smaller images and fewer batches, for a smoke run); it needs
-CAREamics and its dependencies (``make careamics-tier``). The markdown goes to
-``benchmarks/results/careamics.md`` unless ``--output`` says otherwise.
+CAREamics and its dependencies (``make careamics-tier``). The tables are printed;
+``--write-results`` writes them into ``benchmarks/results/careamics.md``,
+``--output FILE`` into FILE.
 """
 
 from __future__ import annotations
@@ -46,11 +47,20 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _report import RESULTS_DIR, Report, cpu_model, fmt_rate, fmt_ratio, fmt_time, markdown_table
+from _report import (
+    RESULTS_DIR,
+    Report,
+    add_output_arguments,
+    cpu_model,
+    destination,
+    fmt_rate,
+    fmt_ratio,
+    fmt_time,
+    markdown_table,
+)
 
 from gpu_patching import PatchLoader
 from gpu_patching.testing import import_careamics
@@ -271,7 +281,7 @@ def run_case(report: Report, case: Case, items: int, batches: int) -> list[str]:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small images, few batches")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    add_output_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")  # CAREamics' progress bars
     try:
@@ -325,7 +335,8 @@ def main(argv: list[str] | None = None) -> str:
         f"above 2, other processes shared the cores and every figure is slower than on "
         f"an idle machine, both samplers alike).",
     )
-    return report.write(args.output)
+    output, keep = destination(args, RESULTS)
+    return report.write(output, keep=keep)
 
 
 if __name__ == "__main__":

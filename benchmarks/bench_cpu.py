@@ -18,8 +18,9 @@ epoch with a shuffled one and with one rank's share of a shuffled epoch
 sharded over 4 ranks (the target: shuffling and sharding cost less than 20%
 over the plain epoch, per patch). Run it with
 ``python benchmarks/bench_cpu.py`` (``--quick`` for a smoke run, ``--no-reference``
-without CAREamics); the markdown goes to ``benchmarks/results/cpu.md`` unless
-``--output`` says otherwise.
+without CAREamics); the tables are printed; ``--write-results`` writes them into
+``benchmarks/results/cpu.md`` (keeping the sections this run did not redo),
+``--output FILE`` into FILE.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from _report import (
     RESULTS_DIR,
     Report,
+    add_output_arguments,
+    destination,
     fmt_overhead,
     fmt_ratio,
     fmt_time,
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--no-reference", action="store_true", help="skip CAREamics")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    add_output_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
 
     cases = CASES[:1] if args.quick else CASES
@@ -301,8 +303,10 @@ def main(argv: list[str] | None = None) -> str:
     for label, shapes, patch in order_cases:
         report.emit(markdown_row(order_row(label, measure_orders(shapes, patch, repeats))))
 
-    text = report.write(args.output)
-    print(f"\nwritten to {args.output}")
+    output, keep = destination(args, RESULTS)
+    text = report.write(output, keep=keep)
+    if output is not None:
+        print(f"\nwritten to {output}")
     return text
 
 

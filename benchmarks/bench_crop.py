@@ -23,8 +23,10 @@ stack and written once to the output, so ``2 * output bytes / time``.
   read + write); the target is the crop kernel at >= 70% of it at batch 4096.
 
 Run ``python benchmarks/bench_crop.py`` (``--quick`` for fewer repeats). The
-CPU markdown goes to ``benchmarks/results/crop-cpu.md``, the GPU markdown to
-``benchmarks/results/crop-gpu-<card>.md``; without a GPU the GPU part is
+tables are printed; ``--write-results`` writes the CPU markdown into
+``benchmarks/results/crop-cpu.md`` and the GPU markdown into
+``benchmarks/results/crop-gpu-<card>.md`` (``--output FILE``: the CPU markdown
+into FILE, the GPU markdown beside it); without a GPU the GPU part is
 skipped and the script says so. ``--gpu-only`` skips the CPU part (a GPU
 session's device time is short). Every method's output is checked against the
 others, the prepared launch's too (into an output filled with NaN first).
@@ -37,12 +39,13 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from _report import (
     RESULTS_DIR,
+    add_output_arguments,
+    destination,
     device_info,
     device_lines,
     fmt_bandwidth,
@@ -530,18 +533,15 @@ def gpu_markdown(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=RESULTS_DIR / "crop-cpu.md",
-        help="the CPU markdown; the GPU markdown goes beside it as crop-gpu-<card>.md",
-    )
+    # --output names the CPU markdown; the GPU markdown goes beside it as crop-gpu-<card>.md.
+    add_output_arguments(parser, RESULTS_DIR / "crop-cpu.md")
     parser.add_argument(
         "--gpu-only",
         action="store_true",
         help="skip the CPU part (and write no CPU markdown): for a GPU session short of time",
     )
     args = parser.parse_args(argv)
+    output, keep = destination(args, RESULTS_DIR / "crop-cpu.md")
 
     cupy, why = usable_cupy()
     cpu = []
@@ -549,18 +549,20 @@ def main(argv: list[str] | None = None) -> int:
         cpu = run_cpu(args.quick)
         gpu_note = f"skipped: {why}" if cupy is None else "see crop-gpu-<card>.md"
         cpu_text = cpu_markdown(cpu, gpu_note)
-        write_markdown(args.output, cpu_text)
+        write_markdown(output, cpu_text, keep)
         print(cpu_text)
-        print(f"written to {args.output}")
+        if output is not None:
+            print(f"written to {output}")
     if cupy is None:
         print(f"GPU part skipped: {why}")
         return 0
     gpu, copy_bandwidth = run_gpu(cupy, args.quick)
     gpu_text = gpu_markdown(cupy, gpu, copy_bandwidth, cpu)
-    output = args.output.parent / f"crop-gpu-{slug(device_info(cupy)['name'])}.md"
-    write_markdown(output, gpu_text)
     print(gpu_text)
-    print(f"written to {output}")
+    if output is not None:
+        gpu_output = output.parent / f"crop-gpu-{slug(device_info(cupy)['name'])}.md"
+        write_markdown(gpu_output, gpu_text, keep)
+        print(f"written to {gpu_output}")
     return 0
 
 

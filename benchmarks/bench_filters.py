@@ -19,8 +19,9 @@ The CPU half always runs; the GPU half runs when CuPy finds a usable device
 (the stack already on the device; the loop baseline there is the same loop on
 CuPy crops) and the report says why it did not run otherwise. Run it with
 ``python benchmarks/bench_filters.py`` (``--quick`` for a small smoke run);
-the markdown goes to ``benchmarks/results/filters.md`` unless ``--output``
-says otherwise; ``--gpu-only`` skips the CPU half (a GPU session's device time
+the tables are printed; ``--write-results`` writes them into
+``benchmarks/results/filters.md`` (keeping the half this run did not redo),
+``--output FILE`` into FILE; ``--gpu-only`` skips the CPU half (a GPU session's device time
 is short), ``--no-gpu`` the GPU half.
 """
 
@@ -33,14 +34,15 @@ import platform
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from _report import (
     RESULTS_DIR,
     Report,
+    add_output_arguments,
     cpu_model,
+    destination,
     device_info,
     fmt_ratio,
     fmt_time,
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> str:
         action="store_true",
         help="skip the CPU half: for a GPU session short of time",
     )
-    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    add_output_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     if args.gpu_only and args.no_gpu:
         parser.error("--gpu-only and --no-gpu leave nothing to run")
@@ -392,8 +394,10 @@ def main(argv: list[str] | None = None) -> str:
             cupy.asarray(stack), cupy.asarray(mask_stack), cupy, repeats, synchronize
         )
         report.emit(*table(gpu_rows, regions))
-    text = report.write(args.output)
-    print(f"\nwritten to {args.output}")
+    output, keep = destination(args, RESULTS)
+    text = report.write(output, keep=keep)
+    if output is not None:
+        print(f"\nwritten to {output}")
     return text
 
 

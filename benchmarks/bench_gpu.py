@@ -44,8 +44,9 @@ patches, <= 30 us per epoch at 1e5 patches, updates <= 1 ms at 1M regions, one
 launch per epoch, shuffling and sharding cost < 20% over the plain epoch (per
 patch) and still one launch per call. Run it with
 ``python benchmarks/bench_gpu.py`` (``--quick`` for small sizes only); the
-markdown goes to ``benchmarks/results/gpu-<card>.md`` (``gpu-<card>-quick.md``
-with ``--quick``) unless ``--output`` says otherwise; ``--time-budget``
+tables are printed, ``--write-results`` writes the markdown into
+``benchmarks/results/gpu-<card>.md`` (``gpu-<card>-quick.md`` with ``--quick``)
+and ``--output FILE`` into FILE; ``--time-budget``
 (default 420 s) skips throughput cases, and shuffled and sharded ones, that
 would overrun it. Where no usable CUDA device exists it says so in one line
 and exits with status 0.
@@ -1421,7 +1422,7 @@ def updates_section(session: Session) -> tuple[dict[str, float], str]:
 
 def targets_section(
     session: Session,
-    output: Path,
+    output: Path | None,
     throughput: Throughput,
     launches: float | None,
     orders: Sequence[dict[str, Any]],
@@ -1466,7 +1467,9 @@ def run(args: argparse.Namespace, cupy: Any, backend: str = "cuda") -> str:
     session = Session(args, cupy, Report(), backend)
     info = device_info(cupy)
     quick = "-quick" if args.quick else ""
-    output = args.output or RESULTS_DIR / f"gpu-{slug(info['name'])}{quick}.md"
+    output = args.output
+    if output is None and getattr(args, "write_results", False):
+        output = RESULTS_DIR / f"gpu-{slug(info['name'])}{quick}.md"
     session.report.emit(
         f"# GPU benchmark: gpu-patching CUDA backend ({info['name']})", "", *device_lines(info)
     )
@@ -1478,7 +1481,8 @@ def run(args: argparse.Namespace, cupy: Any, backend: str = "cuda") -> str:
     updates = updates_section(session)
     summary = targets_section(session, output, throughput, launches, orders, updates)
     print("\n".join(summary))
-    print(f"\nwritten to {output}")
+    if output is not None:
+        print(f"\nwritten to {output}")
     return session.report.text(summary)
 
 
@@ -1486,6 +1490,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes only, fewer repeats")
     parser.add_argument("--output", type=Path, default=None, help="markdown file to write")
+    parser.add_argument(
+        "--write-results",
+        action="store_true",
+        help="write the markdown into benchmarks/results/gpu-<card>.md (default: print only)",
+    )
     parser.add_argument(
         "--numpy-max-patches",
         type=int,

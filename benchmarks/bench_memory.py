@@ -23,8 +23,9 @@ The reference (CAREamics 0.3.5, loaded without its dependencies) is measured
 at the sizes it builds in reasonable time: construction, the same exclusion
 (as coordinates), the first ``get_patch_spec`` and 1,000 calls (it has no
 epoch call). Run ``python benchmarks/bench_memory.py`` (``--quick``: 1M
-regions only, no reference); the markdown goes to
-``benchmarks/results/memory.md`` unless ``--output`` says otherwise. Linux
+regions only, no reference); the tables are
+printed; ``--write-results`` writes them into ``benchmarks/results/memory.md``,
+``--output FILE`` into FILE. Linux
 only (``/proc``).
 """
 
@@ -37,7 +38,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _report import RESULTS_DIR, Report, machine_line, markdown_row, markdown_table
+from _report import (
+    RESULTS_DIR,
+    Report,
+    add_output_arguments,
+    destination,
+    machine_line,
+    markdown_row,
+    markdown_table,
+)
 
 RESULTS = RESULTS_DIR / "memory.md"
 #: The issue's target: peak resident memory per region.
@@ -176,7 +185,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1M regions only, no reference")
     parser.add_argument("--no-reference", action="store_true", help="skip CAREamics")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    add_output_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     if not Path("/proc/self/clear_refs").exists():
         raise SystemExit("bench_memory.py needs Linux's /proc/self/clear_refs")
@@ -235,8 +244,10 @@ def main(argv: list[str] | None = None) -> str:
                     )
                 )
         report.emit("", SMALL_SAMPLERS_NOTE)
-    text = report.write(args.output)
-    print(f"\nwritten to {args.output}")
+    output, keep = destination(args, RESULTS)
+    text = report.write(output, keep=keep)
+    if output is not None:
+        print(f"\nwritten to {output}")
     return text
 
 

@@ -27,8 +27,9 @@ time from a fresh loader (cold cache), so they include the cache's warm-up.
 
 The stores go to ``--store-dir`` (default ``/tmp/gpu-patching-stores``) and
 are deleted at the end unless ``--keep``; a later run reuses kept stores.
-``--quick`` uses 4096x4096 and 64x512x512 stores. The markdown goes to
-``benchmarks/results/stores.md`` unless ``--output`` says otherwise.
+``--quick`` uses 4096x4096 and 64x512x512 stores. The tables are
+printed; ``--write-results`` writes them into ``benchmarks/results/stores.md``,
+``--output FILE`` into FILE.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ import numpy as np
 from _report import (
     RESULTS_DIR,
     Report,
+    add_output_arguments,
+    destination,
     fmt_bytes,
     fmt_rate,
     fmt_ratio,
@@ -608,7 +611,7 @@ def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small stores, short runs")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    add_output_arguments(parser, RESULTS)
     parser.add_argument(
         "--store-dir",
         type=Path,
@@ -696,7 +699,8 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(args.store_dir, ignore_errors=True)
-    report.write(args.output)
+    output, keep = destination(args, RESULTS)
+    report.write(output, keep=keep)
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ if [ "$gpu_ok" -eq 1 ]; then
     if [ $((DEADLINE - SECONDS)) -lt "$budget" ]; then budget=$((DEADLINE - SECONDS)); fi
     budget=$((budget - 15))
     step bench-gpu "$PY" benchmarks/bench_gpu.py --no-torch-profile --time-budget "$budget" \
-        --epoch-budget 1.5
+        --epoch-budget 1.5 --write-results
     # The GPU halves only, at full size (the CPU halves are recorded from CPU machines).
     step bench-crop "$PY" benchmarks/bench_crop.py --gpu-only --output "$LOGS/crop-cpu.md"
     step bench-filters "$PY" benchmarks/bench_filters.py --gpu-only --output "$LOGS/filters-gpu.md"

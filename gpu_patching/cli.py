@@ -312,6 +312,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             command.append("--quick")
         if args.output_dir is not None:
             command += ["--output", str(Path(args.output_dir) / f"{script.stem}.md")]
+        elif args.write_results:
+            command.append("--write-results")
         env = dict(os.environ)
         root = str(folder.parent)
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -451,11 +453,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="run the benchmark scripts of this checkout and print their tables",
-        description="Run benchmarks/bench_*.py (all, or the NAMEs given) and print their tables.",
+        description=(
+            "Run benchmarks/bench_*.py (all, or the NAMEs given) and print their tables; "
+            "files are written only with --output-dir or --write-results."
+        ),
     )
     bench.add_argument("names", nargs="*", help="benchmarks to run, e.g. cpu gpu crop filters")
     bench.add_argument("--quick", action="store_true", help="small sizes only")
-    bench.add_argument("--output-dir", help="write the markdown tables here")
+    outputs = bench.add_mutually_exclusive_group()
+    outputs.add_argument("--output-dir", help="write the markdown tables into this folder")
+    outputs.add_argument(
+        "--write-results",
+        action="store_true",
+        help="write them into benchmarks/results/, keeping the sections a script did not "
+        "rerun (default: print the tables, write no file)",
+    )
     bench.set_defaults(handler=_cmd_bench)
     return parser
 

@@ -248,3 +248,55 @@ def test_a_ratio_over_nothing_measured_reads_n_a() -> None:
 
     assert _report.fmt_ratio(5.0, 0.0, 1) == "n/a"
     assert _report.fmt_ratio(5.0, 2.0, 1) == "x2.5"
+
+
+# -- results are written only when asked, and a partial run keeps the rest ---------------
+
+
+def test_a_benchmark_prints_its_report_and_writes_no_file_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(
+        bench_cpu, "CASES", [("tiny: 256x192, 32x32", [(1, 1, 256, 192)], (32, 32))]
+    )
+    monkeypatch.setattr(bench_cpu, "SCALING", [("48", [(1, 1, 256, 192)], (32, 32))])
+    monkeypatch.setattr(bench_cpu, "RESULTS", tmp_path / "results" / "cpu.md")
+    text = bench_cpu.main(["--quick", "--no-reference"])
+    assert "| case | patches | what |" in capsys.readouterr().out
+    assert "| case | patches | what |" in text
+    assert not (tmp_path / "results").exists()
+
+
+def test_write_results_keeps_the_sections_this_run_did_not_redo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "filters.md"
+    results.write_text("# Region statistics\n\n## CPU: old machine\n\nold CPU figures\n\n"
+                       "## GPU: NVIDIA H100\n\nold GPU figures\n")  # fmt: skip
+    monkeypatch.setattr(bench_filters, "QUICK_SHAPE", (256, 192))
+    monkeypatch.setattr(bench_filters, "PILOT_REGIONS", 10)
+    monkeypatch.setattr(bench_filters, "RESULTS", results)
+    bench_filters.main(["--quick", "--no-gpu", "--write-results"])
+    capsys.readouterr()
+    merged = results.read_text()
+    assert "old CPU figures" not in merged  # rerun: replaced
+    assert "| what | region-by-region loop |" in merged
+    gpu = merged[merged.index("## GPU: NVIDIA H100") :]
+    assert "old GPU figures" in gpu  # not rerun (--no-gpu): kept, and said so
+    assert "Not rerun in the latest run" in gpu
+    assert "Not run: skipped with --no-gpu." not in merged
+
+
+def test_merge_sections_replaces_rerun_sections_and_keeps_the_others_in_place() -> None:
+    import _report
+
+    old = "# T\nold machine\n## A: x\n\nold a\n## B\n\nold b\n## C\n\nold c\n"
+    new = "# T\nnew machine\n## A: y\n\nnew a\n## B\n\nNot run (--gpu-only).\n## D\n\nnew d\n"
+    merged = _report.merge_sections(old, new)
+    assert merged == (
+        "# T\nnew machine\n## A: y\n\nnew a\n"
+        f"## B\n\n{_report.KEPT_NOTE}\n\nold b\n"
+        f"## C\n\n{_report.KEPT_NOTE}\n\nold c\n"
+        "## D\n\nnew d\n"
+    )
+    assert _report.merge_sections(merged, new) == merged  # the note is added once

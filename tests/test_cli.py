@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -348,3 +350,40 @@ def test_a_truncated_npy_is_named(tmp_path, capsys):
     path.write_bytes(path.read_bytes()[:2000])
     assert main(["sample", str(path), "--axes", "YX", "-o", str(tmp_path / "e.npy")]) == 2
     assert f"{path} is not a readable .npy array" in capsys.readouterr().err
+
+
+# -- bench writes into benchmarks/results/ only when asked ---------------------------------
+
+
+def bench_arguments_seen_by_the_script(tmp_path: Path, *options: str) -> list[str]:
+    """Run ``gpu-patching bench cpu OPTIONS``; the script only reports its arguments."""
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(
+        "import json, os, sys\n"
+        "if sys.argv and sys.argv[0].endswith('bench_cpu.py'):\n"
+        "    print('script arguments', json.dumps(sys.argv[1:]), flush=True)\n"
+        "    os._exit(0)  # SystemExit is fatal while site runs\n"
+    )
+    path = [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "gpu_patching", "bench", "cpu", *options],
+        capture_output=True, text=True, env=env, cwd=tmp_path, check=True,
+    )  # fmt: skip
+    line = next(x for x in result.stdout.splitlines() if x.startswith("script arguments"))
+    return json.loads(line.removeprefix("script arguments "))
+
+
+def test_bench_asks_the_scripts_to_write_no_file_by_default(tmp_path):
+    assert bench_arguments_seen_by_the_script(tmp_path, "--quick") == ["--quick"]
+
+
+def test_bench_write_results_is_passed_on_to_the_scripts(tmp_path):
+    assert bench_arguments_seen_by_the_script(tmp_path, "--write-results") == ["--write-results"]
+
+
+def test_bench_takes_an_output_folder_or_write_results_not_both(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--write-results", "--output-dir", "x"])
+    assert "not allowed with argument" in capsys.readouterr().err

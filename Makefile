@@ -25,6 +25,11 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	@# The reference (below) requires Python 3.11: say so before installing anything.
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11) and \
+		"make test needs Python >= 3.11 (the reference, CAREamics 0.3.5, requires it); " \
+		+ "$(VENV) has " + sys.version.split()[0] + ": remove $(VENV) and run " \
+		+ "make test PYTHON=python3.11")'
 	$(EDITABLE) '.[test]'
 	@# PyTorch, for the tests of gpu_patching.torch and the two-process DDP test
 	@# (they skip without it). The CPU build: the CI image keeps torch 2.13.0+cpu

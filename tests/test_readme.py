@@ -34,3 +34,18 @@ def test_readme_block_runs_alone_in_a_fresh_interpreter_and_prints_its_result(bl
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip(), "the example shows no result"
+
+
+def test_the_readme_states_the_python_on_which_make_test_installs_the_reference():
+    # `make test` installs CAREamics 0.3.5 (the reference); pip refuses it below
+    # the Python that its metadata requires, so that is make test's minimum.
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        requires = metadata("careamics")["Requires-Python"]
+    except PackageNotFoundError:
+        pytest.skip("the reference implementation is not installed")
+    needed = tuple(int(part) for part in re.search(r">=\s*(\d+)\.(\d+)", requires).groups())
+    stated = re.search(r"`make test` needs Python >= (\d+)\.(\d+)", README.read_text())
+    assert stated, "the README does not say which Python `make test` needs"
+    assert tuple(int(part) for part in stated.groups()) >= needed

@@ -1,26 +1,12 @@
-"""The one CUDA runtime of gpu-patching: sources, compilation, launches, uploads.
+"""The CUDA runtime: compiling the shipped kernels, launching them, uploading tables.
 
-Every kernel we ship is described here once, by a :class:`Kernel`: the ``.cu``
-file that holds it, its entry point (a plain name, or a template name
-expression such as ``crop_patches<unsigned short>``) and its parameters in
-order as ``(name, C type)``. That one description drives
-
-* the argument tuple of every launch (:meth:`Kernel.arguments`): arrays pass
-  through as pointers, a missing array as :data:`NULL_POINTER`, and every
-  scalar becomes a NumPy scalar of the exact C width (CuPy passes a bare
-  Python int as 64 bits, and an ``int`` parameter would then read garbage);
-* the compilation (:func:`get_function`): one NVRTC compile per ``.cu`` file
-  and device, memoised, with :data:`COMPILE_OPTIONS` and the template
-  instantiations of that file as name expressions;
-* the host launch of the test suite, which compiles the same ``.cu`` files with
-  the host C++ compiler and launches each ``__global__`` function over every
-  block and thread of a grid with the argument tuple built here, so CI runs the
-  very code a GPU runs (see ``docs/testing.md``).
-
-The sampler's backend (:mod:`gpu_patching.backends.cuda_backend`) and the crop
-path (:mod:`gpu_patching.crop`) both launch through this module; neither
-imports the other. Nothing here imports CuPy at module level: the functions
-that need a device take the array namespace (``xp``) as an argument.
+The kernels' descriptors live in :mod:`gpu_patching.kernels`, each beside its
+``.cu`` source, and are re-exported here for their callers. Compiled modules
+are memoised per file and device with ``cupy.memoize(for_each_device=True)``;
+:func:`launch` is the one place the launchers
+(:mod:`gpu_patching.backends.cuda_backend`, :mod:`gpu_patching.crop`) call a
+kernel. Nothing here imports CuPy at module level; the test suite runs the
+same sources on the host (``docs/testing.md``).
 """
 
 from __future__ import annotations
@@ -30,12 +16,29 @@ import hashlib
 import importlib.resources
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from .kernels import KERNELS
+from .kernels.crop_patches import (
+    CHECK_CROP_ROWS,
+    CROP_LINES_PER_THREAD,
+    CROP_THREADS_PER_BLOCK,
+    ELEMENT_C_TYPES,
+    CropLaunch,
+    crop_kernel,
+    crop_launch,
+)
+from .kernels.descriptor import (
+    C_SCALAR_TYPES,
+    MAX_GRID_X,
+    NULL_POINTER,
+    THREADS_PER_BLOCK,
+    Kernel,
+    check_launch_array,
+)
+from .kernels.sample_epoch import SAMPLE_EPOCH
 
 __all__ = [
     "CHECK_CROP_ROWS",
@@ -79,273 +82,6 @@ class BackendUnavailableError(RuntimeError):
 #: contraction: the draw is integer arithmetic, and it stays exact if that
 #: ever changes.
 COMPILE_OPTIONS = ("--std=c++17", "--fmad=false")
-
-#: The NumPy scalar type of each C type the kernels use; a pointer's element
-#: type maps the same way (``const long long*`` -> int64 arrays).
-C_SCALAR_TYPES: dict[str, type[np.generic]] = {
-    "int": np.int32,
-    "unsigned int": np.uint32,
-    "long long": np.int64,
-    "unsigned long long": np.uint64,
-    "unsigned char": np.uint8,
-    "unsigned short": np.uint16,
-}
-
-#: The argument that passes a null pointer to a kernel: a 64-bit zero. CuPy
-#: passes a NumPy scalar by value at its width, but turns ``None`` into the
-#: address 0xffffffff, not 0 (cupy/cupy issue 9046).
-NULL_POINTER = np.uint64(0)
-
-#: CUDA's limits on ``gridDim.x`` and ``gridDim.y``.
-MAX_GRID_X = (1 << 31) - 1
-MAX_GRID_Y = 65535
-
-#: Threads per block of the one-dimensional kernels (the epoch and the row check).
-THREADS_PER_BLOCK = 256
-#: Threads per block of the crop kernel (at most; a narrow patch uses fewer).
-CROP_THREADS_PER_BLOCK = 256
-#: Lines of a patch each crop thread copies per chunk (``CROP_LINES_PER_THREAD``
-#: in ``crop.cuh``; a host test compares them).
-CROP_LINES_PER_THREAD = 8
-
-#: The unsigned C type the crop kernel copies, per element size in bytes: the
-#: kernel copies bits, so every dtype of a size shares one instantiation.
-ELEMENT_C_TYPES: dict[int, str] = {
-    1: "unsigned char",
-    2: "unsigned short",
-    4: "unsigned int",
-    8: "unsigned long long",
-}
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """One ``__global__`` entry point: where it lives and its parameters.
-
-    Attributes
-    ----------
-    file : str
-        The ``.cu`` file of :func:`kernel_dir` that defines it.
-    name : str
-        The entry point: an ``extern "C"`` name, or a name expression of a
-        template instantiation (``crop_patches<unsigned char>``).
-    params : tuple of (str, str)
-        ``(name, C type)`` of every parameter in order; it mirrors the C
-        signature (a test parses the ``.cu`` file and compares).
-    """
-
-    file: str
-    name: str
-    params: tuple[tuple[str, str], ...]
-
-    @property
-    def is_template(self) -> bool:
-        """Whether :attr:`name` is a template name expression."""
-        return "<" in self.name
-
-    def arguments(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
-        """Return the argument tuple of a launch, in parameter order.
-
-        Parameters
-        ----------
-        values : mapping of str to value
-            One value per parameter name, no more and no fewer: an array (or
-            ``None`` for a null pointer) for a pointer, an integer for a
-            scalar.
-
-        Returns
-        -------
-        tuple
-            Arrays unchanged (CuPy passes an array as its device pointer),
-            ``None`` as :data:`NULL_POINTER`, scalars as NumPy scalars of their
-            exact C width.
-
-        Raises
-        ------
-        ValueError
-            If a parameter is missing or unknown, or a scalar does not fit its
-            C type (the message names the parameter and the value).
-        TypeError
-            If a scalar is not an integer.
-        """
-        names = [name for name, _ in self.params]
-        missing = [name for name in names if name not in values]
-        unknown = [name for name in values if name not in names]
-        if missing or unknown:
-            raise ValueError(f"arguments of {self.name}: missing {missing}, unknown {unknown}")
-        args: list[Any] = []
-        for name, c_type in self.params:
-            value = values[name]
-            if c_type.endswith("*"):
-                args.append(NULL_POINTER if value is None else value)
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(
-                    f"{self.name}: parameter {name} ({c_type}) must be an integer, got {value!r}"
-                )
-            scalar_type = C_SCALAR_TYPES[c_type]
-            info = np.iinfo(np.dtype(scalar_type))
-            if not info.min <= int(value) <= info.max:
-                raise ValueError(
-                    f"{self.name}: parameter {name} ({c_type}) must be in "
-                    f"[{info.min}, {info.max}], got {int(value)}"
-                )
-            args.append(scalar_type(int(value)))
-        return tuple(args)
-
-
-#: Parameters of ``sample_epoch`` (``kernels/sample_epoch.cu``) in order.
-SAMPLE_EPOCH = Kernel(
-    file="sample_epoch.cu",
-    name="sample_epoch",
-    params=(
-        ("patch_offset", "const long long*"),
-        ("n_patches", "const long long*"),
-        ("mass_offset", "const long long*"),
-        ("region_offset", "const long long*"),
-        ("grid_shape", "const long long*"),
-        ("spatial_shape", "const long long*"),
-        ("patch_size", "const long long*"),
-        ("stack_of_sample", "const long long*"),
-        ("sample_in_stack", "const long long*"),
-        ("mass_prefix", "const long long*"),
-        ("weight", "const long long*"),
-        ("subbox_mask", "const unsigned char*"),
-        ("n_samples", "long long"),
-        ("n_regions", "long long"),
-        ("ndim", "int"),
-        ("indices", "const long long*"),
-        ("first_position", "long long"),
-        ("position_step", "long long"),
-        ("n_positions", "long long"),
-        ("shuffle", "int"),
-        ("n_rows", "long long"),
-        ("draw_number", "unsigned int"),
-        ("seed", "unsigned long long"),
-        ("data_idx", "long long*"),
-        ("sample_idx", "long long*"),
-        ("coords", "long long*"),
-        ("patch_index", "long long*"),
-    ),
-)
-
-# Parameters shared by the crop kernel and the row check, up to the patch size.
-_CROP_ROW_PARAMS: tuple[tuple[str, str], ...] = (
-    ("stack_table", "const long long*"),
-    ("n_stacks", "long long"),
-    ("data_idx", "const long long*"),
-    ("sample_idx", "const long long*"),
-    ("coords", "const long long*"),
-    ("ndim", "int"),
-    ("n_rows", "long long"),
-)
-
-#: ``check_crop_rows`` (``kernels/crop_patches.cu``): the first row whose
-#: patch leaves its stack, through ``atomicMin`` on ``first_bad``.
-CHECK_CROP_ROWS = Kernel(
-    file="crop_patches.cu",
-    name="check_crop_rows",
-    params=(
-        *_CROP_ROW_PARAMS,
-        ("patch_z", "long long"),
-        ("patch_y", "long long"),
-        ("patch_x", "long long"),
-        ("first_bad", "long long*"),
-    ),
-)
-
-
-def crop_kernel(itemsize: int) -> Kernel:
-    """Return the crop kernel's instantiation for an element size.
-
-    Parameters
-    ----------
-    itemsize : int
-        Element size in bytes: 1, 2, 4 or 8.
-
-    Returns
-    -------
-    Kernel
-        ``crop_patches<T>`` with ``T`` the unsigned type of that size; only
-        the type of ``out`` depends on the size.
-
-    Raises
-    ------
-    ValueError
-        For any other size.
-    """
-    try:
-        element = ELEMENT_C_TYPES[itemsize]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"the crop kernel copies elements of 1, 2, 4 or 8 bytes, not {itemsize!r}"
-        ) from None
-    return Kernel(
-        file="crop_patches.cu",
-        name=f"crop_patches<{element}>",
-        params=(
-            *_CROP_ROW_PARAMS,
-            ("n_channels", "long long"),
-            ("patch_z", "long long"),
-            ("patch_y", "long long"),
-            ("patch_x", "long long"),
-            ("out", f"{element}*"),
-        ),
-    )
-
-
-#: Every kernel we ship; a test checks that these are exactly the
-#: ``__global__`` functions (and template instantiations) of the ``.cu`` files.
-KERNELS: tuple[Kernel, ...] = (
-    SAMPLE_EPOCH,
-    *(crop_kernel(size) for size in sorted(ELEMENT_C_TYPES)),
-    CHECK_CROP_ROWS,
-)
-
-
-def check_launch_array(
-    name: str,
-    array: Any,
-    size: int,
-    dtype: Any = np.int64,
-    *,
-    itemsize: int | None = None,
-) -> None:
-    """Check an array argument's metadata before a launch (never its contents).
-
-    The kernels trust the lengths of their arrays, so every launch checks them
-    here; reading the metadata needs no device synchronisation.
-
-    Parameters
-    ----------
-    name : str
-        The parameter, for the message.
-    array : array
-        NumPy or CuPy.
-    size : int
-        The number of elements the kernel will touch.
-    dtype : dtype, default int64
-        The exact dtype expected (ignored when ``itemsize`` is given).
-    itemsize : int, optional
-        Accept any dtype of this element size instead.
-
-    Raises
-    ------
-    TypeError
-        If the dtype (or its size) is wrong.
-    ValueError
-        If the array is not C-contiguous or has another number of elements.
-    """
-    if itemsize is not None:
-        if np.dtype(array.dtype).itemsize != itemsize:
-            raise TypeError(f"{name} must have {itemsize}-byte elements, got dtype {array.dtype}")
-    elif np.dtype(array.dtype) != np.dtype(dtype):
-        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {array.dtype}")
-    if not array.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
-    if int(array.size) != size:
-        raise ValueError(f"{name} has {array.size} values, expected {size}")
-
 
 # -- sources and compilation ---------------------------------------------------------------
 
@@ -550,6 +286,9 @@ def launch(
 # -- grid sizing -------------------------------------------------------------------------
 
 
+# -- grid sizing -------------------------------------------------------------------------
+
+
 def launch_grid(n_rows: int, threads: int = THREADS_PER_BLOCK) -> tuple[int, int]:
     """Return ``(blocks, threads)`` of a one-dimensional launch over ``n_rows`` rows.
 
@@ -580,68 +319,6 @@ def launch_grid(n_rows: int, threads: int = THREADS_PER_BLOCK) -> tuple[int, int
         raise ValueError(f"threads must be >= 1, got {threads}")
     blocks = min(max(1, math.ceil(n_rows / threads)), MAX_GRID_X)
     return blocks, threads
-
-
-@dataclass(frozen=True)
-class CropLaunch:
-    """The launch configuration of the crop kernel.
-
-    Attributes
-    ----------
-    grid : tuple of int
-        ``(rows, chunks)``: blocks along the batch rows and along the chunks
-        of ``blockDim.y * CROP_LINES_PER_THREAD`` lines of a patch.
-    block : tuple of int
-        ``(threads along x, threads along lines)``.
-    """
-
-    grid: tuple[int, int]
-    block: tuple[int, int]
-
-
-def crop_launch(n_rows: int, n_channels: int, patch_size: Sequence[int]) -> CropLaunch:
-    """Return the launch configuration of the crop kernel for a batch.
-
-    Threads along X cover a patch row (``patch_x`` rounded up to a warp, at
-    most :data:`CROP_THREADS_PER_BLOCK`), the rest of the block takes that
-    many lines at once. Each block copies one chunk of one row's lines; beyond
-    CUDA's grid limits the kernel's grid-stride loops give a block several, so
-    every element is covered exactly once for any result.
-
-    Parameters
-    ----------
-    n_rows : int
-        Rows of the batch, ``>= 0``.
-    n_channels : int
-        Channels, ``>= 1``.
-    patch_size : sequence of int
-        ``(PY, PX)`` or ``(PZ, PY, PX)``, every size ``>= 1``.
-
-    Returns
-    -------
-    CropLaunch
-        At least one block of at least one thread.
-
-    Raises
-    ------
-    ValueError
-        If a size is out of range.
-    """
-    patch = tuple(int(size) for size in patch_size)
-    if n_rows < 0 or n_channels < 1:
-        raise ValueError(f"need n_rows >= 0 and n_channels >= 1, got {n_rows}, {n_channels}")
-    if len(patch) not in (2, 3) or min(patch) < 1:
-        raise ValueError(f"patch_size must be 2 or 3 sizes >= 1, got {tuple(patch_size)}")
-    width = patch[-1]
-    lines_per_patch = n_channels * math.prod(patch[:-1])
-    threads_x = min(CROP_THREADS_PER_BLOCK, 32 * math.ceil(width / 32))
-    threads_y = max(1, min(CROP_THREADS_PER_BLOCK // threads_x, lines_per_patch))
-    lines_per_chunk = threads_y * CROP_LINES_PER_THREAD
-    grid = (
-        min(max(1, n_rows), MAX_GRID_X),
-        min(math.ceil(lines_per_patch / lines_per_chunk), MAX_GRID_Y),
-    )
-    return CropLaunch(grid=grid, block=(threads_x, threads_y))
 
 
 # -- uploads -------------------------------------------------------------------------------

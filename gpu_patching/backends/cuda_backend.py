@@ -52,7 +52,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import cuda
-from ..cuda import SAMPLE_EPOCH
+from ..kernels.sample_epoch import SAMPLE_EPOCH
 from ..permutation import EpochOrder
 from ..tables import RegionTables
 from .base import check_draw, check_indices

@@ -1,0 +1,167 @@
+"""What a kernel is to Python: its entry point, its parameters and its launch grid.
+
+A :class:`Kernel` names a ``__global__`` function of a ``.cu`` file of this
+folder and its parameters in order; :meth:`Kernel.arguments` makes the
+argument tuple of a launch, with every scalar at its exact C width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "C_SCALAR_TYPES",
+    "MAX_GRID_X",
+    "MAX_GRID_Y",
+    "NULL_POINTER",
+    "THREADS_PER_BLOCK",
+    "Kernel",
+    "check_launch_array",
+]
+
+#: The NumPy scalar type of each C type the kernels use; a pointer's element
+#: type maps the same way (``const long long*`` -> int64 arrays).
+C_SCALAR_TYPES: dict[str, type[np.generic]] = {
+    "int": np.int32,
+    "unsigned int": np.uint32,
+    "long long": np.int64,
+    "unsigned long long": np.uint64,
+    "unsigned char": np.uint8,
+    "unsigned short": np.uint16,
+}
+
+#: The argument that passes a null pointer to a kernel: a 64-bit zero. CuPy
+#: passes a NumPy scalar by value at its width, but turns ``None`` into the
+#: address 0xffffffff, not 0 (cupy/cupy issue 9046).
+NULL_POINTER = np.uint64(0)
+
+#: CUDA's limits on ``gridDim.x`` and ``gridDim.y``.
+MAX_GRID_X = (1 << 31) - 1
+MAX_GRID_Y = 65535
+
+#: Threads per block of the one-dimensional kernels (the epoch and the row check).
+THREADS_PER_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One ``__global__`` entry point: where it lives and its parameters.
+
+    Attributes
+    ----------
+    file : str
+        The ``.cu`` file of :func:`kernel_dir` that defines it.
+    name : str
+        The entry point: an ``extern "C"`` name, or a name expression of a
+        template instantiation (``crop_patches<unsigned char>``).
+    params : tuple of (str, str)
+        ``(name, C type)`` of every parameter in order; it mirrors the C
+        signature (a test parses the ``.cu`` file and compares).
+    """
+
+    file: str
+    name: str
+    params: tuple[tuple[str, str], ...]
+
+    @property
+    def is_template(self) -> bool:
+        """Whether :attr:`name` is a template name expression."""
+        return "<" in self.name
+
+    def arguments(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        """Return the argument tuple of a launch, in parameter order.
+
+        Parameters
+        ----------
+        values : mapping of str to value
+            One value per parameter name, no more and no fewer: an array (or
+            ``None`` for a null pointer) for a pointer, an integer for a
+            scalar.
+
+        Returns
+        -------
+        tuple
+            Arrays unchanged (CuPy passes an array as its device pointer),
+            ``None`` as :data:`NULL_POINTER`, scalars as NumPy scalars of their
+            exact C width.
+
+        Raises
+        ------
+        ValueError
+            If a parameter is missing or unknown, or a scalar does not fit its
+            C type (the message names the parameter and the value).
+        TypeError
+            If a scalar is not an integer.
+        """
+        names = [name for name, _ in self.params]
+        missing = [name for name in names if name not in values]
+        unknown = [name for name in values if name not in names]
+        if missing or unknown:
+            raise ValueError(f"arguments of {self.name}: missing {missing}, unknown {unknown}")
+        args: list[Any] = []
+        for name, c_type in self.params:
+            value = values[name]
+            if c_type.endswith("*"):
+                args.append(NULL_POINTER if value is None else value)
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(
+                    f"{self.name}: parameter {name} ({c_type}) must be an integer, got {value!r}"
+                )
+            scalar_type = C_SCALAR_TYPES[c_type]
+            info = np.iinfo(np.dtype(scalar_type))
+            if not info.min <= int(value) <= info.max:
+                raise ValueError(
+                    f"{self.name}: parameter {name} ({c_type}) must be in "
+                    f"[{info.min}, {info.max}], got {int(value)}"
+                )
+            args.append(scalar_type(int(value)))
+        return tuple(args)
+
+
+def check_launch_array(
+    name: str,
+    array: Any,
+    size: int,
+    dtype: Any = np.int64,
+    *,
+    itemsize: int | None = None,
+) -> None:
+    """Check an array argument's metadata before a launch (never its contents).
+
+    The kernels trust the lengths of their arrays, so every launch checks them
+    here; reading the metadata needs no device synchronisation.
+
+    Parameters
+    ----------
+    name : str
+        The parameter, for the message.
+    array : array
+        NumPy or CuPy.
+    size : int
+        The number of elements the kernel will touch.
+    dtype : dtype, default int64
+        The exact dtype expected (ignored when ``itemsize`` is given).
+    itemsize : int, optional
+        Accept any dtype of this element size instead.
+
+    Raises
+    ------
+    TypeError
+        If the dtype (or its size) is wrong.
+    ValueError
+        If the array is not C-contiguous or has another number of elements.
+    """
+    if itemsize is not None:
+        if np.dtype(array.dtype).itemsize != itemsize:
+            raise TypeError(f"{name} must have {itemsize}-byte elements, got dtype {array.dtype}")
+    elif np.dtype(array.dtype) != np.dtype(dtype):
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {array.dtype}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if int(array.size) != size:
+        raise ValueError(f"{name} has {array.size} values, expected {size}")

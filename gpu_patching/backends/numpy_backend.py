@@ -401,21 +401,18 @@ class _IntViews:
 
     def __init__(self, index: _BoxIndex) -> None:
         self.version = index.version
-        for name in (
-            "mass_prefix",
-            "weight",
-            "layout",
-            "layout_base",
-            "entry_start",
-            "region_offset",
-            "patch_offset",
-            "n_patches",
-            "mass_total",
-            "mass_offset",
-            "stack_of_sample",
-            "sample_in_stack",
-        ):
-            setattr(self, name, _as_view(getattr(index, name)))
+        self.mass_prefix = _as_view(index.mass_prefix)
+        self.weight = _as_view(index.weight)
+        self.layout = _as_view(index.layout)
+        self.layout_base = _as_view(index.layout_base)
+        self.entry_start = _as_view(index.entry_start)
+        self.region_offset = _as_view(index.region_offset)
+        self.patch_offset = _as_view(index.patch_offset)
+        self.n_patches = _as_view(index.n_patches)
+        self.mass_total = _as_view(index.mass_total)
+        self.mass_offset = _as_view(index.mass_offset)
+        self.stack_of_sample = _as_view(index.stack_of_sample)
+        self.sample_in_stack = _as_view(index.sample_in_stack)
         self.sample_cells = [_as_view(cells) for cells in index.sample_cells]
         self.entry_part = [_as_view(part) for part in index.entry_part]
         self.entry_length = [_as_view(length) for length in index.entry_length]
@@ -571,10 +568,8 @@ def _draw_chunk(
         point += lower
         index.locate(point, first, corner_out)
         return
-    if one_sample:
-        # Increasing indices of one sample (a shard's chunks): scalar n, M.
-        sample = first
-    _draw_points(index, indices, sample, draw_number, seed, corner_out)
+    # Increasing indices of one sample (a shard's chunks): scalar n, M.
+    _draw_points(index, indices, first if one_sample else sample, draw_number, seed, corner_out)
 
 
 def _draw_points(
@@ -595,6 +590,9 @@ def _draw_points(
     """
     one = isinstance(indices, int)
     tables: Any
+    word0: Any
+    word1: Any
+    width: Any
     if one:
         tables = views = index.views()
         word0, word1 = rng.random_pair_int(seed, indices, draw_number, rng.PURPOSE_STRATUM)
@@ -654,10 +652,10 @@ def draw_rows(tables: Any, indices: Any, draw_numbers: Any, seed: int) -> tuple[
         # One patch (random access): Python ints end to end, a few
         # microseconds where NumPy calls on one-element arrays cost more.
         views = index.views()
-        sample = _search_one(views.patch_offset, indices) - 1
-        corner = _draw_points(index, indices, sample, int(draw_numbers), seed)
+        flat = _search_one(views.patch_offset, indices) - 1
+        corner = _draw_points(index, indices, flat, int(draw_numbers), seed)
         assert corner is not None
-        return views.stack_of_sample[sample], views.sample_in_stack[sample], corner
+        return views.stack_of_sample[flat], views.sample_in_stack[flat], corner
     per_row = np.ndim(draw_numbers) > 0
     n_rows = len(indices)
     sample = np.empty(n_rows, dtype=np.int64)

@@ -117,10 +117,14 @@ class _Deferred:
 
     When the block ends by an exception already, that exception goes on and
     the held signal is dropped: the process is on its way out either way.
+    Outside the main thread it does nothing: handlers run in the main thread,
+    and a signal held back for another thread would be raised in that thread.
     """
 
     def __enter__(self) -> None:
-        _state.deferring += 1
+        self.active = _in_main_thread()
+        if self.active:
+            _state.deferring += 1
 
     def __exit__(
         self,
@@ -128,6 +132,8 @@ class _Deferred:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if not self.active:
+            return
         _state.deferring -= 1
         if _state.deferring == 0 and _state.pending is not None and exc_type is None:
             signum, _state.pending = _state.pending, None

@@ -200,3 +200,29 @@ def test_bench_passes_sigterm_on_to_the_running_script_and_waits_for_it(tmp_path
             parent.wait()
         if script is not None and Path(f"/proc/{script}").exists():
             os.kill(script, signal.SIGKILL)
+
+
+def test_a_write_in_another_thread_holds_back_no_signal_of_the_main_thread() -> None:
+    import threading
+
+    from gpu_patching import _atomic
+
+    # A worker thread inside the step that creates a temporary file ...
+    inside, release = threading.Event(), threading.Event()
+
+    def create_a_temporary_file() -> None:
+        with _atomic._Deferred():
+            inside.set()
+            release.wait()
+
+    worker = threading.Thread(target=create_a_temporary_file)
+    worker.start()
+    inside.wait()
+    try:
+        # ... does not stop SIGTERM from interrupting the main thread's write
+        # (raise_signal runs the handler before it returns).
+        with pytest.raises(_atomic.Interrupted), _atomic.interruptible():
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        release.set()
+        worker.join()

@@ -452,7 +452,7 @@ def prepared_kernel(
     n_rows, n_channels = len(batch), stack.shape[1]
     args = crop_module.crop_launch_args(table, rows, n_rows, n_channels, batch.patch_size, out)
     launch = crop_module.crop_launch(n_rows, n_channels, batch.patch_size)
-    cropper = crop_module._device_crop()
+    cropper = crop_module.device_crop()
     kernel = cropper._functions(crop_kernel(itemsize), int(cupy.cuda.Device().id))
     return kernel, launch.grid, launch.block, args
 

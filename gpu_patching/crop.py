@@ -97,9 +97,13 @@ __all__ = [
     "CropLaunch",
     "DeviceCrop",
     "check_launch_args",
+    "check_stacks",
     "crop_launch",
     "crop_launch_args",
+    "device_crop",
     "extract_patches",
+    "is_device_array",
+    "native_dtype",
     "stack_table",
 ]
 
@@ -181,7 +185,7 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
     stack_list = _stack_list(stacks)
     if any(is_chunked_stack(stack) for stack in stack_list):
         return _extract_chunked(stack_list, batch, patch_size, n_rows, out)
-    on_device = [_is_device_array(stack) for stack in stack_list]
+    on_device = [is_device_array(stack) for stack in stack_list]
     if any(on_device) and not all(on_device):
         host = on_device.index(False)
         device = on_device.index(True)
@@ -191,7 +195,7 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
             f"is not ({type(stack_list[host]).__name__})"
         )
     if all(on_device):
-        return _device_crop().extract(stack_list, batch, patch_size, n_rows, out)
+        return device_crop().extract(stack_list, batch, patch_size, n_rows, out)
     return _extract_host(stack_list, batch, patch_size, n_rows, out)
 
 
@@ -239,17 +243,52 @@ def native_dtype(dtype: Any) -> np.dtype[Any]:
 
     Patches always come out in native byte order: PyTorch cannot hold any
     other, and a conversion while copying a patch loses no value.
+
+    Parameters
+    ----------
+    dtype : dtype-like
+        Any NumPy dtype.
+
+    Returns
+    -------
+    numpy.dtype
+        The same type in native byte order.
     """
     return np.dtype(dtype).newbyteorder("=")
 
 
-def _check_stacks(
+def check_stacks(
     shapes: Sequence[tuple[int, ...]], dtypes: Sequence[np.dtype[Any]], patch_size: tuple[int, ...]
 ) -> tuple[int, np.dtype[Any]]:
     """Return ``(n_channels, dtype)`` after checking the stacks' metadata.
 
-    ``dtype`` is the stacks' common dtype in native byte order: stacks that
-    differ only in byte order hold the same values and are accepted.
+    The crops' rule, also applied by :class:`~gpu_patching.PatchLoader` when
+    it is built: the same channel count and dtype for every stack, and shapes
+    that suit the patch (a stack smaller than it is accepted).
+
+    Parameters
+    ----------
+    shapes : sequence of tuple of int
+        ``SC(Z)YX`` shape of each stack.
+    dtypes : sequence of numpy.dtype
+        Dtype of each stack.
+    patch_size : tuple of int
+        The patch size, checked.
+
+    Returns
+    -------
+    n_channels : int
+        The stacks' channel count.
+    dtype : numpy.dtype
+        Their common dtype in native byte order: stacks that differ only in
+        byte order hold the same values and are accepted.
+
+    Raises
+    ------
+    ValueError
+        If a shape does not suit the patch or the channel counts differ.
+    TypeError
+        If the dtypes differ.
     """
     for k, shape in enumerate(shapes):
         # A stack smaller than the patch is accepted, as the sampler accepts
@@ -371,7 +410,7 @@ def _extract_chunked(
     """``extract_patches`` for chunked stores (zarr, OME-Zarr, TIFF): see :mod:`.stores`."""
     chunked = [as_chunked_stack(stack, f"stacks[{k}]") for k, stack in enumerate(stacks)]
     shapes = [stack.shape for stack in chunked]
-    n_channels, dtype = _check_stacks(shapes, [stack.dtype for stack in chunked], patch_size)
+    n_channels, dtype = check_stacks(shapes, [stack.dtype for stack in chunked], patch_size)
     result_shape = (n_rows, n_channels, *patch_size)
     if out is not None:
         _check_host_out(out, result_shape, dtype, [])
@@ -399,7 +438,7 @@ def _extract_host(
     """``extract_patches`` for host stacks: each patch copied straight into its row."""
     arrays = [np.asarray(stack) for stack in stacks]
     shapes = [tuple(int(s) for s in array.shape) for array in arrays]
-    n_channels, dtype = _check_stacks(shapes, [array.dtype for array in arrays], patch_size)
+    n_channels, dtype = check_stacks(shapes, [array.dtype for array in arrays], patch_size)
     result_shape = (n_rows, n_channels, *patch_size)
     if out is not None:
         _check_host_out(out, result_shape, dtype, arrays)
@@ -479,8 +518,24 @@ def _check_out_metadata(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) 
 # -- the CUDA path --------------------------------------------------------------------------
 
 
-def _is_device_array(value: Any) -> bool:
-    """Whether ``value`` is a CUDA array (``__cuda_array_interface__`` or CUDA DLPack)."""
+def is_device_array(value: Any) -> bool:
+    """Return whether ``value`` is a CUDA array (``__cuda_array_interface__`` or CUDA DLPack).
+
+    Parameters
+    ----------
+    value : object
+        Any stack, row array or buffer.
+
+    Returns
+    -------
+    bool
+        True for CuPy arrays, PyTorch CUDA tensors and other CUDA arrays.
+
+    Raises
+    ------
+    TypeError
+        For a PyTorch CUDA tensor that requires grad (it cannot be shared).
+    """
     if isinstance(value, np.ndarray):
         return False
     try:
@@ -572,7 +627,7 @@ class DeviceCrop:
 
     def is_device_array(self, value: Any) -> bool:
         """Whether ``value`` is a device array this class can wrap."""
-        return _is_device_array(value)
+        return is_device_array(value)
 
     def rows_on_device(self, columns: list[Any]) -> bool:
         """Whether the batch's rows live on the device (then a kernel checks them)."""
@@ -636,7 +691,7 @@ class DeviceCrop:
         arrays = [self.as_device_array(stack) for stack in stacks]
         shapes = [tuple(int(s) for s in array.shape) for array in arrays]
         dtypes = [np.dtype(array.dtype) for array in arrays]
-        n_channels, dtype = _check_stacks(shapes, dtypes, patch_size)
+        n_channels, dtype = check_stacks(shapes, dtypes, patch_size)
         if not _supports_device_dtype(dtype):
             raise TypeError(
                 f"device stacks of dtype {dtype} are not supported: the crop kernel "
@@ -786,17 +841,29 @@ class DeviceCrop:
 
 
 # The DeviceCrop of extract_patches (created on first use: it imports CuPy).
-_DEVICE_CROP: list[DeviceCrop] = []
+_DEVICE_CROPS: list[DeviceCrop] = []
 
 
-def _device_crop() -> DeviceCrop:
-    """Return the process's :class:`DeviceCrop` (CuPy), created on first use."""
-    if not _DEVICE_CROP:
+def device_crop() -> DeviceCrop:
+    """Return the process's :class:`DeviceCrop` (CuPy), created on first use.
+
+    Returns
+    -------
+    DeviceCrop
+        The one that :func:`extract_patches` and
+        :class:`~gpu_patching.PatchLoader` launch through.
+
+    Raises
+    ------
+    BackendUnavailableError
+        If CuPy is not installed.
+    """
+    if not _DEVICE_CROPS:
         try:
-            _DEVICE_CROP.append(DeviceCrop())
+            _DEVICE_CROPS.append(DeviceCrop())
         except ImportError as error:
             raise BackendUnavailableError(
                 "the stacks are CUDA arrays, but CuPy is not installed to crop them on the "
                 "device: pip install 'gpu-patching[cuda12]' (or move the stacks to the host)"
             ) from error
-    return _DEVICE_CROP[0]
+    return _DEVICE_CROPS[0]

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import _validation as check
 from .backends import BackendUnavailableError
-from .crop import _check_stacks, _device_crop, _is_device_array, extract_patches, native_dtype
+from .crop import check_stacks, device_crop, extract_patches, is_device_array, native_dtype
 from .permutation import EpochOrder
 from .specs import PatchBatch
 from .stores import (
@@ -202,7 +202,7 @@ class PatchLoader:
         # The crops' own rule (channels, one dtype, shapes against the patch),
         # applied now rather than at the first batch, mid-training.
         dtypes = [_stack_dtype(stack, f"stacks[{k}]") for k, stack in enumerate(stacks)]
-        _check_stacks(shapes, dtypes, strategy.patch_size)
+        check_stacks(shapes, dtypes, strategy.patch_size)
         cache_limit, n_workers = check_reader_options(cache_bytes, workers)
         chunked = [is_chunked_stack(stack) for stack in stacks]
         if device_output and not all(chunked):
@@ -221,7 +221,7 @@ class PatchLoader:
             else None
         )
         self._device_output = bool(device_output)
-        on_device = {_is_device_array(stack) for stack in stacks}
+        on_device = {is_device_array(stack) for stack in stacks}
         if len(on_device) > 1:
             raise TypeError("stacks must all be host arrays or all be device arrays")
         if as_torch:
@@ -368,7 +368,7 @@ class PatchLoader:
         with stream:
             # The rows come from the strategy built for these shapes, so they
             # are in range by construction: skip the row check (and its wait).
-            patches = _device_crop().extract(
+            patches = device_crop().extract(
                 self._stacks,
                 batch,
                 batch.patch_size,

@@ -166,7 +166,7 @@ def test_bench_crop_gpu_report_from_the_host_launched_kernel(
 
     # The prepared launch gets the shipped crop kernel compiled for the host.
     cropper = DeviceCrop(xp=np, functions=host_kernels.functions())
-    monkeypatch.setattr(bench_crop.crop_module, "_device_crop", lambda: cropper)
+    monkeypatch.setattr(bench_crop.crop_module, "device_crop", lambda: cropper)
     cupy = host_cupy()
     results, copy_bandwidth = bench_crop.run_gpu(cupy, quick=True)
     cpu = bench_crop.run_cpu(quick=True)
@@ -200,7 +200,7 @@ def test_bench_crop_gpu_only_writes_the_gpu_report_alone(
     from gpu_patching.crop import DeviceCrop
 
     cropper = DeviceCrop(xp=np, functions=host_kernels.functions())
-    monkeypatch.setattr(bench_crop.crop_module, "_device_crop", lambda: cropper)
+    monkeypatch.setattr(bench_crop.crop_module, "device_crop", lambda: cropper)
     monkeypatch.setattr(bench_crop, "usable_cupy", lambda: (host_cupy(), ""))
     assert bench_crop.main(["--gpu-only", "--output", str(tmp_path / "crop-cpu.md")]) == 0
     capsys.readouterr()

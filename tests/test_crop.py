@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gpu_patching import PatchBatch, StratifiedPatching, extract_patches
-from gpu_patching.crop import _is_device_array
+from gpu_patching.crop import is_device_array
 
 DTYPES = [
     np.uint8,
@@ -261,15 +261,15 @@ class FakeGradTensor:
 
 
 def test_device_arrays_are_recognised_by_their_protocols() -> None:
-    assert _is_device_array(FakeCudaArray())
-    assert _is_device_array(FakeDlpackArray())
-    assert not _is_device_array(np.zeros(3))
-    assert not _is_device_array([[1, 2]])
+    assert is_device_array(FakeCudaArray())
+    assert is_device_array(FakeDlpackArray())
+    assert not is_device_array(np.zeros(3))
+    assert not is_device_array([[1, 2]])
 
 
 def test_a_tensor_that_requires_grad_is_refused_with_a_clear_message() -> None:
     with pytest.raises(TypeError, match=r"requires grad.*tensor\.detach\(\)"):
-        _is_device_array(FakeGradTensor())
+        is_device_array(FakeGradTensor())
 
 
 # -- errors, all before any work ---------------------------------------------------------

@@ -69,7 +69,7 @@ def _assert_same_bits(device_result: Any, host_result: np.ndarray) -> None:
 
 
 def _cropper() -> Any:
-    return crop_module._device_crop()
+    return crop_module.device_crop()
 
 
 CASES = {

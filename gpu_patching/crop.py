@@ -98,6 +98,7 @@ __all__ = [
     "DeviceCrop",
     "check_launch_args",
     "check_stacks",
+    "copy_patches",
     "crop_launch",
     "crop_launch_args",
     "device_crop",
@@ -445,17 +446,21 @@ def _extract_host(
     rows = _host_rows(batch)
     _check_host_rows(rows, shapes, patch_size, batch)
     target = np.empty(result_shape, dtype=dtype) if out is None else out
-    _copy_patches(arrays, rows, patch_size, target)
+    copy_patches(arrays, rows, patch_size, target)
     return target
 
 
-def _copy_patches(
+def copy_patches(
     stacks: Sequence[NDArray[Any]],
     rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
     patch_size: tuple[int, ...],
     target: NDArray[Any],
 ) -> None:
     """Copy the patch of every row into ``target[row]``: the one host crop path.
+
+    It trusts its inputs: :func:`extract_patches` checks them first, and
+    :class:`~gpu_patching.PatchLoader` passes rows its sampler drew for these
+    stacks into buffers of its own.
 
     Parameters
     ----------

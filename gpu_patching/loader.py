@@ -2,12 +2,13 @@
 
 Per epoch the loader draws this rank's rows with one
 :meth:`~gpu_patching.StratifiedPatching.sample_epoch` call (one kernel launch
-on the CUDA backend) and cuts each batch out of the stacks with one
-:func:`~gpu_patching.extract_patches` call (one crop launch for device
-stacks). With device stacks the crop of batch ``k + 1`` is enqueued on the
-loader's stream before batch ``k`` is handed over, so it is prepared while
-``k`` trains; the consumer's current stream waits for the crop of ``k``
-through an event, without blocking the host.
+on the CUDA backend) and cuts each batch out of the stacks: host stacks by
+:func:`~gpu_patching.crop.copy_patches` into a buffer a released batch left
+(see ``_ReleasedBuffers``), device stacks by one crop launch, chunked stores
+through a :class:`~gpu_patching.stores.ChunkReader`. With device stacks the
+crop of batch ``k + 1`` is enqueued on the loader's stream before batch ``k``
+is handed over, so it is prepared while ``k`` trains; the consumer's current
+stream waits for the crop of ``k`` through an event, without blocking the host.
 
 The ordering goes both ways. Before the epoch draw and before each crop, the
 loader's stream waits (through an event, again without blocking the host) for
@@ -29,7 +30,13 @@ import numpy as np
 
 from . import _validation as check
 from .backends import BackendUnavailableError
-from .crop import check_stacks, device_crop, extract_patches, is_device_array, native_dtype
+from .crop import (
+    check_stacks,
+    copy_patches,
+    device_crop,
+    is_device_array,
+    native_dtype,
+)
 from .permutation import EpochOrder
 from .specs import PatchBatch
 from .stores import (
@@ -241,6 +248,9 @@ class PatchLoader:
                         "(PyTorch 2.3 added them); convert the stacks, e.g. to float32"
                     )
         self._stacks = list(stacks)
+        # Host stacks as NumPy arrays once (a PyTorch CPU tensor without a copy).
+        host = not any(chunked) and on_device == {False}
+        self._host_arrays = [np.asarray(stack) for stack in stacks] if host else []
         # The (C, *patch_size) of a row and the native dtype of every batch.
         self._row_shape = (shapes[0][1], *strategy.patch_size)
         self._dtype = native_dtype(dtypes[0])
@@ -290,9 +300,12 @@ class PatchLoader:
         buffers = _ReleasedBuffers()
         for start in range(0, len(rows), self._batch_size):
             batch = rows[start : start + self._batch_size]
-            out = buffers.take((len(batch), *self._row_shape), self._dtype)
-            patches = extract_patches(self._stacks, batch, out=out)
-            del out  # only the pool and the batch handed over refer to the buffer
+            patches = buffers.take((len(batch), *self._row_shape), self._dtype)
+            # The stacks were checked when the loader was built, and the rows
+            # come from the strategy built for their shapes: in range by
+            # construction, so extract_patches' checks are not repeated.
+            columns = (batch.data_idx, batch.sample_idx, batch.coords)
+            copy_patches(self._host_arrays, columns, batch.patch_size, patches)
             yield self._convert(patches), batch
 
     # -- chunked stores --------------------------------------------------------

@@ -1,69 +1,12 @@
 """Cut the patches of a batch out of image stacks: :func:`extract_patches`.
 
-This is the last stage of the data flow (shapes -> grid -> ... -> corners ->
-crops): given the stacks a sampler was built for and a :class:`PatchBatch`
-(for instance ``sampler.sample_epoch(e)`` or a slice of it), it returns the
-patches as one array of shape ``(len(batch), C, *patch_size)``; row ``k`` is
-``stacks[d][s, :, z:z+pz, y:y+py, x:x+px]`` with ``d, s = batch.data_idx[k],
-batch.sample_idx[k]`` and ``(z,) y, x = batch.coords[k]``.
-
-Where it runs. The work happens where the stacks live:
-
-* **Host stacks** (NumPy arrays, or anything ``numpy.asarray`` accepts): each
-  patch is copied straight from a strided window view of its stack into its
-  row of the output (no index arrays, no temporary). A batch on the device is
-  copied to the host first. Any dtype.
-* **Device stacks** (CuPy arrays, or any CUDA array with
-  ``__cuda_array_interface__`` or DLPack, such as a PyTorch CUDA tensor; they
-  are wrapped without a copy, and DLPack is preferred because it orders the
-  producer's stream before CuPy's): **one** launch of a custom CUDA kernel per
-  call gathers every patch from every stack, on CuPy's current stream. It reads
-  each stack through its strides (views, slices and transposes work without a
-  copy), threads map to consecutive ``x`` of a patch row (coalesced), and it
-  copies bits, so every dtype of 1, 2, 4 or 8 bytes works (uint8, uint16,
-  int32, float16, float32, float64 and the other integer, bool and float
-  types). Every stack, ``out`` and the batch must be on one device.
-
-The path follows the stacks, not the sampler's backend: a NumPy sampler's
-batch crops device stacks on the device (its rows are uploaded in one copy),
-and a CUDA sampler's batch crops host stacks on the host.
-
-Validation happens before any work: the batch's shapes, the stacks' number of
-axes, channel counts and dtypes, ``out`` (shape, dtype, C-contiguity,
-device, no overlap with a stack), and every row (``data_idx`` and
-``sample_idx`` in range, corner within ``[0, D - P]``). A stack smaller than
-the patch is accepted beside the others, as the sampler accepts it (it gives
-it no patches); a row that names it is refused.
-For a batch whose rows are NumPy arrays the rows are checked on the host. For
-rows that live on the device the check is one small kernel (``check_crop_rows``,
-the same rule as the host's, from the same header as the crop kernel) and one
-8-byte copy back, which waits for the stream: the price of raising before the
-crop kernel writes anything, instead of flagging bad rows after ``out`` was
-written. The crop kernel also clamps every index into its stack, so no row
-contents can make it read outside a stack.
-
-Device stacks must be whole arrays in device memory. Stacks larger than the
-device (or the host) are cropped on the host from where they live:
-
-* **Chunked stores.** zarr, OME-Zarr and TIFF stores (or
-  :func:`gpu_patching.stores.open_stack`) are stacks too: a batch reads each
-  chunk it touches once, and only the patches are assembled
-  (:mod:`gpu_patching.stores`); :class:`~gpu_patching.PatchLoader` reads ahead
-  and can upload each assembled batch to the device.
-* **Host arrays.** NumPy arrays, or a ``numpy.memmap`` (only the pages a batch
-  touches are read): crop each batch on the host and move only the patches to
-  the device (``len(batch) * C * prod(patch_size)`` elements; e.g.
-  ``cupy.asarray(patches)``, or ``torch.from_numpy(patches).pin_memory()``
-  then ``.cuda(non_blocking=True)`` to overlap the copy with training).
-
-Launch contract (checked by the test suite without a GPU, which launches the
-shipped kernels on the host through :class:`DeviceCrop` itself; see
-``docs/testing.md``): the kernels are described, compiled and launched through
-:mod:`gpu_patching.cuda` (:func:`~gpu_patching.cuda.crop_kernel`, one template
-instantiation per element size, and :data:`~gpu_patching.cuda.CHECK_CROP_ROWS`);
-:func:`crop_launch_args` and :func:`check_launch_args` are the only places that
-gather their values; :func:`~gpu_patching.cuda.crop_launch` sizes the launch
-(grid-stride loops cover every element exactly once for any grid).
+The last stage of the data flow (corners -> crops). The work happens where the
+stacks live: host stacks by :func:`copy_patches` (one copy per patch, from a
+window view into its row), device stacks by one launch of the crop kernel
+(:class:`DeviceCrop`; the kernel and its arguments are in
+:mod:`gpu_patching.kernels.crop_patches`), chunked stores by a
+:class:`~gpu_patching.stores.ChunkReader`. Every check runs before any work.
+``docs/design.md`` (section 7) explains the paths, the checks and the launch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a kernel is to Python: its entry point, its parameters and its launch grid.
+"""What a kernel is to Python: its entry point and its parameters, in order.
 
 A :class:`Kernel` names a ``__global__`` function of a ``.cu`` file of this
 folder and its parameters in order; :meth:`Kernel.arguments` makes the

@@ -20,11 +20,14 @@ from typing import Any
 import numpy as np
 
 from .. import _validation as check
+from ._loop import run
 from .axes import as_sample_axes
-from .stack import ChunkedStack, is_zarr_array, store_url
+from .stack import ChunkedStack, StoreError, is_zarr_array, store_url
 
 __all__ = [
+    "REMOTE_RETRIES",
     "SUPPORTED_SUFFIXES",
+    "is_url",
     "ome_zarr_axes",
     "open_file",
     "open_stack",
@@ -45,9 +48,23 @@ _CLI_EXTRA = "pip install 'gpu-patching[cli]'"
 _TIFFFILE_MIN = (2025, 5, 21)
 #: The first bytes of every ``.npy`` file (NumPy's format, any version).
 _NPY_MAGIC = b"\x93NUMPY"
+#: URL schemes of the remote stores :func:`open_stack` reads (through fsspec).
+_URL_SCHEMES = ("s3", "gs", "gcs", "http", "https")
+#: How to install what remote stores need (fsspec and its S3, GCS and HTTP file systems).
+_REMOTE_EXTRA = "pip install 'gpu-patching[remote]'"
+#: Times a failed chunk read of a remote store is tried again (see ChunkedStack).
+REMOTE_RETRIES = 3
+# Keys of storage_options whose values are credentials: never in an error.
+_SECRET_KEY = re.compile(r"key|secret|token|password|credential|session|auth", re.IGNORECASE)
 
 
-def open_stack(source: Any, axes: str | None = None, *, level: int = 0) -> ChunkedStack:
+def open_stack(
+    source: Any,
+    axes: str | None = None,
+    *,
+    level: int = 0,
+    storage_options: dict[str, Any] | None = None,
+) -> ChunkedStack:
     """Open a chunked store as an ``SC(Z)YX`` stack, reading only metadata.
 
     Parameters
@@ -56,13 +73,22 @@ def open_stack(source: Any, axes: str | None = None, *, level: int = 0) -> Chunk
         A zarr store (``.zarr`` folder, format 2 or 3), an OME-Zarr image
         (a group with ``multiscales`` metadata, version 0.4 or 0.5), a
         ``.tif``/``.tiff`` file (read through tifffile's zarr store: tiles or
-        strips are its chunks), or an opened zarr array or group.
+        strips are its chunks), an opened zarr array or group, or the URL of
+        a zarr store or OME-Zarr image in object storage (``s3://``,
+        ``gs://``, ``https://``; read through fsspec, chunk reads retried
+        :data:`REMOTE_RETRIES` times).
     axes : str, optional
         The stored array's axes (see :class:`ChunkedStack`). OME-Zarr images
         default to their own axes (``t`` is read as samples ``S``).
     level : int, default 0
         The multiscale level of an OME-Zarr image or a pyramidal TIFF (0 is
         full resolution); other stores have only level 0.
+    storage_options : dict, optional
+        For a URL: the options of its fsspec file system, as pandas, dask and
+        xarray take them (e.g. ``{"anon": True}``, ``{"profile": "lab"}``,
+        ``{"endpoint_url": "https://s3.example.org"}``, or ``key``/``secret``).
+        Without them credentials come from the usual places (environment,
+        profile, instance metadata). They never appear in an error.
 
     Returns
     -------
@@ -72,20 +98,34 @@ def open_stack(source: Any, axes: str | None = None, *, level: int = 0) -> Chunk
     Raises
     ------
     FileNotFoundError
-        If the path does not exist.
+        If the path (or the URL) does not exist.
     ValueError
         If the group is not a multiscale image or its metadata is malformed
         (the error names the field), the level does not exist or the axes do
         not fit the array.
     TypeError
-        If ``source`` is of another type.
+        If ``source`` is of another type, or ``storage_options`` is not a dict.
+    StoreError
+        If a remote store cannot be read (unreachable, access refused): the
+        error names the URL, never the credentials.
     ImportError
-        If zarr-python 3 (or, for a TIFF, tifffile 2025.5.21 or later) is not
-        installed: ``pip install 'gpu-patching[stores]'``.
+        If zarr-python 3 (or, for a TIFF, tifffile 2025.5.21 or later; for a
+        URL, fsspec and its file system) is not installed:
+        ``pip install 'gpu-patching[stores]'`` (``[remote]`` for URLs).
     """
     level = check.as_int(level, "level")
     if level < 0:
         raise ValueError(f"level must be at least 0, got {level}")
+    if storage_options is not None:
+        if not isinstance(storage_options, dict):
+            raise TypeError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+        if not is_url(source):
+            raise ValueError(
+                "storage_options are for URLs (s3://, gs://, https://), "
+                f"not for a {type(source).__name__} source"
+            )
+    if is_url(source):
+        return _open_url(str(source), axes, level, dict(storage_options or {}))
     if isinstance(source, ChunkedStack):
         if axes is not None or level:
             raise ValueError("source is already a ChunkedStack; give axes and level when opening")
@@ -188,9 +228,10 @@ def _ome_parent(path: Path) -> tuple[Any, int] | None:
     return (group, paths.index(path.name)) if path.name in paths else None
 
 
-def _open_group(group: Any, axes: str | None, level: int, name: str) -> ChunkedStack:
-    """Level ``level`` of an OME-Zarr image (0.4: attrs; 0.5: attrs['ome'])."""
-    attributes = dict(group.attrs)
+def _ome_level(
+    attributes: dict[str, Any], axes: str | None, level: int, name: str
+) -> tuple[str, str]:
+    """Return the array path of level ``level`` of an OME-Zarr image and the axes to read it by."""
     if "ome" not in attributes and "multiscales" not in attributes:
         raise ValueError(
             f"{name} is a zarr group without OME-Zarr 'multiscales' metadata; "
@@ -198,8 +239,6 @@ def _open_group(group: Any, axes: str | None, level: int, name: str) -> ChunkedS
         )
     multiscale, image_axes = _ome_image(attributes, name)
     _check_level(level, len(multiscale.datasets), name)
-    field = f"multiscales[0].datasets[{level}].path"
-    path = multiscale.datasets[level].path
     if axes is None:
         axes = image_axes
     elif as_sample_axes(axes) != as_sample_axes(image_axes):
@@ -207,6 +246,13 @@ def _open_group(group: Any, axes: str | None, level: int, name: str) -> ChunkedS
             f"{name}: axes {axes.upper()!r} contradict the OME-Zarr metadata's axes "
             f"{image_axes!r}; leave axes out to use the metadata's"
         )
+    return multiscale.datasets[level].path, axes
+
+
+def _open_group(group: Any, axes: str | None, level: int, name: str) -> ChunkedStack:
+    """Level ``level`` of an OME-Zarr image (0.4: attrs; 0.5: attrs['ome'])."""
+    path, axes = _ome_level(dict(group.attrs), axes, level, name)
+    field = f"multiscales[0].datasets[{level}].path"
     try:
         array = group[path]
     except (KeyError, FileNotFoundError) as error:
@@ -216,6 +262,186 @@ def _open_group(group: Any, axes: str | None, level: int, name: str) -> ChunkedS
     if not is_zarr_array(array):
         raise ValueError(f"{name}: OME-Zarr '{field}' is {path!r}, which is not an array")
     return ChunkedStack(array, axes, name=f"{name}/{path}")
+
+
+def is_url(source: Any) -> bool:
+    """Tell a URL of a remote store (``s3://``, ``gs://``, ``https://``) from a path.
+
+    Parameters
+    ----------
+    source : Any
+        What :func:`open_stack` was given.
+
+    Returns
+    -------
+    bool
+        True for a string whose scheme is one of the remote stores'.
+    """
+    if not isinstance(source, str):
+        return False
+    scheme, separator, _ = source.partition("://")
+    return bool(separator) and scheme.lower() in _URL_SCHEMES
+
+
+def public_url(url: str) -> str:
+    """Return a URL as errors may name it: without user, password and query.
+
+    The query of an ``https://`` URL may be a signature (a presigned URL),
+    and its user part a password.
+
+    Parameters
+    ----------
+    url : str
+        A store's URL.
+
+    Returns
+    -------
+    str
+        ``scheme://host/path``.
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _secrets(options: Any) -> list[str]:
+    """Every credential in storage_options (values of secret-sounding keys, nested too)."""
+    found: list[str] = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            if isinstance(value, str) and _SECRET_KEY.search(str(key)) and value:
+                found.append(value)
+            else:
+                found.extend(_secrets(value))
+    elif isinstance(options, (list, tuple)):
+        for value in options:
+            found.extend(_secrets(value))
+    return found
+
+
+def _redacted(text: str, *, url: str, options: dict[str, Any]) -> str:
+    """Return ``text`` without the credentials of ``url`` and ``options``."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    hidden = [parts.password, parts.username, parts.query, *_secrets(options)]
+    for secret in sorted((h for h in hidden if h), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _fsspec_store(url: str, options: dict[str, Any]) -> Any:
+    """Build zarr's fsspec store of a URL (read-only), or say which extra installs it."""
+    try:
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(url, storage_options=options, read_only=True)
+    except ImportError as error:
+        raise ImportError(
+            f"{public_url(url)} needs fsspec and its file system for this URL "
+            f"({error}): {_REMOTE_EXTRA}"
+        ) from None
+
+
+def _open_url(url: str, axes: str | None, level: int, options: dict[str, Any]) -> ChunkedStack:
+    """Open a remote zarr array or OME-Zarr image; every request on the read loop."""
+    _import_zarr()
+    url = url.rstrip("/")
+    name = public_url(url)
+    node = _remote(url, options, _open_node, url, options)
+    path = ""
+    if not is_zarr_array(node):
+        path, axes = _ome_level(dict(node.attrs), axes, level, name)
+    else:
+        _check_level(level, 1, name)
+        parent_url = url.rsplit("/", 1)[0]
+        parent = _remote(url, options, _open_parent, parent_url, options)
+        attributes = {} if parent is None else dict(parent.attrs)
+        if "ome" in attributes or "multiscales" in attributes:
+            # A level of an OME-Zarr image, named by its URL: it has the image's axes.
+            multiscale, _ = _ome_image(attributes, public_url(parent_url))
+            paths = [dataset.path for dataset in multiscale.datasets]
+            leaf = url.rsplit("/", 1)[1]
+            if leaf in paths:
+                url, name = parent_url, public_url(parent_url)
+                path, axes = _ome_level(attributes, axes, paths.index(leaf), name)
+    array_url = f"{url}/{path}" if path else url
+    array = node if not path else _remote(array_url, options, _open_level, url, path, options)
+    reopen = functools.partial(_reopen_url, array_url, options)
+    return ChunkedStack(
+        array,
+        axes,
+        name=public_url(array_url),
+        reopen=reopen,
+        retries=REMOTE_RETRIES,
+        redact=functools.partial(_redacted, url=array_url, options=options),
+    )
+
+
+def _remote(url: str, options: dict[str, Any], opener: Any, *args: Any) -> Any:
+    """Run ``opener(*args)`` on the read loop; its errors name the URL without credentials."""
+    name = public_url(url)
+    try:
+        return run(opener(*args))
+    except FileNotFoundError:
+        missing = True
+    except (ImportError, ValueError):
+        raise
+    except Exception as error:
+        missing = False
+        message = _redacted(f"{type(error).__name__}: {error}", url=url, options=options)
+    # Raised outside the handler, with no cause or context: their text (a
+    # request, a signed URL) is not ours to show.
+    if missing:
+        raise FileNotFoundError(f"no zarr array or group at {name}")
+    raise StoreError(f"cannot open {name}: {message}", name)
+
+
+async def _open_node(url: str, options: dict[str, Any]) -> Any:
+    import zarr
+    from zarr.api.asynchronous import open as open_node
+    from zarr.core.group import AsyncGroup
+
+    node = await open_node(store=_fsspec_store(url, options), mode="r")
+    return zarr.Group(node) if isinstance(node, AsyncGroup) else zarr.Array(node)
+
+
+async def _open_parent(url: str, options: dict[str, Any]) -> Any:
+    import zarr
+    from zarr.api.asynchronous import open_group
+
+    try:
+        return zarr.Group(await open_group(store=_fsspec_store(url, options), mode="r"))
+    except (FileNotFoundError, ValueError):  # no group above: a plain array
+        return None
+
+
+async def _open_level(url: str, path: str, options: dict[str, Any]) -> Any:
+    import zarr
+    from zarr.api.asynchronous import open_array
+
+    store = _fsspec_store(url, options)
+    return zarr.Array(await open_array(store=store, path=path, mode="r"))
+
+
+async def _open_array_url(url: str, options: dict[str, Any]) -> Any:
+    import zarr
+    from zarr.api.asynchronous import open_array
+
+    return zarr.Array(await open_array(store=_fsspec_store(url, options), mode="r"))
+
+
+def _reopen_url(url: str, options: dict[str, Any]) -> tuple[Any, Any]:
+    """Open a remote array again in another process (its connections are this process's)."""
+    return _remote(url, options, _open_array_url, url, options), _nothing_to_close
+
+
+def _nothing_to_close() -> None:
+    """Close nothing: a remote store keeps no file open."""
 
 
 def _ome_image(attributes: dict[str, Any], name: str) -> tuple[Any, str]:

@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 
 from .. import _validation as check
 from ..specs import PatchBatch
+from ._loop import run as _run
 from .plan import ChunkPlan, plan_chunks
 from .stack import ChunkedStack, StoreError, as_chunked_stack
 
@@ -191,8 +192,11 @@ class ChunkReader:
         plan = plan_chunks(self.shapes, [s.chunks for s in self.stacks], rows, patch_size)
         touched = sorted({int(k) for k in plan.stack})
         with self._lock:
+            # A remote store is not checked first: its chunk reads report it
+            # unreachable, naming the chunk, and the check would cost a request.
             for k in touched:
-                self.stacks[k].check_unchanged()
+                if not self.stacks[k].remote:
+                    self.stacks[k].check_unchanged()
             _run(self._read_plan(plan, rows, out, stop))
             # A store deleted during the reads gave fill values for the chunks
             # it no longer had: its metadata is gone now.
@@ -216,6 +220,9 @@ class ChunkReader:
         # Each patch's origin on the axes C(Z)YX: channel 0 and its corner.
         patch_origin = [[0, *corner] for corner in rows[2].tolist()]
         gate = asyncio.Semaphore(self.workers)
+        # Once a chunk has failed, the batch is lost: the chunks still waiting
+        # are not read (over a network each would wait out its own retries).
+        failed = False
 
         def copy_pieces(j: int, stack: int, index: tuple[int, ...], block: NDArray[Any]) -> None:
             origin = [i * c for i, c in zip(index[1:], self.stacks[stack].chunks[1:], strict=True)]
@@ -234,6 +241,7 @@ class ChunkReader:
                 out[target] = block[source]
 
         async def one(j: int) -> None:
+            nonlocal failed
             stack = int(plan.stack[j])
             index = tuple(int(i) for i in plan.chunk[j])
             key = (stack, index)
@@ -246,12 +254,20 @@ class ChunkReader:
             # At most `workers` chunks are outside the cache at once, from the
             # start of their read to the end of their copy (see cache_limit).
             async with gate:
-                if stop is not None and stop.is_set():
-                    raise _StoppedError  # the pass was closed: its batches are not wanted
+                if failed or (stop is not None and stop.is_set()):
+                    raise _StoppedError  # the pass was closed, or the batch failed
+                fault = None
                 try:
                     block = await self.stacks[stack].read_chunk_async(index)
                 except Exception as error:
-                    raise _chunk_error(self.stacks[stack], index, error) from error
+                    failed = True
+                    fault = _chunk_error(self.stacks[stack], index, error)
+                    if not self.stacks[stack].remote:
+                        raise fault from error
+                if fault is not None:
+                    # Raised outside the handler: a remote error's causes and context
+                    # may hold a request's text (a signed URL), so none is attached.
+                    raise fault
                 self.chunks_read += 1
                 copy_pieces(j, stack, index, block)
                 self._keep(key, block)
@@ -259,9 +275,11 @@ class ChunkReader:
         results = await asyncio.gather(
             *(one(j) for j in range(len(plan.chunk))), return_exceptions=True
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        errors = [r for r in results if isinstance(r, BaseException)]
+        # The chunk that failed, not one that was skipped after it.
+        errors.sort(key=lambda error: isinstance(error, _StoppedError))
+        if errors:
+            raise errors[0]
 
     @property
     def cache_limit(self) -> int:
@@ -511,48 +529,8 @@ def _chunk_error(stack: ChunkedStack, index: tuple[int, ...], error: Exception) 
     key = stack.chunk_key(index)
     where = f"chunk {stored}" + (f" (key {key!r})" if key else "")
     return StoreError(
-        f"reading {where} of {stack.name} failed: {type(error).__name__}: {error}",
+        f"reading {where} of {stack.name} failed: "
+        + stack.redact(f"{type(error).__name__}: {error}"),
         stack.name,
         stored,
     )
-
-
-class _EventLoop:
-    """An asyncio event loop on a daemon thread: where every reader of this process reads.
-
-    Chunk reads are coroutines of zarr's public asynchronous API
-    (``zarr.Array.async_array``); this runs them from any thread, even one
-    inside a running loop. A forked process starts its own at its first read
-    (a thread does not survive a fork).
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def run(self, coroutine: Any) -> Any:
-        """Run ``coroutine`` on the loop and return its result (or raise its error)."""
-        with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                threading.Thread(
-                    target=loop.run_forever, name="gpu_patching_reads", daemon=True
-                ).start()
-                self._loop = loop
-            loop = self._loop
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
-
-    def forget(self) -> None:
-        """Drop the parent's loop in a forked child (its thread did not come along)."""
-        self._lock = threading.Lock()
-        self._loop = None
-
-
-_LOOP = _EventLoop()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_LOOP.forget)
-
-
-def _run(coroutine: Any) -> Any:
-    """Run a coroutine on this process's read loop (works from any thread)."""
-    return _LOOP.run(coroutine)

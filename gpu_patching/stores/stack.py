@@ -8,6 +8,7 @@ read of a store raises when the store is not as it was opened.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import _validation as check
+from ._loop import run
 from .axes import as_sample_axes, to_scyx_axes
 
 __all__ = [
@@ -32,6 +34,12 @@ __all__ = [
 Reopen = Callable[[], tuple[Any, Callable[[], None]]]
 # Files inherited from the process that forked this one (see ChunkedStack._reopen).
 _INHERITED_FILES: list[Any] = []
+# Seconds before the first retry of a chunk read; each retry waits twice as long.
+_FIRST_BACKOFF_SECONDS = 0.05
+# Errors of a remote read that retrying cannot mend: the answer will not change.
+_PERMANENT_ERRORS = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
+# Packages whose errors are a request that failed on its way (retried when not permanent).
+_NETWORK_PACKAGES = {"aiohttp", "botocore", "aiobotocore", "obstore", "requests", "urllib3"}
 
 
 class StoreError(OSError):
@@ -100,6 +108,15 @@ class ChunkedStack:
         in another process. It must pickle (e.g. a ``functools.partial``).
     close : callable, optional
         Closes the file ``array`` is read through (see :meth:`close`).
+    retries : int, default 0
+        Times a chunk read that failed on its way (a connection refused or
+        reset, a timeout, a server error) is tried again, waiting 0.05 s, then
+        twice as long each time; refusals (a wrong key, a missing object) are
+        not retried. :func:`open_stack` sets 3 for remote stores.
+    redact : callable, optional
+        Takes the text of an error of this store and returns it without
+        credentials; a stack with one is remote: its read errors carry that
+        text and not their causes (whose text is a request's). It must pickle.
 
     Attributes
     ----------
@@ -123,9 +140,14 @@ class ChunkedStack:
         name: str | None = None,
         reopen: Reopen | None = None,
         close: Callable[[], None] | None = None,
+        retries: int = 0,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
         if not is_zarr_array(array):
             raise TypeError(f"array must be a zarr array, got {type(array).__name__}")
+        retries = check.as_int(retries, "retries")
+        if retries < 0:
+            raise ValueError(f"retries must be at least 0, got {retries}")
         stored_shape = tuple(int(s) for s in array.shape)
         stored_chunks = tuple(int(c) for c in array.chunks)
         if axes is None:
@@ -150,6 +172,10 @@ class ChunkedStack:
         # (_reopen_source), and so does an unpickled copy.
         self._handle: tuple[int, Any, Any] = (os.getpid(), array, close)
         self._reopen_source = reopen
+        # A TIFF is read through its open file, which check_unchanged does not re-read.
+        self._through_file = _tiff_backed(array)
+        self.retries = retries
+        self._redact = redact
         self.axes = axes.upper()
         self.name = name if name is not None else store_url(array)
         stored_dtype = np.dtype(array.dtype)
@@ -159,6 +185,26 @@ class ChunkedStack:
         self.shape = tuple(1 if i is None else stored_shape[i] for i in self._stored_axis)
         self.chunks = tuple(1 if i is None else stored_chunks[i] for i in self._stored_axis)
         self._stored_meta = (stored_shape, stored_dtype, stored_chunks)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the store is remote (its errors are redacted, see ``redact``)."""
+        return self._redact is not None
+
+    def redact(self, text: str) -> str:
+        """Return the text of an error of this store without its credentials.
+
+        Parameters
+        ----------
+        text : str
+            An error's text.
+
+        Returns
+        -------
+        str
+            The text, credentials replaced by ``***`` (unchanged for a local store).
+        """
+        return text if self._redact is None else self._redact(text)
 
     @property
     def ndim(self) -> int:
@@ -276,7 +322,7 @@ class ChunkedStack:
                 raise IndexError(f"index {index} is out of range for an axis of size {size}")
             if where is not None:
                 stored[where] = index % size
-        block = np.asarray(self._array[tuple(stored)]).astype(self.dtype, copy=False)
+        block = np.asarray(self._read_selection(tuple(stored))).astype(self.dtype, copy=False)
         # The block's axes are the kept stored axes in stored order; put them in
         # SC(Z)YX order and add the kept axes the store does not have.
         present = [axis for axis in kept if self._stored_axis[axis] is not None]
@@ -339,7 +385,13 @@ class ChunkedStack:
         if len(chunk) != len(grid) or any(not 0 <= i < g for i, g in zip(chunk, grid, strict=True)):
             raise IndexError(f"chunk index {chunk} is outside the chunk grid {grid} of {self.name}")
         starts, stops = self._chunk_bounds(chunk)
-        return self._to_full(np.asarray(self._array[self._stored_selection(starts, stops)]))
+        block = self._read_selection(self._stored_selection(starts, stops))
+        return self._to_full(np.asarray(block))
+
+    def _read_selection(self, selection: tuple[Any, ...]) -> Any:
+        """Read a stored selection on the read loop (where a remote store's connections live)."""
+        array = self._array
+        return run(array.async_array.getitem(selection))
 
     async def read_chunk_async(self, index: tuple[int, ...]) -> NDArray[Any]:
         """Read one chunk as :meth:`read_chunk` does, through zarr's asynchronous API.
@@ -359,7 +411,15 @@ class ChunkedStack:
         """
         starts, stops = self._chunk_bounds(index)
         selection = self._stored_selection(starts, stops)
-        block = await self._array.async_array.getitem(selection)
+        array = self._array
+        for attempt in range(self.retries + 1):
+            try:
+                block = await array.async_array.getitem(selection)
+                break
+            except Exception as error:
+                if attempt == self.retries or not _is_transient(error):
+                    raise
+            await asyncio.sleep(_FIRST_BACKOFF_SECONDS * 2**attempt)
         return self._to_full(np.asarray(block))
 
     def check_unchanged(self) -> None:
@@ -369,18 +429,27 @@ class ChunkedStack:
         through its open file, so it is not checked (a process that opens it
         again checks it then).
         """
-        if self._reopen_source is not None:
+        if self._through_file:
             return
-        import zarr  # importable: this stack reads a zarr array
+        from zarr.api.asynchronous import open_array  # importable: this stack reads zarr
 
+        array = self._array
         try:
-            current = zarr.open_array(store=self._array.store, path=self._array.path, mode="r")
+            current = run(open_array(store=array.store, path=array.path, mode="r"))
         except Exception as error:
-            raise StoreError(
+            fault = StoreError(
                 f"the store {self.name} has disappeared or cannot be opened any more "
-                f"({type(error).__name__}: {error})",
+                f"({self.redact(f'{type(error).__name__}: {error}')})",
                 self.name,
-            ) from error
+            )
+            if not self.remote:
+                raise fault from error
+        else:
+            fault = None
+        if fault is not None:
+            # Outside the handler: a remote error's cause and context may hold
+            # a request's text, so only its redacted text goes on.
+            raise fault
         now = (
             tuple(int(s) for s in current.shape),
             np.dtype(current.dtype),
@@ -404,6 +473,15 @@ class ChunkedStack:
         if close is not None and pid == os.getpid():
             close()
             self._handle = (pid, array, None)
+
+
+def _is_transient(error: BaseException) -> bool:
+    """Tell a read that failed on its way (worth another try) from a refusal."""
+    if isinstance(error, _PERMANENT_ERRORS):
+        return False
+    if isinstance(error, (OSError, asyncio.TimeoutError)):
+        return True
+    return (type(error).__module__ or "").split(".")[0] in _NETWORK_PACKAGES
 
 
 def _tiff_backed(array: Any) -> bool:

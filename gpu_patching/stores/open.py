@@ -403,11 +403,11 @@ def _remote(url: str, options: dict[str, Any], opener: Any, *args: Any) -> Any:
 
 async def _open_node(url: str, options: dict[str, Any]) -> Any:
     import zarr
+    from zarr.api.asynchronous import AsyncArray
     from zarr.api.asynchronous import open as open_node
-    from zarr.core.group import AsyncGroup
 
     node = await open_node(store=_fsspec_store(url, options), mode="r")
-    return zarr.Group(node) if isinstance(node, AsyncGroup) else zarr.Array(node)
+    return zarr.Array(node) if isinstance(node, AsyncArray) else zarr.Group(node)
 
 
 async def _open_parent(url: str, options: dict[str, Any]) -> Any:

@@ -200,33 +200,31 @@ def measure_loader(
     The sampler gets the stack several times over (the same array), so that an
     epoch holds :data:`LOADER_BATCHES` batches of ``n_rows``. Each batch of a
     pass after the first :data:`LOADER_WARMUP_BATCHES` is timed on its own
-    (``next`` of the loader); the loop slices the very rows of those batches,
-    pre-drawn, into one reused buffer.
+    (``next`` of the loader), and in turn the loop slices that batch's rows,
+    drawn already, into one reused buffer.
     """
     per_stack = StratifiedPatching([stack.shape], case.patch_size, seed=0).n_patches
     copies = max(1, -(-LOADER_BATCHES * n_rows // per_stack))
     strategy = StratifiedPatching([stack.shape] * copies, case.patch_size, seed=0)
     loader = PatchLoader([stack] * copies, strategy, n_rows, shuffle=True)
-    epoch = strategy.sample_epoch(0, shuffle=True).to_numpy()
-    steady = [
-        epoch[start : start + n_rows]
-        for start in range(LOADER_WARMUP_BATCHES * n_rows, LOADER_BATCHES * n_rows, n_rows)
-    ]
     buffer = np.empty((n_rows, stack.shape[1], *case.patch_size), dtype=stack.dtype)
-    loop_times = [
-        median_time(lambda _k, batch=batch: slicing_loop(stack, batch, np, buffer), repeats)
-        for batch in steady
-    ]
-    loader_times = []
+    slicing_loop(stack, strategy.sample_epoch(0)[:n_rows].to_numpy(), np, buffer)  # pages, once
+    loop_times: list[float] = []
+    loader_times: list[float] = []
     same = True
     for _ in range(max(1, repeats)):
         batches = iter(loader)
         for k in range(LOADER_BATCHES):
             start = time.perf_counter()
             patches, batch = next(batches)
-            if k >= LOADER_WARMUP_BATCHES:
-                loader_times.append(time.perf_counter() - start)
-        same = same and bool(np.array_equal(patches, slicing_loop(stack, batch, np)))
+            if k < LOADER_WARMUP_BATCHES:
+                continue
+            loader_times.append(time.perf_counter() - start)
+            # In turns with the loader, so that both see the same load.
+            start = time.perf_counter()
+            slicing_loop(stack, batch, np, buffer)
+            loop_times.append(time.perf_counter() - start)
+            same = same and bool(np.array_equal(patches, buffer))
         del patches, batches
     times = {
         "slicing loop, out reused": statistics.median(loop_times),
@@ -303,8 +301,8 @@ def cpu_markdown(results: list[dict[str, Any]], gpu_note: str) -> str:
         "run (>= x1.00: at least as fast). `extract_patches` runs on the corners above. "
         f"`PatchLoader` (batches of one shuffled epoch, {LOADER_BATCHES} per pass) is timed "
         f"per batch after the first {LOADER_WARMUP_BATCHES} of each pass, which allocate "
-        "the two buffers that then take turns; the loop slices the rows of those very "
-        "batches. Medians.",
+        "the two buffers that then take turns; in turn with each, the loop slices that "
+        "batch's rows. Medians.",
         "",
         *markdown_table(
             [

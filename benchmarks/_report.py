@@ -1,61 +1,24 @@
-"""What every benchmark script shares: formatting, timing, the machine, the report.
+"""The benchmark scripts' one harness: flags, timing, the machine, tables, the report.
 
-The scripts in ``benchmarks/`` import this module by name (``import _report``
-or ``from _report import ...``): run as ``python benchmarks/bench_x.py``, the
-script's own folder is first on ``sys.path``. Nothing here measures a
-feature of gpu-patching; it only times, formats and writes.
-
-Interface
----------
-Formatting (every function returns a short string; ``None`` gives ``"n/a"``):
-
-* ``fmt_time(seconds)``: three significant digits in s, ms, us or ns.
-* ``fmt_rate(per_second)``: items per second with a k/M/G prefix.
-* ``fmt_bandwidth(bytes_per_second)``: GB/s (1 GB = 1e9 bytes).
-* ``fmt_bytes(n)``: B, KiB, MiB or GiB.
-* ``fmt_percent(fraction)``, ``fmt_overhead(fraction)`` (``+12%``),
-  ``fmt_ratio(numerator, denominator, decimals=0)`` (``x1,234``),
-  ``fmt_verdict(met)`` (``yes``, ``NO``, ``n/a``).
-
-Tables: ``markdown_table(header, rows, align)`` returns the lines of one
-markdown table (``align`` has one ``l`` or ``r`` per column);
-``markdown_row(cells)`` one row, for tables printed a row at a time.
-
-Timing on the host: ``time_calls(function, repeats, sync, warmup)`` returns
-the ``perf_counter`` time of each call ``function(k)`` (each followed by
-``sync()``); ``median_time`` is the median of those; ``time_once`` times one
-call and returns its value too.
-
-Timing on a CUDA device (``cupy`` is the CuPy module, or anything with the same
-``cuda.Event`` / ``cuda.get_current_stream`` / ``cuda.get_elapsed_time``):
-``time_events`` (each call synchronised) and ``time_burst`` (back-to-back
-calls, per call); ``measure_copy_bandwidth`` (a device-to-device memcpy, a
-copy kernel and a write-only fill kernel); ``free_device_memory``.
-
-The machine: ``machine_line()`` (CPU, Python and NumPy versions),
-``cpu_model()``, ``device_info(cupy)`` and ``device_lines(info)`` (the card,
-CUDA and CuPy versions), ``slug(name)`` (a card's name as a file-name part),
-``cuda_version(int)``.
-
-Writing: ``Report`` collects lines, prints each as it comes (``emit``) and
-writes the markdown file (``write``), creating its folder; ``write_markdown``
-writes a report built as one string. Both write atomically, and nothing when
-the path is ``None``. A script writes only when asked:
-``add_output_arguments(parser, default)`` adds ``--output FILE`` and
-``--write-results`` (the committed file ``default`` under ``results/``), and
-``destination(args, default)`` turns them into ``(path or None, keep)``;
-with ``keep`` the ``## `` sections of the old file that this run did not redo
-stay (``merge_sections``).
+Every ``benchmarks/bench_*.py`` script imports this module by name (its own
+folder is first on ``sys.path``) and keeps only its cases: ``script_parser``
+gives it ``--quick``, ``--no-reference``, ``--output`` and ``--write-results``;
+``time_calls``/``in_turns`` (host) and ``time_events``/``time_burst`` (CUDA)
+time it; ``machine_line``, ``device_lines`` and ``load_line`` describe where it
+ran; ``markdown_table`` and the ``fmt_*`` functions format it; ``Report`` and
+``finish`` print and write it (``--write-results`` keeps the sections a run did
+not redo). ``benchmarks/README.md`` lists every name by group.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +36,7 @@ __all__ = [
     "destination",
     "device_info",
     "device_lines",
+    "finish",
     "fmt_bandwidth",
     "fmt_bytes",
     "fmt_overhead",
@@ -82,6 +46,8 @@ __all__ = [
     "fmt_time",
     "fmt_verdict",
     "free_device_memory",
+    "in_turns",
+    "load_line",
     "machine_line",
     "markdown_row",
     "markdown_table",
@@ -89,6 +55,8 @@ __all__ = [
     "median_time",
     "merge_sections",
     "percentile",
+    "reference_or_reason",
+    "script_parser",
     "slug",
     "time_burst",
     "time_calls",
@@ -267,6 +235,29 @@ def time_once(function: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, value
 
 
+def in_turns(functions: Mapping[str, Callable[[int], Any]], rounds: int) -> dict[str, list[float]]:
+    """``perf_counter`` time of each function in each of ``rounds`` turns, by name.
+
+    Turn ``k`` calls every function once, ``function(k)``, in the mapping's
+    order, so that methods compared side by side see the same load on a shared
+    machine (a drift of its speed touches them alike). No warm-up.
+
+    Raises
+    ------
+    ValueError
+        If ``rounds`` is less than 1.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for k in range(rounds):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function(k)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0-100) of ``values``."""
     return float(np.percentile(np.asarray(values), q))
@@ -368,6 +359,31 @@ def measure_copy_bandwidth(cupy: Any, nbytes: int, per_burst: int, rounds: int) 
 def machine_line() -> str:
     """'CPU: <model> (<n> logical cores); Python x.y.z; NumPy a.b.c'."""
     return f"CPU: {cpu_model()}; Python {platform.python_version()}; NumPy {np.__version__}"
+
+
+def load_line() -> str:
+    """'load average 1.2 / 0.8 / 0.5 on 2 cores' (the machine is shared), or that it is unknown."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:  # a system without load averages
+        return "load average unknown"
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} on {os.cpu_count()} cores"
+
+
+def reference_or_reason(wanted: bool) -> tuple[Callable[..., Any] | None, str]:
+    """CAREamics 0.3.5's ``StratifiedPatching`` (the reference), or None and why not.
+
+    ``wanted`` is False for ``--no-reference``; otherwise the reason is the
+    import error when CAREamics is not installed.
+    """
+    if not wanted:
+        return None, "--no-reference"
+    from gpu_patching.testing import load_reference
+
+    try:
+        return load_reference(), ""
+    except ImportError as error:
+        return None, str(error)
 
 
 def device_info(cupy: Any) -> dict[str, Any]:
@@ -535,6 +551,52 @@ def add_output_arguments(parser: argparse.ArgumentParser, default: Path) -> None
         help=f"write the markdown into benchmarks/results/{default.name}, keeping the "
         "sections this run did not redo",
     )
+
+
+def script_parser(
+    description: str, results: Path, quick: str, *, reference: bool = False
+) -> argparse.ArgumentParser:
+    """A script's parser with the flags every script shares; the script adds its own.
+
+    Parameters
+    ----------
+    description : str
+        The script's module docstring: its first line is the ``--help`` title.
+    results : Path
+        The committed file that ``--write-results`` writes (``add_output_arguments``).
+    quick : str
+        What ``--quick`` makes smaller, for ``--help``.
+    reference : bool
+        Add ``--no-reference`` (for scripts that run CAREamics' sampler beside ours).
+
+    Raises
+    ------
+    ValueError
+        If ``description`` has no first line to serve as the title.
+    """
+    title = description.strip().splitlines()[0] if description.strip() else ""
+    if not title:
+        raise ValueError(f"description {description!r} has no title line")
+    parser = argparse.ArgumentParser(description=title)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    if reference:
+        parser.add_argument("--no-reference", action="store_true", help="skip CAREamics")
+    add_output_arguments(parser, results)
+    return parser
+
+
+def finish(
+    report: Report, args: argparse.Namespace, results: Path, extra: Sequence[str] = ()
+) -> str:
+    """Write the report where ``--output``/``--write-results`` say (nowhere by default).
+
+    Prints where it went, and returns the report's text (with ``extra``).
+    """
+    output, keep = destination(args, results)
+    text = report.write(output, extra, keep=keep)
+    if output is not None:
+        print(f"\nwritten to {output}")
+    return text
 
 
 def destination(args: argparse.Namespace, default: Path) -> tuple[Path | None, bool]:

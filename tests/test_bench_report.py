@@ -179,3 +179,65 @@ def test_copy_bandwidth_refuses_kernels_that_wrote_nothing() -> None:
     cupy.ElementwiseKernel = Idle
     with pytest.raises(RuntimeError, match="did not write"):
         _report.measure_copy_bandwidth(cupy, 1 << 12, per_burst=2, rounds=1)
+
+
+# -- the script harness --------------------------------------------------------------------
+
+
+def test_script_parser_gives_every_script_the_same_flags(tmp_path: Path) -> None:
+    parser = _report.script_parser(
+        "Title line.\n\nMore.", tmp_path / "x.md", "tiny", reference=True
+    )
+    assert parser.description == "Title line."
+    args = parser.parse_args(["--quick", "--no-reference", "--write-results"])
+    assert args.quick and args.no_reference and args.write_results and args.output is None
+    assert _report.destination(args, tmp_path / "x.md") == (tmp_path / "x.md", True)
+
+
+def test_script_parser_adds_no_reference_only_to_scripts_with_a_reference(tmp_path: Path) -> None:
+    parser = _report.script_parser("Title.", tmp_path / "x.md", "tiny")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--no-reference"])
+
+
+def test_script_parser_refuses_a_description_without_a_title(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="description"):
+        _report.script_parser("", tmp_path / "x.md", "tiny")
+
+
+def test_finish_writes_only_when_asked_and_says_where(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = _report.script_parser("Title.", tmp_path / "x.md", "tiny")
+    report = _report.Report(echo=False)
+    report.emit("# title")
+    assert _report.finish(report, parser.parse_args([]), tmp_path / "x.md") == "# title\n"
+    assert not (tmp_path / "x.md").exists() and capsys.readouterr().out == ""
+    output = tmp_path / "out.md"
+    text = _report.finish(report, parser.parse_args(["--output", str(output)]), tmp_path / "x.md")
+    assert output.read_text() == text and f"written to {output}" in capsys.readouterr().out
+
+
+def test_in_turns_calls_each_function_once_per_round_in_order() -> None:
+    calls: list[tuple[str, int]] = []
+    times = _report.in_turns(
+        {"a": lambda k: calls.append(("a", k)), "b": lambda k: calls.append(("b", k))}, rounds=3
+    )
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert list(times) == ["a", "b"] and all(len(t) == 3 and min(t) >= 0 for t in times.values())
+
+
+def test_in_turns_refuses_fewer_than_one_round() -> None:
+    with pytest.raises(ValueError, match="rounds"):
+        _report.in_turns({"a": lambda k: None}, rounds=0)
+
+
+def test_load_line_states_the_three_load_averages_and_the_cores() -> None:
+    line = _report.load_line()
+    assert line.startswith("load average ") and line.endswith(" cores")
+    assert line.count(" / ") == 2
+
+
+def test_no_reference_flag_gives_no_reference_and_says_why() -> None:
+    reference, why = _report.reference_or_reason(wanted=False)
+    assert reference is None and why == "--no-reference"

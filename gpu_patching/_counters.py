@@ -66,7 +66,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._arrays import to_host
-from .backends.numpy_backend import draw_rows, host_tables
+from .backends.host_tables import host_tables
+from .backends.numpy_backend import draw_rows
 from .tables import RegionTables
 
 __all__ = ["DRAW_MASK", "CallCounters", "UpcomingPatches"]

@@ -12,19 +12,15 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from gpu_patching.backends.numpy_backend import (
-    _MASK32,
-    _SHIFT32,
-    _box_index,
-    _mulhi64_halves,
-    _stratum_bounds,
-)
+from gpu_patching.backends.host_tables import box_index
+from gpu_patching.backends.numpy_backend import mulhi64_halves, stratum_bounds
 from gpu_patching.tables import RegionTables
 
 
 def mulhi64(a: NDArray[np.uint64], b: NDArray[np.uint64]) -> NDArray[np.uint64]:
     """The backend's exact high 64 bits of ``a * b``, for uint64 arrays."""
-    return _mulhi64_halves(a & _MASK32, a >> _SHIFT32, b & _MASK32, b >> _SHIFT32)
+    mask, shift = np.uint64(0xFFFFFFFF), np.uint64(32)
+    return mulhi64_halves(a & mask, a >> shift, b & mask, b >> shift)
 
 
 def stratum_points(
@@ -55,7 +51,7 @@ def stratum_points(
         narrower than ``2**62``, so 64 random bits reach every one of its points.
     """
     quotient, remainder = np.divmod(mass_total, n_patches)
-    lower, upper = _stratum_bounds(stratum, quotient, remainder, n_patches, 0)
+    lower, upper = stratum_bounds(stratum, quotient, remainder, n_patches, 0)
     width = (upper - lower).astype(np.uint64)
     return lower + mulhi64(word, width).astype(np.int64)
 
@@ -85,6 +81,6 @@ def locate_corners(
     """
     corner = np.empty((len(point), tables.ndim), dtype=np.int64)
     global_point = np.asarray(tables.mass_offset[sample] + point, dtype=np.int64)
-    index = _box_index(tables)
+    index = box_index(tables)
     index.locate(global_point, np.asarray(sample, dtype=np.int64), corner)
     return corner

@@ -22,7 +22,8 @@ import pytest
 import gpu_patching._counters as counters_module
 from gpu_patching import StratifiedPatching, _state
 from gpu_patching._counters import CallCounters
-from gpu_patching.backends.numpy_backend import HostTables, draw_rows
+from gpu_patching.backends.host_tables import HostTables
+from gpu_patching.backends.numpy_backend import draw_rows
 
 
 def _sampler_2d() -> StratifiedPatching:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gpu_patching import StratifiedPatching
-from gpu_patching.backends import numpy_backend
+from gpu_patching.backends import host_tables, numpy_backend
 
 #: The target of the README's memory table is 100 bytes per region; the test
 #: allows some slack for the allocator, and still fails for the ~300 bytes per
@@ -85,7 +85,7 @@ def test_the_draw_index_keeps_at_most_4_bytes_per_region(shapes, patch):
         sampler.exclude_patches(data_idx, 0, mask)
         sampler.set_region_probs(data_idx, shape[0] - 1, rng.random(cells) * 2)
     sampler.sample_epoch(0)
-    index = numpy_backend._box_index(sampler._tables)
+    index = host_tables.box_index(sampler._tables)
     n_regions = len(sampler._tables.weight)
     assert index.layout.nbytes <= 4 * n_regions
     n_boxes = 1 << len(patch)
@@ -139,7 +139,7 @@ def test_shuffled_and_sharded_rows_are_the_plain_epochs_rows(monkeypatch, narrow
     # Large shuffled or sharded draws keep the corners in index order in 32
     # bits, small ones in 64 bits; the rows are the plain epoch's either way,
     # names included (several stacks and samples).
-    monkeypatch.setattr(numpy_backend, "_NARROW_CORNERS", narrow_from)
+    monkeypatch.setattr(numpy_backend, "NARROW_CORNERS", narrow_from)
     sampler = StratifiedPatching([(3, 1, 90, 70), (2, 2, 40, 300)], (6, 7), seed=6, backend="numpy")
     plain = sampler.sample_epoch(3)
     for rows in (
@@ -156,7 +156,7 @@ def test_shuffled_epochs_with_coordinates_beyond_32_bits_keep_them_exact(monkeyp
     # Corners in index order are kept in 32 bits only when every axis is
     # shorter than 2**31, else in 64 bits (even for a draw large enough to
     # narrow them): rows must equal the plain epoch's.
-    monkeypatch.setattr(numpy_backend, "_NARROW_CORNERS", 0)
+    monkeypatch.setattr(numpy_backend, "NARROW_CORNERS", 0)
     # 16 cells of 2**28 along an axis of 2**32: strata cover the mass line
     # evenly, so the upper half of each sample's patches lies beyond 2**31.
     sampler = StratifiedPatching([(2, 1, 1 << 32, 5)], (1 << 28, 2), seed=4, backend="numpy")
@@ -180,7 +180,7 @@ def test_layouts_built_in_small_slices_draw_the_same_epochs(monkeypatch):
         return [sampler.sample_epoch(epoch).coords for epoch in range(3)]
 
     whole = epochs()
-    monkeypatch.setattr(numpy_backend, "_KEY_ROWS", 7)
-    monkeypatch.setattr(numpy_backend, "_KEPT_KEYS", 3)
+    monkeypatch.setattr(host_tables, "KEY_ROWS", 7)
+    monkeypatch.setattr(host_tables, "KEPT_KEYS", 3)
     for mine, theirs in zip(epochs(), whole, strict=True):
         np.testing.assert_array_equal(mine, theirs)

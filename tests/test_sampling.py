@@ -900,7 +900,7 @@ def test_uniform_weights_take_the_same_corners_as_per_region_weights(probability
     # rank by a scalar (a shift for powers of two); it must pick the corners
     # the per-region division picks. A region at probability 0 is not drawn
     # and does not break the uniformity.
-    from gpu_patching.backends.numpy_backend import _box_index
+    from gpu_patching.backends.host_tables import box_index
 
     sampler = numpy_sampler([(2, 1, 60, 44)], (6, 5), seed=28)
     for sample_idx in range(2):
@@ -909,7 +909,7 @@ def test_uniform_weights_take_the_same_corners_as_per_region_weights(probability
         sampler.set_region_probs(0, sample_idx, probs)
     sampler.exclude_patches(0, 1, [(3, 3)])
     fast = [sampler.sample_epoch(epoch).coords for epoch in range(3)]
-    index = _box_index(sampler._tables)
+    index = box_index(sampler._tables)
     assert index.uniform_weight == round(probability * PROB_ONE)
     index.weight_shift, index.uniform_weight = -1, 0  # the per-region path
     for epoch in range(3):
@@ -919,7 +919,7 @@ def test_uniform_weights_take_the_same_corners_as_per_region_weights(probability
 def test_epochs_are_the_same_with_and_without_the_kept_chunk_parts(monkeypatch):
     # Small samplers keep the draw-independent parts of their epoch chunks
     # (Philox prefixes, stratum bounds); large ones recompute them.
-    from gpu_patching.backends import numpy_backend
+    from gpu_patching.backends import host_tables
 
     shapes, patch, epochs = [(2, 1, 90, 70), (1, 1, 40, 300)], (6, 7), (0, 1, 9, 2**32 - 1)
 
@@ -928,30 +928,30 @@ def test_epochs_are_the_same_with_and_without_the_kept_chunk_parts(monkeypatch):
         sampler.sample_epoch(3)
         sampler.exclude_patches(0, 1, [(2, 2), (5, 1)])
         coords = [sampler.sample_epoch(epoch).coords for epoch in epochs]
-        return coords, numpy_backend._box_index(sampler._tables)
+        return coords, host_tables.box_index(sampler._tables)
 
     kept, kept_index = epochs_of_a_used_sampler()
-    monkeypatch.setattr(numpy_backend, "_CACHED_PATCHES", 0)
+    monkeypatch.setattr(host_tables, "CACHED_PATCHES", 0)
     recomputed, recomputed_index = epochs_of_a_used_sampler()
     for mine, theirs in zip(kept, recomputed, strict=True):
         np.testing.assert_array_equal(mine, theirs)
-    assert kept_index._prefixes and kept_index._bounds
-    assert not recomputed_index._prefixes and not recomputed_index._bounds
+    assert kept_index.prefixes and kept_index.bounds
+    assert not recomputed_index.prefixes and not recomputed_index.bounds
 
 
 def test_kept_chunk_parts_do_not_pile_up_over_updates():
-    from gpu_patching.backends import numpy_backend
+    from gpu_patching.backends import host_tables, numpy_backend
 
     sampler = numpy_sampler([(3, 1, 200, 160)], (8, 8), seed=30)
-    index = numpy_backend._box_index(sampler._tables)
+    index = host_tables.box_index(sampler._tables)
     rng = np.random.default_rng(30)
     sizes = []
     for epoch in range(12):
         cell = tuple(int(c) for c in rng.integers(0, 19, 2))
         sampler.exclude_patches(0, epoch % 3, [cell])  # moves the samples' ranges
         sampler.sample_epoch(epoch)
-        sizes.append(len(index._prefixes))
-    assert max(sizes) <= 2 * (sampler.n_patches // numpy_backend._CHUNK + 3)
+        sizes.append(len(index.prefixes))
+    assert max(sizes) <= 2 * (sampler.n_patches // numpy_backend.CHUNK_ROWS + 3)
     for first in range(0, 500, 7):  # many other ranges
         sampler._backend.draw(sampler._tables, range(first, first + 40), 0, sampler.seed)
-    assert len(index._prefixes) <= 2 * (sampler.n_patches // numpy_backend._CHUNK + 3) + 1
+    assert len(index.prefixes) <= 2 * (sampler.n_patches // numpy_backend.CHUNK_ROWS + 3) + 1

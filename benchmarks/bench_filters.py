@@ -62,7 +62,7 @@ from gpu_patching import (
 
 RESULTS = RESULTS_DIR / "filters.md"
 # The threads region_statistics uses by default (workers=None).
-THREADS = stats._check_workers(None)
+THREADS = stats.check_workers(None)
 #: The image of issue 6 (65,832 regions of 32x32), and the --quick one.
 SHAPE = (10000, 6760)
 QUICK_SHAPE = (2500, 1690)

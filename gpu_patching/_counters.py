@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ._arrays import to_host
+from .arrays import to_host
 from .backends.host_tables import host_tables
 from .backends.numpy_backend import draw_rows
 from .tables import RegionTables

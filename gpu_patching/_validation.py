@@ -16,12 +16,11 @@ from typing import Any
 import numpy as np
 
 from . import grid
-from ._arrays import to_host
+from .arrays import as_array, to_host
 
 __all__ = [
     "EPOCH_LIMIT",
     "MAX_WORLD_SIZE",
-    "as_array",
     "as_int",
     "as_real",
     "check_epoch",
@@ -324,64 +323,6 @@ def validate_seed(seed: Any) -> int:
 def is_dense(value: Any) -> bool:
     """Tell whether ``value`` is an array (NumPy, CuPy, ...) rather than a sequence."""
     return hasattr(value, "shape") and hasattr(value, "dtype")
-
-
-def as_array(value: Any, name: str) -> Any:
-    """Return an array-like as a NumPy or CuPy array; None for Python containers.
-
-    NumPy and CuPy arrays are returned as they are. Other arrays are read
-    through the protocols they offer: ``__cuda_array_interface__`` (PyTorch
-    CUDA tensors, Numba) into CuPy, ``__array__`` (PyTorch CPU tensors and
-    most array libraries) or DLPack into NumPy, and a ``memoryview`` through
-    the buffer protocol. Lists, tuples, sets, dicts and other sequences give
-    None: the caller reads them entry by entry.
-
-    Parameters
-    ----------
-    value : Any
-        The value.
-    name : str
-        How the value is named in error messages.
-
-    Returns
-    -------
-    numpy.ndarray, cupy.ndarray or None
-        The array, or None when ``value`` is not an array.
-
-    Raises
-    ------
-    TypeError
-        If ``value`` offers an array protocol but cannot be read through it
-        (e.g. a CUDA array without CuPy, or a memoryview of an unknown
-        format), naming its type.
-    """
-    if isinstance(value, np.ndarray):
-        return value
-    if type(value).__module__.split(".")[0] == "cupy":
-        return value
-    try:
-        if isinstance(value, memoryview):
-            return np.asarray(value)
-        if hasattr(value, "__cuda_array_interface__"):
-            import cupy
-
-            return cupy.asarray(value)
-        if hasattr(value, "__array__"):
-            return np.asarray(value)
-        if hasattr(value, "__dlpack__"):
-            return np.from_dlpack(value)
-    except (
-        ImportError,
-        TypeError,
-        ValueError,
-        RuntimeError,
-        BufferError,
-        NotImplementedError,
-    ) as error:
-        raise TypeError(
-            f"{name} ({type(value).__name__}) cannot be read as a NumPy or CuPy array: {error}"
-        ) from None
-    return None
 
 
 def dense_grid_array(value: Any, cells: tuple[int, ...], name: str, xp: Any) -> Any:

@@ -19,8 +19,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 from . import cuda
-from ._arrays import to_host
 from ._validation import check_stack_shape, validate_patch_size
+from .arrays import has_cuda_dlpack, is_device_array, to_host
 from .cuda import BackendUnavailableError
 from .kernels.crop_patches import (
     CHECK_CROP_ROWS,
@@ -46,13 +46,9 @@ __all__ = [
     "crop_launch_args",
     "device_crop",
     "extract_patches",
-    "is_device_array",
     "native_dtype",
     "stack_table",
 ]
-
-# DLPack device types of CUDA memory: kDLCUDA and kDLCUDAManaged.
-_DLPACK_CUDA_DEVICES = (2, 13)
 
 
 # -- the public call ---------------------------------------------------------------------
@@ -466,48 +462,6 @@ def _check_out_metadata(out: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) 
 # -- the CUDA path --------------------------------------------------------------------------
 
 
-def is_device_array(value: Any) -> bool:
-    """Return whether ``value`` is a CUDA array (``__cuda_array_interface__`` or CUDA DLPack).
-
-    Parameters
-    ----------
-    value : object
-        Any stack, row array or buffer.
-
-    Returns
-    -------
-    bool
-        True for CuPy arrays, PyTorch CUDA tensors and other CUDA arrays.
-
-    Raises
-    ------
-    TypeError
-        For a PyTorch CUDA tensor that requires grad (it cannot be shared).
-    """
-    if isinstance(value, np.ndarray):
-        return False
-    try:
-        if hasattr(value, "__cuda_array_interface__"):
-            return True
-    except RuntimeError as error:  # PyTorch: a CUDA tensor that requires grad
-        raise TypeError(
-            "a CUDA tensor that requires grad cannot be shared without a copy; pass "
-            f"tensor.detach() ({error})"
-        ) from None
-    return _dlpack_device_type(value) in _DLPACK_CUDA_DEVICES
-
-
-def _dlpack_device_type(value: Any) -> int | None:
-    """Return the DLPack device type of ``value``, or None if it has none."""
-    dlpack_device = getattr(value, "__dlpack_device__", None)
-    if not callable(dlpack_device):
-        return None
-    try:
-        return int(dlpack_device()[0])
-    except Exception:  # a producer that cannot say: not a device array to us
-        return None
-
-
 def _supports_device_dtype(dtype: np.dtype[Any]) -> bool:
     return dtype.kind in "biufc" and dtype.itemsize in cuda.ELEMENT_C_TYPES
 
@@ -564,7 +518,7 @@ class DeviceCrop:
             return value
         try:
             # DLPack first: the producer orders its stream before ours.
-            if _dlpack_device_type(value) in _DLPACK_CUDA_DEVICES and hasattr(value, "__dlpack__"):
+            if has_cuda_dlpack(value):
                 return xp.from_dlpack(value)
             return xp.asarray(value)
         except NotImplementedError as error:  # CuPy: a dtype it lacks, e.g. bfloat16

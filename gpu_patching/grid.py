@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ._arrays import to_host
+from .arrays import to_host
 
 __all__ = [
     "MAX_PROBABILITY",

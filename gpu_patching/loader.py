@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 
 from . import _validation as check
+from .arrays import is_device_array
 from .backends import BackendUnavailableError
 from .crop import (
     check_stacks,
     copy_patches,
     device_crop,
-    is_device_array,
     native_dtype,
 )
 from .permutation import EpochOrder

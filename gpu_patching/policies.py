@@ -25,15 +25,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _validation as check
-from ._arrays import to_host
+from .arrays import require_array, to_host
 from .grid import MAX_PROBABILITY, grid_shape
 from .specs import PatchSpecs
 from .stats import (
     DEFAULT_BINS,
     STATISTICS,
-    _as_array,
-    _check_stack,
-    _check_workers,
+    check_stack,
+    check_workers,
     region_statistics,
 )
 from .strategy import StratifiedPatching
@@ -228,19 +227,19 @@ def filter_background(
         raise ValueError("coverage needs mask_stacks: one boolean mask per stack")
     if min_coverage is None and mask_stacks is not None:
         raise ValueError("mask_stacks is only used with coverage=<fraction>")
-    _check_workers(workers)
+    check_workers(workers)
     masks = (
         [None] * n_stacks
         if mask_stacks is None
         else _per_stack(mask_stacks, n_stacks, "mask_stacks")
     )
-    stack_list = [_as_array(stack, f"stacks[{k}]") for k, stack in enumerate(stack_list)]
+    stack_list = [require_array(stack, f"stacks[{k}]") for k, stack in enumerate(stack_list)]
     masks = [
-        None if mask is None else _as_array(mask, f"mask_stacks[{k}]")
+        None if mask is None else require_array(mask, f"mask_stacks[{k}]")
         for k, mask in enumerate(masks)
     ]
     for k, stack in enumerate(stack_list):
-        _check_stack(stack, strategy.patch_size, f"stacks[{k}]")
+        check_stack(stack, strategy.patch_size, f"stacks[{k}]")
         shape = tuple(int(s) for s in stack.shape)
         if shape != strategy.data_shapes[k]:
             raise ValueError(

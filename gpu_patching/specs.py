@@ -8,8 +8,8 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from ._arrays import to_host
 from ._validation import as_int
+from .arrays import to_host
 
 __all__ = ["PatchBatch", "PatchSpecs"]
 

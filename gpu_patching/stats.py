@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from . import _validation as check
-from ._arrays import to_host
+from .arrays import namespace, require_array, to_host
 from .grid import grid_shape
 
 __all__ = ["DEFAULT_BINS", "MAX_BINS", "STATISTICS", "filter_map", "region_statistics"]
@@ -78,36 +78,29 @@ MAX_BINS = 1 << 20
 # -- array namespaces and checks -----------------------------------------------
 
 
-def _namespace(array: Any, name: str) -> Any:
-    """Return ``numpy`` or ``cupy`` for an array; ``TypeError`` for anything else."""
-    if isinstance(array, np.ndarray):
-        return np
-    # Look at the type's module rather than importing CuPy: NumPy users never
-    # pay for the CuPy import, and CuPy arrays are recognised without it.
-    if type(array).__module__.split(".")[0] == "cupy":
-        import cupy
+def check_stack(stack: Any, patch: tuple[int, ...], name: str) -> Any:
+    """Check a ``SC(Z)YX`` image stack against the patch size; return its namespace.
 
-        return cupy
-    raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(array).__name__}")
+    Parameters
+    ----------
+    stack : numpy.ndarray or cupy.ndarray
+        The stack, of integers or floats.
+    patch : tuple of int
+        The patch size.
+    name : str
+        How the stack is named in error messages.
 
+    Returns
+    -------
+    module
+        ``numpy`` or ``cupy``.
 
-def _as_array(value: Any, name: str) -> Any:
-    """Return an array-like as a NumPy or CuPy array (tensors too); ``TypeError`` otherwise.
-
-    PyTorch CPU tensors and other ``__array__``/DLPack producers are read as
-    NumPy arrays, CUDA arrays (``__cuda_array_interface__``) as CuPy arrays.
+    Raises
+    ------
+    TypeError, ValueError
+        If the stack is not such an array, or its shape does not fit the patch.
     """
-    array = check.as_array(value, name)
-    if array is None:
-        raise TypeError(
-            f"{name} must be a NumPy or CuPy array (or a tensor), got {type(value).__name__}"
-        )
-    return array
-
-
-def _check_stack(stack: Any, patch: tuple[int, ...], name: str) -> Any:
-    """Check a ``SC(Z)YX`` image stack against the patch size; return its namespace."""
-    xp = _namespace(stack, name)
+    xp = namespace(stack, name)
     if np.dtype(stack.dtype).kind not in "iuf":
         raise TypeError(
             f"{name} must hold integers or floats, got dtype {np.dtype(stack.dtype).name}"
@@ -124,7 +117,7 @@ def _spatial_mask(mask: Any, stack_shape: tuple[int, ...], channel: int, name: s
     Accepted shapes: ``(S, *spatial)``, ``(S, 1, *spatial)`` and the stack's own
     ``(S, C, *spatial)`` (then channel ``channel`` is used).
     """
-    _namespace(mask, name)
+    namespace(mask, name)
     if np.dtype(mask.dtype) != np.bool_:
         raise TypeError(f"{name} must be a boolean array, got dtype {np.dtype(mask.dtype).name}")
     shape = tuple(int(s) for s in mask.shape)
@@ -523,8 +516,24 @@ def _reduce_blocks(
     return _merge(parts, 1, xp)
 
 
-def _check_workers(workers: Any) -> int:
-    """Return the number of threads for host reductions (``None``: every usable core)."""
+def check_workers(workers: Any) -> int:
+    """Return the number of threads for host reductions (``None``: every usable core).
+
+    Parameters
+    ----------
+    workers : int or None
+        Threads asked for, at least 1; None for every core this process may use.
+
+    Returns
+    -------
+    int
+        The number of threads.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``workers`` is not an integer, or is below 1.
+    """
     if workers is None:
         try:
             return max(1, len(os.sched_getaffinity(0)))
@@ -691,9 +700,9 @@ def region_statistics(
     2015.0
     """
     patch = check.validate_patch_size(patch_size)
-    stack = _as_array(stack, "stack")
-    mask = None if mask is None else _as_array(mask, "mask")
-    xp = _check_stack(stack, patch, "stack")
+    stack = require_array(stack, "stack")
+    mask = None if mask is None else require_array(mask, "mask")
+    xp = check_stack(stack, patch, "stack")
     names = _check_stats(stats)
     stack_shape = tuple(int(s) for s in stack.shape)
     channel = check.check_index(channel, "channel", stack_shape[1])
@@ -701,7 +710,7 @@ def region_statistics(
     if not 1 <= bins <= MAX_BINS:
         raise ValueError(f"bins must be in [1, {MAX_BINS}], got {bins}")
     value_range = _check_value_range(value_range)
-    n_workers = _check_workers(workers)
+    n_workers = check_workers(workers)
     if "coverage" in names and mask is None:
         raise ValueError("the 'coverage' statistic needs a mask: pass mask=<boolean stack>")
     if mask is not None and "coverage" not in names:
@@ -854,8 +863,8 @@ def filter_map(
            [1., 1., 5., 5.],
            [1., 1., 5., 5.]])
     """
-    statistic = _as_array(statistic, "statistic")
-    xp = _namespace(statistic, "statistic")
+    statistic = require_array(statistic, "statistic")
+    xp = namespace(statistic, "statistic")
     if np.dtype(statistic.dtype).kind not in "iuf":
         raise TypeError(
             f"statistic must hold real numbers, got dtype {np.dtype(statistic.dtype).name}"

@@ -16,10 +16,10 @@ from numpy.typing import NDArray
 
 from . import _state
 from . import _validation as check
-from ._arrays import to_host
 from ._counters import DRAW_MASK, CallCounters, UpcomingPatches
 from ._locking import OwnerLock
 from ._state import STATE_FORMAT, STATE_VERSION
+from .arrays import as_array, to_host
 from .backends import resolve_backend
 from .permutation import EpochOrder
 from .specs import PatchBatch, PatchSpecs
@@ -362,7 +362,7 @@ class StratifiedPatching:
         cells = self._tables.sample_grid(sample)
         xp = self._backend.xp
         # Tensors and other array-likes are read as NumPy or CuPy arrays first.
-        dense = check.as_array(grid_coords, "grid_coords")
+        dense = as_array(grid_coords, "grid_coords")
         if dense is not None and dense.dtype == np.bool_:
             new_cells = check.dense_grid_array(dense, cells, "grid_coords", xp)
         else:
@@ -410,7 +410,7 @@ class StratifiedPatching:
         sample = self._sample(data_idx, sample_idx)
         cells = self._tables.sample_grid(sample)
         xp = self._backend.xp
-        dense = check.as_array(probs, "probs")
+        dense = as_array(probs, "probs")
         if dense is not None:
             values = check.dense_grid_array(dense, cells, "probs", np)
             probability = xp.asarray(check.check_probabilities(values, "probs"))

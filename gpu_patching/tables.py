@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import grid
-from ._arrays import to_host
+from .arrays import to_host
 
 __all__ = [
     "MAX_AXIS_LENGTH",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gpu_patching import PatchBatch, StratifiedPatching, extract_patches
-from gpu_patching.crop import is_device_array
+from gpu_patching.arrays import is_device_array
 
 DTYPES = [
     np.uint8,

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import grid
-from .._arrays import to_host
+from ..arrays import to_host
 from ..tables import RegionTables
 
 __all__ = [

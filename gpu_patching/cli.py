@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -120,7 +121,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     _require("gpu-patching sample", _reader_modules(args.inputs))
     # The inputs first (shapes only, no pixels): a missing input is the error
     # to report even when the output already exists.
-    shapes = [read_shape(path, args.axes, level=args.level) for path in args.inputs]
+    options = _storage_options(args)
+    shapes = [_input_shape(path, args, options) for path in args.inputs]
     _check_outputs([output], args.inputs, args.overwrite)
     spatial = {len(s) - 2 for s in shapes}
     if len(spatial) != 1:
@@ -155,6 +157,48 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Return the ``--storage-option KEY=VALUE`` flags as fsspec storage_options (None if none).
+
+    ``true``/``false`` become booleans and a JSON object (``client_kwargs={...}``)
+    a dict; every other value stays a string (a key or secret made of digits too).
+    """
+    pairs = getattr(args, "storage_option", None) or []
+    if not pairs:
+        return None
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            # Not echoed: the value may be a secret.
+            raise CommandError(f"--storage-option needs KEY=VALUE, got one without '=' ({key!r})")
+        parsed: Any = value
+        if value in ("true", "false"):
+            parsed = value == "true"
+        elif value.startswith("{"):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as error:
+                raise CommandError(
+                    f"--storage-option {key}: the value is not a JSON object ({error.msg})"
+                ) from None
+        options[key] = parsed
+    return options
+
+
+def _input_shape(source: str, args: argparse.Namespace, options: dict[str, Any] | None) -> Any:
+    """Return the ``SC(Z)YX`` shape of an input: a file, or the URL of a remote store."""
+    from .stores.open import is_url
+
+    if is_url(source):
+        from .stores import open_stack
+
+        return tuple(open_stack(source, args.axes, level=args.level, storage_options=options).shape)
+    if options is not None:
+        raise CommandError(f"--storage-option is for URLs (s3://, gs://, https://), not {source}")
+    return read_shape(source, args.axes, level=args.level)
+
+
 def _epoch_options(args: argparse.Namespace) -> dict[str, Any]:
     """Shuffle/shard options of sample_epoch, passed only when asked for."""
     options: dict[str, Any] = {}
@@ -187,12 +231,17 @@ def _open_demo_image(args: argparse.Namespace) -> tuple[Any, str]:
     missing or unsuitable input is what the user hears about first.
     """
     stack: Any
-    if Path(args.image).is_dir():
-        # A zarr store or an OME-Zarr image (a level, with its own axes):
-        # only the plane shown is read.
+    from .stores.open import is_url
+
+    options = _storage_options(args)
+    if options is not None and not is_url(args.image or ""):
+        raise CommandError("--storage-option is for an --image URL (s3://, gs://, https://)")
+    if is_url(args.image or "") or Path(args.image).is_dir():
+        # A zarr store or an OME-Zarr image (a level, with its own axes), on
+        # disk or remote: only the plane shown is read.
         from .stores import open_stack
 
-        stack = open_stack(args.image, args.axes, level=args.level)
+        stack = open_stack(args.image, args.axes, level=args.level, storage_options=options)
         shape = tuple(stack.shape)
     else:
         args.axes = args.axes or "YX"
@@ -372,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--axes", help="axes of --image, e.g. YX, CYX (default: an OME-Zarr image's own, else YX)"
     )
     demo.add_argument("--level", type=int, default=0, help="OME-Zarr level of --image (default 0)")
+    demo.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an fsspec storage option of an --image URL (s3://, gs://, https://); repeatable",
+    )
     demo.add_argument("--sample", type=int, default=0, help="sample of --image shown (default 0)")
     demo.add_argument("--channel", type=int, default=0, help="channel of --image shown (default 0)")
     demo.add_argument("--patch", type=int, nargs=2, metavar=("PY", "PX"), help="default 32 32")
@@ -425,11 +480,20 @@ def build_parser() -> argparse.ArgumentParser:
             "[index, data_idx, sample_idx, (z,) y, x] to a .npy or .csv file."
         ),
     )
-    sample.add_argument("inputs", nargs="+", help="stack files, one per data_idx")
+    sample.add_argument(
+        "inputs", nargs="+", help="stack files or store URLs (s3://, ...), one per data_idx"
+    )
     sample.add_argument(
         "--axes", help="axes of the stacks, e.g. YX, SYX, TCZYX (OME-Zarr images: their own)"
     )
     sample.add_argument("--level", type=int, default=0, help="OME-Zarr level (default 0)")
+    sample.add_argument(
+        "--storage-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an fsspec storage option of the input URLs (s3://, gs://, https://), e.g. "
+        "anon=true or endpoint_url=https://...; repeatable",
+    )
     sample.add_argument(
         "--patch",
         type=int,

@@ -554,7 +554,7 @@ def add_output_arguments(parser: argparse.ArgumentParser, default: Path) -> None
 
 
 def script_parser(
-    description: str, results: Path, quick: str, *, reference: bool = False
+    description: str, results: Path, quick: str, *, reference: bool = False, gpu: bool = False
 ) -> argparse.ArgumentParser:
     """A script's parser with the flags every script shares; the script adds its own.
 
@@ -568,6 +568,9 @@ def script_parser(
         What ``--quick`` makes smaller, for ``--help``.
     reference : bool
         Add ``--no-reference`` (for scripts that run CAREamics' sampler beside ours).
+    gpu : bool
+        Add ``--gpu-only`` (for scripts with a CPU and a GPU part, so that a GPU
+        session short of time runs the GPU part alone).
 
     Raises
     ------
@@ -581,6 +584,12 @@ def script_parser(
     parser.add_argument("--quick", action="store_true", help=quick)
     if reference:
         parser.add_argument("--no-reference", action="store_true", help="skip CAREamics")
+    if gpu:
+        parser.add_argument(
+            "--gpu-only",
+            action="store_true",
+            help="skip the CPU part: for a GPU session short of time",
+        )
     add_output_arguments(parser, results)
     return parser
 

@@ -22,26 +22,25 @@ printed; ``--write-results`` writes them into ``benchmarks/results/access.md``
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from _report import (
     RESULTS_DIR,
     Report,
-    add_output_arguments,
-    destination,
+    finish,
     fmt_ratio,
     fmt_time,
+    in_turns,
+    load_line,
     machine_line,
     markdown_table,
+    reference_or_reason,
+    script_parser,
 )
 
 from gpu_patching import StratifiedPatching
-from gpu_patching.testing import load_reference
 
 # (label, data_shapes, patch_size, reference?): ~1k to ~1M regions.
 CASES = [
@@ -89,30 +88,37 @@ def per_call(sampler: Any, order: list[int]) -> float:
     return (time.perf_counter() - start) / len(order)
 
 
+def call_each(sampler: Any, order: list[int]) -> None:
+    """``get_patch_spec(i)`` for each ``i`` of ``order``, untimed."""
+    get = sampler.get_patch_spec
+    for index in order:
+        get(index)
+
+
 def measure_side_by_side(
     ours: Any, theirs: Any, order: list[int], reference_calls: int, turns: int = 10
 ) -> tuple[float, float | None]:
     """Mean seconds per call of both samplers on ``order``, in alternating turns.
 
     Each sampler takes its calls in ``turns`` slices, one slice of ours, then
-    one of the reference's, and so on, so that both see the same load on a
-    shared machine; ours takes the whole order, the reference its first
-    ``reference_calls`` indices.
+    one of the reference's, and so on (``in_turns``), so that both see the same
+    load on a shared machine; ours takes the whole order, the reference its
+    first ``reference_calls`` indices.
     """
-    ours_time = theirs_time = 0.0
     ours_step = -(-len(order) // turns)
     theirs_step = -(-reference_calls // turns)
-    for turn in range(turns):
-        ours_time += per_call(ours, order[turn * ours_step : (turn + 1) * ours_step]) * len(
-            order[turn * ours_step : (turn + 1) * ours_step]
-        )
-        if theirs is not None:
-            piece = order[turn * theirs_step : min((turn + 1) * theirs_step, reference_calls)]
-            if piece:
-                theirs_time += per_call(theirs, piece) * len(piece)
-    return ours_time / len(order), (
-        None if theirs is None else theirs_time / min(reference_calls, len(order))
-    )
+    ours_pieces = [order[k * ours_step : (k + 1) * ours_step] for k in range(turns)]
+    theirs_pieces = [
+        order[k * theirs_step : min((k + 1) * theirs_step, reference_calls)] for k in range(turns)
+    ]
+    sides = {"ours": lambda k: call_each(ours, ours_pieces[k])}
+    if theirs is not None:
+        sides["reference"] = lambda k: call_each(theirs, theirs_pieces[k])
+    times = in_turns(sides, turns)
+    theirs_time = None
+    if theirs is not None:
+        theirs_time = sum(times["reference"]) / min(reference_calls, len(order))
+    return sum(times["ours"]) / len(order), theirs_time
 
 
 def measure_lock(
@@ -136,23 +142,9 @@ def measure_lock(
     return results
 
 
-def _load() -> str:
-    """The 1, 5 and 15 minute load averages, or n/a where the system has none."""
-    try:
-        return ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def run(cases: list[Any], calls: int, reference_calls: int, use_reference: bool) -> Report:
     report = Report()
-    reference: Callable[..., Any] | None = None
-    why_not = "--no-reference"
-    if use_reference:
-        try:
-            reference = load_reference()
-        except ImportError as error:
-            why_not = str(error)
+    reference, why_not = reference_or_reason(use_reference)
     report.emit(
         "# get_patch_spec in any access order: ours vs the reference (CAREamics 0.3.5)",
         "",
@@ -165,7 +157,7 @@ def run(cases: list[Any], calls: int, reference_calls: int, use_reference: bool)
         "patches. "
         f"Target: at most {fmt_time(TARGET_PER_CALL)} per call in every order.",
         "",
-        f"Load average at the start: {_load()} (the machine is shared: both columns slow "
+        f"At the start: {load_line()} (the machine is shared: both columns slow "
         "down alike, so compare ratios; the reference's quiet-machine costs per call are "
         "in cpu.md).",
         "",
@@ -210,9 +202,7 @@ def run(cases: list[Any], calls: int, reference_calls: int, use_reference: bool)
             lock_rows.append(
                 [label, kind, fmt_time(alone), fmt_time(shared), f"{(shared - alone) / alone:+.0%}"]
             )
-    report.emit(
-        *markdown_table(header, rows, "lrlrrrl"), "", f"Load average at the end: {_load()}.", ""
-    )
+    report.emit(*markdown_table(header, rows, "lrlrrrl"), "", f"At the end: {load_line()}.", "")
     if reference is None:
         report.emit(f"The reference did not run: {why_not}.", "")
     report.emit(
@@ -233,17 +223,13 @@ def run(cases: list[Any], calls: int, reference_calls: int, use_reference: bool)
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small cases, few calls")
-    parser.add_argument("--no-reference", action="store_true", help="skip CAREamics")
-    add_output_arguments(parser, RESULTS)
+    parser = script_parser(__doc__, RESULTS, "small cases, few calls", reference=True)
     args = parser.parse_args(argv)
     if args.quick:
         report = run(QUICK_CASES, 3000, 200, not args.no_reference)
     else:
         report = run(CASES, 200_000, 1_000, not args.no_reference)
-    output, keep = destination(args, RESULTS)
-    return report.write(output, keep=keep)
+    return finish(report, args, RESULTS)
 
 
 if __name__ == "__main__":

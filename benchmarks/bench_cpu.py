@@ -25,7 +25,6 @@ without CAREamics); the tables are printed; ``--write-results`` writes them into
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from typing import Any
@@ -34,20 +33,21 @@ import numpy as np
 from _report import (
     RESULTS_DIR,
     Report,
-    add_output_arguments,
-    destination,
+    finish,
     fmt_overhead,
     fmt_ratio,
     fmt_time,
+    in_turns,
     machine_line,
     markdown_row,
     markdown_table,
     median_time,
+    reference_or_reason,
+    script_parser,
     time_once,
 )
 
 from gpu_patching import StratifiedPatching
-from gpu_patching.testing import load_reference
 
 # (label, data_shapes, patch_size): ~1k, ~66k and ~264k regions.
 CASES = [
@@ -153,12 +153,13 @@ def measure_orders(shapes: list, patch: tuple, repeats: int) -> dict[str, Any]:
         "sharded": {"shuffle": True, "rank": 1, "world_size": ORDER_WORLD_SIZE},
     }
     rows = {name: len(sampler.sample_epoch(3, **options)) for name, options in variants.items()}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for repeat in range(repeats):
-        for name, options in variants.items():
-            start = time.perf_counter()
-            sampler.sample_epoch(3 + repeat, **options)
-            times[name].append(time.perf_counter() - start)
+    times = in_turns(
+        {
+            name: lambda k, options=options: sampler.sample_epoch(3 + k, **options)
+            for name, options in variants.items()
+        },
+        repeats,
+    )
     return {
         "n_patches": sampler.n_patches,
         "rows": rows,
@@ -244,22 +245,16 @@ def order_row(label: str, orders: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
-    parser.add_argument("--no-reference", action="store_true", help="skip CAREamics")
-    add_output_arguments(parser, RESULTS)
+    parser = script_parser(__doc__, RESULTS, "small shapes, few repeats", reference=True)
     args = parser.parse_args(argv)
 
     cases = CASES[:1] if args.quick else CASES
     scaling = SCALING[:2] if args.quick else SCALING
     order_cases = CASES[:1] if args.quick else ORDER_CASES
     repeats = 3 if args.quick else 15
-    reference = None
-    if not args.no_reference:
-        try:
-            reference = load_reference()
-        except ImportError as error:
-            print(f"reference not available ({error}); showing gpu-patching only")
+    reference, why_not = reference_or_reason(not args.no_reference)
+    if reference is None and not args.no_reference:
+        print(f"reference not available ({why_not}); showing gpu-patching only")
 
     report = Report()
     report.emit(
@@ -303,11 +298,7 @@ def main(argv: list[str] | None = None) -> str:
     for label, shapes, patch in order_cases:
         report.emit(markdown_row(order_row(label, measure_orders(shapes, patch, repeats))))
 
-    output, keep = destination(args, RESULTS)
-    text = report.write(output, keep=keep)
-    if output is not None:
-        print(f"\nwritten to {output}")
-    return text
+    return finish(report, args, RESULTS)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ others, the prepared launch's too (into an output filled with NaN first).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -44,7 +43,6 @@ from typing import Any
 import numpy as np
 from _report import (
     RESULTS_DIR,
-    add_output_arguments,
     destination,
     device_info,
     device_lines,
@@ -55,10 +53,11 @@ from _report import (
     fmt_ratio,
     fmt_time,
     free_device_memory,
+    in_turns,
     machine_line,
     markdown_table,
     measure_copy_bandwidth,
-    median_time,
+    script_parser,
     slug,
     time_burst,
     usable_cupy,
@@ -163,18 +162,19 @@ def measure_cpu(case: Case, stack: np.ndarray, n_rows: int, quick: bool) -> dict
     """One case and batch on the host."""
     batch = make_batch(case, n_rows)
     same = bool(np.array_equal(extract_patches([stack], batch), slicing_loop(stack, batch, np)))
-    repeats = 1 if (quick or output_bytes(case, n_rows) > 1 << 30) else 5
+    # In turns, so that the methods compared see the same load on a shared machine.
+    repeats = 1 if quick else 3 if output_bytes(case, n_rows) > 1 << 30 else 7
     out = np.empty((n_rows, stack.shape[1], *case.patch_size), dtype=stack.dtype)
-    timings = {
-        "extract_patches (NumPy)": median_time(lambda _k: extract_patches([stack], batch), repeats),
-        "extract_patches (NumPy), out= reused": median_time(
-            lambda _k: extract_patches([stack], batch, out=out), repeats
-        ),
-        "per-patch slicing loop": median_time(lambda _k: slicing_loop(stack, batch, np), repeats),
-        "per-patch slicing loop, out reused": median_time(
-            lambda _k: slicing_loop(stack, batch, np, out), repeats
-        ),
+    methods: dict[str, Callable[[int], Any]] = {
+        "extract_patches (NumPy)": lambda _k: extract_patches([stack], batch),
+        "extract_patches (NumPy), out= reused": lambda _k: extract_patches([stack], batch, out=out),
+        "per-patch slicing loop": lambda _k: slicing_loop(stack, batch, np),
+        "per-patch slicing loop, out reused": lambda _k: slicing_loop(stack, batch, np, out),
     }
+    for method in methods.values():
+        method(0)  # warm-up: the pages of out, the caches
+    turns = in_turns(methods, repeats)
+    timings = {name: statistics.median(times) for name, times in turns.items()}
     loader_times, loader_same = measure_loader(case, stack, n_rows, repeats)
     return {
         "case": case,
@@ -529,15 +529,8 @@ def gpu_markdown(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
     # --output names the CPU markdown; the GPU markdown goes beside it as crop-gpu-<card>.md.
-    add_output_arguments(parser, RESULTS_DIR / "crop-cpu.md")
-    parser.add_argument(
-        "--gpu-only",
-        action="store_true",
-        help="skip the CPU part (and write no CPU markdown): for a GPU session short of time",
-    )
+    parser = script_parser(__doc__, RESULTS_DIR / "crop-cpu.md", "fewer repeats", gpu=True)
     args = parser.parse_args(argv)
     output, keep = destination(args, RESULTS_DIR / "crop-cpu.md")
 

@@ -27,9 +27,7 @@ is short), ``--no-gpu`` the GPU half.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -40,14 +38,15 @@ import numpy as np
 from _report import (
     RESULTS_DIR,
     Report,
-    add_output_arguments,
     cpu_model,
-    destination,
     device_info,
+    finish,
     fmt_ratio,
     fmt_time,
+    load_line,
     markdown_table,
     median_time,
+    script_parser,
     usable_cupy,
 )
 
@@ -328,15 +327,8 @@ def table(rows: list[tuple[str, float, float | None, str]], regions: int) -> lis
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 2500x1690 image, few repeats")
+    parser = script_parser(__doc__, RESULTS, "a 2500x1690 image, few repeats", gpu=True)
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU half")
-    parser.add_argument(
-        "--gpu-only",
-        action="store_true",
-        help="skip the CPU half: for a GPU session short of time",
-    )
-    add_output_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     if args.gpu_only and args.no_gpu:
         parser.error("--gpu-only and --no-gpu leave nothing to run")
@@ -369,8 +361,7 @@ def main(argv: list[str] | None = None) -> str:
         report.emit(
             f"Python {platform.python_version()}, NumPy {np.__version__}; `region_statistics` "
             f"on a NumPy stack with the default `workers=None` ({THREADS} threads here). "
-            "Load average before the run (the cores may be shared): "
-            f"{os.getloadavg()[0]:.2f}.",
+            f"Before the run (the cores may be shared): {load_line()}.",
             "",
         )
         print(f"CPU, {label}", flush=True)
@@ -394,11 +385,7 @@ def main(argv: list[str] | None = None) -> str:
             cupy.asarray(stack), cupy.asarray(mask_stack), cupy, repeats, synchronize
         )
         report.emit(*table(gpu_rows, regions))
-    output, keep = destination(args, RESULTS)
-    text = report.write(output, keep=keep)
-    if output is not None:
-        print(f"\nwritten to {output}")
-    return text
+    return finish(report, args, RESULTS)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ import numpy as np
 from _report import (
     RESULTS_DIR,
     Report,
+    destination,
     device_info,
     device_lines,
     fmt_bandwidth,
@@ -94,6 +95,7 @@ from _report import (
     markdown_table,
     measure_copy_bandwidth,
     percentile,
+    script_parser,
     slug,
     time_burst,
     time_calls,
@@ -1427,11 +1429,13 @@ def targets_section(
     launches: float | None,
     orders: Sequence[dict[str, Any]],
     updates: tuple[dict[str, float], str],
+    keep: bool = False,
 ) -> list[str]:
     """Write the report with its targets table; count launches with CUPTI; write it again.
 
     The first write keeps the measurements should the profiler probe (a child
-    process) not come back.
+    process) not come back. With ``keep`` (``--write-results``), the old
+    file's sections this run did not redo stay.
     """
     gpu_updates, update_label = updates
 
@@ -1450,7 +1454,7 @@ def targets_section(
                 orders,
             ),
         ]
-        session.report.write(output, summary)
+        session.report.write(output, summary, keep=keep)
         return summary
 
     targets(None)
@@ -1467,9 +1471,7 @@ def run(args: argparse.Namespace, cupy: Any, backend: str = "cuda") -> str:
     session = Session(args, cupy, Report(), backend)
     info = device_info(cupy)
     quick = "-quick" if args.quick else ""
-    output = args.output
-    if output is None and getattr(args, "write_results", False):
-        output = RESULTS_DIR / f"gpu-{slug(info['name'])}{quick}.md"
+    output, keep = destination(args, RESULTS_DIR / f"gpu-{slug(info['name'])}{quick}.md")
     session.report.emit(
         f"# GPU benchmark: gpu-patching CUDA backend ({info['name']})", "", *device_lines(info)
     )
@@ -1479,7 +1481,7 @@ def run(args: argparse.Namespace, cupy: Any, backend: str = "cuda") -> str:
     launches = latency_section(session, throughput.latency)
     orders = orders_section(session, throughput.gpu_per_patch, throughput.numpy_per_patch)
     updates = updates_section(session)
-    summary = targets_section(session, output, throughput, launches, orders, updates)
+    summary = targets_section(session, output, throughput, launches, orders, updates, keep)
     print("\n".join(summary))
     if output is not None:
         print(f"\nwritten to {output}")
@@ -1487,13 +1489,9 @@ def run(args: argparse.Namespace, cupy: Any, backend: str = "cuda") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes only, fewer repeats")
-    parser.add_argument("--output", type=Path, default=None, help="markdown file to write")
-    parser.add_argument(
-        "--write-results",
-        action="store_true",
-        help="write the markdown into benchmarks/results/gpu-<card>.md (default: print only)",
+    # --write-results names the card's own file, gpu-<card>.md.
+    parser = script_parser(
+        __doc__, RESULTS_DIR / "gpu-<card>.md", "small sizes only, fewer repeats"
     )
     parser.add_argument(
         "--numpy-max-patches",

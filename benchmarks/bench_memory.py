@@ -31,7 +31,6 @@ only (``/proc``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -41,11 +40,11 @@ from typing import Any
 from _report import (
     RESULTS_DIR,
     Report,
-    add_output_arguments,
-    destination,
+    finish,
     machine_line,
     markdown_row,
     markdown_table,
+    script_parser,
 )
 
 RESULTS = RESULTS_DIR / "memory.md"
@@ -182,10 +181,7 @@ def per_region(figures: dict[str, Any] | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1M regions only, no reference")
-    parser.add_argument("--no-reference", action="store_true", help="skip CAREamics")
-    add_output_arguments(parser, RESULTS)
+    parser = script_parser(__doc__, RESULTS, "1M regions only, no reference", reference=True)
     args = parser.parse_args(argv)
     if not Path("/proc/self/clear_refs").exists():
         raise SystemExit("bench_memory.py needs Linux's /proc/self/clear_refs")
@@ -244,11 +240,7 @@ def main(argv: list[str] | None = None) -> str:
                     )
                 )
         report.emit("", SMALL_SAMPLERS_NOTE)
-    output, keep = destination(args, RESULTS)
-    text = report.write(output, keep=keep)
-    if output is not None:
-        print(f"\nwritten to {output}")
-    return text
+    return finish(report, args, RESULTS)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,16 @@ def test_script_parser_adds_no_reference_only_to_scripts_with_a_reference(tmp_pa
         parser.parse_args(["--no-reference"])
 
 
+def test_script_parser_adds_gpu_only_to_scripts_with_a_gpu_part(tmp_path: Path) -> None:
+    parser = _report.script_parser("Title.", tmp_path / "x.md", "tiny", gpu=True)
+    assert parser.parse_args(["--gpu-only"]).gpu_only
+    assert (
+        not _report.script_parser("Title.", tmp_path / "x.md", "tiny")
+        .parse_args([])
+        .__dict__.get("gpu_only")
+    )
+
+
 def test_script_parser_refuses_a_description_without_a_title(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="description"):
         _report.script_parser("", tmp_path / "x.md", "tiny")

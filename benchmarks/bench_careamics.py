@@ -30,12 +30,20 @@ Columns, for each case and each sampler:
   and sampler: patches cut out in batches, without CAREamics' normalisation or
   augmentation (so not the same work: what the crops alone cost).
 
+End to end (``benchmarks/results/careamics-train.md``): seconds per epoch of
+``CAREamist.train`` on one 2048x2048 image (64x64 patches, N2V's two-level
+UNet, the same seeds), with CAREamics' sampler and with ours
+(:func:`gpu_patching.careamics.using_gpu_patching`), and the time each epoch
+spent in the sampler's ``get_patch_spec`` (timed around every call; the
+DataLoader runs without workers here, so every call is in this process).
+
 The machine has 2 cores: the worker rows show what two worker processes buy
 there, not on a workstation. Run it with ``python benchmarks/bench_careamics.py``
-(``--quick``: smaller images and fewer batches, for a smoke run); it needs
-CAREamics and its dependencies (``make careamics-tier``). The tables are printed;
-``--write-results`` writes them into ``benchmarks/results/careamics.md``,
-``--output FILE`` into FILE.
+(``--quick``: smaller images and fewer batches, for a smoke run; ``--train-only``:
+the end-to-end table alone); it needs CAREamics and its dependencies
+(``make careamics-tier``). The tables are printed; ``--write-results`` writes them
+into ``benchmarks/results/careamics.md`` and ``benchmarks/results/careamics-train.md``,
+``--output`` and ``--train-output`` into the files they name.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,6 +75,11 @@ from gpu_patching import PatchLoader
 from gpu_patching.testing import import_careamics
 
 RESULTS = RESULTS_DIR / "careamics.md"
+TRAIN_RESULTS = RESULTS_DIR / "careamics-train.md"
+#: Epochs of CAREamist.train per sampler in the end-to-end table.
+TRAIN_EPOCHS = 2
+#: Validation patches split off the training image in the end-to-end table.
+TRAIN_VAL_PATCHES = 8
 BATCH_SIZE = 32
 #: Items timed one by one per case and sampler (fewer when a case has fewer patches).
 ITEMS = 1000
@@ -278,11 +292,168 @@ def run_case(report: Report, case: Case, items: int, batches: int) -> list[str]:
     ]
 
 
+class _EpochClock:
+    """A Lightning callback: each training epoch's wall time and its sampler's share.
+
+    At the first epoch it puts a timing wrapper around the training sampler's
+    ``get_patch_spec`` (an attribute of that sampler object only), so both
+    samplers are timed the same way, call by call.
+    """
+
+    def __init__(self) -> None:
+        self.epoch_s: list[float] = []
+        self.sampler_s: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        sampler = trainer.datamodule.train_dataset.patch_constructor.patching_strategy
+        if "get_patch_spec" not in vars(sampler):
+            untimed = sampler.get_patch_spec
+
+            def timed(index: int) -> Any:
+                start = time.perf_counter()
+                try:
+                    return untimed(index)
+                finally:
+                    self.sampler_s[-1] += time.perf_counter() - start
+
+            sampler.get_patch_spec = timed
+        self.sampler_s.append(0.0)
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.epoch_s.append(time.perf_counter() - self._start)
+
+
+def train_run(case: Case, arrays: list[np.ndarray], ours: bool, work_dir: Path) -> list[str]:
+    """``CAREamist.train`` for ``TRAIN_EPOCHS`` epochs with one sampler; its table row."""
+    from careamics import CAREamist
+    from careamics.config import create_n2v_config
+    from lightning.pytorch import Callback
+
+    from gpu_patching.careamics import using_gpu_patching
+
+    config = create_n2v_config(
+        experiment_name="bench",
+        data_type="array",
+        axes=case.axes,
+        patch_size=list(case.patch_size),
+        batch_size=BATCH_SIZE,
+        num_epochs=TRAIN_EPOCHS,
+        augmentations=["x_flip", "y_flip", "rotate_90"],
+        n_val_patches=TRAIN_VAL_PATCHES,
+    )
+    config.data_config.seed = config.data_config.patching.seed = SEED
+    for params in (
+        config.data_config.train_dataloader_params,
+        config.data_config.val_dataloader_params,
+    ):
+        # No workers: every get_patch_spec call is in this process, where it is timed.
+        params.update(num_workers=0, persistent_workers=False)
+
+    class EpochClock(_EpochClock, Callback):
+        """The clock as a Lightning callback (Lightning is imported only here)."""
+
+    clock = EpochClock()
+    careamist = CAREamist(config, work_dir=work_dir, enable_progress_bar=False, callbacks=[clock])
+    start = time.perf_counter()
+    if ours:
+        with using_gpu_patching(careamist):
+            careamist.train(train_data=arrays)
+    else:
+        careamist.train(train_data=arrays)
+    total_s = time.perf_counter() - start
+    sampler = careamist.train_datamodule.train_dataset.patch_constructor.patching_strategy
+    epochs = [fmt_time(seconds) for seconds in clock.epoch_s]
+    shares = [
+        f"{fmt_time(used)} ({100 * used / epoch:.1f}%)"
+        for used, epoch in zip(clock.sampler_s, clock.epoch_s, strict=True)
+    ]
+    return [
+        "gpu-patching" if ours else "CAREamics",
+        f"{sampler.n_patches:,}",
+        " / ".join(epochs),
+        " / ".join(shares),
+        fmt_time(total_s),
+    ]
+
+
+def run_train(case: Case, output: Path | None) -> str:
+    """The end-to-end table: CAREamist.train with each sampler, side by side."""
+    import tempfile
+
+    import torch
+
+    from gpu_patching.testing import import_careamics
+
+    careamics = import_careamics()
+    arrays = make_arrays(case)
+    report = Report()
+    report.emit(
+        "# CAREamist.train with CAREamics' sampler and with ours",
+        "",
+        f"CPU: {cpu_model()}; Python {platform.python_version()}, NumPy {np.__version__}, "
+        f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads), CAREamics "
+        f"{careamics.__version__}; our NumPy backend.",
+        "",
+        f"`CAREamist.train` for {TRAIN_EPOCHS} epochs on one {case.name.split(',')[0]} "
+        f"float32 image, {'x'.join(map(str, case.patch_size))} patches, N2V's default "
+        f"configuration (its two-level UNet, mean/std normalisation, flips, 90-degree "
+        f"rotations), batch size {BATCH_SIZE}, {TRAIN_VAL_PATCHES} validation patches "
+        f"split off, the same seeds for both samplers, DataLoader without workers. "
+        f"`epoch` is the wall time of each training epoch (its validation included), "
+        f"`sampler` the time its `get_patch_spec` calls took in it (and their share of "
+        f"the epoch), `train()` the whole call (dataset build with its normalisation "
+        f"pass, both epochs, checkpoints); each sampler runs twice, taking turns, with the "
+        f"load average (1 min) when its run began. On this CPU the network's forward and "
+        f"backward passes take nearly all of an epoch: the sampler can only save its "
+        f"own share. Produced by `python benchmarks/bench_careamics.py --train-only`.",
+        "",
+    )
+    load_before = os.getloadavg()[0]
+    rows = []
+    # Taking turns, CAREamics-ours-ours-CAREamics, so that a change of the
+    # machine's load during the run weighs on both samplers alike.
+    for ours in (False, True, True, False):
+        with tempfile.TemporaryDirectory() as work_dir:
+            load = os.getloadavg()[0]
+            rows.append([*train_run(case, arrays, ours, Path(work_dir)), f"{load:.1f}"])
+    report.emit(
+        *markdown_table(
+            [
+                "sampler",
+                "training patches",
+                "epoch 1 / 2",
+                "sampler in epoch 1 / 2 (share)",
+                "train()",
+                "load before",
+            ],
+            rows,
+            "lrrrrr",
+        ),
+        "",
+        f"Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+        f"the end (2 cores: above 2, other processes shared the cores).",
+    )
+    return report.write(output)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small images, few batches")
     add_output_arguments(parser, RESULTS)
+    parser.add_argument(
+        "--train-output",
+        type=Path,
+        default=None,
+        help="markdown file for the end-to-end CAREamist.train table",
+    )
+    parser.add_argument(
+        "--train-only", action="store_true", help="only the end-to-end CAREamist.train table"
+    )
     args = parser.parse_args(argv)
+    if args.train_output is None and args.write_results:
+        args.train_output = TRAIN_RESULTS
     os.environ.setdefault("TQDM_DISABLE", "1")  # CAREamics' progress bars
     try:
         careamics = import_careamics()
@@ -295,9 +466,15 @@ def main(argv: list[str] | None = None) -> str:
         )
         return ""
     logging.getLogger("Statistics").setLevel(logging.WARNING)  # its normalisation log
+    train_case = QUICK_CASES[0] if args.quick else CASES[0]
+    if args.train_only:
+        return run_train(train_case, args.train_output)
     import torch
 
-    torch.set_num_threads(1)  # the DataLoader's workers are the parallelism measured
+    # The network trains on every core; the pipeline's figures use one thread each,
+    # so that the DataLoader's workers are the parallelism measured.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     cases = QUICK_CASES if args.quick else CASES
     items = 100 if args.quick else ITEMS
     batches = 8 if args.quick else BATCHES
@@ -336,7 +513,9 @@ def main(argv: list[str] | None = None) -> str:
         f"an idle machine, both samplers alike).",
     )
     output, keep = destination(args, RESULTS)
-    return report.write(output, keep=keep)
+    text = report.write(output, keep=keep)
+    torch.set_num_threads(threads)
+    return text + run_train(train_case, args.train_output)
 
 
 if __name__ == "__main__":

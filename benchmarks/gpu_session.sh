@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh check-pytest-log FILE
 #                                           # exit 1 unless a GPU test passed in FILE
 #   bash benchmarks/gpu_session.sh list-gpu-tests
+#   bash benchmarks/gpu_session.sh commands  # each benchmark step's command line
 #
 # The steps, each under its own timeout, all within SESSION_S seconds (a
 # step gets what is left when earlier ones overran):
@@ -25,6 +26,14 @@
 #   bench-gpu      bench_gpu.py (full sizes, a shorter budget per case)
 #   bench-crop     bench_crop.py --gpu-only (full sizes, no CPU half)
 #   bench-filters  bench_filters.py --gpu-only (the 10000x6760 image, no CPU half)
+#
+# The benchmark steps are every script in benchmarks/ with a GPU row (the ones
+# that ask the harness for a device, usable_cupy); tests/test_bench_gpu.py
+# checks that none is left out and that each command line parses. The others
+# have no device path and measure the CPU only: bench_cpu, bench_access,
+# bench_memory (the host's resident memory), bench_stores (it counts what
+# device_output would upload, but times no upload) and bench_careamics
+# (CAREamics' pipeline on the host); a GPU machine adds nothing to them.
 #
 # Results: $OUT (the folder the device tool brings back, at most 8 files) gets
 # summary.txt (one line per step, and the launch count), session.tar.gz
@@ -60,6 +69,31 @@ GRACE_S=3
 PROFILED_EPOCHS=5
 # The kernel tests that memcheck runs (they launch our own kernels).
 SANITIZED_TESTS=(tests/test_cuda.py tests/test_crop_cuda.py)
+# The benchmark steps, in the order they run.
+BENCH_STEPS=(bench-gpu bench-crop bench-filters)
+
+# bench_args NAME SECONDS LOGS: set BENCH_ARGS to the benchmark step NAME's
+# command line (after "$PY"), for a step of SECONDS with its logs in LOGS.
+bench_args() {
+    case $1 in
+        # The script's own budget: the step's, less 15 s for its start and report.
+        bench-gpu) BENCH_ARGS=(benchmarks/bench_gpu.py --no-torch-profile
+            --time-budget "$(($2 - 15))" --epoch-budget 1.5 --write-results) ;;
+        # The GPU halves only, at full size (the CPU halves are recorded from
+        # CPU machines); crop-gpu-<card>.md goes beside crop-cpu.md.
+        bench-crop) BENCH_ARGS=(benchmarks/bench_crop.py --gpu-only --output "$3/crop-cpu.md") ;;
+        bench-filters) BENCH_ARGS=(benchmarks/bench_filters.py --gpu-only
+            --output "$3/filters-gpu.md") ;;
+        *) return 1 ;;
+    esac
+}
+
+commands() {  # each benchmark step's command line, at its full budget
+    for name in "${BENCH_STEPS[@]}"; do
+        bench_args "$name" "${BUDGET[$name]}" "$OUT/logs"
+        printf '%s: %s\n' "$name" "${BENCH_ARGS[*]}"
+    done
+}
 
 plan() {
     local total=0
@@ -100,13 +134,17 @@ case "${1:-all}" in
         list_gpu_tests
         exit 0
         ;;
+    commands)
+        commands
+        exit 0
+        ;;
     check-pytest-log)
         check_pytest_log "${2:?usage: gpu_session.sh check-pytest-log FILE}"
         exit $?
         ;;
     all) ;;
     *)
-        echo "usage: bash benchmarks/gpu_session.sh [plan|list-gpu-tests|check-pytest-log FILE]" >&2
+        echo "usage: bash benchmarks/gpu_session.sh [plan|list-gpu-tests|commands|check-pytest-log FILE]" >&2
         exit 2
         ;;
 esac
@@ -241,15 +279,13 @@ fi
 if [ "$gpu_ok" -eq 1 ]; then
     run_memcheck
     run_launch_count
-    # The script's own budget: what the step will get, less 15 s for its start and report.
-    budget=${BUDGET[bench-gpu]}
-    if [ $((DEADLINE - SECONDS)) -lt "$budget" ]; then budget=$((DEADLINE - SECONDS)); fi
-    budget=$((budget - 15))
-    step bench-gpu "$PY" benchmarks/bench_gpu.py --no-torch-profile --time-budget "$budget" \
-        --epoch-budget 1.5 --write-results
-    # The GPU halves only, at full size (the CPU halves are recorded from CPU machines).
-    step bench-crop "$PY" benchmarks/bench_crop.py --gpu-only --output "$LOGS/crop-cpu.md"
-    step bench-filters "$PY" benchmarks/bench_filters.py --gpu-only --output "$LOGS/filters-gpu.md"
+    for name in "${BENCH_STEPS[@]}"; do
+        # What the step will get: its budget, or what is left of the session.
+        budget=${BUDGET[$name]}
+        if [ $((DEADLINE - SECONDS)) -lt "$budget" ]; then budget=$((DEADLINE - SECONDS)); fi
+        bench_args "$name" "$budget" "$LOGS"
+        step "$name" "$PY" "${BENCH_ARGS[@]}"
+    done
 else
     note "skipped memcheck, launches and the benchmarks: no usable GPU"
 fi

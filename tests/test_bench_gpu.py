@@ -684,6 +684,48 @@ def test_gpu_session_without_a_gpu_fails_and_packs_its_logs(tmp_path: Path) -> N
     assert {"logs/describe.log", "logs/pytest-cuda.log"} <= set(listing)
 
 
+def _bench_commands() -> dict[str, list[str]]:
+    """Each benchmark step of the session and its command line (after python)."""
+    done = _session_script("commands")
+    assert done.returncode == 0, done.stderr
+    steps = [line.split(": ", 1) for line in done.stdout.splitlines()]
+    return {name: command.split() for name, command in steps}
+
+
+def test_gpu_session_runs_every_benchmark_that_has_a_gpu_row() -> None:
+    # A script has a GPU row when it asks the harness for a device (usable_cupy).
+    with_gpu = {
+        f"benchmarks/{path.name}"
+        for path in (ROOT / "benchmarks").glob("bench_*.py")
+        if "usable_cupy" in path.read_text()
+    }
+    assert {"benchmarks/bench_gpu.py", "benchmarks/bench_crop.py"} <= with_gpu
+    assert {command[0] for command in _bench_commands().values()} == with_gpu
+
+
+def test_gpu_session_benchmark_commands_are_steps_with_a_budget() -> None:
+    plan = _session_script("plan").stdout
+    budgets = dict(re.findall(r"^([\w-]+) +(\d+) s", plan, re.MULTILINE))
+    assert all(name in budgets for name in _bench_commands())
+
+
+@pytest.mark.parametrize("step", ["bench-gpu", "bench-crop", "bench-filters"])
+def test_gpu_session_benchmark_command_lines_use_flags_their_script_accepts(step: str) -> None:
+    command = _bench_commands()[step]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / command[0]), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for flag in (word for word in command[1:] if word.startswith("--")):
+        assert re.search(rf"(^|\s){re.escape(flag)}\b", done.stdout), (step, flag)
+    if "--time-budget" in command:  # what is left of the step for the script itself
+        assert float(command[command.index("--time-budget") + 1]) > 0
+
+
 def test_gpu_session_rejects_an_unknown_part() -> None:
     done = _session_script("tests")
     assert done.returncode == 2 and "usage" in done.stderr

@@ -34,7 +34,6 @@ others, the prepared launch's too (into an output filled with NaN first).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -44,7 +43,6 @@ from typing import Any
 import numpy as np
 from _report import (
     RESULTS_DIR,
-    add_output_arguments,
     destination,
     device_info,
     device_lines,
@@ -59,6 +57,7 @@ from _report import (
     machine_line,
     markdown_table,
     measure_copy_bandwidth,
+    script_parser,
     slug,
     time_burst,
     usable_cupy,
@@ -530,15 +529,8 @@ def gpu_markdown(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats")
     # --output names the CPU markdown; the GPU markdown goes beside it as crop-gpu-<card>.md.
-    add_output_arguments(parser, RESULTS_DIR / "crop-cpu.md")
-    parser.add_argument(
-        "--gpu-only",
-        action="store_true",
-        help="skip the CPU part (and write no CPU markdown): for a GPU session short of time",
-    )
+    parser = script_parser(__doc__, RESULTS_DIR / "crop-cpu.md", "fewer repeats", gpu=True)
     args = parser.parse_args(argv)
     output, keep = destination(args, RESULTS_DIR / "crop-cpu.md")
 

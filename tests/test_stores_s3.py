@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import socket
+import subprocess
+import sys
 import urllib.request
 
 import numpy as np
@@ -258,3 +262,39 @@ def test_a_wrong_secret_gives_a_clear_error_without_the_secret():
     for text in texts:
         assert wrong_secret not in text and key["SecretAccessKey"] not in text
         assert key["AccessKeyId"] not in text
+
+
+def _readme_example() -> str:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    # A ```py block: test_readme.py runs ```python blocks only (this one needs a server).
+    blocks = [b for b in re.findall(r"```py\n(.*?)```", readme, flags=re.DOTALL) if "s3://" in b]
+    assert len(blocks) == 1, "the README has one example of training from S3"
+    return blocks[0]
+
+
+def test_the_readme_example_trains_from_an_s3_image(tmp_path):
+    server, endpoint = _start_server()
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem(**_options(endpoint)).mkdir("my-bucket")
+        full = np.random.default_rng(7).integers(0, 60000, (160, 192), dtype=np.uint16)
+        _write_ome("s3://my-bucket/cells.ome.zarr", full, "yx", 3, _options(endpoint))
+        # The endpoint and credentials from the environment, as the example says.
+        environment = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": _KEY,
+                       "AWS_SECRET_ACCESS_KEY": _SECRET}  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", _readme_example()],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=environment,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    assert "s3://my-bucket/cells.ome.zarr/0 (1, 1, 160, 192)" in result.stdout

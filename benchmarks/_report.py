@@ -47,6 +47,7 @@ __all__ = [
     "fmt_verdict",
     "free_device_memory",
     "in_turns",
+    "load_1min",
     "load_line",
     "machine_line",
     "markdown_row",
@@ -368,6 +369,14 @@ def load_line() -> str:
     except OSError:  # a system without load averages
         return "load average unknown"
     return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} on {os.cpu_count()} cores"
+
+
+def load_1min() -> str:
+    """The one-minute load average with one decimal ('2.3'), or 'n/a'."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:  # a system without load averages
+        return "n/a"
 
 
 def reference_or_reason(wanted: bool) -> tuple[Callable[..., Any] | None, str]:

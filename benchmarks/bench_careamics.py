@@ -48,7 +48,6 @@ into ``benchmarks/results/careamics.md`` and ``benchmarks/results/careamics-trai
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import platform
@@ -62,13 +61,14 @@ import numpy as np
 from _report import (
     RESULTS_DIR,
     Report,
-    add_output_arguments,
     cpu_model,
-    destination,
+    finish,
     fmt_rate,
     fmt_ratio,
     fmt_time,
+    load_1min,
     markdown_table,
+    script_parser,
 )
 
 from gpu_patching import PatchLoader
@@ -410,14 +410,14 @@ def run_train(case: Case, output: Path | None) -> str:
         f"own share. Produced by `python benchmarks/bench_careamics.py --train-only`.",
         "",
     )
-    load_before = os.getloadavg()[0]
+    load_before = load_1min()
     rows = []
     # Taking turns, CAREamics-ours-ours-CAREamics, so that a change of the
     # machine's load during the run weighs on both samplers alike.
     for ours in (False, True, True, False):
         with tempfile.TemporaryDirectory() as work_dir:
-            load = os.getloadavg()[0]
-            rows.append([*train_run(case, arrays, ours, Path(work_dir)), f"{load:.1f}"])
+            load = load_1min()
+            rows.append([*train_run(case, arrays, ours, Path(work_dir)), load])
     report.emit(
         *markdown_table(
             [
@@ -432,16 +432,14 @@ def run_train(case: Case, output: Path | None) -> str:
             "lrrrrr",
         ),
         "",
-        f"Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+        f"Load average (1 min) {load_before} at the start, {load_1min()} at "
         f"the end (2 cores: above 2, other processes shared the cores).",
     )
     return report.write(output)
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small images, few batches")
-    add_output_arguments(parser, RESULTS)
+    parser = script_parser(__doc__, RESULTS, "small images, few batches")
     parser.add_argument(
         "--train-output",
         type=Path,
@@ -496,7 +494,7 @@ def main(argv: list[str] | None = None) -> str:
         "",
     )
     started = time.perf_counter()
-    load_before = os.getloadavg()[0]
+    load_before = load_1min()
     summary = [run_case(report, case, items, batches) for case in cases]
     report.emit(
         "### Ours against CAREamics' (how many times faster)",
@@ -508,12 +506,11 @@ def main(argv: list[str] | None = None) -> str:
         ),
         "",
         f"Whole run: {time.perf_counter() - started:.0f} s; load average (1 min) "
-        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (2 cores: "
+        f"{load_before} at the start, {load_1min()} at the end (2 cores: "
         f"above 2, other processes shared the cores and every figure is slower than on "
         f"an idle machine, both samplers alike).",
     )
-    output, keep = destination(args, RESULTS)
-    text = report.write(output, keep=keep)
+    text = finish(report, args, RESULTS)
     torch.set_num_threads(threads)
     return text + run_train(train_case, args.train_output)
 

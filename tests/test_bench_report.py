@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -246,6 +247,11 @@ def test_load_line_states_the_three_load_averages_and_the_cores() -> None:
     line = _report.load_line()
     assert line.startswith("load average ") and line.endswith(" cores")
     assert line.count(" / ") == 2
+
+
+def test_load_1min_is_the_one_minute_load_average_with_one_decimal() -> None:
+    assert re.fullmatch(r"\d+\.\d", _report.load_1min())
+    assert _report.load_line().startswith(f"load average {_report.load_1min()} / ")
 
 
 def test_no_reference_flag_gives_no_reference_and_says_why() -> None:

@@ -129,18 +129,24 @@ def make_arrays(case: Case) -> list[np.ndarray]:
     return [generator.random(shape, dtype=np.float32) for shape in case.shapes]
 
 
-def n2v_config(case: Case) -> Any:
-    """A fresh N2V data configuration: every build computes its own normalisation."""
+def n2v_configuration(case: Case, **options: Any) -> Any:
+    """CAREamics' N2V configuration for ``case`` (``options``: more of its arguments)."""
     from careamics.config import create_n2v_config
 
-    config = create_n2v_config(
+    return create_n2v_config(
         experiment_name="bench",
         data_type="array",
         axes=case.axes,
         patch_size=list(case.patch_size),
         batch_size=BATCH_SIZE,
         augmentations=["x_flip", "y_flip", "rotate_90"],
-    ).data_config
+        **options,
+    )
+
+
+def n2v_config(case: Case) -> Any:
+    """A fresh N2V data configuration: every build computes its own normalisation."""
+    config = n2v_configuration(case).data_config
     config.patching.seed = SEED
     return config
 
@@ -328,21 +334,11 @@ class _EpochClock:
 def train_run(case: Case, arrays: list[np.ndarray], ours: bool, work_dir: Path) -> list[str]:
     """``CAREamist.train`` for ``TRAIN_EPOCHS`` epochs with one sampler; its table row."""
     from careamics import CAREamist
-    from careamics.config import create_n2v_config
     from lightning.pytorch import Callback
 
     from gpu_patching.careamics import using_gpu_patching
 
-    config = create_n2v_config(
-        experiment_name="bench",
-        data_type="array",
-        axes=case.axes,
-        patch_size=list(case.patch_size),
-        batch_size=BATCH_SIZE,
-        num_epochs=TRAIN_EPOCHS,
-        augmentations=["x_flip", "y_flip", "rotate_90"],
-        n_val_patches=TRAIN_VAL_PATCHES,
-    )
+    config = n2v_configuration(case, num_epochs=TRAIN_EPOCHS, n_val_patches=TRAIN_VAL_PATCHES)
     config.data_config.seed = config.data_config.patching.seed = SEED
     for params in (
         config.data_config.train_dataloader_params,

@@ -40,7 +40,6 @@ from .crop import (
 from .permutation import EpochOrder
 from .specs import PatchBatch
 from .stores import (
-    DEFAULT_CACHE_BYTES,
     DEFAULT_WORKERS,
     ChunkReader,
     check_reader_options,
@@ -131,8 +130,12 @@ class PatchLoader:
         CUDA stream for the epoch draw and the crops (device stacks), or for
         the uploads (``device_output``); default: the stream current when
         iteration starts.
-    cache_bytes : int, default gpu_patching.stores.DEFAULT_CACHE_BYTES
-        Chunked stores only: byte limit of the chunk cache (512 MiB).
+    cache_bytes : int, optional
+        Chunked stores only: the reader's memory budget (chunk cache, reads
+        in flight, batches read ahead, the epoch's rows). Default: the
+        stores' decoded bytes, at most 512 MiB
+        (:func:`gpu_patching.stores.default_cache_bytes`). Peak memory of a
+        pass: ``docs/design.md``, "Chunked stores".
     workers : int, default gpu_patching.stores.DEFAULT_WORKERS
         Chunked stores only: chunk reads in flight at once.
     device_output : bool, default False
@@ -178,7 +181,7 @@ class PatchLoader:
         drop_last: bool = False,
         as_torch: bool = False,
         stream: Any = None,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int | None = None,
         workers: int = DEFAULT_WORKERS,
         device_output: bool = False,
     ) -> None:

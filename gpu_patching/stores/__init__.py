@@ -16,6 +16,7 @@ from .reader import (
     MAX_READ_AHEAD,
     ChunkReader,
     check_reader_options,
+    default_cache_bytes,
     upload_batch,
 )
 from .stack import ChunkedStack, StoreError, as_chunked_stack, is_chunked_stack
@@ -30,6 +31,7 @@ __all__ = [
     "StoreError",
     "as_chunked_stack",
     "check_reader_options",
+    "default_cache_bytes",
     "is_chunked_stack",
     "open_stack",
     "plan_chunks",

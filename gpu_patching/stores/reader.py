@@ -33,11 +33,14 @@ __all__ = [
     "MAX_READ_AHEAD",
     "ChunkReader",
     "check_reader_options",
+    "default_cache_bytes",
     "upload_batch",
 ]
 
-#: Default memory budget of a :class:`ChunkReader` (512 MiB): its chunk cache,
-#: reads in flight, batches read ahead and rows (see ``ChunkReader.cache_limit``).
+#: The most a :class:`ChunkReader`'s default memory budget takes (512 MiB): its
+#: chunk cache, reads in flight, batches read ahead and rows (see
+#: ``ChunkReader.cache_limit``). The default is this or the stacks' decoded
+#: bytes, whichever is smaller (:func:`default_cache_bytes`).
 DEFAULT_CACHE_BYTES = 512 << 20
 #: Default number of chunk reads in flight (zarr's codecs decode in threads).
 DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
@@ -57,20 +60,28 @@ class ChunkReader:
     stacks : sequence of ChunkedStack or zarr.Array
         The stacks, axes ``SC(Z)YX`` (zarr arrays are wrapped as they are;
         use :func:`open_stack` for other axes, OME-Zarr and TIFF).
-    cache_bytes : int, default DEFAULT_CACHE_BYTES
+    cache_bytes : int, optional
         Memory budget of the chunk cache, the reads in flight and (during a
         :meth:`batches` pass) the batches read ahead and the rows; the cache
         takes what the others leave (:attr:`cache_limit`), least recently
-        used chunks leaving first. 0 keeps no chunk between reads.
+        used chunks leaving first. 0 keeps no chunk between reads. Default:
+        :func:`default_cache_bytes` of the stacks, the smaller of their
+        decoded bytes and :data:`DEFAULT_CACHE_BYTES` (a budget larger than
+        the stores would only hold the reads' garbage longer).
     workers : int, default DEFAULT_WORKERS
         Chunk reads in flight at once (zarr decodes them in its thread pool).
 
     Attributes
     ----------
+    cache_bytes : int
+        The budget (the default made concrete).
     chunks_read : int
         Chunks read from the stores so far.
     cache_hits : int
         Chunks taken from the cache instead.
+    peak_cached_bytes : int
+        The most bytes of chunks the cache has held at once (at most
+        ``cache_bytes``).
 
     Raises
     ------
@@ -90,7 +101,7 @@ class ChunkReader:
         self,
         stacks: Sequence[Any],
         *,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int | None = None,
         workers: int = DEFAULT_WORKERS,
     ) -> None:
         if isinstance(stacks, (str, bytes)) or not isinstance(stacks, Sequence):
@@ -119,7 +130,7 @@ class ChunkReader:
                     f"({first.name}) has {first.shape[1]}, stacks[{k}] ({stack.name}) "
                     f"has {stack.shape[1]}"
                 )
-        self.cache_bytes = limit
+        self.cache_bytes = default_cache_bytes(self.stacks) if limit is None else limit
         self.workers = n_workers
         # Reads in flight hold up to three chunk sizes each (see cache_limit).
         self._in_flight_bytes = 3 * n_workers * max(s.chunk_bytes for s in self.stacks)
@@ -128,6 +139,7 @@ class ChunkReader:
         self.cache_hits = 0
         self._cache: OrderedDict[tuple[int, tuple[int, ...]], NDArray[Any]] = OrderedDict()
         self._cached_bytes = 0
+        self.peak_cached_bytes = 0
         self._lock = threading.Lock()
 
     @property
@@ -268,6 +280,7 @@ class ChunkReader:
                     # Raised outside the handler: a remote error's causes and context
                     # may hold a request's text (a signed URL), so none is attached.
                     raise fault
+                assert block is not None  # the read returned: no fault
                 self.chunks_read += 1
                 copy_pieces(j, stack, index, block)
                 self._keep(key, block)
@@ -296,6 +309,8 @@ class ChunkReader:
         if key not in self._cache and block.nbytes <= self.cache_limit:
             self._cache[key] = block
             self._cached_bytes += block.nbytes
+            # Counted before the eviction: the bytes did sit in the cache together.
+            self.peak_cached_bytes = max(self.peak_cached_bytes, self._cached_bytes)
         self._evict()
 
     def _evict(self) -> None:
@@ -463,23 +478,50 @@ def _reserved_batches(window: int) -> int:
     return max(1, 2 * window - 2)
 
 
-def check_reader_options(cache_bytes: Any, workers: Any) -> tuple[int, int]:
+def default_cache_bytes(stacks: Sequence[ChunkedStack]) -> int:
+    """Return the default ``cache_bytes`` of a :class:`ChunkReader` over ``stacks``.
+
+    The stacks' decoded bytes together (every element once: a chunk at a far
+    edge decodes to its part inside the stack), at most
+    :data:`DEFAULT_CACHE_BYTES`. A budget larger than the stores could never
+    be filled with chunks; it would only let the budget's other parts (reads
+    in flight, batches read ahead) grow past what the data needs.
+
+    Parameters
+    ----------
+    stacks : sequence of ChunkedStack
+        The stacks (their shapes and dtypes; nothing is read).
+
+    Returns
+    -------
+    int
+        The budget in bytes.
+    """
+    decoded = sum(math.prod(s.shape) * s.dtype.itemsize for s in stacks)
+    return min(DEFAULT_CACHE_BYTES, decoded)
+
+
+def check_reader_options(cache_bytes: Any, workers: Any) -> tuple[int | None, int]:
     """Return ``(cache_bytes, workers)`` of a :class:`ChunkReader` after checking them.
 
     Parameters
     ----------
-    cache_bytes : int
-        At least 0.
+    cache_bytes : int or None
+        At least 0; ``None`` (the default budget, :func:`default_cache_bytes`)
+        is returned as it is.
     workers : int
         At least 1.
 
     Returns
     -------
-    tuple of int
+    tuple
         The two values.
     """
-    limit = check.as_int(cache_bytes, "cache_bytes")
-    if limit < 0:
+    if cache_bytes is None:
+        limit = None
+    else:
+        limit = check.as_int(cache_bytes, "cache_bytes")
+    if limit is not None and limit < 0:
         raise ValueError(f"cache_bytes must be at least 0, got {limit}")
     n_workers = check.as_int(workers, "workers")
     if n_workers < 1:

@@ -200,8 +200,8 @@ def measure_loader(
     The sampler gets the stack several times over (the same array), so that an
     epoch holds :data:`LOADER_BATCHES` batches of ``n_rows``. Each batch of a
     pass after the first :data:`LOADER_WARMUP_BATCHES` is timed on its own
-    (``next`` of the loader), and in turn the loop slices that batch's rows,
-    drawn already, into one reused buffer.
+    (``next`` of the loader), and in turn (before or after it, alternately)
+    the loop slices that batch's rows, drawn already, into one reused buffer.
     """
     per_stack = StratifiedPatching([stack.shape], case.patch_size, seed=0).n_patches
     copies = max(1, -(-LOADER_BATCHES * n_rows // per_stack))
@@ -212,18 +212,29 @@ def measure_loader(
     loop_times: list[float] = []
     loader_times: list[float] = []
     same = True
+    # The loader's rows, drawn already: the loop can slice a batch before the
+    # loader cuts it. The two take turns at going first, so that neither
+    # always finds the batch's pixels in cache.
+    epoch = strategy.sample_epoch(0, shuffle=True).to_numpy()
     for _ in range(max(1, repeats)):
         batches = iter(loader)
         for k in range(LOADER_BATCHES):
+            rows = epoch[k * n_rows : (k + 1) * n_rows]
+            loop_first = k % 2 == 1
+            if loop_first and k >= LOADER_WARMUP_BATCHES:
+                start = time.perf_counter()
+                slicing_loop(stack, rows, np, buffer)
+                loop_times.append(time.perf_counter() - start)
             start = time.perf_counter()
             patches, batch = next(batches)
             if k < LOADER_WARMUP_BATCHES:
                 continue
             loader_times.append(time.perf_counter() - start)
-            # In turns with the loader, so that both see the same load.
-            start = time.perf_counter()
-            slicing_loop(stack, batch, np, buffer)
-            loop_times.append(time.perf_counter() - start)
+            if not loop_first:
+                start = time.perf_counter()
+                slicing_loop(stack, rows, np, buffer)
+                loop_times.append(time.perf_counter() - start)
+            same = same and bool(np.array_equal(batch.coords, rows.coords))
             same = same and bool(np.array_equal(patches, buffer))
         del patches, batches
     times = {
@@ -301,8 +312,8 @@ def cpu_markdown(results: list[dict[str, Any]], gpu_note: str) -> str:
         "run (>= x1.00: at least as fast). `extract_patches` runs on the corners above. "
         f"`PatchLoader` (batches of one shuffled epoch, {LOADER_BATCHES} per pass) is timed "
         f"per batch after the first {LOADER_WARMUP_BATCHES} of each pass, which allocate "
-        "the two buffers that then take turns; in turn with each, the loop slices that "
-        "batch's rows. Medians.",
+        "the two buffers that then take turns; in turn with each (before or after it, "
+        "alternately), the loop slices that batch's rows. Medians.",
         "",
         *markdown_table(
             [

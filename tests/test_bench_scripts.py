@@ -10,6 +10,7 @@ not checked (speed is for the scripts to report, not for tests to assert).
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -300,3 +301,67 @@ def test_merge_sections_replaces_rerun_sections_and_keeps_the_others_in_place() 
         "## D\n\nnew d\n"
     )
     assert _report.merge_sections(merged, new) == merged  # the note is added once
+
+
+# -- every script goes through the one harness (benchmarks/_report.py) -------------------
+
+# bench_stores joins once its main goes through the harness too (it is being edited).
+SCRIPTS = sorted(path.stem for path in BENCHMARKS.glob("bench_*.py") if path.stem != "bench_stores")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_takes_its_shared_flags_from_the_harness(name: str) -> None:
+    source = (BENCHMARKS / f"{name}.py").read_text()
+    assert "script_parser(" in source  # --quick, --output, --write-results, ...
+    assert "ArgumentParser(" not in source  # no parser of its own
+    assert "getloadavg" not in source  # the machine's load: load_line()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_offers_quick_output_and_write_results(name: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    for flag in ("--quick", "--output", "--write-results"):
+        assert flag in done.stdout, (name, flag)
+
+
+def test_bench_access_runs_quick_through_the_harness_into_its_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_access = _load("bench_access")
+    tiny = ("tiny: 256x192, 32x32", [(1, 1, 256, 192)], (32, 32), True)
+    monkeypatch.setattr(bench_access, "QUICK_CASES", [tiny])
+    monkeypatch.setattr(bench_access, "RESULTS", tmp_path / "results" / "access.md")
+    output = tmp_path / "access.md"
+    text = bench_access.main(["--quick", "--output", str(output)])
+    assert f"written to {output}" in capsys.readouterr().out
+    assert output.read_text() == text and not (tmp_path / "results").exists()
+    rows = _table(text, "| case | patches | order |")
+    assert [row[2] for row in rows] == bench_access.ORDERS
+    assert all(row[4] != "n/a" for row in rows)  # ours is always measured
+    lock = _table(text, "| case | order | one thread (no lock) |")
+    assert [row[1] for row in lock] == ["sequential", "with replacement"]
+
+
+def test_bench_memory_runs_quick_through_the_harness_into_its_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_memory = _load("bench_memory")
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("bench_memory needs Linux's /proc/self/clear_refs")
+    tiny = ("tiny: 256x192, 32x32", [(1, 1, 256, 192)], (32, 32))
+    monkeypatch.setattr(bench_memory, "QUICK_CASES", [tiny])
+    monkeypatch.setattr(bench_memory, "RESULTS", tmp_path / "results" / "memory.md")
+    output = tmp_path / "memory.md"
+    text = bench_memory.main(["--quick", "--output", str(output)])
+    assert f"written to {output}" in capsys.readouterr().out
+    assert output.read_text() == text and not (tmp_path / "results").exists()
+    rows = _table(text, "| case | regions |")
+    assert len(rows) == 1 and rows[0][1] == "48"
+    assert len(rows[0]) == 2 + len(bench_memory.OURS)

@@ -70,7 +70,7 @@ from .backends.host_tables import host_tables
 from .backends.numpy_backend import draw_rows
 from .tables import RegionTables
 
-__all__ = ["DRAW_MASK", "CallCounters", "UpcomingPatches"]
+__all__ = ["DRAW_MASK", "CallCounters", "PatchCalls", "UpcomingPatches"]
 
 #: Draw numbers and call counters are taken modulo ``2**32``.
 DRAW_MASK = 0xFFFFFFFF
@@ -179,6 +179,102 @@ class CallCounters:
         if multiprocessing.context.get_spawning_popen() is not None:
             return (_shared_counters, (self._block,))
         return (CallCounters, (self.n_indices, self.counts.copy(), self.base))
+
+
+class PatchCalls:
+    """What a sampler keeps for ``get_patch_spec``: the counters and this process's cache.
+
+    ``next_patch(i)`` returns the patch of index ``i`` at its next draw
+    number (``base + calls[i]``) and then counts the call.
+
+    Parameters
+    ----------
+    n_indices : int
+        Number of patch indices.
+
+    Attributes
+    ----------
+    counters : CallCounters
+        The call counters and epoch base, shared with worker processes.
+    upcoming : UpcomingPatches or None
+        This process's cache of upcoming patches; None until a call needs it
+        after the tables or the seed changed (:meth:`forget_patches`).
+    """
+
+    def __init__(self, n_indices: int) -> None:
+        self.counters = CallCounters(n_indices)
+        self.upcoming: UpcomingPatches | None = None
+
+    def next_patch(
+        self, index: int, tables: RegionTables, seed: int, backend: Any
+    ) -> tuple[int, int, tuple[int, ...]]:
+        """Return ``(data_idx, sample_idx, coords)`` of ``index``'s next call, and count it.
+
+        Raises
+        ------
+        IndexError
+            If ``index`` is not in ``[0, n_indices)`` (nothing is counted).
+        """
+        counters = self.counters
+        n_patches = counters.n_indices
+        if not 0 <= index < n_patches:
+            raise IndexError(f"index {index} is out of range: expected 0 <= index < {n_patches}")
+        calls = counters.view
+        count = calls[index]
+        draw = (calls[n_patches] + count) & DRAW_MASK
+        upcoming = self.upcoming
+        patch = None if upcoming is None else upcoming.lookup(index, draw)
+        if patch is None:
+            if upcoming is None or not upcoming.is_current(tables, seed):
+                upcoming = self.upcoming = UpcomingPatches(tables, seed, backend)
+            patch = upcoming.miss(index, draw, counters)
+        # Counted once the patch is drawn: a call that fails counts nothing.
+        calls[index] = (count + 1) & DRAW_MASK
+        return patch
+
+    def forget_patches(self) -> None:
+        """Drop the cache (the tables or the seed changed)."""
+        self.upcoming = None
+
+    def resize(self, n_indices: int) -> None:
+        """Count ``n_indices`` indices: new shared counters if the number changes.
+
+        Processes started before keep the old counters. The first indices
+        keep their counts. When the new block cannot be allocated nothing
+        changes.
+        """
+        if self.counters.n_indices != n_indices:
+            self.counters = self.counters.resized(n_indices)
+
+    def reset(self, base: int, values: NDArray[Any] | None = None) -> None:
+        """Set the epoch base and every counter (to 0, or to ``values``), in place.
+
+        In place, so that the processes sharing the counters see the change;
+        with a different number of ``values`` than counters, new counters
+        (allocated first: nothing changes if that fails).
+        """
+        if values is not None and len(values) != self.counters.n_indices:
+            self.counters = CallCounters(len(values), values, base)
+        else:
+            self.counters.reset(base, values)
+        self.upcoming = None
+
+    def share(self, counters: Any) -> None:
+        """Use ``counters`` (received from a parent process) if they fit these indices."""
+        if isinstance(counters, CallCounters) and counters.n_indices == self.counters.n_indices:
+            self.counters = counters
+
+    def snapshot(self) -> tuple[CallCounters, int, NDArray[np.uint32]]:
+        """Return what :meth:`restore` needs to undo every later change."""
+        base, values = self.counters.snapshot()
+        return self.counters, base, values
+
+    def restore(self, snapshot: tuple[CallCounters, int, NDArray[np.uint32]]) -> None:
+        """Undo every change since :meth:`snapshot`: the same shared block, the same values."""
+        counters, base, values = snapshot
+        self.counters = counters
+        counters.reset(base, values)
+        self.upcoming = None
 
 
 def _shared_counters(block: Any) -> CallCounters:

@@ -7,16 +7,18 @@ times, pays no lock at all. After ``fork`` every lock is renewed in the child.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from threading import get_ident
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-__all__ = ["OwnerLock"]
+__all__ = ["OwnerLock", "locked"]
 
 #: Whether the interpreter runs without its global lock (free-threaded
 #: builds): the owner's lock-free calls rely on it to order attribute reads
@@ -77,6 +79,36 @@ class OwnerLock:
                 time.sleep(0)
         with self.lock:
             yield
+
+
+_Params = ParamSpec("_Params")
+_Result = TypeVar("_Result")
+
+
+def locked(
+    method: Callable[Concatenate[Any, _Params], _Result],
+) -> Callable[Concatenate[Any, _Params], _Result]:
+    """Run a method under its object's :class:`OwnerLock` (the attribute ``_guard``).
+
+    Concurrent calls of such methods on one object act in some serial order.
+
+    Parameters
+    ----------
+    method : callable
+        A method of a class whose instances hold an :class:`OwnerLock` as ``_guard``.
+
+    Returns
+    -------
+    callable
+        The method, holding the lock while it runs.
+    """
+
+    @functools.wraps(method)
+    def run_locked(self: Any, *args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
+        with self._guard.exclusive():
+            return method(self, *args, **kwargs)
+
+    return run_locked
 
 
 def _renew_locks() -> None:

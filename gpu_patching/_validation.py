@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import operator
 import secrets
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from .arrays import as_array, to_host
 __all__ = [
     "EPOCH_LIMIT",
     "MAX_WORLD_SIZE",
+    "SmallSampleWarning",
     "as_int",
     "as_real",
     "check_epoch",
@@ -35,6 +37,7 @@ __all__ = [
     "validate_data_shapes",
     "validate_patch_size",
     "validate_seed",
+    "warn_small_samples",
 ]
 
 
@@ -460,3 +463,43 @@ def probabilities_to_grid(
     updated = current.copy()
     updated[tuple(coords.T)] = values
     return updated
+
+
+class SmallSampleWarning(UserWarning):
+    """A sample is smaller than the patch along some axis, so it gets no patches.
+
+    :class:`StratifiedPatching` accepts such samples, as CAREamics does, and
+    every call works with them; filter this category to silence the warning.
+    """
+
+
+def warn_small_samples(shapes: Sequence[tuple[int, ...]], patch: tuple[int, ...]) -> None:
+    """Warn once per image stack whose samples are smaller than the patch.
+
+    Parameters
+    ----------
+    shapes : sequence of tuple of int
+        The ``SC(Z)YX`` shape of every image stack.
+    patch : tuple of int
+        The patch size.
+
+    Warns
+    -----
+    SmallSampleWarning
+        Naming the stack, its samples and the short axes; ``stacklevel`` points
+        at the code that built the sampler.
+    """
+    axes = "ZYX"[-len(patch) :]
+    for data_idx, shape in enumerate(shapes):
+        short = [a for a, (size, p) in enumerate(zip(shape[2:], patch, strict=True)) if size < p]
+        if not short:
+            continue
+        samples = "sample_idx 0" if shape[0] == 1 else f"sample_idx 0..{shape[0] - 1}"
+        warnings.warn(
+            f"data_idx {data_idx}, {samples} (shape {shape}): the spatial shape {shape[2:]} "
+            f"is smaller than the patch size {patch} along "
+            f"{', '.join(axes[a] for a in short)}, so "
+            f"{'this sample has' if shape[0] == 1 else 'these samples have'} no patches",
+            SmallSampleWarning,
+            stacklevel=3,
+        )

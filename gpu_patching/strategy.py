@@ -2,85 +2,33 @@
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from threading import get_ident
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from . import _state
 from . import _validation as check
-from ._counters import DRAW_MASK, CallCounters, UpcomingPatches
-from ._locking import OwnerLock
+from ._counters import DRAW_MASK, PatchCalls
+from ._locking import OwnerLock, locked
 from ._state import STATE_FORMAT, STATE_VERSION
+from ._validation import SmallSampleWarning
 from .arrays import as_array, to_host
 from .backends import resolve_backend
 from .permutation import EpochOrder
 from .specs import PatchBatch, PatchSpecs
 from .tables import RegionTables
-from .views import ImagePatchingView
+from .views import GridQueries
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "SmallSampleWarning", "StratifiedPatching"]
 
-_DRAW_LIMIT = check.EPOCH_LIMIT
 
-
-class SmallSampleWarning(UserWarning):
-    """A sample is smaller than the patch along some axis, so it gets no patches.
-
-    :class:`StratifiedPatching` accepts such samples, as CAREamics does, and
-    every call works with them; filter this category to silence the warning.
-    """
-
-
-def _warn_small_samples(shapes: Sequence[tuple[int, ...]], patch: tuple[int, ...]) -> None:
-    """Warn once per image stack whose samples are smaller than the patch."""
-    axes = "ZYX"[-len(patch) :]
-    for data_idx, shape in enumerate(shapes):
-        short = [a for a, (size, p) in enumerate(zip(shape[2:], patch, strict=True)) if size < p]
-        if not short:
-            continue
-        samples = "sample_idx 0" if shape[0] == 1 else f"sample_idx 0..{shape[0] - 1}"
-        warnings.warn(
-            f"data_idx {data_idx}, {samples} (shape {shape}): the spatial shape {shape[2:]} "
-            f"is smaller than the patch size {patch} along "
-            f"{', '.join(axes[a] for a in short)}, so "
-            f"{'this sample has' if shape[0] == 1 else 'these samples have'} no patches",
-            SmallSampleWarning,
-            stacklevel=3,
-        )
-
-
-def _read_only(values: NDArray[Any]) -> NDArray[Any]:
-    """Return an array the caller cannot write to (it is the caller's own copy)."""
-    values.flags.writeable = False
-    return values
-
-
-_Params = ParamSpec("_Params")
-_Result = TypeVar("_Result")
-
-
-def _locked(
-    method: Callable[Concatenate[StratifiedPatching, _Params], _Result],
-) -> Callable[Concatenate[StratifiedPatching, _Params], _Result]:
-    """Run a method under the sampler's lock: concurrent calls act in some serial order."""
-
-    @functools.wraps(method)
-    def locked(self: StratifiedPatching, *args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
-        with self._guard.exclusive():
-            return method(self, *args, **kwargs)
-
-    return locked
-
-
-class StratifiedPatching:
+class StratifiedPatching(GridQueries):
     """Stratified patching strategy allowing patches on a grid to be excluded.
 
     A drop-in replacement for CAREamics' ``StratifiedPatching`` whose state
@@ -176,24 +124,17 @@ class StratifiedPatching:
         self._backend = resolve_backend(backend)
         self._patch_size = patch
         self._data_shapes = shapes
-        self._tables = RegionTables(
-            [shape[2:] for shape in shapes],
-            [shape[0] for shape in shapes],
-            patch,
-            self._backend.xp,
-        )
+        self._tables = self._tables_with()
         # One lock serialises every call that reads or changes the state, so
         # threads sharing the sampler see some serial order of their calls.
         # Until a second thread uses the sampler, its owner (the thread that
         # built it) calls get_patch_spec without the lock (gpu_patching._locking).
         self._guard = OwnerLock()
-        # Calls per index since the last set_epoch, and the epoch base, modulo
-        # 2**32 (the draw number is), in memory shared with the processes a
-        # DataLoader starts (see gpu_patching._counters).
-        self._counters = CallCounters(self._tables.total_patches)
-        # This process's cache of the patches of every index's next calls.
-        self._upcoming: UpcomingPatches | None = None
-        _warn_small_samples(shapes, patch)
+        # Calls per index since the last set_epoch and the epoch base (shared
+        # with the processes a DataLoader starts), and this process's cache of
+        # the patches they point to (gpu_patching._counters).
+        self._calls = PatchCalls(self._tables.total_patches)
+        check.warn_small_samples(shapes, patch)
 
     # -- read-only state -------------------------------------------------------
 
@@ -210,80 +151,6 @@ class StratifiedPatching:
             Number of patches.
         """
         return self._tables.total_patches
-
-    @property
-    def n_patches_per_sample(self) -> NDArray[np.int64]:
-        """The number of patches of every sample, in ``(data_idx, sample_idx)`` order.
-
-        Entry ``s`` counts the patch indices of the ``s``-th sample when the
-        samples of all stacks are listed stack by stack; global indices are
-        numbered in that order, so the cumulative sum of this array gives the
-        first patch index of every sample. It is recomputed by every update
-        (:meth:`exclude_patches`, :meth:`set_region_probs`,
-        :meth:`load_state_dict`) and reads no epoch.
-
-        Returns
-        -------
-        numpy.ndarray of int64
-            A read-only host view, one entry per sample; its sum is
-            :attr:`n_patches`. An update replaces the array, so a view taken
-            earlier keeps the counts of its time.
-        """
-        view = self._tables.n_patches.view()
-        view.flags.writeable = False
-        return view
-
-    @property
-    def image_patching(self) -> ImagePatchingView:
-        """Every sample as CAREamics' ``image_patching[data_idx][sample_idx]`` reads it.
-
-        Each entry has ``n_patches``, ``grid_shape``, ``shape`` and
-        ``patch_size``, read from the sampler whenever they are asked for, so
-        they stay right after every update. This is what CAREamics'
-        ``create_val_split`` reads.
-
-        Returns
-        -------
-        ImagePatchingView
-            A read-only sequence (one entry per stack) of read-only sequences
-            (one :class:`~gpu_patching.views.SamplePatchingView` per sample).
-        """
-        return ImagePatchingView(self)
-
-    @property
-    def cumulative_image_patches(self) -> NDArray[np.int64]:
-        """Cumulative patch counts of the image stacks (entry ``k``: stacks ``0..k``).
-
-        Returns
-        -------
-        numpy.ndarray of int64
-            A read-only copy, one entry per stack; the last is :attr:`n_patches`.
-        """
-        tables = self._tables
-        return _read_only(tables.patch_offset[tables.first_sample[1:]])
-
-    @property
-    def cumulative_sample_patches(self) -> NDArray[np.int64]:
-        """Cumulative patch counts of the samples, in ``(data_idx, sample_idx)`` order.
-
-        Returns
-        -------
-        numpy.ndarray of int64
-            A read-only copy, one entry per sample (the cumulative sum of
-            :attr:`n_patches_per_sample`).
-        """
-        return _read_only(self._tables.patch_offset[1:].copy())
-
-    @property
-    def cumulative_image_samples(self) -> NDArray[np.int64]:
-        """Cumulative sample counts of the image stacks (entry ``k``: stacks ``0..k``).
-
-        Returns
-        -------
-        numpy.ndarray of int64
-            A read-only copy, one entry per stack.
-        """
-        return _read_only(self._tables.first_sample[1:].copy())
 
     @property
     def seed(self) -> int:
@@ -308,7 +175,7 @@ class StratifiedPatching:
     @property
     def epoch(self) -> int:
         """The draw number set by the last :meth:`set_epoch` (0 until it is called)."""
-        return self._counters.base
+        return self._calls.counters.base
 
     def __repr__(self) -> str:
         return (
@@ -319,7 +186,7 @@ class StratifiedPatching:
 
     # -- the seed API ----------------------------------------------------------
 
-    @_locked
+    @locked
     def exclude_patches(
         self, data_idx: int, sample_idx: int, grid_coords: Sequence[tuple[int, ...]] | NDArray[Any]
     ) -> None:
@@ -371,7 +238,7 @@ class StratifiedPatching:
         excluded = self._tables.excluded_grid(sample) | new_cells
         self._update(sample, excluded, self._tables.probability_grid(sample))
 
-    @_locked
+    @locked
     def set_region_probs(
         self,
         data_idx: int,
@@ -462,7 +329,7 @@ class StratifiedPatching:
                 if guard.owner is not None:
                     # The usual call of a dataset's item, inline: a 2D patch
                     # in this process's cache (_patch_spec does the rest).
-                    counters, upcoming = self._counters, self._upcoming
+                    counters, upcoming = self._calls.counters, self._calls.upcoming
                     calls, n_patches = counters.view, counters.n_indices
                     if upcoming is not None and upcoming.compact_2d and 0 <= index < n_patches:
                         count = calls[index]
@@ -484,19 +351,7 @@ class StratifiedPatching:
 
     def _patch_spec(self, index: int) -> PatchSpecs:
         """:meth:`get_patch_spec` of a checked int, the caller holding the sampler."""
-        counters = self._counters
-        n_patches = counters.n_indices
-        if not 0 <= index < n_patches:
-            raise IndexError(f"index {index} is out of range: expected 0 <= index < {n_patches}")
-        calls = counters.view
-        count = calls[index]
-        draw = (calls[n_patches] + count) & DRAW_MASK
-        upcoming = self._upcoming
-        patch = None if upcoming is None else upcoming.lookup(index, draw)
-        if patch is None:
-            patch = self._draw_one(index, draw)
-        # Counted once the patch is drawn: a call that fails counts nothing.
-        calls[index] = (count + 1) & DRAW_MASK
+        patch = self._calls.next_patch(index, self._tables, self._seed, self._backend)
         return {
             "data_idx": patch[0],
             "sample_idx": patch[1],
@@ -504,137 +359,9 @@ class StratifiedPatching:
             "patch_size": self._patch_size,
         }
 
-    @_locked
-    def get_patch_indices(self, data_idx: int) -> Sequence[int]:
-        """Return the patch indices for a specific image stack.
-
-        The image stack corresponds to the given ``data_idx``.
-
-        Parameters
-        ----------
-        data_idx : int
-            An index that corresponds to a given image stack.
-
-        Returns
-        -------
-        sequence of int
-            The contiguous range of patch indices (a list of int) whose patches
-            come from that image stack.
-
-        Raises
-        ------
-        IndexError
-            If ``data_idx`` is out of range.
-        """
-        stack = check.check_index(data_idx, "data_idx", self._tables.n_stacks)
-        offsets = self._tables.patch_offset
-        first = self._tables.first_sample
-        return list(range(int(offsets[first[stack]]), int(offsets[first[stack + 1]])))
-
-    def get_all_grid_coords(self) -> dict[tuple[int, int], list[tuple[int, ...]]]:
-        """Get all the grid coordinates for sampling regions in the patching strategy.
-
-        Returns
-        -------
-        dict[tuple[int, int], list[tuple, ...]]
-            Dictionary with keys being (data_idx, sample_idx) and values
-            corresponding to the grid coords, in row-major order.
-        """
-        coords: dict[tuple[int, int], list[tuple[int, ...]]] = {}
-        tables = self._tables
-        for stack in range(tables.n_stacks):
-            first, last = (
-                int(tables.first_sample[stack]),
-                int(tables.first_sample[stack + 1]),
-            )
-            cells = tables.sample_grid(first)
-            stack_coords = list(itertools.product(*(range(g) for g in cells)))
-            for sample_idx in range(last - first):
-                coords[(stack, sample_idx)] = list(stack_coords)
-        return coords
-
-    @_locked
-    def get_included_grid_coords(self) -> dict[tuple[int, int], list[tuple[int, ...]]]:
-        """Get all grid coordinates included in the patching strategy.
-
-        If a grid coordinate is not included, a patch can never be selected
-        from the region ``[grid_coord*patch_size, (grid_coord+1)*patch_size]``.
-
-        Returns
-        -------
-        dict[tuple[int, int], list[tuple, ...]]
-            Dictionary with keys being (data_idx, sample_idx) and values
-            corresponding to the grid coords that are not excluded, in
-            row-major order.
-        """
-        tables = self._tables
-        included: dict[tuple[int, int], list[tuple[int, ...]]] = {}
-        for sample in range(tables.n_samples):
-            kept = ~to_host(tables.excluded_grid(sample))
-            columns = [axis.tolist() for axis in np.nonzero(kept)]
-            key = (
-                int(tables.stack_of_sample[sample]),
-                int(tables.sample_in_stack[sample]),
-            )
-            included[key] = list(zip(*columns, strict=True))
-        return included
-
-    @_locked
-    def get_region_probs(self, data_idx: int, sample_idx: int) -> NDArray[np.float64]:
-        """Return the probability of every region of a sample, shaped like its grid.
-
-        The values given to :meth:`set_region_probs` (1 where none was).
-
-        Parameters
-        ----------
-        data_idx : int
-            The index of the image stack.
-        sample_idx : int
-            The index of the sample in that stack.
-
-        Returns
-        -------
-        numpy.ndarray of float64
-            A host copy, of the sample's grid shape.
-
-        Raises
-        ------
-        IndexError
-            If ``data_idx`` or ``sample_idx`` is out of range.
-        """
-        sample = self._sample(data_idx, sample_idx)
-        return to_host(self._tables.probability_grid(sample), np.float64)
-
-    @_locked
-    def get_excluded_cells(self, data_idx: int, sample_idx: int) -> NDArray[np.bool_]:
-        """Return which grid cells of a sample are excluded, shaped like its grid.
-
-        The dense form of :meth:`get_included_grid_coords` for one sample (True
-        where a cell is excluded), in the form :meth:`exclude_patches` accepts.
-
-        Parameters
-        ----------
-        data_idx : int
-            The index of the image stack.
-        sample_idx : int
-            The index of the sample in that stack.
-
-        Returns
-        -------
-        numpy.ndarray of bool
-            A host copy, of the sample's grid shape.
-
-        Raises
-        ------
-        IndexError
-            If ``data_idx`` or ``sample_idx`` is out of range.
-        """
-        sample = self._sample(data_idx, sample_idx)
-        return to_host(self._tables.excluded_grid(sample), np.bool_)
-
     # -- epochs ----------------------------------------------------------------
 
-    @_locked
+    @locked
     def sample_epoch(
         self,
         epoch: int,
@@ -715,7 +442,7 @@ class StratifiedPatching:
             patch_size=self._patch_size,
         )
 
-    @_locked
+    @locked
     def epoch_indices(
         self,
         epoch: int,
@@ -771,11 +498,11 @@ class StratifiedPatching:
         base = check.check_epoch(epoch)
         with self._guard.exclusive():
             # In place: processes sharing the counters see the new epoch too.
-            self._counters.reset(base)
+            self._calls.reset(base)
 
     # -- checkpoints -----------------------------------------------------------
 
-    @_locked
+    @locked
     def state_dict(self) -> dict[str, Any]:
         """Return everything that determines future draws, as plain JSON data.
 
@@ -803,14 +530,14 @@ class StratifiedPatching:
             seed=self._seed,
             data_shapes=self._data_shapes,
             patch_size=self._patch_size,
-            epoch_base=self._counters.base,
+            epoch_base=self._calls.counters.base,
             excluded=to_host(tables.excluded, bool),
             probability=to_host(tables.probability, np.float64),
             probability_order=to_host(tables.set_order, np.int64),
-            calls=self._counters.counts,
+            calls=self._calls.counters.counts,
         )
 
-    @_locked
+    @locked
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a state made by :meth:`state_dict`.
 
@@ -852,19 +579,11 @@ class StratifiedPatching:
                 f"{tables.total_patches} patches, but it says n_patches = {n_patches}"
             )
         calls = _state.decode_calls(state, n_patches)
-        seed, epoch_base = decoded.seed, decoded.epoch_base
-        # New shared counters (when the length changes) before anything
-        # changes: their allocation is the last thing that can fail.
-        counters = self._counters
-        if counters.n_indices != n_patches:
-            counters = CallCounters(n_patches, calls, epoch_base)
-        # Everything is checked: commit.
-        self._seed = seed
+        # The counters first (new shared ones when the length changes): their
+        # allocation is the last thing that can fail. Then commit.
+        self._calls.reset(decoded.epoch_base, calls)
+        self._seed = decoded.seed
         self._tables = tables
-        if counters is self._counters:
-            counters.reset(epoch_base, calls)  # in place: shared with the workers
-        self._counters = counters
-        self._upcoming = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle as the backend's name, :meth:`state_dict` and the call counters.
@@ -881,7 +600,7 @@ class StratifiedPatching:
             return {
                 "backend": self.backend,
                 "state": self.state_dict(),
-                "counters": self._counters,
+                "counters": self._calls.counters,
             }
 
     def __setstate__(self, pickled: dict[str, Any]) -> None:
@@ -894,36 +613,22 @@ class StratifiedPatching:
                 state["data_shapes"], state["patch_size"], state["seed"], backend=pickled["backend"]
             )
         fresh.load_state_dict(state)
-        counters = pickled.get("counters")
-        if isinstance(counters, CallCounters) and counters.n_indices == fresh.n_patches:
-            fresh._counters = counters
+        fresh._calls.share(pickled.get("counters"))
         self.__dict__.update(fresh.__dict__)
 
-    def _tables_with(
-        self,
-        excluded: NDArray[np.bool_],
-        probability: NDArray[Any],
-        set_order: NDArray[np.int64] | None,
-    ) -> RegionTables:
-        """Return new tables (on this backend) with the given per-cell rows."""
+    def _tables_with(self, *rows: Any) -> RegionTables:
+        """Return new tables on this backend: fresh, or with the given per-cell rows.
+
+        ``rows``: none, or ``excluded``, ``probability`` and ``set_order``.
+        """
         shapes = self._data_shapes
-        tables = RegionTables(
-            [shape[2:] for shape in shapes],
-            [shape[0] for shape in shapes],
-            self._patch_size,
-            self._backend.xp,
-        )
-        tables.replace_all_rows(excluded, probability, set_order)
+        spatial, samples = [shape[2:] for shape in shapes], [shape[0] for shape in shapes]
+        tables = RegionTables(spatial, samples, self._patch_size, self._backend.xp)
+        if rows:
+            tables.replace_all_rows(*rows)
         return tables
 
     # -- internals -------------------------------------------------------------
-
-    def _sample(self, data_idx: Any, sample_idx: Any) -> int:
-        tables = self._tables
-        stack = check.check_index(data_idx, "data_idx", tables.n_stacks)
-        n_samples = int(tables.first_sample[stack + 1] - tables.first_sample[stack])
-        sample = check.check_index(sample_idx, "sample_idx", n_samples)
-        return tables.sample_id(stack, sample)
 
     def _update(
         self,
@@ -941,22 +646,14 @@ class StratifiedPatching:
             tables.next_order,
         )
         tables.update_sample(sample, excluded, probability, *(set_order or ()))
-        self._upcoming = None
-        if self._counters.n_indices != self.n_patches:
-            # New shared counters: processes started before keep the old ones
-            # (and the old tables: updates never reach running workers).
-            try:
-                self._counters = self._counters.resized(self.n_patches)
-            except BaseException:  # no shared memory left, say: undo the rows too
-                tables.update_sample(sample, *previous)
-                raise
-
-    def _draw_one(self, index: int, draw: int) -> tuple[int, int, tuple[int, ...]]:
-        """Return the patch of ``(index, draw)``, filling this process's cache for it."""
-        upcoming = self._upcoming
-        if upcoming is None or not upcoming.is_current(self._tables, self._seed):
-            upcoming = self._upcoming = UpcomingPatches(self._tables, self._seed, self._backend)
-        return upcoming.miss(index, draw, self._counters)
+        self._calls.forget_patches()
+        # New shared counters if the count changed: processes started before
+        # keep the old ones (and the old tables: updates never reach them).
+        try:
+            self._calls.resize(self.n_patches)
+        except BaseException:  # no shared memory left, say: undo the rows too
+            tables.update_sample(sample, *previous)
+            raise
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -991,15 +688,12 @@ class StratifiedPatching:
             excluded = np.array(to_host(tables.excluded, bool))
             probability = np.array(to_host(tables.probability, np.float64))
             set_order = np.array(to_host(tables.set_order, np.int64))
-            counters = self._counters
-            base, calls = counters.snapshot()
+            calls = self._calls.snapshot()
             try:
                 yield
             except BaseException:
                 if self._tables is not tables or tables.version != version:
                     self._tables = self._tables_with(excluded, probability, set_order)
                 self._seed = seed
-                self._counters = counters  # the original block, shared as before
-                counters.reset(base, calls)
-                self._upcoming = None
+                self._calls.restore(calls)  # the original block, shared as before
                 raise

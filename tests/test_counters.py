@@ -126,7 +126,8 @@ def test_every_serving_path_returns_the_epoch_rows(monkeypatch: pytest.MonkeyPat
 def test_small_samplers_keep_several_draws_per_index() -> None:
     sampler = StratifiedPatching([(1, 1, 64, 64)], (16, 16), seed=5, backend="numpy")
     _check_calls(sampler, np.random.default_rng(2).integers(0, 16, 400).tolist())
-    assert sampler._upcoming is not None and sampler._upcoming.depth > 1
+    upcoming = sampler._calls.upcoming
+    assert upcoming is not None and upcoming.depth > 1
 
 
 def test_calls_after_set_epoch_and_updates_return_the_epoch_rows() -> None:

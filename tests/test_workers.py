@@ -18,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from gpu_patching import StratifiedPatching  # noqa: E402
+from gpu_patching._state import decode_calls  # noqa: E402
 
 #: Passes per loader: spawned workers import PyTorch, which takes seconds.
 N_PASSES = {"fork": 3, "spawn": 2}
@@ -68,8 +69,9 @@ def test_each_pass_of_workers_draws_the_next_epoch(start_method: str, persistent
         assert np.array_equal(rows[:, 2], epoch.sample_idx[order])
         assert np.array_equal(rows[:, 3:], epoch.coords[order])
     # Every index was called once per pass, in whichever worker: the main
-    # process's counters know all of it.
-    assert sampler._counters.counts.tolist() == [len(passes)] * sampler.n_patches
+    # process's counters (its checkpoint's) know all of it.
+    calls = decode_calls(sampler.state_dict(), sampler.n_patches)
+    assert calls.tolist() == [len(passes)] * sampler.n_patches
     # Passes draw new patches: few (index, corner) pairs repeat.
     first = {tuple(row) for row in passes[0].tolist()}
     second = {tuple(row) for row in passes[1].tolist()}

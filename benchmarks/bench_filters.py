@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import platform
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,6 +46,7 @@ from _report import (
     markdown_table,
     median_time,
     script_parser,
+    time_once,
     usable_cupy,
 )
 
@@ -131,16 +131,11 @@ def time_loop(
     """Time the loop over every cell, or over a spread subset and extrapolate."""
     stride = max(1, len(cells) // PILOT_REGIONS)
     pilot = cells[::stride]
-    start = time.perf_counter()
-    loop_over(image, mask, pilot, score)
-    sync()
-    pilot_s = time.perf_counter() - start
+    pilot_s, _ = time_once(lambda: (loop_over(image, mask, pilot, score), sync()))
     estimate = pilot_s / len(pilot) * len(cells)
     if estimate <= LOOP_BUDGET_S:
-        start = time.perf_counter()
-        loop_over(image, mask, cells, score)
-        sync()
-        return time.perf_counter() - start, "all regions"
+        loop_s, _ = time_once(lambda: (loop_over(image, mask, cells, score), sync()))
+        return loop_s, "all regions"
     return estimate, f"extrapolated from {len(pilot):,} regions"
 
 

@@ -7,6 +7,9 @@ the resident memory.
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import pytest
 
@@ -84,3 +87,16 @@ def test_peak_cached_bytes_counts_the_largest_cache_of_the_readers_life(tmp_path
     reader.clear_cache()
     assert reader.cached_bytes == 0
     assert reader.peak_cached_bytes == 5 * chunk_bytes
+
+
+def test_chunks_decode_on_at_most_one_thread_per_core(tmp_path):
+    # Each decoding thread keeps a malloc arena of freed chunks: asyncio's
+    # default of cpu_count + 4 threads made that the largest cost beyond the
+    # budget. 64 chunks and 16 reads in flight ask for more threads than that.
+    _store(tmp_path / "a.zarr", (1, 1, 256, 256), (1, 1, 32, 32))
+    stack = open_stack(tmp_path / "a.zarr")
+    corners = [(y, x) for y in range(0, 256, 32) for x in range(0, 256, 32)]
+    rows = (np.zeros(64, np.int64), np.zeros(64, np.int64), np.array(corners, np.int64))
+    ChunkReader([stack], cache_bytes=0, workers=16).read(rows, (32, 32))
+    decoders = [t for t in threading.enumerate() if t.name.startswith("gpu_patching_decode")]
+    assert 1 <= len(decoders) <= min(32, os.cpu_count() or 1)

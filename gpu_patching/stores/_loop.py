@@ -13,9 +13,13 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["run"]
+__all__ = ["DECODE_THREADS", "run"]
+
+#: Threads that decode chunks (and read local files): one per core, at most 32.
+DECODE_THREADS = max(1, min(32, os.cpu_count() or 1))
 
 
 class _EventLoop:
@@ -34,6 +38,15 @@ class _EventLoop:
         with self._lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
+                # zarr decodes (and reads local files) in the loop's default
+                # executor. asyncio's has cpu_count + 4 threads; each thread
+                # that frees decoded chunks keeps its own malloc arena of them
+                # (glibc), which is most of a pass's memory beyond its budget
+                # (docs/design.md, "Chunked stores"). Decoding is CPU-bound:
+                # threads beyond the cores only add arenas.
+                loop.set_default_executor(
+                    ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="gpu_patching_decode")
+                )
                 threading.Thread(
                     target=loop.run_forever, name="gpu_patching_reads", daemon=True
                 ).start()

@@ -18,6 +18,15 @@ batches of 128. Rows of each case:
 * time to the first batch and peak memory (tracemalloc) of ours against
   reading the whole stack first.
 
+Peak resident memory against ``cache_bytes`` (issue 20): one shuffled epoch
+of a 256 MiB store (2D, 2 MiB chunks; 3D, 8 MiB chunks) by
+:class:`~gpu_patching.PatchLoader` with cache 64 MiB, 256 MiB and the default
+(the store's bytes, at most 512 MiB), each in a fresh process: its resident
+memory before the epoch (interpreter, imports, the open store, the sampler)
+and the peak during the epoch (``VmHWM`` after ``/proc/self/clear_refs``), so
+that the figure beyond ``cache_bytes`` plus two batches is what a user must
+add. ``--memory-only`` runs this part alone (Linux only: ``/proc``).
+
 Before the cases, the chunk reader is chosen by measurement: the same chunks
 read by per-chunk synchronous zarr calls (one thread, and a pool of two), by
 zarr's asynchronous API (what :class:`gpu_patching.stores.ChunkReader` uses)
@@ -34,11 +43,11 @@ printed; ``--write-results`` writes them into ``benchmarks/results/stores.md``,
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib
-import os
+import json
 import shutil
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -54,19 +63,28 @@ import numpy as np
 from _report import (
     RESULTS_DIR,
     Report,
-    add_output_arguments,
-    destination,
+    finish,
     fmt_bytes,
     fmt_rate,
     fmt_ratio,
     fmt_time,
     fmt_verdict,
+    load_line,
     machine_line,
     markdown_table,
+    script_parser,
 )
 
 from gpu_patching import PatchLoader, StratifiedPatching, extract_patches
-from gpu_patching.stores import DEFAULT_CACHE_BYTES, ChunkReader, open_stack, plan_chunks
+from gpu_patching.stores import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_WORKERS,
+    ChunkReader,
+    default_cache_bytes,
+    open_stack,
+    plan_chunks,
+)
+from gpu_patching.stores._loop import DECODE_THREADS
 
 RESULTS = RESULTS_DIR / "stores.md"
 BATCH = 128
@@ -86,15 +104,6 @@ class Case:
     @property
     def raw_bytes(self) -> int:
         return int(np.prod(self.shape)) * 2
-
-
-def load_line() -> str:
-    """The 1, 5 and 15 minute load averages against the cores, for the report."""
-    try:
-        one, five, fifteen = os.getloadavg()
-    except OSError:
-        return "load average unknown"
-    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} on {os.cpu_count()} cores"
 
 
 def cases(quick: bool) -> list[Case]:
@@ -568,7 +577,8 @@ def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[str
     tracemalloc.stop()
     del whole, view
     gc.collect()
-    bound = DEFAULT_CACHE_BYTES + 2 * batch_bytes
+    cache = default_cache_bytes([stack])
+    bound = cache + 2 * batch_bytes
     report.emit(
         *markdown_table(
             ["", "time to first batch", "peak memory (tracemalloc)"],
@@ -586,7 +596,7 @@ def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[str
         "(The whole-stack read is timed with tracemalloc on: it makes a few large "
         "allocations, so the tracing costs it little.)",
         "",
-        f"Memory bound of ours: cache_bytes {fmt_bytes(DEFAULT_CACHE_BYTES)} (the cached "
+        f"Memory bound of ours: cache_bytes {fmt_bytes(cache)} (the cached "
         "chunks, the reads in flight, the batches read ahead, the epoch's rows and the "
         "reads' bookkeeping) + two batches "
         f"({fmt_bytes(2 * batch_bytes)}) = {fmt_bytes(bound)}; peak {fmt_bytes(peak_ours)}: "
@@ -608,10 +618,146 @@ def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[str
     return figures
 
 
+# -- peak resident memory against cache_bytes -------------------------------------------
+
+#: 256 MiB stores (uint16) for the memory rows, as in issue 20.
+MEMORY_CASES = [
+    Case("memory-2d", (8192, 16384), (1024, 1024), (64, 64)),
+    Case("memory-3d", (64, 1024, 2048), (64, 256, 256), (16, 64, 64)),
+]
+#: The budgets measured: 64 MiB, 256 MiB and the default (None).
+MEMORY_CACHES: list[int | None] = [64 << 20, 256 << 20, None]
+
+# The measuring process: argv[1] is a JSON {"path", "patch", "cache_bytes"}; it
+# prints one JSON line of resident memory figures (bytes) and the reader's counts.
+MEMORY_CHILD = r"""
+import json, sys
+
+def status(key):
+    with open("/proc/self/status") as lines:
+        for line in lines:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+job = json.loads(sys.argv[1])
+interpreter = status("VmRSS")
+from gpu_patching import PatchLoader, StratifiedPatching
+from gpu_patching.stores import open_stack
+stack = open_stack(job["path"])
+strategy = StratifiedPatching([stack.shape], tuple(job["patch"]), seed=0)
+options = {} if job["cache_bytes"] is None else {"cache_bytes": job["cache_bytes"]}
+loader = PatchLoader([stack], strategy, job["batch"], shuffle=True, **options)
+before = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # VmHWM from here on: the epoch's own peak
+batches = 0
+for patches, batch in loader:
+    batches += 1
+reader = loader._reader
+print(json.dumps({
+    "interpreter": interpreter, "before": before, "peak": status("VmHWM"),
+    "cache_bytes": reader.cache_bytes, "peak_cached": reader.peak_cached_bytes,
+    "chunks_read": reader.chunks_read, "cache_hits": reader.cache_hits, "batches": batches,
+}))
+"""
+
+
+def measure_epoch_memory(path: Path, case: Case, cache_bytes: int | None) -> dict[str, int]:
+    """One shuffled epoch of the store in a fresh process: its resident memory figures."""
+    job = {"path": str(path), "patch": case.patch, "batch": BATCH, "cache_bytes": cache_bytes}
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory measurement failed:\n{done.stderr}")
+    figures: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def memory_section(folder: Path, report: Report) -> None:
+    """Peak resident memory of an epoch against cache_bytes, on 256 MiB stores."""
+    report.emit(
+        "## Peak memory against cache_bytes (issue 20)",
+        "",
+        f"Machine: {machine_line()}; {load_line()} at the start. One shuffled epoch of "
+        f"`PatchLoader` (batches of {BATCH}, default workers and read-ahead, "
+        f"{DECODE_THREADS} decoding threads) per row, each in a fresh process. *before*: "
+        "resident memory before the epoch (interpreter, imports, the open store, the "
+        "sampler); *peak*: the epoch's resident high-water mark (`VmHWM`, reset first); "
+        "*beyond*: peak - before - cache_bytes - two batches, what the bound "
+        "`peak <= before + cache_bytes + 2 x batch bytes + overhead` must add. *cached*: "
+        "the most bytes of chunks the cache held (`ChunkReader.peak_cached_bytes`).",
+        "",
+    )
+    worst = 0
+    for case in MEMORY_CASES:
+        path = ensure_store(folder, case)
+        stack = open_stack(path)
+        batch_bytes = BATCH * int(np.prod(case.patch)) * 2
+        # Reads in flight are never held back: a budget below what they hold
+        # (three chunk sizes each) is exceeded by the difference.
+        in_flight = 3 * DEFAULT_WORKERS * stack.chunk_bytes
+        rows = []
+        for cache_bytes in MEMORY_CACHES:
+            figures = measure_epoch_memory(path, case, cache_bytes)
+            during = figures["peak"] - figures["before"]
+            beyond = during - figures["cache_bytes"] - 2 * batch_bytes
+            covered = figures["cache_bytes"] >= in_flight
+            if covered:
+                worst = max(worst, beyond)
+            label = ("default" if cache_bytes is None else "set") + ("" if covered else ", *")
+            rows.append(
+                [
+                    f"{fmt_bytes(figures['cache_bytes'])} ({label})",
+                    fmt_bytes(figures["before"]),
+                    fmt_bytes(figures["peak"]),
+                    fmt_bytes(during),
+                    fmt_bytes(beyond),
+                    fmt_bytes(figures["peak_cached"]),
+                    f"{figures['chunks_read']:,}",
+                ]
+            )
+        report.emit(
+            f"### {case.name}: {'x'.join(map(str, case.shape))} uint16 "
+            f"({fmt_bytes(case.raw_bytes)}), chunks {'x'.join(map(str, case.chunks))} "
+            f"({fmt_bytes(stack.chunk_bytes)}), patches {'x'.join(map(str, case.patch))}, "
+            f"two batches {fmt_bytes(2 * batch_bytes)}",
+            "",
+            *markdown_table(
+                [
+                    "cache_bytes",
+                    "before",
+                    "peak",
+                    "peak - before",
+                    "beyond cache + 2 batches",
+                    "cached",
+                    "chunks read",
+                ],
+                rows,
+                "lrrrrrr",
+            ),
+            "",
+            f"Reads in flight hold up to 3 x {DEFAULT_WORKERS} workers x "
+            f"{fmt_bytes(stack.chunk_bytes)} = {fmt_bytes(in_flight)}; a cache_bytes below "
+            "that (*) is exceeded by the difference (the batches read ahead come on top).",
+            "",
+        )
+    report.emit(
+        "Largest overhead beyond cache_bytes + two batches (budgets that cover the reads "
+        f"in flight): {fmt_bytes(worst)} "
+        f"({load_line()} at the end).",
+        "",
+    )
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small stores, short runs")
-    add_output_arguments(parser, RESULTS)
+    parser = script_parser(__doc__, RESULTS, "small stores, short runs (not the memory rows)")
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the peak memory against cache_bytes"
+    )
     parser.add_argument(
         "--store-dir",
         type=Path,
@@ -625,9 +771,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 8.0)
-    selected = cases(args.quick)
+    selected = [] if args.memory_only else cases(args.quick)
     args.store_dir.mkdir(parents=True, exist_ok=True)
-    needed = sum(c.raw_bytes for c in selected)
+    needed = sum(c.raw_bytes for c in [*selected, *MEMORY_CASES])
     free = shutil.disk_usage(args.store_dir).free
     if free < 2 * needed:
         raise SystemExit(
@@ -635,72 +781,80 @@ def main() -> None:
             f"{fmt_bytes(needed)} (twice that is required to run)"
         )
     report = Report()
+    report.emit("# Patches from chunked stores", "")
+    try:
+        if selected:
+            throughput_section(args, selected, seconds, report)
+        memory_section(args.store_dir, report)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.store_dir, ignore_errors=True)
+    finish(report, args, RESULTS)
+
+
+def throughput_section(args: Any, selected: list[Case], seconds: float, report: Report) -> None:
+    """The cases of issue 15: throughput, chunk reads, first batch and tracemalloc peak."""
     report.emit(
-        "# Patches from chunked stores (issue 15)",
+        "## Throughput and chunk reads (issue 15)",
         "",
         f"Machine: {machine_line()}. Stores written by this script: OME-Zarr 0.5, zarr format 3, "
         "uint16, Blosc zstd level 3 with byte shuffle, on the local disk. Throughputs: patches "
         f"handed over per second for {seconds:g} s from a fresh loader (cold cache; the "
-        f"consumer does nothing with them), cache {fmt_bytes(DEFAULT_CACHE_BYTES)} (the default). "
+        "consumer does nothing with them), the default cache (the store's bytes, at most "
+        f"{fmt_bytes(DEFAULT_CACHE_BYTES)}). "
         "Chunk reads per patch (how many chunks were decoded per patch handed over) do not "
         "depend on the machine's load; patches/s do, and this machine is shared: "
         f"{load_line()} at the start.",
         "",
     )
-    try:
-        paths = [ensure_store(args.store_dir, case) for case in selected]
-        report.emit(*reader_choice(paths[0], selected[0], args.tensorstore_path))
-        summary = []
-        for path, case in zip(paths, selected, strict=True):
-            figures = run_case(path, case, seconds, report)
-            shuffled = max(figures[("shuffled", 1)], figures[("shuffled", 2)])
-            best = max(shuffled, figures[("plain", 1)], figures[("plain", 2)])
-            summary.append(
-                [
-                    case.name,
-                    fmt_ratio(figures[("shuffled", 1)], figures["slicing"], 1),
-                    fmt_ratio(figures[("shuffled", 2)], figures["slicing"], 1),
-                    fmt_ratio(figures[("plain", 2)], figures["slicing"], 1),
-                    fmt_ratio(figures["slicing_reads"], figures[("shuffled", 2, "reads")], 1),
-                    fmt_verdict(shuffled >= 5 * figures["slicing"]),
-                    fmt_verdict(best >= 5 * figures["slicing"]),
-                    fmt_verdict(figures["peak"] <= figures["bound"]),
-                ]
-            )
-        report.emit(
-            "### Summary against the targets (x5 the patches/s of per-patch slicing; "
-            "peak memory at most the cache plus two batches)",
-            "",
-            *markdown_table(
-                [
-                    "case",
-                    "shuffled, 1 thread",
-                    "shuffled, 2 threads",
-                    "plain order, 2 threads",
-                    "fewer chunk reads per patch (shuffled)",
-                    "x5 shuffled",
-                    "x5 plain",
-                    "memory",
-                ],
-                summary,
-                "lrrrrrrr",
-            ),
-            "",
+    paths = [ensure_store(args.store_dir, case) for case in selected]
+    report.emit(*reader_choice(paths[0], selected[0], args.tensorstore_path))
+    summary = []
+    for path, case in zip(paths, selected, strict=True):
+        figures = run_case(path, case, seconds, report)
+        shuffled = max(figures[("shuffled", 1)], figures[("shuffled", 2)])
+        best = max(shuffled, figures[("plain", 1)], figures[("plain", 2)])
+        summary.append(
+            [
+                case.name,
+                fmt_ratio(figures[("shuffled", 1)], figures["slicing"], 1),
+                fmt_ratio(figures[("shuffled", 2)], figures["slicing"], 1),
+                fmt_ratio(figures[("plain", 2)], figures["slicing"], 1),
+                fmt_ratio(figures["slicing_reads"], figures[("shuffled", 2, "reads")], 1),
+                fmt_verdict(shuffled >= 5 * figures["slicing"]),
+                fmt_verdict(best >= 5 * figures["slicing"]),
+                fmt_verdict(figures["peak"] <= figures["bound"]),
+            ]
         )
-        report.emit(
-            "Device output: `PatchLoader(..., device_output=True)` uploads each assembled "
-            "batch (`gpu_patching.stores.upload_batch`) rather than the chunks it was cut "
-            "from, since those are many times its bytes (the lines above). This script "
-            "times no upload; the GPU scripts time the device crop.",
-            "",
-            f"{load_line()} at the end.",
-            "",
-        )
-    finally:
-        if not args.keep:
-            shutil.rmtree(args.store_dir, ignore_errors=True)
-    output, keep = destination(args, RESULTS)
-    report.write(output, keep=keep)
+    report.emit(
+        "### Summary against the targets (x5 the patches/s of per-patch slicing; "
+        "peak memory at most the cache plus two batches)",
+        "",
+        *markdown_table(
+            [
+                "case",
+                "shuffled, 1 thread",
+                "shuffled, 2 threads",
+                "plain order, 2 threads",
+                "fewer chunk reads per patch (shuffled)",
+                "x5 shuffled",
+                "x5 plain",
+                "memory",
+            ],
+            summary,
+            "lrrrrrrr",
+        ),
+        "",
+    )
+    report.emit(
+        "Device output: `PatchLoader(..., device_output=True)` uploads each assembled "
+        "batch (`gpu_patching.stores.upload_batch`) rather than the chunks it was cut "
+        "from, since those are many times its bytes (the lines above). This script "
+        "times no upload; the GPU scripts time the device crop.",
+        "",
+        f"{load_line()} at the end.",
+        "",
+    )
 
 
 if __name__ == "__main__":

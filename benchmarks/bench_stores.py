@@ -753,7 +753,7 @@ def memory_section(folder: Path, report: Report) -> None:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = script_parser(__doc__, RESULTS, "small stores, short runs (not the memory rows)")
     parser.add_argument(
         "--memory-only", action="store_true", help="only the peak memory against cache_bytes"
@@ -769,7 +769,7 @@ def main() -> None:
     parser.add_argument(
         "--tensorstore-path", help="a folder holding TensorStore, for the reader choice"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 8.0)
     selected = [] if args.memory_only else cases(args.quick)
     args.store_dir.mkdir(parents=True, exist_ok=True)
@@ -789,7 +789,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(args.store_dir, ignore_errors=True)
-    finish(report, args, RESULTS)
+    return finish(report, args, RESULTS)
 
 
 def throughput_section(args: Any, selected: list[Case], seconds: float, report: Report) -> None:

@@ -305,8 +305,7 @@ def test_merge_sections_replaces_rerun_sections_and_keeps_the_others_in_place() 
 
 # -- every script goes through the one harness (benchmarks/_report.py) -------------------
 
-# bench_stores joins once its main goes through the harness too (it is being edited).
-SCRIPTS = sorted(path.stem for path in BENCHMARKS.glob("bench_*.py") if path.stem != "bench_stores")
+SCRIPTS = sorted(path.stem for path in BENCHMARKS.glob("bench_*.py"))
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

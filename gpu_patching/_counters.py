@@ -1,58 +1,12 @@
 """Call counters shared by every process of one training, and the patches they point to.
 
 ``get_patch_spec(i)`` returns row ``i`` of epoch ``base + calls[i]`` and then
-counts the call. PyTorch's ``DataLoader`` calls it in worker processes, which
-are copies of the main process (``fork``) or rebuilt from a pickle
-(``spawn``, ``forkserver``): counters that lived in each process's own memory
-would never advance in the main process, and every pass over the data would
-repeat the first one. So the counters live here, in memory that every
-process of a training shares.
-
-Ownership and clean-up
-----------------------
-:class:`CallCounters` holds ``n_patches + 1`` unsigned 32-bit words (the call
-counters, then the epoch base that ``set_epoch`` sets) in a block of
-``multiprocessing.sharedctypes.RawArray``: a shared mapping of a file that is
-deleted from the file system the moment it is created (or anonymous memory
-on Windows). So:
-
-* a process started with ``fork`` inherits the mapping and shares it;
-* a process started with ``spawn`` or ``forkserver`` receives the block when
-  multiprocessing pickles the process's arguments (the DataLoader's dataset,
-  and the sampler in it): multiprocessing passes the open file itself to the
-  child, never a name;
-* there is no name to leak, nothing for ``resource_tracker`` to track or warn
-  about: the memory is freed when the last process holding it drops it (or
-  exits, however it exits).
-
-Any other copy (``pickle.dumps``, ``copy.deepcopy``, a checkpoint) is an
-independent snapshot of the counters' values: sharing is only between the
-processes of one training, which multiprocessing starts.
-
-Within one process the sampler serialises its calls with a lock. Between
-processes the counters are plain shared memory: a call reads a counter and
-writes it back one higher, so two processes that call the *same* index at
-the same instant can both get the same draw. A ``DataLoader`` gives each
-index to one worker at a time within a pass (unless its sampler draws with
-replacement), so this does not happen there.
-
-The patches they point to
--------------------------
-:class:`UpcomingPatches` is each process's own cache of the patches that the
-next calls of every index will return: for each index a window of ``depth``
-consecutive draw numbers, filled in large vectorised batches
-(:func:`gpu_patching.backends.numpy_backend.draw_rows`, or the backend's epoch
-draw when every index is at the same draw number). Its entries are a pure
-function of ``(tables, seed, index, draw number)``, so a stale entry is never
-wrong, only useless: a call checks that its draw number lies in the index's
-window. A miss is drawn on its own, in Python integers
-(``draw_rows`` of one Python-int index, a few microseconds),
-until most windows are behind (a new pass over the data: one vectorised
-refill of every window the counters moved past) or enough misses have been
-paid for one by one to pay for a refill; an index that misses again and again
-gets a long window of its own (drawn with those of other indices that missed
-a few times). So any access order costs a bounded amount per call:
-sequential, shuffled, with replacement, weighted, or one index over and over.
+counts the call. :class:`CallCounters` keeps the counters and ``base`` in
+shared memory, so that DataLoader workers (``fork`` or ``spawn``) advance the
+draws of the whole training; :class:`UpcomingPatches` is each process's cache
+of the patches of every index's next calls; :class:`PatchCalls` holds both
+for the sampler. docs/design.md ("Call counters across processes") says who
+owns the memory and how the cache bounds the cost of any access order.
 """
 
 from __future__ import annotations

@@ -40,9 +40,12 @@ from .crop import (
 from .permutation import EpochOrder
 from .specs import PatchBatch
 from .stores import (
+    DEFAULT_CHUNK_WINDOW,
     DEFAULT_WORKERS,
     ChunkReader,
+    check_order,
     check_reader_options,
+    chunk_order,
     is_chunked_stack,
     upload_batch,
 )
@@ -141,6 +144,16 @@ class PatchLoader:
     device_output : bool, default False
         Chunked stores only: upload each assembled batch to the current CUDA
         device (CuPy, or a CUDA tensor with ``as_torch``) on ``stream``.
+    order : {"shuffle", "chunks"}, default "shuffle"
+        Chunked stores only for ``"chunks"``: the epoch's rows grouped by the
+        chunk that holds each patch's centre, groups shuffled, the rows of
+        ``chunk_window`` consecutive groups mixed
+        (:func:`gpu_patching.stores.chunk_order`), so each chunk is read
+        about once per epoch; with ``world_size > 1`` each rank takes whole
+        groups (see the notes).
+    chunk_window : int, default gpu_patching.stores.DEFAULT_CHUNK_WINDOW
+        With ``order="chunks"``: groups whose rows are mixed. A larger window
+        mixes more regions into each batch and needs a larger chunk cache.
 
     Notes
     -----
@@ -151,6 +164,13 @@ class PatchLoader:
     next batch is read on a thread while the current one trains. A store
     fault raises :class:`~gpu_patching.stores.StoreError` from the loop, in
     place of the batch it spoiled.
+
+    With ``order="chunks"`` the loader yields the same rows as the shuffled
+    epoch when ``world_size`` is 1, in another order. With several ranks,
+    each rank takes a run of whole groups as near to ``N / world_size`` rows
+    as the groups allow, and every rank gets as many rows as the longest run
+    (shorter runs wrap round to their own start), or as the shortest with
+    ``drop_last``; so ``len(loader)`` can differ from the shuffled order's.
 
     ``set_epoch(e)`` selects the epoch of the next passes, exactly as with
     PyTorch's ``DistributedSampler``: call it at the start of every epoch. A
@@ -184,6 +204,8 @@ class PatchLoader:
         cache_bytes: int | None = None,
         workers: int = DEFAULT_WORKERS,
         device_output: bool = False,
+        order: str = "shuffle",
+        chunk_window: int = DEFAULT_CHUNK_WINDOW,
     ) -> None:
         if not isinstance(strategy, StratifiedPatching):
             raise TypeError(f"strategy must be a StratifiedPatching, got {type(strategy).__name__}")
@@ -198,6 +220,9 @@ class PatchLoader:
             world_size=world_size,
             drop_last=drop_last,
         )
+        order, window = check_order(order, chunk_window)
+        if order == "chunks" and not shuffle:
+            raise ValueError("order='chunks' is a shuffled order: give shuffle=True, not False")
         if isinstance(stacks, (str, bytes)) or not isinstance(stacks, Sequence):
             raise TypeError(f"stacks must be a sequence of arrays, got {type(stacks).__name__}")
         shapes = [tuple(int(s) for s in getattr(stack, "shape", ())) for stack in stacks]
@@ -215,6 +240,11 @@ class PatchLoader:
         check_stacks(shapes, dtypes, strategy.patch_size)
         cache_limit, n_workers = check_reader_options(cache_bytes, workers)
         chunked = [is_chunked_stack(stack) for stack in stacks]
+        if order == "chunks" and not all(chunked):
+            raise ValueError(
+                "order='chunks' groups patches by the chunks of chunked stores; these "
+                "stacks are in memory, where order='shuffle' reads nothing twice"
+            )
         if device_output and not all(chunked):
             raise ValueError("device_output=True is for chunked stores; give device stacks instead")
         if device_output:
@@ -266,6 +296,8 @@ class PatchLoader:
             "world_size": world_size,
             "drop_last": drop_last,
         }
+        self._order = order
+        self._chunk_window = window
         self._as_torch = bool(as_torch)
         self._stream = stream
         self._epoch = 0
@@ -286,8 +318,30 @@ class PatchLoader:
         self._epoch = check.check_epoch(epoch)
 
     def __len__(self) -> int:
-        rows = EpochOrder.shard(self._strategy.n_patches, **self._options).n_rows
+        if self._order == "chunks" and self._options["world_size"] > 1:
+            # The runs of whole groups depend on the epoch's rows.
+            rows = len(self._epoch_rows(self._epoch))
+        else:
+            rows = EpochOrder.shard(self._strategy.n_patches, **self._options).n_rows
         return -(-rows // self._batch_size)
+
+    def _epoch_rows(self, epoch: int) -> PatchBatch:
+        """Return this rank's rows of ``epoch`` (NumPy columns) in the loader's order."""
+        if self._order == "shuffle":
+            return self._strategy.sample_epoch(epoch, **self._options).to_numpy()
+        assert self._reader is not None
+        plain = self._strategy.sample_epoch(epoch).to_numpy()
+        order = chunk_order(
+            plain,
+            [stack.chunks for stack in self._reader.stacks],
+            seed=self._strategy.seed,
+            epoch=epoch,
+            window=self._chunk_window,
+            rank=self._options["rank"],
+            world_size=self._options["world_size"],
+            drop_last=self._options["drop_last"],
+        )
+        return plain[order.rows]
 
     def __iter__(self) -> Iterator[tuple[Any, PatchBatch]]:
         if self._reader is not None:
@@ -315,7 +369,7 @@ class PatchLoader:
 
     def _store_batches(self, epoch: int) -> Iterator[tuple[Any, PatchBatch]]:
         assert self._reader is not None
-        rows = self._strategy.sample_epoch(epoch, **self._options).to_numpy()
+        rows = self._epoch_rows(epoch)
         for raw, batch in self._reader.batches(rows, self._batch_size):
             # A store in the other byte order: swap while copying (no copy otherwise).
             patches = raw.astype(native_dtype(raw.dtype), copy=False)

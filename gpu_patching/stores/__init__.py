@@ -4,11 +4,13 @@
 :class:`ChunkReader` reads the patches of batches from such stacks, each chunk
 once, through a cache. Modules: ``open`` (every file and store is opened
 there), ``stack`` (the stack view), ``plan`` (the chunks of a batch),
+``order`` (an epoch in chunk order),
 ``reader`` (reads, cache, upload). How and why: ``docs/design.md``,
 "Chunked stores".
 """
 
 from .open import open_stack
+from .order import DEFAULT_CHUNK_WINDOW, ORDERS, ChunkOrder, check_order, chunk_order
 from .plan import ChunkPlan, plan_chunks
 from .reader import (
     DEFAULT_CACHE_BYTES,
@@ -23,14 +25,19 @@ from .stack import ChunkedStack, StoreError, as_chunked_stack, is_chunked_stack
 
 __all__ = [
     "DEFAULT_CACHE_BYTES",
+    "DEFAULT_CHUNK_WINDOW",
     "DEFAULT_WORKERS",
     "MAX_READ_AHEAD",
+    "ORDERS",
+    "ChunkOrder",
     "ChunkPlan",
     "ChunkReader",
     "ChunkedStack",
     "StoreError",
     "as_chunked_stack",
+    "check_order",
     "check_reader_options",
+    "chunk_order",
     "default_cache_bytes",
     "is_chunked_stack",
     "open_stack",

@@ -1,0 +1,215 @@
+"""The chunk order of an epoch (``PatchLoader(..., order="chunks")``).
+
+Every store is a real zarr array written into ``tmp_path``; patches are read
+through the public loader and compared with the shuffled epoch of the same
+seed and epoch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+zarr = pytest.importorskip("zarr", minversion="3")
+
+from gpu_patching import PatchLoader, StratifiedPatching, extract_patches  # noqa: E402
+from gpu_patching.stores import DEFAULT_CHUNK_WINDOW, chunk_order, open_stack  # noqa: E402
+
+
+def _store(path, data: np.ndarray, chunks: tuple[int, ...]):
+    array = zarr.create_array(str(path), shape=data.shape, chunks=chunks, dtype=data.dtype)
+    array[...] = data
+    return open_stack(str(path))
+
+
+def _data(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 60000, shape, dtype=np.uint16)
+
+
+CASES = {
+    "2D, two stacks": ([(3, 1, 96, 128), (2, 1, 80, 64)], (1, 1, 32, 32), (8, 8)),
+    "3D": ([(2, 1, 24, 48, 48)], (1, 1, 8, 16, 16), (4, 8, 8)),
+}
+
+
+def _case(tmp_path, name: str, seed: int = 11):
+    shapes, chunks, patch = CASES[name]
+    arrays = [_data(shape, k) for k, shape in enumerate(shapes)]
+    stacks = [_store(tmp_path / f"s{k}.zarr", a, chunks) for k, a in enumerate(arrays)]
+    strategy = StratifiedPatching(shapes, patch, seed=seed, backend="numpy")
+    cell = (1,) * len(patch)
+    strategy.exclude_patches(0, 0, [cell])
+    return arrays, stacks, strategy
+
+
+def _indices(loader: PatchLoader) -> np.ndarray:
+    return np.concatenate([batch.indices for _, batch in loader])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_chunk_order_yields_the_patches_of_the_shuffled_epoch(tmp_path, name):
+    arrays, stacks, strategy = _case(tmp_path, name)
+    chunk_loader = PatchLoader(stacks, strategy, batch_size=16, order="chunks")
+    chunk_loader.set_epoch(3)
+    patches, rows = zip(*chunk_loader, strict=True)
+    indices = np.concatenate([batch.indices for batch in rows])
+    shuffled = PatchLoader(stacks, strategy, batch_size=16)
+    shuffled.set_epoch(3)
+    assert sorted(indices.tolist()) == sorted(_indices(shuffled).tolist())
+    assert len(indices) == strategy.n_patches
+    # Each patch is the one its index has in epoch 3, cut as plain slicing cuts it.
+    plain = strategy.sample_epoch(3).to_numpy()
+    assert np.array_equal(np.concatenate(patches), extract_patches(arrays, plain[indices]))
+
+
+def test_chunk_order_is_the_same_for_the_same_seed_and_epoch_and_new_for_a_new_epoch(tmp_path):
+    _, stacks, strategy = _case(tmp_path, "2D, two stacks")
+    twin = StratifiedPatching(strategy.data_shapes, strategy.patch_size, seed=strategy.seed)
+    twin.load_state_dict(strategy.state_dict())
+    first = PatchLoader(stacks, strategy, batch_size=16, order="chunks")
+    second = PatchLoader(stacks, twin, batch_size=16, order="chunks")
+    assert np.array_equal(_indices(first), _indices(second))
+    second.set_epoch(1)
+    assert not np.array_equal(_indices(first), _indices(second))
+
+
+def test_rows_of_a_window_come_together_and_windows_hold_whole_groups(tmp_path):
+    _, stacks, strategy = _case(tmp_path, "2D, two stacks")
+    order = chunk_order(
+        strategy.sample_epoch(0).to_numpy(),
+        [s.chunks for s in stacks],
+        seed=strategy.seed,
+        epoch=0,
+    )
+    # Windows follow one another: each appears as one run.
+    assert np.all(np.diff(order.window) >= 0)
+    for window in np.unique(order.window):
+        groups = np.unique(order.group[order.window == window])
+        assert len(groups) <= DEFAULT_CHUNK_WINDOW
+        # No group of this window appears in another.
+        assert not np.isin(order.group[order.window != window], groups).any()
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_take_whole_groups_and_together_the_epoch(tmp_path, world_size, drop_last):
+    _, stacks, strategy = _case(tmp_path, "2D, two stacks")
+    plain = strategy.sample_epoch(2).to_numpy()
+    shards = [
+        chunk_order(
+            plain,
+            [s.chunks for s in stacks],
+            seed=strategy.seed,
+            epoch=2,
+            rank=rank,
+            world_size=world_size,
+            drop_last=drop_last,
+        )
+        for rank in range(world_size)
+    ]
+    assert len({len(shard.rows) for shard in shards}) == 1  # DDP needs equal lengths
+    groups = [set(shard.group.tolist()) for shard in shards]
+    for a, b in itertools.combinations(groups, 2):
+        assert not a & b  # a group is read by one rank
+    rows = [set(shard.rows.tolist()) for shard in shards]
+    if drop_last:
+        assert sum(len(r) for r in rows) == sum(len(shard.rows) for shard in shards)
+    else:
+        assert set().union(*rows) == set(range(strategy.n_patches))
+
+
+def test_sharded_loaders_yield_their_chunk_order_shards(tmp_path):
+    _, stacks, strategy = _case(tmp_path, "2D, two stacks")
+    loaders = [
+        PatchLoader(stacks, strategy, batch_size=16, order="chunks", rank=r, world_size=2)
+        for r in range(2)
+    ]
+    seen = [_indices(loader) for loader in loaders]
+    assert len(seen[0]) == len(seen[1]) == len(loaders[0]) * 16 - (-len(seen[0]) % 16)
+    assert set(seen[0].tolist()) | set(seen[1].tolist()) == set(range(strategy.n_patches))
+
+
+def test_a_checkpoint_mid_epoch_resumes_the_same_remaining_batches(tmp_path):
+    _, stacks, strategy = _case(tmp_path, "2D, two stacks")
+    loader = PatchLoader(stacks, strategy, batch_size=16, order="chunks")
+    loader.set_epoch(5)
+    batches = iter(loader)
+    done = [next(batches)[1].indices for _ in range(3)]
+    saved = json.dumps(strategy.state_dict())
+    rest = [batch.indices for _, batch in batches]
+    restored = StratifiedPatching(strategy.data_shapes, strategy.patch_size, backend="numpy")
+    restored.load_state_dict(json.loads(saved))
+    resumed = PatchLoader(stacks, restored, batch_size=16, order="chunks")
+    resumed.set_epoch(5)
+    again = [batch.indices for _, batch in itertools.islice(resumed, len(done), None)]
+    assert len(again) == len(rest)
+    assert all(np.array_equal(a, b) for a, b in zip(again, rest, strict=True))
+
+
+def test_every_full_batch_mixes_several_groups_with_the_default_window(tmp_path):
+    _, stacks, strategy = _case(tmp_path, "2D, two stacks")
+    order = chunk_order(
+        strategy.sample_epoch(0).to_numpy(), [s.chunks for s in stacks], seed=strategy.seed, epoch=0
+    )
+    batch_size = 16
+    full = len(order.rows) // batch_size * batch_size
+    groups_per_batch = [
+        len(np.unique(order.group[start : start + batch_size]))
+        for start in range(0, full, batch_size)
+    ]
+    assert min(groups_per_batch) >= 2
+    assert np.mean(groups_per_batch) >= 3
+
+
+def test_chunk_order_decodes_fewer_chunks_than_the_shuffled_order(tmp_path):
+    # One 512x512 image in 64x64 chunks, 8x8 patches, a cache of a quarter of the store.
+    data = _data((1, 1, 512, 512), 3)
+    stack = _store(tmp_path / "big.zarr", data, (1, 1, 64, 64))
+    strategy = StratifiedPatching([data.shape], (8, 8), seed=1, backend="numpy")
+    decoded = {}
+    for order in ("shuffle", "chunks"):
+        loader = PatchLoader(
+            [stack], strategy, batch_size=64, order=order, cache_bytes=128 << 10, workers=2
+        )
+        n_rows = len(_indices(loader))
+        decoded[order] = loader._reader.chunks_read / n_rows
+    floor = 64 / strategy.n_patches
+    assert decoded["chunks"] < decoded["shuffle"] / 2
+    assert decoded["chunks"] >= floor
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"order": "random"}, ValueError, "'random'"),
+        (
+            {"order": "chunks", "chunk_window": 0},
+            ValueError,
+            "chunk_window must be at least 1, got 0",
+        ),
+        ({"order": "chunks", "chunk_window": 2.5}, TypeError, "chunk_window"),
+        ({"order": "chunks", "shuffle": False}, ValueError, "shuffle=True"),
+    ],
+)
+def test_bad_orders_are_refused_when_the_loader_is_built(tmp_path, kwargs, error, message):
+    _, stacks, strategy = _case(tmp_path, "3D")
+    with pytest.raises(error, match=message):
+        PatchLoader(stacks, strategy, batch_size=4, **kwargs)
+
+
+def test_chunk_order_is_refused_for_stacks_in_memory():
+    stack = _data((1, 1, 64, 64), 0)
+    strategy = StratifiedPatching([stack.shape], (8, 8), seed=0, backend="numpy")
+    with pytest.raises(ValueError, match="chunked stores"):
+        PatchLoader([stack], strategy, batch_size=4, order="chunks")
+
+
+def test_more_ranks_than_groups_are_refused_naming_both():
+    strategy = StratifiedPatching([(1, 1, 32, 32)], (8, 8), seed=0, backend="numpy")
+    with pytest.raises(ValueError, match="1 groups for world_size 2"):
+        chunk_order(
+            strategy.sample_epoch(0).to_numpy(), [(1, 1, 64, 64)], seed=0, epoch=0, world_size=2
+        )

@@ -1,32 +1,11 @@
-"""The per-patch draw, vectorised with NumPy.
+"""The per-patch draw, vectorised with NumPy: the one host draw.
 
-This is one of the two implementations of the per-patch draw (the other is the
-CUDA kernel in ``gpu_patching/kernels``); the test suite proves they agree bit
-for bit. The draw of patch ``i`` with draw number ``k``:
-
-1. ``s``: the sample whose patch range holds ``i``; ``j = i - patch_offset[s]``
-   is the stratum, ``n`` the sample's patch count, ``M`` its total mass.
-2. ``r``: the 64-bit word ``w1 << 32 | w0`` of the first two Philox output
-   words of counter ``(i, k, PURPOSE_STRATUM)``.
-3. Stratum ``j`` owns the integer mass points ``[lo, hi)`` with
-   ``lo = floor(j * M / n)`` and ``hi = floor((j + 1) * M / n)``; the draw
-   takes ``x = lo + floor(r * (hi - lo) / 2**64)``. The strata tile ``[0, M)``
-   exactly, so every mass point, hence every corner, is reached with a
-   probability proportional to its mass.
-4. ``x`` is located: the region whose mass interval holds it, then the rank of
-   the corner inside the region (each corner owns ``q`` consecutive points),
-   then the sub-box and the corner inside the sub-box (row-major). The NumPy
-   backend finds region and sub-box at once, with one search over a table of
-   the first mass point of every ``(region, sub-box)`` pair (``BoxIndex``,
-   built at the first draw and refreshed after every update of the tables).
-
-All integer arithmetic is exact in int64/uint64 within the limits that
-``tables`` enforces (``n < 2**31``, total mass ``< 2**62``).
-
-A shuffled or sharded epoch (:class:`~gpu_patching.permutation.EpochOrder`)
-changes only which index each row draws, never the draw of an index: its
-indices are drawn in increasing order (cache-friendly) and the rows gathered
-into the epoch's order.
+:func:`draw_rows` draws any rows (one draw number for all, or one per row; or
+one Python-int index in Python ints), and :class:`NumpyBackend` draws epochs,
+shuffled and sharded or not, through the same steps. The CUDA kernel in
+``gpu_patching/kernels`` is the one device draw, and the tests prove the two
+agree bit for bit. The steps, and the limits that keep their integer
+arithmetic exact, are in docs/design.md ("The draw inside a stratum").
 """
 
 from __future__ import annotations
@@ -181,8 +160,9 @@ def _draw_points(
 ) -> tuple[int, ...] | None:
     """Draw the corner of each index in its stratum: the per-patch draw, once.
 
-    Steps 2 to 4 of the module docstring, written with operators that act on
-    NumPy arrays and Python ints alike: arrays of indices (with one draw
+    The steps of docs/design.md ("The draw inside a stratum"), written with
+    operators that act on NumPy arrays and Python ints alike: arrays of
+    indices (with one draw
     number or one per row, and one sample or one per row) write their corners
     into ``out``; one Python-int index at one draw number returns its corner,
     every value a Python int read through the index's ``memoryview``s.

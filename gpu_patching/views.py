@@ -1,19 +1,11 @@
-"""Read-only, per-sample views of a sampler in the shape CAREamics' helpers read.
+"""The sampler's read-only queries, and per-sample views in the shape CAREamics reads.
 
-CAREamics' own ``StratifiedPatching`` keeps one object per sample in
-``image_patching[data_idx][sample_idx]`` and three cumulative count arrays, and
-its helpers (``create_val_split``, CAREamics' tests) read those. Our sampler
-keeps flat tables instead (a sample is a range of rows), so these classes
-present the same reading interface over the tables: nothing here is stored,
-every attribute is read from the sampler when it is asked for, so a view taken
-before an update (:meth:`~gpu_patching.StratifiedPatching.exclude_patches`,
-:meth:`~gpu_patching.StratifiedPatching.set_region_probs`, a state load)
-answers with the counts after it.
-
-The sequences index like lists (negative indices and slices included) but
-cannot be changed: they have no item assignment and their attributes have no
-setters. :class:`GridQueries` holds the sampler's read-only queries of its
-grid and counts.
+:class:`GridQueries` (mixed into the sampler) answers counts, grid coordinates,
+probabilities and exclusions. CAREamics' helpers (``create_val_split``) read
+``image_patching[data_idx][sample_idx]``; our flat tables keep no object per
+sample, so :class:`ImagePatchingView` and its parts present that interface,
+read from the sampler whenever asked (a view taken before an update answers
+with the counts after it). They index like lists but cannot be changed.
 """
 
 from __future__ import annotations

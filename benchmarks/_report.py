@@ -13,10 +13,13 @@ not redo). ``benchmarks/README.md`` lists every name by group.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +31,7 @@ from gpu_patching._atomic import write_atomically
 from gpu_patching.testing import cpu_model, usable_cupy
 
 __all__ = [
+    "PROC_MEMORY",
     "RESULTS_DIR",
     "Report",
     "add_output_arguments",
@@ -57,6 +61,7 @@ __all__ = [
     "merge_sections",
     "percentile",
     "reference_or_reason",
+    "run_child",
     "script_parser",
     "slug",
     "time_burst",
@@ -262,6 +267,52 @@ def in_turns(functions: Mapping[str, Callable[[int], Any]], rounds: int) -> dict
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0-100) of ``values``."""
     return float(np.percentile(np.asarray(values), q))
+
+
+# -- a measurement in a fresh process -----------------------------------------------------
+
+#: Source of two helpers for a measuring child process on Linux, to put before
+#: its own code: ``status(key)`` is a ``/proc/self/status`` figure in bytes
+#: (``VmRSS``, ``VmHWM``), ``reset_peak()`` resets ``VmHWM`` to the resident
+#: memory now (False where the system does not allow it).
+PROC_MEMORY = r"""
+def status(key):
+    with open("/proc/self/status") as lines:
+        for line in lines:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+"""
+
+
+def run_child(source: str, job: dict[str, Any], what: str) -> dict[str, Any]:
+    """Run ``source`` in a fresh Python with ``job`` as JSON in ``sys.argv[1]``.
+
+    A fresh process measures memory from a known start, without what earlier
+    cases left behind. Returns the child's last line of output, read as JSON.
+
+    Raises
+    ------
+    RuntimeError
+        If the child fails: the message names ``what`` and holds its stderr.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", source, json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{done.stderr}")
+    figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
 
 
 # -- timing on a CUDA device -------------------------------------------------------------

@@ -31,19 +31,18 @@ only (``/proc``).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from _report import (
+    PROC_MEMORY,
     RESULTS_DIR,
     Report,
     finish,
     machine_line,
     markdown_row,
     markdown_table,
+    run_child,
     script_parser,
 )
 
@@ -87,23 +86,10 @@ THEIRS = ["construct", "exclude 5%", "first get_patch_spec", "1,000 get_patch_sp
 
 # The measuring process: argv[1] is a JSON {"shapes", "patch", "operation",
 # "reference"}; it prints one JSON line {"regions", "peak", "held"}.
-CHILD = r"""
+CHILD = (
+    PROC_MEMORY
+    + r"""
 import json, sys
-
-def status(key):
-    with open("/proc/self/status") as lines:
-        for line in lines:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-
-def reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
 job = json.loads(sys.argv[1])
 import numpy as np
 from gpu_patching import StratifiedPatching
@@ -155,6 +141,7 @@ peak = status("VmHWM") - baseline
 held = status("VmRSS") - baseline
 print(json.dumps({"regions": regions, "peak": peak, "held": held}))
 """
+)
 
 
 def measure(shapes: list, patch: tuple, operation: str, reference: bool) -> dict[str, Any]:
@@ -166,12 +153,7 @@ def measure(shapes: list, patch: tuple, operation: str, reference: bool) -> dict
         "reference": reference,
         "order": THEIRS if reference else OURS,
     }
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(job)], capture_output=True, text=True
-    )
-    if done.returncode:
-        raise RuntimeError(f"measuring {operation} of {shapes} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(CHILD, job, f"measuring {operation} of {shapes}")
 
 
 def per_region(figures: dict[str, Any] | None) -> str:

@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import gc
 import importlib
-import json
 import shutil
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -61,6 +59,7 @@ from typing import Any
 
 import numpy as np
 from _report import (
+    PROC_MEMORY,
     RESULTS_DIR,
     Report,
     finish,
@@ -72,6 +71,7 @@ from _report import (
     load_line,
     machine_line,
     markdown_table,
+    run_child,
     script_parser,
 )
 
@@ -630,15 +630,10 @@ MEMORY_CACHES: list[int | None] = [64 << 20, 256 << 20, None]
 
 # The measuring process: argv[1] is a JSON {"path", "patch", "cache_bytes"}; it
 # prints one JSON line of resident memory figures (bytes) and the reader's counts.
-MEMORY_CHILD = r"""
+MEMORY_CHILD = (
+    PROC_MEMORY
+    + r"""
 import json, sys
-
-def status(key):
-    with open("/proc/self/status") as lines:
-        for line in lines:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-
 job = json.loads(sys.argv[1])
 interpreter = status("VmRSS")
 from gpu_patching import PatchLoader, StratifiedPatching
@@ -648,8 +643,8 @@ strategy = StratifiedPatching([stack.shape], tuple(job["patch"]), seed=0)
 options = {} if job["cache_bytes"] is None else {"cache_bytes": job["cache_bytes"]}
 loader = PatchLoader([stack], strategy, job["batch"], shuffle=True, **options)
 before = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as handle:
-    handle.write("5")  # VmHWM from here on: the epoch's own peak
+if not reset_peak():  # VmHWM from here on: the epoch's own peak
+    raise SystemExit("cannot reset VmHWM: /proc/self/clear_refs is not writable")
 batches = 0
 for patches, batch in loader:
     batches += 1
@@ -660,21 +655,13 @@ print(json.dumps({
     "chunks_read": reader.chunks_read, "cache_hits": reader.cache_hits, "batches": batches,
 }))
 """
+)
 
 
-def measure_epoch_memory(path: Path, case: Case, cache_bytes: int | None) -> dict[str, int]:
+def measure_epoch_memory(path: Path, case: Case, cache_bytes: int | None) -> dict[str, Any]:
     """One shuffled epoch of the store in a fresh process: its resident memory figures."""
     job = {"path": str(path), "patch": case.patch, "batch": BATCH, "cache_bytes": cache_bytes}
-    done = subprocess.run(
-        [sys.executable, "-c", MEMORY_CHILD, json.dumps(job)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the memory measurement failed:\n{done.stderr}")
-    figures: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
-    return figures
+    return run_child(MEMORY_CHILD, job, "the memory measurement")
 
 
 def memory_section(folder: Path, report: Report) -> None:

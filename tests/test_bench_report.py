@@ -257,3 +257,26 @@ def test_load_1min_is_the_one_minute_load_average_with_one_decimal() -> None:
 def test_no_reference_flag_gives_no_reference_and_says_why() -> None:
     reference, why = _report.reference_or_reason(wanted=False)
     assert reference is None and why == "--no-reference"
+
+
+def test_run_child_hands_the_job_over_and_reads_the_last_json_line() -> None:
+    source = (
+        'import json, sys\nprint("noise")\n'
+        'print(json.dumps({"twice": 2 * json.loads(sys.argv[1])["n"]}))'
+    )
+    assert _report.run_child(source, {"n": 21}, "doubling") == {"twice": 42}
+
+
+def test_run_child_names_what_failed_and_shows_the_childs_error() -> None:
+    with pytest.raises(RuntimeError, match=r"(?s)doubling failed:.*ZeroDivisionError"):
+        _report.run_child("1 / 0", {}, "doubling")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's /proc")
+def test_proc_memory_helpers_read_resident_memory_in_a_child() -> None:
+    source = _report.PROC_MEMORY + (
+        "import json\nreset_peak()\nprint(json.dumps({'rss': status('VmRSS'), "
+        "'hwm': status('VmHWM')}))"
+    )
+    figures = _report.run_child(source, {}, "reading memory")
+    assert 0 < figures["rss"] <= figures["hwm"]

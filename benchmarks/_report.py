@@ -97,14 +97,20 @@ def fmt_time(seconds: float | None) -> str:
     return f"{_three_digits(seconds / 1e-9)} ns"
 
 
+def _in_largest_unit(value: float, units: Sequence[tuple[float, str]], smaller: str) -> str:
+    """``value`` with two decimals in the first of ``units`` (largest first) it reaches."""
+    for scale, unit in units:
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return smaller  # below every unit
+
+
 def fmt_rate(per_second: float | None) -> str:
     """Items (patches, rows) per second with an SI prefix: '2.50 G/s' ('n/a' for None)."""
     if per_second is None:
         return "n/a"
-    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if per_second >= scale:
-            return f"{per_second / scale:.2f} {prefix}/s"
-    return f"{per_second:.0f} /s"
+    units = ((1e9, "G/s"), (1e6, "M/s"), (1e3, "k/s"))
+    return _in_largest_unit(per_second, units, f"{per_second:.0f} /s")
 
 
 def fmt_bandwidth(bytes_per_second: float) -> str:
@@ -114,10 +120,8 @@ def fmt_bandwidth(bytes_per_second: float) -> str:
 
 def fmt_bytes(nbytes: int) -> str:
     """A size in binary units: '3.73 GiB'."""
-    for scale, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
+    units = ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
+    return _in_largest_unit(nbytes, units, f"{nbytes} B")
 
 
 def fmt_percent(fraction: float) -> str:

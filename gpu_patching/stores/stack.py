@@ -434,6 +434,7 @@ class ChunkedStack:
         from zarr.api.asynchronous import open_array  # importable: this stack reads zarr
 
         array = self._array
+        fault: StoreError | None = None
         try:
             current = run(open_array(store=array.store, path=array.path, mode="r"))
         except Exception as error:
@@ -444,8 +445,6 @@ class ChunkedStack:
             )
             if not self.remote:
                 raise fault from error
-        else:
-            fault = None
         if fault is not None:
             # Outside the handler: a remote error's cause and context may hold
             # a request's text, so only its redacted text goes on.

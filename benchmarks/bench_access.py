@@ -15,7 +15,10 @@ table measures what the per-sampler lock costs the single-threaded path: the
 same sequential and with-replacement runs with the lock swapped for a no-op.
 
 Run it with ``python benchmarks/bench_access.py`` (``--quick`` for a small
-smoke run, ``--no-reference`` without CAREamics); the tables are
+smoke run, ``--no-reference`` without CAREamics, ``--gpu-only`` for the
+GPU table alone). A GPU table runs the same orders on ``backend="cuda"`` (the
+CUDA backend's per-index path) beside the NumPy backend, in turns, when CuPy
+and a CUDA device are usable; otherwise it says why. The tables are
 printed; ``--write-results`` writes them into ``benchmarks/results/access.md``
 (keeping the sections this run did not redo), ``--output FILE`` into FILE.
 """
@@ -38,6 +41,7 @@ from _report import (
     markdown_table,
     reference_or_reason,
     script_parser,
+    usable_cupy,
 )
 
 from gpu_patching import StratifiedPatching
@@ -57,6 +61,11 @@ QUICK_CASES = [
 ORDERS = ["sequential", "shuffled", "with replacement", "weighted", "one index"]
 TARGET_PER_CALL = 5e-6
 RESULTS = RESULTS_DIR / "access.md"
+#: Where ``--gpu-only --write-results`` writes (the CPU tables of access.md stay).
+GPU_RESULTS = RESULTS_DIR / "access-gpu.md"
+#: The backend of the GPU table's second column (tests run the table on "numpy").
+GPU_BACKEND = "cuda"
+GPU_HEADING = "## get_patch_spec on the CUDA backend"
 
 
 def make_order(kind: str, n_patches: int, n_calls: int, seed: int = 0) -> list[int]:
@@ -222,13 +231,65 @@ def run(cases: list[Any], calls: int, reference_calls: int, use_reference: bool)
     return report
 
 
+def gpu_section(report: Report, cases: list[Any], calls: int, cupy: Any, why: str) -> None:
+    """The GPU table: ``get_patch_spec`` per call on the CUDA backend beside the NumPy one.
+
+    The same cases, orders and table shape as the CPU table, with the NumPy
+    backend in the place of the reference; the two take turns in ten slices
+    (``measure_side_by_side``). Without a usable device it says why instead.
+    """
+    report.emit(GPU_HEADING, "")
+    if cupy is None:
+        report.emit(f"Not run: {why}.", "")
+        return
+    report.emit(
+        "Mean cost per call of get_patch_spec on a fresh sampler of each backend: the "
+        "CUDA backend's per-index path (every refill of its cache included) beside the "
+        f"NumPy backend's, on the same order of up to {calls:,} calls (at least one "
+        "pass), taking turns in ten slices. "
+        f"{load_line()}.",
+        "",
+    )
+    rows = []
+    for label, shapes, patch, _ in cases:
+        n_patches = StratifiedPatching(shapes, patch, seed=1, backend="numpy").n_patches
+        n_calls = max(calls, n_patches) if calls >= n_patches // 4 else calls
+        for kind in ORDERS:
+            order = make_order(kind, n_patches, n_calls)
+            device = StratifiedPatching(shapes, patch, seed=1, backend=GPU_BACKEND)
+            host = StratifiedPatching(shapes, patch, seed=1, backend="numpy")
+            on_device, on_host = measure_side_by_side(device, host, order, len(order))
+            assert on_host is not None  # the NumPy side always runs
+            rows.append(
+                [
+                    label,
+                    f"{n_patches:,}",
+                    kind,
+                    fmt_time(on_host),
+                    fmt_time(on_device),
+                    fmt_ratio(on_host, on_device, 2),
+                    "yes" if on_device <= TARGET_PER_CALL else "NO",
+                ]
+            )
+    header = ["case", "patches", "order", "gpu-patching (numpy)", "gpu-patching (cuda)"]
+    report.emit(*markdown_table([*header, "ratio", "target"], rows, "lrlrrrl"), "")
+
+
 def main(argv: list[str] | None = None) -> str:
-    parser = script_parser(__doc__, RESULTS, "small cases, few calls", reference=True)
+    parser = script_parser(__doc__, RESULTS, "small cases, few calls", reference=True, gpu=True)
     args = parser.parse_args(argv)
-    if args.quick:
-        report = run(QUICK_CASES, 3000, 200, not args.no_reference)
-    else:
-        report = run(CASES, 200_000, 1_000, not args.no_reference)
+    cases, calls, reference_calls = (
+        (QUICK_CASES, 3000, 200) if args.quick else (CASES, 200_000, 1_000)
+    )
+    cupy, why = usable_cupy()
+    if args.gpu_only:
+        report = Report()
+        report.emit("# get_patch_spec in any access order on the GPU", "", machine_line(), "")
+        gpu_section(report, cases, calls, cupy, why)
+        return finish(report, args, GPU_RESULTS)
+    report = run(cases, calls, reference_calls, not args.no_reference)
+    report.emit("")
+    gpu_section(report, cases, calls, cupy, why)
     return finish(report, args, RESULTS)
 
 

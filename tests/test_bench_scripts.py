@@ -364,3 +364,33 @@ def test_bench_memory_runs_quick_through_the_harness_into_its_output(
     rows = _table(text, "| case | regions |")
     assert len(rows) == 1 and rows[0][1] == "48"
     assert len(rows[0]) == 2 + len(bench_memory.OURS)
+
+
+# -- the GPU rows of bench_access, bench_memory, bench_stores and bench_careamics ---------
+
+
+def test_bench_access_gpu_only_without_a_gpu_says_why_and_measures_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_access = _load("bench_access")
+    monkeypatch.setattr(bench_access, "usable_cupy", lambda: (None, "no GPU in this test"))
+    text = bench_access.main(["--quick", "--gpu-only", "--output", str(tmp_path / "a.md")])
+    capsys.readouterr()
+    assert f"{bench_access.GPU_HEADING}\n\nNot run: no GPU in this test." in text
+    assert "| case | patches | order |" not in text  # no CPU table, no GPU figure
+
+
+def test_bench_access_gpu_table_sets_the_cuda_backend_beside_numpy_in_every_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_access = _load("bench_access")
+    tiny = ("tiny: 256x192, 32x32", [(1, 1, 256, 192)], (32, 32), True)
+    monkeypatch.setattr(bench_access, "QUICK_CASES", [tiny])
+    # The table's code on the host: the NumPy backend stands in for the CUDA one.
+    monkeypatch.setattr(bench_access, "GPU_BACKEND", "numpy")
+    monkeypatch.setattr(bench_access, "usable_cupy", lambda: (host_cupy(), ""))
+    text = bench_access.main(["--quick", "--gpu-only", "--output", str(tmp_path / "a.md")])
+    capsys.readouterr()
+    rows = _table(text, "| case | patches | order | gpu-patching (numpy) | gpu-patching (cuda) |")
+    assert [row[2] for row in rows] == bench_access.ORDERS
+    assert all(row[3] != "n/a" and row[4] != "n/a" and row[5].startswith("x") for row in rows)

@@ -23,7 +23,10 @@ The reference (CAREamics 0.3.5, loaded without its dependencies) is measured
 at the sizes it builds in reasonable time: construction, the same exclusion
 (as coordinates), the first ``get_patch_spec`` and 1,000 calls (it has no
 epoch call). Run ``python benchmarks/bench_memory.py`` (``--quick``: 1M
-regions only, no reference); the tables are
+regions only, no reference). On a usable CUDA device a second table gives the
+device memory of the same operations on ``backend="cuda"`` (CuPy's memory
+pool: its high-water mark over the operation and what stays in use after it);
+``--gpu-only`` runs that table alone. The tables are
 printed; ``--write-results`` writes them into ``benchmarks/results/memory.md``,
 ``--output FILE`` into FILE. Linux
 only (``/proc``).
@@ -31,9 +34,11 @@ only (``/proc``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from _report import (
     PROC_MEMORY,
     RESULTS_DIR,
@@ -44,9 +49,17 @@ from _report import (
     markdown_table,
     run_child,
     script_parser,
+    usable_cupy,
 )
 
+from gpu_patching import StratifiedPatching
+
 RESULTS = RESULTS_DIR / "memory.md"
+#: Where ``--gpu-only --write-results`` writes (memory.md's host tables stay).
+GPU_RESULTS = RESULTS_DIR / "memory-gpu.md"
+#: The backend of the device table (tests run its code on "numpy").
+GPU_BACKEND = "cuda"
+GPU_HEADING = "## gpu-patching (CUDA backend): device memory"
 #: The issue's target: peak resident memory per region.
 TARGET_BYTES_PER_REGION = 100
 
@@ -162,12 +175,99 @@ def per_region(figures: dict[str, Any] | None) -> str:
     return f"{figures['peak'] / figures['regions']:.0f}"
 
 
+def device_steps(shapes: list[Any], patch: tuple[int, ...]) -> dict[str, Callable[[Any], Any]]:
+    """The operations of :data:`OURS` on a sampler (the same arguments as the host child's)."""
+    cells = tuple((size + 1) // p for size, p in zip(shapes[0][2:], patch, strict=True))
+    chosen = np.zeros(int(np.prod(cells)), dtype=bool)
+    chosen[::20] = True  # 5% of the first sample's cells, evenly spread
+    chosen = chosen.reshape(cells)
+    return {
+        "construct": lambda _: StratifiedPatching(shapes, patch, 1, backend=GPU_BACKEND),
+        "exclude 5%": lambda s: s.exclude_patches(0, 0, chosen),
+        "set_region_probs": lambda s: s.set_region_probs(0, 0, np.where(chosen, 0.25, 1.0)),
+        "first epoch": lambda s: s.sample_epoch(0),
+        "epoch": lambda s: s.sample_epoch(1),
+        "shuffled epoch": lambda s: s.sample_epoch(2, shuffle=True),
+        "first get_patch_spec": lambda s: s.get_patch_spec(0),
+        "1,000 get_patch_spec": lambda s: [s.get_patch_spec(i % s.n_patches) for i in range(1000)],
+    }
+
+
+def measure_device(cupy: Any, shapes: list[Any], patch: tuple[int, ...]) -> dict[str, Any]:
+    """Device bytes of each operation of :data:`OURS`, in order, on one sampler.
+
+    Before each operation the pool gives its cached blocks back, so that its
+    total is what is in use; it keeps the blocks freed during the operation,
+    so its total after the operation (its result still held) is the
+    operation's high-water mark. ``peak``: that mark minus the bytes in use
+    before; ``held``: the bytes in use once the result is dropped, minus
+    those before (what the sampler keeps). Keys ``regions`` and one
+    ``{"peak", "held"}`` per operation.
+    """
+    pool = cupy.get_default_memory_pool()
+    steps = device_steps(shapes, patch)
+    figures: dict[str, Any] = {}
+    sampler = None
+    for operation in OURS:
+        pool.free_all_blocks()
+        before = pool.used_bytes()
+        result = steps[operation](sampler)
+        cupy.cuda.Device().synchronize()
+        peak = pool.total_bytes() - before
+        if operation == "construct":
+            sampler, result = result, None
+        del result
+        figures[operation] = {"peak": peak, "held": pool.used_bytes() - before}
+    del sampler
+    # Grid cells, counted as the host child counts them.
+    figures["regions"] = sum(
+        shape[0] * int(np.prod([(size + 1) // p for size, p in zip(shape[2:], patch, strict=True)]))
+        for shape in shapes
+    )
+    pool.free_all_blocks()
+    return figures
+
+
+def gpu_section(report: Report, cases: list[Any], cupy: Any, why: str) -> None:
+    """The device table: bytes per region of each operation on the CUDA backend, or why not."""
+    report.emit(GPU_HEADING, "")
+    if cupy is None:
+        report.emit(f"Not run: {why}.", "")
+        return
+    report.emit(
+        "Device bytes per region (grid cell) of the same operations on one sampler per "
+        "case, in the order of the table, from CuPy's default memory pool: `peak` is the "
+        "pool's high-water mark over the operation (cached blocks given back before it), "
+        "`kept` what stays in use after it once its result is dropped. Host memory is "
+        "the table above.",
+        "",
+        *markdown_table(
+            ["case", "regions", "bytes per region", *OURS], [], "lrl" + "r" * len(OURS)
+        ),
+    )
+    for label, shapes, patch in cases:
+        figures = measure_device(cupy, shapes, patch)
+        regions = figures["regions"]
+        for key, what in (("peak", "peak"), ("held", "kept")):
+            cells = [f"{figures[op][key] / regions:.0f}" for op in OURS]
+            report.emit(markdown_row([label, f"{regions:,}", what, *cells]))
+    report.emit("")
+
+
 def main(argv: list[str] | None = None) -> str:
-    parser = script_parser(__doc__, RESULTS, "1M regions only, no reference", reference=True)
+    parser = script_parser(
+        __doc__, RESULTS, "1M regions only, no reference", reference=True, gpu=True
+    )
     args = parser.parse_args(argv)
+    cases = QUICK_CASES if args.quick else CASES
+    cupy, why = usable_cupy()
+    if args.gpu_only:
+        report = Report()
+        report.emit("# Memory benchmark: device memory per region", "", machine_line(), "")
+        gpu_section(report, cases, cupy, why)
+        return finish(report, args, GPU_RESULTS)
     if not Path("/proc/self/clear_refs").exists():
         raise SystemExit("bench_memory.py needs Linux's /proc/self/clear_refs")
-
     report = Report()
     report.emit(
         "# Memory benchmark: peak resident memory per region",
@@ -185,7 +285,7 @@ def main(argv: list[str] | None = None) -> str:
         *markdown_table(["case", "regions", *OURS], [], "lr" + "r" * len(OURS)),
     )
     worst = 0.0
-    for label, shapes, patch in QUICK_CASES if args.quick else CASES:
+    for label, shapes, patch in cases:
         figures = [measure(shapes, patch, operation, False) for operation in OURS]
         worst = max(worst, *(f["peak"] / f["regions"] for f in figures))
         regions = f"{figures[0]['regions']:,}"
@@ -222,6 +322,8 @@ def main(argv: list[str] | None = None) -> str:
                     )
                 )
         report.emit("", SMALL_SAMPLERS_NOTE)
+    report.emit("")
+    gpu_section(report, cases, cupy, why)
     return finish(report, args, RESULTS)
 
 

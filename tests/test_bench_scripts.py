@@ -394,3 +394,56 @@ def test_bench_access_gpu_table_sets_the_cuda_backend_beside_numpy_in_every_orde
     rows = _table(text, "| case | patches | order | gpu-patching (numpy) | gpu-patching (cuda) |")
     assert [row[2] for row in rows] == bench_access.ORDERS
     assert all(row[3] != "n/a" and row[4] != "n/a" and row[5].startswith("x") for row in rows)
+
+
+def test_bench_memory_gpu_only_without_a_gpu_says_why_and_measures_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_memory = _load("bench_memory")
+    monkeypatch.setattr(bench_memory, "usable_cupy", lambda: (None, "no GPU in this test"))
+    text = bench_memory.main(["--quick", "--gpu-only", "--output", str(tmp_path / "m.md")])
+    capsys.readouterr()
+    assert f"{bench_memory.GPU_HEADING}\n\nNot run: no GPU in this test." in text
+    assert "| case | regions |" not in text
+
+
+def test_bench_memory_device_table_gives_peak_and_kept_bytes_of_every_operation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    bench_memory = _load("bench_memory")
+    tiny = ("tiny: 256x192, 32x32", [(1, 1, 256, 192)], (32, 32))
+    monkeypatch.setattr(bench_memory, "QUICK_CASES", [tiny])
+    monkeypatch.setattr(bench_memory, "GPU_BACKEND", "numpy")  # the table's code on the host
+    # A pool that grows by 480 bytes per operation and keeps 96 of them in use.
+    used, total = [0], [0]
+
+    def free_all_blocks() -> None:
+        total[0] = used[0]
+
+    def step() -> None:
+        total[0] += 480
+        used[0] += 96
+
+    cupy = host_cupy()
+    pool = SimpleNamespace(
+        free_all_blocks=free_all_blocks, used_bytes=lambda: used[0], total_bytes=lambda: total[0]
+    )
+    cupy.get_default_memory_pool = lambda: pool
+    steps = bench_memory.device_steps
+    monkeypatch.setattr(
+        bench_memory,
+        "device_steps",
+        lambda shapes, patch: {
+            k: (lambda s, f=f: (step(), f(s))[1]) for k, f in steps(shapes, patch).items()
+        },
+    )
+    monkeypatch.setattr(bench_memory, "usable_cupy", lambda: (cupy, ""))
+    text = bench_memory.main(["--quick", "--gpu-only", "--output", str(tmp_path / "m.md")])
+    capsys.readouterr()
+    rows = _table(text, "| case | regions | bytes per region |")
+    assert [row[2] for row in rows] == ["peak", "kept"]
+    assert rows[0][1] == "48"
+    assert rows[0][3:] == ["10"] * len(bench_memory.OURS)  # 480 bytes over 48 regions
+    assert rows[1][3:] == ["2"] * len(bench_memory.OURS)  # 96 bytes kept

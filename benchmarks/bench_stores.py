@@ -36,7 +36,10 @@ time from a fresh loader (cold cache), so they include the cache's warm-up.
 
 The stores go to ``--store-dir`` (default ``/tmp/gpu-patching-stores``) and
 are deleted at the end unless ``--keep``; a later run reuses kept stores.
-``--quick`` uses 4096x4096 and 64x512x512 stores. The tables are
+``--quick`` uses 4096x4096 and 64x512x512 stores. On a usable CUDA device a
+last section times ``PatchLoader(..., device_output=True)`` (each batch
+uploaded) beside host batches on a 4096x4096 store (``--gpu-only``: that
+section alone). The tables are
 printed; ``--write-results`` writes them into ``benchmarks/results/stores.md``,
 ``--output FILE`` into FILE.
 """
@@ -63,6 +66,7 @@ from _report import (
     RESULTS_DIR,
     Report,
     finish,
+    fmt_bandwidth,
     fmt_bytes,
     fmt_rate,
     fmt_ratio,
@@ -73,6 +77,7 @@ from _report import (
     markdown_table,
     run_child,
     script_parser,
+    usable_cupy,
 )
 
 from gpu_patching import PatchLoader, StratifiedPatching, extract_patches
@@ -741,7 +746,9 @@ def memory_section(folder: Path, report: Report) -> None:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = script_parser(__doc__, RESULTS, "small stores, short runs (not the memory rows)")
+    parser = script_parser(
+        __doc__, RESULTS, "small stores, short runs (not the memory rows)", gpu=True
+    )
     parser.add_argument(
         "--memory-only", action="store_true", help="only the peak memory against cache_bytes"
     )
@@ -758,7 +765,10 @@ def main(argv: list[str] | None = None) -> str:
     )
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else (2.0 if args.quick else 8.0)
-    selected = [] if args.memory_only else cases(args.quick)
+    selected = [] if args.memory_only or args.gpu_only else cases(args.quick)
+    cupy, why = usable_cupy()
+    if args.gpu_only:
+        return device_output_main(args, cupy, why, seconds)
     args.store_dir.mkdir(parents=True, exist_ok=True)
     needed = sum(c.raw_bytes for c in [*selected, *MEMORY_CASES])
     free = shutil.disk_usage(args.store_dir).free
@@ -773,6 +783,8 @@ def main(argv: list[str] | None = None) -> str:
         if selected:
             throughput_section(args, selected, seconds, report)
         memory_section(args.store_dir, report)
+        if not args.memory_only:
+            device_output_section(args.store_dir, cupy, why, seconds, report)
     finally:
         if not args.keep:
             shutil.rmtree(args.store_dir, ignore_errors=True)
@@ -842,6 +854,95 @@ def throughput_section(args: Any, selected: list[Case], seconds: float, report: 
         f"{load_line()} at the end.",
         "",
     )
+
+
+# -- device output (PatchLoader(..., device_output=True)) ----------------------------------
+
+#: The store of the device-output rows: the quick 2D case, small enough to write in seconds.
+DEVICE_CASE = Case("2D", (4096, 4096), (1024, 1024), (64, 64))
+DEVICE_HEADING = "## Device output (PatchLoader(..., device_output=True))"
+#: Where ``--gpu-only --write-results`` writes (stores.md's host sections stay).
+GPU_RESULTS = RESULTS_DIR / "stores-gpu.md"
+
+
+def device_output_rate(
+    stack: Any, strategy: Any, cupy: Any, device_output: bool, seconds: float
+) -> tuple[float, int]:
+    """Patches/s and patches of a fresh shuffled PatchLoader, host or uploaded batches.
+
+    With ``device_output`` each batch's upload is waited for before the next
+    is asked for (what a consumer using it does), so the time includes it.
+    """
+    loader = PatchLoader([stack], strategy, BATCH, shuffle=True, device_output=device_output)
+    batches = iter(loader_batches(loader))
+    stream = cupy.cuda.get_current_stream()
+
+    def one(k: int) -> int:
+        patches = next(batches)
+        if device_output:
+            stream.synchronize()
+        return len(patches)
+
+    rate, done = rate_for(seconds, one, len(loader), min(3, len(loader)))
+    batches.close()
+    return rate, done
+
+
+def device_output_section(
+    folder: Path, cupy: Any, why: str, seconds: float, report: Report
+) -> None:
+    """Host batches against uploaded ones on :data:`DEVICE_CASE`'s store, or why not."""
+    report.emit(DEVICE_HEADING, "")
+    if cupy is None:
+        report.emit(f"Not run: {why}.", "")
+        return
+    stack = open_stack(ensure_store(folder, DEVICE_CASE))
+    strategy = StratifiedPatching([stack.shape], DEVICE_CASE.patch, seed=0)
+    patch_bytes = int(np.prod(DEVICE_CASE.patch)) * 2
+    rows = []
+    host = None
+    for device_output in (False, True, False, True):  # in turns, each from a cold cache
+        rate, done = device_output_rate(stack, strategy, cupy, device_output, seconds)
+        host = rate if not device_output else host
+        rows.append(
+            [
+                "uploaded to the GPU (device_output=True)" if device_output else "host (NumPy)",
+                f"{done:,}",
+                fmt_rate(rate),
+                fmt_bandwidth(rate * patch_bytes) if device_output else "(no upload)",
+                fmt_ratio(rate, host, 2),
+            ]
+        )
+        gc.collect()
+    report.emit(
+        f"A shuffled epoch of a {'x'.join(map(str, DEVICE_CASE.shape))} uint16 store "
+        f"(chunks {'x'.join(map(str, DEVICE_CASE.chunks))}, patches "
+        f"{'x'.join(map(str, DEVICE_CASE.patch))}, batch {BATCH}) for {seconds:g} s from a "
+        "fresh loader each (cold cache), host batches and uploaded batches taking turns; "
+        "an uploaded batch is waited for before the next is asked for. Upload rate: the "
+        f"batches' bytes per second. {load_line()}.",
+        "",
+        *markdown_table(
+            ["batches", "patches", "patches/s", "upload", "against the host row before"],
+            rows,
+            "lrrrr",
+        ),
+        "",
+    )
+
+
+def device_output_main(args: Any, cupy: Any, why: str, seconds: float) -> str:
+    """``--gpu-only``: the device-output section alone, its store deleted unless ``--keep``."""
+    report = Report()
+    report.emit("# Patches from chunked stores on the GPU", "", machine_line(), "")
+    if cupy is not None:
+        args.store_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        device_output_section(args.store_dir, cupy, why, seconds, report)
+    finally:
+        if cupy is not None and not args.keep:
+            shutil.rmtree(args.store_dir, ignore_errors=True)
+    return finish(report, args, GPU_RESULTS)
 
 
 if __name__ == "__main__":

@@ -447,3 +447,33 @@ def test_bench_memory_device_table_gives_peak_and_kept_bytes_of_every_operation(
     assert rows[0][1] == "48"
     assert rows[0][3:] == ["10"] * len(bench_memory.OURS)  # 480 bytes over 48 regions
     assert rows[1][3:] == ["2"] * len(bench_memory.OURS)  # 96 bytes kept
+
+
+def test_bench_stores_gpu_only_without_a_gpu_says_why_and_writes_no_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_stores = _load("bench_stores")
+    monkeypatch.setattr(bench_stores, "usable_cupy", lambda: (None, "no GPU in this test"))
+    stores = tmp_path / "stores"
+    argv = ["--quick", "--gpu-only", "--store-dir", str(stores), "--output", str(tmp_path / "s.md")]
+    text = bench_stores.main(argv)
+    capsys.readouterr()
+    assert f"{bench_stores.DEVICE_HEADING}\n\nNot run: no GPU in this test." in text
+    assert "## Throughput" not in text and "## Peak memory" not in text
+    assert not stores.exists()
+
+
+def test_bench_stores_device_output_rate_counts_the_batches_of_a_real_store(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("zarr")
+    bench_stores = _load("bench_stores")
+    from gpu_patching import StratifiedPatching
+    from gpu_patching.stores import open_stack
+
+    case = bench_stores.Case("2D", (512, 512), (256, 256), (64, 64))
+    stack = open_stack(bench_stores.ensure_store(tmp_path, case))
+    strategy = StratifiedPatching([stack.shape], case.patch, seed=0)
+    rate, done = bench_stores.device_output_rate(stack, strategy, host_cupy(), False, 0.0)
+    # At least three batches (or the whole epoch when it has fewer).
+    assert done == min(3 * bench_stores.BATCH, strategy.n_patches) and rate > 0

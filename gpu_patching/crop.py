@@ -356,8 +356,9 @@ def _extract_chunked(
         _check_host_out(out, result_shape, dtype, [])
     rows = _host_rows(batch)
     _check_host_rows(rows, shapes, patch_size, batch)
-    # Each chunk the batch touches is read once; no cache outlives the call.
-    patches = ChunkReader(chunked, cache_bytes=0).read(rows, patch_size)
+    # Each chunk the batch touches is read once, all at once (a one-shot call
+    # holds the chunks it reads); no cache outlives the call.
+    patches = ChunkReader(chunked, cache_bytes=0, memory="call").read(rows, patch_size)
     if out is None:
         # No copy when the store's dtype is already in native byte order.
         return patches.astype(dtype, copy=False)

@@ -291,9 +291,10 @@ def test_read_ahead_windows_give_the_same_batches_and_read_each_chunk_once(tmp_p
     stack, log = _logged_stack(tmp_path / "a.zarr")
     strategy = StratifiedPatching([data.shape], (8, 8), seed=2)
     rows = strategy.sample_epoch(0, shuffle=True).to_numpy()[:40]
-    one_at_a_time = ChunkReader([stack], cache_bytes=0)
+    # memory="call": no cache, and the windows are not cut to fit a budget.
+    one_at_a_time = ChunkReader([stack], cache_bytes=0, memory="call")
     expected = [(p.copy(), b) for p, b in one_at_a_time.batches(rows, 6, read_ahead=1)]
-    windowed = ChunkReader([stack], cache_bytes=0)
+    windowed = ChunkReader([stack], cache_bytes=0, memory="call")
     log.keys.clear()
     got = list(windowed.batches(rows, 6, read_ahead=4))
     assert len(got) == len(expected) == -(-len(rows) // 6)
@@ -473,7 +474,8 @@ def test_a_closed_pass_reads_no_more_chunks(tmp_path):
 
     data = _data((1, 1, 32, 32), seed=18)
     stack = open_stack(_write(tmp_path / "a.zarr", data, (1, 1, 8, 8)))
-    reader = ChunkReader([stack], cache_bytes=0, workers=1)
+    # memory="call": the pass below reads ahead on its thread whatever the budget.
+    reader = ChunkReader([stack], cache_bytes=0, workers=1, memory="call")
     batch = _batch((8, 8), [0, 0], [(0, 0), (20, 20)])
     stop = threading.Event()
     stop.set()

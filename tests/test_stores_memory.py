@@ -100,3 +100,103 @@ def test_chunks_decode_on_at_most_one_thread_per_core(tmp_path):
     ChunkReader([stack], cache_bytes=0, workers=16).read(rows, (32, 32))
     decoders = [t for t in threading.enumerate() if t.name.startswith("gpu_patching_decode")]
     assert 1 <= len(decoders) <= min(32, os.cpu_count() or 1)
+
+
+# -- reads in flight and read-ahead within the budget ------------------------------------
+
+# The 3D rows of bench_stores.py (8 MiB chunks, patches 16x64x64, batches of 128)
+# shrunk to test size: 32 KiB chunks, patches 4x16x16, batches of 16 (32 KiB).
+_VOLUME = (2, 1, 16, 128, 128)
+_VOLUME_CHUNKS = (1, 1, 16, 32, 32)
+_VOLUME_CHUNK_BYTES = 16 * 32 * 32 * 2
+_VOLUME_PATCH = (4, 16, 16)
+
+
+def _volume(path):
+    data = np.random.default_rng(7).integers(0, 4096, _VOLUME, dtype=np.uint16)
+    zarr.create_array(str(path), shape=_VOLUME, chunks=_VOLUME_CHUNKS, dtype="uint16")[...] = data
+    return data, open_stack(path)
+
+
+def _sliced(data, batch):
+    """The patches by plain slicing of the in-memory array."""
+    boxes = [
+        (s, slice(None), *(slice(c, c + p) for c, p in zip(corner, batch.patch_size, strict=True)))
+        for s, corner in zip(batch.sample_idx.tolist(), batch.coords.tolist(), strict=True)
+    ]
+    return np.stack([data[box] for box in boxes])
+
+
+def test_a_budget_below_a_batchs_reads_bounds_cache_reads_in_flight_and_read_ahead(tmp_path):
+    data, stack = _volume(tmp_path / "v.zarr")
+    rows = StratifiedPatching([stack.shape], _VOLUME_PATCH, seed=4).sample_epoch(0, shuffle=True)
+    budget = 12 * _VOLUME_CHUNK_BYTES
+    reader = ChunkReader([stack], cache_bytes=budget, workers=6)
+    # Six reads of three chunk sizes each would take 18 chunk sizes at once.
+    assert 6 * reader.read_bytes > budget
+    for patches, batch in reader.batches(rows.to_numpy(), 16):
+        assert np.array_equal(patches, _sliced(data, batch))
+    assert reader.chunks_read > 0
+    assert 0 < reader.peak_held_bytes <= budget
+
+
+def test_a_budget_below_one_read_still_reads_one_chunk_at_a_time(tmp_path):
+    data, stack = _volume(tmp_path / "v.zarr")
+    rows = StratifiedPatching([stack.shape], _VOLUME_PATCH, seed=5).sample_epoch(0, shuffle=True)
+    rows = rows.to_numpy()
+    reader = ChunkReader([stack], cache_bytes=_VOLUME_CHUNK_BYTES // 2, workers=6)
+    for patches, batch in reader.batches(rows, 16):
+        assert np.array_equal(patches, _sliced(data, batch))
+    assert reader.peak_reads_in_flight == 1
+    # One read, the pass's rows and one batch's bookkeeping: the least a pass holds.
+    floor = reader.pass_floor_bytes(rows, 16)
+    rows_bytes = sum(a.nbytes for a in (rows.data_idx, rows.sample_idx, rows.coords, rows.indices))
+    assert floor <= 3 * _VOLUME_CHUNK_BYTES + rows_bytes + 16 * 1024
+    assert reader.peak_held_bytes <= floor
+
+
+def test_a_call_reader_reads_every_chunk_of_the_call_at_once(tmp_path):
+    _data, stack = _volume(tmp_path / "v.zarr")
+    # Four patches in four chunks of sample 0, the budget none: nothing holds reads back.
+    corners = np.array([[0, 0, 0], [0, 0, 32], [0, 32, 0], [0, 32, 32]], np.int64)
+    rows = (np.zeros(4, np.int64), np.zeros(4, np.int64), corners)
+    reader = ChunkReader([stack], cache_bytes=0, workers=6, memory="call")
+    reader.read(rows, _VOLUME_PATCH)
+    assert reader.chunks_read == 4
+    assert reader.peak_reads_in_flight == 4
+
+
+def test_extract_patches_reads_every_chunk_of_the_call_at_once(tmp_path, monkeypatch):
+    from gpu_patching import crop, extract_patches
+    from gpu_patching.specs import PatchBatch
+
+    data, stack = _volume(tmp_path / "v.zarr")
+    readers = []
+
+    class RecordedReader(ChunkReader):  # the real reader, remembered for its counters
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            readers.append(self)
+
+    monkeypatch.setattr(crop, "ChunkReader", RecordedReader)
+    corners = np.array([[0, 0, 0], [0, 0, 32], [0, 32, 0], [0, 32, 32], [0, 64, 64]], np.int64)
+    batch = PatchBatch(
+        data_idx=np.zeros(5, np.int64),
+        sample_idx=np.zeros(5, np.int64),
+        coords=corners,
+        indices=np.arange(5, dtype=np.int64),
+        patch_size=_VOLUME_PATCH,
+    )
+    patches = extract_patches([stack], batch)
+    assert np.array_equal(patches, _sliced(data, batch))
+    (reader,) = readers
+    assert reader.peak_reads_in_flight == 5
+
+
+def test_memory_is_budget_or_call(tmp_path):
+    _store(tmp_path / "a.zarr", (1, 1, 32, 32), (1, 1, 16, 16))
+    stack = open_stack(tmp_path / "a.zarr")
+    with pytest.raises(ValueError, match="'cache'"):
+        ChunkReader([stack], memory="cache")
+    with pytest.raises(TypeError, match="memory"):
+        ChunkReader([stack], memory=None)

@@ -23,14 +23,17 @@ from numpy.typing import NDArray
 
 from .. import _validation as check
 from ..specs import PatchBatch
+from ._loop import DECODE_THREADS
 from ._loop import run as _run
 from .plan import ChunkPlan, plan_chunks
 from .stack import ChunkedStack, StoreError, as_chunked_stack
 
 __all__ = [
+    "DECODE_THREADS",
     "DEFAULT_CACHE_BYTES",
     "DEFAULT_WORKERS",
     "MAX_READ_AHEAD",
+    "MEMORY_MODES",
     "ChunkReader",
     "check_reader_options",
     "default_cache_bytes",
@@ -46,6 +49,13 @@ DEFAULT_CACHE_BYTES = 512 << 20
 DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
 #: The most batches :meth:`ChunkReader.batches` reads at once by default.
 MAX_READ_AHEAD = 16
+#: What ``cache_bytes`` bounds (``ChunkReader(memory=...)``): ``"budget"``,
+#: everything the reader holds, reads held back to fit; ``"call"``, the cache
+#: alone, every read of a call at once (``workers`` at most).
+MEMORY_MODES = ("budget", "call")
+# Chunk sizes a read in flight holds at most: the stored (compressed) bytes,
+# zarr's decoded chunk and the chunk copied to the stack's full extent.
+_CHUNK_SIZES_PER_READ = 3
 # What a read keeps besides pixels, per row: its plan's pieces as Python lists
 # and one entry per chunk (measured: about 0.9 KiB per row of a shuffled 2D
 # window), counted against cache_bytes by ChunkReader.batches.
@@ -61,15 +71,28 @@ class ChunkReader:
         The stacks, axes ``SC(Z)YX`` (zarr arrays are wrapped as they are;
         use :func:`open_stack` for other axes, OME-Zarr and TIFF).
     cache_bytes : int, optional
-        Memory budget of the chunk cache, the reads in flight and (during a
-        :meth:`batches` pass) the batches read ahead and the rows; the cache
-        takes what the others leave (:attr:`cache_limit`), least recently
-        used chunks leaving first. 0 keeps no chunk between reads. Default:
-        :func:`default_cache_bytes` of the stacks, the smaller of their
-        decoded bytes and :data:`DEFAULT_CACHE_BYTES` (a budget larger than
-        the stores would only hold the reads' garbage longer).
+        With ``memory="budget"``: the budget of everything the reader holds,
+        the chunk cache, the reads in flight (:attr:`read_bytes` each) and,
+        during a :meth:`batches` pass, the batches read ahead and the rows.
+        Reads wait for room in it and a pass reads fewer batches ahead to fit
+        it; the cache takes what the others leave (:attr:`cache_limit`),
+        least recently used chunks leaving first. One read always proceeds,
+        so a budget below :meth:`pass_floor_bytes` works too, holding that
+        floor. With ``memory="call"``: the cache's bytes alone. 0 keeps no
+        chunk between reads. Default: :func:`default_cache_bytes` of the
+        stacks, the smaller of their decoded bytes and
+        :data:`DEFAULT_CACHE_BYTES` (a budget larger than the stores would
+        only hold the reads' garbage longer).
     workers : int, default DEFAULT_WORKERS
-        Chunk reads in flight at once (zarr decodes them in its thread pool).
+        The most chunk reads in flight at once (zarr decodes them in its
+        thread pool).
+    memory : {"budget", "call"}, default "budget"
+        What ``cache_bytes`` bounds. ``"budget"`` for passes over an epoch
+        (:class:`~gpu_patching.PatchLoader`): the reader's memory stays
+        within ``cache_bytes``. ``"call"`` for one-shot reads
+        (:func:`~gpu_patching.extract_patches`): every chunk of a call is
+        read at once (up to ``workers``), so a call holds the chunks it
+        reads, whatever ``cache_bytes`` is.
 
     Attributes
     ----------
@@ -82,6 +105,10 @@ class ChunkReader:
     peak_cached_bytes : int
         The most bytes of chunks the cache has held at once (at most
         ``cache_bytes``).
+    read_bytes : int
+        The bytes a read in flight is counted for: three chunk sizes of the
+        stacks' largest chunk (the stored bytes, zarr's decoded chunk and
+        its copy).
 
     Raises
     ------
@@ -89,7 +116,8 @@ class ChunkReader:
         If a stack is not a chunked stack, or the stacks' dtypes differ
         (compared in native byte order).
     ValueError
-        If the stacks mix 2D and 3D, or their channel counts differ.
+        If the stacks mix 2D and 3D, or their channel counts differ, or
+        ``memory`` is not one of :data:`MEMORY_MODES`.
 
     Notes
     -----
@@ -103,12 +131,17 @@ class ChunkReader:
         *,
         cache_bytes: int | None = None,
         workers: int = DEFAULT_WORKERS,
+        memory: str = "budget",
     ) -> None:
         if isinstance(stacks, (str, bytes)) or not isinstance(stacks, Sequence):
             raise TypeError(f"stacks must be a sequence of stacks, got {type(stacks).__name__}")
         if len(stacks) == 0:
             raise ValueError("stacks is empty: give one chunked stack per data_idx")
         limit, n_workers = check_reader_options(cache_bytes, workers)
+        if not isinstance(memory, str):
+            raise TypeError(f"memory must be one of {MEMORY_MODES}, got {type(memory).__name__}")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
         self.stacks = [as_chunked_stack(s, f"stacks[{k}]") for k, s in enumerate(stacks)]
         ranks = {s.ndim for s in self.stacks}
         if len(ranks) > 1:
@@ -132,14 +165,18 @@ class ChunkReader:
                 )
         self.cache_bytes = default_cache_bytes(self.stacks) if limit is None else limit
         self.workers = n_workers
-        # Reads in flight hold up to three chunk sizes each (see cache_limit).
-        self._in_flight_bytes = 3 * n_workers * max(s.chunk_bytes for s in self.stacks)
+        self.memory = memory
+        self.read_bytes = _CHUNK_SIZES_PER_READ * max(s.chunk_bytes for s in self.stacks)
+        # A pass's batches read ahead, rows and bookkeeping (see batches).
         self._reserved_bytes = 0
         self.chunks_read = 0
         self.cache_hits = 0
         self._cache: OrderedDict[tuple[int, tuple[int, ...]], NDArray[Any]] = OrderedDict()
         self._cached_bytes = 0
         self.peak_cached_bytes = 0
+        self._reads_in_flight = 0
+        self._peak_reads_in_flight = 0
+        self._peak_held_bytes = 0
         self._lock = threading.Lock()
 
     @property
@@ -151,6 +188,40 @@ class ChunkReader:
     def cached_bytes(self) -> int:
         """Bytes of the chunks in the cache now."""
         return self._cached_bytes
+
+    @property
+    def reads_in_flight(self) -> int:
+        """Chunk reads started and not yet copied out, now."""
+        return self._reads_in_flight
+
+    @property
+    def peak_reads_in_flight(self) -> int:
+        """The most chunk reads in flight at once so far."""
+        return self._peak_reads_in_flight
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the reader holds now, as ``cache_bytes`` counts them.
+
+        The cached chunks, :attr:`read_bytes` per read in flight and a
+        :meth:`batches` pass's batches read ahead (beyond the two it hands
+        over), rows and bookkeeping.
+        """
+        return self._cached_bytes + self._reads_in_flight * self.read_bytes + self._reserved_bytes
+
+    @property
+    def peak_held_bytes(self) -> int:
+        """The most :attr:`held_bytes` at once so far.
+
+        Within ``cache_bytes`` with ``memory="budget"``, or within a pass's
+        :meth:`pass_floor_bytes` when the budget is below that floor.
+        """
+        return self._peak_held_bytes
+
+    def _note_held(self) -> None:
+        """Update the peaks (called wherever the held bytes or the reads grow)."""
+        self._peak_held_bytes = max(self._peak_held_bytes, self.held_bytes)
+        self._peak_reads_in_flight = max(self._peak_reads_in_flight, self._reads_in_flight)
 
     def clear_cache(self) -> None:
         """Drop every cached chunk."""
@@ -231,7 +302,7 @@ class ChunkReader:
         samples = rows[1].tolist()
         # Each patch's origin on the axes C(Z)YX: channel 0 and its corner.
         patch_origin = [[0, *corner] for corner in rows[2].tolist()]
-        gate = asyncio.Semaphore(self.workers)
+        gate = asyncio.Semaphore(self._read_slots())
         # Once a chunk has failed, the batch is lost: the chunks still waiting
         # are not read (over a network each would wait out its own retries).
         failed = False
@@ -263,26 +334,33 @@ class ChunkReader:
                 self.cache_hits += 1
                 copy_pieces(j, stack, index, block)
                 return
-            # At most `workers` chunks are outside the cache at once, from the
-            # start of their read to the end of their copy (see cache_limit).
+            # At most _read_slots() chunks are outside the cache at once, from
+            # the start of their read to the end of their copy (see cache_limit).
             async with gate:
                 if failed or (stop is not None and stop.is_set()):
                     raise _StoppedError  # the pass was closed, or the batch failed
-                fault = None
+                self._reads_in_flight += 1
+                self._note_held()
                 try:
-                    block = await self.stacks[stack].read_chunk_async(index)
-                except Exception as error:
-                    failed = True
-                    fault = _chunk_error(self.stacks[stack], index, error)
-                    if not self.stacks[stack].remote:
-                        raise fault from error
-                if fault is not None:
-                    # Raised outside the handler: a remote error's causes and context
-                    # may hold a request's text (a signed URL), so none is attached.
-                    raise fault
-                assert block is not None  # the read returned: no fault
-                self.chunks_read += 1
-                copy_pieces(j, stack, index, block)
+                    fault = None
+                    try:
+                        block = await self.stacks[stack].read_chunk_async(index)
+                    except Exception as error:
+                        failed = True
+                        fault = _chunk_error(self.stacks[stack], index, error)
+                        if not self.stacks[stack].remote:
+                            raise fault from error
+                    if fault is not None:
+                        # Raised outside the handler: a remote error's causes and context
+                        # may hold a request's text (a signed URL), so none is attached.
+                        raise fault
+                    assert block is not None  # the read returned: no fault
+                    self.chunks_read += 1
+                    copy_pieces(j, stack, index, block)
+                finally:
+                    self._reads_in_flight -= 1
+                # Cached after the read's count is released: the block is one of
+                # the bytes the read was counted for.
                 self._keep(key, block)
 
         results = await asyncio.gather(
@@ -298,11 +376,24 @@ class ChunkReader:
     def cache_limit(self) -> int:
         """Bytes the cached chunks may take now.
 
-        ``cache_bytes`` less what reads in flight may hold (three chunk sizes
-        each: the compressed bytes, zarr's decoded chunk and its copy) and
-        less the batches a :meth:`batches` pass reads ahead and its rows.
+        With ``memory="budget"``, ``cache_bytes`` less the batches a
+        :meth:`batches` pass reads ahead, its rows and bookkeeping, and less
+        :attr:`read_bytes` for each read that may be in flight (as many as
+        fit in what is left, at least one, at most ``workers``). With
+        ``memory="call"``, ``cache_bytes``.
         """
-        return max(0, self.cache_bytes - self._in_flight_bytes - self._reserved_bytes)
+        if self.memory == "call":
+            return self.cache_bytes
+        room = self.cache_bytes - self._reserved_bytes - self._read_slots() * self.read_bytes
+        return max(0, room)
+
+    def _read_slots(self) -> int:
+        """Return the most reads in flight at once now (see :attr:`cache_limit`)."""
+        if self.memory == "call":
+            return self.workers
+        room = self.cache_bytes - self._reserved_bytes
+        # One read always proceeds, even in a budget smaller than one read.
+        return max(1, min(self.workers, room // self.read_bytes))
 
     def _keep(self, key: tuple[int, tuple[int, ...]], block: NDArray[Any]) -> None:
         """Put a chunk in the cache (if it fits), then evict down to the limit."""
@@ -312,6 +403,7 @@ class ChunkReader:
             # Counted before the eviction: the bytes did sit in the cache together.
             self.peak_cached_bytes = max(self.peak_cached_bytes, self._cached_bytes)
         self._evict()
+        self._note_held()
 
     def _evict(self) -> None:
         """Drop the least recently used chunks until the cache is within its limit."""
@@ -345,6 +437,31 @@ class ChunkReader:
                 best = window
         return best
 
+    def pass_floor_bytes(self, rows: PatchBatch, batch_size: int) -> int:
+        """Return the least a :meth:`batches` pass over ``rows`` holds.
+
+        One read in flight (:attr:`read_bytes`), the pass's rows and the
+        bookkeeping of one batch's read (about 1 KiB a row): with
+        ``memory="budget"`` and a ``cache_bytes`` below this, a pass reads
+        one chunk at a time and no batch ahead, and holds this much.
+
+        Parameters
+        ----------
+        rows : PatchBatch
+            The pass's rows.
+        batch_size : int
+            Rows per batch, at least 1.
+
+        Returns
+        -------
+        int
+            Bytes.
+        """
+        size = check.as_int(batch_size, "batch_size")
+        if size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {size}")
+        return self.read_bytes + _pass_reserved_bytes(0, 1, size, 0, _rows_bytes(rows))
+
     def batches(
         self, rows: PatchBatch, batch_size: int, *, read_ahead: int | None = None
     ) -> Iterator[tuple[Any, PatchBatch]]:
@@ -363,9 +480,13 @@ class ChunkReader:
         Memory: while the consumer uses a batch, the reader holds the batches
         of the current window and of the next one (``2W`` batches; with
         ``W = 1``, three while the consumer still holds the previous batch
-        during ``next()``) and ``rows``; all but two of those batches, and
-        ``rows``, are taken out of ``cache_bytes`` for the pass
-        (:attr:`cache_limit`).
+        during ``next()``) and ``rows``; all but two of those batches, the
+        rows and the reads' bookkeeping are counted in :attr:`held_bytes`
+        for the pass. With ``memory="budget"``, ``W`` is lowered until they
+        and one read fit in ``cache_bytes``; when even ``W = 1`` does not
+        fit, nothing is read ahead: each batch is read in the consumer's
+        thread when it is asked for, and the pass holds the two batches
+        handed over and :meth:`pass_floor_bytes` at most.
 
         Parameters
         ----------
@@ -374,8 +495,9 @@ class ChunkReader:
         batch_size : int
             Rows per batch (the last may be smaller).
         read_ahead : int, optional
-            Batches read at once, ``W >= 1``; default :meth:`read_ahead` of
-            the batch's size in bytes.
+            Batches read at once, ``W >= 1`` (with ``memory="budget"``, at
+            most: fewer when the budget cannot hold them); default
+            :meth:`read_ahead` of the batch's size in bytes.
 
         Returns
         -------
@@ -396,7 +518,22 @@ class ChunkReader:
             window = check.as_int(read_ahead, "read_ahead")
             if window < 1:
                 raise ValueError(f"read_ahead must be at least 1, got {window}")
-        return self._batches(rows, size, window, patch_size, batch_bytes)
+        rows_bytes = _rows_bytes(rows)
+        ahead = True
+        if self.memory == "budget":
+
+            def fits(w: int) -> bool:
+                reserved = _pass_reserved_bytes(
+                    _reserved_batches(w), w, size, batch_bytes, rows_bytes
+                )
+                return reserved + self.read_bytes <= self.cache_bytes
+
+            while window > 1 and not fits(window):
+                window -= 1
+            ahead = fits(window)
+        batches_held = _reserved_batches(window) if ahead else 0
+        reserved = _pass_reserved_bytes(batches_held, window, size, batch_bytes, rows_bytes)
+        return self._batches(rows, size, window if ahead else 0, patch_size, reserved)
 
     def _batches(
         self,
@@ -404,11 +541,38 @@ class ChunkReader:
         size: int,
         window: int,
         patch_size: tuple[int, ...],
-        batch_bytes: int,
+        reserved: int,
     ) -> Iterator[tuple[Any, PatchBatch]]:
+        """Yield the pass of :meth:`batches`: ``window`` batches read ahead, or none when 0."""
         starts = list(range(0, len(rows), size))
         if not starts:
             return
+        with self._lock:
+            self._reserved_bytes += reserved
+            self._evict()
+            self._note_held()
+        try:
+            if window == 0:
+                # Nothing read ahead: each batch is read when it is asked for,
+                # while the consumer holds the previous one (two batches).
+                for start in starts:
+                    part = rows[start : start + size]
+                    yield self._read(_host_rows(part), patch_size, None), part
+            else:
+                yield from self._batches_ahead(rows, size, window, patch_size, starts)
+        finally:
+            with self._lock:
+                self._reserved_bytes -= reserved
+
+    def _batches_ahead(
+        self,
+        rows: PatchBatch,
+        size: int,
+        window: int,
+        patch_size: tuple[int, ...],
+        starts: list[int],
+    ) -> Iterator[tuple[Any, PatchBatch]]:
+        """Yield the batches of ``starts``, ``window`` at a time, the next read on a thread."""
         # The first batch is read on its own, so that it comes as soon as its
         # chunks are read; the rest W at a time.
         windows = [starts[:1]] + [starts[k : k + window] for k in range(1, len(starts), window)]
@@ -417,27 +581,8 @@ class ChunkReader:
 
         def submit(batch_starts: list[int]) -> Future[NDArray[Any]]:
             part = rows[batch_starts[0] : batch_starts[-1] + size]
-            host = (
-                np.asarray(part.data_idx, dtype=np.int64),
-                np.asarray(part.sample_idx, dtype=np.int64),
-                np.asarray(part.coords, dtype=np.int64),
-            )
-            return prefetch.submit(self._read, host, patch_size, stop)
+            return prefetch.submit(self._read, _host_rows(part), patch_size, stop)
 
-        # The pass's rows (the whole epoch, for a loader) count against the
-        # budget too: they are the one thing that grows with the store.
-        rows_bytes = sum(
-            int(getattr(getattr(rows, name), "nbytes", 0))
-            for name in ("data_idx", "sample_idx", "coords", "indices")
-        )
-        reserved = (
-            _reserved_batches(window) * batch_bytes
-            + rows_bytes
-            + window * size * _BOOKKEEPING_BYTES_PER_ROW
-        )
-        with self._lock:
-            self._reserved_bytes += reserved
-            self._evict()
         pending: Future[NDArray[Any]] | None = submit(windows[0])
         try:
             for w, batch_starts in enumerate(windows):
@@ -459,8 +604,6 @@ class ChunkReader:
             if pending is not None:
                 pending.cancel()
             prefetch.shutdown(wait=True)
-            with self._lock:
-                self._reserved_bytes -= reserved
 
     def close(self) -> None:
         """Drop the cache (the stacks stay open)."""
@@ -476,6 +619,36 @@ class ChunkReader:
 def _reserved_batches(window: int) -> int:
     """Batches a pass of ``window`` batches at a time holds beyond the two allowed."""
     return max(1, 2 * window - 2)
+
+
+def _pass_reserved_bytes(
+    batches_held: int, window: int, size: int, batch_bytes: int, rows_bytes: int
+) -> int:
+    """Return what a pass counts against the budget besides cache and reads.
+
+    The batches it holds beyond the two handed over, its rows (the one thing
+    that grows with the store) and the bookkeeping of a window's read.
+    """
+    return batches_held * batch_bytes + rows_bytes + window * size * _BOOKKEEPING_BYTES_PER_ROW
+
+
+def _rows_bytes(rows: PatchBatch) -> int:
+    """Bytes of a pass's rows (the whole epoch, for a loader)."""
+    return sum(
+        int(getattr(getattr(rows, name), "nbytes", 0))
+        for name in ("data_idx", "sample_idx", "coords", "indices")
+    )
+
+
+def _host_rows(
+    part: PatchBatch,
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """Return the rows of ``part`` as the int64 arrays :meth:`ChunkReader.read` takes."""
+    return (
+        np.asarray(part.data_idx, dtype=np.int64),
+        np.asarray(part.sample_idx, dtype=np.int64),
+        np.asarray(part.coords, dtype=np.int64),
+    )
 
 
 def default_cache_bytes(stacks: Sequence[ChunkedStack]) -> int:

@@ -69,6 +69,7 @@ from _report import (
     load_1min,
     markdown_table,
     script_parser,
+    usable_cupy,
 )
 
 from gpu_patching import PatchLoader
@@ -76,6 +77,9 @@ from gpu_patching.testing import import_careamics
 
 RESULTS = RESULTS_DIR / "careamics.md"
 TRAIN_RESULTS = RESULTS_DIR / "careamics-train.md"
+#: Where ``--gpu-only --write-results`` writes the GPU end-to-end table.
+GPU_TRAIN_RESULTS = RESULTS_DIR / "careamics-train-gpu.md"
+GPU_HEADING = "## CAREamist.train on the GPU"
 #: Epochs of CAREamist.train per sampler in the end-to-end table.
 TRAIN_EPOCHS = 2
 #: Validation patches split off the training image in the end-to-end table.
@@ -331,8 +335,14 @@ class _EpochClock:
         self.epoch_s.append(time.perf_counter() - self._start)
 
 
-def train_run(case: Case, arrays: list[np.ndarray], ours: bool, work_dir: Path) -> list[str]:
-    """``CAREamist.train`` for ``TRAIN_EPOCHS`` epochs with one sampler; its table row."""
+def train_run(
+    case: Case, arrays: list[np.ndarray], ours: bool, work_dir: Path, accelerator: str = "cpu"
+) -> list[str]:
+    """``CAREamist.train`` for ``TRAIN_EPOCHS`` epochs with one sampler; its table row.
+
+    ``accelerator`` is Lightning's ("cpu" or "gpu"), named so that a figure
+    never comes from another device than its table says.
+    """
     from careamics import CAREamist
     from lightning.pytorch import Callback
 
@@ -346,6 +356,9 @@ def train_run(case: Case, arrays: list[np.ndarray], ours: bool, work_dir: Path) 
     ):
         # No workers: every get_patch_spec call is in this process, where it is timed.
         params.update(num_workers=0, persistent_workers=False)
+    trainer = dict(config.training_config.trainer_params or {})
+    trainer.update(accelerator=accelerator, devices=1)
+    config.training_config.trainer_params = trainer
 
     class EpochClock(_EpochClock, Callback):
         """The clock as a Lightning callback (Lightning is imported only here)."""
@@ -434,8 +447,61 @@ def run_train(case: Case, output: Path | None) -> str:
     return report.write(output)
 
 
+def gpu_why_not() -> str:
+    """Why ``CAREamist.train`` cannot run on a GPU here ("" when it can)."""
+    cupy, why = usable_cupy()  # the harness' test: a device that runs a kernel
+    if cupy is None:
+        return why
+    try:
+        import torch
+    except ImportError as error:
+        return f"PyTorch is not importable ({error})"
+    if not torch.cuda.is_available():
+        return f"PyTorch {torch.__version__} sees no CUDA device"
+    try:
+        import_careamics()
+    except ImportError as error:
+        return f"CAREamics' pipeline is not importable ({error})"
+    return ""
+
+
+def gpu_train_section(report: Report, case: Case) -> None:
+    """``CAREamist.train`` on the GPU with each sampler (one run each), or why not."""
+    report.emit("# CAREamist.train on the GPU", "", GPU_HEADING, "")
+    why = gpu_why_not()
+    if why:
+        report.emit(f"Not run: {why}.", "")
+        return
+    import tempfile
+
+    import torch
+
+    report.emit(
+        f"GPU: {torch.cuda.get_device_name(0)}; PyTorch {torch.__version__}; CPU: "
+        f"{cpu_model()}. `CAREamist.train` with `accelerator='gpu'` for {TRAIN_EPOCHS} "
+        f"epochs on one {case.name.split(',')[0]} float32 image, "
+        f"{'x'.join(map(str, case.patch_size))} patches, the configuration of the CPU "
+        "table (DataLoader without workers; our sampler on its NumPy backend, as "
+        "CAREamics asks for one patch per item), CAREamics' sampler then ours.",
+        "",
+    )
+    arrays = make_arrays(case)
+    rows = []
+    for ours in (False, True):
+        with tempfile.TemporaryDirectory() as work_dir:
+            rows.append(train_run(case, arrays, ours, Path(work_dir), accelerator="gpu"))
+    report.emit(
+        *markdown_table(
+            ["sampler", "training patches", "epoch 1 / 2", "sampler in epoch 1 / 2", "train()"],
+            rows,
+            "lrrrr",
+        ),
+        "",
+    )
+
+
 def main(argv: list[str] | None = None) -> str:
-    parser = script_parser(__doc__, RESULTS, "small images, few batches")
+    parser = script_parser(__doc__, RESULTS, "small images, few batches", gpu=True)
     parser.add_argument(
         "--train-output",
         type=Path,
@@ -449,6 +515,10 @@ def main(argv: list[str] | None = None) -> str:
     if args.train_output is None and args.write_results:
         args.train_output = TRAIN_RESULTS
     os.environ.setdefault("TQDM_DISABLE", "1")  # CAREamics' progress bars
+    if args.gpu_only:
+        report = Report()
+        gpu_train_section(report, QUICK_CASES[0] if args.quick else CASES[0])
+        return finish(report, args, GPU_TRAIN_RESULTS)
     try:
         careamics = import_careamics()
     except ImportError as error:

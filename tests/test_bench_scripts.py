@@ -477,3 +477,16 @@ def test_bench_stores_device_output_rate_counts_the_batches_of_a_real_store(
     rate, done = bench_stores.device_output_rate(stack, strategy, host_cupy(), False, 0.0)
     # At least three batches (or the whole epoch when it has fewer).
     assert done == min(3 * bench_stores.BATCH, strategy.n_patches) and rate > 0
+
+
+def test_bench_careamics_gpu_only_without_a_gpu_says_why_and_trains_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_careamics = _load("bench_careamics")
+    monkeypatch.setattr(bench_careamics, "usable_cupy", lambda: (None, "no GPU in this test"))
+    output = tmp_path / "train-gpu.md"
+    text = bench_careamics.main(["--quick", "--gpu-only", "--output", str(output)])
+    capsys.readouterr()
+    assert output.read_text() == text
+    assert f"{bench_careamics.GPU_HEADING}\n\nNot run: no GPU in this test." in text
+    assert "| sampler |" not in text

@@ -13,9 +13,11 @@ from .open import open_stack
 from .order import DEFAULT_CHUNK_WINDOW, ORDERS, ChunkOrder, check_order, chunk_order
 from .plan import ChunkPlan, plan_chunks
 from .reader import (
+    DECODE_THREADS,
     DEFAULT_CACHE_BYTES,
     DEFAULT_WORKERS,
     MAX_READ_AHEAD,
+    MEMORY_MODES,
     ChunkReader,
     check_reader_options,
     default_cache_bytes,
@@ -24,10 +26,12 @@ from .reader import (
 from .stack import ChunkedStack, StoreError, as_chunked_stack, is_chunked_stack
 
 __all__ = [
+    "DECODE_THREADS",
     "DEFAULT_CACHE_BYTES",
     "DEFAULT_CHUNK_WINDOW",
     "DEFAULT_WORKERS",
     "MAX_READ_AHEAD",
+    "MEMORY_MODES",
     "ORDERS",
     "ChunkOrder",
     "ChunkPlan",

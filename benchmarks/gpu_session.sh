@@ -26,20 +26,23 @@
 #   bench-gpu      bench_gpu.py (full sizes, a shorter budget per case)
 #   bench-crop     bench_crop.py --gpu-only (full sizes, no CPU half)
 #   bench-filters  bench_filters.py --gpu-only (the 10000x6760 image, no CPU half)
+#   bench-access   bench_access.py --quick --gpu-only (get_patch_spec on backend="cuda")
+#   bench-memory   bench_memory.py --quick --gpu-only (device memory per region)
+#   bench-stores   bench_stores.py --quick --gpu-only (PatchLoader device_output=True)
+#   bench-careamics bench_careamics.py --quick --gpu-only (CAREamist.train on the GPU)
 #
 # The benchmark steps are every script in benchmarks/ with a GPU row (the ones
 # that ask the harness for a device, usable_cupy); tests/test_bench_gpu.py
-# checks that none is left out and that each command line parses. The others
-# have no device path and measure the CPU only: bench_cpu, bench_access,
-# bench_memory (the host's resident memory), bench_stores (it counts what
-# device_output would upload, but times no upload) and bench_careamics
-# (CAREamics' pipeline on the host); a GPU machine adds nothing to them.
+# checks that none is left out and that each command line parses. bench_cpu
+# has no device path and measures the CPU only. The GPU-only runs of the last
+# four use their --quick sizes, so that every step fits the session.
 #
 # Results: $OUT (the folder the device tool brings back, at most 8 files) gets
 # summary.txt (one line per step, and the launch count), session.tar.gz
 # (every log, the device's description and every markdown result), and
 # copies of pytest-cuda.log and the GPU results (gpu-<card>.md,
-# crop-gpu-<card>.md, filters-gpu.md). Without $OUT: /tmp/gpu-session.
+# crop-gpu-<card>.md, filters-gpu.md); access-gpu.md, memory-gpu.md,
+# stores-gpu.md and careamics-train-gpu.md are in session.tar.gz. Without $OUT: /tmp/gpu-session.
 # The committed benchmarks/results/*.md are not touched except gpu-<card>.md.
 # Exit status: 0 when every step passed, 1 otherwise.
 
@@ -53,15 +56,20 @@ OUT=${OUT:-/tmp/gpu-session}
 # the rest is kept for timeout's grace and the packing at the end.
 SESSION_S=450
 # Each step's budget in seconds (the plan adds up to SESSION_S).
-STEPS=(describe pytest-cuda memcheck launches bench-gpu bench-crop bench-filters)
+STEPS=(describe pytest-cuda memcheck launches bench-gpu bench-crop bench-filters
+    bench-access bench-memory bench-stores bench-careamics)
 declare -A BUDGET=(
     [describe]=20
-    [pytest-cuda]=110
-    [memcheck]=55
-    [launches]=45
-    [bench-gpu]=130
-    [bench-crop]=35
-    [bench-filters]=55
+    [pytest-cuda]=90
+    [memcheck]=40
+    [launches]=35
+    [bench-gpu]=95
+    [bench-crop]=30
+    [bench-filters]=40
+    [bench-access]=20
+    [bench-memory]=20
+    [bench-stores]=25
+    [bench-careamics]=35
 )
 # Seconds timeout waits after TERM before it kills a step.
 GRACE_S=3
@@ -70,7 +78,8 @@ PROFILED_EPOCHS=5
 # The kernel tests that memcheck runs (they launch our own kernels).
 SANITIZED_TESTS=(tests/test_cuda.py tests/test_crop_cuda.py)
 # The benchmark steps, in the order they run.
-BENCH_STEPS=(bench-gpu bench-crop bench-filters)
+BENCH_STEPS=(bench-gpu bench-crop bench-filters bench-access bench-memory bench-stores
+    bench-careamics)
 
 # bench_args NAME SECONDS LOGS: set BENCH_ARGS to the benchmark step NAME's
 # command line (after "$PY"), for a step of SECONDS with its logs in LOGS.
@@ -84,6 +93,15 @@ bench_args() {
         bench-crop) BENCH_ARGS=(benchmarks/bench_crop.py --gpu-only --output "$3/crop-cpu.md") ;;
         bench-filters) BENCH_ARGS=(benchmarks/bench_filters.py --gpu-only
             --output "$3/filters-gpu.md") ;;
+        # Their GPU rows alone, at --quick sizes (their CPU rows come from CPU machines).
+        bench-access) BENCH_ARGS=(benchmarks/bench_access.py --quick --gpu-only
+            --output "$3/access-gpu.md") ;;
+        bench-memory) BENCH_ARGS=(benchmarks/bench_memory.py --quick --gpu-only
+            --output "$3/memory-gpu.md") ;;
+        bench-stores) BENCH_ARGS=(benchmarks/bench_stores.py --quick --gpu-only --seconds 2
+            --output "$3/stores-gpu.md") ;;
+        bench-careamics) BENCH_ARGS=(benchmarks/bench_careamics.py --quick --gpu-only
+            --output "$3/careamics-train-gpu.md") ;;
         *) return 1 ;;
     esac
 }
@@ -98,11 +116,11 @@ commands() {  # each benchmark step's command line, at its full budget
 plan() {
     local total=0
     for name in "${STEPS[@]}"; do
-        printf '%-14s %4d s\n' "$name" "${BUDGET[$name]}"
+        printf '%-16s %4d s\n' "$name" "${BUDGET[$name]}"
         total=$((total + BUDGET[$name]))
     done
-    printf '%-14s %4d s (of %d s for the session)\n' total "$total" "$SESSION_S"
-    printf '%-14s %4d s (after TERM, before KILL, per step)\n' grace "$GRACE_S"
+    printf '%-16s %4d s (of %d s for the session)\n' total "$total" "$SESSION_S"
+    printf '%-16s %4d s (after TERM, before KILL, per step)\n' grace "$GRACE_S"
 }
 
 list_gpu_tests() {  # the test files that mark tests cuda (a decorator or pytestmark)

@@ -617,7 +617,8 @@ def test_gpu_session_steps_fit_one_8_minute_call() -> None:
     assert done.returncode == 0, done.stderr
     budgets = dict(re.findall(r"^([\w-]+) +(\d+) s", done.stdout, re.MULTILINE))
     steps = ["describe", "pytest-cuda", "memcheck", "launches", "bench-gpu"]
-    steps += ["bench-crop", "bench-filters"]
+    steps += ["bench-crop", "bench-filters", "bench-access", "bench-memory", "bench-stores"]
+    steps += ["bench-careamics"]
     assert [name for name in budgets if name not in ("total", "grace")] == steps
     total, grace = int(budgets.pop("total")), int(budgets.pop("grace"))
     assert total == sum(int(seconds) for seconds in budgets.values())
@@ -699,8 +700,27 @@ def test_gpu_session_runs_every_benchmark_that_has_a_gpu_row() -> None:
         for path in (ROOT / "benchmarks").glob("bench_*.py")
         if "usable_cupy" in path.read_text()
     }
-    assert {"benchmarks/bench_gpu.py", "benchmarks/bench_crop.py"} <= with_gpu
+    assert with_gpu == {
+        f"benchmarks/bench_{name}.py"
+        for name in ("gpu", "crop", "filters", "access", "memory", "stores", "careamics")
+    }
     assert {command[0] for command in _bench_commands().values()} == with_gpu
+
+
+def test_gpu_session_runs_the_scripts_with_a_cpu_part_for_their_gpu_rows_alone() -> None:
+    # A script with CPU rows too runs with --gpu-only: its CPU rows come from CPU machines.
+    for name, command in _bench_commands().items():
+        if name != "bench-gpu":
+            assert "--gpu-only" in command, name
+
+
+def test_gpu_session_plan_fits_the_budget_with_every_benchmark_step() -> None:
+    plan = _session_script("plan").stdout
+    budgets = {k: int(v) for k, v in re.findall(r"^([\w-]+) +(\d+) s", plan, re.MULTILINE)}
+    benchmarks = _bench_commands()
+    assert all(budgets[name] >= 15 for name in benchmarks)  # room to start and report
+    session_s = int(re.search(r"of (\d+) s for the session", plan).group(1))
+    assert sum(v for k, v in budgets.items() if k not in ("total", "grace")) <= session_s
 
 
 def test_gpu_session_benchmark_commands_are_steps_with_a_budget() -> None:
@@ -709,7 +729,18 @@ def test_gpu_session_benchmark_commands_are_steps_with_a_budget() -> None:
     assert all(name in budgets for name in _bench_commands())
 
 
-@pytest.mark.parametrize("step", ["bench-gpu", "bench-crop", "bench-filters"])
+@pytest.mark.parametrize(
+    "step",
+    [
+        "bench-gpu",
+        "bench-crop",
+        "bench-filters",
+        "bench-access",
+        "bench-memory",
+        "bench-stores",
+        "bench-careamics",
+    ],
+)
 def test_gpu_session_benchmark_command_lines_use_flags_their_script_accepts(step: str) -> None:
     command = _bench_commands()[step]
     done = subprocess.run(
@@ -817,6 +848,9 @@ def test_gpu_session_runs_every_step_on_a_machine_with_the_tools(tmp_path: Path)
         assert any(line.startswith(f"ok      {name} (") for line in lines), (name, summary)
     assert any(line.startswith("ok      bench-crop (") for line in lines), summary
     assert any(line.startswith("ok      bench-filters (") for line in lines), summary
+    # Without a device the scripts of the last steps say why and succeed.
+    for name in ("bench-access", "bench-memory", "bench-stores", "bench-careamics"):
+        assert any(line.startswith(f"ok      {name} (") for line in lines), (name, summary)
     assert "FAILED: no GPU test passed" in summary
     counted = next(line for line in lines if line.startswith("launches per epoch counted with ncu"))
     assert "1 sample_epoch launch(es) per epoch over 5 epochs" in counted

@@ -292,10 +292,10 @@ def cpu_markdown(results: list[dict[str, Any]], gpu_note: str) -> str:
         "",
         "One float32 stack per case (2D: 8 x 1024x1024; 3D: 4 x 128x256x256), random corners. "
         "GB/s counts bytes read + written (2 x the output's bytes). Times are medians of "
-        "several calls (one call where the output exceeds 1 GiB); each call allocates its "
-        "output unless it says 'reused' (a fresh output costs its page faults). 'speed-up' is "
-        "against the per-patch loop that allocates. With out= given, the NumPy path gathers "
-        "into a temporary and copies it into out (NumPy's fancy indexing has no out=).",
+        "7 turns (3 where the output exceeds 1 GiB), each turn calling every method once; "
+        "each call allocates its output unless it says 'reused' (a fresh output costs its "
+        "page faults). 'speed-up' is against the per-patch loop that allocates. "
+        "extract_patches copies each patch straight into its row of the output (or of out=).",
         "",
         *markdown_table(
             ["patch", "batch", "method", "time per batch", "patches/s", "GB/s", "speed-up"],

@@ -35,16 +35,21 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from . import _validation as check
 from .arrays import namespace, require_array, to_host
+from .blocks import (
+    BlockPlan,
+    combine_regions,
+    group_slices,
+    reduce_group,
+    region_pixels,
+    worker_pool,
+)
 from .grid import grid_shape
 
 __all__ = ["DEFAULT_BINS", "MAX_BINS", "STATISTICS", "filter_map", "region_statistics"]
@@ -168,245 +173,6 @@ def _check_value_range(value_range: Any) -> tuple[float, float] | None:
     return low, high
 
 
-# -- step 1: reduce blocks -----------------------------------------------------
-
-Reduction = Callable[[Any, int], Any]
-
-
-def _block_reduce(
-    values: Any,
-    patch: tuple[int, ...],
-    reduce: Reduction,
-    xp: Any,
-    first: Reduction | None = None,
-) -> Any:
-    """Reduce ``(n, *spatial)`` values over ``P``-sized blocks of every spatial axis.
-
-    Returns ``(n, *ceil(spatial / P))``; the last block of an axis holds the
-    ``D % P`` leftover pixels when ``P`` does not divide ``D``. The outermost
-    axis goes first (with ``first`` when given): reducing whole rows is the
-    vectorised, cache-friendly reduction, and it leaves ``1 / P`` as much data
-    for the other axes.
-    """
-    out = values
-    for a, size in enumerate(patch):
-        step = first if (a == 0 and first is not None) else reduce
-        axis = 1 + a
-        length = int(out.shape[axis])
-        n_full = length // size
-        before = (slice(None),) * axis
-        parts = []
-        if n_full:
-            head = out[before + (slice(0, n_full * size),)]
-            head = head.reshape(out.shape[:axis] + (n_full, size) + out.shape[axis + 1 :])
-            parts.append(step(head, axis + 1))
-        if length % size:
-            tail = out[before + (slice(n_full * size, None),)]
-            parts.append(xp.expand_dims(step(tail, axis), axis))
-        out = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=axis)
-    return out
-
-
-def _sum64(values: Any, axis: int) -> Any:
-    return values.sum(axis=axis, dtype=np.float64)
-
-
-def _count64(values: Any, axis: int) -> Any:
-    return values.sum(axis=axis, dtype=np.int64)
-
-
-def _max(values: Any, axis: int) -> Any:
-    return values.max(axis=axis)
-
-
-def _min(values: Any, axis: int) -> Any:
-    return values.min(axis=axis)
-
-
-def _narrow_sum(dtype: Any, rows: int) -> Reduction | None:
-    """Return an exact, faster sum over ``rows`` values of a small integer type.
-
-    Adding up to ``rows`` 8- or 16-bit integers (or booleans) in 32 bits is
-    exact and ~1.5x faster than casting every pixel to float64; None when the
-    type is wider or the sum could overflow.
-    """
-    kind = np.dtype(dtype)
-    if kind.kind not in "biu" or kind.itemsize > 2:
-        return None
-    largest = 1 if kind.kind == "b" else int(max(abs(np.iinfo(kind).min), np.iinfo(kind).max))
-    accumulator = np.int32 if kind.kind == "i" else np.uint32
-    if rows * largest > np.iinfo(accumulator).max:
-        return None
-
-    def narrow(values: Any, axis: int) -> Any:
-        return values.sum(axis=axis, dtype=accumulator)
-
-    return narrow
-
-
-def _bins_of(values: Any, bins: int, value_range: tuple[float, float], xp: Any) -> Any:
-    """Return the bin (int64) of every value; NaN gets the extra bin ``bins``.
-
-    Bin of ``x``: ``clip(floor((x - low) * bins / (high - low)), 0, bins - 1)``
-    in float64, so values outside the range land in the end bins.
-    """
-    low, high = value_range
-    scale = bins / (high - low) if high > low else 0.0
-    scaled = values.astype(xp.float64)
-    scaled -= low
-    scaled *= scale
-    xp.floor(scaled, out=scaled)
-    xp.clip(scaled, 0, bins - 1, out=scaled)  # NaN stays NaN
-    if np.dtype(values.dtype).kind == "f":
-        scaled = xp.nan_to_num(scaled, copy=False, nan=bins)
-    return scaled.astype(xp.int64)
-
-
-def _block_histograms(values: Any, plan: _BlockPlan, xp: Any) -> Any:
-    """Return the histogram of every block of ``(n, *spatial)`` values.
-
-    ``bins + 1`` slots per block: the last one counts NaN, which makes the
-    region's entropy NaN. One ``bincount`` over ``block * (bins + 1) + bin``
-    counts every block at once.
-
-    Returns
-    -------
-    array of int64, shape (n, *ceil(spatial / P), bins + 1)
-    """
-    patch, slots = plan.patch, plan.bins + 1
-    flat_index = _bins_of(values, plan.bins, plan.value_range, xp)
-    blocks = [-(-int(n) // p) for n, p in zip(values.shape[1:], patch, strict=True)]
-    block_shape = (int(values.shape[0]), *blocks)
-    # Flat block number of every pixel, built from one small index per axis.
-    stride = slots
-    for a in range(len(block_shape) - 1, -1, -1):
-        length = int(values.shape[a])
-        index = xp.arange(length, dtype=xp.int64)
-        if a > 0:
-            index //= patch[a - 1]
-        shape = [1] * len(block_shape)
-        shape[a] = length
-        flat_index += (index * stride).reshape(shape)
-        stride *= block_shape[a]
-    counts = xp.bincount(flat_index.reshape(-1), minlength=stride)
-    return counts.reshape((*block_shape, slots))
-
-
-def _merge(parts: list[dict[str, Any]], axis: int, xp: Any) -> dict[str, Any]:
-    """Concatenate the block arrays of consecutive pieces along ``axis``."""
-    return {
-        key: parts[0][key] if len(parts) == 1 else xp.concatenate([p[key] for p in parts], axis)
-        for key in parts[0]
-    }
-
-
-def _by_pieces(
-    chunk: Any,
-    compute: Callable[[Any], dict[str, Any]],
-    first_patch: int,
-    budget: int,
-    xp: Any,
-) -> dict[str, Any]:
-    """Run ``compute`` on pieces of at most ``budget`` elements and join the blocks.
-
-    Pieces are whole samples when a sample fits, else rows of one sample cut
-    at multiples of ``first_patch`` so that their blocks line up.
-    """
-    n_samples = int(chunk.shape[0])
-    per_sample = math.prod(int(n) for n in chunk.shape[1:])
-    if per_sample <= budget:
-        step = max(1, budget // per_sample)
-        return _merge([compute(chunk[s : s + step]) for s in range(0, n_samples, step)], 0, xp)
-    n_rows = int(chunk.shape[1])
-    rows = max(1, budget // (first_patch * (per_sample // n_rows))) * first_patch
-    samples = [
-        _merge([compute(chunk[s : s + 1, r : r + rows]) for r in range(0, n_rows, rows)], 1, xp)
-        for s in range(n_samples)
-    ]
-    return _merge(samples, 0, xp)
-
-
-def _chunks(
-    n_samples: int,
-    spatial: tuple[int, ...],
-    patch: tuple[int, ...],
-    budget: int,
-    row_budget: int | None = None,
-) -> list[tuple[slice, list[slice]]]:
-    """Cut a stack into groups of whole samples, and a group into row slices.
-
-    Every group is finished (blocks combined into regions) before the next
-    starts, so block temporaries stay small. A sample larger than ``budget``
-    elements is a group of its own, cut into row slices of about
-    ``row_budget`` elements (``budget`` when None). Row slices start at
-    multiples of ``P_1``, so the blocks of consecutive slices line up.
-    """
-    sample_elements = math.prod(spatial)
-    if sample_elements <= budget:
-        per_group = max(1, budget // sample_elements)
-        return [
-            (slice(start, min(start + per_group, n_samples)), [slice(None)])
-            for start in range(0, n_samples, per_group)
-        ]
-    row_elements = sample_elements // spatial[0]
-    per_slice = budget if row_budget is None else row_budget
-    rows = max(1, per_slice // (patch[0] * row_elements)) * patch[0]
-    row_slices = [slice(start, start + rows) for start in range(0, spatial[0], rows)]
-    return [(slice(s, s + 1), row_slices) for s in range(n_samples)]
-
-
-# -- step 2: combine blocks into regions ---------------------------------------
-
-
-#: Per block reduction: the value of a block past the image, and how two
-#: neighbouring blocks combine (the name of a ufunc of NumPy and CuPy).
-_BLOCK_COMBINE = {
-    "sum": (0.0, "add"),
-    "squares": (0.0, "add"),
-    "hist": (0, "add"),
-    "mask": (0, "add"),
-    "max": (-math.inf, "maximum"),
-    "min": (math.inf, "minimum"),
-}
-
-
-def _combine_neighbours(
-    blocks: Any, grid: tuple[int, ...], identity: float, combine: str, xp: Any
-) -> Any:
-    """Combine block ``g`` with block ``g + 1`` along every spatial axis.
-
-    Region ``g`` covers blocks ``g`` and ``g + 1``; a block past the image is
-    the ``identity`` (0 for sums, -inf for max, +inf for min). ``combine`` names
-    the ufunc (``"add"``, ``"maximum"`` or ``"minimum"``).
-    """
-    ufunc = getattr(xp, combine)
-    out = blocks
-    for a, cells in enumerate(grid):
-        axis = 1 + a
-        missing = cells + 1 - int(out.shape[axis])
-        if missing > 0:
-            pad_shape = list(out.shape)
-            pad_shape[axis] = missing
-            out = xp.concatenate([out, xp.full(pad_shape, identity, dtype=out.dtype)], axis=axis)
-        before = (slice(None),) * axis
-        out = ufunc(out[before + (slice(0, cells),)], out[before + (slice(1, cells + 1),)])
-    return out
-
-
-def _region_pixels(
-    spatial: tuple[int, ...], patch: tuple[int, ...], grid: tuple[int, ...], xp: Any
-) -> Any:
-    """Pixels per region box ``[g * P, (g + 2) * P)`` clipped to the image, shape ``grid``."""
-    count = xp.ones(grid, dtype=xp.float64)
-    for a, (length, size, cells) in enumerate(zip(spatial, patch, grid, strict=True)):
-        start = xp.arange(cells, dtype=xp.int64) * size
-        extent = xp.clip(length - start, 0, 2 * size).astype(xp.float64)
-        shape = [1] * len(grid)
-        shape[a] = cells
-        count = count * extent.reshape(shape)
-    return count
-
-
 def _entropy_bits(histograms: Any, pixels: Any, xp: Any) -> Any:
     """Return the entropy in bits of ``(..., bins + 1)`` histograms (last bin: NaN).
 
@@ -442,80 +208,6 @@ def _stack_shift(image: Any, xp: Any) -> float:
     return float(round(shift)) if np.dtype(image.dtype).kind in "iu" else shift
 
 
-@dataclass(frozen=True)
-class _BlockPlan:
-    """Which block reductions one call of :func:`region_statistics` needs."""
-
-    patch: tuple[int, ...]
-    sums: bool
-    squares: bool
-    shift: float
-    maximum: bool
-    minimum: bool
-    bins: int  # 0: no histograms
-    value_range: tuple[float, float]
-    copy_budget: int  # elements per piece of the reductions that copy pixels
-
-
-def _copy_reductions(piece: Any, plan: _BlockPlan, xp: Any) -> dict[str, Any]:
-    """Return the block reductions that need a float64 (or int64) copy of the pixels."""
-    found = {}
-    if plan.bins:
-        found["hist"] = _block_histograms(piece, plan, xp)
-    if plan.squares:
-        # One float64 copy serves both sums; the shift keeps the squares small.
-        centred = piece.astype(xp.float64)
-        centred -= plan.shift
-        found["sum"] = _block_reduce(centred, plan.patch, _sum64, xp)
-        centred *= centred
-        found["squares"] = _block_reduce(centred, plan.patch, _sum64, xp)
-    return found
-
-
-def _reduce_blocks(
-    image: Any,
-    mask: Any,
-    samples: slice,
-    row_slices: list[slice],
-    plan: _BlockPlan,
-    xp: Any,
-) -> dict[str, Any]:
-    """Return the block reductions of a group of samples, row slice by row slice.
-
-    Keys: ``"sum"`` and ``"squares"`` (of the values minus ``plan.shift``),
-    ``"max"``, ``"min"``, ``"hist"`` and ``"mask"`` (True pixels), each an
-    array ``(n, *blocks)`` (``"hist"`` has a trailing bins axis).
-    """
-    parts = []
-    first_patch = plan.patch[0]
-    for rows in row_slices:
-        chunk = image[samples, rows]
-        found = {}
-        if plan.squares or plan.bins:
-            found.update(
-                _by_pieces(
-                    chunk,
-                    lambda piece: _copy_reductions(piece, plan, xp),
-                    first_patch,
-                    plan.copy_budget,
-                    xp,
-                )
-            )
-        if plan.sums and not plan.squares:
-            # No shift needed: reduce the raw values, no float64 copy.
-            narrow = _narrow_sum(chunk.dtype, first_patch)
-            found["sum"] = _block_reduce(chunk, plan.patch, _sum64, xp, first=narrow)
-        if plan.maximum:
-            found["max"] = _block_reduce(chunk, plan.patch, _max, xp).astype(xp.float64)
-        if plan.minimum:
-            found["min"] = _block_reduce(chunk, plan.patch, _min, xp).astype(xp.float64)
-        if mask is not None:
-            narrow = _narrow_sum(np.bool_, first_patch)
-            found["mask"] = _block_reduce(mask[samples, rows], plan.patch, _count64, xp, narrow)
-        parts.append(found)
-    return _merge(parts, 1, xp)
-
-
 def check_workers(workers: Any) -> int:
     """Return the number of threads for host reductions (``None``: every usable core).
 
@@ -543,52 +235,6 @@ def check_workers(workers: Any) -> int:
     if count < 1:
         raise ValueError(f"workers must be >= 1 (or None for every core), got {count}")
     return count
-
-
-@contextmanager
-def _worker_pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
-    """Yield a thread pool for ``workers > 1``, else None (the calling thread works)."""
-    if workers == 1:
-        yield None
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpu-patching") as pool:
-        yield pool
-
-
-def _reduce_group(
-    image: Any,
-    mask: Any,
-    samples: slice,
-    row_slices: list[slice],
-    plan: _BlockPlan,
-    xp: Any,
-    pool: ThreadPoolExecutor | None,
-    workers: int,
-) -> dict[str, Any]:
-    """:func:`_reduce_blocks` of one group, its rows (or samples) spread over ``pool``.
-
-    NumPy releases the GIL inside its loops, so ``workers`` threads reduce
-    separate rows (or samples) of the image at once; every piece writes only
-    its own arrays.
-    """
-    if pool is None:
-        return _reduce_blocks(image, mask, samples, row_slices, plan, xp)
-
-    def rows_of(rows: slice) -> dict[str, Any]:
-        return _reduce_blocks(image, mask, samples, [rows], plan, xp)
-
-    def samples_of(share: slice) -> dict[str, Any]:
-        return _reduce_blocks(image, mask, share, row_slices, plan, xp)
-
-    if len(row_slices) > 1:
-        return _merge(list(pool.map(rows_of, row_slices)), 1, xp)
-    # A group of whole samples: a share of the samples per thread.
-    step = max(1, -(-(samples.stop - samples.start) // workers))
-    shares = [
-        slice(first, min(first + step, samples.stop))
-        for first in range(samples.start, samples.stop, step)
-    ]
-    return _merge(list(pool.map(samples_of, shares)), 0, xp)
 
 
 def region_statistics(
@@ -735,11 +381,11 @@ def region_statistics(
     wants_squares = "std" in names
     shift = _stack_shift(image, xp) if wants_squares else 0.0
 
-    pixels = _region_pixels(spatial, patch, grid, xp)
+    pixels = region_pixels(spatial, patch, grid, xp)
     results = {name: xp.empty((n_samples, *grid), dtype=xp.float64) for name in names}
     on_host = xp is np
 
-    plan = _BlockPlan(
+    plan = BlockPlan(
         patch=patch,
         sums=wants_sum,
         squares=wants_squares,
@@ -759,11 +405,11 @@ def region_statistics(
     row_budget = (
         None if n_workers == 1 else max(group_budget // (2 * n_workers), group_budget // 16)
     )
-    with _worker_pool(n_workers) as pool:
-        for samples, row_slices in _chunks(n_samples, spatial, patch, group_budget, row_budget):
-            blocks = _reduce_group(
-                image, plain_mask, samples, row_slices, plan, xp, pool, n_workers
-            )
+    with worker_pool(n_workers) as pool:
+        for samples, row_slices in group_slices(
+            n_samples, spatial, patch, group_budget, row_budget
+        ):
+            blocks = reduce_group(image, plain_mask, samples, row_slices, plan, xp, pool, n_workers)
             _finish_group(blocks, samples, results, grid, pixels, shift, xp)
     return results
 
@@ -782,10 +428,7 @@ def _finish_group(
     ``results`` has the names asked for; sums and squares are of the values
     minus ``shift``.
     """
-    region = {
-        key: _combine_neighbours(value, grid, *_BLOCK_COMBINE[key], xp)
-        for key, value in blocks.items()
-    }
+    region = combine_regions(blocks, grid, xp)
     empty = pixels == 0
     with np.errstate(divide="ignore", invalid="ignore"):
         if "sum" in region:

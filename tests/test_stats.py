@@ -469,4 +469,11 @@ def test_region_statistics_import_nothing_of_the_sampler() -> None:
         if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module is None
         for alias in node.names
     }
-    assert imported <= {"_validation", "arrays", "grid"}, imported
+    assert imported <= {"_validation", "arrays", "blocks", "grid"}, imported
+    # Its block reductions (gpu_patching.blocks) import nothing of the package.
+    blocks_source = Path(stats_module.__file__).with_name("blocks.py").read_text()
+    assert not [
+        node
+        for node in ast.walk(ast.parse(blocks_source))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    ]

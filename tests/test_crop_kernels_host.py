@@ -33,12 +33,12 @@ from gpu_patching import PatchBatch, extract_patches
 from gpu_patching.crop import (
     STACK_FIELDS,
     DeviceCrop,
-    _bad_rows,
     check_launch_args,
     crop_launch,
     crop_launch_args,
     stack_table,
 )
+from gpu_patching.crop_checks import bad_rows
 from gpu_patching.cuda import (
     CHECK_CROP_ROWS,
     CROP_LINES_PER_THREAD,
@@ -416,7 +416,7 @@ def test_host_check_kernel_finds_the_first_row_the_numpy_check_rejects(
 ) -> None:
     shapes, batch = case
     stacks = [np.zeros(shape, dtype=np.uint8) for shape in shapes]
-    bad = _bad_rows(batch.data_idx, batch.sample_idx, batch.coords, shapes, batch.patch_size)
+    bad = bad_rows(batch.data_idx, batch.sample_idx, batch.coords, shapes, batch.patch_size)
     expected = int(np.argmax(bad)) if bad.any() else len(batch)
     # The launcher's grid, one thread, fewer threads than rows, more than rows.
     computed = tuple((size,) for size in launch_grid(len(batch)))

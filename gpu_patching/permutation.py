@@ -1,46 +1,11 @@
 """The order of an epoch: a counter-based shuffle and PyTorch's sharding rules.
 
 Which patch index each row of an epoch draws, and nothing else: this module
-knows neither tables nor corners. Two layers, like Thrust's
-``random_bijection`` under ``shuffle``:
-
-**The bijection.** :func:`permute` maps a position ``p`` in ``[0, N)`` to a
-patch index: a permutation of ``range(N)`` keyed by ``(seed, epoch)``. It is
-a Feistel network with *cycle walking*: the network permutes a slightly larger
-domain ``[0, D)``, and a value that lands in ``[N, D)`` is sent through it
-again until it falls inside ``[0, N)``. Walking follows the cycle of ``p`` to
-its next value below ``N``, so it is a bijection of ``[0, N)`` too. Every
-position is computed on its own (no sort, no scan, no table), so one GPU
-thread per row computes its row's index; ``kernels/permutation.cuh`` is the
-CUDA twin, and the test suite checks that both agree bit for bit.
-
-The domain is ``D = B * 2**k`` with ``k = ceil(bit_length(N - 1) / 2)`` and
-``B = ceil(N / 2**k)`` (at least 3 bits and 8 values: see
-:func:`feistel_domain`): a value is split into a low half ``L`` of ``k`` bits
-and a high half ``R`` in ``[0, B)``, ``value = R * 2**k + L`` (a shift and a
-mask, no division). Then ``D - N < 2**k``, about ``sqrt(N)``: a walk almost
-never takes a second pass (a power-of-two domain would need two on average
-just above a power of two, and on a GPU the slowest thread of a warp sets the
-pace). The :data:`SHUFFLE_ROUNDS` rounds alternate::
-
-    L ^= top k bits of F(R, key_r)                          (even r)
-    R  = (R + floor((F(L, key_r) >> 16) * B / 2**16)) mod B  (odd r)
-
-Each round changes one half by a function of the other, so it is undone by
-the inverse operation with the same key: the network is a bijection of
-``[0, D)`` whatever ``F`` is. ``F(x, key)`` mixes ``x ^ key`` with two
-multiply/xor-shift steps of MurmurHash3's 32-bit finaliser (all mod
-``2**32``). The eight 32-bit round keys are the Philox4x32-10 words of the
-counters ``(0, epoch, PURPOSE_SHUFFLE, 0)`` and ``(1, epoch, PURPOSE_SHUFFLE,
-0)`` under the sampler's seed (:func:`round_keys`): the order is a pure
-function of ``(seed, epoch, N)``.
-
-**The shard.** :class:`EpochOrder` states which positions one rank takes,
-with the rules of PyTorch's ``DistributedSampler``: ``ceil(N / world_size)``
-rows per rank, padded by wrapping round to the start of the (shuffled) order,
-or ``N // world_size`` rows with ``drop_last``; rank ``r`` takes positions
-``r, r + world_size, ...``. Row ``t`` of rank ``r`` therefore draws index
-``permute((r + t * world_size) mod N)``, again one row at a time.
+knows neither tables nor corners. :func:`permute` is the bijection (a Feistel
+network with cycle walking, keyed by ``(seed, epoch)``; one position at a
+time, so one GPU thread per row), :class:`EpochOrder` the positions one rank
+takes (``DistributedSampler``'s rules). ``kernels/permutation.cuh`` is the CUDA
+twin. Domain, rounds and keys: ``docs/design.md``, "The shuffle bijection".
 """
 
 from __future__ import annotations

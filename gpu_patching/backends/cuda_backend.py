@@ -1,46 +1,11 @@
 """The per-patch draw on a CUDA device: one kernel launch per epoch.
 
-The kernel is ``sample_epoch`` (``gpu_patching/kernels/sample_epoch.cu`` and
-the ``__host__ __device__`` headers it includes), described, compiled and
-launched through :mod:`gpu_patching.cuda`; it is the CUDA twin of
-:mod:`gpu_patching.backends.numpy_backend` and returns the same integers bit
-for bit.
-
-Launch contract (checked by the test suite without a GPU, which launches the
-shipped kernel on the host through this very class; see ``docs/testing.md``):
-
-* :func:`_launch_args` is the only place that gathers the kernel's values; it
-  checks every array's dtype, layout and length (the kernel trusts them: with
-  the lengths right, no table contents can make it read or write out of
-  bounds) and hands them to :meth:`gpu_patching.cuda.Kernel.arguments`, which
-  builds the tuple from :data:`gpu_patching.cuda.SAMPLE_EPOCH`.
-* :func:`gpu_patching.cuda.launch_grid` sizes the grid; the kernel's
-  grid-stride loop covers every row exactly once for any grid size.
-
-Indices: :meth:`CudaBackend.draw` takes an
-:class:`~gpu_patching.permutation.EpochOrder` (the kernel computes each row's
-index from the row number: position, wrap for a DDP shard's padding, and the
-seed-and-epoch keyed permutation when shuffling; no index array exists), a
-``range`` with step 1 (a plain order), or an array of arbitrary indices (read
-through a pointer). Each is one launch of ``sample_epoch``. Every kind is
-checked against ``[0, total_patches)`` before the launch, with the same
-``IndexError`` as the NumPy backend (:func:`~gpu_patching.backends.base.check_indices`;
-for an array that is a reduction on the device and one small copy back). The
-kernel itself writes ``-1`` in every column of a row whose index is out of
-range, so that no input can make it read outside its tables.
-
-Outputs: the kernel writes all four columns of the result (``data_idx``,
-``sample_idx``, ``coords`` and the global index of each row) into arrays made
-with ``xp.empty``, which allocates without launching anything. An epoch is
-therefore exactly one kernel launch, and the arrays returned are the very
-arrays the kernel wrote.
-
-Tables: the per-region arrays (``mass_prefix``, ``weight``, ``subbox_mask``)
-are CuPy arrays that stay on the device. The small per-sample arrays
-(``stack_of_sample`` and ``sample_in_stack`` included) are NumPy on the host;
-they are packed into one int64 buffer, uploaded in one copy (a memory copy,
-not a kernel) per device and stream, and the upload is reused while the
-tables' version is unchanged (:class:`gpu_patching.cuda.UploadCache`).
+:class:`CudaBackend` launches ``sample_epoch`` (``kernels/sample_epoch.cu``),
+the CUDA twin of :mod:`gpu_patching.backends.numpy_backend` (same integers,
+bit for bit, same exceptions), through :mod:`gpu_patching.cuda`;
+:func:`_launch_args` is the only place that gathers and checks the kernel's
+values. Indices, the launch contract, outputs and the table upload:
+``docs/design.md``, "The CUDA backend".
 """
 
 from __future__ import annotations

@@ -1,42 +1,13 @@
 """Build CAREamics' training datasets with our sampler in place of CAREamics' (optional).
 
-CAREamics (``careamics>=0.3.5``) trains from a ``CareamicsDataset`` whose item
-``i`` asks its patching strategy for ``get_patch_spec(i)``. Its dataset factory
-builds the strategy from the ``DataConfig`` and then, inside the dataset's
-constructor, runs a normalisation pass that asks for every patch once. Putting
-our :class:`~gpu_patching.StratifiedPatching` in after the factory has run is
-too late: that pass (the most expensive part of the build) has gone through
-CAREamics' sampler. The functions here build the same datasets with ours from
-the start, from the same arguments as CAREamics' factory functions::
-
-    from careamics.config import create_n2v_config
-    from careamics.dataset.factory import TrainValSplitData
-    from gpu_patching.careamics import create_val_split_datasets
-
-    config = create_n2v_config(...)  # stratified patching is CAREamics' default
-    train, val = create_val_split_datasets(
-        config.data_config, TrainValSplitData(train_data=[image], n_val_patches=8),
-        loading=None, rng=np.random.default_rng(0),
-    )
-
-Everything else is CAREamics' own: the image-stack loaders and patch
-extractors, the background filters of ``patch_filter`` and ``mask_filter``
-(which run on our sampler through the views of :mod:`gpu_patching.views`),
-``create_val_split`` for the validation patches, the patch constructor, the
-normalisation and the augmentations. The datasets are ``CareamicsDataset``
-objects that CAREamics' data module and ``torch.utils.data.DataLoader`` take
-as they are.
-
-For ``CAREamist.train`` there is :func:`using_gpu_patching`: inside its
-``with`` block, ``careamist.train(...)`` builds these datasets in place of
-CAREamics' own and trains and validates on them::
-
-    with using_gpu_patching(CAREamist(config)) as careamist:
-        careamist.train(train_data=image)
-
-CAREamics and its dependencies (PyTorch, pydantic, ...) are not dependencies
-of gpu-patching (``pip install gpu-patching[careamics]`` installs them); this
-module imports them when a function is called.
+CAREamics builds its sampler, then runs a normalisation pass that asks for
+every patch once: swapping ours in afterwards is too late. The functions here
+(:func:`create_val_split_datasets` and the others, with the arguments of
+CAREamics' factory functions) build the same ``CareamicsDataset`` objects with
+ours from the start, and :func:`using_gpu_patching` makes ``CAREamist.train``
+do so. Everything else is CAREamics' own. CAREamics is imported when a
+function is called (``pip install gpu-patching[careamics]``); the README shows
+both paths.
 """
 
 from __future__ import annotations

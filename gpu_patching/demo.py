@@ -1,32 +1,12 @@
 """The demonstration behind ``gpu-patching demo`` (and ``make demo``).
 
-On one 2D microscopy image it sets up the target a user trains on: a
-validation split (held-out grid cells that no training patch may touch) and
-background regions sampled at another probability (less often by default),
-chosen from the data by Otsu's threshold (by default: regions where almost no
-pixel is above Otsu's threshold of the image's pixels). Then it compares
-samplers that all draw from that *same* distribution over patch corners:
-
-* ours (stratified: patch index ``j`` draws one point of stratum ``j`` of the
-  sample's mass line, see :mod:`gpu_patching.strategy`);
-* CAREamics' own ``StratifiedPatching``, given the same exclusions and
-  probabilities, when it can be loaded (``pip install --no-deps
-  careamics==0.3.5``);
-* independent random patching: every patch of an epoch drawn on its own from
-  the same distribution.
-
-Sharing one distribution, the three share the expected coverage of every
-pixel; what differs is how far one epoch strays from it. Over the pixels that
-some patch can reach, the table reports the fraction one epoch leaves
-uncovered, the spread (standard deviation) of patches per pixel per epoch
-after 1, 5 and N epochs, and the limit: the spread of the expected coverage
-itself (pixels near the border or a held-out cell are reachable by fewer
-patches, background regions have their own probability). Every sampler's
-spread tends to the limit as epochs add up. It is not a floor for a finite
-run: a run's coverage is the expected one plus noise, and the noise can lean
-against the expected coverage's own dips (stratified epochs often do) and end
-a run below the limit; only the mean *square* spread over runs of an unbiased
-sampler is bounded by the limit's square.
+On one 2D microscopy image: a validation split and background regions chosen
+by Otsu's threshold, then the coverage of our sampler, CAREamics'
+``StratifiedPatching`` (when it loads) and independent random patching, all
+drawing from that same distribution over corners: the fraction one epoch
+leaves uncovered, the spread of patches per pixel after 1, 5 and N epochs,
+and the limit they tend to. What the table means: ``docs/design.md``, "The
+demo".
 """
 
 from __future__ import annotations

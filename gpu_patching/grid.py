@@ -2,27 +2,10 @@
 
 Everything here is written once against an array namespace ``xp`` (NumPy or
 CuPy) and works on a batch of samples that share one spatial shape, so the same
-code builds the tables on the host and on the device.
-
-The model (see ``docs/design.md``, section 1), per spatial axis ``a`` of length
-``D_a`` and patch size ``P_a``:
-
-* The grid has ``G_a = (D_a + 1) // P_a`` cells. Cell ``g`` holds the patch
-  corners ``c`` with ``g_a * P_a <= c_a < (g_a + 1) * P_a``; the valid corners
-  are ``0 <= c_a <= D_a - P_a``.
-* The *region* of cell ``g`` is every patch whose corner lies in cell ``g``.
-  Along one axis its corners split into offset 0 (part 0, at most one corner)
-  and offsets ``1 .. P_a - 1`` (part 1). A *sub-box* ``b`` in ``{0, 1}^d``
-  picks a part per axis; a patch in sub-box ``b`` overlaps cell ``g + o``
-  exactly when ``o <= b`` component-wise.
-* Excluding cell ``e`` forbids every patch that overlaps it, so sub-box ``b``
-  of region ``g`` is selectable iff no cell ``g + o`` with ``o <= b`` is
-  excluded. Sub-box ``b`` has bit ``b_0 * 2**(d-1) + ... + b_{d-1}`` in a
-  region's *sub-box mask*, and the region's *area* is the number of selectable
-  corners.
-* Probabilities are quantised to integers ``q`` (``PROB_ONE`` means 1) and a
-  region's *mass* is ``area * q``. Integer masses make every table and every
-  prefix sum exact, whatever the summation order of the backend.
+code builds the tables on the host and on the device. The model (grid cells
+``(D_a + 1) // P_a``, regions, sub-box masks, exclusion, quantised
+probabilities ``PROB_ONE``, masses ``area * q``) and the patch count are
+``docs/design.md``, section 1.
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """Files that appear whole or not at all, even when the process is interrupted.
 
-Every file the ``gpu-patching`` command, the demo's pictures and the benchmark
-reports write goes through :func:`write_atomically`: the bytes go to a
-temporary file in the destination's folder, which is renamed over the
-destination only once it is complete (a rename within one folder is atomic).
-An error, Ctrl-C (SIGINT) or SIGTERM (what ``kill``, ``timeout`` and job
-schedulers send first) at any moment leaves the old file (or none) and no
-temporary file.
-
-SIGTERM kills a Python process without running its ``finally`` blocks, so
-while a write is under way SIGINT and SIGTERM raise :class:`Interrupted`
-instead (a ``KeyboardInterrupt``, so code that handles Ctrl-C handles both).
-The few steps that create or remove the temporary file hold a signal back
-until they are done, so no signal can fall between creating the file and
-taking note of its name. Only the default dispositions are replaced: a
-process that ignores a signal, or has its own handler for it, keeps them.
-Python runs signal handlers in the main thread only, so a write from another
-thread is protected against errors and Ctrl-C but not against SIGTERM.
+:func:`write_atomically` writes to a temporary file beside the destination
+and renames it over the destination once complete; while it runs, SIGINT and
+SIGTERM raise :class:`Interrupted` (a ``KeyboardInterrupt``), so an error or
+a signal leaves the old file (or none) and no temporary file. The signal
+rules and their limits: ``docs/design.md``, "Files written whole".
 """
 
 from __future__ import annotations

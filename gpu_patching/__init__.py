@@ -1,21 +1,13 @@
 """gpu-patching: a GPU-resident stratified patch sampler for microscopy training.
 
-The public names:
-
-* :class:`StratifiedPatching`, a drop-in replacement for CAREamics'
-  stratified patching strategy, on a NumPy or a CUDA backend
-  (:class:`SmallSampleWarning` names samples smaller than the patch);
-* :class:`PatchBatch`, patches as parallel arrays (an epoch, or a slice);
-  :class:`PatchSpecs`, the dictionary that names one patch;
-* :func:`extract_patches`, patches cut out of host or device stacks, and
-  :class:`PatchLoader`, an epoch of cropped batches ready to train on;
-* :func:`region_statistics` and :func:`filter_map` (:mod:`gpu_patching.stats`):
-  per-region statistics computed in one pass; :func:`filter_background` and
-  :func:`validation_split` (:mod:`gpu_patching.policies`): background
-  filtering and validation splits that change a sampler.
-
-PyTorch glue (samplers, datasets, DDP) lives in :mod:`gpu_patching.torch`;
-CAREamics' training datasets built with our sampler in :mod:`gpu_patching.careamics`.
+:class:`StratifiedPatching` (a drop-in replacement for CAREamics'),
+:class:`PatchBatch` and :class:`PatchSpecs` (what it draws),
+:func:`extract_patches` and :class:`PatchLoader` (patches cut out, batch by
+batch), :func:`region_statistics`, :func:`filter_map`,
+:func:`filter_background` and :func:`validation_split` (scores and policies
+that change a sampler). PyTorch glue is in :mod:`gpu_patching.torch`,
+CAREamics' datasets in :mod:`gpu_patching.careamics`. The module map:
+``docs/design.md``, "Module map".
 """
 
 from .backends import BackendUnavailableError

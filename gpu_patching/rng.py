@@ -1,21 +1,12 @@
 """Counter-based random bits: Philox4x32-10 and the counter layout.
 
-This module turns counters into random 32-bit words and knows nothing about
-patches. Every random number the sampler uses is a pure function of
-``(seed, patch index, draw number, purpose)``: there is no generator state, so
-any order of evaluation, any device and any number of threads give the same
-bits. The CUDA kernels implement the same function in
-``gpu_patching/kernels/philox.cuh``; the test suite checks both against the
-published Random123 known-answer vectors.
-
-Counter layout (the only place it is defined on the Python side)::
-
-    counter = (index & 0xffffffff, draw_number, purpose, index >> 32)
-    key     = (seed & 0xffffffff, seed >> 32)
-
-For patch indices below ``2**32`` the last word is 0, which is the
-``(patch index, draw number, purpose, 0)`` layout of the design document; the
-last word only carries the high bits of larger indices.
+The one host Philox: it turns counters into random 32-bit words and knows
+nothing about patches. Every random number is a pure function of
+``(seed, patch index, draw number, purpose)`` with the counter
+``(index & 0xffffffff, draw_number, purpose, index >> 32)`` under the key
+``(seed & 0xffffffff, seed >> 32)``; ``kernels/philox.cuh`` is the CUDA twin,
+and both are tested against Random123's known answers (``docs/design.md``,
+"Philox4x32-10").
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """Policies that change a sampler: background filtering and validation splits.
 
-The two reasons users reach for a stratified sampler are setting aside
-validation patches when there are only a few images, and sampling background
-regions less often. Both act on a :class:`~gpu_patching.StratifiedPatching`
-through its public update calls:
-
-* :func:`filter_background` scores every region with
-  :func:`~gpu_patching.stats.region_statistics` and lowers the probability of
-  the regions whose statistic is under a threshold (or whose mask coverage is
-  under a fraction);
-* :func:`validation_split` sets grid cells aside as a fixed validation set,
-  spread over the samples by their patch counts
-  (:attr:`~gpu_patching.StratifiedPatching.n_patches_per_sample`).
+Both act on a :class:`~gpu_patching.StratifiedPatching` through its public
+update calls, in one transaction: :func:`filter_background` scores every
+region with :func:`~gpu_patching.stats.region_statistics` and lowers the
+probability of those under a threshold (or a mask coverage);
+:func:`validation_split` sets grid cells aside as a fixed validation set,
+spread over the samples by their patch counts.
 """
 
 from __future__ import annotations

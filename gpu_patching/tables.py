@@ -1,15 +1,12 @@
 """Flat region tables over every sample of every stack ("struct of arrays").
 
-A region is a row of flat arrays and a sample is a contiguous range of rows
-(``region_offset[s]:region_offset[s + 1]``), in ``(data_idx, sample_idx)``
-order and row-major grid order inside a sample. Per-region arrays live in the
-backend's array namespace (NumPy or CuPy); the handful of per-sample scalars
-the host needs (patch counts, offsets) are NumPy.
-
-``RegionTables`` knows how to rebuild the rows of one sample from its excluded
-cells and probabilities; it performs no input validation (``strategy`` does
-that) but it checks the numeric limits that keep every integer exact, and it
-computes everything before it commits, so a rejected update changes nothing.
+A region is a row of flat arrays and a sample a contiguous range of rows, in
+``(data_idx, sample_idx)`` order, row-major inside a sample; per-region arrays
+live in the backend's namespace (NumPy or CuPy), the per-sample scalars the
+host needs in NumPy. :class:`RegionTables` rebuilds the rows of one sample from
+its exclusions and probabilities; it validates no input (``strategy`` does)
+but checks the limits that keep every integer exact, and commits only once
+everything is computed (``docs/design.md``, "Tables").
 """
 
 from __future__ import annotations

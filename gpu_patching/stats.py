@@ -1,34 +1,12 @@
 """Region statistics: a score for every sampling region of a stack, in one pass.
 
-Background filtering and validation splits (:mod:`gpu_patching.policies`)
-need a score per *sampling region*: the box ``[g * P, (g + 2) * P)`` of grid
-cell ``g``, clipped to the image (see :mod:`gpu_patching.grid` and
-``docs/design.md``). Scoring region by region in Python costs far more than
-the sampling itself, so this module scores every region of a stack at once,
-on the stack's device (NumPy or CuPy). It knows nothing of samplers: it reads
-pixels and a patch size, and returns arrays.
-
-Why it is cheap: along every axis a region box is exactly two *blocks*, the
-image cut into ``P``-sized tiles (the last tile of an axis is shorter when
-``P`` does not divide ``D``). So every statistic is computed in two steps:
-
-1. reduce each block once (sum, sum of squares, max, min, histogram, mask
-   count): one pass over the pixels, with reshapes and reductions, never a
-   loop over regions;
-2. combine each block with its next neighbour along every axis (``2**d``
-   blocks per region), which touches only ``1 / prod(P)`` as many values.
-
-Reductions that need no copy of the pixels (sum, max, min, mask count) run
-over groups of ~16 million pixels; those that make a float64 copy (squares,
-histograms) over pieces of ~256 thousand pixels, so that the copy stays in
-cache (larger groups and pieces on the GPU). Memory use is bounded whatever
-the stack size.
-
-Public functions:
-
-* :func:`region_statistics`: mean, std, min, max, histogram entropy and mask
-  coverage of every region of a stack;
-* :func:`filter_map`: an image-shaped view of a statistic, to pick a threshold.
+:func:`region_statistics` gives the mean, std, min, max, histogram entropy and
+mask coverage of every region (the box ``[g * P, (g + 2) * P)`` of grid cell
+``g``, clipped to the image) at once, on the stack's device, from the block
+reductions of :mod:`gpu_patching.blocks`; :func:`filter_map` shows one as an
+image, to pick a threshold. It reads pixels and a patch size and knows nothing
+of samplers (:mod:`gpu_patching.policies` applies the scores). Why it is cheap
+and bounded in memory: ``docs/design.md``, "Region statistics".
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 :class:`ChunkReader` plans a batch (:func:`~gpu_patching.stores.plan_chunks`),
 reads each chunk it touches once, concurrently, through a byte-limited cache,
-and reads the next batches on a thread while these train; :func:`upload_batch`
+and reads the next batches on a thread while these train, within its budget
+(:mod:`.budget`); :func:`.upload.upload_batch`
 copies an assembled batch to the GPU. Memory and faults: ``docs/design.md``,
 "Chunked stores".
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -25,8 +25,21 @@ from .. import _validation as check
 from ..specs import PatchBatch
 from ._loop import DECODE_THREADS
 from ._loop import run as _run
+from .budget import (
+    CHUNK_SIZES_PER_READ,
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_WORKERS,
+    MAX_READ_AHEAD,
+    MEMORY_MODES,
+    check_reader_options,
+    default_cache_bytes,
+    pass_reserved_bytes,
+    pass_rows_bytes,
+    reserved_batches,
+)
 from .plan import ChunkPlan, plan_chunks
 from .stack import ChunkedStack, StoreError, as_chunked_stack
+from .upload import upload_batch
 
 __all__ = [
     "DECODE_THREADS",
@@ -39,27 +52,6 @@ __all__ = [
     "default_cache_bytes",
     "upload_batch",
 ]
-
-#: The most a :class:`ChunkReader`'s default memory budget takes (512 MiB): its
-#: chunk cache, reads in flight, batches read ahead and rows (see
-#: ``ChunkReader.cache_limit``). The default is this or the stacks' decoded
-#: bytes, whichever is smaller (:func:`default_cache_bytes`).
-DEFAULT_CACHE_BYTES = 512 << 20
-#: Default number of chunk reads in flight (zarr's codecs decode in threads).
-DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
-#: The most batches :meth:`ChunkReader.batches` reads at once by default.
-MAX_READ_AHEAD = 16
-#: What ``cache_bytes`` bounds (``ChunkReader(memory=...)``): ``"budget"``,
-#: everything the reader holds, reads held back to fit; ``"call"``, the cache
-#: alone, every read of a call at once (``workers`` at most).
-MEMORY_MODES = ("budget", "call")
-# Chunk sizes a read in flight holds at most: the stored (compressed) bytes,
-# zarr's decoded chunk and the chunk copied to the stack's full extent.
-_CHUNK_SIZES_PER_READ = 3
-# What a read keeps besides pixels, per row: its plan's pieces as Python lists
-# and one entry per chunk (measured: about 0.9 KiB per row of a shuffled 2D
-# window), counted against cache_bytes by ChunkReader.batches.
-_BOOKKEEPING_BYTES_PER_ROW = 1024
 
 
 class ChunkReader:
@@ -166,7 +158,7 @@ class ChunkReader:
         self.cache_bytes = default_cache_bytes(self.stacks) if limit is None else limit
         self.workers = n_workers
         self.memory = memory
-        self.read_bytes = _CHUNK_SIZES_PER_READ * max(s.chunk_bytes for s in self.stacks)
+        self.read_bytes = CHUNK_SIZES_PER_READ * max(s.chunk_bytes for s in self.stacks)
         # A pass's batches read ahead, rows and bookkeeping (see batches).
         self._reserved_bytes = 0
         self.chunks_read = 0
@@ -433,7 +425,7 @@ class ChunkReader:
         """
         best = 1
         for window in range(2, MAX_READ_AHEAD + 1):
-            if _reserved_batches(window) * batch_bytes <= self.cache_bytes // 2:
+            if reserved_batches(window) * batch_bytes <= self.cache_bytes // 2:
                 best = window
         return best
 
@@ -460,7 +452,7 @@ class ChunkReader:
         size = check.as_int(batch_size, "batch_size")
         if size < 1:
             raise ValueError(f"batch_size must be at least 1, got {size}")
-        return self.read_bytes + _pass_reserved_bytes(0, 1, size, 0, _rows_bytes(rows))
+        return self.read_bytes + pass_reserved_bytes(0, 1, size, 0, pass_rows_bytes(rows))
 
     def batches(
         self, rows: PatchBatch, batch_size: int, *, read_ahead: int | None = None
@@ -518,21 +510,21 @@ class ChunkReader:
             window = check.as_int(read_ahead, "read_ahead")
             if window < 1:
                 raise ValueError(f"read_ahead must be at least 1, got {window}")
-        rows_bytes = _rows_bytes(rows)
+        rows_bytes = pass_rows_bytes(rows)
         ahead = True
         if self.memory == "budget":
 
             def fits(w: int) -> bool:
-                reserved = _pass_reserved_bytes(
-                    _reserved_batches(w), w, size, batch_bytes, rows_bytes
+                reserved = pass_reserved_bytes(
+                    reserved_batches(w), w, size, batch_bytes, rows_bytes
                 )
                 return reserved + self.read_bytes <= self.cache_bytes
 
             while window > 1 and not fits(window):
                 window -= 1
             ahead = fits(window)
-        batches_held = _reserved_batches(window) if ahead else 0
-        reserved = _pass_reserved_bytes(batches_held, window, size, batch_bytes, rows_bytes)
+        batches_held = reserved_batches(window) if ahead else 0
+        reserved = pass_reserved_bytes(batches_held, window, size, batch_bytes, rows_bytes)
         return self._batches(rows, size, window if ahead else 0, patch_size, reserved)
 
     def _batches(
@@ -616,30 +608,6 @@ class ChunkReader:
         self.close()
 
 
-def _reserved_batches(window: int) -> int:
-    """Batches a pass of ``window`` batches at a time holds beyond the two allowed."""
-    return max(1, 2 * window - 2)
-
-
-def _pass_reserved_bytes(
-    batches_held: int, window: int, size: int, batch_bytes: int, rows_bytes: int
-) -> int:
-    """Return what a pass counts against the budget besides cache and reads.
-
-    The batches it holds beyond the two handed over, its rows (the one thing
-    that grows with the store) and the bookkeeping of a window's read.
-    """
-    return batches_held * batch_bytes + rows_bytes + window * size * _BOOKKEEPING_BYTES_PER_ROW
-
-
-def _rows_bytes(rows: PatchBatch) -> int:
-    """Bytes of a pass's rows (the whole epoch, for a loader)."""
-    return sum(
-        int(getattr(getattr(rows, name), "nbytes", 0))
-        for name in ("data_idx", "sample_idx", "coords", "indices")
-    )
-
-
 def _host_rows(
     part: PatchBatch,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
@@ -649,90 +617,6 @@ def _host_rows(
         np.asarray(part.sample_idx, dtype=np.int64),
         np.asarray(part.coords, dtype=np.int64),
     )
-
-
-def default_cache_bytes(stacks: Sequence[ChunkedStack]) -> int:
-    """Return the default ``cache_bytes`` of a :class:`ChunkReader` over ``stacks``.
-
-    The stacks' decoded bytes together (every element once: a chunk at a far
-    edge decodes to its part inside the stack), at most
-    :data:`DEFAULT_CACHE_BYTES`. A budget larger than the stores could never
-    be filled with chunks; it would only let the budget's other parts (reads
-    in flight, batches read ahead) grow past what the data needs.
-
-    Parameters
-    ----------
-    stacks : sequence of ChunkedStack
-        The stacks (their shapes and dtypes; nothing is read).
-
-    Returns
-    -------
-    int
-        The budget in bytes.
-    """
-    decoded = sum(math.prod(s.shape) * s.dtype.itemsize for s in stacks)
-    return min(DEFAULT_CACHE_BYTES, decoded)
-
-
-def check_reader_options(cache_bytes: Any, workers: Any) -> tuple[int | None, int]:
-    """Return ``(cache_bytes, workers)`` of a :class:`ChunkReader` after checking them.
-
-    Parameters
-    ----------
-    cache_bytes : int or None
-        At least 0; ``None`` (the default budget, :func:`default_cache_bytes`)
-        is returned as it is.
-    workers : int
-        At least 1.
-
-    Returns
-    -------
-    tuple
-        The two values.
-    """
-    if cache_bytes is None:
-        limit = None
-    else:
-        limit = check.as_int(cache_bytes, "cache_bytes")
-    if limit is not None and limit < 0:
-        raise ValueError(f"cache_bytes must be at least 0, got {limit}")
-    n_workers = check.as_int(workers, "workers")
-    if n_workers < 1:
-        raise ValueError(f"workers must be at least 1, got {n_workers}")
-    return limit, n_workers
-
-
-def upload_batch(patches: NDArray[Any], stream: Any = None) -> Any:
-    """Copy an assembled batch to the current CUDA device, ordered for the current stream.
-
-    The copy is enqueued on ``stream``; the current stream then waits for it
-    through an event, without blocking the host. Uploading the assembled
-    batch moves ``len(batch) * C * prod(patch_size)`` elements, while
-    uploading the chunks to crop them on the device would move every decoded
-    chunk the batch touches (see ``benchmarks/results/stores.md``).
-
-    Parameters
-    ----------
-    patches : numpy.ndarray
-        The batch.
-    stream : cupy.cuda.Stream, optional
-        The stream of the copy; default: the current stream.
-
-    Returns
-    -------
-    cupy.ndarray
-        The batch on the device.
-    """
-    import cupy
-
-    current = cupy.cuda.get_current_stream()
-    stream = current if stream is None else stream
-    with stream:
-        device = cupy.asarray(patches)
-        done = cupy.cuda.Event(disable_timing=True)
-        done.record(stream)
-    current.wait_event(done)
-    return device
 
 
 class _StoppedError(Exception):

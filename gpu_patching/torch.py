@@ -1,63 +1,13 @@
 """PyTorch glue: a DDP-aware sampler, a map-style dataset, and batches as tensors.
 
 Optional: it needs PyTorch (``pip install gpu-patching[torch]``), and the rest
-of the package never imports it.
-
-* :class:`PatchSampler` is a ``torch.utils.data.Sampler`` with the rules of
-  ``DistributedSampler``: it yields this rank's patch indices of the current
-  epoch (shuffled, sharded, padded or dropped; see
-  :meth:`~gpu_patching.StratifiedPatching.sample_epoch`), and its
-  :meth:`~PatchSampler.set_epoch` also moves the sampling strategy to that
-  epoch.
-* :class:`PatchDataset` is the map-style path that CAREamics takes: item
-  ``i`` calls ``strategy.get_patch_spec(i)`` and cuts that patch out of the
-  image stacks.
-* :func:`to_tensors` turns a :class:`~gpu_patching.PatchBatch` into tensors
-  through DLPack: zero-copy on the GPU (CuPy arrays), and ``torch.from_numpy``
-  (also zero-copy) on the CPU.
-
-Epochs and DataLoader workers
------------------------------
-With ``num_workers > 0`` the workers get a copy of the dataset, hence of the
-strategy, but the strategy's call counters and epoch base are shared by every
-process of the training (``fork`` or ``spawn``, persistent workers or not):
-``get_patch_spec`` calls made in workers advance the draws of the main
-process too, and a ``set_epoch`` made there reaches the workers.
-:meth:`PatchSampler.set_epoch` calls ``strategy.set_epoch(epoch)`` in the main
-process, and every worker then draws epoch ``epoch``'s patches. Call it at the
-start of every epoch, exactly as with ``DistributedSampler`` (PyTorch
-Lightning does so by itself). A pass without a new ``set_epoch`` repeats the
-epoch: the same order and the same patches, with or without workers.
-
-Multi-GPU training (DDP)
-------------------------
-One process per GPU, e.g. started with ``torchrun --nproc-per-node=4
-train.py``; every rank builds the same strategy (same shapes, same explicit
-seed: with ``seed=None`` each rank would draw its own) and computes its own
-shard, with no communication::
-
-    import os
-    import torch
-    import torch.distributed as dist
-    from torch.utils.data import DataLoader
-    from gpu_patching import StratifiedPatching
-    from gpu_patching.torch import PatchDataset, PatchSampler
-
-    dist.init_process_group("nccl")
-    # Before building the strategy: CuPy puts its tables on the current device.
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    strategy = StratifiedPatching(shapes, patch_size, seed=1234)
-    sampler = PatchSampler(strategy, shuffle=True)  # rank, world size: from dist
-    loader = DataLoader(PatchDataset(strategy, stacks), batch_size=64, sampler=sampler,
-                        num_workers=4)
-    for epoch in range(n_epochs):
-        sampler.set_epoch(epoch)
-        for patches in loader:
-            ...
-
-Without a DataLoader, the GPU path is one kernel launch per epoch and no copy:
-``to_tensors(strategy.sample_epoch(epoch, shuffle=True, rank=rank,
-world_size=world_size))`` gives this rank's patch corners as CUDA tensors.
+of the package never imports it. :class:`PatchSampler` is a
+``torch.utils.data.Sampler`` with ``DistributedSampler``'s rules whose
+:meth:`~PatchSampler.set_epoch` also moves the strategy (and so every
+DataLoader worker) to that epoch; :class:`PatchDataset` is CAREamics'
+map-style path (item ``i`` crops ``get_patch_spec(i)``); :func:`to_tensors`
+turns a :class:`~gpu_patching.PatchBatch` into tensors, zero-copy. Workers,
+epochs and the DDP recipe: README.md, "Shuffled and sharded epochs, ...".
 """
 
 from __future__ import annotations

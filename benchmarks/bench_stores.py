@@ -24,8 +24,10 @@ of a 256 MiB store (2D, 2 MiB chunks; 3D, 8 MiB chunks) by
 (the store's bytes, at most 512 MiB), each in a fresh process: its resident
 memory before the epoch (interpreter, imports, the open store, the sampler)
 and the peak during the epoch (``VmHWM`` after ``/proc/self/clear_refs``), so
-that the figure beyond ``cache_bytes`` plus two batches is what a user must
-add. ``--memory-only`` runs this part alone (Linux only: ``/proc``).
+that the figure beyond ``cache_bytes`` (or the pass's floor, one read and the
+rows, when larger) plus two batches is what a user must add; beside it the
+most bytes the reader counted as held (``ChunkReader.peak_held_bytes``).
+``--memory-only`` runs this part alone (Linux only: ``/proc``).
 
 Before the cases, the chunk reader is chosen by measurement: the same chunks
 read by per-chunk synchronous zarr calls (one thread, and a pool of two), by
@@ -82,6 +84,7 @@ from _report import (
 
 from gpu_patching import PatchLoader, StratifiedPatching, extract_patches
 from gpu_patching.stores import (
+    DECODE_THREADS,
     DEFAULT_CACHE_BYTES,
     DEFAULT_WORKERS,
     ChunkReader,
@@ -89,7 +92,6 @@ from gpu_patching.stores import (
     open_stack,
     plan_chunks,
 )
-from gpu_patching.stores._loop import DECODE_THREADS
 
 RESULTS = RESULTS_DIR / "stores.md"
 BATCH = 128
@@ -378,7 +380,8 @@ def reader_choice(path: Path, case: Case, tensorstore_path: str | None) -> list[
     coords = np.array([[b.start for b in box] for box in boxes], dtype=np.int64)
     rows = (np.zeros(n_chunks, np.int64), np.zeros(n_chunks, np.int64), coords)
     for workers in (1, 2):
-        reader = ChunkReader([stack], cache_bytes=0, workers=workers)
+        # memory="call": `workers` reads in flight, not held back by a budget.
+        reader = ChunkReader([stack], cache_bytes=0, workers=workers, memory="call")
         results.append(
             (
                 f"zarr async (ChunkReader, {workers} in flight)",
@@ -653,10 +656,14 @@ if not reset_peak():  # VmHWM from here on: the epoch's own peak
 batches = 0
 for patches, batch in loader:
     batches += 1
+peak = status("VmHWM")
 reader = loader._reader
+rows = strategy.sample_epoch(0, shuffle=True).to_numpy()
 print(json.dumps({
-    "interpreter": interpreter, "before": before, "peak": status("VmHWM"),
+    "interpreter": interpreter, "before": before, "peak": peak,
     "cache_bytes": reader.cache_bytes, "peak_cached": reader.peak_cached_bytes,
+    "peak_held": reader.peak_held_bytes, "peak_reads": reader.peak_reads_in_flight,
+    "floor": reader.pass_floor_bytes(rows, job["batch"]),
     "chunks_read": reader.chunks_read, "cache_hits": reader.cache_hits, "batches": batches,
 }))
 """
@@ -679,9 +686,14 @@ def memory_section(folder: Path, report: Report) -> None:
         f"{DECODE_THREADS} decoding threads) per row, each in a fresh process. *before*: "
         "resident memory before the epoch (interpreter, imports, the open store, the "
         "sampler); *peak*: the epoch's resident high-water mark (`VmHWM`, reset first); "
-        "*beyond*: peak - before - cache_bytes - two batches, what the bound "
-        "`peak <= before + cache_bytes + 2 x batch bytes + overhead` must add. *cached*: "
-        "the most bytes of chunks the cache held (`ChunkReader.peak_cached_bytes`).",
+        "*beyond*: peak - before - budget - two batches, what the bound "
+        "`peak <= before + budget + 2 x batch bytes + overhead` must add, where the budget "
+        "is cache_bytes, or the pass's floor (`ChunkReader.pass_floor_bytes`: one read of "
+        "three chunk sizes, the epoch's rows, a batch's bookkeeping) when that is larger. "
+        "*held*: the most bytes the reader counted at once (`ChunkReader.peak_held_bytes`: "
+        "cached chunks, reads in flight, batches read ahead, rows), within the budget; "
+        "*reads*: the most reads in flight at once; *cached*: the most bytes of chunks the "
+        "cache held (`ChunkReader.peak_cached_bytes`).",
         "",
     )
     worst = 0
@@ -689,18 +701,14 @@ def memory_section(folder: Path, report: Report) -> None:
         path = ensure_store(folder, case)
         stack = open_stack(path)
         batch_bytes = BATCH * int(np.prod(case.patch)) * 2
-        # Reads in flight are never held back: a budget below what they hold
-        # (three chunk sizes each) is exceeded by the difference.
-        in_flight = 3 * DEFAULT_WORKERS * stack.chunk_bytes
         rows = []
         for cache_bytes in MEMORY_CACHES:
             figures = measure_epoch_memory(path, case, cache_bytes)
             during = figures["peak"] - figures["before"]
-            beyond = during - figures["cache_bytes"] - 2 * batch_bytes
-            covered = figures["cache_bytes"] >= in_flight
-            if covered:
-                worst = max(worst, beyond)
-            label = ("default" if cache_bytes is None else "set") + ("" if covered else ", *")
+            budget = max(figures["cache_bytes"], figures["floor"])
+            beyond = during - budget - 2 * batch_bytes
+            worst = max(worst, beyond)
+            label = "default" if cache_bytes is None else "set"
             rows.append(
                 [
                     f"{fmt_bytes(figures['cache_bytes'])} ({label})",
@@ -708,6 +716,8 @@ def memory_section(folder: Path, report: Report) -> None:
                     fmt_bytes(figures["peak"]),
                     fmt_bytes(during),
                     fmt_bytes(beyond),
+                    fmt_bytes(figures["peak_held"]),
+                    str(figures["peak_reads"]),
                     fmt_bytes(figures["peak_cached"]),
                     f"{figures['chunks_read']:,}",
                 ]
@@ -724,22 +734,23 @@ def memory_section(folder: Path, report: Report) -> None:
                     "before",
                     "peak",
                     "peak - before",
-                    "beyond cache + 2 batches",
+                    "beyond budget + 2 batches",
+                    "held",
+                    "reads",
                     "cached",
                     "chunks read",
                 ],
                 rows,
-                "lrrrrrr",
+                "lrrrrrrrr",
             ),
             "",
-            f"Reads in flight hold up to 3 x {DEFAULT_WORKERS} workers x "
-            f"{fmt_bytes(stack.chunk_bytes)} = {fmt_bytes(in_flight)}; a cache_bytes below "
-            "that (*) is exceeded by the difference (the batches read ahead come on top).",
+            f"A read in flight counts 3 x {fmt_bytes(stack.chunk_bytes)}; up to "
+            f"{DEFAULT_WORKERS} workers read at once when the budget has room for them "
+            "beside the batches read ahead, fewer (at least one) when it has not.",
             "",
         )
     report.emit(
-        "Largest overhead beyond cache_bytes + two batches (budgets that cover the reads "
-        f"in flight): {fmt_bytes(worst)} "
+        f"Largest overhead beyond the budget + two batches: {fmt_bytes(worst)} "
         f"({load_line()} at the end).",
         "",
     )

@@ -29,6 +29,19 @@ rows, when larger) plus two batches is what a user must add; beside it the
 most bytes the reader counted as held (``ChunkReader.peak_held_bytes``).
 ``--memory-only`` runs this part alone (Linux only: ``/proc``).
 
+The chunk order against the shuffled order (issue 22), on the same two
+stores: chunk decodes per patch of an epoch in each order against the floor
+(chunks touched / patches), and a chunk-order epoch's time against reading
+every chunk of the store once through the same reader (the floor of
+compressed data); the chunk order on two ranks (``torch.distributed``, gloo,
+two processes on 127.0.0.1) against one, in chunk decodes summed over the
+ranks; and over moto's S3 server (a process on 127.0.0.1, requests counted in
+its log) on a smaller store, requests and time per epoch of both orders
+against one zarr read per patch, through zarr's ``FsspecStore`` (what
+``open_stack`` uses for URLs) and zarr's ``ObjectStore`` on obstore.
+``--chunk-order-only`` runs these parts alone; without PyTorch, moto or s3fs
+their sections say so.
+
 Before the cases, the chunk reader is chosen by measurement: the same chunks
 read by per-chunk synchronous zarr calls (one thread, and a pool of two), by
 zarr's asynchronous API (what :class:`gpu_patching.stores.ChunkReader` uses)
@@ -50,7 +63,12 @@ from __future__ import annotations
 
 import gc
 import importlib
+import importlib.util
+import json
+import re
 import shutil
+import socket
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -74,6 +92,7 @@ from _report import (
     fmt_ratio,
     fmt_time,
     fmt_verdict,
+    in_turns,
     load_line,
     machine_line,
     markdown_table,
@@ -756,12 +775,591 @@ def memory_section(folder: Path, report: Report) -> None:
     )
 
 
+# -- chunk order against the shuffled order (issue 22) ----------------------------------
+
+CHUNK_HEADING = "## Chunk order against the shuffled order (issue 22)"
+RANKS_HEADING = "## Two ranks in chunk order (issue 22)"
+S3_HEADING = "## Over a local S3 server: orders, per-patch reads, fsspec and obstore (issue 22)"
+#: Seconds of the shuffled order's epoch measured on the full-size stores (a whole
+#: epoch of it takes minutes); its decodes per patch hardly change along an epoch.
+SHUFFLED_SECONDS = 60.0
+#: The store uploaded to the S3 server: small enough to upload in seconds, with
+#: enough chunks (256 of 128 KiB) for the orders to differ.
+S3_CASES = {
+    False: Case("s3-2D", (4096, 4096), (256, 256), (64, 64)),
+    True: Case("s3-2D", (1024, 1024), (128, 128), (64, 64)),
+}
+
+
+def host_rows(rows: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A PatchBatch's columns as the int64 arrays plan_chunks and ChunkReader take."""
+    return (
+        np.asarray(rows.data_idx, dtype=np.int64),
+        np.asarray(rows.sample_idx, dtype=np.int64),
+        np.asarray(rows.coords, dtype=np.int64),
+    )
+
+
+def chunks_touched(stack: Any, rows: Any) -> int:
+    """Chunks the rows' patches touch, each once: the decodes an epoch cannot go below."""
+    return len(plan_chunks([stack.shape], [stack.chunks], host_rows(rows), rows.patch_size).chunk)
+
+
+def decode_every_chunk(stack: Any) -> int:
+    """Read every chunk of a one-sample stack once through ChunkReader; return the count.
+
+    One pixel at each chunk's origin, no cache, every chunk of the call read
+    with the loader's default reads in flight: the decode floor of an epoch.
+    """
+    grid = stack.chunk_grid[2:]
+    origins = np.stack(
+        [g.ravel() * c for g, c in zip(np.indices(grid), stack.chunks[2:], strict=True)], axis=1
+    ).astype(np.int64)
+    zeros = np.zeros(len(origins), np.int64)
+    reader = ChunkReader([stack], cache_bytes=0, memory="call")
+    reader.read((zeros, zeros, origins), (1,) * origins.shape[1])
+    return reader.chunks_read
+
+
+def epoch_reads(loader: PatchLoader, seconds: float = float("inf")) -> tuple[int, int]:
+    """Run ``loader``'s epoch (or its first ``seconds``); return (patches, chunks decoded)."""
+    start = time.perf_counter()
+    done = 0
+    batches = iter(loader)
+    for _, batch in batches:
+        done += len(batch)
+        if time.perf_counter() - start >= seconds:
+            break
+    batches.close()  # type: ignore[attr-defined]
+    assert loader._reader is not None
+    return done, loader._reader.chunks_read
+
+
+def chunk_order_case(path: Path, case: Case, quick: bool) -> dict[str, Any]:
+    """Decodes and epoch times of the floor, the shuffled order and the chunk order."""
+    stack = open_stack(path)
+    strategy = StratifiedPatching([stack.shape], case.patch, seed=0)
+    n_patches = strategy.n_patches
+    touched = chunks_touched(stack, strategy.sample_epoch(0, shuffle=True))
+    figures: dict[str, Any] = {"patches": n_patches, "touched": touched}
+
+    def floor(_k: int) -> None:
+        figures["floor_decodes"] = decode_every_chunk(stack)
+
+    def chunks(_k: int) -> None:
+        loader = PatchLoader([stack], strategy, BATCH, shuffle=True, order="chunks")
+        figures["chunks_done"], figures["chunks_decodes"] = epoch_reads(loader)
+        gc.collect()
+
+    # Side by side, each from a cold cache; the store's pages are in the OS
+    # cache after the first turn for both alike.
+    times = in_turns({"floor": floor, "chunks": chunks}, 1 if quick else 2)
+    figures["floor_time"] = min(times["floor"])
+    figures["chunks_time"] = min(times["chunks"])
+    loader = PatchLoader([stack], strategy, BATCH, shuffle=True)
+    start = time.perf_counter()
+    done, decodes = epoch_reads(loader, float("inf") if quick else SHUFFLED_SECONDS)
+    figures["shuffled_time"] = (time.perf_counter() - start) * n_patches / max(1, done)
+    figures["shuffled_done"], figures["shuffled_decodes"] = done, decodes
+    del loader
+    gc.collect()
+    return figures
+
+
+def chunk_order_section(folder: Path, selected: list[Case], quick: bool, report: Report) -> None:
+    """Chunk decodes per patch and epoch time: shuffled order, chunk order, the floor."""
+    report.emit(
+        CHUNK_HEADING,
+        "",
+        f"Machine: {machine_line()}; {load_line()} at the start. One epoch of `PatchLoader` "
+        f"(batches of {BATCH}, default cache, reads in flight and read-ahead) in the "
+        "shuffled order (the default) and with `order='chunks'` (the same patches grouped by "
+        "chunk), each from a fresh loader (cold cache). *Floor*: every chunk the epoch "
+        "touches, decoded once (chunks touched / patches); its time is every chunk of the "
+        "store read once through the same reader (`ChunkReader`, no cache, the default "
+        "reads in flight), the least an epoch of compressed data can take. The floor and "
+        "the chunk order take turns"
+        + ("" if quick else f" (best of 2); the shuffled order runs for {SHUFFLED_SECONDS:g} s ")
+        + ("." if quick else "and its epoch time is scaled from the patches it handed over."),
+        "",
+    )
+    summary = []
+    for case in selected:
+        path = ensure_store(folder, case)
+        f = chunk_order_case(path, case, quick)
+        floor = f["touched"] / f["patches"]
+        shuffled = f["shuffled_decodes"] / max(1, f["shuffled_done"])
+        chunks = f["chunks_decodes"] / max(1, f["chunks_done"])
+        part = (
+            "" if f["shuffled_done"] >= f["patches"] else f" (first {f['shuffled_done']:,}, scaled)"
+        )
+        rows = [
+            [
+                "floor: every chunk once",
+                f"{f['patches']:,}",
+                f"{f['touched']:,}",
+                f"{floor:.4f}",
+                "x1",
+                fmt_time(f["floor_time"]),
+                "x1",
+            ],
+            [
+                "shuffled (default)" + part,
+                f"{f['shuffled_done']:,}",
+                f"{f['shuffled_decodes']:,}",
+                f"{shuffled:.4f}",
+                fmt_ratio(shuffled, floor, 1),
+                fmt_time(f["shuffled_time"]),
+                fmt_ratio(f["shuffled_time"], f["floor_time"], 1),
+            ],
+            [
+                "order='chunks'",
+                f"{f['chunks_done']:,}",
+                f"{f['chunks_decodes']:,}",
+                f"{chunks:.4f}",
+                fmt_ratio(chunks, floor, 1),
+                fmt_time(f["chunks_time"]),
+                fmt_ratio(f["chunks_time"], f["floor_time"], 2),
+            ],
+        ]
+        report.emit(
+            f"### {case.name}: {'x'.join(map(str, case.shape))} uint16, chunks "
+            f"{'x'.join(map(str, case.chunks))}, patches {'x'.join(map(str, case.patch))}",
+            "",
+            *markdown_table(
+                [
+                    "order",
+                    "patches",
+                    "chunk decodes",
+                    "decodes per patch",
+                    "x floor",
+                    "epoch time",
+                    "x decode-once time",
+                ],
+                rows,
+                "lrrrrrr",
+            ),
+            "",
+        )
+        ratio = f["chunks_time"] / f["floor_time"]
+        summary.append(
+            [
+                case.name,
+                fmt_ratio(shuffled, floor, 1),
+                fmt_ratio(chunks, floor, 1),
+                fmt_ratio(ratio, 1, 2),
+                fmt_verdict(ratio <= 1.5),
+            ]
+        )
+    report.emit(
+        "### Summary (target: a chunk-order epoch at most x1.5 the time to decode the store once)",
+        "",
+        *markdown_table(
+            [
+                "case",
+                "shuffled: decodes x floor",
+                "chunks: decodes x floor",
+                "chunks: epoch / decode once",
+                "x1.5 met",
+            ],
+            summary,
+            "lrrrr",
+        ),
+        "",
+        f"{load_line()} at the end.",
+        "",
+    )
+
+
+# -- two ranks (torch.distributed, gloo) ---------------------------------------------------
+
+# One rank of a chunk-order epoch: argv[1] is a JSON {"path", "patch", "batch",
+# "rank", "world", "port"}; rank 0 prints one JSON line of the ranks' summed figures.
+RANK_CHILD = r"""
+import json, sys, time
+import torch
+import torch.distributed as dist
+job = json.loads(sys.argv[1])
+dist.init_process_group(
+    "gloo", init_method=f"tcp://127.0.0.1:{job['port']}", rank=job["rank"], world_size=job["world"]
+)
+from gpu_patching import PatchLoader, StratifiedPatching
+from gpu_patching.stores import open_stack
+stack = open_stack(job["path"])
+strategy = StratifiedPatching([stack.shape], tuple(job["patch"]), seed=0)
+loader = PatchLoader(
+    [stack], strategy, job["batch"], shuffle=True, order="chunks",
+    rank=job["rank"], world_size=job["world"],
+)
+dist.barrier()
+start = time.perf_counter()
+patches = 0
+for _, batch in loader:
+    patches += len(batch)
+seconds = time.perf_counter() - start
+totals = torch.tensor([loader._reader.chunks_read, patches], dtype=torch.int64)
+dist.all_reduce(totals)
+longest = torch.tensor([seconds], dtype=torch.float64)
+dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+if job["rank"] == 0:
+    print(json.dumps({"decodes": int(totals[0]), "patches": int(totals[1]),
+                      "seconds": float(longest[0]), "n_patches": strategy.n_patches}))
+dist.destroy_process_group()
+"""
+
+
+def free_port() -> int:
+    """A free TCP port of 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_ranks(path: Path, case: Case, world: int) -> dict[str, Any]:
+    """A chunk-order epoch on ``world`` ranks (processes, gloo on 127.0.0.1): summed figures."""
+    port = free_port()
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_CHILD, json.dumps(job)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for job in (
+            {
+                "path": str(path),
+                "patch": case.patch,
+                "batch": BATCH,
+                "rank": r,
+                "world": world,
+                "port": port,
+            }
+            for r in range(world)
+        )
+    ]
+    outputs = [child.communicate(timeout=1800) for child in children]
+    for child, (_, err) in zip(children, outputs, strict=True):
+        if child.returncode != 0:
+            raise RuntimeError(f"a rank of the {world}-rank epoch failed:\n{err}")
+    figures: dict[str, Any] = json.loads(outputs[0][0].strip().splitlines()[-1])
+    return figures
+
+
+def ranks_section(folder: Path, selected: list[Case], report: Report) -> None:
+    """Chunk decodes of a chunk-order epoch on one rank and summed over two, or why not."""
+    report.emit(RANKS_HEADING, "")
+    if importlib.util.find_spec("torch") is None:
+        report.emit("Not run: PyTorch is not installed (torch.distributed).", "")
+        return
+    report.emit(
+        f"Machine: {machine_line()}; {load_line()} at the start. One chunk-order epoch "
+        "(`PatchLoader(..., order='chunks', rank=r, world_size=n)`, default cache and "
+        "tile) on 1 and on 2 ranks, each rank a process of its own in a `torch.distributed` "
+        "gloo group on 127.0.0.1 (CPU); the ranks' chunk decodes and patches summed with "
+        "`all_reduce`, time of the slowest rank. Both ranks share this machine's cores.",
+        "",
+    )
+    rows = []
+    for case in selected:
+        path = ensure_store(folder, case)
+        one = run_ranks(path, case, 1)
+        two = run_ranks(path, case, 2)
+        ratio = two["decodes"] / max(1, one["decodes"])
+        rows.append(
+            [
+                case.name,
+                f"{one['patches']:,}",
+                f"{one['decodes']:,}",
+                fmt_time(one["seconds"]),
+                f"{two['patches']:,}",
+                f"{two['decodes']:,}",
+                fmt_time(two["seconds"]),
+                fmt_ratio(ratio, 1, 2),
+                fmt_verdict(ratio <= 1.2),
+            ]
+        )
+    report.emit(
+        *markdown_table(
+            [
+                "case",
+                "1 rank: patches",
+                "decodes",
+                "time",
+                "2 ranks: patches",
+                "decodes (sum)",
+                "time (slowest)",
+                "2 ranks / 1 rank decodes",
+                "x1.2 met",
+            ],
+            rows,
+            "lrrrrrrrr",
+        ),
+        "",
+        "With 2 ranks every rank gets as many rows as the longest run of whole tiles, "
+        "shorter runs padded by wrapping round to their start, so the patches summed can "
+        "exceed the epoch's.",
+        "",
+    )
+
+
+# -- over a local S3 server (moto), fsspec and obstore ---------------------------------------
+
+#: A request line of the server's log (werkzeug's, colours and all).
+_REQUEST_LINE = re.compile(r'\] "\S*?(GET|HEAD|PUT|POST|DELETE) /')
+_S3_KEY, _S3_SECRET = "AKIAGPUPATCHINGBENCH", "gpu-patching-bench-secret"
+
+
+class LocalS3:
+    """moto's S3 server in a child process on 127.0.0.1, requests counted in its log.
+
+    Parameters
+    ----------
+    folder : Path
+        Where its log goes.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        import urllib.request
+
+        self.endpoint = f"http://127.0.0.1:{free_port()}"
+        self._log_path = folder / "moto-server.log"
+        self._log = self._log_path.open("w")
+        port = self.endpoint.rsplit(":", 1)[1]
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self._marks = 0
+        deadline = time.monotonic() + 60
+        while True:  # the server answers once it listens
+            try:
+                urllib.request.urlopen(self.endpoint + "/", timeout=5).close()
+                break
+            except OSError:
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        f"moto's S3 server did not start:\n{self._log_path.read_text()}"
+                    ) from None
+                time.sleep(0.05)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """fsspec storage_options for this server."""
+        return {"endpoint_url": self.endpoint, "key": _S3_KEY, "secret": _S3_SECRET}
+
+    def requests(self) -> int:
+        """Requests the server has answered so far (its log read up to a marker request)."""
+        import urllib.error
+        import urllib.request
+
+        self._marks += 1
+        marker = f"/gpu-patching-bench-mark-{self._marks}"
+        try:
+            urllib.request.urlopen(self.endpoint + marker, timeout=10).close()
+        except urllib.error.HTTPError:  # no such bucket: the request is logged all the same
+            pass
+        deadline = time.monotonic() + 30
+        while marker not in (text := self._log_path.read_text(errors="replace")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the S3 server's log never showed the marker request")
+            time.sleep(0.01)
+        lines = text[: text.index(marker)].splitlines()
+        return sum(1 for line in lines if _REQUEST_LINE.search(line) and "bench-mark-" not in line)
+
+    def stop(self) -> None:
+        """Stop the server."""
+        self._process.terminate()
+        self._process.wait(timeout=30)
+        self._log.close()
+
+
+def obstore_group(server: LocalS3, bucket: str, key: str) -> Any:
+    """The OME-Zarr group at ``bucket/key`` through zarr's ObjectStore on obstore's S3Store."""
+    import zarr
+    from obstore.store import S3Store
+    from zarr.storage import ObjectStore
+
+    store = S3Store(
+        bucket,
+        endpoint=server.endpoint,
+        access_key_id=_S3_KEY,
+        secret_access_key=_S3_SECRET,
+        region="us-east-1",
+        client_options={"allow_http": True},
+    )
+    return zarr.open_group(store=ObjectStore(store, read_only=True), path=key, mode="r")
+
+
+#: The stores compared: our default (fsspec's defaults), fsspec without s3fs's
+#: size request before each whole-object read (``max_concurrency`` above 1 asks
+#: for the size first, to split large objects), and obstore.
+S3_KINDS = ("fsspec", "fsspec, max_concurrency=1", "obstore")
+
+
+def s3_remote(server: LocalS3, bucket: str, key: str, kind: str) -> tuple[Any, Any]:
+    """(stack, level-0 zarr array) of the image through ``kind``, one of :data:`S3_KINDS`."""
+    import zarr
+
+    if kind.startswith("fsspec"):
+        url = f"s3://{bucket}/{key}"
+        options = server.options | ({"max_concurrency": 1} if "max_concurrency" in kind else {})
+        stack = open_stack(url, storage_options=options)
+        array = zarr.open_array(f"{url}/0", mode="r", storage_options=options)
+        return stack, array
+    group = obstore_group(server, bucket, key)
+    return open_stack(group), group["0"]
+
+
+def s3_section(folder: Path, quick: bool, report: Report) -> None:
+    """Requests and time per epoch over moto's S3 server: orders, per-patch reads, stores."""
+    report.emit(S3_HEADING, "")
+    missing = [
+        name for name in ("moto", "s3fs", "obstore") if importlib.util.find_spec(name) is None
+    ]
+    if "moto" in missing or "s3fs" in missing:
+        report.emit(f"Not run: {' and '.join(missing)} not installed (`[test]` extra).", "")
+        return
+    case = S3_CASES[quick]
+    path = ensure_store(folder, case)
+    server = LocalS3(folder)
+    try:
+        import s3fs
+
+        bucket, key = "bench", path.name
+        filesystem = s3fs.S3FileSystem(**server.options)
+        filesystem.mkdir(bucket)
+        filesystem.put(str(path), f"{bucket}/{key}", recursive=True)
+        kinds = [kind for kind in S3_KINDS if kind != "obstore" or "obstore" not in missing]
+        opened = {kind: s3_remote(server, bucket, key, kind) for kind in kinds}
+        stack = opened["fsspec"][0]
+        strategy = StratifiedPatching([stack.shape], case.patch, seed=0)
+        shuffled = strategy.sample_epoch(0, shuffle=True).to_numpy()
+        figures: dict[tuple[str, str], dict[str, Any]] = {}
+
+        def epoch(kind: str, order: str) -> Callable[[int], None]:
+            def run(_k: int) -> None:
+                loader = PatchLoader([opened[kind][0]], strategy, BATCH, shuffle=True, order=order)
+                before = server.requests()
+                start = time.perf_counter()
+                done, decodes = epoch_reads(loader)
+                seconds = time.perf_counter() - start
+                old = figures.get((kind, order), {"time": float("inf")})
+                figures[(kind, order)] = {
+                    "done": done,
+                    "requests": server.requests() - before,
+                    "decodes": decodes,
+                    "time": min(old["time"], seconds),
+                }
+
+            return run
+
+        def per_patch(kind: str) -> None:
+            before = server.requests()
+            rate, done = per_patch_rate(opened[kind][1], shuffled, float("inf"))
+            figures[(kind, "per-patch")] = {
+                "done": done,
+                "requests": server.requests() - before,
+                "decodes": None,
+                "time": done / rate,
+            }
+
+        # Each loader from a cold cache, the stores and orders taking turns.
+        in_turns(
+            {f"{k} {o}": epoch(k, o) for k in kinds for o in ("shuffle", "chunks")},
+            1 if quick else 2,
+        )
+        for kind in kinds:
+            per_patch(kind)
+    finally:
+        server.stop()
+    rows = []
+    for kind in kinds:
+        slicing = figures[(kind, "per-patch")]["time"]
+        for order, label in (
+            ("per-patch", "one zarr read per patch"),
+            ("shuffle", "PatchLoader, shuffled (default)"),
+            ("chunks", "PatchLoader, order='chunks'"),
+        ):
+            f = figures[(kind, order)]
+            rows.append(
+                [
+                    label,
+                    kind,
+                    f"{f['done']:,}",
+                    f"{f['requests']:,}",
+                    f"{f['requests'] / max(1, f['done']):.3f}",
+                    fmt_time(f["time"]),
+                    fmt_ratio(slicing, f["time"], 1),
+                ]
+            )
+    n_chunks = int(np.prod(stack.chunk_grid))
+    report.emit(
+        f"Machine: {machine_line()}; {load_line()} at the start. moto's S3 server "
+        f"(moto {_version('moto')}, a process of its own on 127.0.0.1; every request is "
+        "HTTP) holding the OME-Zarr image this script writes, a smaller one than the "
+        f"cases above so that it uploads in seconds: {'x'.join(map(str, case.shape))} "
+        f"uint16, {n_chunks} chunks of {'x'.join(map(str, case.chunks))} "
+        f"({fmt_bytes(stack.chunk_bytes)}), patches {'x'.join(map(str, case.patch))}, "
+        f"{strategy.n_patches:,} per epoch, batches of {BATCH}. Requests: counted by the "
+        "server (its log), for the epoch alone (not the metadata read when opening). "
+        "*fsspec*: `open_stack(url, storage_options=...)`, zarr's `FsspecStore` on s3fs "
+        f"{_version('s3fs')} (by default s3fs asks for an object's size, a HEAD request, "
+        "before reading it whole; `max_concurrency=1` in `storage_options` reads it with "
+        "one GET); *obstore*: `open_stack` of the group opened through zarr's "
+        "`ObjectStore` on obstore's `S3Store`"
+        + (f" ({_version('obstore')})" if "obstore" in kinds else " (not installed)")
+        + ". Loaders from a cold cache, default workers (requests in flight) and cache; "
+        + ("one epoch each" if quick else "best of 2 epochs each, in turns")
+        + "; per-patch reads: one synchronous zarr read per patch of the shuffled epoch.",
+        "",
+        *markdown_table(
+            [
+                "reads",
+                "store",
+                "patches",
+                "requests",
+                "requests per patch",
+                "time per epoch",
+                "x faster than per-patch",
+            ],
+            rows,
+            "llrrrrr",
+        ),
+        "",
+    )
+    if "obstore" in kinds:
+        times = {
+            kind: min(figures[(kind, o)]["time"] for o in ("shuffle", "chunks")) for kind in kinds
+        }
+        fsspec = min(times[kind] for kind in kinds if kind.startswith("fsspec"))
+        faster = times["obstore"] < 0.8 * fsspec
+        report.emit(
+            "fsspec against obstore (the loader's best epoch): "
+            + ", ".join(f"{kind} {fmt_time(t)}" for kind, t in times.items())
+            + ": obstore "
+            + (
+                "faster by more than 20%: worth switching (docs/design.md)."
+                if faster
+                else "within 20% of fsspec or slower: fsspec stays."
+            ),
+            "",
+        )
+    report.emit(f"{load_line()} at the end.", "")
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = script_parser(
         __doc__, RESULTS, "small stores, short runs (not the memory rows)", gpu=True
     )
     parser.add_argument(
         "--memory-only", action="store_true", help="only the peak memory against cache_bytes"
+    )
+    parser.add_argument(
+        "--chunk-order-only",
+        action="store_true",
+        help="only issue 22's sections: chunk order, two ranks, the local S3 server",
     )
     parser.add_argument(
         "--store-dir",
@@ -781,7 +1379,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.gpu_only:
         return device_output_main(args, cupy, why, seconds)
     args.store_dir.mkdir(parents=True, exist_ok=True)
-    needed = sum(c.raw_bytes for c in [*selected, *MEMORY_CASES])
+    memory_cases = [] if args.chunk_order_only else MEMORY_CASES
+    needed = sum(c.raw_bytes for c in [*selected, *memory_cases])
     free = shutil.disk_usage(args.store_dir).free
     if free < 2 * needed:
         raise SystemExit(
@@ -791,10 +1390,15 @@ def main(argv: list[str] | None = None) -> str:
     report = Report()
     report.emit("# Patches from chunked stores", "")
     try:
-        if selected:
+        if selected and not args.chunk_order_only:
             throughput_section(args, selected, seconds, report)
-        memory_section(args.store_dir, report)
-        if not args.memory_only:
+        if not args.chunk_order_only:
+            memory_section(args.store_dir, report)
+        if selected:
+            chunk_order_section(args.store_dir, selected, args.quick, report)
+            ranks_section(args.store_dir, selected, report)
+            s3_section(args.store_dir, args.quick, report)
+        if not args.memory_only and not args.chunk_order_only:
             device_output_section(args.store_dir, cupy, why, seconds, report)
     finally:
         if not args.keep:

@@ -200,3 +200,14 @@ def test_memory_is_budget_or_call(tmp_path):
         ChunkReader([stack], memory="cache")
     with pytest.raises(TypeError, match="memory"):
         ChunkReader([stack], memory=None)
+
+
+def test_a_loader_keeps_its_reader_within_a_small_cache_bytes(tmp_path):
+    data, stack = _volume(tmp_path / "v.zarr")
+    strategy = StratifiedPatching([stack.shape], _VOLUME_PATCH, seed=6)
+    budget = 12 * _VOLUME_CHUNK_BYTES
+    loader = PatchLoader([stack], strategy, batch_size=16, cache_bytes=budget, workers=6)
+    for patches, batch in loader:
+        assert np.array_equal(patches, _sliced(data, batch))
+    assert loader._reader is not None
+    assert 0 < loader._reader.peak_held_bytes <= budget

@@ -134,7 +134,7 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
     patch_size, n_rows = check_batch(batch)
     stack_list = as_stack_list(stacks)
     if any(is_chunked_stack(stack) for stack in stack_list):
-        return _extract_chunked(stack_list, batch, patch_size, n_rows, out)
+        return _extract_host(stack_list, batch, patch_size, n_rows, out, chunked=True)
     on_device = [is_device_array(stack) for stack in stack_list]
     if any(on_device) and not all(on_device):
         host = on_device.index(False)
@@ -146,39 +146,10 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
         )
     if all(on_device):
         return device_crop().extract(stack_list, batch, patch_size, n_rows, out)
-    return _extract_host(stack_list, batch, patch_size, n_rows, out)
+    return _extract_host(stack_list, batch, patch_size, n_rows, out, chunked=False)
 
 
-# -- chunked stores ------------------------------------------------------------------------
-
-
-def _extract_chunked(
-    stacks: list[Any],
-    batch: PatchBatch,
-    patch_size: tuple[int, ...],
-    n_rows: int,
-    out: Any,
-) -> NDArray[Any]:
-    """``extract_patches`` for chunked stores (zarr, OME-Zarr, TIFF): see :mod:`.stores`."""
-    chunked = [as_chunked_stack(stack, f"stacks[{k}]") for k, stack in enumerate(stacks)]
-    shapes = [stack.shape for stack in chunked]
-    n_channels, dtype = check_stacks(shapes, [stack.dtype for stack in chunked], patch_size)
-    result_shape = (n_rows, n_channels, *patch_size)
-    if out is not None:
-        check_host_out(out, result_shape, dtype, [])
-    rows = rows_to_host(batch)
-    check_host_rows(rows, shapes, patch_size, batch)
-    # Each chunk the batch touches is read once, all at once (a one-shot call
-    # holds the chunks it reads); no cache outlives the call.
-    patches = ChunkReader(chunked, cache_bytes=0, memory="call").read(rows, patch_size)
-    if out is None:
-        # No copy when the store's dtype is already in native byte order.
-        return patches.astype(dtype, copy=False)
-    out[...] = patches  # only a complete batch reaches out
-    return out
-
-
-# -- the NumPy path ------------------------------------------------------------------------
+# -- the host paths: NumPy arrays and chunked stores ----------------------------------------
 
 
 def _extract_host(
@@ -187,19 +158,39 @@ def _extract_host(
     patch_size: tuple[int, ...],
     n_rows: int,
     out: Any,
+    *,
+    chunked: bool,
 ) -> NDArray[Any]:
-    """``extract_patches`` for host stacks: each patch copied straight into its row."""
-    arrays = [np.asarray(stack) for stack in stacks]
-    shapes = [tuple(int(s) for s in array.shape) for array in arrays]
-    n_channels, dtype = check_stacks(shapes, [array.dtype for array in arrays], patch_size)
+    """``extract_patches`` for host stacks, or for chunked stores (see :mod:`.stores`).
+
+    Both run the same checks; host arrays are copied patch by patch straight
+    into their rows, chunked stores read each chunk the batch touches once.
+    """
+    if chunked:
+        sources: list[Any] = [as_chunked_stack(s, f"stacks[{k}]") for k, s in enumerate(stacks)]
+        shapes = [stack.shape for stack in sources]
+    else:
+        sources = [np.asarray(stack) for stack in stacks]
+        shapes = [tuple(int(s) for s in array.shape) for array in sources]
+    n_channels, dtype = check_stacks(shapes, [source.dtype for source in sources], patch_size)
     result_shape = (n_rows, n_channels, *patch_size)
     if out is not None:
-        check_host_out(out, result_shape, dtype, arrays)
+        # A chunked store cannot share memory with out: nothing to compare.
+        check_host_out(out, result_shape, dtype, [] if chunked else sources)
     rows = rows_to_host(batch)
     check_host_rows(rows, shapes, patch_size, batch)
-    target = np.empty(result_shape, dtype=dtype) if out is None else out
-    copy_patches(arrays, rows, patch_size, target)
-    return target
+    if not chunked:
+        target = np.empty(result_shape, dtype=dtype) if out is None else out
+        copy_patches(sources, rows, patch_size, target)
+        return target
+    # Each chunk the batch touches is read once, all at once (a one-shot call
+    # holds the chunks it reads); no cache outlives the call.
+    patches = ChunkReader(sources, cache_bytes=0, memory="call").read(rows, patch_size)
+    if out is None:
+        # No copy when the store's dtype is already in native byte order.
+        return patches.astype(dtype, copy=False)
+    out[...] = patches  # only a complete batch reaches out
+    return out
 
 
 def copy_patches(

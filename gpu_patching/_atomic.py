@@ -63,25 +63,17 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-class interruptible:  # noqa: N801 - used like a function: ``with interruptible():``
-    """Turn SIGINT and SIGTERM into :class:`Interrupted` inside a ``with`` block.
+class _MainThreadSection:
+    """A ``with`` block that acts in the main thread only, where Python runs handlers.
 
-    Sections nest; the outermost one installs the handlers and restores the
-    previous ones. Signals whose disposition is not the default (ignored, or
-    a handler of the program's own) are left alone, and outside the main
-    thread the block does nothing (Python delivers signals to the main thread).
+    Subclasses say what the block does on entry (:meth:`_begin`) and exit
+    (:meth:`_end`); in any other thread the block does nothing.
     """
 
-    def __enter__(self) -> interruptible:
-        if not _in_main_thread():
-            return self
-        if _state.depth == 0:
-            for signum in SIGNALS:
-                current = signal.getsignal(signum)
-                if current in (signal.SIG_DFL, signal.default_int_handler):
-                    _state.previous[signum] = current
-                    signal.signal(signum, _state.handle)
-        _state.depth += 1
+    def __enter__(self) -> Any:
+        self.active = _in_main_thread()
+        if self.active:
+            self._begin()
         return self
 
     def __exit__(
@@ -90,8 +82,35 @@ class interruptible:  # noqa: N801 - used like a function: ``with interruptible(
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if not _in_main_thread():
-            return
+        if self.active:
+            self._end(exc_type)
+
+    def _begin(self) -> None:
+        raise NotImplementedError
+
+    def _end(self, exc_type: type[BaseException] | None) -> None:
+        raise NotImplementedError
+
+
+class interruptible(_MainThreadSection):  # noqa: N801 - used like a function: with interruptible()
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` inside a ``with`` block.
+
+    Sections nest; the outermost one installs the handlers and restores the
+    previous ones. Signals whose disposition is not the default (ignored, or
+    a handler of the program's own) are left alone, and outside the main
+    thread the block does nothing (Python delivers signals to the main thread).
+    """
+
+    def _begin(self) -> None:
+        if _state.depth == 0:
+            for signum in SIGNALS:
+                current = signal.getsignal(signum)
+                if current in (signal.SIG_DFL, signal.default_int_handler):
+                    _state.previous[signum] = current
+                    signal.signal(signum, _state.handle)
+        _state.depth += 1
+
+    def _end(self, exc_type: type[BaseException] | None) -> None:
         _state.depth -= 1
         if _state.depth == 0:
             for signum, previous in _state.previous.items():
@@ -100,7 +119,7 @@ class interruptible:  # noqa: N801 - used like a function: ``with interruptible(
             _state.pending = None
 
 
-class _Deferred:
+class _Deferred(_MainThreadSection):
     """Hold SIGINT and SIGTERM back until the block ends, then raise.
 
     When the block ends by an exception already, that exception goes on and
@@ -109,19 +128,10 @@ class _Deferred:
     and a signal held back for another thread would be raised in that thread.
     """
 
-    def __enter__(self) -> None:
-        self.active = _in_main_thread()
-        if self.active:
-            _state.deferring += 1
+    def _begin(self) -> None:
+        _state.deferring += 1
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if not self.active:
-            return
+    def _end(self, exc_type: type[BaseException] | None) -> None:
         _state.deferring -= 1
         if _state.deferring == 0 and _state.pending is not None and exc_type is None:
             signum, _state.pending = _state.pending, None

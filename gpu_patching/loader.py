@@ -22,6 +22,7 @@ while a training step still reads it.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -45,6 +46,8 @@ from .stores import (
     ChunkReader,
     check_order,
     check_reader_options,
+    check_tile,
+    choose_tile,
     chunk_order,
     is_chunked_stack,
     upload_batch,
@@ -145,15 +148,23 @@ class PatchLoader:
         Chunked stores only: upload each assembled batch to the current CUDA
         device (CuPy, or a CUDA tensor with ``as_torch``) on ``stream``.
     order : {"shuffle", "chunks"}, default "shuffle"
-        Chunked stores only for ``"chunks"``: the epoch's rows grouped by the
-        chunk that holds each patch's centre, groups shuffled, the rows of
-        ``chunk_window`` consecutive groups mixed
-        (:func:`gpu_patching.stores.chunk_order`), so each chunk is read
-        about once per epoch; with ``world_size > 1`` each rank takes whole
-        groups (see the notes).
+        Chunked stores only for ``"chunks"``: the epoch's rows swept tile by
+        tile through the chunks (tiles of ``chunk_tile`` chunks in a shuffled
+        order, the chunks of a tile row by row, the rows of ``chunk_window``
+        consecutive chunks mixed; :func:`gpu_patching.stores.chunk_order`),
+        so each chunk is decoded about once per epoch; with
+        ``world_size > 1`` each rank takes whole tiles (see the notes).
     chunk_window : int, default gpu_patching.stores.DEFAULT_CHUNK_WINDOW
-        With ``order="chunks"``: groups whose rows are mixed. A larger window
-        mixes more regions into each batch and needs a larger chunk cache.
+        With ``order="chunks"``: home chunks whose rows are mixed. A larger
+        window mixes more regions into each batch.
+    chunk_tile : sequence of int, optional
+        With ``order="chunks"``: chunks per tile along each spatial axis
+        ``(Z)YX``. Default: :func:`gpu_patching.stores.choose_tile` of the
+        cache budget and ``world_size`` (the tile that decodes fewest chunks
+        whose sweep fits in the cache). Larger tiles decode fewer chunks
+        twice; smaller ones give a more random order. Every rank must use
+        the same tile (the same ``cache_bytes`` and ``workers``, or an
+        explicit ``chunk_tile``).
 
     Notes
     -----
@@ -167,8 +178,8 @@ class PatchLoader:
 
     With ``order="chunks"`` the loader yields the same rows as the shuffled
     epoch when ``world_size`` is 1, in another order. With several ranks,
-    each rank takes a run of whole groups as near to ``N / world_size`` rows
-    as the groups allow, and every rank gets as many rows as the longest run
+    each rank takes a run of whole tiles as near to ``N / world_size`` rows
+    as the tiles allow, and every rank gets as many rows as the longest run
     (shorter runs wrap round to their own start), or as the shortest with
     ``drop_last``; so ``len(loader)`` can differ from the shuffled order's.
 
@@ -206,6 +217,7 @@ class PatchLoader:
         device_output: bool = False,
         order: str = "shuffle",
         chunk_window: int = DEFAULT_CHUNK_WINDOW,
+        chunk_tile: Sequence[int] | None = None,
     ) -> None:
         if not isinstance(strategy, StratifiedPatching):
             raise TypeError(f"strategy must be a StratifiedPatching, got {type(strategy).__name__}")
@@ -223,6 +235,11 @@ class PatchLoader:
         order, window = check_order(order, chunk_window)
         if order == "chunks" and not shuffle:
             raise ValueError("order='chunks' is a shuffled order: give shuffle=True, not False")
+        tile = None
+        if chunk_tile is not None:
+            if order != "chunks":
+                raise ValueError(f"chunk_tile={chunk_tile!r} is for order='chunks', not {order!r}")
+            tile = check_tile(chunk_tile, len(strategy.patch_size))
         if isinstance(stacks, (str, bytes)) or not isinstance(stacks, Sequence):
             raise TypeError(f"stacks must be a sequence of arrays, got {type(stacks).__name__}")
         shapes = [tuple(int(s) for s in getattr(stack, "shape", ())) for stack in stacks]
@@ -298,6 +315,9 @@ class PatchLoader:
         }
         self._order = order
         self._chunk_window = window
+        if order == "chunks" and tile is None:
+            tile = self._default_tile(world_size)
+        self._chunk_tile = tile
         self._as_torch = bool(as_torch)
         self._stream = stream
         self._epoch = 0
@@ -306,6 +326,40 @@ class PatchLoader:
     def epoch(self) -> int:
         """The epoch of the next passes (0 until :meth:`set_epoch`)."""
         return self._epoch
+
+    def _default_tile(self, n_shards: int) -> tuple[int, ...]:
+        """Return :func:`~gpu_patching.stores.choose_tile` of the cache a pass leaves to chunks."""
+        assert self._reader is not None
+        stores = self._reader.stacks
+        first = stores[0]
+        row_bytes = first.shape[1] * math.prod(self._strategy.patch_size) * first.dtype.itemsize
+        batch_bytes = self._batch_size * row_bytes
+        # A pass takes from the budget, besides reads in flight (cache_limit
+        # leaves those out): the batches it reads ahead beyond two, the
+        # epoch's rows (int64 columns) and about 1 KiB of plan per row read
+        # ahead (ChunkReader.batches). The chunks of a read-ahead block's
+        # home chunks and of a window are wanted too, beside the sweep's planes.
+        ahead = self._reader.read_ahead(batch_bytes)
+        n_rows = self._strategy.n_patches
+        homes = sum(math.prod(s.chunk_grid[:1] + s.chunk_grid[2:]) for s in stores)
+        span = -(-ahead * self._batch_size * homes // max(n_rows, 1)) + self._chunk_window
+        pass_bytes = (
+            max(1, 2 * ahead - 2) * batch_bytes
+            + n_rows * 8 * (3 + len(self._strategy.patch_size))
+            + ahead * self._batch_size * 1024
+            + span * max(s.chunk_bytes for s in stores)
+        )
+        return choose_tile(
+            [s.chunk_grid for s in stores],
+            [s.chunk_bytes for s in stores],
+            max(0, self._reader.cache_limit - pass_bytes),
+            n_shards=n_shards,
+        )
+
+    @property
+    def chunk_tile(self) -> tuple[int, ...] | None:
+        """With ``order="chunks"``: chunks per tile along each spatial axis; else ``None``."""
+        return self._chunk_tile
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch of the next passes.
@@ -337,6 +391,7 @@ class PatchLoader:
             seed=self._strategy.seed,
             epoch=epoch,
             window=self._chunk_window,
+            tile=self._chunk_tile,
             rank=self._options["rank"],
             world_size=self._options["world_size"],
             drop_last=self._options["drop_last"],

@@ -10,7 +10,16 @@ there), ``stack`` (the stack view), ``plan`` (the chunks of a batch),
 """
 
 from .open import open_stack
-from .order import DEFAULT_CHUNK_WINDOW, ORDERS, ChunkOrder, check_order, chunk_order
+from .order import (
+    DEFAULT_CHUNK_WINDOW,
+    MIN_TILES_PER_SHARD,
+    ORDERS,
+    ChunkOrder,
+    check_order,
+    check_tile,
+    choose_tile,
+    chunk_order,
+)
 from .plan import ChunkPlan, plan_chunks
 from .reader import (
     DECODE_THREADS,
@@ -32,6 +41,7 @@ __all__ = [
     "DEFAULT_WORKERS",
     "MAX_READ_AHEAD",
     "MEMORY_MODES",
+    "MIN_TILES_PER_SHARD",
     "ORDERS",
     "ChunkOrder",
     "ChunkPlan",
@@ -41,6 +51,8 @@ __all__ = [
     "as_chunked_stack",
     "check_order",
     "check_reader_options",
+    "check_tile",
+    "choose_tile",
     "chunk_order",
     "default_cache_bytes",
     "is_chunked_stack",

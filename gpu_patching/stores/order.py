@@ -1,35 +1,17 @@
-"""The chunk order of an epoch: the epoch's patches grouped by the chunks they read.
+"""The chunk order of an epoch: the epoch's patches swept tile by tile through the chunks.
 
-A shuffled epoch spreads every batch over the whole store, so a chunk is
-decoded again for each window of batches that touches it.
-:func:`chunk_order` reorders the *same* rows so that each chunk is wanted
-during one stretch of the epoch, while every batch still mixes several
-regions (``docs/design.md``, "Chunk order"):
-
-1. **Groups.** A row's group is its *home chunk*: the chunk of its stack that
-   holds the centre of its patch (stack, sample chunk, spatial chunk). Most
-   of a patch's pixels come from its home chunk.
-2. **Group order.** The groups are numbered in sorted key order and put in
-   the order of the counter-based bijection :func:`~gpu_patching.permutation.permute`
-   of ``(seed, epoch)`` over the number of groups.
-3. **Ranks.** The shuffled groups are cut into ``world_size`` runs of whole
-   groups, each as close to ``N / world_size`` rows as group boundaries allow;
-   rank ``r`` takes run ``r``, so a group (and its home chunk) is read by
-   one rank. Every rank gets the same number of rows: the largest run's
-   length, shorter runs padded by wrapping round to their own start (every
-   row is in some shard), or the shortest run's length with ``drop_last``
-   (the ranks' rows are disjoint).
-4. **Windows.** Each rank's groups, in order, form windows of ``window``
-   groups; inside a window the rows are ranked by the shuffle bijection of
-   their patch indices (:func:`~gpu_patching.permutation.permute`), so a
-   batch takes patches of several groups.
-
-Everything is a pure function of ``(seed, epoch)`` and the epoch's rows: the
-same on every backend, in every process, after a checkpoint is restored.
+:func:`chunk_order` reorders the *same* rows as the shuffled epoch: each row's
+home chunk holds its patch's corner; home chunks are grouped into tiles, the
+tiles shuffled by the counter-based bijection of ``(seed, epoch)`` and swept
+row by row, ranks take runs of whole tiles, and the rows of ``window``
+consecutive home chunks are mixed. :func:`choose_tile` picks the tile from the
+cache's budget. A pure function of ``(seed, epoch)``, the tile and the rows.
+Why and the measurements: ``docs/design.md``, "Chunk order".
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,14 +22,26 @@ from .. import _validation as check
 from ..permutation import permute
 from ..specs import PatchBatch
 
-__all__ = ["DEFAULT_CHUNK_WINDOW", "ORDERS", "ChunkOrder", "check_order", "chunk_order"]
+__all__ = [
+    "DEFAULT_CHUNK_WINDOW",
+    "MIN_TILES_PER_SHARD",
+    "ORDERS",
+    "ChunkOrder",
+    "check_order",
+    "check_tile",
+    "choose_tile",
+    "chunk_order",
+]
 
 #: Epoch orders a loader takes: the shuffled epoch, or the chunk order.
 ORDERS = ("shuffle", "chunks")
-#: Groups (home chunks) whose patches are mixed together by default: each
-#: batch then takes patches of up to this many regions, and the chunk cache
-#: must hold about this many groups' chunks and their neighbours.
+#: Home chunks whose patches are mixed together by default: each batch then
+#: takes patches of up to this many regions.
 DEFAULT_CHUNK_WINDOW = 4
+#: Tiles :func:`choose_tile` gives each shard (rank, or DataLoader worker) at
+#: least, where the chunk grid allows: runs of whole tiles then come out near
+#: ``N / world_size`` rows, so little is padded or dropped.
+MIN_TILES_PER_SHARD = 2
 
 
 @dataclass(frozen=True)
@@ -60,18 +54,25 @@ class ChunkOrder:
         Positions in the plain epoch (equal to the patch indices), in the
         order this rank reads them.
     group : numpy.ndarray of int64, shape (n_rows,)
-        The group (home chunk, numbered in sorted key order) of each row.
+        The home chunk of each row, numbered in sorted key order over the
+        whole epoch.
+    tile : numpy.ndarray of int64, shape (n_rows,)
+        The tile of each row, numbered in sorted key order over the whole
+        epoch.
     window : numpy.ndarray of int64, shape (n_rows,)
-        The window of each row, counted over the whole epoch (windows of
-        different ranks have different numbers).
+        The window of each row, numbered from 0 in this rank's order.
     n_groups : int
-        Groups in the whole epoch.
+        Home chunks in the whole epoch.
+    n_tiles : int
+        Tiles in the whole epoch.
     """
 
     rows: NDArray[np.int64]
     group: NDArray[np.int64]
+    tile: NDArray[np.int64]
     window: NDArray[np.int64]
     n_groups: int
+    n_tiles: int
 
 
 def check_order(order: object, window: object) -> tuple[str, int]:
@@ -82,7 +83,7 @@ def check_order(order: object, window: object) -> tuple[str, int]:
     order : str
         ``"shuffle"`` or ``"chunks"``.
     window : int
-        Groups per window, at least 1.
+        Home chunks per window, at least 1.
 
     Returns
     -------
@@ -104,21 +105,170 @@ def check_order(order: object, window: object) -> tuple[str, int]:
     return order, size
 
 
-def _home_groups(
+def check_tile(tile: object, n_axes: int, name: str = "chunk_tile") -> tuple[int, ...]:
+    """Return a tile shape (chunks per spatial axis) after checking it.
+
+    Parameters
+    ----------
+    tile : sequence of int
+        ``n_axes`` positive chunk counts, ``(Z)YX``.
+    n_axes : int
+        Spatial axes of the patches (2 or 3).
+    name : str, default "chunk_tile"
+        How the value is named in errors.
+
+    Returns
+    -------
+    tuple of int
+        The tile shape.
+
+    Raises
+    ------
+    TypeError
+        If ``tile`` is not a sequence of integers.
+    ValueError
+        If it has another length than ``n_axes`` or an entry below 1.
+    """
+    if isinstance(tile, (str, bytes)) or not isinstance(tile, (Sequence, np.ndarray)):
+        raise TypeError(f"{name} must be a sequence of {n_axes} integers, got {tile!r}")
+    shape = tuple(check.as_int(t, f"{name} entry") for t in tile)
+    if len(shape) != n_axes or min(shape) < 1:
+        raise ValueError(
+            f"{name} must be {n_axes} positive chunk counts, one per spatial axis, got {tile!r}"
+        )
+    return shape
+
+
+def _axis_candidates(longest: int) -> list[int]:
+    """Tile sizes that give distinct tile counts on an axis of ``longest`` chunks."""
+    return sorted({-(-longest // n) for n in range(1, longest + 1)})
+
+
+def choose_tile(
+    grids: Sequence[tuple[int, ...]],
+    chunk_bytes: Sequence[int],
+    cache_bytes: int,
+    *,
+    n_shards: int = 1,
+) -> tuple[int, ...]:
+    """Return the tile (chunks per spatial axis) that decodes fewest chunks within the cache.
+
+    A tile's sweep wants about two rows (2D) or planes (3D) of its chunks at
+    once, each one chunk longer than the tile on every inner axis (patches
+    reach into the next chunk); those must fit in ``cache_bytes``. Among the
+    tiles that fit, with at least :data:`MIN_TILES_PER_SHARD` tiles per
+    shard where the grid allows, the one whose sweeps decode fewest chunks
+    (each tile decodes its own chunks and the next chunk beyond its far edge
+    on every axis), then the one with more tiles (a more random order).
+
+    Parameters
+    ----------
+    grids : sequence of tuple of int
+        Each stack's chunk grid, ``SC(Z)YX`` (chunks per axis).
+    chunk_bytes : sequence of int
+        Each stack's bytes per chunk.
+    cache_bytes : int
+        Bytes the chunk cache holds during a pass (what reads in flight,
+        batches read ahead and the epoch's rows leave of the reader's budget).
+    n_shards : int, default 1
+        Ranks times DataLoader workers that share the epoch out in whole tiles.
+
+    Returns
+    -------
+    tuple of int
+        Chunks per tile along each spatial axis; all ones when not even one
+        chunk's sweep fits.
+
+    Raises
+    ------
+    ValueError
+        If ``grids`` is empty, its entries differ in length or are not
+        positive, ``chunk_bytes`` has another length, ``cache_bytes`` is
+        negative or ``n_shards`` is below 1.
+    TypeError
+        If a value is not an integer.
+    """
+    if len(grids) == 0 or len(grids) != len(chunk_bytes):
+        raise ValueError(
+            f"grids and chunk_bytes must name the same stacks, got {len(grids)} and "
+            f"{len(chunk_bytes)}"
+        )
+    table = np.asarray([[check.as_int(g, "grids entry") for g in grid] for grid in grids])
+    if table.ndim != 2 or table.shape[1] < 3 or table.min() < 1:
+        raise ValueError(f"grids must be positive SC(Z)YX chunk counts of one length, got {grids}")
+    sizes = np.asarray([check.as_int(b, "chunk_bytes entry") for b in chunk_bytes])
+    budget = check.as_int(cache_bytes, "cache_bytes")
+    if budget < 0:
+        raise ValueError(f"cache_bytes must be at least 0, got {budget}")
+    shards = check.as_int(n_shards, "n_shards")
+    if shards < 1:
+        raise ValueError(f"n_shards must be at least 1, got {shards}")
+    # Stacks of one grid and chunk size count once, weighted by their number.
+    rows, weight = np.unique(np.column_stack([table, sizes]), axis=0, return_counts=True)
+    grid = rows[:, 2:-1]  # (stacks, d) spatial chunk counts
+    sample_tiles = weight * rows[:, 0]  # tile grids per stack: one per sample chunk
+    chunks_per_home = sample_tiles * rows[:, 1]  # every channel chunk is read
+    home_bytes = rows[:, 1] * rows[:, -1]
+    candidates = np.asarray(
+        list(itertools.product(*(_axis_candidates(int(g)) for g in grid.max(axis=0)))),
+        dtype=np.int64,
+    )  # (K, d)
+    counts = -(-grid[None] // candidates[:, None])  # tiles per axis, (K, stacks, d)
+    n_tiles = (np.prod(counts, axis=2) * sample_tiles).sum(axis=1)
+    # Each tile decodes its chunks and one more beyond its far edge on every
+    # axis that goes on: along an axis of G chunks in n tiles, G + n - 1.
+    decodes = (np.prod(grid[None] + counts - 1, axis=2) * chunks_per_home).sum(axis=1)
+    plane = np.prod(np.minimum(candidates[:, None, 1:] + 1, grid[None, :, 1:]), axis=2)
+    plane_bytes = (plane * home_bytes).max(axis=1)
+    wanted = min(MIN_TILES_PER_SHARD * shards, int(n_tiles.max())) if shards > 1 else 1
+    enough = n_tiles >= wanted
+    # Two planes in the cache: each chunk is decoded once in its tile's sweep.
+    # One plane: the chunks of the next plane are decoded twice (as the spill
+    # of this plane and as homes) but a plane's chunks stay cached. Less than
+    # that (reads ahead take the budget): no tile saves decodes, but a tile of
+    # a few chunks per plane keeps each read-ahead block on neighbouring chunks.
+    smallest = 4 * int(home_bytes.max())
+    for fits in (2 * plane_bytes <= budget, plane_bytes <= max(budget, smallest)):
+        usable = np.flatnonzero(fits & enough)
+        if len(usable):
+            break
+    else:
+        usable = np.flatnonzero(fits)
+    best = usable[np.lexsort((-n_tiles[usable], decodes[usable]))[0]]
+    return tuple(int(t) for t in candidates[best])
+
+
+def _keys(
     rows: PatchBatch, chunks: Sequence[tuple[int, ...]]
-) -> tuple[NDArray[np.int64], int]:
-    """Return each row's group (its home chunk, numbered in sorted key order) and their count."""
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Return each row's home chunk key (stack, sample chunk, spatial chunk) and its group."""
     data_idx = np.asarray(rows.data_idx, dtype=np.int64)
     sample_idx = np.asarray(rows.sample_idx, dtype=np.int64)
     coords = np.asarray(rows.coords, dtype=np.int64).reshape(len(data_idx), -1)
     chunk_table = np.asarray(chunks, dtype=np.int64).reshape(len(chunks), -1)
     size = chunk_table[data_idx]
-    # The centre, not the corner: a patch then reaches into neighbours on
-    # every side by at most half its size, so fewer patches leave home.
-    centre = coords + np.asarray(rows.patch_size, dtype=np.int64) // 2
-    keys = np.column_stack([data_idx, sample_idx // size[:, 0], centre // size[:, 2:]])
+    # The corner, not the centre: a patch then reads only its home chunk and
+    # the next one along each axis, the chunks a row-major sweep reaches next.
+    keys = np.column_stack([data_idx, sample_idx // size[:, 0], coords // size[:, 2:]])
     unique, group = np.unique(keys, axis=0, return_inverse=True)
-    return group.reshape(-1).astype(np.int64), len(unique)
+    return unique, group.reshape(-1).astype(np.int64)
+
+
+def _cut_runs(sizes: NDArray[np.int64], world_size: int) -> NDArray[np.int64]:
+    """Return the bounds of ``world_size`` runs of whole items (``sizes`` rows each)."""
+    n_items = len(sizes)
+    ends = np.cumsum(sizes)
+    ideal = np.arange(1, world_size) * ends[-1] / world_size
+    after = np.searchsorted(ends, ideal)  # the first item whose end reaches the cut
+    before = np.maximum(after - 1, 0)
+    closer = (after > 0) & (np.abs(ends[before] - ideal) <= np.abs(ends[after] - ideal))
+    cut = np.where(closer, before, after) + 1  # items before the cut
+    # Every run keeps at least one item: cut r in [r, n_items - world_size + r],
+    # strictly increasing (there are at least world_size items).
+    lowest = np.arange(1, world_size)
+    cut = np.clip(cut, lowest, n_items - world_size + lowest)
+    cut = np.maximum.accumulate(cut - lowest) + lowest
+    return np.concatenate([[0], cut, [n_items]]).astype(np.int64)
 
 
 def chunk_order(
@@ -128,6 +278,7 @@ def chunk_order(
     seed: int,
     epoch: int,
     window: int = DEFAULT_CHUNK_WINDOW,
+    tile: Sequence[int] | None = None,
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
@@ -146,7 +297,11 @@ def chunk_order(
     epoch : int
         The epoch, in ``[0, 2**32)``.
     window : int, default DEFAULT_CHUNK_WINDOW
-        Groups whose rows are mixed together.
+        Home chunks whose rows are mixed together.
+    tile : sequence of int, optional
+        Chunks per tile along each spatial axis (:func:`choose_tile` picks
+        one for a cache); default: whole axes, one tile per stack and sample
+        chunk.
     rank, world_size : int, default 0 and 1
         This rank and the number of ranks.
     drop_last : bool, default False
@@ -156,14 +311,15 @@ def chunk_order(
     Returns
     -------
     ChunkOrder
-        This rank's rows, groups and windows.
+        This rank's rows, home chunks, tiles and windows.
 
     Raises
     ------
     ValueError
         If ``window`` is below 1, ``rank`` or ``world_size`` is out of range,
-        a chunk shape does not match the rows, or there are fewer groups than
-        ranks (some rank would get no rows).
+        a chunk shape does not match the rows, ``tile`` has another length
+        than the patches' axes or an entry below 1, or there are fewer tiles
+        than ranks (some rank would get no rows).
     TypeError
         If an integer argument is not an integer or ``drop_last`` not a bool.
     """
@@ -172,6 +328,7 @@ def chunk_order(
     drop_last = check.check_flag(drop_last, "drop_last")
     epoch = check.check_epoch(epoch)
     n_axes = len(rows.patch_size) + 2
+    tile_shape = None if tile is None else check_tile(tile, n_axes - 2, "tile")
     for k, shape in enumerate(chunks):
         if len(shape) != n_axes or min(shape) < 1:
             raise ValueError(
@@ -180,49 +337,58 @@ def chunk_order(
     n_rows_all = len(rows)
     if n_rows_all == 0:
         empty = np.zeros(0, dtype=np.int64)
-        return ChunkOrder(empty, empty, empty, 0)
-    group, n_groups = _home_groups(rows, chunks)
-    if n_groups < world_size:
+        return ChunkOrder(empty, empty, empty, empty, 0, 0)
+    homes, group = _keys(rows, chunks)
+    n_groups = len(homes)
+    spatial = homes[:, 2:]
+    if tile_shape is None:
+        tile_keys = homes[:, :2]
+    else:
+        tile_keys = np.column_stack([homes[:, :2], spatial // np.asarray(tile_shape)])
+    _, home_tile = np.unique(tile_keys, axis=0, return_inverse=True)
+    home_tile = home_tile.reshape(-1).astype(np.int64)
+    n_tiles = int(home_tile.max()) + 1
+    if n_tiles < world_size:
         raise ValueError(
-            f"order='chunks' gives each rank whole chunk groups, but the epoch has "
-            f"{n_groups} groups for world_size {world_size}; use order='shuffle'"
+            f"order='chunks' gives each rank whole tiles of chunks, but the epoch has "
+            f"{n_tiles} tiles for world_size {world_size}; give a smaller chunk_tile "
+            "or use order='shuffle'"
         )
-    # Rank of each group in the epoch's group order.
-    group_at = permute(np.arange(n_groups), n_groups, seed, epoch)
-    group_rank = np.empty(n_groups, dtype=np.int64)
-    group_rank[group_at] = np.arange(n_groups, dtype=np.int64)
-    # Runs of whole groups, cut at the group boundary nearest to r * N / world_size.
-    sizes = np.bincount(group, minlength=n_groups)[group_at]
-    ends = np.cumsum(sizes)
-    ideal = np.arange(1, world_size) * n_rows_all / world_size
-    after = np.searchsorted(ends, ideal)  # the first group whose end reaches the cut
-    before = np.maximum(after - 1, 0)
-    closer = (after > 0) & (np.abs(ends[before] - ideal) <= np.abs(ends[after] - ideal))
-    cut = np.where(closer, before, after) + 1  # groups before the cut
-    # Every run keeps at least one group: cut r in [r, n_groups - world_size + r],
-    # strictly increasing (there are at least world_size groups).
-    lowest = np.arange(1, world_size)
-    cut = np.clip(cut, lowest, n_groups - world_size + lowest)
-    cut = np.maximum.accumulate(cut - lowest) + lowest
-    bounds = np.concatenate([[0], cut, [n_groups]]).astype(np.int64)
-    run_rows = np.concatenate([[0], ends])[bounds]
-    run_lengths = np.diff(run_rows)
+    # Rank of each tile in the epoch's tile order.
+    tile_at = permute(np.arange(n_tiles), n_tiles, seed, epoch)
+    tile_rank = np.empty(n_tiles, dtype=np.int64)
+    tile_rank[tile_at] = np.arange(n_tiles, dtype=np.int64)
+    # The sweep: tiles in their shuffled order, home chunks row-major inside
+    # a tile (a tile holds one stack and sample chunk, so the spatial index
+    # orders it).
+    sweep = np.lexsort((*spatial.T[::-1], tile_rank[home_tile]))
+    home_position = np.empty(n_groups, dtype=np.int64)
+    home_position[sweep] = np.arange(n_groups, dtype=np.int64)
+    row_tile = home_tile[group]
+    tile_rows = np.bincount(row_tile, minlength=n_tiles)[tile_at]  # in tile order
+    bounds = _cut_runs(tile_rows, world_size)
+    run_lengths = np.diff(np.concatenate([[0], np.cumsum(tile_rows)])[bounds])
     n_rows = int(run_lengths.min() if drop_last else run_lengths.max())
-    first_group, last_group = int(bounds[rank]), int(bounds[rank + 1])
-    # This rank's rows: windows of `size` groups, mixed by their shuffled position.
-    mine = np.flatnonzero(
-        (group_rank[group] >= first_group) & (group_rank[group] < last_group)
-    ).astype(np.int64)
-    row_window = group_rank[group[mine]] // size
+    first_tile, last_tile = int(bounds[rank]), int(bounds[rank + 1])
+    row_tile_rank = tile_rank[row_tile]
+    mine = np.flatnonzero((row_tile_rank >= first_tile) & (row_tile_rank < last_tile))
+    mine = mine.astype(np.int64)
+    # Windows of `size` home chunks in this rank's sweep, mixed by their
+    # patch indices' shuffled positions.
+    position = home_position[group[mine]]
+    row_window = (position - position.min()) // size
     mixed = permute(mine, n_rows_all, seed, epoch)
     ordered = mine[np.lexsort((mixed, row_window))]
     if len(ordered) < n_rows:
         # Padding wraps round this rank's own rows: no chunk of another rank.
         ordered = np.resize(ordered, n_rows)
     ordered = ordered[:n_rows]
+    positions = home_position[group[ordered]]
     return ChunkOrder(
         rows=ordered,
         group=group[ordered],
-        window=group_rank[group[ordered]] // size,
+        tile=home_tile[group[ordered]],
+        window=(positions - positions.min()) // size,
         n_groups=n_groups,
+        n_tiles=n_tiles,
     )

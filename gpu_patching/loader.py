@@ -1,23 +1,12 @@
 """``PatchLoader``: an epoch of patches, cut out batch by batch, ready to train on.
 
-Per epoch the loader draws this rank's rows with one
-:meth:`~gpu_patching.StratifiedPatching.sample_epoch` call (one kernel launch
-on the CUDA backend) and cuts each batch out of the stacks: host stacks by
-:func:`~gpu_patching.crop.copy_patches` into a buffer a released batch left
-(see ``_ReleasedBuffers``), device stacks by one crop launch, chunked stores
-through a :class:`~gpu_patching.stores.ChunkReader`. With device stacks the
-crop of batch ``k + 1`` is enqueued on the loader's stream before batch ``k``
-is handed over, so it is prepared while ``k`` trains; the consumer's current
-stream waits for the crop of ``k`` through an event, without blocking the host.
-
-The ordering goes both ways. Before the epoch draw and before each crop, the
-loader's stream waits (through an event, again without blocking the host) for
-the work enqueued so far on the consumer's stream (CuPy's current stream, or
-PyTorch's with ``as_torch``): uploads of the stacks and updates of the
-sampler that precede the pass, and the training steps on earlier batches.
-CuPy's memory pool hands the memory of a batch the consumer has dropped back
-to the loader's stream, and the crop that reuses it must not overwrite it
-while a training step still reads it.
+Per epoch one :meth:`~gpu_patching.StratifiedPatching.sample_epoch` call
+draws this rank's rows; each batch is cut out of host stacks by
+:func:`~gpu_patching.crop.copy_patches` into a buffer a released batch left,
+of device stacks by one crop launch on the loader's stream (batch ``k + 1``
+prepared while ``k`` trains), of chunked stores through a
+:class:`~gpu_patching.stores.ChunkReader`. How the loader's stream and the
+consumer's wait for each other: ``docs/design.md``, "The loader".
 """
 
 from __future__ import annotations

@@ -1048,7 +1048,7 @@ def run_ranks(path: Path, case: Case, world: int) -> dict[str, Any]:
 def ranks_section(folder: Path, selected: list[Case], report: Report) -> None:
     """Chunk decodes of a chunk-order epoch on one rank and summed over two, or why not."""
     report.emit(RANKS_HEADING, "")
-    if importlib.util.find_spec("torch") is None:
+    if missing_modules(("torch",)):
         report.emit("Not run: PyTorch is not installed (torch.distributed).", "")
         return
     report.emit(
@@ -1212,16 +1212,23 @@ def s3_remote(server: LocalS3, bucket: str, key: str, kind: str) -> tuple[Any, A
     return open_stack(group), group["0"]
 
 
-def s3_section(folder: Path, quick: bool, report: Report) -> None:
-    """Requests and time per epoch over moto's S3 server: orders, per-patch reads, stores."""
+def missing_modules(names: tuple[str, ...]) -> list[str]:
+    """The modules of ``names`` that are not installed."""
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def s3_section(folder: Path, quick: bool, report: Report, case: Case | None = None) -> None:
+    """Requests and time per epoch over moto's S3 server: orders, per-patch reads, stores.
+
+    ``case`` replaces the store of :data:`S3_CASES` (the tests use a tiny one).
+    """
     report.emit(S3_HEADING, "")
-    missing = [
-        name for name in ("moto", "s3fs", "obstore") if importlib.util.find_spec(name) is None
-    ]
+    missing = missing_modules(("moto", "s3fs", "obstore"))
     if "moto" in missing or "s3fs" in missing:
-        report.emit(f"Not run: {' and '.join(missing)} not installed (`[test]` extra).", "")
+        needed = [name for name in missing if name != "obstore"]
+        report.emit(f"Not run: {' and '.join(needed)} not installed (`[test]` extra).", "")
         return
-    case = S3_CASES[quick]
+    case = S3_CASES[quick] if case is None else case
     path = ensure_store(folder, case)
     server = LocalS3(folder)
     try:

@@ -490,3 +490,129 @@ def test_bench_careamics_gpu_only_without_a_gpu_says_why_and_trains_nothing(
     assert output.read_text() == text
     assert f"{bench_careamics.GPU_HEADING}\n\nNot run: no GPU in this test." in text
     assert "| sampler |" not in text
+
+
+# -- bench_stores: issue 22's chunk order, two ranks and the local S3 server --------------
+
+
+def test_bench_stores_chunk_order_only_runs_quick_into_its_output_with_its_three_sections(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("zarr")
+    bench_stores = _load("bench_stores")
+    stores, output = tmp_path / "stores", tmp_path / "chunks.md"
+    argv = ["--quick", "--chunk-order-only", "--store-dir", str(stores), "--output", str(output)]
+    text = bench_stores.main(argv)
+    printed = capsys.readouterr().out
+    assert output.read_text() == text
+    for heading in (bench_stores.CHUNK_HEADING, bench_stores.RANKS_HEADING):
+        assert heading in text and heading in printed
+    assert bench_stores.S3_HEADING in text
+    assert "## Throughput" not in text and "## Peak memory" not in text
+    assert "## Device output" not in text
+    rows = _table(text, "| order | patches | chunk decodes |")
+    assert [row[0] for row in rows] == [
+        "floor: every chunk once",
+        "shuffled (default)",
+        "order='chunks'",
+    ]
+    assert len({row[1] for row in rows}) == 1  # --quick: whole epochs in both orders
+    assert not stores.exists()  # no --keep
+
+
+def test_reading_every_chunk_once_decodes_each_chunk_of_the_store_once(tmp_path: Path) -> None:
+    pytest.importorskip("zarr")
+    bench_stores = _load("bench_stores")
+    from gpu_patching.stores import open_stack
+
+    case = bench_stores.Case("3D", (20, 96, 64), (8, 32, 32), (4, 16, 16))
+    stack = open_stack(bench_stores.ensure_store(tmp_path, case))
+    assert bench_stores.decode_every_chunk(stack) == 3 * 3 * 2
+
+
+def test_the_chunk_order_table_hands_over_every_patch_and_decodes_no_less_than_the_floor(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("zarr")
+    bench_stores = _load("bench_stores")
+    from _report import Report
+
+    case = bench_stores.Case("2D", (512, 384), (128, 128), (32, 32))
+    report = Report(echo=False)
+    bench_stores.chunk_order_section(tmp_path, [case], True, report)
+    rows = _table(report.text(), "| order | patches | chunk decodes |")
+    patches = {int(row[1].replace(",", "")) for row in rows}
+    decodes = [int(row[2].replace(",", "")) for row in rows]
+    assert patches == {(512 // 32) * (384 // 32)}
+    assert decodes[0] == 4 * 3  # every chunk touched
+    assert min(decodes[1:]) >= decodes[0]
+
+
+def test_bench_stores_two_rank_section_without_pytorch_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench_stores = _load("bench_stores")
+    from _report import Report
+
+    monkeypatch.setattr(bench_stores, "missing_modules", lambda names: list(names))
+    report = Report(echo=False)
+    bench_stores.ranks_section(tmp_path, [], report)
+    assert report.text() == (
+        f"{bench_stores.RANKS_HEADING}\n\nNot run: PyTorch is not installed (torch.distributed).\n\n"
+    )
+
+
+def test_bench_stores_s3_section_without_moto_says_why_and_starts_no_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench_stores = _load("bench_stores")
+    from _report import Report
+
+    monkeypatch.setattr(bench_stores, "missing_modules", lambda names: ["moto"])
+    report = Report(echo=False)
+    bench_stores.s3_section(tmp_path, True, report)
+    assert report.text() == (
+        f"{bench_stores.S3_HEADING}\n\nNot run: moto not installed (`[test]` extra).\n\n"
+    )
+    assert not any(tmp_path.iterdir())  # no store written, no server log
+
+
+def test_the_local_s3_server_counts_each_request_it_answers(tmp_path: Path) -> None:
+    pytest.importorskip("moto.server")
+    bench_stores = _load("bench_stores")
+    import urllib.error
+    import urllib.request
+
+    server = bench_stores.LocalS3(tmp_path)
+    try:
+        before = server.requests()
+        for k in range(3):
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(f"{server.endpoint}/no-bucket/key-{k}", timeout=10)
+        assert server.requests() - before == 3
+    finally:
+        server.stop()
+
+
+def test_over_s3_each_per_patch_read_asks_once_for_each_chunk_its_patch_touches(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    pytest.importorskip("obstore")
+    bench_stores = _load("bench_stores")
+    from _report import Report
+
+    case = bench_stores.Case("s3-2D", (256, 256), (64, 64), (32, 32))
+    report = Report(echo=False)
+    bench_stores.s3_section(tmp_path, True, report, case)
+    rows = _table(report.text(), "| reads | store | patches |")
+    by_kind = {(row[0], row[1]): row for row in rows}
+    assert {kind for _, kind in by_kind} == set(bench_stores.S3_KINDS)
+    # A 32x32 patch on a grid of 32 meets one chunk of 64x64 (or 2 or 4 across edges).
+    for kind in ("fsspec, max_concurrency=1", "obstore"):
+        per_patch = by_kind[("one zarr read per patch", kind)]
+        assert per_patch[2] == "64"
+        assert 64 <= int(per_patch[3].replace(",", "")) <= 4 * 64
+        for order in ("PatchLoader, shuffled (default)", "PatchLoader, order='chunks'"):
+            assert int(by_kind[(order, kind)][3].replace(",", "")) >= 16  # each chunk once

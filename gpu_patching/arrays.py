@@ -4,7 +4,7 @@ NumPy arrays (memmaps included), CuPy arrays, PyTorch tensors and other
 producers of ``__cuda_array_interface__``, ``__array__`` or DLPack: which
 namespace an array belongs to, how to read an array-like as a NumPy or CuPy
 array, whether it lives on a CUDA device, and how to copy it to host memory.
-CuPy is recognised by its type's module, so NumPy users never import it.
+CuPy and zarr are recognised by their types' module, so NumPy users import neither.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ __all__ = [
     "has_cuda_dlpack",
     "is_cupy_array",
     "is_device_array",
+    "is_zarr_array",
+    "is_zarr_object",
     "namespace",
     "require_array",
     "to_host",
@@ -40,20 +42,24 @@ _PROTOCOL_ERRORS = (
 )
 
 
+def _package_of(value: Any) -> str:
+    """Return the top-level package that defines ``value``'s type (``"cupy"``, ...)."""
+    return (type(value).__module__ or "").split(".")[0]
+
+
 def is_cupy_array(value: Any) -> bool:
-    """Return whether ``value`` is a CuPy array, without importing CuPy.
+    """Return whether ``value`` is a CuPy array, without importing CuPy."""
+    return _package_of(value) == "cupy"
 
-    Parameters
-    ----------
-    value : Any
-        Anything.
 
-    Returns
-    -------
-    bool
-        True when the value's type comes from the ``cupy`` package.
-    """
-    return (type(value).__module__ or "").split(".")[0] == "cupy"
+def is_zarr_object(value: Any) -> bool:
+    """Return whether ``value`` is a zarr object (an array or a group), without importing zarr."""
+    return _package_of(value) == "zarr"
+
+
+def is_zarr_array(value: Any) -> bool:
+    """Return whether ``value`` is a zarr array (of any store), without importing zarr."""
+    return is_zarr_object(value) and hasattr(value, "chunks") and hasattr(value, "shape")
 
 
 def namespace(array: Any, name: str) -> Any:
@@ -163,19 +169,7 @@ def require_array(value: Any, name: str) -> Any:
 
 
 def dlpack_device_type(value: Any) -> int | None:
-    """Return the DLPack device type of ``value``, or None if it has none.
-
-    Parameters
-    ----------
-    value : Any
-        Anything.
-
-    Returns
-    -------
-    int or None
-        The first entry of ``value.__dlpack_device__()``; None when the value
-        has no such method or it fails.
-    """
+    """Return the first entry of ``value.__dlpack_device__()``; None if it has none or fails."""
     dlpack_device = getattr(value, "__dlpack_device__", None)
     if not callable(dlpack_device):
         return None
@@ -186,18 +180,7 @@ def dlpack_device_type(value: Any) -> int | None:
 
 
 def has_cuda_dlpack(value: Any) -> bool:
-    """Return whether ``value`` exports CUDA memory through DLPack.
-
-    Parameters
-    ----------
-    value : Any
-        Anything.
-
-    Returns
-    -------
-    bool
-        True when its DLPack device is CUDA memory and it has ``__dlpack__``.
-    """
+    """Return whether ``value`` has ``__dlpack__`` and its DLPack device is CUDA memory."""
     return dlpack_device_type(value) in DLPACK_CUDA_DEVICES and hasattr(value, "__dlpack__")
 
 

@@ -64,3 +64,36 @@ def test_a_cpu_tensor_is_read_as_a_numpy_array() -> None:
     array = require_array(tensor, "stack")
     assert isinstance(array, np.ndarray)
     np.testing.assert_array_equal(array, np.arange(6).reshape(2, 3))
+
+
+def _compares_package_name(path: Path, package: str) -> list[str]:
+    """Code of a module that compares a value to a package's name (sniffing its type)."""
+    return [
+        f"{path.name}:{node.lineno}"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Compare)
+        and any(
+            isinstance(side, ast.Constant) and side.value == package
+            for side in [node.left, *node.comparators]
+        )
+    ]
+
+
+def test_only_the_arrays_module_tells_zarr_arrays_apart() -> None:
+    found = [
+        line
+        for path in sorted(PACKAGE_ROOT.rglob("*.py"))
+        if path != PACKAGE_ROOT / "arrays.py"
+        for line in _compares_package_name(path, "zarr")
+    ]
+    assert found == []
+
+
+def test_a_zarr_array_is_told_apart_from_a_numpy_array_and_a_group() -> None:
+    zarr = pytest.importorskip("zarr")
+    from gpu_patching.arrays import is_zarr_array
+
+    array = zarr.create_array(store={}, shape=(2, 3), chunks=(1, 3), dtype="uint8")
+    assert is_zarr_array(array)
+    assert not is_zarr_array(np.zeros((2, 3), np.uint8))
+    assert not is_zarr_array(zarr.group(store={}))

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import _validation as check
+from ..arrays import is_zarr_array, is_zarr_object
 from ._loop import run
 from .axes import as_sample_axes
 from .files import SUPPORTED_SUFFIXES, open_file, read_file, read_file_shape
-from .stack import ChunkedStack, StoreError, is_zarr_array, store_url
+from .stack import ChunkedStack, StoreError, store_url
 
 __all__ = [
     "REMOTE_RETRIES",
@@ -126,7 +127,7 @@ def open_stack(
     if is_zarr_array(source):
         _check_level(level, 1, store_url(source))
         return ChunkedStack(source, axes)
-    if (type(source).__module__ or "").split(".")[0] == "zarr":  # a group
+    if is_zarr_object(source):  # a group
         return _open_group(source, axes, level, store_url(source))
     raise TypeError(
         f"source must be a path, a zarr array or a zarr group, got {type(source).__name__}"

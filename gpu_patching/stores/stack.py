@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import _validation as check
+from ..arrays import is_zarr_array
 from ._loop import run
 from .axes import as_sample_axes, to_scyx_axes
 
@@ -26,7 +27,6 @@ __all__ = [
     "StoreError",
     "as_chunked_stack",
     "is_chunked_stack",
-    "is_zarr_array",
     "store_url",
 ]
 
@@ -497,23 +497,6 @@ def _native_byte_order(dtype: np.dtype[Any]) -> np.dtype[Any]:
 def _describe(meta: tuple[Any, ...]) -> str:
     shape, dtype, chunks = meta
     return f"{shape}, {dtype}, {chunks}"
-
-
-def is_zarr_array(value: Any) -> bool:
-    """Tell a zarr array without importing zarr (an optional dependency).
-
-    Parameters
-    ----------
-    value : Any
-        Anything.
-
-    Returns
-    -------
-    bool
-        True for a zarr array (of any store, tifffile's included).
-    """
-    module = type(value).__module__ or ""
-    return module.split(".")[0] == "zarr" and hasattr(value, "chunks") and hasattr(value, "shape")
 
 
 def store_url(array: Any) -> str:

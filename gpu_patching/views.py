@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, cast, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import numpy as np
 from numpy.typing import NDArray
@@ -36,6 +36,34 @@ def _position(index: Any, length: int, name: str) -> int:
     if not 0 <= position < length:
         raise IndexError(f"{name} {value} is out of range for {length} entries")
     return position
+
+
+_View = TypeVar("_View")
+
+
+class _ViewSequence(Sequence[_View]):
+    """A read-only sequence of views: list-style indices and slices, made on demand."""
+
+    __slots__ = ()
+    #: How errors name an index of this sequence.
+    _index_name: str
+
+    def _view(self, position: int) -> _View:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> _View: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> tuple[_View, ...]: ...
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return tuple(self._view(k) for k in range(len(self))[index])
+        return self._view(_position(index, len(self), self._index_name))
+
+    def __iter__(self) -> Iterator[_View]:
+        return (self._view(k) for k in range(len(self)))
 
 
 class SamplePatchingView:
@@ -98,7 +126,7 @@ class SamplePatchingView:
         )
 
 
-class StackPatchingView(Sequence[SamplePatchingView]):
+class StackPatchingView(_ViewSequence[SamplePatchingView]):
     """The samples of one image stack, as a read-only sequence of :class:`SamplePatchingView`.
 
     Parameters
@@ -115,29 +143,19 @@ class StackPatchingView(Sequence[SamplePatchingView]):
         self._sampler = sampler
         self._data_idx = data_idx
 
+    _index_name = "sample_idx"
+
     def __len__(self) -> int:
         return self._sampler.data_shapes[self._data_idx][0]
 
-    @overload
-    def __getitem__(self, index: int) -> SamplePatchingView: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> tuple[SamplePatchingView, ...]: ...
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return tuple(self[k] for k in range(len(self))[index])
-        sample_idx = _position(index, len(self), "sample_idx")
-        return SamplePatchingView(self._sampler, self._data_idx, sample_idx)
-
-    def __iter__(self) -> Iterator[SamplePatchingView]:
-        return (SamplePatchingView(self._sampler, self._data_idx, k) for k in range(len(self)))
+    def _view(self, position: int) -> SamplePatchingView:
+        return SamplePatchingView(self._sampler, self._data_idx, position)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(data_idx={self._data_idx}, samples={len(self)})"
 
 
-class ImagePatchingView(Sequence[StackPatchingView]):
+class ImagePatchingView(_ViewSequence[StackPatchingView]):
     """Every image stack of a sampler, as a read-only sequence of :class:`StackPatchingView`.
 
     Parameters
@@ -151,22 +169,13 @@ class ImagePatchingView(Sequence[StackPatchingView]):
     def __init__(self, sampler: StratifiedPatching) -> None:
         self._sampler = sampler
 
+    _index_name = "data_idx"
+
     def __len__(self) -> int:
         return len(self._sampler.data_shapes)
 
-    @overload
-    def __getitem__(self, index: int) -> StackPatchingView: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> tuple[StackPatchingView, ...]: ...
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return tuple(self[k] for k in range(len(self))[index])
-        return StackPatchingView(self._sampler, _position(index, len(self), "data_idx"))
-
-    def __iter__(self) -> Iterator[StackPatchingView]:
-        return (StackPatchingView(self._sampler, k) for k in range(len(self)))
+    def _view(self, position: int) -> StackPatchingView:
+        return StackPatchingView(self._sampler, position)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(stacks={len(self)})"
@@ -368,25 +377,18 @@ class GridQueries:
     def get_excluded_cells(self, data_idx: int, sample_idx: int) -> NDArray[np.bool_]:
         """Return which grid cells of a sample are excluded, shaped like its grid.
 
-        The dense form of :meth:`get_included_grid_coords` for one sample (True
-        where a cell is excluded), in the form :meth:`exclude_patches` accepts.
+        The dense form of :meth:`get_included_grid_coords` for one sample, in
+        the form :meth:`exclude_patches` accepts.
 
         Parameters
         ----------
-        data_idx : int
-            The index of the image stack.
-        sample_idx : int
-            The index of the sample in that stack.
+        data_idx, sample_idx : int
+            The sample, as for :meth:`get_region_probs` (same checks, same errors).
 
         Returns
         -------
         numpy.ndarray of bool
-            A host copy, of the sample's grid shape.
-
-        Raises
-        ------
-        IndexError
-            If ``data_idx`` or ``sample_idx`` is out of range.
+            True where a cell is excluded: a host copy, shaped like the grid.
         """
         sample = self._sample(data_idx, sample_idx)
         return to_host(self._tables.excluded_grid(sample), np.bool_)

@@ -154,6 +154,14 @@ class PatchLoader:
         twice; smaller ones give a more random order. Every rank must use
         the same tile (the same ``cache_bytes`` and ``workers``, or an
         explicit ``chunk_tile``).
+    worker_id, num_workers : int, default 0 and 1
+        This DataLoader worker's part of the rank's rows, for host stacks and
+        chunked stores (:class:`gpu_patching.torch.PatchIterableDataset` sets
+        them): with ``order="chunks"`` a run of whole tiles, cut near
+        ``n / num_workers`` rows; else the ``worker_id``-th of
+        ``num_workers`` equal runs. Nothing is padded or dropped: the workers
+        together yield the rank's rows once. The default tile counts
+        ``world_size * num_workers`` shards.
 
     Notes
     -----
@@ -207,6 +215,8 @@ class PatchLoader:
         order: str = "shuffle",
         chunk_window: int = DEFAULT_CHUNK_WINDOW,
         chunk_tile: Sequence[int] | None = None,
+        worker_id: int = 0,
+        num_workers: int = 1,
     ) -> None:
         if not isinstance(strategy, StratifiedPatching):
             raise TypeError(f"strategy must be a StratifiedPatching, got {type(strategy).__name__}")
@@ -222,6 +232,9 @@ class PatchLoader:
             drop_last=drop_last,
         )
         order, window = check_order(order, chunk_window)
+        worker_id, num_workers = check.check_rank_world_size(
+            worker_id, num_workers, rank_name="worker_id", world_size_name="num_workers"
+        )
         if order == "chunks" and not shuffle:
             raise ValueError("order='chunks' is a shuffled order: give shuffle=True, not False")
         tile = None
@@ -270,6 +283,11 @@ class PatchLoader:
         on_device = {is_device_array(stack) for stack in stacks}
         if len(on_device) > 1:
             raise TypeError("stacks must all be host arrays or all be device arrays")
+        if num_workers > 1 and on_device == {True}:
+            raise ValueError(
+                f"num_workers={num_workers} is for host stacks and chunked stores: device "
+                "stacks are cropped by the GPU in the main process"
+            )
         if as_torch:
             import torch  # fail now, not at the first batch
 
@@ -304,8 +322,9 @@ class PatchLoader:
         }
         self._order = order
         self._chunk_window = window
+        self._worker = (worker_id, num_workers)
         if order == "chunks" and tile is None:
-            tile = self._default_tile(world_size)
+            tile = self._default_tile(world_size * num_workers)
         self._chunk_tile = tile
         self._as_torch = bool(as_torch)
         self._stream = stream
@@ -361,17 +380,21 @@ class PatchLoader:
         self._epoch = check.check_epoch(epoch)
 
     def __len__(self) -> int:
-        if self._order == "chunks" and self._options["world_size"] > 1:
-            # The runs of whole groups depend on the epoch's rows.
+        if self._worker[1] > 1 or (self._order == "chunks" and self._options["world_size"] > 1):
+            # The runs of whole tiles depend on the epoch's rows.
             rows = len(self._epoch_rows(self._epoch))
         else:
             rows = EpochOrder.shard(self._strategy.n_patches, **self._options).n_rows
         return -(-rows // self._batch_size)
 
     def _epoch_rows(self, epoch: int) -> PatchBatch:
-        """Return this rank's rows of ``epoch`` (NumPy columns) in the loader's order."""
+        """Return this rank's and worker's rows of ``epoch`` (NumPy columns), in order."""
+        worker_id, num_workers = self._worker
         if self._order == "shuffle":
-            return self._strategy.sample_epoch(epoch, **self._options).to_numpy()
+            rows = self._strategy.sample_epoch(epoch, **self._options).to_numpy()
+            n_rows = len(rows)
+            part = slice(n_rows * worker_id // num_workers, n_rows * (worker_id + 1) // num_workers)
+            return rows[part]
         assert self._reader is not None
         plain = self._strategy.sample_epoch(epoch).to_numpy()
         order = chunk_order(
@@ -384,6 +407,8 @@ class PatchLoader:
             rank=self._options["rank"],
             world_size=self._options["world_size"],
             drop_last=self._options["drop_last"],
+            worker_id=worker_id,
+            num_workers=num_workers,
         )
         return plain[order.rows]
 
@@ -397,7 +422,7 @@ class PatchLoader:
     # -- host stacks -----------------------------------------------------------
 
     def _host_batches(self, epoch: int) -> Iterator[tuple[Any, PatchBatch]]:
-        rows = self._strategy.sample_epoch(epoch, **self._options).to_numpy()
+        rows = self._epoch_rows(epoch)
         buffers = _ReleasedBuffers()
         for start in range(0, len(rows), self._batch_size):
             batch = rows[start : start + self._batch_size]

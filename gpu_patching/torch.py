@@ -18,14 +18,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from . import _validation as check
+from .loader import PatchLoader
 from .permutation import EpochOrder
 from .specs import PatchBatch
 from .strategy import StratifiedPatching
 
-__all__ = ["PatchDataset", "PatchSampler", "PatchTensors", "to_tensors"]
+__all__ = ["PatchDataset", "PatchIterableDataset", "PatchSampler", "PatchTensors", "to_tensors"]
 
 
 def _check_strategy(strategy: Any) -> StratifiedPatching:
@@ -238,6 +239,141 @@ class PatchDataset(Dataset[torch.Tensor]):
 
     def set_epoch(self, epoch: int) -> None:
         """Move the strategy to ``epoch`` (for samplers that do not do it themselves).
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch, in ``[0, 2**32)``.
+        """
+        self.strategy.set_epoch(epoch)
+
+
+class PatchIterableDataset(IterableDataset[tuple[torch.Tensor, PatchBatch]]):
+    """Iterable dataset of whole batches, shared out between ranks and DataLoader workers.
+
+    Each process that iterates it (the main process, or each DataLoader
+    worker) builds its own :class:`~gpu_patching.PatchLoader`, so workers
+    read chunked stores through chunk caches of their own, and yields that
+    loader's ``(patches, batch)`` pairs: ``patches`` a ``(B, C, *patch_size)``
+    tensor, ``batch`` the :class:`~gpu_patching.PatchBatch` of its rows. Use
+    it with ``DataLoader(dataset, batch_size=None, num_workers=...)``.
+
+    Worker ``w`` of ``W`` on rank ``r`` takes the ``w``-th part of rank
+    ``r``'s rows (``PatchLoader(..., worker_id=w, num_workers=W)``): with
+    ``order="chunks"`` runs of whole tiles, so a chunk is decoded by one
+    worker of one rank; else equal runs of the shuffled order. Together the
+    workers yield the rank's rows once, in an order that depends on how
+    their batches interleave but with the same batches for the same seed,
+    epoch and ``num_workers``.
+
+    Parameters
+    ----------
+    stacks : sequence of arrays
+        As for :class:`~gpu_patching.PatchLoader`: chunked stores (from
+        :func:`gpu_patching.stores.open_stack`) or host arrays. They are
+        pickled into spawned workers (stores reopen themselves there).
+    strategy : StratifiedPatching
+        The sampler.
+    batch_size : int
+        Patches per batch.
+    rank, world_size : int, optional
+        This rank and the number of ranks; ``torch.distributed``'s when it is
+        initialised, else 0 and 1.
+    **loader_options
+        Further :class:`~gpu_patching.PatchLoader` keywords (``shuffle``,
+        ``drop_last``, ``order``, ``chunk_window``, ``chunk_tile``,
+        ``cache_bytes``, ``workers``). ``cache_bytes`` is each worker's
+        budget.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :class:`~gpu_patching.PatchLoader` raises them, when the dataset
+        is built (a loader for this rank is built and dropped to check them).
+
+    Notes
+    -----
+    :meth:`set_epoch` moves the strategy, whose epoch every process of the
+    training shares (see "Epochs and DataLoader workers" above), so
+    persistent workers follow it too. Call it at the start of every epoch.
+    """
+
+    def __init__(
+        self,
+        stacks: Sequence[Any],
+        strategy: StratifiedPatching,
+        batch_size: int,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **loader_options: Any,
+    ) -> None:
+        strategy = _check_strategy(strategy)
+        for name in ("as_torch", "worker_id", "num_workers", "device_output", "stream"):
+            if name in loader_options:
+                raise TypeError(f"PatchIterableDataset sets {name} itself; do not pass it")
+        distributed = dist.is_available() and dist.is_initialized()
+        if world_size is None:
+            world_size = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        rank, world_size = check.check_rank_world_size(rank, world_size)
+        # Every option is checked now, by the loader itself, not in a worker.
+        PatchLoader(
+            stacks,
+            strategy,
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            as_torch=True,
+            **loader_options,
+        )
+        self.stacks = list(stacks)
+        self.strategy = strategy
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.loader_options = dict(loader_options)
+
+    def loader(self, worker_id: int = 0, num_workers: int = 1) -> PatchLoader:
+        """Return the loader of one worker of this rank, at the strategy's epoch.
+
+        Parameters
+        ----------
+        worker_id, num_workers : int, default 0 and 1
+            The worker and the number of workers.
+
+        Returns
+        -------
+        PatchLoader
+            A new loader (with a chunk cache of its own).
+        """
+        loader = PatchLoader(
+            self.stacks,
+            self.strategy,
+            self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            as_torch=True,
+            worker_id=worker_id,
+            num_workers=num_workers,
+            **self.loader_options,
+        )
+        loader.set_epoch(self.strategy.epoch)
+        return loader
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, PatchBatch]]:
+        info = get_worker_info()
+        if info is None:
+            return iter(self.loader())
+        # A batch's tensor is a view of the reader's window of batches (or of
+        # a buffer the loader reuses); sent to the main process as it is, the
+        # whole window would travel. A copy of the batch travels instead.
+        batches = self.loader(info.id, info.num_workers)
+        return ((patches.clone(), batch) for patches, batch in batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move the strategy, and so every process's next pass, to ``epoch``.
 
         Parameters
         ----------

@@ -364,3 +364,27 @@ def test_bad_chunk_tiles_are_refused_when_the_loader_is_built(tmp_path, kwargs, 
 def test_bad_choose_tile_arguments_are_refused_naming_them(args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         choose_tile(*args, **kwargs)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_worker_parts_are_whole_tiles_that_together_make_the_ranks_rows(tmp_path, drop_last):
+    _, stacks, strategy = _case(tmp_path, "2D, two stacks")
+    plain = strategy.sample_epoch(6).to_numpy()
+    options = {"seed": strategy.seed, "epoch": 6, "world_size": 2, "drop_last": drop_last}
+    chunks = [s.chunks for s in stacks]
+    for rank in range(2):
+        whole = chunk_order(plain, chunks, rank=rank, **options)
+        parts = [
+            chunk_order(plain, chunks, rank=rank, worker_id=w, num_workers=3, **options)
+            for w in range(3)
+        ]
+        together = np.concatenate([part.rows for part in parts])
+        # As many rows as the rank has (padding and drop_last apply to the
+        # parts together), all of the rank's tiles, and every one without drop_last.
+        assert len(together) == len(whole.rows)
+        assert set(np.concatenate([p.tile for p in parts]).tolist()) <= set(whole.tile.tolist())
+        if not drop_last:
+            assert set(together.tolist()) == set(whole.rows.tolist())
+        owned = [set(part.tile.tolist()) for part in parts]
+        for a, b in itertools.combinations(owned, 2):
+            assert not a & b

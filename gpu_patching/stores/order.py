@@ -60,7 +60,8 @@ class ChunkOrder:
         The tile of each row, numbered in sorted key order over the whole
         epoch.
     window : numpy.ndarray of int64, shape (n_rows,)
-        The window of each row, numbered from 0 in this rank's order.
+        The window of each row, numbered from 0 in this rank's (or worker's)
+        order.
     n_groups : int
         Home chunks in the whole epoch.
     n_tiles : int
@@ -282,6 +283,8 @@ def chunk_order(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
+    worker_id: int = 0,
+    num_workers: int = 1,
 ) -> ChunkOrder:
     """Return one rank's share of an epoch in chunk order.
 
@@ -307,6 +310,12 @@ def chunk_order(
     drop_last : bool, default False
         Give every rank the shortest run's length (disjoint shards) instead
         of padding every run to the longest's.
+    worker_id, num_workers : int, default 0 and 1
+        This DataLoader worker's part of the rank's rows: the rank's tiles
+        cut into ``num_workers`` runs of whole tiles, each near
+        ``n / num_workers`` rows (the last workers get none when the rank has
+        fewer tiles than workers). The parts together are the rank's rows,
+        padding (in the last part) and ``drop_last`` included.
 
     Returns
     -------
@@ -325,6 +334,9 @@ def chunk_order(
     """
     _, size = check_order("chunks", window)
     rank, world_size = check.check_rank_world_size(rank, world_size)
+    worker_id, num_workers = check.check_rank_world_size(
+        worker_id, num_workers, rank_name="worker_id", world_size_name="num_workers"
+    )
     drop_last = check.check_flag(drop_last, "drop_last")
     epoch = check.check_epoch(epoch)
     n_axes = len(rows.patch_size) + 2
@@ -370,25 +382,40 @@ def chunk_order(
     run_lengths = np.diff(np.concatenate([[0], np.cumsum(tile_rows)])[bounds])
     n_rows = int(run_lengths.min() if drop_last else run_lengths.max())
     first_tile, last_tile = int(bounds[rank]), int(bounds[rank + 1])
+    # This worker's run of the rank's tiles; rows before it in the rank's order.
+    offset = 0
+    if num_workers > 1:
+        rank_tile_rows = tile_rows[first_tile:last_tile]
+        if len(rank_tile_rows) > num_workers:
+            parts = _cut_runs(rank_tile_rows, num_workers)
+        else:  # a tile each, the last workers none
+            parts = np.minimum(np.arange(num_workers + 1), len(rank_tile_rows))
+        offset = int(rank_tile_rows[: parts[worker_id]].sum())
+        last_worker = bool(parts[worker_id + 1] == len(rank_tile_rows))
+        first_tile, last_tile = (first_tile + int(parts[k]) for k in (worker_id, worker_id + 1))
+    else:
+        last_worker = True
     row_tile_rank = tile_rank[row_tile]
     mine = np.flatnonzero((row_tile_rank >= first_tile) & (row_tile_rank < last_tile))
     mine = mine.astype(np.int64)
-    # Windows of `size` home chunks in this rank's sweep, mixed by their
+    # Windows of `size` home chunks in this part's sweep, mixed by their
     # patch indices' shuffled positions.
     position = home_position[group[mine]]
-    row_window = (position - position.min()) // size
+    row_window = (position - position.min(initial=0)) // size
     mixed = permute(mine, n_rows_all, seed, epoch)
     ordered = mine[np.lexsort((mixed, row_window))]
-    if len(ordered) < n_rows:
-        # Padding wraps round this rank's own rows: no chunk of another rank.
-        ordered = np.resize(ordered, n_rows)
-    ordered = ordered[:n_rows]
+    # The rank has n_rows rows: the last part pads by wrapping round its own
+    # rows (no chunk of another worker or rank), and drop_last cuts the
+    # rank's rows at n_rows, wherever that falls.
+    if last_worker and offset + len(ordered) < n_rows and len(ordered):
+        ordered = np.resize(ordered, n_rows - offset)
+    ordered = ordered[: max(0, n_rows - offset)]
     positions = home_position[group[ordered]]
     return ChunkOrder(
         rows=ordered,
         group=group[ordered],
         tile=home_tile[group[ordered]],
-        window=(positions - positions.min()) // size,
+        window=(positions - positions.min(initial=0)) // size,
         n_groups=n_groups,
         n_tiles=n_tiles,
     )

@@ -400,6 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def store_options(sub: argparse.ArgumentParser, axes_help: str, inputs: str) -> None:
+        # How the commands that read images open them: axes, OME-Zarr level, URL options.
+        sub.add_argument("--axes", help=axes_help)
+        sub.add_argument(
+            "--level", type=int, default=0, help=f"OME-Zarr level of {inputs} (default 0)"
+        )
+        sub.add_argument(
+            "--storage-option",
+            action="append",
+            metavar="KEY=VALUE",
+            help=f"an fsspec storage option of {inputs} given by URL (s3://, gs://, https://), "
+            "e.g. anon=true or endpoint_url=https://...; repeatable",
+        )
+
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--seed", type=int, default=2026, help="sampler seed (default 2026)")
         sub.add_argument(
@@ -417,15 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument("--image", help=f"an image file ({', '.join(SUPPORTED_SUFFIXES)})")
-    demo.add_argument(
-        "--axes", help="axes of --image, e.g. YX, CYX (default: an OME-Zarr image's own, else YX)"
-    )
-    demo.add_argument("--level", type=int, default=0, help="OME-Zarr level of --image (default 0)")
-    demo.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="an fsspec storage option of an --image URL (s3://, gs://, https://); repeatable",
+    store_options(
+        demo, "axes of --image, e.g. YX, CYX (default: an OME-Zarr image's own, else YX)", "--image"
     )
     demo.add_argument("--sample", type=int, default=0, help="sample of --image shown (default 0)")
     demo.add_argument("--channel", type=int, default=0, help="channel of --image shown (default 0)")
@@ -483,16 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "inputs", nargs="+", help="stack files or store URLs (s3://, ...), one per data_idx"
     )
-    sample.add_argument(
-        "--axes", help="axes of the stacks, e.g. YX, SYX, TCZYX (OME-Zarr images: their own)"
-    )
-    sample.add_argument("--level", type=int, default=0, help="OME-Zarr level (default 0)")
-    sample.add_argument(
-        "--storage-option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="an fsspec storage option of the input URLs (s3://, gs://, https://), e.g. "
-        "anon=true or endpoint_url=https://...; repeatable",
+    store_options(
+        sample, "axes of the stacks, e.g. YX, SYX, TCZYX (OME-Zarr images: their own)", "the inputs"
     )
     sample.add_argument(
         "--patch",

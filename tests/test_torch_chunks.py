@@ -151,3 +151,25 @@ def test_bad_worker_numbers_are_refused_by_the_loader(image, worker_id, num_work
     _, stack = image
     with pytest.raises(ValueError, match=message):
         PatchLoader([stack], _strategy(), 16, worker_id=worker_id, num_workers=num_workers)
+
+
+def test_two_workers_together_decode_about_what_one_process_decodes(tmp_path):
+    # Two images of 8x8 chunks, a cache that holds them: one process decodes
+    # each chunk once; two workers cut each image once (4 tiles of 4x8 chunks).
+    shape = (2, 1, 256, 256)
+    array = zarr.create_array(str(tmp_path / "i.zarr"), shape=shape, chunks=CHUNKS, dtype="uint16")
+    array[...] = np.random.default_rng(3).integers(0, 60000, shape, dtype=np.uint16)
+    strategy = StratifiedPatching([shape], PATCH, seed=21, backend="numpy")
+    dataset = PatchIterableDataset(
+        [open_stack(str(tmp_path / "i.zarr"))], strategy, 16, order="chunks", cache_bytes=4 << 20
+    )
+
+    def decodes(loader: PatchLoader) -> int:
+        for _ in loader:
+            pass
+        return loader._reader.chunks_read
+
+    alone = decodes(dataset.loader())
+    together = sum(decodes(dataset.loader(w, 2)) for w in range(2))
+    assert alone == 128
+    assert together <= 1.2 * alone  # 144: one row of chunks more per image

@@ -253,19 +253,14 @@ def _byte_extent(
     return low, high + itemsize
 
 
-class DeviceCrop:
+class DeviceCrop(cuda.Launcher):
     """The CUDA path of :func:`extract_patches`: one crop launch per call.
 
     Parameters
     ----------
-    xp : module, optional
-        The device array namespace; CuPy when omitted.
-    functions : callable, optional
-        ``functions(kernel, device_id)`` returns the compiled kernel, called
-        as ``function(grid, block, args)``; :func:`gpu_patching.cuda.device_functions`
-        when omitted. The host tests pass NumPy and the shipped kernels
-        compiled for the host, to run this class's validation and launch path
-        without a GPU.
+    xp, functions : optional
+        As :class:`gpu_patching.cuda.Launcher` (CuPy and its compiled kernels
+        when omitted).
 
     Attributes
     ----------
@@ -275,13 +270,8 @@ class DeviceCrop:
         Row-check kernel launches made.
     """
 
-    def __init__(self, xp: Any = None, functions: Any = None) -> None:
-        if xp is None:
-            import cupy
-
-            xp = cupy
-        self.xp = xp
-        self._functions = cuda.device_functions(xp) if functions is None else functions
+    def __init__(self, xp: Any = None, functions: cuda.KernelFunctions | None = None) -> None:
+        super().__init__(xp, functions)
         self.launch_count = 0
         self.check_count = 0
         # (device id, stream) -> (host stack table, its device copy)
@@ -426,7 +416,7 @@ class DeviceCrop:
             args = crop_launch_args(table, rows, n_rows, n_channels, patch_size, target)
             launch = crop_launch(n_rows, n_channels, patch_size)
             kernel = crop_kernel(dtype.itemsize)
-            cuda.launch(self._functions, kernel, device_id, launch.grid, launch.block, args)
+            self.launch(kernel, device_id, launch.grid, launch.block, args)
             self.launch_count += 1
         return out if out is not None else target
 
@@ -513,7 +503,7 @@ class DeviceCrop:
         first_bad = self.xp.asarray(np.array([n_rows], dtype=np.int64))
         args = check_launch_args(table, (rows[0], rows[1], rows[2]), n_rows, patch_size, first_bad)
         blocks, threads = cuda.launch_grid(n_rows)
-        cuda.launch(self._functions, CHECK_CROP_ROWS, device_id, (blocks,), (threads,), args)
+        self.launch(CHECK_CROP_ROWS, device_id, (blocks,), (threads,), args)
         self.check_count += 1
         row = int(to_host(first_bad)[0])
         if row < n_rows:

@@ -55,6 +55,7 @@ __all__ = [
     "CropLaunch",
     "Kernel",
     "KernelFunctions",
+    "Launcher",
     "UploadCache",
     "check_launch_array",
     "compile_options",
@@ -281,6 +282,42 @@ def launch(
     if len(args) != len(kernel.params):
         raise ValueError(f"{kernel.name} takes {len(kernel.params)} arguments, got {len(args)}")
     functions(kernel, device_id)(tuple(grid), tuple(block), args)
+
+
+class Launcher:
+    """What the launchers share: a device array namespace and where compiled kernels come from.
+
+    Parameters
+    ----------
+    xp : module, optional
+        The device array namespace; CuPy when omitted.
+    functions : KernelFunctions, optional
+        ``functions(kernel, device_id)`` returns the compiled kernel;
+        :func:`device_functions` of ``xp`` when omitted. The host tests pass
+        NumPy and the shipped kernels compiled for the host, to run a
+        launcher's validation and launch path without a GPU.
+    """
+
+    xp: Any
+
+    def __init__(self, xp: Any = None, functions: KernelFunctions | None = None) -> None:
+        if xp is None:
+            import cupy
+
+            xp = cupy
+        self.xp = xp
+        self._functions = device_functions(xp) if functions is None else functions
+
+    def launch(
+        self,
+        kernel: Kernel,
+        device_id: int,
+        grid: Sequence[int],
+        block: Sequence[int],
+        args: tuple[Any, ...],
+    ) -> None:
+        """:func:`launch` ``kernel`` through this launcher's ``functions``."""
+        launch(self._functions, kernel, device_id, grid, block, args)
 
 
 # -- grid sizing -------------------------------------------------------------------------

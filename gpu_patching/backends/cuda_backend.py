@@ -197,19 +197,14 @@ def _launch_args(
     return SAMPLE_EPOCH.arguments(values)
 
 
-class CudaBackend:
+class CudaBackend(cuda.Launcher):
     """The CUDA backend: CuPy tables on the current device and one launch per draw.
 
     Parameters
     ----------
-    xp : module, optional
-        The device array namespace; CuPy when omitted.
-    functions : callable, optional
-        ``functions(kernel, device_id)`` returns the compiled kernel, called
-        as ``function(grid, block, args)``; :func:`gpu_patching.cuda.device_functions`
-        when omitted. The test suite passes NumPy and the shipped kernel
-        compiled for the host, to run this class's whole launch path without a
-        GPU.
+    xp, functions : optional
+        As :class:`gpu_patching.cuda.Launcher` (CuPy and its compiled kernels
+        when omitted).
 
     Attributes
     ----------
@@ -218,15 +213,9 @@ class CudaBackend:
     """
 
     name = "cuda"
-    xp: Any
 
     def __init__(self, xp: Any = None, functions: cuda.KernelFunctions | None = None) -> None:
-        if xp is None:
-            import cupy
-
-            xp = cupy
-        self.xp = xp
-        self._functions = cuda.device_functions(xp) if functions is None else functions
+        super().__init__(xp, functions)
         self.launch_count = 0
         # (device id, stream) -> (tables, version): the packed per-sample arrays
         self._uploads = cuda.UploadCache(xp.asarray)
@@ -299,7 +288,7 @@ class CudaBackend:
         )
         args = _launch_args(tables, sample_arrays, rows, draw_number, seed, outputs)
         blocks, threads = cuda.launch_grid(n_rows)
-        cuda.launch(self._functions, SAMPLE_EPOCH, self._device_id(), (blocks,), (threads,), args)
+        self.launch(SAMPLE_EPOCH, self._device_id(), (blocks,), (threads,), args)
         self.launch_count += 1
         return outputs
 

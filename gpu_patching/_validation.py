@@ -87,10 +87,8 @@ def as_real(value: Any, name: str, *, finite: bool = False) -> float:
 
     Parameters
     ----------
-    value : Any
-        The value to check.
-    name : str
-        How the value is named in the error message.
+    value, name
+        As :func:`as_int`: the value and how its error message names it.
     finite : bool, default False
         Refuse NaN and infinities too.
 

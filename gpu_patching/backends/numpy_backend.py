@@ -345,22 +345,15 @@ class NumpyBackend:
         draw_number: int,
         seed: int,
     ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
-        """Draw the patches of the given global patch indices.
+        """Draw the patches of the given global patch indices, on the host.
 
         Parameters
         ----------
-        tables : RegionTables
-            The sampler's tables.
-        indices : EpochOrder, range or numpy.ndarray of int64
-            Global patch indices, each in ``[0, tables.total_patches)``: an
-            :class:`~gpu_patching.permutation.EpochOrder` (a shuffled or
-            sharded epoch; its indices depend on ``seed`` and
-            ``draw_number``), a range (an epoch is ``range(total_patches)``)
-            or an array.
-        draw_number : int
-            The draw number, in ``[0, 2**32)``.
-        seed : int
-            The 64-bit seed.
+        tables, indices, draw_number, seed
+            As :meth:`Backend.draw <gpu_patching.backends.base.Backend.draw>`:
+            ``indices`` is an :class:`~gpu_patching.permutation.EpochOrder` (its
+            indices depend on ``seed`` and ``draw_number``), a range (an epoch
+            is ``range(total_patches)``) or a NumPy array of int64.
 
         Returns
         -------

@@ -124,17 +124,17 @@ def _tiff_series(opened: Any, path: Path, read: bool) -> Any:
 
 
 def read_file_shape(path: Path) -> tuple[int, ...]:
-    """Return the stored shape of a file's array without reading its pixels.
+    """Return the shape of the array :func:`read_file` reads, without reading its pixels.
 
     Parameters
     ----------
     path : pathlib.Path
-        A file :func:`open_file` opens.
+        The ``.npy``, ``.zarr`` or TIFF file.
 
     Returns
     -------
     tuple of int
-        The shape, in the file's own axes.
+        Its stored shape, in the file's own axes (a TIFF file: its first series).
     """
     opened = open_file(path)
     if hasattr(opened, "series"):  # a TiffFile

@@ -20,6 +20,7 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = [
     "PURPOSE_SHUFFLE",
     "PURPOSE_STRATUM",
+    "PURPOSE_SWEEP",
     "CounterPrefix",
     "philox4x32_10",
     "random_pair_int",
@@ -33,6 +34,8 @@ __all__ = [
 PURPOSE_STRATUM = 0
 #: Purpose word of the round keys of the epoch shuffle (``permutation``).
 PURPOSE_SHUFFLE = 1
+#: Purpose word of the sweep directions of the chunk order's tiles (``stores.order``).
+PURPOSE_SWEEP = 2
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 _SHIFT32 = np.uint64(32)

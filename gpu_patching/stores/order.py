@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 
 from .. import _validation as check
 from ..permutation import permute
+from ..rng import PURPOSE_SWEEP, random_uint32
 from ..specs import PatchBatch
 
 __all__ = [
@@ -370,10 +371,16 @@ def chunk_order(
     tile_at = permute(np.arange(n_tiles), n_tiles, seed, epoch)
     tile_rank = np.empty(n_tiles, dtype=np.int64)
     tile_rank[tile_at] = np.arange(n_tiles, dtype=np.int64)
-    # The sweep: tiles in their shuffled order, home chunks row-major inside
+    # The sweep: tiles in their shuffled order, home chunks row by row inside
     # a tile (a tile holds one stack and sample chunk, so the spatial index
-    # orders it).
-    sweep = np.lexsort((*spatial.T[::-1], tile_rank[home_tile]))
+    # orders it), each axis forwards or backwards by a bit of the tile's own.
+    # Backwards costs nothing: the row swept before is then the next row,
+    # whose chunks this row's patches spill into, still cached.
+    bits = random_uint32(seed, np.arange(n_tiles), epoch, PURPOSE_SWEEP).astype(np.int64)
+    axes = np.arange(spatial.shape[1])
+    backwards = (bits[home_tile][:, None] >> axes) & 1
+    signed = np.where(backwards == 1, -spatial, spatial)
+    sweep = np.lexsort((*signed.T[::-1], tile_rank[home_tile]))
     home_position = np.empty(n_groups, dtype=np.int64)
     home_position[sweep] = np.arange(n_groups, dtype=np.int64)
     row_tile = home_tile[group]

@@ -256,26 +256,20 @@ def _byte_extent(
 class DeviceCrop(cuda.Launcher):
     """The CUDA path of :func:`extract_patches`: one crop launch per call.
 
-    Parameters
-    ----------
-    xp, functions : optional
-        As :class:`gpu_patching.cuda.Launcher` (CuPy and its compiled kernels
-        when omitted).
+    Constructed as :class:`gpu_patching.cuda.Launcher`; its ``launch_count``
+    counts crop launches.
 
     Attributes
     ----------
-    launch_count : int
-        Crop kernel launches made (for tests and benchmarks).
     check_count : int
-        Row-check kernel launches made.
+        Row-check kernel launches made (for tests).
     """
 
     def __init__(self, xp: Any = None, functions: cuda.KernelFunctions | None = None) -> None:
         super().__init__(xp, functions)
-        self.launch_count = 0
         self.check_count = 0
         # (device id, stream) -> (host stack table, its device copy)
-        self._tables = cuda.UploadCache(xp.asarray)
+        self._tables = cuda.UploadCache(self.xp.asarray)
 
     # The few places that differ between CuPy and the host tests' NumPy stand-in.
 
@@ -416,7 +410,7 @@ class DeviceCrop(cuda.Launcher):
             args = crop_launch_args(table, rows, n_rows, n_channels, patch_size, target)
             launch = crop_launch(n_rows, n_channels, patch_size)
             kernel = crop_kernel(dtype.itemsize)
-            self.launch(kernel, device_id, launch.grid, launch.block, args)
+            cuda.launch(self.functions, kernel, device_id, launch.grid, launch.block, args)
             self.launch_count += 1
         return out if out is not None else target
 
@@ -503,7 +497,7 @@ class DeviceCrop(cuda.Launcher):
         first_bad = self.xp.asarray(np.array([n_rows], dtype=np.int64))
         args = check_launch_args(table, (rows[0], rows[1], rows[2]), n_rows, patch_size, first_bad)
         blocks, threads = cuda.launch_grid(n_rows)
-        self.launch(CHECK_CROP_ROWS, device_id, (blocks,), (threads,), args)
+        cuda.launch(self.functions, CHECK_CROP_ROWS, device_id, (blocks,), (threads,), args)
         self.check_count += 1
         row = int(to_host(first_bad)[0])
         if row < n_rows:

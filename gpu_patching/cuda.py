@@ -296,6 +296,11 @@ class Launcher:
         :func:`device_functions` of ``xp`` when omitted. The host tests pass
         NumPy and the shipped kernels compiled for the host, to run a
         launcher's validation and launch path without a GPU.
+
+    Attributes
+    ----------
+    launch_count : int
+        Launches of the launcher's main kernel (for tests and benchmarks).
     """
 
     xp: Any
@@ -307,17 +312,12 @@ class Launcher:
             xp = cupy
         self.xp = xp
         self._functions = device_functions(xp) if functions is None else functions
+        self.launch_count = 0
 
-    def launch(
-        self,
-        kernel: Kernel,
-        device_id: int,
-        grid: Sequence[int],
-        block: Sequence[int],
-        args: tuple[Any, ...],
-    ) -> None:
-        """:func:`launch` ``kernel`` through this launcher's ``functions``."""
-        launch(self._functions, kernel, device_id, grid, block, args)
+    @property
+    def functions(self) -> KernelFunctions:
+        """Where this launcher's compiled kernels come from, for :func:`launch`."""
+        return self._functions
 
 
 # -- grid sizing -------------------------------------------------------------------------

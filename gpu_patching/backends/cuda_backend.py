@@ -200,25 +200,16 @@ def _launch_args(
 class CudaBackend(cuda.Launcher):
     """The CUDA backend: CuPy tables on the current device and one launch per draw.
 
-    Parameters
-    ----------
-    xp, functions : optional
-        As :class:`gpu_patching.cuda.Launcher` (CuPy and its compiled kernels
-        when omitted).
-
-    Attributes
-    ----------
-    launch_count : int
-        Kernel launches made by this backend (for tests and benchmarks).
+    Constructed as :class:`gpu_patching.cuda.Launcher`; its ``launch_count``
+    counts draws that launched.
     """
 
     name = "cuda"
 
     def __init__(self, xp: Any = None, functions: cuda.KernelFunctions | None = None) -> None:
         super().__init__(xp, functions)
-        self.launch_count = 0
         # (device id, stream) -> (tables, version): the packed per-sample arrays
-        self._uploads = cuda.UploadCache(xp.asarray)
+        self._uploads = cuda.UploadCache(self.xp.asarray)
 
     def draw(
         self,
@@ -288,7 +279,7 @@ class CudaBackend(cuda.Launcher):
         )
         args = _launch_args(tables, sample_arrays, rows, draw_number, seed, outputs)
         blocks, threads = cuda.launch_grid(n_rows)
-        self.launch(SAMPLE_EPOCH, self._device_id(), (blocks,), (threads,), args)
+        cuda.launch(self.functions, SAMPLE_EPOCH, self._device_id(), (blocks,), (threads,), args)
         self.launch_count += 1
         return outputs
 

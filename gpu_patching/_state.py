@@ -358,11 +358,9 @@ def decode_state(
 
     Raises
     ------
-    TypeError
-        If ``state`` is not a mapping.
-    ValueError
-        If it is not a state of a version that loads, its checksum does not
-        match, it was made for other shapes, or its values are inconsistent.
+    TypeError, ValueError
+        As :func:`check_envelope`; ``ValueError`` also when the state was made
+        for other shapes or its values are inconsistent.
     """
     state = check_envelope(state)
     patch = check.validate_patch_size(state["patch_size"])

@@ -292,16 +292,10 @@ def create_train_val_datasets(
 
     Parameters
     ----------
-    config : careamics.config.DataConfig
-        Data configuration with ``mode='training'`` and stratified patching.
+    config, loading, model_constraints, backend
+        As :func:`create_val_split_datasets`.
     data : careamics.dataset.factory.TrainValData
         Training and validation data (targets and a training mask optional).
-    loading : ReadFuncLoading or ImageStackLoading or None, default None
-        How to read ``data_type='custom'`` data.
-    model_constraints : ModelConstraints or None, default None
-        Passed on to both datasets.
-    backend : {"auto", "cuda", "numpy"}, default "auto"
-        The sampler's backend.
 
     Returns
     -------

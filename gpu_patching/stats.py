@@ -76,7 +76,7 @@ def check_stack(stack: Any, patch: tuple[int, ...], name: str) -> Any:
     Returns
     -------
     module
-        ``numpy`` or ``cupy``.
+        The stack's :func:`~gpu_patching.arrays.namespace`.
 
     Raises
     ------

@@ -143,10 +143,8 @@ def corner_weights(
         Excluded grid cells (``StratifiedPatching.get_excluded_cells``).
     probabilities : numpy.ndarray of float, shape (Gy, Gx)
         Region probabilities (``StratifiedPatching.get_region_probs``).
-    patch_size : sequence of int
-        ``(py, px)``.
-    shape : sequence of int
-        ``(Y, X)`` of the sample.
+    patch_size, shape : sequence of int
+        ``(py, px)`` of the patches and ``(Y, X)`` of the sample.
 
     Returns
     -------
@@ -210,10 +208,8 @@ def expected_coverage(
         Per-corner sampling weights (:func:`corner_weights`).
     n_patches : int
         Patches per epoch.
-    patch_size : sequence of int
-        ``(py, px)``.
-    shape : sequence of int
-        ``(Y, X)``.
+    patch_size, shape : sequence of int
+        ``(py, px)`` of the patches and ``(Y, X)`` of the image.
 
     Returns
     -------

@@ -396,18 +396,16 @@ class ChunkedStack:
     async def read_chunk_async(self, index: tuple[int, ...]) -> NDArray[Any]:
         """Read one chunk as :meth:`read_chunk` does, through zarr's asynchronous API.
 
-        The index is not checked (:class:`~gpu_patching.stores.ChunkReader`
-        reads the chunks its plan found, in the grid by construction).
-
         Parameters
         ----------
         index : tuple of int
-            The chunk's index in :attr:`chunk_grid`.
+            A chunk index, not checked: :class:`~gpu_patching.stores.ChunkReader`
+            reads the chunks its plan found, in the grid by construction.
 
         Returns
         -------
         numpy.ndarray
-            The chunk's elements, axes ``SC(Z)YX``.
+            What :meth:`read_chunk` returns for that index.
         """
         starts, stops = self._chunk_bounds(index)
         selection = self._stored_selection(starts, stops)

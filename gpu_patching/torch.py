@@ -162,7 +162,26 @@ def _owned_copy(window: Any) -> np.ndarray:
     return np.array(patch, dtype=dtype, order="C", copy=True)
 
 
-class PatchDataset(Dataset[torch.Tensor]):
+class _FollowsStrategy:
+    """A dataset whose epoch is its strategy's: both datasets' :meth:`set_epoch`."""
+
+    strategy: StratifiedPatching
+
+    def set_epoch(self, epoch: int) -> None:
+        """Move the strategy, and so every process's next pass, to ``epoch``.
+
+        For samplers that do not move it themselves (:class:`PatchSampler`
+        does).
+
+        Parameters
+        ----------
+        epoch : int
+            The epoch, in ``[0, 2**32)``.
+        """
+        self.strategy.set_epoch(epoch)
+
+
+class PatchDataset(_FollowsStrategy, Dataset[torch.Tensor]):
     """Map-style dataset: item ``i`` is the patch ``strategy.get_patch_spec(i)`` names.
 
     The CAREamics way to use a patching strategy: a sampler (e.g.
@@ -237,18 +256,8 @@ class PatchDataset(Dataset[torch.Tensor]):
         tensor = torch.from_numpy(patch)
         return tensor if self.transform is None else self.transform(tensor)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Move the strategy to ``epoch`` (for samplers that do not do it themselves).
 
-        Parameters
-        ----------
-        epoch : int
-            The epoch, in ``[0, 2**32)``.
-        """
-        self.strategy.set_epoch(epoch)
-
-
-class PatchIterableDataset(IterableDataset[tuple[torch.Tensor, PatchBatch]]):
+class PatchIterableDataset(_FollowsStrategy, IterableDataset[tuple[torch.Tensor, PatchBatch]]):
     """Iterable dataset of whole batches, shared out between ranks and DataLoader workers.
 
     Each process that iterates it (the main process, or each DataLoader
@@ -371,16 +380,6 @@ class PatchIterableDataset(IterableDataset[tuple[torch.Tensor, PatchBatch]]):
         # whole window would travel. A copy of the batch travels instead.
         batches = self.loader(info.id, info.num_workers)
         return ((patches.clone(), batch) for patches, batch in batches)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Move the strategy, and so every process's next pass, to ``epoch``.
-
-        Parameters
-        ----------
-        epoch : int
-            The epoch, in ``[0, 2**32)``.
-        """
-        self.strategy.set_epoch(epoch)
 
 
 class PatchTensors(NamedTuple):

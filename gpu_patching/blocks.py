@@ -354,48 +354,53 @@ def _copy_reductions(piece: Any, plan: BlockPlan, xp: Any) -> dict[str, Any]:
     return found
 
 
-def _reduce_blocks(
-    image: Any,
-    mask: Any,
-    samples: slice,
-    row_slices: list[slice],
-    plan: BlockPlan,
-    xp: Any,
-) -> dict[str, Any]:
-    """Return the block reductions of a group of samples, row slice by row slice.
+@dataclass(frozen=True)
+class _GroupPixels:
+    """What every piece of a group reduces: the channel, its mask, the plan, the array module."""
 
-    Keys: ``"sum"`` and ``"squares"`` (of the values minus ``plan.shift``),
-    ``"max"``, ``"min"``, ``"hist"`` and ``"mask"`` (True pixels), each an
-    array ``(n, *blocks)`` (``"hist"`` has a trailing bins axis).
-    """
-    parts = []
-    first_patch = plan.patch[0]
-    for rows in row_slices:
-        chunk = image[samples, rows]
-        found = {}
-        if plan.squares or plan.bins:
-            found.update(
-                _by_pieces(
-                    chunk,
-                    lambda piece: _copy_reductions(piece, plan, xp),
-                    first_patch,
-                    plan.copy_budget,
-                    xp,
+    image: Any
+    mask: Any
+    plan: BlockPlan
+    xp: Any
+
+    def reduce(self, samples: slice, row_slices: list[slice]) -> dict[str, Any]:
+        """Return the block reductions of some samples, row slice by row slice.
+
+        Keys: ``"sum"`` and ``"squares"`` (of the values minus ``plan.shift``),
+        ``"max"``, ``"min"``, ``"hist"`` and ``"mask"`` (True pixels), each an
+        array ``(n, *blocks)`` (``"hist"`` has a trailing bins axis).
+        """
+        plan, xp = self.plan, self.xp
+        parts = []
+        first_patch = plan.patch[0]
+        for rows in row_slices:
+            chunk = self.image[samples, rows]
+            found = {}
+            if plan.squares or plan.bins:
+                found.update(
+                    _by_pieces(
+                        chunk,
+                        lambda piece: _copy_reductions(piece, plan, xp),
+                        first_patch,
+                        plan.copy_budget,
+                        xp,
+                    )
                 )
-            )
-        if plan.sums and not plan.squares:
-            # No shift needed: reduce the raw values, no float64 copy.
-            narrow = _narrow_sum(chunk.dtype, first_patch)
-            found["sum"] = _block_reduce(chunk, plan.patch, _sum64, xp, first=narrow)
-        if plan.maximum:
-            found["max"] = _block_reduce(chunk, plan.patch, _max, xp).astype(xp.float64)
-        if plan.minimum:
-            found["min"] = _block_reduce(chunk, plan.patch, _min, xp).astype(xp.float64)
-        if mask is not None:
-            narrow = _narrow_sum(np.bool_, first_patch)
-            found["mask"] = _block_reduce(mask[samples, rows], plan.patch, _count64, xp, narrow)
-        parts.append(found)
-    return _merge(parts, 1, xp)
+            if plan.sums and not plan.squares:
+                # No shift needed: reduce the raw values, no float64 copy.
+                narrow = _narrow_sum(chunk.dtype, first_patch)
+                found["sum"] = _block_reduce(chunk, plan.patch, _sum64, xp, first=narrow)
+            if plan.maximum:
+                found["max"] = _block_reduce(chunk, plan.patch, _max, xp).astype(xp.float64)
+            if plan.minimum:
+                found["min"] = _block_reduce(chunk, plan.patch, _min, xp).astype(xp.float64)
+            if self.mask is not None:
+                narrow = _narrow_sum(np.bool_, first_patch)
+                found["mask"] = _block_reduce(
+                    self.mask[samples, rows], plan.patch, _count64, xp, narrow
+                )
+            parts.append(found)
+        return _merge(parts, 1, xp)
 
 
 @contextmanager
@@ -455,21 +460,17 @@ def reduce_group(
         ``"max"``, ``"min"``, ``"hist"`` and ``"mask"`` (True pixels), as
         asked, each ``(n, *blocks)`` (``"hist"`` with a trailing bins axis).
     """
+    pixels = _GroupPixels(image, mask, plan, xp)
     if pool is None:
-        return _reduce_blocks(image, mask, samples, row_slices, plan, xp)
-
-    def rows_of(rows: slice) -> dict[str, Any]:
-        return _reduce_blocks(image, mask, samples, [rows], plan, xp)
-
-    def samples_of(share: slice) -> dict[str, Any]:
-        return _reduce_blocks(image, mask, share, row_slices, plan, xp)
-
+        return pixels.reduce(samples, row_slices)
     if len(row_slices) > 1:
-        return _merge(list(pool.map(rows_of, row_slices)), 1, xp)
+        parts = pool.map(lambda rows: pixels.reduce(samples, [rows]), row_slices)
+        return _merge(list(parts), 1, xp)
     # A group of whole samples: a share of the samples per thread.
     step = max(1, -(-(samples.stop - samples.start) // workers))
     shares = [
         slice(first, min(first + step, samples.stop))
         for first in range(samples.start, samples.stop, step)
     ]
-    return _merge(list(pool.map(samples_of, shares)), 0, xp)
+    parts = pool.map(lambda share: pixels.reduce(share, row_slices), shares)
+    return _merge(list(parts), 0, xp)

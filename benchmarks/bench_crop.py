@@ -66,7 +66,7 @@ from _report import (
 
 from gpu_patching import PatchBatch, PatchLoader, StratifiedPatching, extract_patches
 from gpu_patching import crop as crop_module
-from gpu_patching.cuda import crop_kernel
+from gpu_patching.kernels.crop_patches import crop_kernel
 
 TARGET_COPY_FRACTION = 0.70  # of the D2D copy bandwidth, at batch 4096
 TARGET_BATCH = 4096

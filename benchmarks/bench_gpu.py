@@ -104,8 +104,8 @@ from _report import (
 )
 
 from gpu_patching import StratifiedPatching
-from gpu_patching.cuda import SAMPLE_EPOCH
 from gpu_patching.grid import MAX_PROBABILITY, cell_count, grid_shape
+from gpu_patching.kernels.sample_epoch import SAMPLE_EPOCH
 from gpu_patching.permutation import EpochOrder
 
 # The epoch kernel's entry point, as profilers name it.

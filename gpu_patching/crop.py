@@ -34,6 +34,7 @@ from .crop_checks import (
 from .cuda import BackendUnavailableError
 from .kernels.crop_patches import (
     CHECK_CROP_ROWS,
+    ELEMENT_C_TYPES,
     STACK_FIELDS,
     CropLaunch,
     check_launch_args,
@@ -241,7 +242,7 @@ def copy_patches(
 
 
 def _supports_device_dtype(dtype: np.dtype[Any]) -> bool:
-    return dtype.kind in "biufc" and dtype.itemsize in cuda.ELEMENT_C_TYPES
+    return dtype.kind in "biufc" and dtype.itemsize in ELEMENT_C_TYPES
 
 
 def _byte_extent(

@@ -1,7 +1,7 @@
 """The CUDA runtime: compiling the shipped kernels, launching them, uploading tables.
 
 The kernels' descriptors live in :mod:`gpu_patching.kernels`, each beside its
-``.cu`` source, and are re-exported here for their callers. Compiled modules
+``.cu`` source, and are imported from there. Compiled modules
 are memoised per file and device with ``cupy.memoize(for_each_device=True)``;
 :func:`launch` is the one place the launchers
 (:mod:`gpu_patching.backends.cuda_backend`, :mod:`gpu_patching.crop`) call a
@@ -21,51 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from .kernels import KERNELS
-from .kernels.crop_patches import (
-    CHECK_CROP_ROWS,
-    CROP_LINES_PER_THREAD,
-    CROP_THREADS_PER_BLOCK,
-    ELEMENT_C_TYPES,
-    CropLaunch,
-    crop_kernel,
-    crop_launch,
-)
-from .kernels.descriptor import (
-    C_SCALAR_TYPES,
-    MAX_GRID_X,
-    NULL_POINTER,
-    THREADS_PER_BLOCK,
-    Kernel,
-    check_launch_array,
-)
-from .kernels.sample_epoch import SAMPLE_EPOCH
+from .kernels.descriptor import MAX_GRID_X, THREADS_PER_BLOCK, Kernel
 
 __all__ = [
-    "CHECK_CROP_ROWS",
-    "CROP_LINES_PER_THREAD",
-    "CROP_THREADS_PER_BLOCK",
-    "C_SCALAR_TYPES",
-    "ELEMENT_C_TYPES",
-    "KERNELS",
-    "MAX_GRID_X",
-    "NULL_POINTER",
-    "SAMPLE_EPOCH",
-    "THREADS_PER_BLOCK",
     "BackendUnavailableError",
-    "CropLaunch",
-    "Kernel",
     "KernelFunctions",
     "Launcher",
     "UploadCache",
-    "check_launch_array",
     "compile_options",
     "compiled_module",
-    "crop_kernel",
-    "crop_launch",
     "current_device_id",
     "current_stream_key",
-    "device_functions",
-    "get_function",
     "kernel_dir",
     "kernel_source",
     "launch",
@@ -148,7 +114,7 @@ def kernel_source(file_name: str) -> str:
 
 
 def name_expressions(file_name: str) -> tuple[str, ...]:
-    """Return the template instantiations of :data:`KERNELS` defined in a file.
+    """Return the template instantiations of :data:`gpu_patching.kernels.KERNELS` in a file.
 
     Parameters
     ----------
@@ -270,7 +236,8 @@ def launch(
     device_id : int
         The device it runs on.
     grid, block : sequence of int
-        One to three sizes each (:func:`launch_grid`, :func:`crop_launch`).
+        One to three sizes each (:func:`launch_grid`,
+        :func:`gpu_patching.kernels.crop_patches.crop_launch`).
     args : tuple
         The argument tuple, built by :meth:`Kernel.arguments`.
 

@@ -3,21 +3,21 @@
 :class:`HostKernels` compiles each ``.cu`` file of ``gpu_patching/kernels``
 with the host C++ compiler, together with ``host_cuda/cuda_host.h`` (a stand-in
 for CUDA's launch model) and a small generated launcher per kernel of
-:data:`gpu_patching.cuda.KERNELS`: ``gp_host::run`` sets ``gridDim`` and
+:data:`gpu_patching.kernels.KERNELS`: ``gp_host::run`` sets ``gridDim`` and
 ``blockDim`` and calls the ``__global__`` function itself once for every block
 and thread, in an order permuted by a seed. No kernel body exists in the tests.
 
 :meth:`HostKernels.function` returns a callable with CuPy's ``RawKernel``
 calling convention, ``function(grid, block, args)``, so that the backends run
 their real launch path against it: the argument tuple a test launches is the
-one :meth:`gpu_patching.cuda.Kernel.arguments` builds for a GPU. On the way in,
-every argument is checked against the kernel's parameter description: a scalar
-must be a NumPy scalar of the exact C type (CuPy passes a bare Python int as 64
-bits), an array must have the element size of its pointer. Every array is
-copied into a buffer with guard zones before the launch and back after it:
-the guards of the inputs hold junk (a read past the end gives a wrong result)
-and those of the outputs a pattern that must survive (a write past the end
-fails the launch).
+one :meth:`gpu_patching.kernels.descriptor.Kernel.arguments` builds for a GPU.
+On the way in, every argument is checked against the kernel's parameter
+description: a scalar must be a NumPy scalar of the exact C type (CuPy passes a
+bare Python int as 64 bits), an array must have the element size of its
+pointer. Every array is copied into a buffer with guard zones before the
+launch and back after it: the guards of the inputs hold junk (a read past the
+end gives a wrong result) and those of the outputs a pattern that must survive
+(a write past the end fails the launch).
 """
 
 from __future__ import annotations
@@ -34,14 +34,10 @@ from typing import Any
 import numpy as np
 
 from gpu_patching.backends.cuda_backend import CudaBackend
-from gpu_patching.cuda import (
-    C_SCALAR_TYPES,
-    KERNELS,
-    NULL_POINTER,
-    Kernel,
-    crop_kernel,
-    kernel_dir,
-)
+from gpu_patching.cuda import kernel_dir
+from gpu_patching.kernels import KERNELS
+from gpu_patching.kernels.crop_patches import crop_kernel
+from gpu_patching.kernels.descriptor import C_SCALAR_TYPES, NULL_POINTER, Kernel
 
 HOST_HEADER_DIR = Path(__file__).with_name("host_cuda")
 HOST_FLAGS = ["-O1", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-Wall", "-Wextra"]
@@ -139,7 +135,7 @@ class HostKernels:
     extra_flags : sequence of str
         More compiler flags (e.g. sanitizers).
     files : sequence of str, optional
-        Only these ``.cu`` files (all of :data:`~gpu_patching.cuda.KERNELS`'
+        Only these ``.cu`` files (all of :data:`~gpu_patching.kernels.KERNELS`'
         files by default).
     """
 

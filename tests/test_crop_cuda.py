@@ -14,7 +14,7 @@ import pytest
 
 from gpu_patching import PatchBatch, StratifiedPatching, extract_patches
 from gpu_patching import crop as crop_module
-from gpu_patching.cuda import crop_kernel
+from gpu_patching.kernels.crop_patches import crop_kernel
 from gpu_patching.testing import usable_cupy
 
 cupy, _WHY_SKIPPED = usable_cupy()

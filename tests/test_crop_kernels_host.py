@@ -39,13 +39,8 @@ from gpu_patching.crop import (
     stack_table,
 )
 from gpu_patching.crop_checks import bad_rows
-from gpu_patching.cuda import (
-    CHECK_CROP_ROWS,
-    CROP_LINES_PER_THREAD,
-    crop_kernel,
-    kernel_dir,
-    launch_grid,
-)
+from gpu_patching.cuda import kernel_dir, launch_grid
+from gpu_patching.kernels.crop_patches import CHECK_CROP_ROWS, CROP_LINES_PER_THREAD, crop_kernel
 
 SHIM_SOURCE = Path(__file__).with_name("crop_shim.cpp")
 HOST_FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra"]
@@ -541,8 +536,9 @@ _CROP_FUZZ_SCRIPT = textwrap.dedent(
     import ctypes, sys
     import numpy as np
 
-    from gpu_patching import cuda
     from gpu_patching.crop import check_launch_args, crop_launch_args, stack_table
+    from gpu_patching.kernels import KERNELS
+    from gpu_patching.kernels.crop_patches import CHECK_CROP_ROWS, crop_kernel
 
     lib = ctypes.CDLL(sys.argv[1])
     prefix = sys.argv[2].rsplit("_", 1)[0] + "_"
@@ -556,7 +552,7 @@ _CROP_FUZZ_SCRIPT = textwrap.dedent(
         ]
 
     def entry(kernel):
-        return getattr(lib, prefix + str(cuda.KERNELS.index(kernel)))
+        return getattr(lib, prefix + str(KERNELS.index(kernel)))
 
     def call(kernel, grid, block, args, trial):
         # Arrays as raw pointers, scalars at their C width: no guard copies,
@@ -610,10 +606,10 @@ _CROP_FUZZ_SCRIPT = textwrap.dedent(
         grid = (int(generator.integers(1, 5)), int(generator.integers(1, 4)))
         block = (int(generator.integers(1, 40)), int(generator.integers(1, 7)))
         args = crop_launch_args(table, rows, n_rows, n_channels, patch, out)
-        call(cuda.crop_kernel(itemsize), grid, block, args, trial)
+        call(crop_kernel(itemsize), grid, block, args, trial)
         first_bad = np.array([n_rows], dtype=np.int64)
         args = check_launch_args(table, rows, n_rows, patch, first_bad)
-        call(cuda.CHECK_CROP_ROWS, (grid[0],), (block[0],), args, trial)
+        call(CHECK_CROP_ROWS, (grid[0],), (block[0],), args, trial)
         assert 0 <= int(first_bad[0]) <= n_rows, trial
     print("ok")
     """

@@ -15,7 +15,6 @@ import pytest
 import test_kernels_nvrtc
 from test_kernels_nvrtc import ARCHITECTURES, _compile_lowered, parse_c_signature
 
-from gpu_patching import cuda
 from gpu_patching.crop import (
     STACK_FIELDS,
     check_launch_args,
@@ -23,17 +22,15 @@ from gpu_patching.crop import (
     crop_launch_args,
     stack_table,
 )
-from gpu_patching.cuda import (
-    C_SCALAR_TYPES,
+from gpu_patching.cuda import compile_options, kernel_dir, kernel_source, name_expressions
+from gpu_patching.kernels.crop_patches import (
     CHECK_CROP_ROWS,
     CROP_LINES_PER_THREAD,
+    CROP_THREADS_PER_BLOCK,
     ELEMENT_C_TYPES,
-    compile_options,
     crop_kernel,
-    kernel_dir,
-    kernel_source,
-    name_expressions,
 )
+from gpu_patching.kernels.descriptor import C_SCALAR_TYPES
 
 # The epoch kernel's NVRTC fixture, shared: pytest passes it to the tests by name.
 nvrtc = test_kernels_nvrtc.nvrtc
@@ -250,7 +247,7 @@ def test_crop_launch_stays_within_cuda_limits_and_covers_a_patch(
     launch = crop_launch(n_rows, n_channels, patch)
     threads_x, threads_y = launch.block
     assert threads_x % 32 == 0 and 1 <= threads_x * threads_y <= 1024
-    assert threads_x >= min(patch[-1], cuda.CROP_THREADS_PER_BLOCK)
+    assert threads_x >= min(patch[-1], CROP_THREADS_PER_BLOCK)
     assert 1 <= launch.grid[0] <= 2**31 - 1 and 1 <= launch.grid[1] <= 65535
     assert launch.grid[0] == min(max(n_rows, 1), 2**31 - 1)
     lines = n_channels * int(np.prod(patch[:-1]))

@@ -195,13 +195,14 @@ def test_tables_and_outputs_live_on_the_device(case: Any) -> None:
 
 def test_kernel_is_compiled_once_per_device(case: Any) -> None:
     from gpu_patching import cuda
+    from gpu_patching.kernels.sample_epoch import SAMPLE_EPOCH
 
     _, tables = case
     _backend().draw(tables, range(1), 0, 1)
     device_id = cupy.cuda.Device().id
-    module = cuda.compiled_module(cuda.SAMPLE_EPOCH.file, cupy, device_id)
+    module = cuda.compiled_module(SAMPLE_EPOCH.file, cupy, device_id)
     _backend().draw(tables, range(1), 1, 1)
-    assert cuda.compiled_module(cuda.SAMPLE_EPOCH.file, cupy, device_id) is module
+    assert cuda.compiled_module(SAMPLE_EPOCH.file, cupy, device_id) is module
 
 
 def _cuda_twin(host: StratifiedPatching) -> StratifiedPatching:
@@ -244,7 +245,8 @@ EPOCH_OPTIONS = [
 @pytest.mark.parametrize("options", EPOCH_OPTIONS)
 def test_sample_epoch_is_one_kernel_launch_and_no_other_kernel(options: dict[str, Any]) -> None:
     from gpu_patching.backends.cuda_backend import OUTPUT_PARAMS
-    from gpu_patching.cuda import NULL_POINTER, SAMPLE_EPOCH
+    from gpu_patching.kernels.descriptor import NULL_POINTER
+    from gpu_patching.kernels.sample_epoch import SAMPLE_EPOCH
 
     host = _configured_sampler("3d")
     device = _cuda_twin(host)

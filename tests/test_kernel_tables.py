@@ -22,7 +22,8 @@ from host_launch import HostKernels
 
 from gpu_patching import StratifiedPatching
 from gpu_patching.backends.cuda_backend import _launch_args, pack_sample_table, split_sample_table
-from gpu_patching.cuda import SAMPLE_EPOCH, launch_grid
+from gpu_patching.cuda import launch_grid
+from gpu_patching.kernels.sample_epoch import SAMPLE_EPOCH
 from gpu_patching.permutation import EpochOrder
 
 SENTINEL = -(2**62)
@@ -119,7 +120,7 @@ def test_crop_with_more_channels_than_the_stack_reads_only_its_last_channel(
 
     from gpu_patching import PatchBatch
     from gpu_patching.crop import crop_launch_args
-    from gpu_patching.cuda import crop_kernel
+    from gpu_patching.kernels.crop_patches import crop_kernel
 
     patch = (2, 3, 4)[-ndim:]
     shape = (2, 2) + (3, 5, 6)[-ndim:]

@@ -20,7 +20,8 @@ from test_crop_kernels_host import _crop_args, clamped
 from gpu_patching import PatchBatch, StratifiedPatching
 from gpu_patching.backends.cuda_backend import _launch_args, pack_sample_table, split_sample_table
 from gpu_patching.crop import check_launch_args, crop_launch_args, stack_table
-from gpu_patching.cuda import CHECK_CROP_ROWS, CROP_LINES_PER_THREAD, SAMPLE_EPOCH, crop_kernel
+from gpu_patching.kernels.crop_patches import CHECK_CROP_ROWS, CROP_LINES_PER_THREAD, crop_kernel
+from gpu_patching.kernels.sample_epoch import SAMPLE_EPOCH
 from gpu_patching.permutation import EpochOrder
 
 SHAPES = [((3,), (5,)), ((2,), (7,)), ((1,), (4,)), ((4,), (1,))]

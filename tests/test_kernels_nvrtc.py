@@ -24,16 +24,10 @@ from gpu_patching.backends.cuda_backend import (
     pack_sample_table,
     split_sample_table,
 )
-from gpu_patching.cuda import (
-    C_SCALAR_TYPES,
-    KERNELS,
-    NULL_POINTER,
-    SAMPLE_EPOCH,
-    compile_options,
-    kernel_dir,
-    kernel_source,
-    launch_grid,
-)
+from gpu_patching.cuda import compile_options, kernel_dir, kernel_source, launch_grid
+from gpu_patching.kernels import KERNELS
+from gpu_patching.kernels.descriptor import C_SCALAR_TYPES, NULL_POINTER, THREADS_PER_BLOCK
+from gpu_patching.kernels.sample_epoch import SAMPLE_EPOCH
 from gpu_patching.permutation import EpochOrder
 
 KERNEL_NAME = SAMPLE_EPOCH.name
@@ -372,7 +366,7 @@ def _rows_of_each_thread(n_rows: int, blocks: int, threads: int) -> list[int]:
 @pytest.mark.parametrize("n_rows", [0, 1, 255, 256, 257, 1000, 4097])
 def test_launch_grid_covers_every_row_exactly_once(n_rows: int) -> None:
     blocks, threads = launch_grid(n_rows)
-    assert blocks >= 1 and threads == cuda.THREADS_PER_BLOCK
+    assert blocks >= 1 and threads == THREADS_PER_BLOCK
     assert blocks * threads >= n_rows
     assert sorted(_rows_of_each_thread(n_rows, blocks, threads)) == list(range(n_rows))
 

@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import cuda
+from ..kernels.descriptor import check_launch_array
 from ..kernels.sample_epoch import SAMPLE_EPOCH
 from ..permutation import EpochOrder
 from ..tables import RegionTables
@@ -127,15 +128,15 @@ def _launch_args(
     seed: int,
     outputs: tuple[Any, Any, Any, Any],
 ) -> tuple[Any, ...]:
-    """Build the argument tuple of ``sample_epoch`` (:data:`gpu_patching.cuda.SAMPLE_EPOCH`).
+    """Build the argument tuple of ``sample_epoch`` (:data:`SAMPLE_EPOCH`).
 
-    :meth:`~gpu_patching.cuda.Kernel.arguments` passes arrays through (CuPy
-    passes an array as its device pointer), a missing array as a null pointer,
-    and makes every scalar a NumPy scalar of the exact C width, which also
-    rejects out-of-range values. The lengths of all
-    arrays are checked here, because the kernel trusts them: with the lengths
-    right, no table contents can make it read or write out of bounds. Works on
-    NumPy arrays too, so the tests can call it without a GPU.
+    :meth:`~gpu_patching.kernels.descriptor.Kernel.arguments` passes arrays
+    through (CuPy passes an array as its device pointer), a missing array as a
+    null pointer, and makes every scalar a NumPy scalar of the exact C width,
+    which also rejects out-of-range values. The lengths of all arrays are
+    checked here, because the kernel trusts them: with the lengths right, no
+    table contents can make it read or write out of bounds. Works on NumPy
+    arrays too, so the tests can call it without a GPU.
 
     ``rows`` is an :class:`~gpu_patching.permutation.EpochOrder` (no index
     array: the kernel computes each row's index) or a 1-D int64 index array
@@ -158,23 +159,21 @@ def _launch_args(
         raise ValueError(f"the kernels support 2 or 3 spatial dimensions, got {ndim}")
     lengths = dict(zip(_SAMPLE_ARRAYS, _sample_lengths(n_samples, ndim), strict=True))
     for name, length in lengths.items():
-        cuda.check_launch_array(name, sample_arrays[name], length, np.int64)
-    cuda.check_launch_array("mass_prefix", tables.mass_prefix, n_regions, np.int64)
-    cuda.check_launch_array("weight", tables.weight, n_regions, np.int64)
-    cuda.check_launch_array("subbox_mask", tables.subbox_mask, n_regions, np.uint8)
+        check_launch_array(name, sample_arrays[name], length, np.int64)
+    check_launch_array("mass_prefix", tables.mass_prefix, n_regions, np.int64)
+    check_launch_array("weight", tables.weight, n_regions, np.int64)
+    check_launch_array("subbox_mask", tables.subbox_mask, n_regions, np.uint8)
     if n_rows < 0:
         raise ValueError(f"n_rows must be >= 0, got {n_rows}")
     if indices is not None:
-        cuda.check_launch_array("indices", indices, n_rows, np.int64)
+        check_launch_array("indices", indices, n_rows, np.int64)
         if indices.ndim != 1:
             raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
     if len(outputs) != len(OUTPUT_PARAMS):
         raise ValueError(f"expected {len(OUTPUT_PARAMS)} output arrays, got {len(outputs)}")
     output_values = dict(zip(OUTPUT_PARAMS, outputs, strict=True))
     for name, array in output_values.items():
-        cuda.check_launch_array(
-            name, array, n_rows * ndim if name == "coords" else n_rows, np.int64
-        )
+        check_launch_array(name, array, n_rows * ndim if name == "coords" else n_rows, np.int64)
 
     values = {
         **sample_arrays,

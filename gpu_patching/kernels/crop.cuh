@@ -1,11 +1,12 @@
 // Patch extraction: which element of which stack each output element copies.
 //
 // This is the index math of the crop kernel (crop_patches.cu);
-// gpu_patching/crop.py holds the NumPy twin and gpu_patching/cuda.py the launch
-// code. The test suite launches the kernel itself on the host
-// (tests/host_launch.py). The output is C-contiguous (N, C, PZ, PY, PX) (PZ = 1 in
-// 2D); element (row, c, z, y, x) is stacks[d][s, c, z0 + z, y0 + y, x0 + x]
-// with d = data_idx[row], s = sample_idx[row] and (z0,) y0, x0 = coords[row].
+// gpu_patching/crop.py holds the NumPy twin and the launcher (DeviceCrop),
+// crop_patches.py the launch arguments. The test suite launches the kernel
+// itself on the host (tests/host_launch.py). The output is C-contiguous
+// (N, C, PZ, PY, PX) (PZ = 1 in 2D); element (row, c, z, y, x) is
+// stacks[d][s, c, z0 + z, y0 + y, x0 + x] with d = data_idx[row],
+// s = sample_idx[row] and (z0,) y0, x0 = coords[row].
 //
 // Work split. A "line" is the PX elements of one (row, c, z, y): contiguous in
 // the output and, for a stack whose X stride is 1, in the stack. Block

@@ -3,11 +3,11 @@
 // crop_patches<T> copies every patch of a batch, from any number of stacks,
 // into one C-contiguous (N, C, (PZ,) PY, PX) array. T is the unsigned integer
 // type of the elements' size (1, 2, 4 or 8 bytes): the kernel copies bits, so
-// every dtype of a size shares one instantiation. gpu_patching/cuda.py names
-// the four instantiations (crop_kernel) and hands them to NVRTC as name
-// expressions. check_crop_rows finds the first row whose patch leaves its
-// stack, for batches whose rows live on the device. The index math is in
-// crop.cuh. Both parameter lists are described in gpu_patching/cuda.py (a test
+// every dtype of a size shares one instantiation. crop_patches.py names the
+// four instantiations (crop_kernel), which gpu_patching/cuda.py hands to NVRTC
+// as name expressions. check_crop_rows finds the first row whose patch leaves
+// its stack, for batches whose rows live on the device. The index math is in
+// crop.cuh. Both parameter lists are described in crop_patches.py (a test
 // compares them); every scalar has an exact NumPy twin:
 // long long <-> numpy.int64, int <-> numpy.int32.
 #include "crop.cuh"

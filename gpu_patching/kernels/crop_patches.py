@@ -273,7 +273,7 @@ def crop_launch_args(
     patch_size: Sequence[int],
     out: Any,
 ) -> tuple[Any, ...]:
-    """Build the argument tuple of ``crop_patches<T>`` (:func:`gpu_patching.cuda.crop_kernel`).
+    """Build the argument tuple of ``crop_patches<T>`` (:func:`crop_kernel`).
 
     The lengths and dtypes of every array are checked here, because the kernel
     trusts them (and clamps everything else). Works on NumPy arrays too, so
@@ -319,7 +319,7 @@ def check_launch_args(
     patch_size: Sequence[int],
     first_bad: Any,
 ) -> tuple[Any, ...]:
-    """Build the argument tuple of ``check_crop_rows`` (:data:`gpu_patching.cuda.CHECK_CROP_ROWS`).
+    """Build the argument tuple of ``check_crop_rows`` (:data:`CHECK_CROP_ROWS`).
 
     Parameters
     ----------

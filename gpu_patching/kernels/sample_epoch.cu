@@ -11,8 +11,8 @@
 //
 // The kernel writes every column of the result (data_idx, sample_idx, coords
 // and the patch index), so an epoch needs no other kernel. The parameter list
-// is mirrored by SAMPLE_EPOCH_PARAMS in gpu_patching/backends/cuda_backend.py,
-// and a test compares the two; every scalar has an exact NumPy twin:
+// is mirrored by SAMPLE_EPOCH in sample_epoch.py, and a test compares the two;
+// every scalar has an exact NumPy twin:
 //     long long <-> numpy.int64, unsigned long long <-> numpy.uint64,
 //     unsigned int <-> numpy.uint32, int <-> numpy.int32.
 #include "permutation.cuh"

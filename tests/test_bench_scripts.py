@@ -558,7 +558,8 @@ def test_bench_stores_two_rank_section_without_pytorch_says_why(
     report = Report(echo=False)
     bench_stores.ranks_section(tmp_path, [], report)
     assert report.text() == (
-        f"{bench_stores.RANKS_HEADING}\n\nNot run: PyTorch is not installed (torch.distributed).\n\n"
+        f"{bench_stores.RANKS_HEADING}\n\n"
+        "Not run: PyTorch is not installed (torch.distributed).\n\n"
     )
 
 
@@ -616,3 +617,6 @@ def test_over_s3_each_per_patch_read_asks_once_for_each_chunk_its_patch_touches(
         assert 64 <= int(per_patch[3].replace(",", "")) <= 4 * 64
         for order in ("PatchLoader, shuffled (default)", "PatchLoader, order='chunks'"):
             assert int(by_kind[(order, kind)][3].replace(",", "")) >= 16  # each chunk once
+    verdict = next(line for line in report.lines if line.startswith("The loader's best epoch"))
+    assert "faster than `open_stack`'s fsspec store with s3fs's defaults" in verdict
+    assert verdict.endswith(("worth switching (docs/design.md).", "fsspec stays."))

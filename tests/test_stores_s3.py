@@ -8,6 +8,7 @@ API and the command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -214,6 +215,83 @@ def test_a_server_stopped_mid_epoch_raises_store_error_naming_url_and_chunk():
     assert set(handed_over) == {4}  # every batch handed over was whole
     assert "s3://gone/image.ome.zarr/0" in str(caught.value)
     assert caught.value.chunk is not None and f"chunk {caught.value.chunk}" in str(caught.value)
+
+
+class _RequestLog(logging.Handler):
+    """The requests moto's server answers, as ``(method, path)``, from its own log lines.
+
+    werkzeug logs each request as it sends the response's status line, so a
+    request is in the log before the client has its answer.
+    """
+
+    # A 404's line is coloured: the method comes after an escape sequence.
+    _LINE = re.compile(r"\b(GET|HEAD|PUT|POST|DELETE) (/\S*) HTTP/")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.requests: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = self._LINE.search(record.getMessage())
+        if found:
+            self.requests.append((found.group(1), found.group(2)))
+
+
+@contextlib.contextmanager
+def _server_requests():
+    """Collect the requests every in-process moto server answers meanwhile."""
+    logger = logging.getLogger("werkzeug")
+    handler, level = _RequestLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.requests
+    finally:
+        logger.setLevel(level)
+        logger.removeHandler(handler)
+
+
+def _chunk_order_epoch(stack) -> int:
+    """Read one chunk-order epoch of (8, 16, 16) patches; return the patches handed over."""
+    strategy = StratifiedPatching([stack.shape], (8, 16, 16), seed=2)
+    # A cache that holds the whole image: each chunk is read once.
+    loader = PatchLoader([stack], strategy, batch_size=8, order="chunks", cache_bytes=1 << 26)
+    return sum(len(batch) for _, batch in loader)
+
+
+def test_an_s3_epoch_gets_each_chunk_once_and_never_asks_an_objects_size_first(s3):
+    # s3fs's _cat_file asks for an object's size (a HEAD request) before a
+    # whole-object read whenever max_concurrency is above 1, its default.
+    endpoint, _ = s3
+    stack = open_stack("s3://images/3d-v05.ome.zarr", storage_options=_options(endpoint))
+    with _server_requests() as requests:
+        assert _chunk_order_epoch(stack) > 0
+    # The chunks' requests (the loader also checks the array's metadata).
+    chunks = [(m, p) for m, p in requests if p.startswith("/images/3d-v05.ome.zarr/0/c/")]
+    assert [method for method, _ in chunks if method != "GET"] == []
+    assert len(chunks) == len(set(chunks)) == np.prod(stack.chunk_grid)  # 2 x 4 x 3 chunks
+
+
+def test_an_s3_max_concurrency_the_user_sets_is_kept(s3):
+    endpoint, _ = s3
+    options = {**_options(endpoint), "max_concurrency": 4}
+    stack = open_stack("s3://images/3d-v05.ome.zarr", storage_options=options)
+    with _server_requests() as requests:
+        _chunk_order_epoch(stack)
+    heads = [p for m, p in requests if m == "HEAD" and p.startswith("/images/3d-v05.ome.zarr/0/c/")]
+    assert len(heads) == np.prod(stack.chunk_grid)  # s3fs's size request, as asked
+
+
+def test_an_http_url_reads_the_image_without_s3_options(s3):
+    # moto serves a public object over plain HTTP too: fsspec's HTTP file
+    # system would refuse an S3 option (aiohttp takes no max_concurrency).
+    endpoint, _ = s3
+    public = {**_options(endpoint), "s3_additional_kwargs": {"ACL": "public-read"}}
+    full = np.random.default_rng(9).integers(0, 60000, (20, 32, 48), dtype=np.uint16)
+    _write_ome("s3://images/public.ome.zarr", full, "zyx", 3, public)
+    stack = open_stack(f"{endpoint}/images/public.ome.zarr")
+    assert stack.shape == (1, 1, *full.shape)
+    np.testing.assert_array_equal(stack[0, 0, 3:9], full[3:9])
 
 
 def _post(url: str, body: bytes) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from .. import _validation as check
@@ -24,6 +26,7 @@ from .stack import ChunkedStack, StoreError, store_url
 
 __all__ = [
     "REMOTE_RETRIES",
+    "S3_DEFAULT_OPTIONS",
     "SUPPORTED_SUFFIXES",
     "is_url",
     "ome_zarr_axes",
@@ -46,6 +49,13 @@ _URL_SCHEMES = ("s3", "gs", "gcs", "http", "https")
 _REMOTE_EXTRA = "pip install 'gpu-patching[remote]'"
 #: Times a failed chunk read of a remote store is tried again (see ChunkedStack).
 REMOTE_RETRIES = 3
+#: storage_options an ``s3://`` URL gets unless they are given. s3fs asks for an
+#: object's size (a HEAD request) before every whole-object read while
+#: ``max_concurrency`` is above 1 (its default 10), to split objects over its
+#: block size (50 MiB) into concurrent ranged reads; a chunk is read whole, and
+#: the reader keeps many chunk reads in flight, so one GET each is the right
+#: request (docs/design.md, "Remote stores").
+S3_DEFAULT_OPTIONS: Mapping[str, Any] = MappingProxyType({"max_concurrency": 1})
 # Keys of storage_options whose values are credentials: never in an error.
 _SECRET_KEY = re.compile(r"key|secret|token|password|credential|session|auth", re.IGNORECASE)
 
@@ -80,7 +90,9 @@ def open_stack(
         xarray take them (e.g. ``{"anon": True}``, ``{"profile": "lab"}``,
         ``{"endpoint_url": "https://s3.example.org"}``, or ``key``/``secret``).
         Without them credentials come from the usual places (environment,
-        profile, instance metadata). They never appear in an error.
+        profile, instance metadata). They never appear in an error. An
+        ``s3://`` URL gets :data:`S3_DEFAULT_OPTIONS` where they do not set
+        those keys (one GET per chunk, no size request before it).
 
     Returns
     -------
@@ -117,7 +129,7 @@ def open_stack(
                 f"not for a {type(source).__name__} source"
             )
     if is_url(source):
-        return _open_url(str(source), axes, level, dict(storage_options or {}))
+        return _open_url(str(source), axes, level, _url_options(str(source), storage_options))
     if isinstance(source, ChunkedStack):
         if axes is not None or level:
             raise ValueError("source is already a ChunkedStack; give axes and level when opening")
@@ -324,6 +336,15 @@ def _redacted(text: str, *, url: str, options: dict[str, Any]) -> str:
     for secret in sorted((h for h in hidden if h), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+def _url_options(url: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Return a copy of a URL's storage_options with its scheme's defaults where not set."""
+    scheme = url.partition("://")[0].lower()
+    # Only s3fs takes these: fsspec's HTTP file system hands unknown options to
+    # aiohttp, which refuses them.
+    defaults = S3_DEFAULT_OPTIONS if scheme == "s3" else {}
+    return {**defaults, **(options or {})}
 
 
 def _fsspec_store(url: str, options: dict[str, Any]) -> Any:

@@ -7,6 +7,7 @@ reads the chunks and copies the pieces.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,15 @@ class ChunkPlan:
         grouped by chunk.
     piece_low, piece_high : numpy.ndarray of int64, shape (n_pieces, ndim + 1)
         The piece's box on the axes ``C(Z)YX`` of the stack, ``[low, high)``.
+    piece_source : numpy.ndarray of int64, shape (n_pieces, ndim + 2)
+        The piece's low corner inside its chunk, on the axes ``SC(Z)YX``
+        (its sample first).
+    piece_target : numpy.ndarray of int64, shape (n_pieces, ndim + 1)
+        The piece's low corner inside its patch, on the axes ``C(Z)YX``.
+    piece_whole : numpy.ndarray of bool, shape (n_pieces,)
+        Whether the piece spans its patch on every spatial axis (the patch
+        lies inside one chunk but for channels): such pieces of one chunk
+        are cut out together, with one gather, instead of one by one.
     """
 
     stack: NDArray[np.int64]
@@ -41,6 +51,9 @@ class ChunkPlan:
     piece_chunk: NDArray[np.int64]
     piece_low: NDArray[np.int64]
     piece_high: NDArray[np.int64]
+    piece_source: NDArray[np.int64]
+    piece_target: NDArray[np.int64]
+    piece_whole: NDArray[np.bool_]
 
 
 def plan_chunks(
@@ -88,20 +101,39 @@ def plan_chunks(
     pair_row, pair_offset = np.nonzero(inside)
     pair_chunk = first[pair_row] + offsets[pair_offset]
     pair_stack = data_idx[pair_row]
-    # One key per chunk of one stack: unique (stack, chunk index) rows.
-    keys = np.column_stack([pair_stack, pair_chunk])
-    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    order = np.argsort(inverse, kind="stable")
-    pair_row, pair_chunk, inverse = pair_row[order], pair_chunk[order], inverse[order]
+    # One key per chunk of one stack, its rank in row-major order over the
+    # stacks' chunk grids one after the other: sorting the keys sorts the
+    # (stack, chunk index) rows, with one sort of integers instead of rows.
+    grid = -(-shape_table // chunk_table)
+    # Counted in Python integers: a product past int64 must not wrap around.
+    n_chunks = [math.prod(int(g) for g in row) for row in grid.tolist()]
+    if sum(n_chunks) < 2**62:
+        grid_sizes = np.asarray(n_chunks, dtype=np.int64)
+        key = np.cumsum(grid_sizes)[pair_stack] - grid_sizes[pair_stack]
+        for axis in range(n_axes):
+            key = key * grid[pair_stack, axis] + pair_chunk[:, axis]
+    else:  # more chunks than int64 ranks: sort the rows themselves
+        key = np.unique(np.column_stack([pair_stack, pair_chunk]), axis=0, return_inverse=True)[
+            1
+        ].reshape(-1)
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    starts = np.ones(len(key), dtype=bool)
+    starts[1:] = key[1:] != key[:-1]
+    inverse = np.cumsum(starts) - 1
+    pair_row, pair_chunk, pair_stack = pair_row[order], pair_chunk[order], pair_stack[order]
     chunk_low = pair_chunk * size[pair_row]
     piece_low = np.maximum(low[pair_row], chunk_low)
     piece_high = np.minimum(high[pair_row], chunk_low + size[pair_row])
+    extent = piece_high[:, 2:] - piece_low[:, 2:]
     return ChunkPlan(
-        stack=unique[:, 0].copy(),
-        chunk=unique[:, 1:].copy(),
+        stack=pair_stack[starts].astype(np.int64),
+        chunk=pair_chunk[starts],
         piece_row=pair_row.astype(np.int64),
         piece_chunk=inverse.astype(np.int64),
         piece_low=piece_low[:, 1:],
         piece_high=piece_high[:, 1:],
+        piece_source=piece_low - chunk_low,
+        piece_target=piece_low[:, 1:] - low[pair_row, 1:],
+        piece_whole=np.all(extent == np.asarray(patch_size, dtype=np.int64), axis=1),
     )

@@ -11,6 +11,7 @@ copies an assembled batch to the GPU. Memory and faults: ``docs/design.md``,
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import threading
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 from .. import _validation as check
@@ -272,7 +274,7 @@ class ChunkReader:
             for k in touched:
                 if not self.stacks[k].remote:
                     self.stacks[k].check_unchanged()
-            _run(self._read_plan(plan, rows, out, stop))
+            _run(self._read_plan(plan, out, stop))
             # A store deleted during the reads gave fill values for the chunks
             # it no longer had: its metadata is gone now.
             for k in touched:
@@ -282,38 +284,16 @@ class ChunkReader:
     async def _read_plan(
         self,
         plan: ChunkPlan,
-        rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
         out: NDArray[Any],
         stop: threading.Event | None,
     ) -> None:
         # Pieces of each chunk: [bounds[j], bounds[j + 1]) (pieces are grouped by chunk).
-        bounds = np.searchsorted(plan.piece_chunk, np.arange(len(plan.chunk) + 1))
-        piece_row = plan.piece_row.tolist()
-        piece_low = plan.piece_low.tolist()
-        piece_high = plan.piece_high.tolist()
-        samples = rows[1].tolist()
-        # Each patch's origin on the axes C(Z)YX: channel 0 and its corner.
-        patch_origin = [[0, *corner] for corner in rows[2].tolist()]
+        bounds = np.searchsorted(plan.piece_chunk, np.arange(len(plan.chunk) + 1)).tolist()
+        patch_size = out.shape[2:]
         gate = asyncio.Semaphore(self._read_slots())
         # Once a chunk has failed, the batch is lost: the chunks still waiting
         # are not read (over a network each would wait out its own retries).
         failed = False
-
-        def copy_pieces(j: int, stack: int, index: tuple[int, ...], block: NDArray[Any]) -> None:
-            origin = [i * c for i, c in zip(index[1:], self.stacks[stack].chunks[1:], strict=True)]
-            sample_origin = index[0] * self.stacks[stack].chunks[0]
-            for p in range(int(bounds[j]), int(bounds[j + 1])):
-                row, low, high = piece_row[p], piece_low[p], piece_high[p]
-                corner = patch_origin[row]
-                target = (
-                    row,
-                    *(slice(a - b, c - b) for a, b, c in zip(low, corner, high, strict=True)),
-                )
-                source = (
-                    samples[row] - sample_origin,
-                    *(slice(a - o, c - o) for a, o, c in zip(low, origin, high, strict=True)),
-                )
-                out[target] = block[source]
 
         async def one(j: int) -> None:
             nonlocal failed
@@ -324,7 +304,7 @@ class ChunkReader:
             if block is not None:
                 self._cache.move_to_end(key)
                 self.cache_hits += 1
-                copy_pieces(j, stack, index, block)
+                _cut_pieces(plan, bounds[j], bounds[j + 1], block, out, patch_size)
                 return
             # At most _read_slots() chunks are outside the cache at once, from
             # the start of their read to the end of their copy (see cache_limit).
@@ -348,7 +328,7 @@ class ChunkReader:
                         raise fault
                     assert block is not None  # the read returned: no fault
                     self.chunks_read += 1
-                    copy_pieces(j, stack, index, block)
+                    _cut_pieces(plan, bounds[j], bounds[j + 1], block, out, patch_size)
                 finally:
                     self._reads_in_flight -= 1
                 # Cached after the read's count is released: the block is one of
@@ -606,6 +586,62 @@ class ChunkReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cut_pieces(
+    plan: ChunkPlan,
+    first: int,
+    stop: int,
+    block: NDArray[Any],
+    out: NDArray[Any],
+    patch_size: tuple[int, ...],
+) -> None:
+    """Copy the plan's pieces ``[first, stop)``, all of one chunk ``block``, into ``out``.
+
+    Most patches lie inside one chunk (but for channels): those are cut out
+    together with one gather from the chunk's sliding windows, which costs
+    about a copy per patch instead of a Python statement per patch (the
+    statements were most of a chunk-order epoch beyond decoding,
+    ``benchmarks/bench_stores.py``). The pieces of patches that straddle
+    chunks have shapes of their own and are copied one by one.
+    """
+    whole = plan.piece_whole[first:stop]
+    source = plan.piece_source[first:stop]
+    # Every piece of a chunk covers the chunk's channels, the same for all.
+    channels = slice(int(plan.piece_low[first, 0]), int(plan.piece_high[first, 0]))
+    if whole.any():
+        rows = plan.piece_row[first:stop][whole]
+        corners = source[whole]
+        windows = sliding_window_view(block, patch_size, axis=tuple(range(2, block.ndim)))
+        # Index arrays on the sample and spatial axes, every channel: the
+        # gather has shape (n, C, *patch_size), as out[rows, channels] has.
+        out[rows, channels] = windows[(corners[:, 0], slice(None), *corners[:, 2:].T)]
+    if whole.all():
+        return
+    straddling = np.flatnonzero(~whole) + first
+    extent = (plan.piece_high[straddling, 1:] - plan.piece_low[straddling, 1:]).T.tolist()
+    corner = plan.piece_source[straddling, 2:].T.tolist()
+    place = plan.piece_target[straddling, 1:].T.tolist()
+    # One slice per piece and spatial axis, made by list comprehensions, so
+    # that a piece costs two basic indexings and one copy.
+    targets = zip(
+        plan.piece_row[straddling].tolist(),
+        itertools.repeat(channels),
+        *(
+            [slice(a, a + e) for a, e in zip(p, x, strict=True)]
+            for p, x in zip(place, extent, strict=True)
+        ),
+    )
+    sources = zip(
+        plan.piece_source[straddling, 0].tolist(),
+        itertools.repeat(slice(None)),
+        *(
+            [slice(a, a + e) for a, e in zip(c, x, strict=True)]
+            for c, x in zip(corner, extent, strict=True)
+        ),
+    )
+    for target, source in zip(targets, sources, strict=True):
+        out[target] = block[source]
 
 
 def _host_rows(

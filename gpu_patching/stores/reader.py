@@ -615,7 +615,8 @@ def _cut_pieces(
         windows = sliding_window_view(block, patch_size, axis=tuple(range(2, block.ndim)))
         # Index arrays on the sample and spatial axes, every channel: the
         # gather has shape (n, C, *patch_size), as out[rows, channels] has.
-        out[rows, channels] = windows[(corners[:, 0], slice(None), *corners[:, 2:].T)]
+        index = (corners[:, 0], slice(None), *corners[:, 2:].T)
+        out[rows, channels] = windows[index]
     if whole.all():
         return
     straddling = np.flatnonzero(~whole) + first

@@ -36,9 +36,9 @@ from .stores import (
     check_order,
     check_reader_options,
     check_tile,
-    choose_tile,
     chunk_order,
     is_chunked_stack,
+    tile_choice,
     upload_batch,
 )
 from .strategy import StratifiedPatching
@@ -150,8 +150,10 @@ class PatchLoader:
         With ``order="chunks"``: chunks per tile along each spatial axis
         ``(Z)YX``. Default: :func:`gpu_patching.stores.choose_tile` of the
         cache budget and ``world_size`` (the tile that decodes fewest chunks
-        whose sweep fits in the cache). Larger tiles decode fewer chunks
-        twice; smaller ones give a more random order. Every rank must use
+        whose sweep fits in the cache), with the read-ahead that leaves the
+        cache room for the best such tile (fewer batches read ahead than a
+        shuffled epoch's where that saves decodes). Larger tiles decode
+        fewer chunks twice; smaller ones give a more random order. Every rank must use
         the same tile (the same ``cache_bytes`` and ``workers``, or an
         explicit ``chunk_tile``).
     worker_id, num_workers : int, default 0 and 1
@@ -323,8 +325,10 @@ class PatchLoader:
         self._order = order
         self._chunk_window = window
         self._worker = (worker_id, num_workers)
+        # The reader's own read-ahead unless the default tile comes with a shorter one.
+        self._read_ahead: int | None = None
         if order == "chunks" and tile is None:
-            tile = self._default_tile(world_size * num_workers)
+            tile, self._read_ahead = self._default_tile(world_size * num_workers)
         self._chunk_tile = tile
         self._as_torch = bool(as_torch)
         self._stream = stream
@@ -335,34 +339,50 @@ class PatchLoader:
         """The epoch of the next passes (0 until :meth:`set_epoch`)."""
         return self._epoch
 
-    def _default_tile(self, n_shards: int) -> tuple[int, ...]:
-        """Return :func:`~gpu_patching.stores.choose_tile` of the cache a pass leaves to chunks."""
+    def _default_tile(self, n_shards: int) -> tuple[tuple[int, ...], int | None]:
+        """Return the tile and read-ahead of a chunk order whose sweeps decode fewest chunks.
+
+        :func:`~gpu_patching.stores.tile_choice` of the cache a pass leaves to
+        chunks with each read-ahead from the reader's own down to one batch:
+        the tile that fits best and decodes fewest, then the longest
+        read-ahead (``None``: the reader's own). Batches read ahead save no
+        decodes in chunk order (a batch's chunks are its neighbours'), and each
+        one held takes room the sweep's chunks would use.
+        """
         assert self._reader is not None
         stores = self._reader.stacks
         first = stores[0]
         row_bytes = first.shape[1] * math.prod(self._strategy.patch_size) * first.dtype.itemsize
         batch_bytes = self._batch_size * row_bytes
-        # A pass takes from the budget, besides reads in flight (cache_limit
-        # leaves those out): the batches it reads ahead beyond two, the
-        # epoch's rows (int64 columns) and about 1 KiB of plan per row read
-        # ahead (ChunkReader.batches). The chunks of a read-ahead block's
-        # home chunks and of a window are wanted too, beside the sweep's planes.
-        ahead = self._reader.read_ahead(batch_bytes)
         n_rows = self._strategy.n_patches
         homes = sum(math.prod(s.chunk_grid[:1] + s.chunk_grid[2:]) for s in stores)
-        span = -(-ahead * self._batch_size * homes // max(n_rows, 1)) + self._chunk_window
-        pass_bytes = (
-            max(1, 2 * ahead - 2) * batch_bytes
-            + n_rows * 8 * (3 + len(self._strategy.patch_size))
-            + ahead * self._batch_size * 1024
-            + span * max(s.chunk_bytes for s in stores)
-        )
-        return choose_tile(
-            [s.chunk_grid for s in stores],
-            [s.chunk_bytes for s in stores],
-            max(0, self._reader.cache_limit - pass_bytes),
-            n_shards=n_shards,
-        )
+        own = self._reader.read_ahead(batch_bytes)
+        best: tuple[tuple[int, int, int], tuple[int, ...], int] | None = None
+        for ahead in range(own, 0, -1):
+            # A pass takes from the budget, besides reads in flight (cache_limit
+            # leaves those out): the batches it reads ahead beyond two, the
+            # epoch's rows (int64 columns) and about 1 KiB of plan per row read
+            # ahead (ChunkReader.batches). The chunks of a read-ahead block's
+            # home chunks and of a window are wanted too, beside the sweep's planes.
+            span = -(-ahead * self._batch_size * homes // max(n_rows, 1)) + self._chunk_window
+            pass_bytes = (
+                max(1, 2 * ahead - 2) * batch_bytes
+                + n_rows * 8 * (3 + len(self._strategy.patch_size))
+                + ahead * self._batch_size * 1024
+                + span * max(s.chunk_bytes for s in stores)
+            )
+            choice = tile_choice(
+                [s.chunk_grid for s in stores],
+                [s.chunk_bytes for s in stores],
+                max(0, self._reader.cache_limit - pass_bytes),
+                n_shards=n_shards,
+            )
+            rank = (-choice.fits, choice.decodes, -ahead)
+            if best is None or rank < best[0]:
+                best = (rank, choice.tile, ahead)
+        assert best is not None
+        _, tile, ahead = best
+        return tile, None if ahead == own else ahead
 
     @property
     def chunk_tile(self) -> tuple[int, ...] | None:
@@ -439,7 +459,7 @@ class PatchLoader:
     def _store_batches(self, epoch: int) -> Iterator[tuple[Any, PatchBatch]]:
         assert self._reader is not None
         rows = self._epoch_rows(epoch)
-        for raw, batch in self._reader.batches(rows, self._batch_size):
+        for raw, batch in self._reader.batches(rows, self._batch_size, read_ahead=self._read_ahead):
             # A store in the other byte order: swap while copying (no copy otherwise).
             patches = raw.astype(native_dtype(raw.dtype), copy=False)
             if not self._device_output:

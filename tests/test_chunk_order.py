@@ -22,6 +22,7 @@ from gpu_patching.stores import (  # noqa: E402
     choose_tile,
     chunk_order,
     open_stack,
+    sweep_axes,
 )
 
 
@@ -236,13 +237,15 @@ def test_a_row_is_homed_in_the_chunk_that_holds_its_corner(tmp_path):
     assert len(pairs) == len(set(order.group.tolist())) == len({p[1] for p in pairs})
 
 
-def _sweeps(tmp_path, epoch: int) -> tuple[object, list[list[tuple[int, ...]]]]:
-    """The chunk order of an 8x8 grid of chunks in tiles of 4x2, and each tile's home chunks."""
+def _sweeps(
+    tmp_path, epoch: int, tile: tuple[int, int] = (4, 2)
+) -> tuple[object, list[list[tuple[int, ...]]]]:
+    """An 8x8 grid of chunks in chunk order, tiles of ``tile``, and each tile's home chunks."""
     data = _data((1, 1, 256, 256), 2)
-    stack = _store(tmp_path / f"grid{epoch}.zarr", data, (1, 1, 32, 32))
+    stack = _store(tmp_path / f"grid{epoch}-{tile}.zarr", data, (1, 1, 32, 32))
     strategy = StratifiedPatching([data.shape], (8, 8), seed=4, backend="numpy")
     plain = strategy.sample_epoch(epoch).to_numpy()
-    order = chunk_order(plain, [stack.chunks], seed=4, epoch=epoch, tile=(4, 2), window=1)
+    order = chunk_order(plain, [stack.chunks], seed=4, epoch=epoch, tile=tile, window=1)
     homes = np.asarray(plain[order.rows].coords) // 32
     sweeps = [
         [tuple(h) for h, _ in itertools.groupby(homes[order.tile == tile].tolist())]
@@ -262,6 +265,23 @@ def test_inside_a_tile_home_chunks_come_row_by_row_and_tiles_come_whole(tmp_path
         directions = [1 if sweep[-1][axis] >= sweep[0][axis] else -1 for axis in range(2)]
         signed = [tuple(d * c for d, c in zip(directions, home, strict=True)) for home in sweep]
         assert signed == sorted(signed)
+
+
+def test_a_tile_is_swept_with_its_longest_axis_outermost(tmp_path):
+    # Tiles of 2x4 chunks: X outermost, so the sweep goes column by column.
+    order, sweeps = _sweeps(tmp_path, 1, tile=(2, 4))
+    assert order.n_tiles == 4 * 2
+    for sweep in sweeps:
+        directions = [1 if sweep[-1][axis] >= sweep[0][axis] else -1 for axis in range(2)]
+        signed = [(directions[1] * x, directions[0] * y) for y, x in sweep]
+        assert signed == sorted(signed)
+
+
+def test_sweep_axes_put_the_longest_axis_outermost_and_keep_ties_in_order():
+    assert sweep_axes((4, 8, 3)) == (1, 0, 2)
+    assert sweep_axes((4, 8, 8)) == (1, 2, 0)
+    assert sweep_axes((20, 20)) == (0, 1)
+    assert sweep_axes((2, 4)) == (1, 0)
 
 
 def test_sweep_directions_vary_between_tiles_and_epochs(tmp_path):
@@ -317,6 +337,31 @@ def test_chunk_order_with_a_tenth_of_the_store_cached_stays_near_the_floor(big_s
     assert chunks < shuffled / 5
 
 
+def _pattern(shape: tuple[int, ...]) -> np.ndarray:
+    """A uint16 stack that compresses well (written and decoded fast), every chunk stored."""
+    axes = np.indices(shape[2:], dtype=np.uint16)
+    return (axes[0] * 7 + axes[1] * 3 + axes[2])[None, None]
+
+
+def test_a_3d_store_at_a_full_size_budget_decodes_each_chunk_about_once(tmp_path):
+    # bench_stores' 3D store scaled down with its ratios kept: a 4x8x8 grid of
+    # chunks (here 16x128x128, 512 KiB; there 64x256x256), patches a quarter
+    # of a chunk per axis, batches of two chunks' bytes, a cache of 64 chunks
+    # (there the default 512 MiB), 6 reads in flight. Reads in flight and the
+    # reader's own read-ahead (9 batches) left 13 chunks of cache, so the
+    # default tile was 4x1x1 chunks (3.49 decodes per chunk, 3.53 at full
+    # size); a read-ahead of 2 batches leaves 41, for tiles of 4x8x3 swept
+    # along Y (two planes of 4x4 chunks): 1.22, the model's 320 / 256 = 1.25.
+    shape = (1, 1, 64, 1024, 1024)
+    stack = _store(tmp_path / "3d.zarr", _pattern(shape), (1, 1, 16, 128, 128))
+    strategy = StratifiedPatching([shape], (4, 32, 32), seed=1, backend="numpy")
+    loader = PatchLoader(
+        [stack], strategy, 128, order="chunks", cache_bytes=64 * stack.chunk_bytes, workers=6
+    )
+    assert len(_indices(loader)) == strategy.n_patches
+    assert loader._reader.chunks_read / np.prod(stack.chunk_grid) <= 1.25
+
+
 def test_two_ranks_together_decode_about_what_one_rank_decodes(big_stores):
     stack = big_stores["2D"]
     patch = BIG["2D"][2]
@@ -345,11 +390,15 @@ def test_every_shard_gets_at_least_two_tiles_where_the_grid_allows():
     assert n_tiles >= MIN_TILES_PER_SHARD * 4
 
 
-def test_a_3d_tile_holds_two_planes_of_chunks_in_the_cache():
+def test_a_3d_tile_holds_two_planes_across_its_longest_axis_in_the_cache():
     grid, chunk = [(1, 1, 4, 8, 8)], [128 << 10]
-    # Two planes of (T_y + 1) x (T_x + 1) chunks in 40 chunks: 20 per plane.
+    # Two planes in 40 chunks: 20 per plane. Swept along Y, a 4x8x4 tile's
+    # plane is 4 x (4 + 1) chunks (the whole Z, X one chunk past the tile):
+    # 4 x 8 x 9 decodes. Swept along Z, planes of (T_y + 1) x (T_x + 1) would
+    # allow 4x3x3 at best: 4 x 10 x 10.
     tile = choose_tile(grid, chunk, 40 * chunk[0])
-    assert tile[0] == 4 and (tile[1] + 1) * (tile[2] + 1) <= 20
+    assert tile == (4, 8, 4)
+    assert sweep_axes(tile)[0] == 1
 
 
 def test_an_explicit_chunk_tile_is_used(tmp_path):

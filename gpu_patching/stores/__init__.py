@@ -15,10 +15,13 @@ from .order import (
     MIN_TILES_PER_SHARD,
     ORDERS,
     ChunkOrder,
+    TileChoice,
     check_order,
     check_tile,
     choose_tile,
     chunk_order,
+    sweep_axes,
+    tile_choice,
 )
 from .plan import ChunkPlan, plan_chunks
 from .reader import (
@@ -48,6 +51,7 @@ __all__ = [
     "ChunkReader",
     "ChunkedStack",
     "StoreError",
+    "TileChoice",
     "as_chunked_stack",
     "check_order",
     "check_reader_options",
@@ -58,5 +62,7 @@ __all__ = [
     "is_chunked_stack",
     "open_stack",
     "plan_chunks",
+    "sweep_axes",
+    "tile_choice",
     "upload_batch",
 ]

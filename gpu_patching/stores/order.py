@@ -28,10 +28,13 @@ __all__ = [
     "MIN_TILES_PER_SHARD",
     "ORDERS",
     "ChunkOrder",
+    "TileChoice",
     "check_order",
     "check_tile",
     "choose_tile",
     "chunk_order",
+    "sweep_axes",
+    "tile_choice",
 ]
 
 #: Epoch orders a loader takes: the shuffled epoch, or the chunk order.
@@ -141,6 +144,51 @@ def check_tile(tile: object, n_axes: int, name: str = "chunk_tile") -> tuple[int
     return shape
 
 
+def sweep_axes(extent: Sequence[int] | NDArray[np.int64]) -> tuple[int, ...]:
+    """Return the spatial axes in the order a tile's home chunks are swept, outermost first.
+
+    The axis of the longest extent outermost, the shortest innermost (ties:
+    the earlier axis first). A sweep wants the chunks of about two
+    cross-sections across its outermost axis at once (the one swept and the
+    next, which its patches spill into), so the cross-section across the
+    longest axis is the smallest: a 4x8x8 tile of chunks swept along Y wants
+    two planes of 4x8 chunks, along Z two of 8x8.
+
+    Parameters
+    ----------
+    extent : sequence of int
+        The tile's chunks along each spatial axis, ``(Z)YX``.
+
+    Returns
+    -------
+    tuple of int
+        Axis numbers, outermost first.
+    """
+    sizes = [int(e) for e in extent]
+    return tuple(sorted(range(len(sizes)), key=lambda axis: -sizes[axis]))
+
+
+@dataclass(frozen=True)
+class TileChoice:
+    """A tile :func:`tile_choice` picked, and what its model counts for it.
+
+    Attributes
+    ----------
+    tile : tuple of int
+        Chunks per tile along each spatial axis.
+    decodes : int
+        Chunk decodes of one epoch's sweeps by the model (each chunk of its
+        tile once, plus the chunks just beyond a tile's far edges).
+    fits : int
+        2 when two cross-sections of the tile's sweep fit the cache (each
+        chunk decoded once in its tile), 1 when one does, 0 when neither.
+    """
+
+    tile: tuple[int, ...]
+    decodes: int
+    fits: int
+
+
 def _axis_candidates(longest: int) -> list[int]:
     """Tile sizes that give distinct tile counts on an axis of ``longest`` chunks."""
     return sorted({-(-longest // n) for n in range(1, longest + 1)})
@@ -155,13 +203,38 @@ def choose_tile(
 ) -> tuple[int, ...]:
     """Return the tile (chunks per spatial axis) that decodes fewest chunks within the cache.
 
-    A tile's sweep wants about two rows (2D) or planes (3D) of its chunks at
-    once, each one chunk longer than the tile on every inner axis (patches
-    reach into the next chunk); those must fit in ``cache_bytes``. Among the
-    tiles that fit, with at least :data:`MIN_TILES_PER_SHARD` tiles per
-    shard where the grid allows, the one whose sweeps decode fewest chunks
-    (each tile decodes its own chunks and the next chunk beyond its far edge
-    on every axis), then the one with more tiles (a more random order).
+    ``tile_choice(...).tile``: :func:`tile_choice` takes the same arguments,
+    raises the same errors and says how the tile is picked.
+
+    Returns
+    -------
+    tuple of int
+        Chunks per tile along each spatial axis; all ones when not even one
+        chunk's sweep fits.
+    """
+    return tile_choice(grids, chunk_bytes, cache_bytes, n_shards=n_shards).tile
+
+
+def tile_choice(
+    grids: Sequence[tuple[int, ...]],
+    chunk_bytes: Sequence[int],
+    cache_bytes: int,
+    *,
+    n_shards: int = 1,
+) -> TileChoice:
+    """Return the tile that decodes fewest chunks within the cache, with its model's counts.
+
+    A tile's sweep (its axes in :func:`sweep_axes` order) wants about two
+    cross-sections of its chunks across its outermost axis at once (rows in
+    2D, planes in 3D), each one chunk longer than the tile on every other
+    axis (patches reach into the next chunk). Those two must fit in
+    ``cache_bytes``: the cache drops the chunks used least recently, which
+    include the cross-section just finished, so one cross-section of room
+    is not enough. Among the tiles that fit, with at least
+    :data:`MIN_TILES_PER_SHARD` tiles per shard where the grid allows, the
+    one whose sweeps decode fewest chunks (each tile decodes its own chunks
+    and the next chunk beyond its far edge on every axis), then the one
+    with more tiles (a more random order).
 
     Parameters
     ----------
@@ -177,9 +250,9 @@ def choose_tile(
 
     Returns
     -------
-    tuple of int
-        Chunks per tile along each spatial axis; all ones when not even one
-        chunk's sweep fits.
+    TileChoice
+        The tile (all ones when not even one chunk's sweep fits), its
+        decodes by the model and how much of its sweep fits.
 
     Raises
     ------
@@ -220,8 +293,13 @@ def choose_tile(
     # Each tile decodes its chunks and one more beyond its far edge on every
     # axis that goes on: along an axis of G chunks in n tiles, G + n - 1.
     decodes = (np.prod(grid[None] + counts - 1, axis=2) * chunks_per_home).sum(axis=1)
-    plane = np.prod(np.minimum(candidates[:, None, 1:] + 1, grid[None, :, 1:]), axis=2)
-    plane_bytes = (plane * home_bytes).max(axis=1)
+    # A cross-section: the tile and one chunk more (at most the grid) on every
+    # axis but the outermost one chunk_order sweeps (from the tile's extent
+    # within the largest grid).
+    reach = np.minimum(candidates[:, None] + 1, grid[None])  # (K, stacks, d)
+    outer = [sweep_axes(np.minimum(c, grid.max(axis=0)))[0] for c in candidates]
+    reach[np.arange(len(candidates)), :, outer] = 1
+    plane_bytes = (np.prod(reach, axis=2) * home_bytes).max(axis=1)
     wanted = min(MIN_TILES_PER_SHARD * shards, int(n_tiles.max())) if shards > 1 else 1
     enough = n_tiles >= wanted
     # Two planes in the cache: each chunk is decoded once in its tile's sweep.
@@ -236,8 +314,11 @@ def choose_tile(
             break
     else:
         usable = np.flatnonzero(fits)
-    best = usable[np.lexsort((-n_tiles[usable], decodes[usable]))[0]]
-    return tuple(int(t) for t in candidates[best])
+    # Ties (a tile and its transpose): the one longer on earlier axes, swept
+    # like an untransposed tile (outermost axis first).
+    best = usable[np.lexsort((-usable, -n_tiles[usable], decodes[usable]))[0]]
+    level = int(plane_bytes[best] <= budget) + int(2 * plane_bytes[best] <= budget)
+    return TileChoice(tuple(int(t) for t in candidates[best]), int(decodes[best]), level)
 
 
 def _keys(
@@ -376,11 +457,15 @@ def chunk_order(
     # orders it), each axis forwards or backwards by a bit of the tile's own.
     # Backwards costs nothing: the row swept before is then the next row,
     # whose chunks this row's patches spill into, still cached.
+    # The axes in sweep_axes order (the tile's extent, or the home chunks'
+    # where they reach less far).
     bits = random_uint32(seed, np.arange(n_tiles), epoch, PURPOSE_SWEEP).astype(np.int64)
     axes = np.arange(spatial.shape[1])
     backwards = (bits[home_tile][:, None] >> axes) & 1
     signed = np.where(backwards == 1, -spatial, spatial)
-    sweep = np.lexsort((*signed.T[::-1], tile_rank[home_tile]))
+    extent = spatial.max(axis=0) + 1
+    swept = list(sweep_axes(extent if tile_shape is None else np.minimum(tile_shape, extent)))
+    sweep = np.lexsort((*signed[:, swept].T[::-1], tile_rank[home_tile]))
     home_position = np.empty(n_groups, dtype=np.int64)
     home_position[sweep] = np.arange(n_groups, dtype=np.int64)
     row_tile = home_tile[group]

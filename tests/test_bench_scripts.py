@@ -595,6 +595,9 @@ def test_the_local_s3_server_counts_each_request_it_answers(tmp_path: Path) -> N
         server.stop()
 
 
+S3_FSSPEC = ("fsspec", "fsspec, max_concurrency=1")
+
+
 def test_over_s3_each_per_patch_read_asks_once_for_each_chunk_its_patch_touches(
     tmp_path: Path,
 ) -> None:
@@ -617,6 +620,11 @@ def test_over_s3_each_per_patch_read_asks_once_for_each_chunk_its_patch_touches(
         assert 64 <= int(per_patch[3].replace(",", "")) <= 4 * 64
         for order in ("PatchLoader, shuffled (default)", "PatchLoader, order='chunks'"):
             assert int(by_kind[(order, kind)][3].replace(",", "")) >= 16  # each chunk once
+    # The 'fsspec' row keeps s3fs's defaults (open_stack's own is max_concurrency=1):
+    # a size request (HEAD) before each of the 16 chunks' reads.
+    chunk_order = "PatchLoader, order='chunks'"
+    requests = {k: int(by_kind[(chunk_order, k)][3].replace(",", "")) for k in S3_FSSPEC}
+    assert requests["fsspec"] >= requests["fsspec, max_concurrency=1"] + 16
     verdict = next(line for line in report.lines if line.startswith("The loader's best epoch"))
     assert "faster than `open_stack`'s fsspec store with s3fs's defaults" in verdict
     assert verdict.endswith(("worth switching (docs/design.md).", "fsspec stays."))

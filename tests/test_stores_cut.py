@@ -6,6 +6,8 @@ slicing the same array in memory.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 
@@ -131,3 +133,41 @@ def test_plan_of_a_chunk_grid_past_int64_still_lists_each_chunk_once():
     keys = [tuple(c) for c in plan.chunk.tolist()]
     assert keys == sorted(set(keys)) and len(keys) == 7  # 4 + 4 - 1 shared
     assert _coverage_is_exact(plan, rows, 1, (2, 2))
+
+
+# -- the arrays of the windows ---------------------------------------------------------------
+
+
+def _window_store(tmp_path):
+    data = _data((1, 1, 64, 64), seed=23)
+    zarr.create_array(
+        str(tmp_path / "a.zarr"), shape=data.shape, chunks=(1, 1, 16, 16), dtype=data.dtype
+    )[...] = data
+    strategy = StratifiedPatching([data.shape], (8, 8), seed=4)
+    rows = strategy.sample_epoch(0, shuffle=True).to_numpy()  # 64 rows: 16 batches of 4
+    return data, open_stack(tmp_path / "a.zarr"), rows
+
+
+def test_a_pass_writes_again_the_array_of_a_window_the_consumer_let_go(tmp_path):
+    data, stack, rows = _window_store(tmp_path)
+    reader = ChunkReader([stack], cache_bytes=0, memory="call")
+    arrays: list = []  # every window array seen (weakly: holding one would keep it)
+    for patches, batch in reader.batches(rows, 4, read_ahead=2):
+        if not any(patches.base is seen() for seen in arrays):
+            arrays.append(weakref.ref(patches.base))
+        assert np.array_equal(patches, _sliced(data, batch.sample_idx, batch.coords, (8, 8)))
+        del patches
+    # 9 windows (1 + 8 of 2 batches) took turns on 3 arrays.
+    assert len(arrays) == 3
+
+
+def test_batches_the_consumer_keeps_are_never_written_again(tmp_path):
+    data, stack, rows = _window_store(tmp_path)
+    reader = ChunkReader([stack], cache_bytes=0, memory="call")
+    kept = []
+    for k, (patches, batch) in enumerate(reader.batches(rows, 4, read_ahead=2)):
+        if k % 3 == 0:  # one batch of some windows, as a view of its window
+            kept.append((patches, batch))
+    assert len(kept) == 6
+    for patches, batch in kept:
+        assert np.array_equal(patches, _sliced(data, batch.sample_idx, batch.coords, (8, 8)))

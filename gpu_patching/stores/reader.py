@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -259,11 +260,16 @@ class ChunkReader:
         rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
         patch_size: tuple[int, ...],
         stop: threading.Event | None,
+        out: NDArray[Any] | None = None,
     ) -> NDArray[Any]:
-        """:meth:`read`; once ``stop`` is set, chunks not yet read are skipped (_StoppedError)."""
+        """:meth:`read` (into ``out``, if given); once ``stop`` is set, skip the rest.
+
+        Chunks not yet read when ``stop`` is set are skipped (_StoppedError).
+        """
         n_rows = len(rows[0])
         n_channels = self.stacks[0].shape[1]
-        out = np.empty((n_rows, n_channels, *patch_size), dtype=self.stacks[0].dtype)
+        if out is None:
+            out = np.empty((n_rows, n_channels, *patch_size), dtype=self.stacks[0].dtype)
         if n_rows == 0:
             return out
         plan = plan_chunks(self.shapes, [s.chunks for s in self.stacks], rows, patch_size)
@@ -551,9 +557,13 @@ class ChunkReader:
         prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu_patching_prefetch")
         stop = threading.Event()
 
+        first = self.stacks[0]
+        buffers = _WindowBuffers((first.shape[1], *patch_size), first.dtype)
+
         def submit(batch_starts: list[int]) -> Future[NDArray[Any]]:
             part = rows[batch_starts[0] : batch_starts[-1] + size]
-            return prefetch.submit(self._read, _host_rows(part), patch_size, stop)
+            out = buffers.take(len(part))
+            return prefetch.submit(self._read, _host_rows(part), patch_size, stop, out)
 
         pending: Future[NDArray[Any]] | None = submit(windows[0])
         try:
@@ -586,6 +596,37 @@ class ChunkReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _WindowBuffers:
+    """The arrays of a pass's last two windows, written again once the consumer lets go.
+
+    A fresh array per window costs its page faults, as much as cutting the
+    patches into it for windows past glibc's largest heap block (32 MiB, a
+    3D window of 9 batches of 16 MiB). The window read next takes the array
+    of the window before the current one when nothing but this pool refers
+    to it: a batch the consumer keeps (in a list, as a view, as a tensor of
+    ``torch.from_numpy``) refers to its window's array, which is then never
+    written again. The pool holds the two windows a pass counts anyway (the
+    one handed over and the one read ahead).
+    """
+
+    def __init__(self, row_shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        self._row_shape = row_shape
+        self._dtype = dtype
+        self._arrays: list[NDArray[Any]] = []
+
+    def take(self, n_rows: int) -> NDArray[Any]:
+        """Return an array of ``n_rows`` rows: the oldest one released, or a new one."""
+        if len(self._arrays) == 2:
+            oldest = self._arrays.pop(0)
+            # References: oldest and getrefcount's argument; a view adds its own.
+            if sys.getrefcount(oldest) == 2 and len(oldest) >= n_rows:
+                self._arrays.append(oldest)
+                return oldest[:n_rows]
+        array = np.empty((n_rows, *self._row_shape), dtype=self._dtype)
+        self._arrays.append(array)
+        return array
 
 
 def _cut_pieces(

@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,11 +158,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+#: A decimal number as a storage option's value (an int, or a float with a point or exponent).
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+#: Words of option names whose values are text even when made of digits.
+_TEXT_ONLY = ("key", "secret", "token", "pass", "user", "profile", "credential", "account", "id")
+
+
 def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """Return the ``--storage-option KEY=VALUE`` flags as fsspec storage_options (None if none).
 
-    ``true``/``false`` become booleans and a JSON object (``client_kwargs={...}``)
-    a dict; every other value stays a string (a key or secret made of digits too).
+    ``true``/``false`` become booleans, a JSON object (``client_kwargs={...}``)
+    a dict and a decimal number (``max_concurrency=4``, ``timeout=2.5``) a number,
+    except for options that name a credential or an account (``key``,
+    ``secret``, ``token``, ``profile``, ...): those stay strings, digits or not.
     """
     pairs = getattr(args, "storage_option", None) or []
     if not pairs:
@@ -175,6 +184,8 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
         parsed: Any = value
         if value in ("true", "false"):
             parsed = value == "true"
+        elif _NUMBER.fullmatch(value) and not any(word in key.lower() for word in _TEXT_ONLY):
+            parsed = float(value) if any(c in value for c in ".eE") else int(value)
         elif value.startswith("{"):
             try:
                 parsed = json.loads(value)
@@ -411,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
             action="append",
             metavar="KEY=VALUE",
             help=f"an fsspec storage option of {inputs} given by URL (s3://, gs://, https://), "
-            "e.g. anon=true or endpoint_url=https://...; repeatable",
+            "e.g. anon=true, max_concurrency=4 or endpoint_url=https://... (a number is "
+            "passed as a number, except for credentials); repeatable",
         )
 
     def common(sub: argparse.ArgumentParser) -> None:

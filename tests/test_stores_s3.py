@@ -178,6 +178,31 @@ def test_the_command_takes_storage_options(s3, tmp_path):
     assert set(table[:, 2]) == {0, 1, 2}  # the three time points are the samples
 
 
+def test_a_numeric_storage_option_reaches_the_file_system_as_a_number(s3, tmp_path):
+    # s3fs compares max_concurrency with an int: as the string "4" the read fails.
+    endpoint, _ = s3
+    output = tmp_path / "epoch.csv"
+    options = [f"--storage-option={k}={v}" for k, v in _options(endpoint).items()]
+    code = main(["sample", "s3://images/2d-v05.ome.zarr", *options,
+                 "--storage-option", "max_concurrency=4", "--patch", "16", "16",
+                 "-o", str(output)])  # fmt: skip
+    assert code == 0
+    assert output.exists()
+
+
+def test_a_credential_made_of_digits_stays_a_string(s3, tmp_path):
+    # A key or secret of digits must reach s3fs unchanged (as text), not as a number.
+    endpoint, _ = s3
+    output = tmp_path / "epoch.csv"
+    options = [f"--storage-option=endpoint_url={endpoint}", "--storage-option=key=123456",
+               "--storage-option=secret=987654"]  # fmt: skip
+    code = main(["sample", "s3://images/2d-v05.ome.zarr", *options, "--patch", "16", "16",
+                 "-o", str(output)])  # fmt: skip
+    # moto accepts any credentials unless its authentication is switched on: the
+    # read succeeds only if botocore got strings (a number there is a TypeError).
+    assert code == 0
+
+
 def test_a_missing_image_is_a_file_not_found_error_naming_the_url(s3):
     endpoint, _ = s3
     with pytest.raises(FileNotFoundError, match=r"s3://images/absent\.ome\.zarr"):

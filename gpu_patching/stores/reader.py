@@ -11,9 +11,7 @@ copies an assembled batch to the GPU. Memory and faults: ``docs/design.md``,
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -21,7 +19,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 from .. import _validation as check
@@ -40,6 +37,7 @@ from .budget import (
     pass_rows_bytes,
     reserved_batches,
 )
+from .cut import WindowBuffers, cut_pieces
 from .plan import ChunkPlan, plan_chunks
 from .stack import ChunkedStack, StoreError, as_chunked_stack
 from .upload import upload_batch
@@ -314,7 +312,7 @@ class ChunkReader:
             if block is not None:
                 self._cache.move_to_end(key)
                 self.cache_hits += 1
-                _cut_pieces(plan, bounds[j], bounds[j + 1], block, out, patch_size)
+                cut_pieces(plan, bounds[j], bounds[j + 1], block, out, patch_size)
                 return
             # At most _read_slots() chunks are outside the cache at once, from
             # the start of their read to the end of their copy (see cache_limit).
@@ -338,7 +336,7 @@ class ChunkReader:
                         raise fault
                     assert block is not None  # the read returned: no fault
                     self.chunks_read += 1
-                    _cut_pieces(plan, bounds[j], bounds[j + 1], block, out, patch_size)
+                    cut_pieces(plan, bounds[j], bounds[j + 1], block, out, patch_size)
                 finally:
                     self._reads_in_flight -= 1
                 # Cached after the read's count is released: the block is one of
@@ -562,7 +560,7 @@ class ChunkReader:
         stop = threading.Event()
 
         first = self.stacks[0]
-        buffers = _WindowBuffers((first.shape[1], *patch_size), first.dtype)
+        buffers = WindowBuffers((first.shape[1], *patch_size), first.dtype)
 
         def submit(batch_starts: list[int]) -> Future[NDArray[Any]]:
             part = rows[batch_starts[0] : batch_starts[-1] + size]
@@ -606,94 +604,6 @@ class ChunkReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _WindowBuffers:
-    """The arrays of a pass's last two windows, written again once the consumer lets go.
-
-    A fresh array per window costs its page faults, as much as cutting the
-    patches into it for windows past glibc's largest heap block (32 MiB, a
-    3D window of 9 batches of 16 MiB). The window read next takes the array
-    of the window before the current one when nothing but this pool refers
-    to it: a batch the consumer keeps (in a list, as a view, as a tensor of
-    ``torch.from_numpy``) refers to its window's array, which is then never
-    written again. The pool holds the two windows a pass counts anyway (the
-    one handed over and the one read ahead).
-    """
-
-    def __init__(self, row_shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
-        self._row_shape = row_shape
-        self._dtype = dtype
-        self._arrays: list[NDArray[Any]] = []
-
-    def take(self, n_rows: int) -> NDArray[Any]:
-        """Return an array of ``n_rows`` rows: the oldest one released, or a new one."""
-        if len(self._arrays) == 2:
-            oldest = self._arrays.pop(0)
-            # References: oldest and getrefcount's argument; a view adds its own.
-            if sys.getrefcount(oldest) == 2 and len(oldest) >= n_rows:
-                self._arrays.append(oldest)
-                return oldest[:n_rows]
-        array = np.empty((n_rows, *self._row_shape), dtype=self._dtype)
-        self._arrays.append(array)
-        return array
-
-
-def _cut_pieces(
-    plan: ChunkPlan,
-    first: int,
-    stop: int,
-    block: NDArray[Any],
-    out: NDArray[Any],
-    patch_size: tuple[int, ...],
-) -> None:
-    """Copy the plan's pieces ``[first, stop)``, all of one chunk ``block``, into ``out``.
-
-    Most patches lie inside one chunk (but for channels): those are cut out
-    together with one gather from the chunk's sliding windows, which costs
-    about a copy per patch instead of a Python statement per patch (the
-    statements were most of a chunk-order epoch beyond decoding,
-    ``benchmarks/bench_stores.py``). The pieces of patches that straddle
-    chunks have shapes of their own and are copied one by one.
-    """
-    whole = plan.piece_whole[first:stop]
-    source = plan.piece_source[first:stop]
-    # Every piece of a chunk covers the chunk's channels, the same for all.
-    channels = slice(int(plan.piece_low[first, 0]), int(plan.piece_high[first, 0]))
-    if whole.any():
-        rows = plan.piece_row[first:stop][whole]
-        corners = source[whole]
-        windows = sliding_window_view(block, patch_size, axis=tuple(range(2, block.ndim)))
-        # Index arrays on the sample and spatial axes, every channel: the
-        # gather has shape (n, C, *patch_size), as out[rows, channels] has.
-        index = (corners[:, 0], slice(None), *corners[:, 2:].T)
-        out[rows, channels] = windows[index]
-    if whole.all():
-        return
-    straddling = np.flatnonzero(~whole) + first
-    extent = (plan.piece_high[straddling, 1:] - plan.piece_low[straddling, 1:]).T.tolist()
-    corner = plan.piece_source[straddling, 2:].T.tolist()
-    place = plan.piece_target[straddling, 1:].T.tolist()
-    # One slice per piece and spatial axis, made by list comprehensions, so
-    # that a piece costs two basic indexings and one copy.
-    targets = zip(
-        plan.piece_row[straddling].tolist(),
-        itertools.repeat(channels),
-        *(
-            [slice(a, a + e) for a, e in zip(p, x, strict=True)]
-            for p, x in zip(place, extent, strict=True)
-        ),
-    )
-    sources = zip(
-        plan.piece_source[straddling, 0].tolist(),
-        itertools.repeat(slice(None)),
-        *(
-            [slice(a, a + e) for a, e in zip(c, x, strict=True)]
-            for c, x in zip(corner, extent, strict=True)
-        ),
-    )
-    for target, source in zip(targets, sources, strict=True):
-        out[target] = block[source]
 
 
 def _host_rows(

@@ -1482,7 +1482,7 @@ def throughput_section(args: Any, selected: list[Case], seconds: float, report: 
     )
     report.emit(
         "Device output: `PatchLoader(..., device_output=True)` uploads each assembled "
-        "batch (`gpu_patching.stores.upload_batch`) rather than the chunks it was cut "
+        "batch (`gpu_patching.loader.upload_batch`) rather than the chunks it was cut "
         "from, since those are many times its bytes (the lines above); the device-output "
         "section below times it on a GPU.",
         "",

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from . import _validation as check
 from .arrays import is_device_array
@@ -39,11 +40,45 @@ from .stores import (
     chunk_order,
     is_chunked_stack,
     tile_choice,
-    upload_batch,
 )
 from .strategy import StratifiedPatching
 
-__all__ = ["PatchLoader"]
+__all__ = ["PatchLoader", "upload_batch"]
+
+
+def upload_batch(patches: NDArray[Any], stream: Any = None) -> Any:
+    """Copy an assembled batch to the current CUDA device, ordered for the current stream.
+
+    The copy is enqueued on ``stream``; the current stream then waits for it
+    through an event, without blocking the host. Uploading the assembled
+    batch moves ``len(batch) * C * prod(patch_size)`` elements, while
+    uploading the chunks to crop them on the device would move every decoded
+    chunk the batch touches (see ``benchmarks/results/stores.md``). A
+    :class:`PatchLoader` with ``device_output=True`` over chunked stores
+    uploads each batch with it.
+
+    Parameters
+    ----------
+    patches : numpy.ndarray
+        The batch.
+    stream : cupy.cuda.Stream, optional
+        The stream of the copy; default: the current stream.
+
+    Returns
+    -------
+    cupy.ndarray
+        The batch on the device.
+    """
+    import cupy
+
+    current = cupy.cuda.get_current_stream()
+    stream = current if stream is None else stream
+    with stream:
+        device = cupy.asarray(patches)
+        done = cupy.cuda.Event(disable_timing=True)
+        done.record(stream)
+    current.wait_event(done)
+    return device
 
 
 def _stack_dtype(stack: Any, name: str) -> np.dtype[Any]:

@@ -5,7 +5,7 @@
 once, through a cache. Modules: ``open`` (every file and store is opened
 there), ``stack`` (the stack view), ``plan`` (the chunks of a batch),
 ``order`` (an epoch in chunk order),
-``reader`` (reads, cache, upload). How and why: ``docs/design.md``,
+``reader`` (reads, cache). How and why: ``docs/design.md``,
 "Chunked stores".
 """
 
@@ -33,7 +33,6 @@ from .reader import (
     ChunkReader,
     check_reader_options,
     default_cache_bytes,
-    upload_batch,
 )
 from .stack import ChunkedStack, StoreError, as_chunked_stack, is_chunked_stack
 
@@ -64,5 +63,4 @@ __all__ = [
     "plan_chunks",
     "sweep_axes",
     "tile_choice",
-    "upload_batch",
 ]

@@ -3,9 +3,8 @@
 :class:`ChunkReader` plans a batch (:func:`~gpu_patching.stores.plan_chunks`),
 reads each chunk it touches once, concurrently, through a byte-limited cache,
 and reads the next batches on a thread while these train, within its budget
-(:mod:`.budget`); :func:`.upload.upload_batch`
-copies an assembled batch to the GPU. Memory and faults: ``docs/design.md``,
-"Chunked stores".
+(:mod:`.budget`), cutting patches out of chunks with :mod:`.cut`. Memory and
+faults: ``docs/design.md``, "Chunked stores".
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from .budget import (
 from .cut import WindowBuffers, cut_pieces
 from .plan import ChunkPlan, plan_chunks
 from .stack import ChunkedStack, StoreError, as_chunked_stack
-from .upload import upload_batch
 
 __all__ = [
     "DECODE_THREADS",
@@ -51,7 +49,6 @@ __all__ = [
     "ChunkReader",
     "check_reader_options",
     "default_cache_bytes",
-    "upload_batch",
 ]
 
 

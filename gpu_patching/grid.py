@@ -18,7 +18,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from . import cuda
 from .arrays import to_host
+from .cuda import KernelFunctions
+from .kernels.count import SUBTRACT_IN_ORDER, subtract_in_order_args
 
 __all__ = [
     "MAX_PROBABILITY",
@@ -216,40 +219,35 @@ def quantise_probabilities(probabilities: Any, xp: Any = np) -> Any:
     return q
 
 
-#: Name of the device kernel of :func:`_subtract_in_order` (CuPy memoises it).
-_FOLD_KERNEL_NAME = "gpu_patching_subtract_in_order"
-_fold_kernels: dict[int, Any] = {}
-
-
-def _subtract_in_order(start: float, terms: Any, xp: Any) -> Any:
+def _subtract_in_order(
+    start: float, terms: Any, xp: Any, functions: KernelFunctions | None = None
+) -> Any:
     """Return ``(((start - t_0) - t_1) - ...)`` per row of ``terms``, rounded at every step.
 
     The reference subtracts one float64 at a time, and float64 subtraction
     does not associate: a tree or a scan (``cumsum``) rounds differently, and
     the ceil of the result can move by one. So the fold is strictly
     sequential along a row: NumPy's ``subtract.accumulate`` is defined as
-    that loop; on the device one thread per row runs it (CuPy has no
-    ``subtract.accumulate``), compiled without fast-math, so every step is
-    one IEEE-754 subtraction as on the host.
+    that loop; on the device (CuPy has no ``subtract.accumulate``) the shipped
+    kernel ``subtract_in_order`` (``kernels/count.cu``) runs it, one thread
+    per row, compiled without FMA contraction, so every step is one IEEE-754
+    subtraction as on the host. ``functions`` (the host tests' hook, see
+    :class:`gpu_patching.cuda.Launcher`) runs the device branch with NumPy.
     """
     batch, n_terms = terms.shape
-    if xp is np:
+    if xp is np and functions is None:
         running = np.empty((batch, n_terms + 1), dtype=np.float64)
         running[:, 0] = start
         running[:, 1:] = terms
         np.subtract.accumulate(running, axis=1, out=running)
         return running[:, -1].copy()
-    kernel = _fold_kernels.get(id(xp))
-    if kernel is None:
-        kernel = xp.ElementwiseKernel(
-            "raw float64 terms, int64 n_terms",
-            "float64 total",
-            "for (long long k = 0; k < n_terms; ++k) { total = total - terms[i * n_terms + k]; }",
-            _FOLD_KERNEL_NAME,
-        )
-        _fold_kernels[id(xp)] = kernel
     total = xp.full(batch, start, dtype=xp.float64)
-    kernel(xp.ascontiguousarray(terms), np.int64(n_terms), total)
+    args = subtract_in_order_args(xp.ascontiguousarray(terms), total)
+    if functions is None:
+        functions = cuda.device_functions(xp)
+    device_id = 0 if xp is np else cuda.current_device_id(xp)
+    blocks, threads = cuda.launch_grid(batch)
+    cuda.launch(functions, SUBTRACT_IN_ORDER, device_id, (blocks,), (threads,), args)
     return total
 
 
@@ -279,6 +277,8 @@ def patch_budget(
     probability: Any,
     set_order: Any,
     xp: Any = np,
+    *,
+    functions: KernelFunctions | None = None,
 ) -> NDArray[np.float64]:
     """Return the reference's patch count before exclusions and ceil, per sample.
 
@@ -303,6 +303,11 @@ def patch_budget(
         distinct within a sample), or -1 for a region never set.
     xp : module
         Array namespace of ``probability`` and ``set_order``.
+    functions : KernelFunctions, optional
+        Where the fold's kernel comes from (:func:`gpu_patching.cuda.launch`);
+        CuPy's compile of ``kernels/count.cu`` when ``xp`` is CuPy. Given with
+        NumPy (the host tests), the fold runs through the kernel's launch path
+        instead of ``numpy.subtract.accumulate``.
 
     Returns
     -------
@@ -329,7 +334,7 @@ def patch_budget(
     # Padding with 0.0 changes no float: (t - 0.0) is t.
     terms = xp.zeros((batch, int(per_sample.max())), dtype=xp.float64)
     terms[sample, place] = 1.0 - probability[sample, cell]  # 1 - p, one IEEE step
-    total = _subtract_in_order(start, terms, xp)
+    total = _subtract_in_order(start, terms, xp, functions)
     return to_host(total, np.float64)
 
 

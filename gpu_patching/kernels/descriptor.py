@@ -24,7 +24,8 @@ __all__ = [
 ]
 
 #: The NumPy scalar type of each C type the kernels use; a pointer's element
-#: type maps the same way (``const long long*`` -> int64 arrays).
+#: type maps the same way (``const long long*`` -> int64 arrays). ``double``
+#: only ever types a pointer (``Kernel.arguments`` takes integer scalars).
 C_SCALAR_TYPES: dict[str, type[np.generic]] = {
     "int": np.int32,
     "unsigned int": np.uint32,
@@ -32,6 +33,7 @@ C_SCALAR_TYPES: dict[str, type[np.generic]] = {
     "unsigned long long": np.uint64,
     "unsigned char": np.uint8,
     "unsigned short": np.uint16,
+    "double": np.float64,
 }
 
 #: The argument that passes a null pointer to a kernel: a 64-bit zero. CuPy

@@ -17,34 +17,15 @@ from gpu_patching.cli import main
 
 zarr = pytest.importorskip("zarr", minversion="3")
 pytest.importorskip("yaozarrs")
+from ome_images import write_ome  # noqa: E402
+
 from gpu_patching.stores import open_stack  # noqa: E402
 
-_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 VERSIONS = pytest.mark.parametrize("zarr_format", [2, 3], ids=["ome-zarr-0.4", "ome-zarr-0.5"])
 
 
 def _data(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 60000, shape, dtype=np.uint16)
-
-
-def write_ome(path: Path, full: np.ndarray, axes: str, zarr_format: int, levels: int = 2) -> Path:
-    """Write an OME-Zarr image: level k halves Y and X ``k`` times."""
-    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
-    datasets = []
-    for k in range(levels):
-        step = tuple(2**k if a in "yx" else 1 for a in axes)
-        level = full[tuple(slice(None, None, s) for s in step)]
-        chunks = tuple(8 if a in "zyx" else 1 for a in axes)
-        group.create_array(str(k), shape=level.shape, chunks=chunks, dtype=level.dtype)[...] = level
-        datasets.append(
-            {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": list(step)}]}
-        )
-    image = {"axes": [{"name": a, "type": _TYPES[a]} for a in axes], "datasets": datasets}
-    if zarr_format == 2:
-        group.attrs["multiscales"] = [{"version": "0.4", **image}]
-    else:
-        group.attrs["ome"] = {"version": "0.5", "multiscales": [image]}
-    return path
 
 
 def _sliced(stack: np.ndarray, batch) -> np.ndarray:

@@ -29,9 +29,10 @@ pytest.importorskip("s3fs")
 pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
 
+from ome_images import write_ome  # noqa: E402
+
 from gpu_patching.stores import StoreError, open_stack  # noqa: E402
 
-_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
 # moto accepts any credentials until its authentication is switched on.
 _KEY, _SECRET = "AKIAGPUPATCHINGTEST0", "gpu-patching-test-secret-value-0123456789"
 
@@ -54,25 +55,6 @@ def _options(endpoint: str, key: str = _KEY, secret: str = _SECRET) -> dict:
     return {"endpoint_url": endpoint, "key": key, "secret": secret}
 
 
-def _write_ome(url: str, full: np.ndarray, axes: str, zarr_format: int, options: dict) -> None:
-    """Write a two-level OME-Zarr image to ``url`` with zarr (level 1 halves Y and X)."""
-    group = zarr.open_group(url, mode="w", zarr_format=zarr_format, storage_options=options)
-    datasets = []
-    for k in range(2):
-        step = tuple(2**k if a in "yx" else 1 for a in axes)
-        level = full[tuple(slice(None, None, s) for s in step)]
-        chunks = tuple(16 if a in "zyx" else 1 for a in axes)
-        group.create_array(str(k), shape=level.shape, chunks=chunks, dtype=level.dtype)[...] = level
-        datasets.append(
-            {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": list(step)}]}
-        )
-    image = {"axes": [{"name": a, "type": _TYPES[a]} for a in axes], "datasets": datasets}
-    if zarr_format == 2:
-        group.attrs["multiscales"] = [{"version": "0.4", **image}]
-    else:
-        group.attrs["ome"] = {"version": "0.5", "multiscales": [image]}
-
-
 #: name -> (metadata axes, shape, zarr format, the pixels as SC(Z)YX)
 IMAGES = {
     "2d-v04": ("cyx", (2, 96, 80), 2, lambda a: a[None]),
@@ -92,7 +74,14 @@ def s3():
     pixels = {}
     for k, (name, (axes, shape, zarr_format, to_scyx)) in enumerate(IMAGES.items()):
         full = np.random.default_rng(k).integers(0, 60000, shape, dtype=np.uint16)
-        _write_ome(f"s3://images/{name}.ome.zarr", full, axes, zarr_format, _options(endpoint))
+        write_ome(
+            f"s3://images/{name}.ome.zarr",
+            full,
+            axes,
+            zarr_format,
+            chunk=16,
+            storage_options=_options(endpoint),
+        )
         pixels[name] = to_scyx(full)
     yield endpoint, pixels
     server.stop()
@@ -225,7 +214,9 @@ def test_a_server_stopped_mid_epoch_raises_store_error_naming_url_and_chunk():
 
     s3fs.S3FileSystem(**_options(endpoint)).mkdir("gone")
     full = np.random.default_rng(5).integers(0, 60000, (128, 96), dtype=np.uint16)
-    _write_ome("s3://gone/image.ome.zarr", full, "yx", 3, _options(endpoint))
+    write_ome(
+        "s3://gone/image.ome.zarr", full, "yx", 3, chunk=16, storage_options=_options(endpoint)
+    )
     stack = open_stack("s3://gone/image.ome.zarr", storage_options=_options(endpoint))
     strategy = StratifiedPatching([stack.shape], (16, 16), seed=1)
     loader = PatchLoader([stack], strategy, batch_size=4, shuffle=True, cache_bytes=0)
@@ -313,7 +304,7 @@ def test_an_http_url_reads_the_image_without_s3_options(s3):
     endpoint, _ = s3
     public = {**_options(endpoint), "s3_additional_kwargs": {"ACL": "public-read"}}
     full = np.random.default_rng(9).integers(0, 60000, (20, 32, 48), dtype=np.uint16)
-    _write_ome("s3://images/public.ome.zarr", full, "zyx", 3, public)
+    write_ome("s3://images/public.ome.zarr", full, "zyx", 3, chunk=16, storage_options=public)
     stack = open_stack(f"{endpoint}/images/public.ome.zarr")
     assert stack.shape == (1, 1, *full.shape)
     np.testing.assert_array_equal(stack[0, 0, 3:9], full[3:9])
@@ -343,7 +334,7 @@ def test_a_wrong_secret_gives_a_clear_error_without_the_secret():
 
         s3fs.S3FileSystem(**good).mkdir("private")
         full = np.zeros((32, 32), dtype=np.uint16)
-        _write_ome("s3://private/image.ome.zarr", full, "yx", 3, good)
+        write_ome("s3://private/image.ome.zarr", full, "yx", 3, chunk=16, storage_options=good)
         _post(f"{endpoint}/moto-api/reset-auth", b"0")  # every request signed from now on
         assert open_stack("s3://private/image.ome.zarr", storage_options=good).shape[-2:] == (
             32,
@@ -384,7 +375,14 @@ def test_the_readme_example_trains_from_an_s3_image(tmp_path):
 
         s3fs.S3FileSystem(**_options(endpoint)).mkdir("my-bucket")
         full = np.random.default_rng(7).integers(0, 60000, (160, 192), dtype=np.uint16)
-        _write_ome("s3://my-bucket/cells.ome.zarr", full, "yx", 3, _options(endpoint))
+        write_ome(
+            "s3://my-bucket/cells.ome.zarr",
+            full,
+            "yx",
+            3,
+            chunk=16,
+            storage_options=_options(endpoint),
+        )
         # The endpoint and credentials from the environment, as the example says.
         environment = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": _KEY,
                        "AWS_SECRET_ACCESS_KEY": _SECRET}  # fmt: skip

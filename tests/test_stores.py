@@ -7,7 +7,6 @@ compared with slicing the same array in memory.
 from __future__ import annotations
 
 import itertools
-import logging
 import shutil
 
 import numpy as np
@@ -16,7 +15,6 @@ import pytest
 from gpu_patching import BackendUnavailableError, PatchLoader, StratifiedPatching, extract_patches
 from gpu_patching.specs import PatchBatch
 from gpu_patching.stores import (
-    ChunkedStack,
     ChunkReader,
     StoreError,
     open_stack,
@@ -26,6 +24,7 @@ from gpu_patching.stores import (
 zarr = pytest.importorskip("zarr", minversion="3")
 tifffile = pytest.importorskip("tifffile", minversion="2025.5.21")
 from zarr.codecs import BloscCodec  # noqa: E402
+from zarr_logs import logged_stack  # noqa: E402
 
 
 def _data(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -201,31 +200,10 @@ def test_tiff_patches_equal_slicing(tmp_path, tiled):
 # -- each chunk once per batch, the cache ------------------------------------------------
 
 
-class _KeyLog(logging.Handler):
-    """Collect the keys zarr's LoggingStore reports for ``get``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.keys: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if "Calling" in message and ".get(" in message:
-            self.keys.append(message.split(".get(", 1)[1].rstrip(")"))
-
-
-def _logged_stack(path):
-    log = _KeyLog()
-    store = zarr.storage.LoggingStore(zarr.storage.LocalStore(str(path)), log_handler=log)
-    if log not in store.logger.handlers:  # LoggingStore skips it when an ancestor has one
-        store.logger.addHandler(log)
-    return ChunkedStack(zarr.open_array(store=store, mode="r")), log
-
-
 def test_each_chunk_is_read_once_per_batch(tmp_path):
     data = _data((2, 1, 40, 50), seed=10)
     _write(tmp_path / "a.zarr", data, (1, 1, 8, 8))
-    stack, log = _logged_stack(tmp_path / "a.zarr")
+    stack, log = logged_stack(tmp_path / "a.zarr")
     strategy = StratifiedPatching([data.shape], (12, 12), seed=6)
     batch = strategy.sample_epoch(0, shuffle=True).to_numpy()[:24]
     # The chunks each patch touches, by brute force.
@@ -248,7 +226,7 @@ def test_each_chunk_is_read_once_per_batch(tmp_path):
 def test_cache_serves_a_repeated_batch_within_its_byte_limit(tmp_path):
     data = _data((1, 1, 64, 64), seed=11)
     _write(tmp_path / "a.zarr", data, (1, 1, 16, 16))
-    stack, log = _logged_stack(tmp_path / "a.zarr")
+    stack, log = logged_stack(tmp_path / "a.zarr")
     batch = _batch((10, 10), [0, 0, 0], [(0, 0), (30, 30), (50, 10)])
     rows = (batch.data_idx, batch.sample_idx, batch.coords)
     chunk_bytes = 16 * 16 * 2
@@ -288,7 +266,7 @@ def test_plan_tiles_every_patch_once():
 def test_read_ahead_windows_give_the_same_batches_and_read_each_chunk_once(tmp_path):
     data = _data((1, 1, 48, 48), seed=16)
     _write(tmp_path / "a.zarr", data, (1, 1, 16, 16))
-    stack, log = _logged_stack(tmp_path / "a.zarr")
+    stack, log = logged_stack(tmp_path / "a.zarr")
     strategy = StratifiedPatching([data.shape], (8, 8), seed=2)
     rows = strategy.sample_epoch(0, shuffle=True).to_numpy()[:40]
     # memory="call": no cache, and the windows are not cut to fit a budget.

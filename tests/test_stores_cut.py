@@ -6,16 +6,16 @@ slicing the same array in memory.
 
 from __future__ import annotations
 
-import logging
 import weakref
 
 import numpy as np
 import pytest
 
 from gpu_patching import StratifiedPatching
-from gpu_patching.stores import ChunkedStack, ChunkReader, open_stack, plan_chunks
+from gpu_patching.stores import ChunkReader, open_stack, plan_chunks
 
 zarr = pytest.importorskip("zarr", minversion="3")
+from zarr_logs import logged_stack  # noqa: E402
 
 
 def _data(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -174,28 +174,9 @@ def test_batches_the_consumer_keeps_are_never_written_again(tmp_path):
         assert np.array_equal(patches, _sliced(data, batch.sample_idx, batch.coords, (8, 8)))
 
 
-class _KeyLog(logging.Handler):
-    """Collect the keys zarr's LoggingStore reports for ``get``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.keys: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if "Calling" in message and ".get(" in message:
-            self.keys.append(message.split(".get(", 1)[1].rstrip(")"))
-
-
 def test_a_pass_checks_the_store_before_its_first_read_and_after_every_read(tmp_path):
     _, _, rows = _window_store(tmp_path)
-    log = _KeyLog()
-    store = zarr.storage.LoggingStore(
-        zarr.storage.LocalStore(str(tmp_path / "a.zarr")), log_handler=log
-    )
-    if log not in store.logger.handlers:  # LoggingStore skips it when an ancestor has one
-        store.logger.addHandler(log)
-    stack = ChunkedStack(zarr.open_array(store=store, mode="r"))
+    stack, log = logged_stack(tmp_path / "a.zarr")
     reader = ChunkReader([stack], cache_bytes=0, memory="call")
     log.keys.clear()
     n_batches = sum(1 for _ in reader.batches(rows, 4, read_ahead=2))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing.context
 import multiprocessing.sharedctypes
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,34 +29,6 @@ __all__ = ["DRAW_MASK", "CallCounters", "PatchCalls", "UpcomingPatches"]
 
 #: Draw numbers and call counters are taken modulo ``2**32``.
 DRAW_MASK = 0xFFFFFFFF
-#: Rows of windows the cache holds for small samplers (``depth * n_patches``).
-_CACHE_ROWS = 1 << 10
-#: Indices whose windows are drawn in one pass (bounds a refill's temporaries).
-_FILL_BLOCK = 1 << 16
-#: Longest window of draws per index.
-_MAX_DEPTH = 8
-#: An index's misses served one by one before it gets a window of its own (a
-#: vectorised draw of a few rows costs about as much as this many one-patch
-#: draws), that window's length, doubled at each further miss up to the last.
-_HOT_AFTER_MISSES = 8
-#: Indices with this many misses get a first window with the next index that
-#: needs one (one vectorised draw for many windows), up to this many at once.
-_WARM_MISSES = 3
-_MAX_HOT_BATCH = 256
-_FIRST_HOT_WINDOW = 64
-_MAX_HOT_WINDOW = 1024
-#: Rows of long windows kept at most (all are dropped beyond), and indices
-#: whose misses are remembered at most (forgotten beyond).
-_MAX_HOT_ROWS = 1 << 18
-_MAX_REMEMBERED_MISSES = 1 << 16
-#: The first miss after a refill refills every window if this fraction is behind.
-_REFILL_FRACTION = 0.5
-#: Misses served one by one before a refill: at least this many ...
-_MIN_REFILL_MISSES = 16
-#: ... and one per this many indices (a refill compares every window).
-_REFILL_MISS_RATIO = 256
-#: Windows probed to estimate that fraction.
-_PROBES = 64
 
 
 class CallCounters:
@@ -238,6 +211,86 @@ def _shared_counters(block: Any) -> CallCounters:
     return counters
 
 
+# The tuning of UpcomingPatches, by mechanism: one frozen instance of each,
+# read at each use (so a test can swap in a dataclasses.replace of one).
+@dataclass(frozen=True)
+class _Windows:
+    """How many draws of each index the cache holds.
+
+    Attributes
+    ----------
+    cache_rows : int
+        Rows of windows the cache holds for small samplers (``depth * n_patches``).
+    max_depth : int
+        Longest window of draws per index.
+    """
+
+    cache_rows: int = 1 << 10
+    max_depth: int = 8
+
+
+@dataclass(frozen=True)
+class _Refills:
+    """When the cache refills every window the counters moved past, and by how much at once.
+
+    Attributes
+    ----------
+    stale_fraction : float
+        The first miss after a refill refills every window if this fraction is behind.
+    probes : int
+        Windows probed to estimate that fraction.
+    min_misses : int
+        Misses served one by one before a refill: at least this many ...
+    miss_ratio : int
+        ... and one per this many indices (a refill compares every window).
+    fill_block : int
+        Indices whose windows are drawn in one pass (bounds a refill's temporaries).
+    """
+
+    stale_fraction: float = 0.5
+    probes: int = 64
+    min_misses: int = 16
+    miss_ratio: int = 256
+    fill_block: int = 1 << 16
+
+
+@dataclass(frozen=True)
+class _HotWindows:
+    """When an index that keeps missing gets a long window of its own.
+
+    Attributes
+    ----------
+    after_misses : int
+        An index's misses served one by one before it gets a window of its own
+        (a vectorised draw of a few rows costs about as much as this many
+        one-patch draws).
+    first_length, max_length : int
+        That window's length, doubled at each further miss up to the last.
+    warm_misses : int
+        Indices with this many misses get a first window with the next index
+        that needs one (one vectorised draw for many windows) ...
+    max_batch : int
+        ... up to this many at once.
+    max_rows : int
+        Rows of long windows kept at most (all are dropped beyond).
+    max_remembered_misses : int
+        Indices whose misses are remembered at most (forgotten beyond).
+    """
+
+    after_misses: int = 8
+    first_length: int = 64
+    max_length: int = 1024
+    warm_misses: int = 3
+    max_batch: int = 256
+    max_rows: int = 1 << 18
+    max_remembered_misses: int = 1 << 16
+
+
+_WINDOWS = _Windows()
+_REFILLS = _Refills()
+_HOT = _HotWindows()
+
+
 class UpcomingPatches:
     """One process's cache of the patches of every index's next calls.
 
@@ -266,7 +319,7 @@ class UpcomingPatches:
         self.ndim = tables.ndim
         # Small samplers keep many draws per index: with indices drawn with
         # replacement an index is then rarely past its window.
-        self.depth = max(1, min(_MAX_DEPTH, _CACHE_ROWS // max(n_patches, 1)))
+        self.depth = max(1, min(_WINDOWS.max_depth, _WINDOWS.cache_rows // max(n_patches, 1)))
         self.first = np.zeros(n_patches, dtype=np.uint32)
         fits_int32 = int(np.max(tables.spatial_shape, initial=0)) < 1 << 31
         coord_type = np.int32 if fits_int32 else np.int64
@@ -283,7 +336,8 @@ class UpcomingPatches:
         # sampler then reads the cache inline.
         self.compact_2d = False
         # Evenly spread indices whose windows estimate how many are behind.
-        self._probes = np.unique(np.linspace(0, max(n_patches - 1, 0), _PROBES).astype(np.int64))
+        probes = np.linspace(0, max(n_patches - 1, 0), _REFILLS.probes)
+        self._probes = np.unique(probes.astype(np.int64))
         # index -> (first draw, window length, flat samples, flat coords) of
         # repeating indices: windows of their own, valid until the tables change.
         self.hot: dict[int, tuple[int, int, memoryview, memoryview]] = {}
@@ -293,7 +347,7 @@ class UpcomingPatches:
         self._warm: set[int] = set()
         # Misses served one by one since the last refill, and how many pay for one.
         self._misses = 0
-        self._refill_after = max(_MIN_REFILL_MISSES, n_patches // _REFILL_MISS_RATIO)
+        self._refill_after = max(_REFILLS.min_misses, n_patches // _REFILLS.miss_ratio)
 
     def is_current(self, tables: RegionTables, seed: int) -> bool:
         """Say whether this cache was built for these tables and this seed."""
@@ -332,32 +386,32 @@ class UpcomingPatches:
         one by one since the last refill to pay for it (indices drawn with
         replacement move past their windows a few at a time). In between a
         miss is drawn on its own (``draw_rows`` of one index, in Python ints),
-        and an index that keeps missing (``_HOT_AFTER_MISSES`` times) gets a
+        and an index that keeps missing (``_HOT.after_misses`` times) gets a
         window of its own, longer at each further miss.
         """
         if not self.filled:
             return self._refill(index, draw, counters)
         repeats = self._hot_misses.get(index, 0)
-        if repeats >= _HOT_AFTER_MISSES:
+        if repeats >= _HOT.after_misses:
             # A repeating index: a window of its own, twice as long at each
             # further miss; it stays valid across refills.
             self._hot_misses[index] = repeats + 1
-            length = _FIRST_HOT_WINDOW << min(repeats - _HOT_AFTER_MISSES, 5)
-            self._fill_hot(index, draw, min(_MAX_HOT_WINDOW, length), counters)
+            length = _HOT.first_length << min(repeats - _HOT.after_misses, 5)
+            self._fill_hot(index, draw, min(_HOT.max_length, length), counters)
             patch = self.lookup(index, draw)
             assert patch is not None  # the window starts at `draw`
             return patch
         self._misses += 1
         if self._misses >= self._refill_after or (
-            self._misses == 1 and self._stale_fraction(counters) >= _REFILL_FRACTION
+            self._misses == 1 and self._stale_fraction(counters) >= _REFILLS.stale_fraction
         ):
             return self._refill(index, draw, counters)
-        if len(self._hot_misses) >= _MAX_REMEMBERED_MISSES:
+        if len(self._hot_misses) >= _HOT.max_remembered_misses:
             self._hot_misses.clear()
         self._hot_misses[index] = repeats + 1
-        if repeats + 1 == _WARM_MISSES:
+        if repeats + 1 == _HOT.warm_misses:
             # Likely to need a window soon: drawn with the next one needed.
-            if len(self._warm) >= _MAX_HOT_BATCH:
+            if len(self._warm) >= _HOT.max_batch:
                 self._warm.clear()
             self._warm.add(index)
         return draw_rows(self._host_tables(), index, draw, self.seed)  # type: ignore[no-any-return]
@@ -392,8 +446,8 @@ class UpcomingPatches:
         """Draw the windows of the ``stale`` indices, starting at draw numbers ``first``."""
         # By blocks of indices, so that the draws' outputs and temporaries
         # stay a few megabytes whatever the number of patches.
-        for start in range(0, len(stale), _FILL_BLOCK):
-            block = slice(start, start + _FILL_BLOCK)
+        for start in range(0, len(stale), _REFILLS.fill_block):
+            block = slice(start, start + _REFILLS.fill_block)
             self._fill_block(stale[block], first[block])
 
     def _fill_block(self, stale: NDArray[np.int64], first: NDArray[np.uint32]) -> None:
@@ -432,11 +486,11 @@ class UpcomingPatches:
         self._warm.discard(index)
         windows = [(index, draw, length)]
         base = counters.base
-        while self._warm and len(windows) < _MAX_HOT_BATCH:
+        while self._warm and len(windows) < _HOT.max_batch:
             other = self._warm.pop()
-            windows.append((other, (base + counters.view[other]) & DRAW_MASK, _FIRST_HOT_WINDOW))
+            windows.append((other, (base + counters.view[other]) & DRAW_MASK, _HOT.first_length))
         rows = sum(window[2] for window in windows)
-        if self._hot_rows + rows > _MAX_HOT_ROWS:
+        if self._hot_rows + rows > _HOT.max_rows:
             self.hot.clear()
             self._hot_rows = 0
         lengths = np.array([window[2] for window in windows], dtype=np.int64)

@@ -12,6 +12,7 @@ checked too.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 from collections import Counter
 from typing import Any
@@ -96,9 +97,10 @@ def test_every_access_order_returns_the_epoch_rows(shape: str, kind: str) -> Non
 def test_every_serving_path_returns_the_epoch_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     # Few misses before a refill and short windows: every path of the cache
     # (refill, one-patch draw, long window, window expiry) serves many calls.
-    monkeypatch.setattr(counters_module, "_MIN_REFILL_MISSES", 5)
-    monkeypatch.setattr(counters_module, "_MAX_HOT_WINDOW", 4)
-    monkeypatch.setattr(counters_module, "_MAX_HOT_ROWS", 8)
+    refills = dataclasses.replace(counters_module._REFILLS, min_misses=5)
+    monkeypatch.setattr(counters_module, "_REFILLS", refills)
+    hot = dataclasses.replace(counters_module._HOT, max_length=4, max_rows=8)
+    monkeypatch.setattr(counters_module, "_HOT", hot)
     paths: Counter[str] = Counter()
     for name in ("_refill", "_fill_hot"):
         original = getattr(counters_module.UpcomingPatches, name)

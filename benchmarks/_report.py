@@ -245,12 +245,18 @@ def time_once(function: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, value
 
 
-def in_turns(functions: Mapping[str, Callable[[int], Any]], rounds: int) -> dict[str, list[float]]:
+def in_turns(
+    functions: Mapping[str, Callable[[int], Any]], rounds: int, *, rotate: bool = False
+) -> dict[str, list[float]]:
     """``perf_counter`` time of each function in each of ``rounds`` turns, by name.
 
     Turn ``k`` calls every function once, ``function(k)``, in the mapping's
     order, so that methods compared side by side see the same load on a shared
-    machine (a drift of its speed touches them alike). No warm-up.
+    machine (a drift of its speed touches them alike). With ``rotate``, turn
+    ``k`` starts at the ``k``-th function (modulo their number) and goes round,
+    so that no method always runs right after the same one: a cost one call
+    leaves to the next (memory the kernel must compact or zero again after a
+    large allocation is freed) then falls on every method in turn. No warm-up.
 
     Raises
     ------
@@ -260,10 +266,12 @@ def in_turns(functions: Mapping[str, Callable[[int], Any]], rounds: int) -> dict
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     times: dict[str, list[float]] = {name: [] for name in functions}
+    names = list(functions)
     for k in range(rounds):
-        for name, function in functions.items():
+        first = k % len(names) if rotate and names else 0
+        for name in names[first:] + names[:first]:
             start = time.perf_counter()
-            function(k)
+            functions[name](k)
             times[name].append(time.perf_counter() - start)
     return times
 

@@ -34,6 +34,7 @@ others, the prepared launch's too (into an output filled with NaN first).
 
 from __future__ import annotations
 
+import mmap
 import statistics
 import time
 from collections.abc import Callable
@@ -158,6 +159,22 @@ def fancy_indexing(
 # -- CPU ------------------------------------------------------------------------------------
 
 
+#: The method that only allocates a new output and writes one value per page.
+FIRST_TOUCH = "a new output's page faults alone"
+
+
+def touch_new_output(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """Allocate an output as the methods that allocate do, and fault in every page.
+
+    What a method that returns a new array pays on top of the copy: the
+    operating system maps and zeroes every page at its first write, and
+    sometimes compacts memory first to back it with huge pages.
+    """
+    array = np.empty(shape, dtype=dtype)
+    array.reshape(-1)[:: max(1, mmap.PAGESIZE // array.itemsize)] = 0
+    return array
+
+
 def measure_cpu(case: Case, stack: np.ndarray, n_rows: int, quick: bool) -> dict[str, Any]:
     """One case and batch on the host."""
     batch = make_batch(case, n_rows)
@@ -170,10 +187,13 @@ def measure_cpu(case: Case, stack: np.ndarray, n_rows: int, quick: bool) -> dict
         "extract_patches (NumPy), out= reused": lambda _k: extract_patches([stack], batch, out=out),
         "per-patch slicing loop": lambda _k: slicing_loop(stack, batch, np),
         "per-patch slicing loop, out reused": lambda _k: slicing_loop(stack, batch, np, out),
+        FIRST_TOUCH: lambda _k: touch_new_output(out.shape, out.dtype),
     }
     for method in methods.values():
         method(0)  # warm-up: the pages of out, the caches
-    turns = in_turns(methods, repeats)
+    # Rotated: freeing a large output leaves work (pages to zero or compact)
+    # to whichever call allocates next; rotating spreads it over the methods.
+    turns = in_turns(methods, repeats, rotate=True)
     timings = {name: statistics.median(times) for name, times in turns.items()}
     loader_times, loader_same = measure_loader(case, stack, n_rows, repeats)
     return {
@@ -269,6 +289,8 @@ def result_rows(
         case, n_rows = result["case"], result["n_rows"]
         reference = result["times"][baseline]
         for method, seconds in result["times"].items():
+            if method == FIRST_TOUCH:
+                continue  # it crops nothing: the table below sets it beside the methods
             row = [
                 case.label,
                 f"{n_rows:,}",
@@ -292,7 +314,8 @@ def cpu_markdown(results: list[dict[str, Any]], gpu_note: str) -> str:
         "",
         "One float32 stack per case (2D: 8 x 1024x1024; 3D: 4 x 128x256x256), random corners. "
         "GB/s counts bytes read + written (2 x the output's bytes). Times are medians of "
-        "7 turns (3 where the output exceeds 1 GiB), each turn calling every method once; "
+        "7 turns (3 where the output exceeds 1 GiB), each turn calling every method once, "
+        "one method later than the turn before; "
         "each call allocates its output unless it says 'reused' (a fresh output costs its "
         "page faults). 'speed-up' is against the per-patch loop that allocates. "
         "extract_patches copies each patch straight into its row of the output (or of out=).",
@@ -309,7 +332,14 @@ def cpu_markdown(results: list[dict[str, Any]], gpu_note: str) -> str:
         "## Against a plain loop that slices the same corners into a reused buffer",
         "",
         "Each ratio is the loop's time over the method's, measured side by side in this "
-        "run (>= x1.00: at least as fast). `extract_patches` runs on the corners above. "
+        "run (>= x1.00: at least as fast). `extract_patches` runs on the corners above; "
+        "with a new output it is set beside the loop that also allocates one (like for "
+        "like), and the last column before the loader's is what allocating alone costs "
+        "(a new array of the output's size, one value written per page): the operating "
+        "system's price for fresh memory, which a reused buffer (out=, or PatchLoader's "
+        "two) never pays, and which varies from run to run with how much memory it must "
+        "compact to give huge pages. The methods take turns, each turn starting one "
+        "method later. "
         f"`PatchLoader` (batches of one shuffled epoch, {LOADER_BATCHES} per pass) is timed "
         f"per batch after the first {LOADER_WARMUP_BATCHES} of each pass, which allocate "
         "the two buffers that then take turns; in turn with each (before or after it, "
@@ -322,14 +352,16 @@ def cpu_markdown(results: list[dict[str, Any]], gpu_note: str) -> str:
                 "loop, out reused",
                 "extract_patches, out= reused",
                 "ratio",
+                "loop, new output",
                 "extract_patches, new output",
                 "ratio",
+                "allocating alone",
                 "loop, out reused (loader's rows)",
                 "PatchLoader (in memory)",
                 "ratio",
             ],
             loop_rows(results),
-            "lrrrrrrrrr",
+            "lrrrrrrrrrrr",
         ),
         "",
         f"GPU part: {gpu_note}",
@@ -345,6 +377,7 @@ def loop_rows(results: list[dict[str, Any]]) -> list[list[str]]:
         loop = times["per-patch slicing loop, out reused"]
         reused = times["extract_patches (NumPy), out= reused"]
         fresh = times["extract_patches (NumPy)"]
+        fresh_loop = times["per-patch slicing loop"]
         loader_loop = loader["slicing loop, out reused"]
         ours = loader["PatchLoader (in memory)"]
         rows.append(
@@ -354,8 +387,10 @@ def loop_rows(results: list[dict[str, Any]]) -> list[list[str]]:
                 fmt_time(loop),
                 fmt_time(reused),
                 fmt_ratio(loop, reused, decimals=2),
+                fmt_time(fresh_loop),
                 fmt_time(fresh),
-                fmt_ratio(loop, fresh, decimals=2),
+                fmt_ratio(fresh_loop, fresh, decimals=2),
+                fmt_time(times[FIRST_TOUCH]),
                 fmt_time(loader_loop),
                 fmt_time(ours),
                 fmt_ratio(loader_loop, ours, decimals=2),

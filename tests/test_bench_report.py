@@ -238,6 +238,15 @@ def test_in_turns_calls_each_function_once_per_round_in_order() -> None:
     assert list(times) == ["a", "b"] and all(len(t) == 3 and min(t) >= 0 for t in times.values())
 
 
+def test_in_turns_with_rotate_starts_turn_k_at_the_kth_function() -> None:
+    calls: list[tuple[str, int]] = []
+    functions = {name: (lambda k, name=name: calls.append((name, k))) for name in "abc"}
+    times = _report.in_turns(functions, rounds=4, rotate=True)
+    assert [name for name, _ in calls] == list("abcbcacababc")
+    assert [k for _, k in calls] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert list(times) == ["a", "b", "c"] and all(len(t) == 4 for t in times.values())
+
+
 def test_in_turns_refuses_fewer_than_one_round() -> None:
     with pytest.raises(ValueError, match="rounds"):
         _report.in_turns({"a": lambda k: None}, rounds=0)

@@ -156,7 +156,9 @@ def test_bench_crop_cpu_part_sets_each_host_path_beside_the_reused_buffer_loop(
         ("4x8x8 float32", "16"),
     ]
     # extract_patches (out= reused, new output) and PatchLoader, each as a ratio
-    assert all(row[k].startswith("x") for row in rows for k in (4, 6, 9))
+    assert all(row[k].startswith("x") for row in rows for k in (4, 7, 11))
+    # what allocating a new output alone costs, beside the new-output ratio
+    assert all(row[8].endswith("s") for row in rows)
 
 
 @pytest.mark.usefixtures("tiny_crops")

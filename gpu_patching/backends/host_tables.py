@@ -12,6 +12,7 @@ import operator
 import weakref
 from bisect import bisect_right as search_one
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -304,26 +305,37 @@ def as_int_view(values: Any) -> memoryview:
     return np.ascontiguousarray(values, dtype=np.int64).reshape(-1).data
 
 
-class IntViews:
-    """The arrays of a :class:`BoxIndex` and its tables as int64 ``memoryview``s."""
+class IntViews(SimpleNamespace):
+    """The arrays of a :class:`BoxIndex` and its tables as int64 ``memoryview``s.
+
+    Under the index's names, so that the one-point draw reads either alike (as
+    ``Any``: a namespace's attributes are not typed).
+    """
+
+    #: The index's flat arrays (one ``memoryview`` each) ...
+    FLAT = (
+        "mass_prefix",
+        "weight",
+        "layout",
+        "layout_base",
+        "entry_start",
+        "region_offset",
+        "patch_offset",
+        "n_patches",
+        "mass_total",
+        "mass_offset",
+        "stack_of_sample",
+        "sample_in_stack",
+    )
+    #: ... and its lists of one array per axis (a list of ``memoryview``s each).
+    PER_AXIS = ("sample_cells", "entry_part", "entry_length")
 
     def __init__(self, index: BoxIndex) -> None:
-        self.version = index.version
-        self.mass_prefix = as_int_view(index.mass_prefix)
-        self.weight = as_int_view(index.weight)
-        self.layout = as_int_view(index.layout)
-        self.layout_base = as_int_view(index.layout_base)
-        self.entry_start = as_int_view(index.entry_start)
-        self.region_offset = as_int_view(index.region_offset)
-        self.patch_offset = as_int_view(index.patch_offset)
-        self.n_patches = as_int_view(index.n_patches)
-        self.mass_total = as_int_view(index.mass_total)
-        self.mass_offset = as_int_view(index.mass_offset)
-        self.stack_of_sample = as_int_view(index.stack_of_sample)
-        self.sample_in_stack = as_int_view(index.sample_in_stack)
-        self.sample_cells = [as_int_view(cells) for cells in index.sample_cells]
-        self.entry_part = [as_int_view(part) for part in index.entry_part]
-        self.entry_length = [as_int_view(length) for length in index.entry_length]
+        super().__init__(version=index.version)
+        for name in self.FLAT:
+            setattr(self, name, as_int_view(getattr(index, name)))
+        for name in self.PER_AXIS:
+            setattr(self, name, [as_int_view(values) for values in getattr(index, name)])
 
 
 class _StackClasses(NamedTuple):

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.resources
 import math
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from .kernels import KERNELS
-from .kernels.descriptor import MAX_GRID_X, THREADS_PER_BLOCK, Kernel
+from .kernels.descriptor import MAX_GRID_X, THREADS_PER_BLOCK, Kernel, kernel_dir
 
 __all__ = [
     "BackendUnavailableError",
@@ -32,7 +30,6 @@ __all__ = [
     "compiled_module",
     "current_device_id",
     "current_stream_key",
-    "kernel_dir",
     "kernel_source",
     "launch",
     "launch_grid",
@@ -51,18 +48,6 @@ class BackendUnavailableError(RuntimeError):
 COMPILE_OPTIONS = ("--std=c++17", "--fmad=false")
 
 # -- sources and compilation ---------------------------------------------------------------
-
-
-def kernel_dir() -> Path:
-    """Return the folder that holds the kernel sources.
-
-    Returns
-    -------
-    pathlib.Path
-        ``gpu_patching/kernels`` of the installed package; it is also the
-        include path of every compile.
-    """
-    return Path(str(importlib.resources.files("gpu_patching") / "kernels"))
 
 
 def compile_options() -> tuple[str, ...]:

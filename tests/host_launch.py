@@ -34,10 +34,9 @@ from typing import Any
 import numpy as np
 
 from gpu_patching.backends.cuda_backend import CudaBackend
-from gpu_patching.cuda import kernel_dir
 from gpu_patching.kernels import KERNELS
 from gpu_patching.kernels.crop_patches import crop_kernel
-from gpu_patching.kernels.descriptor import C_SCALAR_TYPES, NULL_POINTER, Kernel
+from gpu_patching.kernels.descriptor import C_SCALAR_TYPES, NULL_POINTER, Kernel, kernel_dir
 
 HOST_HEADER_DIR = Path(__file__).with_name("host_cuda")
 HOST_FLAGS = ["-O1", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-Wall", "-Wextra"]
@@ -59,19 +58,11 @@ _CTYPES = {
 #: shipped template, so a launch shows how often each output element is written.
 #: Its ``out`` is an array of 8-byte counters starting at 0; the stacks must
 #: have 8-byte elements.
-WRITE_COUNTS = Kernel(
-    file=crop_kernel(8).file,
-    name="crop_patches<gp_host::WriteCounter>",
-    params=(*crop_kernel(8).params[:-1], ("out", "gp_host::WriteCounter*")),
-)
+WRITE_COUNTS = Kernel.from_source(crop_kernel(8).file, "crop_patches<gp_host::WriteCounter>")
 #: The crop kernel instantiated with an element that counts how often it is
 #: read (``gp_host::ReadCounter``): the stacks are arrays of 8-byte counters
 #: starting at 0, and a launch shows how many times each element was read.
-READ_COUNTS = Kernel(
-    file=crop_kernel(8).file,
-    name="crop_patches<gp_host::ReadCounter>",
-    params=(*crop_kernel(8).params[:-1], ("out", "gp_host::ReadCounter*")),
-)
+READ_COUNTS = Kernel.from_source(crop_kernel(8).file, "crop_patches<gp_host::ReadCounter>")
 #: Kernels the tests add to the shipped ones, and their elements' sizes.
 TEST_KERNELS = (WRITE_COUNTS, READ_COUNTS)
 _TEST_ELEMENT_SIZES = {"gp_host::WriteCounter": 8, "gp_host::ReadCounter": 8}

@@ -14,10 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from host_launch import HostKernels, with_launch_shape
-from test_kernels_nvrtc import parse_c_signature
 
 from gpu_patching import grid
-from gpu_patching.cuda import kernel_dir
 from gpu_patching.kernels.count import SUBTRACT_IN_ORDER, subtract_in_order_args
 
 #: Terms whose subtraction order changes the float64 result.
@@ -98,8 +96,3 @@ def test_the_count_arguments_refuse_arrays_the_kernel_would_misread(
 ) -> None:
     with pytest.raises(error):
         subtract_in_order_args(terms, total)
-
-
-def test_the_count_kernel_signature_is_its_descriptors() -> None:
-    source = (kernel_dir() / SUBTRACT_IN_ORDER.file).read_text()
-    assert parse_c_signature(source, SUBTRACT_IN_ORDER.name) == list(SUBTRACT_IN_ORDER.params)

@@ -39,8 +39,9 @@ from gpu_patching.crop import (
     stack_table,
 )
 from gpu_patching.crop_checks import bad_rows
-from gpu_patching.cuda import kernel_dir, launch_grid
+from gpu_patching.cuda import launch_grid
 from gpu_patching.kernels.crop_patches import CHECK_CROP_ROWS, CROP_LINES_PER_THREAD, crop_kernel
+from gpu_patching.kernels.descriptor import kernel_dir
 
 SHIM_SOURCE = Path(__file__).with_name("crop_shim.cpp")
 HOST_FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra"]

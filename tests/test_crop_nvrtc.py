@@ -1,8 +1,8 @@
-"""The crop kernels compile with NVRTC, and the launch code matches their C signatures.
+"""The crop kernels compile with NVRTC, and their argument tuples have the C widths.
 
-The NVRTC helpers (the ``nvrtc`` fixture, ``_compile``, ``parse_c_signature``)
-are the epoch kernel's, imported from ``test_kernels_nvrtc``; like there, no
-GPU is needed.
+The NVRTC helpers (the ``nvrtc`` fixture, ``_compile``) are the epoch kernel's,
+imported from ``test_kernels_nvrtc``; like there, no GPU is needed. The
+parameters themselves are parsed from the source (``test_kernel_signatures``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import re
 import numpy as np
 import pytest
 import test_kernels_nvrtc
-from test_kernels_nvrtc import ARCHITECTURES, _compile_lowered, parse_c_signature
+from test_kernels_nvrtc import ARCHITECTURES, _compile_lowered
 
 from gpu_patching.crop import (
     STACK_FIELDS,
@@ -22,7 +22,7 @@ from gpu_patching.crop import (
     crop_launch_args,
     stack_table,
 )
-from gpu_patching.cuda import compile_options, kernel_dir, kernel_source, name_expressions
+from gpu_patching.cuda import compile_options, kernel_source, name_expressions
 from gpu_patching.kernels.crop_patches import (
     CHECK_CROP_ROWS,
     CROP_LINES_PER_THREAD,
@@ -30,7 +30,7 @@ from gpu_patching.kernels.crop_patches import (
     ELEMENT_C_TYPES,
     crop_kernel,
 )
-from gpu_patching.kernels.descriptor import C_SCALAR_TYPES
+from gpu_patching.kernels.descriptor import C_SCALAR_TYPES, kernel_dir
 
 # The epoch kernel's NVRTC fixture, shared: pytest passes it to the tests by name.
 nvrtc = test_kernels_nvrtc.nvrtc
@@ -65,29 +65,7 @@ def test_kernel_source_names_every_kernel_source_in_its_digest() -> None:
     assert rest == (kernel_dir() / CROP_FILE).read_text()
 
 
-# -- the C signatures ------------------------------------------------------------------
-
-
-def _source() -> str:
-    return (kernel_dir() / CROP_FILE).read_text()
-
-
-@pytest.mark.parametrize("itemsize", ITEMSIZES)
-def test_crop_kernel_signature_is_the_launch_codes(itemsize: int) -> None:
-    # One template: its parameters with T the element type of the size.
-    assert re.search(
-        r"template\s*<\s*typename\s+T\s*>\s*__global__\s+void\s+crop_patches\s*\(", _source()
-    )
-    template = parse_c_signature(_source(), "crop_patches")
-    element = ELEMENT_C_TYPES[itemsize]
-    instantiated = [(name, c_type.replace("T*", f"{element}*")) for name, c_type in template]
-    assert instantiated == list(crop_kernel(itemsize).params)
-
-
-def test_check_kernel_signature_is_the_launch_codes() -> None:
-    name = CHECK_CROP_ROWS.name
-    assert re.search(rf'extern\s+"C"\s+__global__\s+void\s+{name}\s*\(', _source())
-    assert parse_c_signature(_source(), name) == list(CHECK_PARAMS)
+# -- the C types ------------------------------------------------------------------------
 
 
 def test_element_types_are_unsigned_integers_of_each_size() -> None:

@@ -42,8 +42,8 @@ from gpu_patching.backends.cuda_backend import (
     split_sample_table,
 )
 from gpu_patching.backends.numpy_backend import NumpyBackend
-from gpu_patching.cuda import kernel_dir, launch_grid
-from gpu_patching.kernels.descriptor import NULL_POINTER
+from gpu_patching.cuda import launch_grid
+from gpu_patching.kernels.descriptor import NULL_POINTER, kernel_dir
 from gpu_patching.kernels.sample_epoch import SAMPLE_EPOCH
 from gpu_patching.permutation import EpochOrder
 from gpu_patching.tables import RegionTables

@@ -24,9 +24,14 @@ from gpu_patching.backends.cuda_backend import (
     pack_sample_table,
     split_sample_table,
 )
-from gpu_patching.cuda import compile_options, kernel_dir, kernel_source, launch_grid
+from gpu_patching.cuda import compile_options, kernel_source, launch_grid
 from gpu_patching.kernels import KERNELS
-from gpu_patching.kernels.descriptor import C_SCALAR_TYPES, NULL_POINTER, THREADS_PER_BLOCK
+from gpu_patching.kernels.descriptor import (
+    C_SCALAR_TYPES,
+    NULL_POINTER,
+    THREADS_PER_BLOCK,
+    kernel_dir,
+)
 from gpu_patching.kernels.sample_epoch import SAMPLE_EPOCH
 from gpu_patching.permutation import EpochOrder
 
@@ -133,29 +138,6 @@ def test_every_kernel_file_compiles_with_nvrtc(
 
 
 # -- the C signature -------------------------------------------------------------------
-
-
-def parse_c_signature(source: str, function: str) -> list[tuple[str, str]]:
-    """Return ``(name, C type)`` of every parameter of a C function in ``source``.
-
-    Comments are dropped, and a type is normalised to single spaces with ``*``
-    attached to the type (``const long long *p`` -> ``const long long*``).
-    """
-    text = re.sub(r"//[^\n]*|/\*.*?\*/", " ", source, flags=re.DOTALL)
-    match = re.search(rf"\b{function}\s*\(([^)]*)\)\s*\{{", text)
-    assert match, f"no definition of {function}"
-    params = []
-    for raw in match.group(1).split(","):
-        declaration = re.sub(r"\s*\*\s*", "* ", " ".join(raw.split())).strip()
-        c_type, name = declaration.rsplit(" ", 1)
-        params.append((name, c_type.strip()))
-    return params
-
-
-def test_kernel_signature_is_the_launch_codes() -> None:
-    source = (kernel_dir() / SAMPLE_EPOCH.file).read_text()
-    assert re.search(rf'extern\s+"C"\s+__global__\s+void\s+{KERNEL_NAME}\s*\(', source)
-    assert parse_c_signature(source, KERNEL_NAME) == list(SAMPLE_EPOCH_PARAMS)
 
 
 def test_the_kernel_descriptions_are_every_global_function_of_the_sources() -> None:

@@ -6,8 +6,8 @@
 // ceil of the count can move by one. So one thread folds one row strictly in
 // order, each step one IEEE-754 subtraction (the compile options turn FMA
 // contraction off), bit for bit what NumPy's subtract.accumulate does on the
-// host. total[row] holds the start on entry and the result on exit. The
-// parameter list is mirrored by SUBTRACT_IN_ORDER in count.py.
+// host. total[row] holds the start on entry and the result on exit.
+// SUBTRACT_IN_ORDER in count.py is parsed from this signature.
 
 extern "C" __global__ void subtract_in_order(
     const double* terms,

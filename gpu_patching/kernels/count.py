@@ -15,17 +15,8 @@ from .descriptor import Kernel, check_launch_array
 
 __all__ = ["SUBTRACT_IN_ORDER", "subtract_in_order_args"]
 
-#: Parameters of ``subtract_in_order`` (``kernels/count.cu``) in order.
-SUBTRACT_IN_ORDER = Kernel(
-    file="count.cu",
-    name="subtract_in_order",
-    params=(
-        ("terms", "const double*"),
-        ("n_rows", "long long"),
-        ("n_terms", "long long"),
-        ("total", "double*"),
-    ),
-)
+#: ``subtract_in_order`` of ``kernels/count.cu``.
+SUBTRACT_IN_ORDER = Kernel.from_source("count.cu", "subtract_in_order")
 
 
 def subtract_in_order_args(terms: Any, total: Any) -> tuple[Any, ...]:

@@ -7,8 +7,8 @@
 // four instantiations (crop_kernel), which gpu_patching/cuda.py hands to NVRTC
 // as name expressions. check_crop_rows finds the first row whose patch leaves
 // its stack, for batches whose rows live on the device. The index math is in
-// crop.cuh. Both parameter lists are described in crop_patches.py (a test
-// compares them); every scalar has an exact NumPy twin:
+// crop.cuh. crop_patches.py parses both signatures (Kernel.from_source);
+// every scalar has an exact NumPy twin:
 // long long <-> numpy.int64, int <-> numpy.int32.
 #include "crop.cuh"
 

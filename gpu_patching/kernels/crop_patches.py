@@ -47,30 +47,9 @@ ELEMENT_C_TYPES: dict[int, str] = {
 }
 
 
-# Parameters shared by the crop kernel and the row check, up to the patch size.
-_CROP_ROW_PARAMS: tuple[tuple[str, str], ...] = (
-    ("stack_table", "const long long*"),
-    ("n_stacks", "long long"),
-    ("data_idx", "const long long*"),
-    ("sample_idx", "const long long*"),
-    ("coords", "const long long*"),
-    ("ndim", "int"),
-    ("n_rows", "long long"),
-)
-
 #: ``check_crop_rows`` (``kernels/crop_patches.cu``): the first row whose
 #: patch leaves its stack, through ``atomicMin`` on ``first_bad``.
-CHECK_CROP_ROWS = Kernel(
-    file="crop_patches.cu",
-    name="check_crop_rows",
-    params=(
-        *_CROP_ROW_PARAMS,
-        ("patch_z", "long long"),
-        ("patch_y", "long long"),
-        ("patch_x", "long long"),
-        ("first_bad", "long long*"),
-    ),
-)
+CHECK_CROP_ROWS = Kernel.from_source("crop_patches.cu", "check_crop_rows")
 
 
 def crop_kernel(itemsize: int) -> Kernel:
@@ -98,18 +77,7 @@ def crop_kernel(itemsize: int) -> Kernel:
         raise ValueError(
             f"the crop kernel copies elements of 1, 2, 4 or 8 bytes, not {itemsize!r}"
         ) from None
-    return Kernel(
-        file="crop_patches.cu",
-        name=f"crop_patches<{element}>",
-        params=(
-            *_CROP_ROW_PARAMS,
-            ("n_channels", "long long"),
-            ("patch_z", "long long"),
-            ("patch_y", "long long"),
-            ("patch_x", "long long"),
-            ("out", f"{element}*"),
-        ),
-    )
+    return Kernel.from_source("crop_patches.cu", f"crop_patches<{element}>")
 
 
 #: ``long long`` values per stack in the stack table: address, 5 sizes, 5 strides.

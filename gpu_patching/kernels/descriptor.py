@@ -1,14 +1,20 @@
 """What a kernel is to Python: its entry point and its parameters, in order.
 
 A :class:`Kernel` names a ``__global__`` function of a ``.cu`` file of this
-folder and its parameters in order; :meth:`Kernel.arguments` makes the
-argument tuple of a launch, with every scalar at its exact C width.
+folder; :meth:`Kernel.from_source` reads its parameters from that signature
+(:func:`parse_signature`), so they are written once, in C.
+:meth:`Kernel.arguments` makes the argument tuple of a launch, with every
+scalar at its exact C width.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +27,8 @@ __all__ = [
     "THREADS_PER_BLOCK",
     "Kernel",
     "check_launch_array",
+    "kernel_dir",
+    "parse_signature",
 ]
 
 #: The NumPy scalar type of each C type the kernels use; a pointer's element
@@ -61,13 +69,37 @@ class Kernel:
         The entry point: an ``extern "C"`` name, or a name expression of a
         template instantiation (``crop_patches<unsigned char>``).
     params : tuple of (str, str)
-        ``(name, C type)`` of every parameter in order; it mirrors the C
-        signature (a test parses the ``.cu`` file and compares).
+        ``(name, C type)`` of every parameter in order, as
+        :func:`parse_signature` reads them.
     """
 
     file: str
     name: str
     params: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def from_source(cls, file: str, name: str) -> Kernel:
+        """Return the kernel ``name`` of a shipped ``.cu`` file, parsed once per process.
+
+        Parameters
+        ----------
+        file : str
+            A ``.cu`` file of :func:`kernel_dir`, e.g. ``"count.cu"``.
+        name : str
+            The ``__global__`` function, or a template instantiation of it
+            (``"crop_patches<unsigned short>"``).
+
+        Returns
+        -------
+        Kernel
+            The same object for the same arguments, every time.
+
+        Raises
+        ------
+        ValueError
+            If the file is not there, or as :func:`parse_signature`.
+        """
+        return _shipped_kernel(file, name)
 
     @property
     def is_template(self) -> bool:
@@ -123,6 +155,102 @@ class Kernel:
                 )
             args.append(scalar_type(int(value)))
         return tuple(args)
+
+
+def kernel_dir() -> Path:
+    """Return the folder that holds the kernel sources.
+
+    Returns
+    -------
+    pathlib.Path
+        ``gpu_patching/kernels`` of the installed package (the ``.cu`` and
+        ``.cuh`` files are package data); it is also the include path of
+        every compile.
+    """
+    return Path(str(importlib.resources.files("gpu_patching") / "kernels"))
+
+
+@functools.cache
+def _shipped_kernel(file: str, name: str) -> Kernel:
+    """Parse ``name`` of ``file`` (a cache: each launch asks for its kernel again)."""
+    path = kernel_dir() / file
+    if not path.is_file():
+        raise ValueError(f"no kernel source {file} in {kernel_dir()}")
+    return Kernel(file=file, name=name, params=parse_signature(path.read_text(), name, file))
+
+
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+# A declaration that ends in one of these words is a type without a name.
+_TYPE_WORDS = frozenset({"const", *(word for c_type in C_SCALAR_TYPES for word in c_type.split())})
+
+
+def parse_signature(source: str, name: str, file: str) -> tuple[tuple[str, str], ...]:
+    """Return ``(name, C type)`` of every parameter of a ``__global__`` function.
+
+    Comments are ignored; a type is folded to single spaces with ``*``
+    attached (``const long long *p`` gives ``const long long*``). For a
+    template instantiation each template argument replaces its type
+    parameter (``T*`` of ``crop_patches<unsigned short>`` gives
+    ``unsigned short*``).
+
+    Parameters
+    ----------
+    source : str
+        The text of a ``.cu`` file.
+    name : str
+        The function, or a template instantiation ``function<arguments>``.
+    file : str
+        The file's name, for the messages.
+
+    Returns
+    -------
+    tuple of (str, str)
+        The parameters in order.
+
+    Raises
+    ------
+    ValueError
+        If the function is not defined exactly once, the template arguments
+        do not match, a plain kernel is not ``extern "C"`` (its name would be
+        mangled), a parameter has no name, or a scalar's C type is not in
+        :data:`C_SCALAR_TYPES` (the message names the file and the kernel).
+    """
+    function, _, rest = name.partition("<")
+    arguments = [arg.strip() for arg in rest.removesuffix(">").split(",")] if rest else []
+    definition = re.compile(
+        r"(?:template\s*<(?P<template>[^>]*)>\s*)?(?P<extern>extern\s+\"C\"\s+)?"
+        rf"__global__\s+void\s+{re.escape(function)}\s*\((?P<params>[^)]*)\)\s*\{{"
+    )
+    found = list(definition.finditer(_COMMENT.sub(" ", source)))
+    if not found:
+        raise ValueError(f"{file} has no __global__ function {function}")
+    if len(found) > 1:
+        raise ValueError(f"{file} defines __global__ function {function} {len(found)} times")
+    match = found[0]
+    template = match["template"]
+    type_params = [p.split()[-1] for p in template.split(",")] if template else []
+    if len(type_params) != len(arguments):
+        raise ValueError(
+            f"{file}: {name}: {function} takes {len(type_params)} template arguments, "
+            f"got {len(arguments)}"
+        )
+    if not type_params and match["extern"] is None:
+        raise ValueError(f'{file}: {name} is not extern "C", so its name would be mangled')
+    params: list[tuple[str, str]] = []
+    declarations = match["params"].split(",") if match["params"].strip() else []
+    for number, raw in enumerate(declarations, start=1):
+        declaration = re.sub(r"\s*\*\s*", "* ", " ".join(raw.split())).strip()
+        c_type, _, param = declaration.rpartition(" ")
+        if not c_type or param in _TYPE_WORDS or not param.isidentifier():
+            raise ValueError(f"{file}: {name}: parameter {number} ({declaration!r}) has no name")
+        for type_param, argument in zip(type_params, arguments, strict=True):
+            c_type = re.sub(rf"\b{re.escape(type_param)}\b", argument, c_type)
+        if not c_type.endswith("*") and c_type not in C_SCALAR_TYPES:
+            raise ValueError(
+                f"{file}: {name}: parameter {param} has C type {c_type!r}, which has no NumPy twin"
+            )
+        params.append((param, c_type))
+    return tuple(params)
 
 
 def check_launch_array(

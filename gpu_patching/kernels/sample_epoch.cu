@@ -10,9 +10,9 @@
 // a shuffled, sharded epoch is this same single launch: no sort, no gather.
 //
 // The kernel writes every column of the result (data_idx, sample_idx, coords
-// and the patch index), so an epoch needs no other kernel. The parameter list
-// is mirrored by SAMPLE_EPOCH in sample_epoch.py, and a test compares the two;
-// every scalar has an exact NumPy twin:
+// and the patch index), so an epoch needs no other kernel. SAMPLE_EPOCH in
+// sample_epoch.py is parsed from this signature; every scalar has an exact
+// NumPy twin:
 //     long long <-> numpy.int64, unsigned long long <-> numpy.uint64,
 //     unsigned int <-> numpy.uint32, int <-> numpy.int32.
 #include "permutation.cuh"

@@ -301,15 +301,13 @@ def _measure(
     n_patches: int,
     draw: Callable[[int], NDArray[np.int64]],
     *,
-    epochs: int,
-    patch_size: tuple[int, int],
-    shape: tuple[int, int],
-    reachable: NDArray[np.bool_],
+    scene: DemoScene,
     held_out: NDArray[np.bool_],
     progress: bool,
 ) -> CoverageRun:
-    """Draw ``epochs`` epochs and record their coverage."""
-    total = np.zeros(shape, dtype=np.int64)
+    """Draw the scene's epochs and record their coverage."""
+    epochs, reachable = scene.epochs, scene.reachable
+    total = np.zeros(scene.image.shape, dtype=np.int64)
     seconds, spreads, snapshots = [], [], {}
     touched = 0
     rounds: Any = range(epochs)
@@ -321,7 +319,7 @@ def _measure(
         start = time.perf_counter()
         corners = draw(epoch)
         seconds.append(time.perf_counter() - start)
-        cover = coverage_map(corners, patch_size, shape)
+        cover = coverage_map(corners, scene.patch_size, scene.image.shape)
         total += cover
         touched += int(cover[held_out].sum())
         spreads.append(float((total[reachable] / (epoch + 1)).std()))
@@ -530,15 +528,24 @@ def run_demo(
         y, x = spec["coords"]
         held_out[y : y + patch[0], x : x + patch[1]] = True
 
-    measure = functools.partial(
-        _measure,
-        epochs=epochs,
+    scene = DemoScene(
+        image=image,
+        name=name,
         patch_size=patch,
-        shape=shape,
+        validation_corners=[tuple(spec["coords"]) for spec in validation],
+        excluded=excluded,
+        probabilities=probabilities,
+        scores=scores,
+        stat=stat_label,
+        threshold=threshold,
+        threshold_rule=how,
+        background=background_words(filtered_prob),
+        expected=expected,
         reachable=reachable,
-        held_out=held_out,
-        progress=progress,
+        limit=limit,
+        epochs=epochs,
     )
+    measure = functools.partial(_measure, scene=scene, held_out=held_out, progress=progress)
     runs = [
         measure(
             f"ours ({sampler.backend})",
@@ -566,15 +573,7 @@ def run_demo(
             _independent_draws(weights, sampler.n_patches, seed),
         )
     )
-    _print_table(
-        runs,
-        limit,
-        epochs,
-        int(reachable.sum()),
-        float(expected[reachable].mean()),
-        why_not,
-        filtered_prob if n_background else None,
-    )
+    _print_table(runs, scene, why_not, filtered_prob if n_background else None)
     results: dict[str, Any] = {
         "runs": runs,
         "limit": limit,
@@ -586,23 +585,6 @@ def run_demo(
         "region_probabilities": probabilities,
     }
     if output is not None:
-        scene = DemoScene(
-            image=image,
-            name=name,
-            patch_size=patch,
-            validation_corners=[tuple(spec["coords"]) for spec in validation],
-            excluded=excluded,
-            probabilities=probabilities,
-            scores=scores,
-            stat=stat_label,
-            threshold=threshold,
-            threshold_rule=how,
-            background=background_words(filtered_prob),
-            expected=expected,
-            reachable=reachable,
-            limit=limit,
-            epochs=epochs,
-        )
         written = draw_demo_pictures(Path(output), scene, runs)
         print("pictures:", ", ".join(str(p) for p in written))
         results["pictures"] = written
@@ -611,13 +593,13 @@ def run_demo(
 
 def _print_table(
     runs: Sequence[CoverageRun],
-    limit: float,
-    epochs: int,
-    n_pixels: int,
-    mean: float,
+    scene: DemoScene,
     careamics_missing: str,
     filtered_prob: float | None,
 ) -> None:
+    epochs, limit = scene.epochs, scene.limit
+    n_pixels = int(scene.reachable.sum())
+    mean = float(scene.expected[scene.reachable].mean())
     counts = sorted({*SPREAD_EPOCHS, epochs})
     counts = [c for c in counts if c <= epochs]
     header = f"\n{'sampler':30s} {'patches':>7s} {'ms/epoch':>9s} {'uncovered@1':>11s}" + "".join(

@@ -459,3 +459,25 @@ def test_worker_parts_are_whole_tiles_that_together_make_the_ranks_rows(tmp_path
         owned = [set(part.tile.tolist()) for part in parts]
         for a, b in itertools.combinations(owned, 2):
             assert not a & b
+
+
+def test_home_chunks_past_int64_ranks_are_ordered_as_the_same_chunks_near_the_origin():
+    # Corners near 2**40 on both axes of chunks of 1: the home keys have no
+    # int64 rank together (2**80 of them), so they are sorted as rows.
+    from gpu_patching.specs import PatchBatch
+
+    rng = np.random.default_rng(5)
+    near = rng.integers(0, 6, (40, 2)).astype(np.int64)
+    far = near + 2**40
+
+    def rows(coords):
+        n = len(coords)
+        zeros = np.zeros(n, dtype=np.int64)
+        return PatchBatch(zeros, zeros, coords, np.arange(n, dtype=np.int64), (1, 1))
+
+    chunks = [(1, 1, 1, 1)]
+    low = chunk_order(rows(near), chunks, seed=3, epoch=1, window=2)
+    high = chunk_order(rows(far), chunks, seed=3, epoch=1, window=2)
+    assert low.n_groups == len({tuple(c) for c in near.tolist()})
+    for name in ("rows", "group", "tile", "window"):
+        assert np.array_equal(getattr(low, name), getattr(high, name)), name

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import numpy as np
@@ -66,41 +67,27 @@ class _ViewSequence(Sequence[_View]):
         return (self._view(k) for k in range(len(self)))
 
 
+@dataclass(frozen=True, eq=False, repr=False)
 class SamplePatchingView:
     """One sample of a sampler: its shape, grid and current patch count.
 
     What ``image_patching[data_idx][sample_idx]`` is in CAREamics, reduced to
-    its read-only attributes.
+    its read-only attributes (frozen: assigning one raises ``AttributeError``).
 
-    Parameters
+    Attributes
     ----------
-    sampler : StratifiedPatching
-        The sampler the view reads.
     data_idx, sample_idx : int
-        The sample (already checked by the caller).
+        Which sample: its image stack, and its index in that stack.
     """
 
-    __slots__ = ("_data_idx", "_sample_idx", "_sampler")
-
-    def __init__(self, sampler: StratifiedPatching, data_idx: int, sample_idx: int) -> None:
-        self._sampler = sampler
-        self._data_idx = data_idx
-        self._sample_idx = sample_idx
-
-    @property
-    def data_idx(self) -> int:
-        """The index of the image stack."""
-        return self._data_idx
-
-    @property
-    def sample_idx(self) -> int:
-        """The index of the sample in its stack."""
-        return self._sample_idx
+    _sampler: StratifiedPatching
+    data_idx: int
+    sample_idx: int
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The sample's spatial ``(Z)YX`` shape."""
-        return self._sampler.data_shapes[self._data_idx][2:]
+        return self._sampler.data_shapes[self.data_idx][2:]
 
     @property
     def patch_size(self) -> tuple[int, ...]:
@@ -116,12 +103,12 @@ class SamplePatchingView:
     def n_patches(self) -> int:
         """The sample's current number of patches (0 for a sample smaller than the patch)."""
         sampler = self._sampler
-        first = sum(shape[0] for shape in sampler.data_shapes[: self._data_idx])
-        return int(sampler.n_patches_per_sample[first + self._sample_idx])
+        first = sum(shape[0] for shape in sampler.data_shapes[: self.data_idx])
+        return int(sampler.n_patches_per_sample[first + self.sample_idx])
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(data_idx={self._data_idx}, sample_idx={self._sample_idx}, "
+            f"{type(self).__name__}(data_idx={self.data_idx}, sample_idx={self.sample_idx}, "
             f"shape={self.shape}, grid_shape={self.grid_shape}, n_patches={self.n_patches})"
         )
 

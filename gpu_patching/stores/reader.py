@@ -46,10 +46,22 @@ __all__ = [
     "DEFAULT_WORKERS",
     "MAX_READ_AHEAD",
     "MEMORY_MODES",
+    "THREAD_CUT_BYTES",
     "ChunkReader",
     "check_reader_options",
     "default_cache_bytes",
 ]
+
+
+#: Patches of at least this many bytes are cut out of their chunks on the
+#: decoding threads, the smaller ones on the event loop's thread. A large
+#: patch's copy holds NumPy without the GIL for long, so the cut-out runs
+#: beside the loop and the decodes: a chunk-order epoch of the bench's 3D
+#: store (patches 16x64x64 uint16, 128 KiB) took 0.82-0.86x the time. A small
+#: patch's copy is short beside the Python around it, and the threads then
+#: wait on each other for the GIL: the 2D store's (64x64, 8 KiB) took 1.1-1.3x
+#: the time on the threads (``benchmarks/bench_stores.py``, 2 cores).
+THREAD_CUT_BYTES = 32 << 10
 
 
 class ChunkReader:
@@ -162,6 +174,9 @@ class ChunkReader:
         self.chunks_read = 0
         self.cache_hits = 0
         self._cache: OrderedDict[tuple[int, tuple[int, ...]], NDArray[Any]] = OrderedDict()
+        # Cached chunks whose cut-out runs on a decoding thread now: not evicted
+        # until it ends (its bytes stay counted while they are in use).
+        self._cutting: dict[tuple[int, tuple[int, ...]], int] = {}
         self._cached_bytes = 0
         self.peak_cached_bytes = 0
         self._reads_in_flight = 0
@@ -296,9 +311,26 @@ class ChunkReader:
         bounds = np.searchsorted(plan.piece_chunk, np.arange(len(plan.chunk) + 1)).tolist()
         patch_size = out.shape[2:]
         gate = asyncio.Semaphore(self._read_slots())
+        threaded = out[0].nbytes >= THREAD_CUT_BYTES if len(out) else False
+        loop = asyncio.get_running_loop()
         # Once a chunk has failed, the batch is lost: the chunks still waiting
         # are not read (over a network each would wait out its own retries).
         failed = False
+
+        async def cut(j: int, key: tuple[int, tuple[int, ...]], block: NDArray[Any]) -> None:
+            if not threaded:
+                cut_pieces(plan, bounds[j], bounds[j + 1], block, out, patch_size)
+                return
+            self._cutting[key] = self._cutting.get(key, 0) + 1
+            try:
+                # None: the loop's default executor, the decoding threads.
+                await loop.run_in_executor(
+                    None, cut_pieces, plan, bounds[j], bounds[j + 1], block, out, patch_size
+                )
+            finally:
+                self._cutting[key] -= 1
+                if not self._cutting[key]:
+                    del self._cutting[key]
 
         async def one(j: int) -> None:
             nonlocal failed
@@ -309,7 +341,8 @@ class ChunkReader:
             if block is not None:
                 self._cache.move_to_end(key)
                 self.cache_hits += 1
-                cut_pieces(plan, bounds[j], bounds[j + 1], block, out, patch_size)
+                await cut(j, key, block)
+                self._evict()  # what its cut-out held back, if anything
                 return
             # At most _read_slots() chunks are outside the cache at once, from
             # the start of their read to the end of their copy (see cache_limit).
@@ -333,7 +366,7 @@ class ChunkReader:
                         raise fault
                     assert block is not None  # the read returned: no fault
                     self.chunks_read += 1
-                    cut_pieces(plan, bounds[j], bounds[j + 1], block, out, patch_size)
+                    await cut(j, key, block)
                 finally:
                     self._reads_in_flight -= 1
                 # Cached after the read's count is released: the block is one of
@@ -385,9 +418,18 @@ class ChunkReader:
     def _evict(self) -> None:
         """Drop the least recently used chunks until the cache is within its limit."""
         limit = self.cache_limit
-        while self._cached_bytes > limit:
-            _, dropped = self._cache.popitem(last=False)
-            self._cached_bytes -= dropped.nbytes
+        if self._cached_bytes <= limit:
+            return
+        if not self._cutting:
+            while self._cached_bytes > limit:
+                _, dropped = self._cache.popitem(last=False)
+                self._cached_bytes -= dropped.nbytes
+            return
+        # Least recently used first, passing over the chunks being cut.
+        for key in [k for k in self._cache if k not in self._cutting]:
+            if self._cached_bytes <= limit:
+                break
+            self._cached_bytes -= self._cache.pop(key).nbytes
 
     def read_ahead(self, batch_bytes: int) -> int:
         """Return the batches :meth:`batches` reads at once by default.

@@ -1,0 +1,63 @@
+"""Patches of at least ``THREAD_CUT_BYTES`` are cut out on the decoding threads.
+
+Every store is written by zarr into ``tmp_path``; every batch is compared with
+slicing the same array in memory, and the chunk order with the shuffled one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpu_patching import PatchLoader, StratifiedPatching
+from gpu_patching.stores import ChunkReader, open_stack
+from gpu_patching.stores.reader import THREAD_CUT_BYTES
+
+zarr = pytest.importorskip("zarr", minversion="3")
+
+# 2 channels of 8x32x64 uint16: 64 KiB a patch, cut on the threads.
+_SHAPE = (2, 2, 24, 160, 160)
+_CHUNKS = (1, 1, 16, 64, 64)
+_PATCH = (8, 32, 64)
+
+
+def _stack(tmp_path):
+    data = np.random.default_rng(3).integers(0, 60000, _SHAPE, dtype=np.uint16)
+    path = tmp_path / "v.zarr"
+    zarr.create_array(str(path), shape=_SHAPE, chunks=_CHUNKS, dtype="uint16")[...] = data
+    return data, open_stack(path)
+
+
+def _sliced(data, batch):
+    boxes = [
+        (s, slice(None), *(slice(c, c + p) for c, p in zip(corner, batch.patch_size, strict=True)))
+        for s, corner in zip(batch.sample_idx.tolist(), batch.coords.tolist(), strict=True)
+    ]
+    return np.stack([data[box] for box in boxes])
+
+
+def test_the_patches_here_are_large_enough_to_be_cut_on_the_threads():
+    assert 2 * 2 * int(np.prod(_PATCH)) >= THREAD_CUT_BYTES
+
+
+@pytest.mark.parametrize("order", ["shuffle", "chunks"])
+def test_large_patches_cut_on_the_threads_equal_the_sliced_patches(tmp_path, order):
+    data, stack = _stack(tmp_path)
+    strategy = StratifiedPatching([stack.shape], _PATCH, seed=5, backend="numpy")
+    loader = PatchLoader([stack], strategy, 16, shuffle=True, order=order)
+    n = 0
+    for patches, batch in loader:
+        np.testing.assert_array_equal(patches, _sliced(data, batch))
+        n += len(batch)
+    assert n == strategy.n_patches
+
+
+def test_large_patches_in_a_cache_of_a_few_chunks_equal_the_sliced_patches(tmp_path):
+    # Chunks are evicted while others are still being cut out of on the threads.
+    data, stack = _stack(tmp_path)
+    strategy = StratifiedPatching([stack.shape], _PATCH, seed=6, backend="numpy")
+    rows = strategy.sample_epoch(0, shuffle=True).to_numpy()
+    reader = ChunkReader([stack], cache_bytes=12 * stack.chunk_bytes)
+    for patches, batch in reader.batches(rows, 8, read_ahead=2):
+        np.testing.assert_array_equal(patches, _sliced(data, batch))
+    assert reader.peak_held_bytes <= reader.cache_bytes

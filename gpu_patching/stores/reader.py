@@ -60,7 +60,9 @@ __all__ = [
 #: store (patches 16x64x64 uint16, 128 KiB) took 0.82-0.86x the time. A small
 #: patch's copy is short beside the Python around it, and the threads then
 #: wait on each other for the GIL: the 2D store's (64x64, 8 KiB) took 1.1-1.3x
-#: the time on the threads (``benchmarks/bench_stores.py``, 2 cores).
+#: the time on the threads; with 128x128 patches (32 KiB) both took the same,
+#: with 64x128 (16 KiB) either was ahead in turn (``benchmarks/bench_stores.py``'s
+#: stores, 2 cores).
 THREAD_CUT_BYTES = 32 << 10
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -27,33 +26,15 @@ from gpu_patching.cli import main
 zarr = pytest.importorskip("zarr", minversion="3")
 pytest.importorskip("s3fs")
 pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
+from local_servers import S3_KEY as _KEY  # noqa: E402
+from local_servers import S3_SECRET as _SECRET  # noqa: E402
+from local_servers import s3_options as _options  # noqa: E402
+from local_servers import start_s3_server as _start_server  # noqa: E402
 from ome_images import write_ome  # noqa: E402
 
 from gpu_patching.stores import StoreError, open_stack  # noqa: E402
-
-# moto accepts any credentials until its authentication is switched on.
-_KEY, _SECRET = "AKIAGPUPATCHINGTEST0", "gpu-patching-test-secret-value-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _start_server() -> tuple[object, str]:
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    return server, f"http://127.0.0.1:{port}"
-
-
-def _options(endpoint: str, key: str = _KEY, secret: str = _SECRET) -> dict:
-    return {"endpoint_url": endpoint, "key": key, "secret": secret}
-
 
 #: name -> (metadata axes, shape, zarr format, the pixels as SC(Z)YX)
 IMAGES = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,19 @@ __all__ = [
 Reopen = Callable[[], tuple[Any, Callable[[], None]]]
 # Files inherited from the process that forked this one (see ChunkedStack._reopen).
 _INHERITED_FILES: list[Any] = []
+# Held while a stack opens its store again: threads that find it stale at
+# once open it once. A forked process gets a fresh one (another thread of the
+# parent may have held it when it forked).
+_REOPEN_LOCK = threading.Lock()
+
+
+def _new_reopen_lock() -> None:
+    global _REOPEN_LOCK
+    _REOPEN_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_reopen_lock)
 # Seconds before the first retry of a chunk read; each retry waits twice as long.
 _FIRST_BACKOFF_SECONDS = 0.05
 # Errors of a remote read that retrying cannot mend: the answer will not change.
@@ -221,7 +235,9 @@ class ChunkedStack:
         pid, array, _ = self._handle
         if pid != os.getpid():
             if self._reopen_source is not None:
-                return self._reopen()
+                with _REOPEN_LOCK:
+                    pid, array, _ = self._handle
+                    return array if pid == os.getpid() else self._reopen()
             if _tiff_backed(array):
                 # Its file position is shared with the opener: reads would
                 # interleave and return wrong pixels without an error.
@@ -409,7 +425,7 @@ class ChunkedStack:
         """
         starts, stops = self._chunk_bounds(index)
         selection = self._stored_selection(starts, stops)
-        array = self._array
+        array = await self._array_on_loop()
         for attempt in range(self.retries + 1):
             try:
                 block = await array.async_array.getitem(selection)
@@ -419,6 +435,17 @@ class ChunkedStack:
                     raise
             await asyncio.sleep(_FIRST_BACKOFF_SECONDS * 2**attempt)
         return self._to_full(np.asarray(block))
+
+    async def _array_on_loop(self) -> Any:
+        """:attr:`array`, from a coroutine on the read loop.
+
+        A remote store opens again (in a forked or spawned process, or an
+        unpickled copy) through this same loop: done here, the loop would
+        wait on itself for ever. It opens in a thread of its own instead.
+        """
+        if self._handle[0] == os.getpid() or self._reopen_source is None:
+            return self._array
+        return await _in_own_thread(lambda: self._array)
 
     def check_unchanged(self) -> None:
         """Raise :class:`StoreError` if the store is gone or its array changed.
@@ -470,6 +497,34 @@ class ChunkedStack:
         if close is not None and pid == os.getpid():
             close()
             self._handle = (pid, array, None)
+
+
+async def _in_own_thread(function: Callable[[], Any]) -> Any:
+    """Await ``function()``, run in a new thread.
+
+    Not in the loop's executor: its threads may all be waiting on the loop.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def work() -> None:
+        try:
+            result = function()
+        except BaseException as error:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, error)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=work, name="gpu_patching_reopen", daemon=True).start()
+    return await done
 
 
 def _is_transient(error: BaseException) -> bool:

@@ -1,0 +1,33 @@
+"""Servers on 127.0.0.1 for the remote-store tests: a free port, and moto's S3 server."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+#: Credentials moto accepts (any, until its authentication is switched on).
+S3_KEY, S3_SECRET = "AKIAGPUPATCHINGTEST0", "gpu-patching-test-secret-value-0123456789"
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_s3_server() -> tuple[Any, str]:
+    """Start moto's S3 server on a free port; return it (``.stop()`` ends it) and its endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, f"http://127.0.0.1:{port}"
+
+
+def s3_options(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET) -> dict[str, str]:
+    """The storage_options of an ``s3://`` URL served by ``endpoint``."""
+    return {"endpoint_url": endpoint, "key": key, "secret": secret}

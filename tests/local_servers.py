@@ -31,3 +31,19 @@ def start_s3_server() -> tuple[Any, str]:
 def s3_options(endpoint: str, key: str = S3_KEY, secret: str = S3_SECRET) -> dict[str, str]:
     """The storage_options of an ``s3://`` URL served by ``endpoint``."""
     return {"endpoint_url": endpoint, "key": key, "secret": secret}
+
+
+def start_gcs_server(bucket: str) -> tuple[Any, str]:
+    """Start gcp-storage-emulator (in memory, with ``bucket``) on a free port: it and its URL.
+
+    The emulator is a thread of this process serving Google Cloud Storage's
+    JSON API over HTTP; ``.stop()`` ends it.
+    """
+    from gcp_storage_emulator.server import create_server
+
+    # It logs an error for every object it does not have: zarr asks for several.
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+    port = free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.start()
+    return server, f"http://127.0.0.1:{port}"

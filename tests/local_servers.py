@@ -1,9 +1,14 @@
-"""Servers on 127.0.0.1 for the remote-store tests: a free port, and moto's S3 server."""
+"""Servers on 127.0.0.1 for the remote-store tests: S3 (moto), GCS (an emulator), HTTPS."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import logging
 import socket
+import ssl
+import threading
+from pathlib import Path
 from typing import Any
 
 #: Credentials moto accepts (any, until its authentication is switched on).
@@ -47,3 +52,26 @@ def start_gcs_server(bucket: str) -> tuple[Any, str]:
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
     server.start()
     return server, f"http://127.0.0.1:{port}"
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder's files, without a log line per request."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def start_https_server(folder: Path, certificate: Any) -> tuple[Any, str]:
+    """Serve ``folder`` over HTTPS on a free port of 127.0.0.1; return the server and its URL.
+
+    ``certificate`` is a ``trustme`` leaf certificate for ``127.0.0.1``. The
+    server answers from a thread of this process; ``.shutdown()`` and
+    ``.server_close()`` end it.
+    """
+    handler = functools.partial(_QuietFiles, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate.configure_cert(context)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, name="https_server", daemon=True).start()
+    return server, f"https://127.0.0.1:{server.server_address[1]}"

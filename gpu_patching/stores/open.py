@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .. import _validation as check
 from ..arrays import is_zarr_array, is_zarr_object
@@ -105,13 +106,15 @@ def open_stack(
         If the path (or the URL) does not exist.
     ValueError
         If the group is not a multiscale image or its metadata is malformed
-        (the error names the field), the level does not exist or the axes do
-        not fit the array.
+        (the error names the field), the level does not exist, the axes do
+        not fit the array, or a URL has a query (``?...``, e.g. a presigned
+        URL's signature: the error names the URL without it).
     TypeError
         If ``source`` is of another type, or ``storage_options`` is not a dict.
     StoreError
-        If a remote store cannot be read (unreachable, access refused): the
-        error names the URL, never the credentials.
+        If a remote store cannot be read (unreachable, access refused, a
+        certificate not trusted): the error names the URL, never the
+        credentials.
     ImportError
         If zarr-python 3 (or, for a TIFF, tifffile 2025.5.21 or later; for a
         URL, fsspec and its file system) is not installed:
@@ -129,6 +132,13 @@ def open_stack(
                 f"not for a {type(source).__name__} source"
             )
     if is_url(source):
+        if urlsplit(str(source)).query:
+            # zarr reads each object at the store's URL followed by its key, so
+            # a query (a presigned URL's signature) would land inside every path.
+            raise ValueError(
+                f"{public_url(str(source))}: a store URL cannot carry a query ('?...'); "
+                "give credentials in storage_options"
+            )
         return _open_url(str(source), axes, level, _url_options(str(source), storage_options))
     if isinstance(source, ChunkedStack):
         if axes is not None or level:
@@ -303,8 +313,6 @@ def public_url(url: str) -> str:
     str
         ``scheme://host/path``.
     """
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.port is not None:
@@ -329,8 +337,6 @@ def _secrets(options: Any) -> list[str]:
 
 def _redacted(text: str, *, url: str, options: dict[str, Any]) -> str:
     """Return ``text`` without the credentials of ``url`` and ``options``."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     hidden = [parts.password, parts.username, parts.query, *_secrets(options)]
     for secret in sorted((h for h in hidden if h), key=len, reverse=True):
@@ -402,6 +408,11 @@ def _remote(url: str, options: dict[str, Any], opener: Any, *args: Any) -> Any:
         return run(opener(*args))
     except FileNotFoundError:
         missing = True
+    except OSError as error:
+        # A request that failed; before ValueError: aiohttp's refused
+        # certificate is both (ssl.CertificateError is a ValueError).
+        missing = False
+        message = _redacted(f"{type(error).__name__}: {error}", url=url, options=options)
     except (ImportError, ValueError):
         raise
     except Exception as error:

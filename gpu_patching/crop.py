@@ -19,6 +19,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import NDArray
 
 from . import cuda
+from ._row_threads import check_threads, copy_threads, run_split
 from .arrays import has_cuda_dlpack, is_device_array, to_host
 from .crop_checks import (
     as_stack_list,
@@ -65,7 +66,9 @@ __all__ = [
 # -- the public call ---------------------------------------------------------------------
 
 
-def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None) -> Any:
+def extract_patches(
+    stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None, threads: int | None = None
+) -> Any:
     """Cut every patch of a batch out of the stacks, as one array.
 
     Parameters
@@ -94,6 +97,14 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
         is written after that library's pending work, but reading it on
         another stream needs ordering by the caller (e.g.
         ``torch.cuda.current_stream().wait_stream(...)`` or a synchronize).
+    threads : int, optional
+        Host stacks only: threads that copy the rows, each a contiguous run
+        (NumPy releases the GIL while copying). ``None`` (default): automatic,
+        one per usable core (at most 4) for batches of large patches (rows of
+        at least 64 KiB, at least 8 MiB in all), else the calling thread
+        alone, and always alone inside a PyTorch DataLoader worker. ``1``: the
+        calling thread alone; another count is taken as given (at most one
+        thread per row). The result is the same for every count.
 
     Returns
     -------
@@ -111,16 +122,17 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
     ------
     TypeError
         If ``batch`` is not a ``PatchBatch``, its arrays are not integers,
-        ``stacks`` is not a sequence, the stacks mix host and device arrays or
-        dtypes, a device stack's dtype is not 1, 2, 4 or 8 bytes of bool,
-        integer or float, or ``out`` has the wrong type or dtype.
+        ``threads`` is not an integer, ``stacks`` is not a sequence, the
+        stacks mix host and device arrays or dtypes, a device stack's dtype
+        is not 1, 2, 4 or 8 bytes of bool, integer or float, or ``out`` has
+        the wrong type or dtype.
     ValueError
-        If a stack has the wrong number of axes, an empty axis or another
-        channel count; if a corner leaves ``[0, D - P]`` (no corner does in a
-        stack smaller than the patch); if the batch's arrays have inconsistent shapes; if the
-        arrays are on different devices, a device array is misaligned for its
-        dtype; or if ``out`` has the wrong shape, is not C-contiguous, is
-        read-only or overlaps a stack.
+        If ``threads`` is below 1; if a stack has the wrong number of axes, an
+        empty axis or another channel count; if a corner leaves ``[0, D - P]``
+        (no corner does in a stack smaller than the patch); if the batch's
+        arrays have inconsistent shapes; if the arrays are on different
+        devices, a device array is misaligned for its dtype; or if ``out`` has
+        the wrong shape, is not C-contiguous, is read-only or overlaps a stack.
     IndexError
         If a row's ``data_idx`` or ``sample_idx`` is out of range.
 
@@ -132,6 +144,7 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
     scalar copy back (see the module docstring). Stacks that do not fit on the
     device stay on the host or in a chunked store (see the module docstring).
     """
+    n_threads = check_threads(threads)
     patch_size, n_rows = check_batch(batch)
     stack_list = as_stack_list(stacks)
     if any(is_chunked_stack(stack) for stack in stack_list):
@@ -147,7 +160,9 @@ def extract_patches(stacks: Sequence[Any], batch: PatchBatch, *, out: Any = None
         )
     if all(on_device):
         return device_crop().extract(stack_list, batch, patch_size, n_rows, out)
-    return _extract_host(stack_list, batch, patch_size, n_rows, out, chunked=False)
+    return _extract_host(
+        stack_list, batch, patch_size, n_rows, out, chunked=False, threads=n_threads
+    )
 
 
 # -- the host paths: NumPy arrays and chunked stores ----------------------------------------
@@ -161,6 +176,7 @@ def _extract_host(
     out: Any,
     *,
     chunked: bool,
+    threads: int | None = None,
 ) -> NDArray[Any]:
     """``extract_patches`` for host stacks, or for chunked stores (see :mod:`.stores`).
 
@@ -182,7 +198,7 @@ def _extract_host(
     check_host_rows(rows, shapes, patch_size, batch)
     if not chunked:
         target = np.empty(result_shape, dtype=dtype) if out is None else out
-        copy_patches(sources, rows, patch_size, target)
+        copy_patches(sources, rows, patch_size, target, threads=threads)
         return target
     # Each chunk the batch touches is read once, all at once (a one-shot call
     # holds the chunks it reads); no cache outlives the call.
@@ -199,6 +215,8 @@ def copy_patches(
     rows: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]],
     patch_size: tuple[int, ...],
     target: NDArray[Any],
+    *,
+    threads: int | None = None,
 ) -> None:
     """Copy the patch of every row into ``target[row]``: the one host crop path.
 
@@ -217,25 +235,35 @@ def copy_patches(
     target : numpy.ndarray
         Of shape ``(len(rows[0]), C, *patch_size)``; converted to its dtype
         (a stack in the other byte order is swapped while copied).
+    threads : int or None, default None
+        Threads that copy contiguous runs of rows (checked by the caller):
+        ``None`` for automatic (several only for large patches and batches,
+        none beside the calling thread in a DataLoader worker), ``1`` for the
+        calling thread alone. The rows are disjoint, so the result is the
+        same whatever the count.
     """
     data_idx, sample_idx, coords = rows
+    n_rows = len(data_idx)
     spatial_axes = tuple(range(2, 2 + len(patch_size)))
     # windows[s, :, z, y, x] is the patch of corner (z, y, x) as a view, so a
     # row costs one basic index and one copy into place: no index arrays and
     # no temporary, which NumPy's fancy indexing (it has no out=) would need.
-    # Built on first use: a stack smaller than the patch has no windows, and
-    # no checked row names it.
-    windows: dict[int, NDArray[Any]] = {}
+    # Built on first use (a stack smaller than the patch has no windows, and
+    # no checked row names it), before any thread starts: the runs only read it.
+    windows = {
+        stack: sliding_window_view(stacks[stack], patch_size, axis=spatial_axes)
+        for stack in np.unique(data_idx).tolist()
+    }
+    stack_list, sample_list, corner_list = data_idx.tolist(), sample_idx.tolist(), coords.tolist()
     every_channel = slice(None)
-    for row, (stack, sample, corner) in enumerate(
-        zip(data_idx.tolist(), sample_idx.tolist(), coords.tolist(), strict=True)
-    ):
-        view = windows.get(stack)
-        if view is None:
-            view = sliding_window_view(stacks[stack], patch_size, axis=spatial_axes)
-            windows[stack] = view
-        index = (sample, every_channel, *corner)
-        target[row] = view[index]
+
+    def copy_run(start: int, stop: int) -> None:
+        for row in range(start, stop):
+            index = (sample_list[row], every_channel, *corner_list[row])
+            target[row] = windows[stack_list[row]][index]
+
+    row_bytes = target[0].nbytes if n_rows else 0
+    run_split(copy_run, n_rows, copy_threads(threads, n_rows, row_bytes))
 
 
 # -- the CUDA path --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import _validation as check
+from ._row_threads import check_threads
 from .arrays import is_device_array
 from .backends import BackendUnavailableError
 from .crop import (
@@ -199,6 +200,12 @@ class PatchLoader:
         ``num_workers`` equal runs. Nothing is padded or dropped: the workers
         together yield the rank's rows once. The default tile counts
         ``world_size * num_workers`` shards.
+    threads : int, optional
+        Host stacks only: threads that copy each batch's rows, as for
+        :func:`~gpu_patching.extract_patches`. ``None`` (default): automatic,
+        several only for batches of large patches, and one inside a PyTorch
+        DataLoader worker (the workers use the cores); ``1``: the iterating
+        thread alone. The batches are the same for every count.
 
     Notes
     -----
@@ -254,7 +261,9 @@ class PatchLoader:
         chunk_tile: Sequence[int] | None = None,
         worker_id: int = 0,
         num_workers: int = 1,
+        threads: int | None = None,
     ) -> None:
+        self._threads = check_threads(threads)
         if not isinstance(strategy, StratifiedPatching):
             raise TypeError(f"strategy must be a StratifiedPatching, got {type(strategy).__name__}")
         size = check.as_int(batch_size, "batch_size")
@@ -486,7 +495,9 @@ class PatchLoader:
             # come from the strategy built for their shapes: in range by
             # construction, so extract_patches' checks are not repeated.
             columns = (batch.data_idx, batch.sample_idx, batch.coords)
-            copy_patches(self._host_arrays, columns, batch.patch_size, patches)
+            copy_patches(
+                self._host_arrays, columns, batch.patch_size, patches, threads=self._threads
+            )
             yield self._convert(patches), batch
 
     # -- chunked stores --------------------------------------------------------

@@ -248,19 +248,27 @@ def copy_patches(
     # windows[s, :, z, y, x] is the patch of corner (z, y, x) as a view, so a
     # row costs one basic index and one copy into place: no index arrays and
     # no temporary, which NumPy's fancy indexing (it has no out=) would need.
-    # Built on first use (a stack smaller than the patch has no windows, and
-    # no checked row names it), before any thread starts: the runs only read it.
-    windows = {
-        stack: sliding_window_view(stacks[stack], patch_size, axis=spatial_axes)
-        for stack in np.unique(data_idx).tolist()
-    }
+    # Built only for the stacks the rows name (a stack smaller than the patch
+    # has no windows, and no checked row names it), before any thread starts:
+    # the runs only read them.
     stack_list, sample_list, corner_list = data_idx.tolist(), sample_idx.tolist(), coords.tolist()
+    used = set(stack_list)
+    windows: list[Any] = [
+        sliding_window_view(stacks[k], patch_size, axis=spatial_axes) if k in used else None
+        for k in range(len(stacks))
+    ]
     every_channel = slice(None)
 
     def copy_run(start: int, stop: int) -> None:
-        for row in range(start, stop):
-            index = (sample_list[row], every_channel, *corner_list[row])
-            target[row] = windows[stack_list[row]][index]
+        for row, stack, sample, corner in zip(
+            range(start, stop),
+            stack_list[start:stop],
+            sample_list[start:stop],
+            corner_list[start:stop],
+            strict=True,
+        ):
+            index = (sample, every_channel, *corner)
+            target[row] = windows[stack][index]
 
     row_bytes = target[0].nbytes if n_rows else 0
     run_split(copy_run, n_rows, copy_threads(threads, n_rows, row_bytes))

@@ -67,6 +67,7 @@ from _report import (
 
 from gpu_patching import PatchBatch, PatchLoader, StratifiedPatching, extract_patches
 from gpu_patching import crop as crop_module
+from gpu_patching._row_threads import copy_threads
 from gpu_patching.kernels.crop_patches import crop_kernel
 
 TARGET_COPY_FRACTION = 0.70  # of the D2D copy bandwidth, at batch 4096
@@ -318,7 +319,11 @@ def cpu_markdown(results: list[dict[str, Any]], gpu_note: str) -> str:
         "one method later than the turn before; "
         "each call allocates its output unless it says 'reused' (a fresh output costs its "
         "page faults). 'speed-up' is against the per-patch loop that allocates. "
-        "extract_patches copies each patch straight into its row of the output (or of out=).",
+        "extract_patches copies each patch straight into its row of the output (or of out=), "
+        "batches of rows of 64 KiB or more (8 MiB or more in all: the 32x64x64 cases here) "
+        f"in runs of rows on {copy_threads(None, 1 << 20, 1 << 20)} thread(s), one per "
+        "usable core up to 4 (gpu_patching/_row_threads.py); PatchLoader likewise; the "
+        "loops run on one thread.",
         "",
         *markdown_table(
             ["patch", "batch", "method", "time per batch", "patches/s", "GB/s", "speed-up"],

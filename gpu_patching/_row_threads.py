@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from . import _validation as check
+from ._per_process import PerProcess
 
 __all__ = [
     "MAX_THREADS",
@@ -151,28 +152,8 @@ class _Pool:
                 future.set_result(None)
 
 
-class _Shared:
-    """The process's pool, made on first use; a forked child makes its own."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.pool: _Pool | None = None
-
-    def get(self) -> _Pool:
-        with self.lock:
-            if self.pool is None:
-                self.pool = _Pool()
-            return self.pool
-
-    def forget(self) -> None:
-        """Drop the parent's pool in a forked child (its threads did not come along)."""
-        self.lock = threading.Lock()
-        self.pool = None
-
-
-_SHARED = _Shared()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_SHARED.forget)
+#: The process's pool, made on first use; a forked child makes its own.
+_SHARED: PerProcess[_Pool] = PerProcess(_Pool)
 
 
 def run_split(copy_run: Callable[[int, int], None], n_rows: int, n_threads: int) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import _validation as check
+from .._per_process import PerProcess
 from ..arrays import is_zarr_array
 from ._loop import run
 from .axes import as_sample_axes, to_scyx_axes
@@ -38,16 +39,7 @@ _INHERITED_FILES: list[Any] = []
 # Held while a stack opens its store again: threads that find it stale at
 # once open it once. A forked process gets a fresh one (another thread of the
 # parent may have held it when it forked).
-_REOPEN_LOCK = threading.Lock()
-
-
-def _new_reopen_lock() -> None:
-    global _REOPEN_LOCK
-    _REOPEN_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_reopen_lock)
+_REOPEN_LOCK: PerProcess[threading.Lock] = PerProcess(threading.Lock)
 # Seconds before the first retry of a chunk read; each retry waits twice as long.
 _FIRST_BACKOFF_SECONDS = 0.05
 # Errors of a remote read that retrying cannot mend: the answer will not change.
@@ -235,7 +227,7 @@ class ChunkedStack:
         pid, array, _ = self._handle
         if pid != os.getpid():
             if self._reopen_source is not None:
-                with _REOPEN_LOCK:
+                with _REOPEN_LOCK.get():
                     pid, array, _ = self._handle
                     return array if pid == os.getpid() else self._reopen()
             if _tiff_backed(array):

@@ -291,8 +291,10 @@ class PatchIterableDataset(_FollowsStrategy, IterableDataset[tuple[torch.Tensor,
     **loader_options
         Further :class:`~gpu_patching.PatchLoader` keywords (``shuffle``,
         ``drop_last``, ``order``, ``chunk_window``, ``chunk_tile``,
-        ``cache_bytes``, ``workers``). ``cache_bytes`` is each worker's
-        budget.
+        ``cache_bytes``, ``workers``, ``threads``). ``cache_bytes`` is each
+        worker's budget. With ``threads`` left out (automatic), the host
+        crop in a DataLoader worker copies on that worker's thread alone
+        (the workers already use the cores); a number is taken as given.
 
     Raises
     ------

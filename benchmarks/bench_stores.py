@@ -40,7 +40,11 @@ its log) on a smaller store, requests and time per epoch of both orders
 against one zarr read per patch, through zarr's ``FsspecStore`` (what
 ``open_stack`` uses for URLs) and zarr's ``ObjectStore`` on obstore.
 ``--chunk-order-only`` runs these parts alone; without PyTorch, moto or s3fs
-their sections say so.
+their sections say so. Batch diversity (issue 22): per batch of an epoch, the
+distinct sampling regions and the distinct chunks its patches overlap, in the
+shuffled order and in chunk order with ``chunk_window`` 1 to 16, from the
+rows alone (zarr stores of the cases' shapes with no chunk written);
+``--diversity-only`` runs it alone in seconds.
 
 Before the cases, the chunk reader is chosen by measurement: the same chunks
 read by per-chunk synchronous zarr calls (one thread, and a pool of two), by
@@ -64,7 +68,9 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
+import itertools
 import json
+import math
 import re
 import shutil
 import socket
@@ -102,11 +108,14 @@ from _report import (
 )
 
 from gpu_patching import PatchLoader, StratifiedPatching, extract_patches
+from gpu_patching.grid import grid_shape
 from gpu_patching.stores import (
     DECODE_THREADS,
     DEFAULT_CACHE_BYTES,
+    DEFAULT_CHUNK_WINDOW,
     DEFAULT_WORKERS,
     ChunkReader,
+    chunk_order,
     default_cache_bytes,
     open_stack,
     plan_chunks,
@@ -974,6 +983,161 @@ def chunk_order_section(folder: Path, selected: list[Case], quick: bool, report:
     )
 
 
+# -- batch diversity: chunk order against the shuffled order (issue 22) -----------------
+
+DIVERSITY_HEADING = "## Batch diversity: chunk order against the shuffled order (issue 22)"
+#: The chunk windows of the diversity table (DEFAULT_CHUNK_WINDOW among them).
+DIVERSITY_WINDOWS = (1, 2, 4, 8, 16)
+
+
+def empty_store(folder: Path, case: Case) -> Any:
+    """The case's array as a zarr store with no chunk written (only its metadata on disk).
+
+    The order of an epoch depends on the shapes, the chunking and the cache
+    (which follows the store's size), never on the values: the diversity
+    section needs no data.
+    """
+    import zarr
+
+    path = folder / f"diversity-{case.name.lower()}.zarr"
+    zarr.create_array(
+        str(path), shape=case.shape, chunks=case.chunks, dtype=np.uint16, overwrite=True
+    )
+    return open_stack(path, axes=case.axes.upper())
+
+
+def diversity_rows(
+    stack: Any, strategy: StratifiedPatching, window: int | None
+) -> tuple[Any, tuple[int, ...] | None]:
+    """Epoch 0's rows as ``PatchLoader`` (batches of :data:`BATCH`, defaults) takes them.
+
+    ``window=None``: the shuffled order; else ``order="chunks"`` with that
+    ``chunk_window`` and the tile the loader picks for its default cache
+    (returned beside the rows; ``None`` for the shuffled order).
+    """
+    if window is None:
+        return strategy.sample_epoch(0, shuffle=True).to_numpy(), None
+    loader = PatchLoader(
+        [stack], strategy, BATCH, shuffle=True, order="chunks", chunk_window=window
+    )
+    tile = loader.chunk_tile
+    plain = strategy.sample_epoch(0).to_numpy()
+    order = chunk_order(
+        plain, [stack.chunks], seed=strategy.seed, epoch=0, window=window, tile=tile
+    )
+    return plain[order.rows], tile
+
+
+def _distinct_per_batch(ids: np.ndarray, batch: int) -> np.ndarray:
+    """Distinct values among the ``ids`` rows of each whole batch of ``batch`` rows."""
+    n_batches = len(ids) // batch
+    per_batch = np.sort(ids[: n_batches * batch].reshape(n_batches, -1), axis=1)
+    return 1 + np.count_nonzero(np.diff(per_batch, axis=1), axis=1)
+
+
+def batch_diversity(
+    rows: Any,
+    data_shapes: list[tuple[int, ...]],
+    chunks: list[tuple[int, ...]],
+    batch: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct regions and distinct chunks of each whole batch of ``batch`` rows.
+
+    A patch's region is its sampling cell (stack, sample, the grid cell of its
+    corner); its chunks are every chunk it overlaps (up to ``2^d``: one or two
+    per axis), counted once per batch wherever several patches share one.
+    ``data_shapes`` and ``chunks`` are each stack's ``SC(Z)YX`` shape and chunk
+    shape. A last, shorter batch is left out.
+    """
+    data_idx, sample_idx, coords = host_rows(rows)
+    coords = coords.reshape(len(data_idx), -1)
+    patch = np.asarray(rows.patch_size, dtype=np.int64)
+    cells = np.asarray([grid_shape(shape[2:], rows.patch_size) for shape in data_shapes])
+    cell = np.minimum(coords // patch, cells[data_idx] - 1)  # the last cell takes the edge
+    region = np.column_stack([data_idx, sample_idx, cell])
+    _, region_id = np.unique(region, axis=0, return_inverse=True)
+    size = np.asarray(chunks, dtype=np.int64)[data_idx]
+    first = coords // size[:, 2:]
+    last = (coords + patch - 1) // size[:, 2:]
+    keys = []
+    for corner in itertools.product((False, True), repeat=coords.shape[1]):
+        spatial = np.where(np.asarray(corner), last, first)
+        keys.append(np.column_stack([data_idx, sample_idx // size[:, 0], spatial]))
+    stacked = np.stack(keys, axis=1)  # (rows, 2^d, key)
+    _, chunk_id = np.unique(stacked.reshape(-1, stacked.shape[2]), axis=0, return_inverse=True)
+    chunk_id = chunk_id.reshape(len(data_idx), -1)
+    return (
+        _distinct_per_batch(region_id.reshape(-1, 1), batch),
+        _distinct_per_batch(chunk_id, batch),
+    )
+
+
+def _spread(values: np.ndarray) -> list[str]:
+    """Mean, 5th percentile and minimum of per-batch counts, as table cells."""
+    return [
+        f"{values.mean():.1f}",
+        f"{np.percentile(values, 5):.1f}",
+        f"{values.min():,}",
+    ]
+
+
+def diversity_section(folder: Path, selected: list[Case], report: Report) -> None:
+    """Distinct regions and chunks per batch: the shuffled order, chunk order by window."""
+    report.emit(
+        DIVERSITY_HEADING,
+        "",
+        f"Epoch 0 (seed 0) in batches of {BATCH} as `PatchLoader` takes its rows, computed "
+        "without reading a chunk: the shuffled order (`sample_epoch(0, shuffle=True)`) and "
+        "`order='chunks'` with each `chunk_window` (`chunk_order` with the tile "
+        "`PatchLoader.chunk_tile` picks for the default cache of the case's store, a zarr "
+        "store of the same shape, chunking and dtype with no chunk written). Per batch: "
+        "*regions*, the distinct sampling regions (stack, sample, grid cell of the corner) of "
+        "its patches; *chunks*, the distinct chunks its patches overlap (a patch overlaps up "
+        "to 2^d). Mean, 5th percentile and minimum over the epoch's whole batches (a last, "
+        "shorter batch left out).",
+        "",
+    )
+    for case in selected:
+        stack = empty_store(folder, case)
+        strategy = StratifiedPatching([stack.shape], case.patch, seed=0)
+        n_regions = math.prod(grid_shape(stack.shape[2:], case.patch))
+        table = []
+        for window in (None, *DIVERSITY_WINDOWS):
+            rows, chunk_tile = diversity_rows(stack, strategy, window)
+            regions, touched = batch_diversity(rows, [stack.shape], [stack.chunks], BATCH)
+            if window is None:
+                name, tile = "shuffled (default)", "-"
+            else:
+                default = " (default)" if window == DEFAULT_CHUNK_WINDOW else ""
+                name = f"order='chunks', chunk_window={window}{default}"
+                tile = "x".join(map(str, chunk_tile or ()))
+            table.append([name, tile, f"{len(regions):,}", *_spread(regions), *_spread(touched)])
+        report.emit(
+            f"### {case.name}: {'x'.join(map(str, case.shape))}, chunks "
+            f"{'x'.join(map(str, case.chunks))} ({math.prod(stack.chunk_grid):,}), patches "
+            f"{'x'.join(map(str, case.patch))}, {strategy.n_patches:,} patches, "
+            f"{n_regions:,} regions",
+            "",
+            *markdown_table(
+                [
+                    "order",
+                    "tile",
+                    "batches",
+                    "regions: mean",
+                    "regions: 5th pct",
+                    "regions: min",
+                    "chunks: mean",
+                    "chunks: 5th pct",
+                    "chunks: min",
+                ],
+                table,
+                "llrrrrrrr",
+            ),
+            "",
+        )
+        shutil.rmtree(folder / f"diversity-{case.name.lower()}.zarr", ignore_errors=True)
+
+
 # -- two ranks (torch.distributed, gloo) ---------------------------------------------------
 
 # One rank of a chunk-order epoch: argv[1] is a JSON {"path", "patch", "batch",
@@ -1379,7 +1543,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--chunk-order-only",
         action="store_true",
-        help="only issue 22's sections: chunk order, two ranks, the local S3 server",
+        help="only issue 22's sections: chunk order, batch diversity, two ranks, local S3",
+    )
+    parser.add_argument(
+        "--diversity-only",
+        action="store_true",
+        help="only issue 22's batch diversity (no data written, nothing decoded)",
     )
     parser.add_argument(
         "--store-dir",
@@ -1399,6 +1568,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.gpu_only:
         return device_output_main(args, cupy, why, seconds)
     args.store_dir.mkdir(parents=True, exist_ok=True)
+    if args.diversity_only:
+        return diversity_main(args, selected)
     memory_cases = [] if args.chunk_order_only else MEMORY_CASES
     needed = sum(c.raw_bytes for c in [*selected, *memory_cases])
     free = shutil.disk_usage(args.store_dir).free
@@ -1416,10 +1587,23 @@ def main(argv: list[str] | None = None) -> str:
             memory_section(args.store_dir, report)
         if selected:
             chunk_order_section(args.store_dir, selected, args.quick, report)
+            diversity_section(args.store_dir, selected, report)
             ranks_section(args.store_dir, selected, report)
             s3_section(args.store_dir, args.quick, report)
         if not args.memory_only and not args.chunk_order_only:
             device_output_section(args.store_dir, cupy, why, seconds, report)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.store_dir, ignore_errors=True)
+    return finish(report, args, RESULTS)
+
+
+def diversity_main(args: Any, selected: list[Case]) -> str:
+    """``--diversity-only``: the batch diversity section alone, merged into the results."""
+    report = Report()
+    report.emit("# Patches from chunked stores", "")
+    try:
+        diversity_section(args.store_dir, selected, report)
     finally:
         if not args.keep:
             shutil.rmtree(args.store_dir, ignore_errors=True)

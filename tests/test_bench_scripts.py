@@ -550,6 +550,94 @@ def test_the_chunk_order_table_hands_over_every_patch_and_decodes_no_less_than_t
     assert min(decodes[1:]) >= decodes[0]
 
 
+def test_batch_diversity_counts_every_chunk_a_patch_straddles_and_each_region_once() -> None:
+    bench_stores = _load("bench_stores")
+    from gpu_patching import PatchBatch
+
+    # 16x16 chunks, 8x8 patches: corners (0, 0), (12, 0) and (12, 12) overlap
+    # one, two (across y) and four chunks; their regions (cells) all differ.
+    rows = PatchBatch(
+        data_idx=np.zeros(3, np.int64),
+        sample_idx=np.zeros(3, np.int64),
+        coords=np.asarray([[0, 0], [12, 0], [12, 12]], np.int64),
+        indices=np.arange(3, dtype=np.int64),
+        patch_size=(8, 8),
+    )
+    shapes, chunks = [(1, 1, 64, 64)], [(1, 1, 16, 16)]
+    regions, touched = bench_stores.batch_diversity(rows, shapes, chunks, 1)
+    assert regions.tolist() == [1, 1, 1] and touched.tolist() == [1, 2, 4]
+    regions, touched = bench_stores.batch_diversity(rows, shapes, chunks, 3)
+    assert regions.tolist() == [3] and touched.tolist() == [4]  # shared chunks count once
+
+
+def test_batch_diversity_counts_a_3d_patch_over_eight_chunks_and_leaves_out_a_short_batch() -> None:
+    bench_stores = _load("bench_stores")
+    from gpu_patching import PatchBatch
+
+    rows = PatchBatch(
+        data_idx=np.zeros(3, np.int64),
+        sample_idx=np.zeros(3, np.int64),
+        coords=np.asarray([[6, 6, 6], [0, 0, 0], [0, 0, 2]], np.int64),
+        indices=np.arange(3, dtype=np.int64),
+        patch_size=(4, 4, 4),
+    )
+    regions, touched = bench_stores.batch_diversity(
+        rows, [(1, 1, 16, 16, 16)], [(1, 1, 8, 8, 8)], 2
+    )
+    # One whole batch: the first two rows, two regions, 8 chunks (the first row's).
+    assert regions.tolist() == [2] and touched.tolist() == [8]
+
+
+def test_the_diversity_rows_are_the_rows_the_loader_hands_over_in_each_order(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("zarr")
+    bench_stores = _load("bench_stores")
+    from gpu_patching import PatchLoader, StratifiedPatching
+    from gpu_patching.stores import open_stack
+
+    case = bench_stores.Case("2D", (512, 384), (128, 128), (32, 32))
+    stack = open_stack(bench_stores.ensure_store(tmp_path, case))
+    strategy = StratifiedPatching([stack.shape], case.patch, seed=0)
+    for window in (None, 2):
+        options = {} if window is None else {"order": "chunks", "chunk_window": window}
+        loader = PatchLoader([stack], strategy, bench_stores.BATCH, shuffle=True, **options)
+        handed = np.concatenate([np.asarray(batch.indices) for _, batch in loader])
+        rows, tile = bench_stores.diversity_rows(stack, strategy, window)
+        assert np.array_equal(np.asarray(rows.indices), handed)
+        assert tile == loader.chunk_tile
+
+
+def test_bench_stores_diversity_only_has_a_row_per_order_and_window_and_writes_no_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("zarr")
+    bench_stores = _load("bench_stores")
+    tiny = [
+        bench_stores.Case("2D", (1024, 768), (128, 128), (16, 16)),
+        bench_stores.Case("3D", (32, 256, 256), (8, 64, 64), (4, 16, 16)),
+    ]
+    monkeypatch.setattr(bench_stores, "cases", lambda quick: tiny)
+    stores, output = tmp_path / "stores", tmp_path / "diversity.md"
+    argv = ["--quick", "--diversity-only", "--store-dir", str(stores), "--output", str(output)]
+    text = bench_stores.main(argv)
+    assert output.read_text() == text and bench_stores.DIVERSITY_HEADING in text
+    assert "## Chunk order" not in text and "## Throughput" not in text
+    assert not stores.exists()  # no --keep
+    windows = bench_stores.DIVERSITY_WINDOWS
+    for part in text.split("\n### ")[1:]:
+        rows = _table(part, "| order | tile | batches |")
+        names = [row[0] for row in rows]
+        assert names[0] == "shuffled (default)" and len(rows) == 1 + len(windows)
+        assert all(f"chunk_window={w}" in name for w, name in zip(windows, names[1:], strict=True))
+        regions = [float(row[3]) for row in rows]
+        chunks = [float(row[6]) for row in rows]
+        assert max(regions) <= bench_stores.BATCH
+        assert regions[0] >= regions[1]  # one home chunk's patches share regions
+        assert chunks[1:] == sorted(chunks[1:])  # more home chunks, more chunks
+        assert chunks[0] >= chunks[-1]  # the shuffled batch spans the store
+
+
 def test_bench_stores_two_rank_section_without_pytorch_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_THREADS",
     "MIN_BATCH_BYTES",
     "MIN_ROW_BYTES",
+    "THREAD_LIMIT",
     "check_threads",
     "copy_threads",
     "in_dataloader_worker",
@@ -34,6 +35,11 @@ __all__ = [
 #: Threads at most when ``threads`` is automatic: beyond a few, the copies
 #: share one memory bus and more threads only contend for the GIL.
 MAX_THREADS = 4
+
+#: Threads at most for any given count: a pool thread lives as long as the
+#: process, and a count per row (``threads=2**62``) started thousands until the
+#: OS refused one, while the runs already queued went on writing.
+THREAD_LIMIT = 64
 
 # The automatic rule: split only batches whose rows (C * prod(patch_size)
 # elements) are at least MIN_ROW_BYTES and whose output is at least
@@ -93,20 +99,22 @@ def copy_threads(threads: int | None, n_rows: int, row_bytes: int) -> int:
     ----------
     threads : int or None
         Checked by :func:`check_threads`. An int is taken as given (at most
-        one thread per row). ``None``: one thread inside a DataLoader worker
-        (the workers already use the cores) and for batches below the rule's
-        sizes (:data:`MIN_ROW_BYTES`, :data:`MIN_BATCH_BYTES`), else one per
-        usable core, at most :data:`MAX_THREADS`.
+        one thread per row and :data:`THREAD_LIMIT` in all). ``None``: one
+        thread inside a DataLoader worker (the workers already use the cores)
+        and for batches below the rule's sizes (:data:`MIN_ROW_BYTES`,
+        :data:`MIN_BATCH_BYTES`), else one per usable core, at most
+        :data:`MAX_THREADS`.
     n_rows, row_bytes : int
         The batch.
 
     Returns
     -------
     int
-        At least 1 (the calling thread), at most ``max(n_rows, 1)``.
+        At least 1 (the calling thread), at most ``max(n_rows, 1)`` and
+        :data:`THREAD_LIMIT`.
     """
     if threads is not None:
-        return max(1, min(threads, n_rows))
+        return max(1, min(threads, n_rows, THREAD_LIMIT))
     if row_bytes < MIN_ROW_BYTES or n_rows * row_bytes < MIN_BATCH_BYTES:
         return 1
     if in_dataloader_worker():

@@ -104,7 +104,7 @@ def extract_patches(
         at least 64 KiB, at least 8 MiB in all), else the calling thread
         alone, and always alone inside a PyTorch DataLoader worker. ``1``: the
         calling thread alone; another count is taken as given (at most one
-        thread per row). The result is the same for every count.
+        thread per row, and 64 in all). The result is the same for every count.
 
     Returns
     -------

@@ -108,3 +108,47 @@ def test_a_malformed_signature_raises_naming_the_file_and_the_kernel(
 def test_a_missing_source_file_raises_naming_it() -> None:
     with pytest.raises(ValueError, match=r"no kernel source absent\.cu"):
         Kernel.from_source("absent.cu", "anything")
+
+
+# -- valid CUDA C that a kernel may be written in -------------------------------------
+
+
+def test_restrict_qualifiers_are_not_part_of_a_parameters_type() -> None:
+    source = (
+        'extern "C" __global__ void f(const double* __restrict__ in, '
+        "double *__restrict out, long long n) {}"
+    )
+    assert parse_signature(source, "f", "f.cu") == (
+        ("in", "const double*"),
+        ("out", "double*"),
+        ("n", "long long"),
+    )
+
+
+def test_a_parameter_declared_const_passes_at_its_unqualified_type() -> None:
+    # const on the parameter itself qualifies the kernel's own copy, not what is passed.
+    source = (
+        'extern "C" __global__ void f(const long long n, unsigned int const k, '
+        "double* const out) {}"
+    )
+    assert parse_signature(source, "f", "f.cu") == (
+        ("n", "long long"),
+        ("k", "unsigned int"),
+        ("out", "double*"),
+    )
+
+
+def test_launch_bounds_before_the_name_is_read_past() -> None:
+    source = 'extern "C" __global__ void __launch_bounds__(256, 2) f(double* out) {}'
+    assert parse_signature(source, "f", "f.cu") == (("out", "double*"),)
+
+
+def test_a_void_parameter_list_has_no_parameters() -> None:
+    assert parse_signature('extern "C" __global__ void f(void) {}', "f", "f.cu") == ()
+
+
+def test_spaces_in_a_template_name_expression_are_folded() -> None:
+    assert parse_signature(TEMPLATE, "copy <unsigned  short >", "copy.cu")[-1] == (
+        "out",
+        "unsigned short*",
+    )

@@ -180,6 +180,8 @@ def _shipped_kernel(file: str, name: str) -> Kernel:
 
 
 _COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.DOTALL)
+# Qualifiers that promise the compiler something but leave the passed value as it is.
+_RESTRICT = re.compile(r"\b(?:__restrict__|__restrict)\b")
 # A declaration that ends in one of these words is a type without a name.
 _TYPE_WORDS = frozenset({"const", *(word for c_type in C_SCALAR_TYPES for word in c_type.split())})
 
@@ -188,10 +190,13 @@ def parse_signature(source: str, name: str, file: str) -> tuple[tuple[str, str],
     """Return ``(name, C type)`` of every parameter of a ``__global__`` function.
 
     Comments are ignored; a type is folded to single spaces with ``*``
-    attached (``const long long *p`` gives ``const long long*``). For a
-    template instantiation each template argument replaces its type
-    parameter (``T*`` of ``crop_patches<unsigned short>`` gives
-    ``unsigned short*``).
+    attached (``const long long *p`` gives ``const long long*``), without
+    ``__restrict__`` and without a ``const`` of the parameter itself
+    (``const long long n`` and ``double* const p`` give ``long long`` and
+    ``double*``). ``__launch_bounds__(...)`` may stand before the name, and
+    ``(void)`` lists no parameters. For a template instantiation each
+    template argument replaces its type parameter (``T*`` of
+    ``crop_patches<unsigned short>`` gives ``unsigned short*``).
 
     Parameters
     ----------
@@ -216,10 +221,13 @@ def parse_signature(source: str, name: str, file: str) -> tuple[tuple[str, str],
         :data:`C_SCALAR_TYPES` (the message names the file and the kernel).
     """
     function, _, rest = name.partition("<")
-    arguments = [arg.strip() for arg in rest.removesuffix(">").split(",")] if rest else []
+    function = function.strip()
+    rest = rest.strip()
+    arguments = [" ".join(arg.split()) for arg in rest.removesuffix(">").split(",")] if rest else []
     definition = re.compile(
         r"(?:template\s*<(?P<template>[^>]*)>\s*)?(?P<extern>extern\s+\"C\"\s+)?"
-        rf"__global__\s+void\s+{re.escape(function)}\s*\((?P<params>[^)]*)\)\s*\{{"
+        r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?"
+        rf"{re.escape(function)}\s*\((?P<params>[^)]*)\)\s*\{{"
     )
     found = list(definition.finditer(_COMMENT.sub(" ", source)))
     if not found:
@@ -237,12 +245,18 @@ def parse_signature(source: str, name: str, file: str) -> tuple[tuple[str, str],
     if not type_params and match["extern"] is None:
         raise ValueError(f'{file}: {name} is not extern "C", so its name would be mangled')
     params: list[tuple[str, str]] = []
-    declarations = match["params"].split(",") if match["params"].strip() else []
+    listed = " ".join(match["params"].split())
+    declarations = listed.split(",") if listed not in ("", "void") else []
     for number, raw in enumerate(declarations, start=1):
-        declaration = re.sub(r"\s*\*\s*", "* ", " ".join(raw.split())).strip()
+        declaration = re.sub(r"\s*\*\s*", "* ", " ".join(_RESTRICT.sub(" ", raw).split())).strip()
         c_type, _, param = declaration.rpartition(" ")
         if not c_type or param in _TYPE_WORDS or not param.isidentifier():
             raise ValueError(f"{file}: {name}: parameter {number} ({declaration!r}) has no name")
+        # A const parameter (not a pointer to const) only qualifies the kernel's
+        # own copy: the caller passes the unqualified type.
+        c_type = c_type.removesuffix(" const")
+        if not c_type.endswith("*"):
+            c_type = c_type.removeprefix("const ")
         for type_param, argument in zip(type_params, arguments, strict=True):
             c_type = re.sub(rf"\b{re.escape(type_param)}\b", argument, c_type)
         if not c_type.endswith("*") and c_type not in C_SCALAR_TYPES:

@@ -10,13 +10,14 @@ the file they are about.
 
 from __future__ import annotations
 
+import base64
 import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .. import _validation as check
 from ..arrays import is_zarr_array, is_zarr_object
@@ -108,7 +109,11 @@ def open_stack(
         If the group is not a multiscale image or its metadata is malformed
         (the error names the field), the level does not exist, the axes do
         not fit the array, or a URL has a query (``?...``, e.g. a presigned
-        URL's signature: the error names the URL without it).
+        URL's signature: the error names the URL without it) or a fragment
+        (``#...``), or an ``s3://``/``gs://`` URL carries credentials
+        (``user:password@``; give them in ``storage_options``). The user part
+        of an ``https://`` URL is sent as basic auth; the URL's scheme may be
+        in any case.
     TypeError
         If ``source`` is of another type, or ``storage_options`` is not a dict.
     StoreError
@@ -132,14 +137,8 @@ def open_stack(
                 f"not for a {type(source).__name__} source"
             )
     if is_url(source):
-        if urlsplit(str(source)).query:
-            # zarr reads each object at the store's URL followed by its key, so
-            # a query (a presigned URL's signature) would land inside every path.
-            raise ValueError(
-                f"{public_url(str(source))}: a store URL cannot carry a query ('?...'); "
-                "give credentials in storage_options"
-            )
-        return _open_url(str(source), axes, level, _url_options(str(source), storage_options))
+        url, options = _checked_url(str(source), storage_options)
+        return _open_url(url, axes, level, options)
     if isinstance(source, ChunkedStack):
         if axes is not None or level:
             raise ValueError("source is already a ChunkedStack; give axes and level when opening")
@@ -297,6 +296,45 @@ def is_url(source: Any) -> bool:
     return bool(separator) and scheme.lower() in _URL_SCHEMES
 
 
+def _checked_url(source: str, storage_options: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """Return a URL as the file systems take it, and its options; refuse what they misread."""
+    scheme, _, rest = source.partition("://")
+    # Schemes are case-insensitive (RFC 3986); fsspec's registry of them is not.
+    url = f"{scheme.lower()}://{rest}"
+    # zarr reads each object at the store's URL followed by its key, so a query
+    # (a presigned URL's signature) or a fragment would land inside every key.
+    if "?" in url:
+        raise ValueError(
+            f"{public_url(url)}: a store URL cannot carry a query ('?...'); "
+            "give credentials in storage_options"
+        )
+    if "#" in url:
+        raise ValueError(
+            f"{public_url(url)}: a store URL cannot carry a fragment ('#...'); "
+            "name the image or array by its path"
+        )
+    options = _url_options(url, storage_options)
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, options
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(
+            f"{public_url(url)}: a {parts.scheme}:// URL cannot carry credentials "
+            "('user:password@'); give them in storage_options"
+        )
+    headers = dict(options.get("headers") or {})
+    if "auth" in options or any(str(key).lower() == "authorization" for key in headers):
+        raise ValueError(
+            f"{public_url(url)}: credentials both in the URL and in storage_options; give them once"
+        )
+    # Sent as every request's basic auth (what aiohttp makes of a URL's user
+    # part), so no URL that fsspec logs or zarr names carries the password.
+    user_pass = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    headers["Authorization"] = "Basic " + base64.b64encode(user_pass.encode()).decode("ascii")
+    options["headers"] = headers
+    return public_url(url), options
+
+
 def public_url(url: str) -> str:
     """Return a URL as errors may name it: without user, password and query.
 
@@ -314,9 +352,8 @@ def public_url(url: str) -> str:
         ``scheme://host/path``.
     """
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    # The host as written (an IPv6 host keeps its brackets), without a user part.
+    host = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 

@@ -122,6 +122,10 @@ def copy_threads(threads: int | None, n_rows: int, row_bytes: int) -> int:
     return max(1, min(usable_cores(), MAX_THREADS, n_rows))
 
 
+#: ``running`` is set on a pool thread while it runs a task.
+_TASK = threading.local()
+
+
 class _Pool:
     """Named daemon threads that run submitted calls; grown on demand, never shrunk."""
 
@@ -152,12 +156,15 @@ class _Pool:
             future, call = self._tasks.get()
             if not future.set_running_or_notify_cancel():
                 continue
+            _TASK.running = True
             try:
                 call()
             except BaseException as error:  # handed to the caller, who re-raises it
                 future.set_exception(error)
             else:
                 future.set_result(None)
+            finally:
+                _TASK.running = False
 
 
 #: The process's pool, made on first use; a forked child makes its own.
@@ -178,9 +185,12 @@ def run_split(copy_run: Callable[[int, int], None], n_rows: int, n_threads: int)
     n_rows : int
         Rows in all.
     n_threads : int
-        Runs, at least 1 (1: the calling thread does all, no pool).
+        Runs, at least 1 (1: the calling thread does all, no pool; so does
+        a pool thread, whose nested split could wait on itself).
     """
-    if n_threads <= 1 or n_rows <= 1:
+    # On a pool thread, a split would wait for tasks queued behind the ones
+    # that wait, so a run asked for from inside a task is copied in place.
+    if n_threads <= 1 or n_rows <= 1 or getattr(_TASK, "running", False):
         copy_run(0, n_rows)
         return
     bounds = [n_rows * k // n_threads for k in range(n_threads + 1)]

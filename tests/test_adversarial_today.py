@@ -11,6 +11,8 @@ import functools
 import http.server
 import logging
 import re
+import subprocess
+import sys
 import threading
 from typing import Any, ClassVar
 
@@ -122,3 +124,27 @@ def test_an_ipv6_host_keeps_its_brackets_in_the_name_an_error_gives() -> None:
 
     with pytest.raises(ValueError, match=re.escape("https://[::1]:9/image.zarr: a store URL")):
         open_stack("https://[::1]:9/image.zarr?X-Amz-Signature=0")
+
+
+# -- the host crop's pool, used from inside itself ---------------------------------------
+
+NESTED = """
+from gpu_patching._row_threads import run_split
+seen = []
+def inner(start, stop):
+    seen.extend(range(start, stop))
+def outer(start, stop):
+    for _ in range(start, stop):
+        run_split(inner, 3, 3)
+run_split(outer, 3, 3)
+print(sorted(seen) == sorted(list(range(3)) * 3))
+"""
+
+
+def test_a_split_run_inside_a_pool_task_finishes() -> None:
+    # In a fresh process the pool has exactly the threads the outer split
+    # asked for; nested splits on them waited for tasks queued behind themselves.
+    result = subprocess.run(
+        [sys.executable, "-c", NESTED], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.stdout.strip() == "True", result.stderr

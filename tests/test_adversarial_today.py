@@ -148,3 +148,12 @@ def test_a_split_run_inside_a_pool_task_finishes() -> None:
         [sys.executable, "-c", NESTED], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.stdout.strip() == "True", result.stderr
+
+
+def test_credentials_both_in_an_http_url_and_its_options_are_refused_without_them() -> None:
+    from gpu_patching.stores import open_stack
+
+    url = f"https://reader:{PASSWORD}@127.0.0.1:9/image.zarr"
+    with pytest.raises(ValueError, match="both in the URL and in storage_options") as raised:
+        open_stack(url, storage_options={"headers": {"authorization": "Bearer other-token"}})
+    assert PASSWORD not in str(raised.value) and "other-token" not in str(raised.value)

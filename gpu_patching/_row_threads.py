@@ -136,8 +136,12 @@ class _Pool:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
-    def submit(self, call: Callable[[], None], helpers: int) -> Future[None]:
-        """Queue ``call`` for one of at least ``helpers`` threads; return its future."""
+    def grow(self, helpers: int) -> int:
+        """Start threads until there are ``helpers``; return how many there are.
+
+        Fewer when the operating system refuses a thread (``RuntimeError``):
+        the split then uses the threads it has, down to none.
+        """
         with self._lock:
             while len(self._threads) < helpers:
                 thread = threading.Thread(
@@ -145,8 +149,15 @@ class _Pool:
                     name=f"gpu_patching_copy_{len(self._threads)}",
                     daemon=True,
                 )
-                thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:  # "can't start new thread": a limit was reached
+                    break
                 self._threads.append(thread)
+            return len(self._threads)
+
+    def submit(self, call: Callable[[], None]) -> Future[None]:
+        """Queue ``call`` for the pool's threads (see :meth:`grow`); return its future."""
         future: Future[None] = Future()
         self._tasks.put((future, call))
         return future
@@ -193,10 +204,16 @@ def run_split(copy_run: Callable[[int, int], None], n_rows: int, n_threads: int)
     if n_threads <= 1 or n_rows <= 1 or getattr(_TASK, "running", False):
         copy_run(0, n_rows)
         return
-    bounds = [n_rows * k // n_threads for k in range(n_threads + 1)]
     pool = _SHARED.get()
+    # Every thread is started before any run is queued, so a refused thread
+    # leaves nothing behind: the split just uses the threads there are.
+    n_threads = min(n_threads, pool.grow(n_threads - 1) + 1)
+    if n_threads <= 1:
+        copy_run(0, n_rows)
+        return
+    bounds = [n_rows * k // n_threads for k in range(n_threads + 1)]
     futures = [
-        pool.submit(functools.partial(copy_run, bounds[k], bounds[k + 1]), n_threads - 1)
+        pool.submit(functools.partial(copy_run, bounds[k], bounds[k + 1]))
         for k in range(1, n_threads)
     ]
     own_error: BaseException | None = None

@@ -19,12 +19,13 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from gpu_patching import PatchBatch, extract_patches
+from gpu_patching import PatchBatch, _row_threads, extract_patches
 from gpu_patching._row_threads import THREAD_LIMIT
 
 
 def _copy_threads() -> int:
-    return sum(thread.name.startswith("gpu_patching_copy_") for thread in threading.enumerate())
+    # The shared pool's threads (another test may leave a pool of its own).
+    return sum(thread.is_alive() for thread in _row_threads._SHARED.get()._threads)
 
 
 def test_a_huge_thread_count_starts_at_most_the_thread_limit_and_equals_slicing() -> None:

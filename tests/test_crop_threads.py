@@ -272,3 +272,43 @@ def test_dataloader_workers_yield_the_patches_of_plain_slicing() -> None:
         assert np.array_equal(patches.numpy(), _sliced(stacks, batch))
         rows += len(batch)
     assert rows == patching.n_patches
+
+
+class _RefusedAfter(threading.Thread):
+    """A thread class whose start is refused once ``allowed`` threads have started.
+
+    Stands in for the operating system's limit on threads ("can't start new
+    thread"), which cannot be reached on purpose here.
+    """
+
+    allowed = 0
+    started = 0
+
+    def start(self) -> None:
+        if type(self).started >= type(self).allowed:
+            raise RuntimeError("can't start new thread")
+        type(self).started += 1
+        super().start()
+
+
+@pytest.mark.parametrize("allowed", [0, 1])
+def test_a_split_whose_threads_are_refused_copies_every_row_once_with_the_threads_it_got(
+    monkeypatch: pytest.MonkeyPatch, allowed: int
+) -> None:
+    from gpu_patching import _row_threads
+    from gpu_patching._per_process import PerProcess
+
+    monkeypatch.setattr(_RefusedAfter, "allowed", allowed)
+    monkeypatch.setattr(_RefusedAfter, "started", 0)
+    monkeypatch.setattr(_row_threads.threading, "Thread", _RefusedAfter)
+    monkeypatch.setattr(_row_threads, "_SHARED", PerProcess(_row_threads._Pool))
+    copied = np.zeros(100, dtype=np.int64)
+    lock = threading.Lock()
+
+    def copy_run(start: int, stop: int) -> None:
+        with lock:
+            copied[start:stop] += 1
+
+    _row_threads.run_split(copy_run, 100, 4)
+    assert copied.tolist() == [1] * 100
+    assert _RefusedAfter.started == allowed

@@ -5,11 +5,11 @@ tables make undrawable, and a corner inside the spatial shape it is given for
 every row it draws. Tables built by the library never test those promises, so
 these tests edit real tables (a shrunk spatial shape, one or two fields
 changed) and launch ``sample_epoch`` itself on the host
-(``tests/host_launch.py``). Two valid-input edge cases that random tables
+(``tests/host_launch.py``). Valid-input edge cases that random tables
 almost never reach complete it: a one-patch epoch sharded over several ranks,
-and tables where every mass point is its own corner (so an off-by-one stratum
-bound moves a corner). Each test kills a mutant of the shipped kernels that
-the parity tests let through.
+tables where every mass point is its own corner (so an off-by-one stratum
+bound moves a corner), and a sample whose whole mass is one point. Each
+test kills a mutant of the shipped kernels that the parity tests let through.
 """
 
 from __future__ import annotations
@@ -239,6 +239,15 @@ def _wrapped_negative_rank(tables, arrays, extra):
     return [k for k in range(n0) if 10 + mass0 * (k + 1) // n0 <= second]
 
 
+def _subbox_bits_past_the_last_sub_box(tables, arrays, extra):
+    # 2D has 4 sub-boxes (mask bits 0-3); a mask of only bits 4-7 selects none,
+    # so every row of the last sample fails rather than being placed in a
+    # fifth, nonexistent sub-box.
+    first, last = int(arrays["region_offset"][-2]), int(arrays["region_offset"][-1])
+    extra["subbox_mask"][first:last] = 0xF0
+    return list(range(int(arrays["patch_offset"][-2]), int(arrays["patch_offset"][-1])))
+
+
 @pytest.mark.parametrize(
     "edit",
     [
@@ -249,6 +258,7 @@ def _wrapped_negative_rank(tables, arrays, extra):
         _negative_first_patch_offset,
         _zero_patch_size,
         _wrapped_negative_rank,
+        _subbox_bits_past_the_last_sub_box,
     ],
 )
 def test_host_kernel_fails_the_rows_an_inconsistent_table_makes_undrawable(
@@ -327,3 +337,26 @@ def test_host_kernel_equals_numpy_when_every_mass_point_is_its_own_corner(
         actual = HostBackend(host_kernels).draw(tables, indices, draw, sampler.seed)
         for want, got in zip(expected, actual, strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("shape", "patch"), [((1, 1, 6, 5), (6, 5)), ((1, 1, 4, 3, 5), (4, 3, 5))])
+def test_host_kernel_equals_numpy_on_a_sample_whose_whole_mass_is_one_point(
+    host_kernels: HostKernels, shape: tuple[int, ...], patch: tuple[int, ...]
+) -> None:
+    """The image is one patch (one corner) of the smallest weight: its mass is 1,
+    the smallest a drawable sample has, and every row draws that corner."""
+    from host_launch import HostBackend
+
+    from gpu_patching import grid
+    from gpu_patching.backends.numpy_backend import NumpyBackend
+
+    sampler = StratifiedPatching([shape], patch, seed=5, backend="numpy")
+    sampler.set_region_probs(0, 0, {(0,) * len(patch): 1.0 / grid.PROB_ONE})
+    tables = sampler._tables
+    assert tables.mass_offset.tolist() == [0, 1]
+    indices = np.arange(tables.total_patches)
+    expected = NumpyBackend().draw(tables, indices, 3, sampler.seed)
+    actual = HostBackend(host_kernels).draw(tables, indices, 3, sampler.seed)
+    assert (expected[3] == indices).all()
+    for want, got in zip(expected, actual, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -835,3 +835,26 @@ def test_host_kernel_stays_in_bounds_on_inconsistent_tables(
     except SanitizerUnavailable as reason:
         pytest.skip(str(reason))
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 20, 24), (1, 2, 9, 13, 11)])
+def test_the_kernel_built_with_nvrtcs_integer_types_equals_numpy(
+    tmp_path: Path, shape: tuple[int, ...]
+) -> None:
+    """common.cuh spells gp::u8/u32/i64/u64 apart for NVRTC (no <cstdint> there).
+
+    The host build otherwise never runs that branch, so here the kernels are
+    built with ``__CUDACC_RTC__`` defined: the integer types a GPU gets under
+    NVRTC must draw, bit for bit, what NumPy draws.
+    """
+    if _cxx() is None:
+        pytest.skip("no C++ compiler (c++, g++ or clang++) on PATH")
+    kernels = HostKernels(tmp_path, ["-D__CUDACC_RTC__"], files=["sample_epoch.cu"])
+    sampler = StratifiedPatching([shape], (4,) * (len(shape) - 2), seed=2**40 + 9, backend="numpy")
+    sampler.set_region_probs(0, 0, {(0,) * (len(shape) - 2): 3.5, (1,) * (len(shape) - 2): 0.25})
+    tables = sampler._tables
+    indices = np.arange(tables.total_patches)
+    for draw in (0, 2**32 - 1):
+        expected = NumpyBackend().draw(tables, indices, draw, sampler.seed)
+        actual = HostBackend(kernels).draw(tables, indices, draw, sampler.seed)
+        _assert_same_draws(expected, actual)

@@ -425,6 +425,27 @@ def test_host_check_kernel_finds_the_first_row_the_numpy_check_rejects(
         assert int(first_bad[0]) == expected, (grid, block)
 
 
+@pytest.mark.parametrize(
+    ("sample_idx", "corner", "first_bad"),
+    [([0, 2, 0], [(2, 2), (0, 0), (0, 0)], 1), ([0, 0, 0], [(2, 2), (0, 0), (20, 20)], 2)],
+)
+def test_host_check_kernel_judges_each_row_against_the_shape_of_its_own_stack(
+    host_kernels: HostKernels, sample_idx: list[int], corner: list[tuple[int, int]], first_bad: int
+) -> None:
+    # Stack 0 has more samples and is larger than stack 1: a row of stack 1
+    # whose sample or corner only fits stack 0 must be the first bad row.
+    stacks = [np.zeros((3, 1, 40, 40), dtype=np.uint8), np.zeros((1, 1, 10, 10), dtype=np.uint8)]
+    rows = (np.ones(3, dtype=np.int64), np.array(sample_idx), np.array(corner), np.arange(3))
+    batch = PatchBatch(*rows, (4, 4))
+    shapes = [stack.shape for stack in stacks]
+    bad = bad_rows(batch.data_idx, batch.sample_idx, batch.coords, shapes, batch.patch_size)
+    assert int(np.argmax(bad)) == first_bad
+    found = np.array([len(batch)], dtype=np.int64)
+    args = check_launch_args(_table(stacks), _rows(batch), len(batch), batch.patch_size, found)
+    host_kernels.function(CHECK_CROP_ROWS)((2,), (2,), args)
+    assert int(found[0]) == first_bad
+
+
 @SETTINGS
 @given(case=checked_rows())
 def test_device_rows_raise_the_same_error_as_host_rows(

@@ -343,6 +343,24 @@ def coverage_map(
     return coverage[tuple(slice(0, d) for d in spatial_shape)]
 
 
+#: Seconds a test that launches the shipped kernels on the host may take (each
+#: takes about a second, the kernels' build included): a kernel that never
+#: returns (a grid stride of 0, a cycle walk that never ends) then ends the run
+#: in two minutes, not at the suite's limit of 600 s per test.
+HOST_KERNEL_TIMEOUT = 120
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test that launches host-built kernels :data:`HOST_KERNEL_TIMEOUT`."""
+    for item in items:
+        module = getattr(item, "module", None)
+        launches = "host_kernels" in getattr(item, "fixturenames", ()) or hasattr(
+            module, "HostKernels"
+        )
+        if launches and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(HOST_KERNEL_TIMEOUT))
+
+
 @pytest.fixture(scope="session")
 def host_kernels(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The shipped ``.cu`` files compiled for the host, once per session.

@@ -61,3 +61,12 @@ def test_a_test_looping_for_ever_inside_a_ctypes_call_fails_at_the_configured_ti
         pytest.fail("the per-test time limit did not stop a test stuck in a ctypes call")
     assert result.returncode != 0
     assert "Timeout" in result.stdout + result.stderr
+
+
+def test_a_test_that_launches_the_host_kernels_has_a_short_time_limit(
+    request: pytest.FixtureRequest, host_kernels: object
+) -> None:
+    # Such a test takes about a second; a kernel that never returns then ends
+    # the run in minutes rather than at the suite's 600 s per test.
+    marker = request.node.get_closest_marker("timeout")
+    assert marker is not None and 0 < marker.args[0] <= 120

@@ -213,6 +213,16 @@ def expected_sample_patches(
 # -- per-sample views of an epoch ------------------------------------------------------
 
 
+def sliced_patches(array: np.ndarray, batch: Any) -> np.ndarray:
+    """Every patch of ``batch`` by plain slicing of one in-memory ``SC(Z)YX`` array."""
+    patch = batch.patch_size
+    boxes = [
+        (s, slice(None), *(slice(c, c + p) for c, p in zip(corner, patch, strict=True)))
+        for s, corner in zip(batch.sample_idx.tolist(), batch.coords.tolist(), strict=True)
+    ]
+    return np.stack([array[box] for box in boxes])
+
+
 def sample_rows(batch: Any, data_idx: int, sample_idx: int) -> np.ndarray:
     """The rows of a ``PatchBatch`` that come from one sample."""
     batch = batch.to_numpy()

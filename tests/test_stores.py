@@ -23,6 +23,7 @@ from gpu_patching.stores import (
 
 zarr = pytest.importorskip("zarr", minversion="3")
 tifffile = pytest.importorskip("tifffile", minversion="2025.5.21")
+from conftest import sliced_patches  # noqa: E402
 from zarr.codecs import BloscCodec  # noqa: E402
 from zarr_logs import logged_stack  # noqa: E402
 
@@ -45,16 +46,6 @@ def _write(path, data, chunks, zarr_format=3):
     )
     array[...] = data
     return array
-
-
-def _sliced(data: np.ndarray, batch: PatchBatch) -> np.ndarray:
-    """The patches by plain slicing of the in-memory array."""
-    patch = batch.patch_size
-    rows = []
-    for s, corner in zip(batch.sample_idx.tolist(), batch.coords.tolist(), strict=True):
-        box = tuple(slice(c, c + p) for c, p in zip(corner, patch, strict=True))
-        rows.append(data[(s, slice(None), *box)])
-    return np.stack(rows)
 
 
 def _batch(patch_size, sample_idx, coords, data_idx=None) -> PatchBatch:
@@ -81,7 +72,7 @@ def test_2d_store_patches_equal_slicing(tmp_path, chunks):
     array = _write(tmp_path / "a.zarr", data, chunks)
     strategy = StratifiedPatching([data.shape], (16, 16), seed=3)
     batch = strategy.sample_epoch(0, shuffle=True).to_numpy()
-    assert np.array_equal(extract_patches([array], batch), _sliced(data, batch))
+    assert np.array_equal(extract_patches([array], batch), sliced_patches(data, batch))
 
 
 def test_patches_straddling_chunk_corners_equal_slicing(tmp_path):
@@ -90,7 +81,7 @@ def test_patches_straddling_chunk_corners_equal_slicing(tmp_path):
     # Corners 3 short of a chunk corner: each 6x6 patch touches four chunks.
     coords = [(7, 7), (17, 27), (27, 17), (0, 34), (34, 0)]
     batch = _batch((6, 6), [0, 1, 0, 1, 1], coords)
-    assert np.array_equal(extract_patches([stack], batch), _sliced(data, batch))
+    assert np.array_equal(extract_patches([stack], batch), sliced_patches(data, batch))
     assert np.array_equal(stack.read_chunk((1, 0, 2, 3)), data[1:2, :, 20:30, 30:40])
     with pytest.raises(IndexError, match="outside the chunk grid"):
         stack.read_chunk((2, 0, 0, 0))
@@ -101,7 +92,7 @@ def test_3d_format_2_store_patches_equal_slicing(tmp_path):
     array = _write(tmp_path / "a.zarr", data, (1, 1, 5, 8, 7), zarr_format=2)
     strategy = StratifiedPatching([data.shape], (4, 9, 8), seed=5)
     batch = strategy.sample_epoch(1, shuffle=True).to_numpy()
-    assert np.array_equal(extract_patches([array], batch), _sliced(data, batch))
+    assert np.array_equal(extract_patches([array], batch), sliced_patches(data, batch))
 
 
 def test_several_stores_keep_the_batch_order(tmp_path):
@@ -126,7 +117,7 @@ def test_axes_map_other_orders(tmp_path):
     scyx = np.transpose(stored, (3, 0, 1, 2))[np.newaxis]
     strategy = StratifiedPatching([stack.shape], (3, 7, 5), seed=1)
     batch = strategy.sample_epoch(0).to_numpy()
-    assert np.array_equal(extract_patches([stack], batch), _sliced(scyx, batch))
+    assert np.array_equal(extract_patches([stack], batch), sliced_patches(scyx, batch))
     assert array.shape == stored.shape
     # Indexing reads only the selection, in SC(Z)YX order.
     for key in [(0, 1), (0, slice(None), slice(2, 5), slice(None, None, 3)), (-1, -1, 3), (0,)]:
@@ -172,11 +163,12 @@ def test_ome_zarr_multiscale_reads_level_0_by_default(tmp_path, zarr_format):
     assert stack.shape == (1, 2, 36, 40)
     strategy = StratifiedPatching([stack.shape], (8, 8), seed=2)
     batch = strategy.sample_epoch(0).to_numpy()
-    assert np.array_equal(extract_patches([stack], batch), _sliced(full[np.newaxis], batch))
+    assert np.array_equal(extract_patches([stack], batch), sliced_patches(full[np.newaxis], batch))
     level_1 = open_stack(tmp_path / "image.zarr", level=1)
     assert level_1.shape == (1, 2, 18, 20)
     small = _batch((8, 8), [0], [(10, 12)])
-    assert np.array_equal(extract_patches([level_1], small), _sliced(half[np.newaxis], small))
+    expected = sliced_patches(half[np.newaxis], small)
+    assert np.array_equal(extract_patches([level_1], small), expected)
     with pytest.raises(ValueError, match="level 2 does not exist"):
         open_stack(tmp_path / "image.zarr", level=2)
 
@@ -194,7 +186,7 @@ def test_tiff_patches_equal_slicing(tmp_path, tiled):
         patches = extract_patches([stack], batch)
     finally:
         stack.close()
-    assert np.array_equal(patches, _sliced(data[np.newaxis, np.newaxis], batch))
+    assert np.array_equal(patches, sliced_patches(data[np.newaxis, np.newaxis], batch))
 
 
 # -- each chunk once per batch, the cache ------------------------------------------------
@@ -220,7 +212,7 @@ def test_each_chunk_is_read_once_per_batch(tmp_path):
     chunk_gets = [key for key in log.keys if key.startswith("c/")]
     assert sorted(chunk_gets) == sorted(expected)  # every one, each exactly once
     assert reader.chunks_read == len(expected)
-    assert np.array_equal(patches, _sliced(data, batch))
+    assert np.array_equal(patches, sliced_patches(data, batch))
 
 
 def test_cache_serves_a_repeated_batch_within_its_byte_limit(tmp_path):
@@ -238,7 +230,7 @@ def test_cache_serves_a_repeated_batch_within_its_byte_limit(tmp_path):
     again = reader.read(rows, (10, 10))
     assert [key for key in log.keys if key.startswith("c/")] == []
     assert reader.cache_hits == reader.chunks_read
-    assert np.array_equal(again, _sliced(data, batch))
+    assert np.array_equal(again, sliced_patches(data, batch))
     small = ChunkReader([stack], cache_bytes=(3 + 3) * chunk_bytes, workers=1)
     small.read(rows, (10, 10))
     assert small.cached_bytes == 3 * chunk_bytes  # 9 chunks read, the last 3 kept
@@ -344,7 +336,7 @@ def test_device_output_uploads_the_same_batches(tmp_path):
     for (patches, batch), (expected, _) in zip(on_device, on_host, strict=True):
         assert isinstance(patches, cupy.ndarray)
         np.testing.assert_array_equal(cupy.asnumpy(patches), expected)
-        assert np.array_equal(expected, _sliced(data, batch))
+        assert np.array_equal(expected, sliced_patches(data, batch))
 
 
 # -- faults ------------------------------------------------------------------------------
@@ -373,11 +365,11 @@ def test_deleted_store_raises_in_the_consumer_and_hands_over_no_bad_batch(tmp_pa
     loader = PatchLoader([stack], strategy, batch_size=4, cache_bytes=0)
     batches = iter(loader)
     patches, batch = next(batches)
-    assert np.array_equal(patches, _sliced(data, batch))
+    assert np.array_equal(patches, sliced_patches(data, batch))
     shutil.rmtree(path)
     with pytest.raises(StoreError, match="disappeared"):
         for patches, batch in batches:  # a batch read before the deletion is still whole
-            assert np.array_equal(patches, _sliced(data, batch))
+            assert np.array_equal(patches, sliced_patches(data, batch))
 
 
 def test_changed_shape_is_an_error(tmp_path):
@@ -466,7 +458,7 @@ def test_a_closed_pass_reads_no_more_chunks(tmp_path):
     next(passes)
     passes.close()
     patches, first = next(iter(reader.batches(rows, 2)))
-    assert np.array_equal(patches, _sliced(data, first))
+    assert np.array_equal(patches, sliced_patches(data, first))
 
 
 def test_the_store_package_imports_no_private_zarr_module():

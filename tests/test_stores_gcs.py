@@ -27,6 +27,7 @@ fsspec = pytest.importorskip("fsspec")
 gcsfs = pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
 
+from conftest import sliced_patches  # noqa: E402
 from local_servers import start_gcs_server  # noqa: E402
 from ome_images import write_ome  # noqa: E402
 
@@ -77,16 +78,6 @@ def gcs(tmp_path_factory):
             fsspec.register_implementation(protocol, cls, clobber=True)
 
 
-def _sliced(stack: np.ndarray, batch) -> np.ndarray:
-    patch = batch.patch_size
-    return np.stack(
-        [
-            stack[(s, slice(None), *(slice(c, c + p) for c, p in zip(corner, patch, strict=True)))]
-            for s, corner in zip(batch.sample_idx, batch.coords, strict=True)
-        ]
-    )
-
-
 @pytest.mark.parametrize("name", list(IMAGES))
 def test_every_patch_of_a_shuffled_epoch_from_gcs_equals_slicing_the_image(gcs, name):
     options, pixels = gcs
@@ -97,7 +88,7 @@ def test_every_patch_of_a_shuffled_epoch_from_gcs_equals_slicing_the_image(gcs, 
     strategy = StratifiedPatching([stack.shape], patch, seed=3)
     seen = 0
     for patches, batch in PatchLoader([stack], strategy, batch_size=8, shuffle=True):
-        np.testing.assert_array_equal(patches, _sliced(pixels[name], batch))
+        np.testing.assert_array_equal(patches, sliced_patches(pixels[name], batch))
         seen += len(batch)
     assert seen == strategy.n_patches
 

@@ -22,6 +22,7 @@ zarr = pytest.importorskip("zarr", minversion="3")
 pytest.importorskip("aiohttp")
 trustme = pytest.importorskip("trustme")
 
+from conftest import sliced_patches  # noqa: E402
 from local_servers import start_https_server  # noqa: E402
 from ome_images import write_ome  # noqa: E402
 
@@ -57,16 +58,6 @@ def https(authority, folder):
     server.server_close()
 
 
-def _sliced(stack: np.ndarray, batch) -> np.ndarray:
-    patch = batch.patch_size
-    return np.stack(
-        [
-            stack[(s, slice(None), *(slice(c, c + p) for c, p in zip(corner, patch, strict=True)))]
-            for s, corner in zip(batch.sample_idx, batch.coords, strict=True)
-        ]
-    )
-
-
 def test_every_patch_of_a_shuffled_epoch_over_https_equals_slicing_the_image(https):
     url, options, pixels = https
     stack = open_stack(f"{url}/image.ome.zarr", storage_options=options)
@@ -74,7 +65,7 @@ def test_every_patch_of_a_shuffled_epoch_over_https_equals_slicing_the_image(htt
     strategy = StratifiedPatching([stack.shape], (8, 16, 16), seed=3)
     seen = 0
     for patches, batch in PatchLoader([stack], strategy, batch_size=8, shuffle=True):
-        np.testing.assert_array_equal(patches, _sliced(pixels, batch))
+        np.testing.assert_array_equal(patches, sliced_patches(pixels, batch))
         seen += len(batch)
     assert seen == strategy.n_patches
 
@@ -125,7 +116,7 @@ def test_a_server_stopped_mid_epoch_raises_store_error_naming_url_and_chunk(auth
     try:
         with pytest.raises(StoreError) as caught:
             for k, (patches, batch) in enumerate(loader):
-                np.testing.assert_array_equal(patches, _sliced(folder[1], batch))
+                np.testing.assert_array_equal(patches, sliced_patches(folder[1], batch))
                 handed_over.append(len(batch))
                 if k == 1:
                     server.shutdown()

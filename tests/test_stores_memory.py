@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import sliced_patches
 
 from gpu_patching import PatchLoader, StratifiedPatching
 from gpu_patching.stores import DEFAULT_CACHE_BYTES, ChunkReader, open_stack
@@ -118,15 +119,6 @@ def _volume(path):
     return data, open_stack(path)
 
 
-def _sliced(data, batch):
-    """The patches by plain slicing of the in-memory array."""
-    boxes = [
-        (s, slice(None), *(slice(c, c + p) for c, p in zip(corner, batch.patch_size, strict=True)))
-        for s, corner in zip(batch.sample_idx.tolist(), batch.coords.tolist(), strict=True)
-    ]
-    return np.stack([data[box] for box in boxes])
-
-
 def test_a_budget_below_a_batchs_reads_bounds_cache_reads_in_flight_and_read_ahead(tmp_path):
     data, stack = _volume(tmp_path / "v.zarr")
     rows = StratifiedPatching([stack.shape], _VOLUME_PATCH, seed=4).sample_epoch(0, shuffle=True)
@@ -135,7 +127,7 @@ def test_a_budget_below_a_batchs_reads_bounds_cache_reads_in_flight_and_read_ahe
     # Six reads of three chunk sizes each would take 18 chunk sizes at once.
     assert 6 * reader.read_bytes > budget
     for patches, batch in reader.batches(rows.to_numpy(), 16):
-        assert np.array_equal(patches, _sliced(data, batch))
+        assert np.array_equal(patches, sliced_patches(data, batch))
     assert reader.chunks_read > 0
     assert 0 < reader.peak_held_bytes <= budget
 
@@ -146,7 +138,7 @@ def test_a_budget_below_one_read_still_reads_one_chunk_at_a_time(tmp_path):
     rows = rows.to_numpy()
     reader = ChunkReader([stack], cache_bytes=_VOLUME_CHUNK_BYTES // 2, workers=6)
     for patches, batch in reader.batches(rows, 16):
-        assert np.array_equal(patches, _sliced(data, batch))
+        assert np.array_equal(patches, sliced_patches(data, batch))
     assert reader.peak_reads_in_flight == 1
     # One read, the pass's rows and one batch's bookkeeping: the least a pass holds.
     floor = reader.pass_floor_bytes(rows, 16)
@@ -188,7 +180,7 @@ def test_extract_patches_reads_every_chunk_of_the_call_at_once(tmp_path, monkeyp
         patch_size=_VOLUME_PATCH,
     )
     patches = extract_patches([stack], batch)
-    assert np.array_equal(patches, _sliced(data, batch))
+    assert np.array_equal(patches, sliced_patches(data, batch))
     (reader,) = readers
     assert reader.peak_reads_in_flight == 5
 
@@ -208,6 +200,6 @@ def test_a_loader_keeps_its_reader_within_a_small_cache_bytes(tmp_path):
     budget = 12 * _VOLUME_CHUNK_BYTES
     loader = PatchLoader([stack], strategy, batch_size=16, cache_bytes=budget, workers=6)
     for patches, batch in loader:
-        assert np.array_equal(patches, _sliced(data, batch))
+        assert np.array_equal(patches, sliced_patches(data, batch))
     assert loader._reader is not None
     assert 0 < loader._reader.peak_held_bytes <= budget

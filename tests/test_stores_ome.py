@@ -17,6 +17,7 @@ from gpu_patching.cli import main
 
 zarr = pytest.importorskip("zarr", minversion="3")
 pytest.importorskip("yaozarrs")
+from conftest import sliced_patches  # noqa: E402
 from ome_images import write_ome  # noqa: E402
 
 from gpu_patching.stores import open_stack  # noqa: E402
@@ -26,16 +27,6 @@ VERSIONS = pytest.mark.parametrize("zarr_format", [2, 3], ids=["ome-zarr-0.4", "
 
 def _data(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 60000, shape, dtype=np.uint16)
-
-
-def _sliced(stack: np.ndarray, batch) -> np.ndarray:
-    patch = batch.patch_size
-    return np.stack(
-        [
-            stack[(s, slice(None), *(slice(c, c + p) for c, p in zip(corner, patch, strict=True)))]
-            for s, corner in zip(batch.sample_idx, batch.coords, strict=True)
-        ]
-    )
 
 
 #: metadata axes -> the image's shape, and the same pixels as SC(Z)YX.
@@ -59,7 +50,7 @@ def test_an_ome_zarr_image_opens_with_the_axes_of_its_metadata(tmp_path, axes, z
     assert stack.shape == expected.shape
     patch = (4, 8, 8) if "z" in axes else (8, 8)
     batch = StratifiedPatching([stack.shape], patch, seed=3).sample_epoch(0).to_numpy()
-    assert np.array_equal(extract_patches([stack], batch), _sliced(expected, batch))
+    assert np.array_equal(extract_patches([stack], batch), sliced_patches(expected, batch))
 
 
 @VERSIONS

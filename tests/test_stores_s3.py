@@ -28,6 +28,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
 
+from conftest import sliced_patches  # noqa: E402
 from local_servers import S3_KEY as _KEY  # noqa: E402
 from local_servers import S3_SECRET as _SECRET  # noqa: E402
 from local_servers import s3_options as _options  # noqa: E402
@@ -68,16 +69,6 @@ def s3():
     server.stop()
 
 
-def _sliced(stack: np.ndarray, batch) -> np.ndarray:
-    patch = batch.patch_size
-    return np.stack(
-        [
-            stack[(s, slice(None), *(slice(c, c + p) for c, p in zip(corner, patch, strict=True)))]
-            for s, corner in zip(batch.sample_idx, batch.coords, strict=True)
-        ]
-    )
-
-
 @pytest.mark.parametrize("name", list(IMAGES))
 def test_every_patch_of_a_shuffled_epoch_from_s3_equals_slicing_the_image(s3, name):
     endpoint, pixels = s3
@@ -88,7 +79,7 @@ def test_every_patch_of_a_shuffled_epoch_from_s3_equals_slicing_the_image(s3, na
     loader = PatchLoader([stack], strategy, batch_size=8, shuffle=True)
     seen = 0
     for patches, batch in loader:
-        np.testing.assert_array_equal(patches, _sliced(pixels[name], batch))
+        np.testing.assert_array_equal(patches, sliced_patches(pixels[name], batch))
         seen += len(batch)
     assert seen == strategy.n_patches
 
@@ -100,7 +91,7 @@ def test_a_level_opened_by_its_url_has_the_image_axes_and_its_pixels(s3):
     assert stack.shape == level.shape
     assert stack.name == "s3://images/2d-v04.ome.zarr/1"
     rows = StratifiedPatching([stack.shape], (8, 8), seed=0).sample_epoch(0)
-    np.testing.assert_array_equal(extract_patches([stack], rows), _sliced(level, rows))
+    np.testing.assert_array_equal(extract_patches([stack], rows), sliced_patches(level, rows))
 
 
 def test_indexing_a_remote_stack_reads_the_selection(s3):
@@ -204,7 +195,7 @@ def test_a_server_stopped_mid_epoch_raises_store_error_naming_url_and_chunk():
     handed_over = []
     with pytest.raises(StoreError) as caught:
         for k, (patches, batch) in enumerate(loader):
-            np.testing.assert_array_equal(patches, _sliced(full[None, None], batch))
+            np.testing.assert_array_equal(patches, sliced_patches(full[None, None], batch))
             handed_over.append(len(batch))
             if k == 1:
                 server.stop()

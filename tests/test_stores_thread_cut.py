@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import sliced_patches
 
 from gpu_patching import PatchLoader, StratifiedPatching
 from gpu_patching.stores import ChunkReader, open_stack
@@ -28,14 +29,6 @@ def _stack(tmp_path):
     return data, open_stack(path)
 
 
-def _sliced(data, batch):
-    boxes = [
-        (s, slice(None), *(slice(c, c + p) for c, p in zip(corner, batch.patch_size, strict=True)))
-        for s, corner in zip(batch.sample_idx.tolist(), batch.coords.tolist(), strict=True)
-    ]
-    return np.stack([data[box] for box in boxes])
-
-
 def test_the_patches_here_are_large_enough_to_be_cut_on_the_threads():
     assert 2 * 2 * int(np.prod(_PATCH)) >= THREAD_CUT_BYTES
 
@@ -47,7 +40,7 @@ def test_large_patches_cut_on_the_threads_equal_the_sliced_patches(tmp_path, ord
     loader = PatchLoader([stack], strategy, 16, shuffle=True, order=order)
     n = 0
     for patches, batch in loader:
-        np.testing.assert_array_equal(patches, _sliced(data, batch))
+        np.testing.assert_array_equal(patches, sliced_patches(data, batch))
         n += len(batch)
     assert n == strategy.n_patches
 
@@ -59,5 +52,5 @@ def test_large_patches_in_a_cache_of_a_few_chunks_equal_the_sliced_patches(tmp_p
     rows = strategy.sample_epoch(0, shuffle=True).to_numpy()
     reader = ChunkReader([stack], cache_bytes=12 * stack.chunk_bytes)
     for patches, batch in reader.batches(rows, 8, read_ahead=2):
-        np.testing.assert_array_equal(patches, _sliced(data, batch))
+        np.testing.assert_array_equal(patches, sliced_patches(data, batch))
     assert reader.peak_held_bytes <= reader.cache_bytes

@@ -1,5 +1,8 @@
 """Patches of at least ``THREAD_CUT_BYTES`` are cut out on the decoding threads.
 
+Those of at least ``LOOP_COPY_BYTES`` that lie inside one chunk are copied
+into their rows one by one instead of gathered.
+
 Every store is written by zarr into ``tmp_path``; every batch is compared with
 slicing the same array in memory, and the chunk order with the shuffled one.
 """
@@ -11,7 +14,8 @@ import pytest
 from conftest import sliced_patches
 
 from gpu_patching import PatchLoader, StratifiedPatching
-from gpu_patching.stores import ChunkReader, open_stack
+from gpu_patching.stores import ChunkReader, open_stack, plan_chunks
+from gpu_patching.stores.cut import LOOP_COPY_BYTES
 from gpu_patching.stores.reader import THREAD_CUT_BYTES
 
 zarr = pytest.importorskip("zarr", minversion="3")
@@ -54,3 +58,27 @@ def test_large_patches_in_a_cache_of_a_few_chunks_equal_the_sliced_patches(tmp_p
     for patches, batch in reader.batches(rows, 8, read_ahead=2):
         np.testing.assert_array_equal(patches, sliced_patches(data, batch))
     assert reader.peak_held_bytes <= reader.cache_bytes
+
+
+@pytest.mark.parametrize("order", ["shuffle", "chunks"])
+def test_large_patches_inside_chunks_copied_one_by_one_equal_the_sliced_patches(tmp_path, order):
+    # float32 in chunks of one channel: each piece fills one channel of its row.
+    shape, chunks, patch = (2, 3, 40, 150, 150), (1, 1, 40, 96, 96), (16, 32, 32)
+    data = np.random.default_rng(8).standard_normal(shape).astype(np.float32)
+    path = tmp_path / "f.zarr"
+    zarr.create_array(str(path), shape=shape, chunks=chunks, dtype="float32")[...] = data
+    stack = open_stack(path)
+    assert shape[1] * int(np.prod(patch)) * 4 >= LOOP_COPY_BYTES
+    strategy = StratifiedPatching([stack.shape], patch, seed=9, backend="numpy")
+    rows = strategy.sample_epoch(0).to_numpy()
+    plan = plan_chunks(
+        [stack.shape], [stack.chunks], (rows.data_idx, rows.sample_idx, rows.coords), patch
+    )
+    # Both kinds of piece are there: most patches lie inside a chunk, some straddle.
+    assert plan.piece_whole.sum() > len(rows) and not plan.piece_whole.all()
+    loader = PatchLoader([stack], strategy, 16, shuffle=True, order=order)
+    n = 0
+    for patches, batch in loader:
+        np.testing.assert_array_equal(patches, sliced_patches(data, batch))
+        n += len(batch)
+    assert n == strategy.n_patches

@@ -65,6 +65,7 @@ printed; ``--write-results`` writes them into ``benchmarks/results/stores.md``,
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import importlib.util
@@ -120,6 +121,7 @@ from gpu_patching.stores import (
     open_stack,
     plan_chunks,
 )
+from gpu_patching.stores import reader as reader_module
 
 RESULTS = RESULTS_DIR / "stores.md"
 BATCH = 128
@@ -847,27 +849,66 @@ def epoch_reads(loader: PatchLoader, seconds: float = float("inf")) -> tuple[int
     return done, loader._reader.chunks_read
 
 
+@contextlib.contextmanager
+def patches_not_copied() -> Iterator[None]:
+    """Within: ``ChunkReader`` reads every chunk as it would and copies no patch out of it.
+
+    A diagnostic, not a mode of the library: an epoch read this way costs
+    what the chunk order costs beyond the patches' copy (decodes, planning,
+    windows, batches), so the copy's share is the difference.
+    """
+    cut = reader_module.cut_pieces
+    reader_module.cut_pieces = lambda *args: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        reader_module.cut_pieces = cut
+
+
+def cpu_seconds() -> float:
+    """User and system CPU time of this process (every thread) so far."""
+    return time.process_time()
+
+
 def chunk_order_case(path: Path, case: Case, quick: bool) -> dict[str, Any]:
-    """Decodes and epoch times of the floor, the shuffled order and the chunk order."""
+    """Decodes, epoch times and CPU times of the floor, the shuffled order and the chunk order."""
     stack = open_stack(path)
     strategy = StratifiedPatching([stack.shape], case.patch, seed=0)
     n_patches = strategy.n_patches
     touched = chunks_touched(stack, strategy.sample_epoch(0, shuffle=True))
     figures: dict[str, Any] = {"patches": n_patches, "touched": touched}
+    cpu: dict[str, list[float]] = {"floor": [], "chunks": [], "uncut": []}
 
     def floor(_k: int) -> None:
+        start = cpu_seconds()
         figures["floor_decodes"] = decode_every_chunk(stack)
+        cpu["floor"].append(cpu_seconds() - start)
 
     def chunks(_k: int) -> None:
         loader = PatchLoader([stack], strategy, BATCH, shuffle=True, order="chunks")
+        start = cpu_seconds()
         figures["chunks_done"], figures["chunks_decodes"] = epoch_reads(loader)
+        cpu["chunks"].append(cpu_seconds() - start)
+        del loader
+        gc.collect()
+
+    def uncut(_k: int) -> None:
+        loader = PatchLoader([stack], strategy, BATCH, shuffle=True, order="chunks")
+        start = cpu_seconds()
+        with patches_not_copied():
+            figures["uncut_done"], figures["uncut_decodes"] = epoch_reads(loader)
+        cpu["uncut"].append(cpu_seconds() - start)
+        del loader
         gc.collect()
 
     # Side by side, each from a cold cache; the store's pages are in the OS
-    # cache after the first turn for both alike.
-    times = in_turns({"floor": floor, "chunks": chunks}, 1 if quick else 2)
-    figures["floor_time"] = min(times["floor"])
-    figures["chunks_time"] = min(times["chunks"])
+    # cache after the first turn for all alike. Each figure is its best turn.
+    times = in_turns(
+        {"floor": floor, "chunks": chunks, "uncut": uncut}, 1 if quick else 3, rotate=True
+    )
+    for name, values in times.items():
+        figures[f"{name}_time"] = min(values)
+        figures[f"{name}_cpu"] = min(cpu[name])
     loader = PatchLoader([stack], strategy, BATCH, shuffle=True)
     start = time.perf_counter()
     done, decodes = epoch_reads(loader, float("inf") if quick else SHUFFLED_SECONDS)
@@ -878,8 +919,39 @@ def chunk_order_case(path: Path, case: Case, quick: bool) -> dict[str, Any]:
     return figures
 
 
+def chunk_order_cases(selected: list[Case]) -> list[Case]:
+    """The cases of the chunk-order section: each case, and the 2D one with 128x128 patches.
+
+    The same 2D store with a quarter as many patches, four times as large:
+    the same bytes copied out, a quarter of the per-patch work.
+    """
+    extra = [
+        Case(c.name, c.shape, c.chunks, tuple(2 * p for p in c.patch))
+        for c in selected
+        if len(c.shape) == 2
+    ]
+    return [*selected, *extra]
+
+
+def chunk_order_row(f: dict[str, Any], label: str, key: str, done: int, decodes: int) -> list[str]:
+    """One row of a chunk-order table: figures ``key`` of ``f`` against the floor's."""
+    per_patch = decodes / max(1, done)
+    cpu = f.get(f"{key}_cpu")
+    return [
+        label,
+        f"{done:,}",
+        f"{decodes:,}",
+        f"{per_patch:.4f}",
+        fmt_ratio(per_patch, f["touched"] / f["patches"], 1),
+        fmt_time(f[f"{key}_time"]),
+        fmt_ratio(f[f"{key}_time"], f["floor_time"], 2),
+        "-" if cpu is None else fmt_time(cpu),
+        "-" if cpu is None else fmt_ratio(cpu, f["floor_cpu"], 2),
+    ]
+
+
 def chunk_order_section(folder: Path, selected: list[Case], quick: bool, report: Report) -> None:
-    """Chunk decodes per patch and epoch time: shuffled order, chunk order, the floor."""
+    """Chunk decodes per patch, epoch and CPU time: shuffled order, chunk order, the floor."""
     report.emit(
         CHUNK_HEADING,
         "",
@@ -889,54 +961,51 @@ def chunk_order_section(folder: Path, selected: list[Case], quick: bool, report:
         "chunk), each from a fresh loader (cold cache). *Floor*: every chunk the epoch "
         "touches, decoded once (chunks touched / patches); its time is every chunk of the "
         "store read once through the same reader (`ChunkReader`, no cache, the default "
-        "reads in flight), the least an epoch of compressed data can take. The floor and "
-        "the chunk order take turns"
-        + ("" if quick else f" (best of 2); the shuffled order runs for {SHUFFLED_SECONDS:g} s ")
+        "reads in flight), the least an epoch of compressed data can take. *No patch "
+        "copied* (a diagnostic, not a mode of the library): the chunk-order epoch with "
+        "`ChunkReader`'s cut-out replaced by nothing, every chunk read and every batch handed "
+        "over as before, so the difference to `order='chunks'` is the cost of copying the "
+        "patches out of the chunks. *CPU*: user and system time of the process (every "
+        "thread). The floor and the two chunk-order epochs take turns"
+        + ("" if quick else " (best of 3, each turn in another order)")
+        + ("" if quick else f"; the shuffled order runs for {SHUFFLED_SECONDS:g} s ")
         + ("." if quick else "and its epoch time is scaled from the patches it handed over."),
         "",
     )
     summary = []
-    for case in selected:
+    for case in chunk_order_cases(selected):
         path = ensure_store(folder, case)
         f = chunk_order_case(path, case, quick)
         floor = f["touched"] / f["patches"]
         shuffled = f["shuffled_decodes"] / max(1, f["shuffled_done"])
-        chunks = f["chunks_decodes"] / max(1, f["chunks_done"])
         part = (
             "" if f["shuffled_done"] >= f["patches"] else f" (first {f['shuffled_done']:,}, scaled)"
         )
+
         rows = [
-            [
-                "floor: every chunk once",
-                f"{f['patches']:,}",
-                f"{f['touched']:,}",
-                f"{floor:.4f}",
-                "x1",
-                fmt_time(f["floor_time"]),
-                "x1",
-            ],
-            [
+            chunk_order_row(f, "floor: every chunk once", "floor", f["patches"], f["touched"]),
+            chunk_order_row(
+                f,
                 "shuffled (default)" + part,
-                f"{f['shuffled_done']:,}",
-                f"{f['shuffled_decodes']:,}",
-                f"{shuffled:.4f}",
-                fmt_ratio(shuffled, floor, 1),
-                fmt_time(f["shuffled_time"]),
-                fmt_ratio(f["shuffled_time"], f["floor_time"], 1),
-            ],
-            [
-                "order='chunks'",
-                f"{f['chunks_done']:,}",
-                f"{f['chunks_decodes']:,}",
-                f"{chunks:.4f}",
-                fmt_ratio(chunks, floor, 1),
-                fmt_time(f["chunks_time"]),
-                fmt_ratio(f["chunks_time"], f["floor_time"], 2),
-            ],
+                "shuffled",
+                f["shuffled_done"],
+                f["shuffled_decodes"],
+            ),
+            chunk_order_row(f, "order='chunks'", "chunks", f["chunks_done"], f["chunks_decodes"]),
+            chunk_order_row(
+                f,
+                "order='chunks', no patch copied (diagnostic)",
+                "uncut",
+                f["uncut_done"],
+                f["uncut_decodes"],
+            ),
         ]
+        rows[0][4] = rows[0][6] = rows[0][8] = "x1"
+        patch_bytes = 2 * math.prod(case.patch)
         report.emit(
             f"### {case.name}: {'x'.join(map(str, case.shape))} uint16, chunks "
-            f"{'x'.join(map(str, case.chunks))}, patches {'x'.join(map(str, case.patch))}",
+            f"{'x'.join(map(str, case.chunks))}, patches {'x'.join(map(str, case.patch))} "
+            f"({fmt_bytes(patch_bytes)})",
             "",
             *markdown_table(
                 [
@@ -947,19 +1016,24 @@ def chunk_order_section(folder: Path, selected: list[Case], quick: bool, report:
                     "x floor",
                     "epoch time",
                     "x decode-once time",
+                    "CPU",
+                    "x decode-once CPU",
                 ],
                 rows,
-                "lrrrrrr",
+                "lrrrrrrrr",
             ),
             "",
         )
         ratio = f["chunks_time"] / f["floor_time"]
         summary.append(
             [
-                case.name,
+                f"{case.name}, patches {'x'.join(map(str, case.patch))}",
+                f"{f['patches']:,}",
                 fmt_ratio(shuffled, floor, 1),
-                fmt_ratio(chunks, floor, 1),
+                fmt_ratio(f["chunks_decodes"] / max(1, f["chunks_done"]), floor, 1),
                 fmt_ratio(ratio, 1, 2),
+                fmt_ratio(f["uncut_time"] / f["floor_time"], 1, 2),
+                fmt_ratio(f["chunks_cpu"] / f["floor_cpu"], 1, 2),
                 fmt_verdict(ratio <= 1.5),
             ]
         )
@@ -969,13 +1043,16 @@ def chunk_order_section(folder: Path, selected: list[Case], quick: bool, report:
         *markdown_table(
             [
                 "case",
+                "patches",
                 "shuffled: decodes x floor",
                 "chunks: decodes x floor",
                 "chunks: epoch / decode once",
+                "no patch copied: epoch / decode once",
+                "chunks: CPU / decode-once CPU",
                 "x1.5 met",
             ],
             summary,
-            "lrrrr",
+            "lrrrrrrr",
         ),
         "",
         f"{load_line()} at the end.",

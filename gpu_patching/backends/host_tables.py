@@ -12,7 +12,6 @@ import operator
 import weakref
 from bisect import bisect_right as search_one
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -305,37 +304,40 @@ def as_int_view(values: Any) -> memoryview:
     return np.ascontiguousarray(values, dtype=np.int64).reshape(-1).data
 
 
-class IntViews(SimpleNamespace):
+class IntViews:
     """The arrays of a :class:`BoxIndex` and its tables as int64 ``memoryview``s.
 
-    Under the index's names, so that the one-point draw reads either alike (as
-    ``Any``: a namespace's attributes are not typed).
+    Under the index's names, so that the one-point draw reads either alike.
+    The annotations below are the list of names: a ``memoryview`` is one of
+    the index's flat arrays, a ``list[memoryview]`` one of its lists of one
+    array per axis.
     """
 
-    #: The index's flat arrays (one ``memoryview`` each) ...
-    FLAT = (
-        "mass_prefix",
-        "weight",
-        "layout",
-        "layout_base",
-        "entry_start",
-        "region_offset",
-        "patch_offset",
-        "n_patches",
-        "mass_total",
-        "mass_offset",
-        "stack_of_sample",
-        "sample_in_stack",
-    )
-    #: ... and its lists of one array per axis (a list of ``memoryview``s each).
-    PER_AXIS = ("sample_cells", "entry_part", "entry_length")
+    mass_prefix: memoryview
+    weight: memoryview
+    layout: memoryview
+    layout_base: memoryview
+    entry_start: memoryview
+    region_offset: memoryview
+    patch_offset: memoryview
+    n_patches: memoryview
+    mass_total: memoryview
+    mass_offset: memoryview
+    stack_of_sample: memoryview
+    sample_in_stack: memoryview
+    sample_cells: list[memoryview]
+    entry_part: list[memoryview]
+    entry_length: list[memoryview]
 
     def __init__(self, index: BoxIndex) -> None:
-        super().__init__(version=index.version)
-        for name in self.FLAT:
-            setattr(self, name, as_int_view(getattr(index, name)))
-        for name in self.PER_AXIS:
-            setattr(self, name, [as_int_view(values) for values in getattr(index, name)])
+        self.version: int = index.version
+        # The class's own annotations, strings under ``from __future__ import annotations``.
+        for name, kind in IntViews.__annotations__.items():
+            values = getattr(index, name)
+            if kind == "memoryview":
+                setattr(self, name, as_int_view(values))
+            else:
+                setattr(self, name, [as_int_view(axis) for axis in values])
 
 
 class _StackClasses(NamedTuple):

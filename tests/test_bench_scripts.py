@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from bench_host import host_cupy
+from conftest import sliced_patches
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
@@ -517,8 +518,9 @@ def test_bench_stores_chunk_order_only_runs_quick_into_its_output_with_its_three
         "floor: every chunk once",
         "shuffled (default)",
         "order='chunks'",
+        "order='chunks', no patch copied (diagnostic)",
     ]
-    assert len({row[1] for row in rows}) == 1  # --quick: whole epochs in both orders
+    assert len({row[1] for row in rows}) == 1  # --quick: whole epochs in every order
     assert not stores.exists()  # no --keep
 
 
@@ -718,3 +720,70 @@ def test_over_s3_each_per_patch_read_asks_once_for_each_chunk_its_patch_touches(
     verdict = next(line for line in report.lines if line.startswith("The loader's best epoch"))
     assert "faster than `open_stack`'s fsspec store with s3fs's defaults" in verdict
     assert verdict.endswith(("worth switching (docs/design.md).", "fsspec stays."))
+
+
+# -- bench_stores: the chunk-order section ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench_stores() -> ModuleType:
+    pytest.importorskip("zarr", minversion="3")
+    return _load("bench_stores")
+
+
+def test_patches_not_copied_reads_every_chunk_copies_no_patch_and_restores_the_cut_out(
+    bench_stores: ModuleType, tmp_path: Path
+) -> None:
+    from gpu_patching import PatchLoader, StratifiedPatching
+    from gpu_patching.stores import cut, open_stack
+    from gpu_patching.stores import reader as reader_module
+
+    case = bench_stores.Case("2D", (256, 256), (64, 64), (16, 16))
+    stack = open_stack(bench_stores.ensure_store(tmp_path, case))
+    pixels = np.asarray(stack.array[...]).reshape(stack.shape)
+    strategy = StratifiedPatching([stack.shape], case.patch, seed=2)
+
+    def epoch() -> tuple[int, list[bool]]:
+        loader = PatchLoader([stack], strategy, 32, order="chunks")
+        equal = [
+            bool(np.array_equal(patches, sliced_patches(pixels, batch)))
+            for patches, batch in loader
+        ]
+        assert loader._reader is not None
+        return loader._reader.chunks_read, equal
+
+    before, copied = epoch()
+    with bench_stores.patches_not_copied():
+        assert reader_module.cut_pieces is not cut.cut_pieces
+        during, _ = epoch()
+    assert reader_module.cut_pieces is cut.cut_pieces
+    after, copied_again = epoch()
+    assert all(copied) and all(copied_again)
+    assert before == during == after == 16  # every chunk of the 4x4 grid, once
+
+
+def test_chunk_order_section_sets_the_uncopied_epoch_and_cpu_beside_the_floor(
+    bench_stores: ModuleType, tmp_path: Path
+) -> None:
+    report = bench_stores.Report(echo=False)
+    tiny = [
+        bench_stores.Case("2D", (256, 256), (64, 64), (16, 16)),
+        bench_stores.Case("3D", (32, 128, 128), (16, 64, 64), (8, 16, 16)),
+    ]
+    bench_stores.chunk_order_section(tmp_path, tiny, True, report)
+    text = report.text()
+    for title in ("2D: 256x256", "3D: 32x128x128", "patches 32x32"):
+        assert title in text
+    summary = _table(text, "| case | patches |")
+    assert [row[0] for row in summary] == [
+        "2D, patches 16x16",
+        "3D, patches 8x16x16",
+        "2D, patches 32x32",
+    ]
+    rows = _table(text, "| order | patches | chunk decodes |")  # the first case's table
+    by_order = {row[0]: row for row in rows}
+    uncut = by_order["order='chunks', no patch copied (diagnostic)"]
+    chunks = by_order["order='chunks'"]
+    assert uncut[1:5] == chunks[1:5]  # the same patches and decodes
+    assert by_order["floor: every chunk once"][7] != "-"  # CPU measured for the floor
+    assert all(cell.startswith("x") for cell in uncut[6:9:2])

@@ -119,7 +119,9 @@ def fmt_bandwidth(bytes_per_second: float) -> str:
 
 
 def fmt_bytes(nbytes: int) -> str:
-    """A size in binary units: '3.73 GiB'."""
+    """A size in binary units: '3.73 GiB'; a negative one with its sign: '-199.54 MiB'."""
+    if nbytes < 0:
+        return "-" + fmt_bytes(-nbytes)
     units = ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB"))
     return _in_largest_unit(nbytes, units, f"{nbytes} B")
 

@@ -163,8 +163,9 @@ class PatchLoader:
         iteration starts.
     cache_bytes : int, optional
         Chunked stores only: the reader's memory budget (chunk cache, reads
-        in flight, batches read ahead, the epoch's rows). Default: the
-        stores' decoded bytes, at most 512 MiB
+        in flight, batches read ahead, the epoch's rows). Default: room for
+        every chunk of the stores beside the reads and the batches read
+        ahead (about twice their decoded bytes), at most 512 MiB
         (:func:`gpu_patching.stores.default_cache_bytes`). Peak memory of a
         pass: ``docs/design.md``, "Chunked stores".
     workers : int, default gpu_patching.stores.DEFAULT_WORKERS

@@ -38,6 +38,8 @@ def test_rates_sizes_and_fractions() -> None:
     assert _report.fmt_bytes(4 * 10**9) == "3.73 GiB"
     assert _report.fmt_bytes(3 << 20) == "3.00 MiB"
     assert _report.fmt_bytes(100) == "100 B"
+    assert _report.fmt_bytes(-(3 << 20)) == "-3.00 MiB"  # a peak below its bound
+    assert _report.fmt_bytes(-100) == "-100 B"
     assert _report.fmt_percent(0.5) == "50.0%"
     assert _report.fmt_overhead(0.123) == "+12%"
     assert _report.fmt_overhead(-0.05) == "-5%"

@@ -28,22 +28,53 @@ def _store(path, shape, chunks, *, write=True):
     return array
 
 
-def test_default_cache_of_a_loader_over_a_small_store_is_the_stores_bytes(tmp_path):
+def test_default_cache_of_a_loader_over_a_small_store_holds_it_twice_beside_its_reads(tmp_path):
     # 100x90 does not divide into 16x16 chunks: the edge chunks are cut at
-    # the edges, so the store decodes to exactly its own bytes.
+    # the edges, so the store decodes to exactly its own bytes. 126 chunks,
+    # 6 reads in flight of three chunk sizes (16x16 uint16, 512 bytes) each.
     _store(tmp_path / "a.zarr", (3, 1, 100, 90), (1, 1, 16, 16))
     stack = open_stack(tmp_path / "a.zarr")
     strategy = StratifiedPatching([stack.shape], (8, 8), seed=0)
-    loader = PatchLoader([stack], strategy, batch_size=16)
+    loader = PatchLoader([stack], strategy, batch_size=16, workers=6)
     assert loader._reader is not None
-    assert loader._reader.cache_bytes == 3 * 100 * 90 * 2
+    assert loader._reader.cache_bytes == 2 * (3 * 100 * 90 * 2 + 6 * 3 * 16 * 16 * 2)
 
 
-def test_default_cache_over_several_stores_is_their_bytes_together(tmp_path):
+def test_default_cache_counts_no_more_reads_in_flight_than_the_stores_have_chunks(tmp_path):
+    _store(tmp_path / "a.zarr", (1, 1, 32, 32), (1, 1, 16, 16))  # 4 chunks
+    reader = ChunkReader([open_stack(tmp_path / "a.zarr")], workers=30)
+    assert reader.cache_bytes == 2 * (32 * 32 * 2 + 4 * 3 * 16 * 16 * 2)
+
+
+def test_default_cache_over_several_stores_holds_them_together(tmp_path):
     _store(tmp_path / "a.zarr", (2, 1, 64, 64), (1, 1, 16, 16))
     _store(tmp_path / "b.zarr", (1, 1, 40, 50), (1, 1, 16, 16))
-    reader = ChunkReader([open_stack(tmp_path / "a.zarr"), open_stack(tmp_path / "b.zarr")])
-    assert reader.cache_bytes == (2 * 64 * 64 + 40 * 50) * 2
+    reader = ChunkReader(
+        [open_stack(tmp_path / "a.zarr"), open_stack(tmp_path / "b.zarr")], workers=2
+    )
+    assert reader.cache_bytes == 2 * ((2 * 64 * 64 + 40 * 50) * 2 + 2 * 3 * 16 * 16 * 2)
+
+
+@pytest.mark.parametrize("order", ["shuffle", "chunks"])
+def test_at_the_default_cache_an_epoch_decodes_each_chunk_once_and_the_next_none(tmp_path, order):
+    # A store below the cap, in chunks of 64 KiB, and batches of 32 KiB (up to
+    # 16 read ahead): the default budget leaves every chunk room in the cache.
+    # With the stores' bytes alone as the budget, the reads in flight and the
+    # batches read ahead left the cache a few chunks: a shuffled epoch decoded
+    # each chunk several times over, and so did every later epoch.
+    _store(tmp_path / "a.zarr", (1, 1, 1024, 1024), (1, 1, 256, 128))
+    stack = open_stack(tmp_path / "a.zarr")
+    pixels = np.asarray(stack.array[...]).reshape(stack.shape)
+    strategy = StratifiedPatching([stack.shape], (32, 32), seed=1)
+    loader = PatchLoader([stack], strategy, batch_size=16, shuffle=True, order=order)
+    reader = loader._reader
+    assert reader is not None and reader.cache_bytes < DEFAULT_CACHE_BYTES
+    for epoch in (0, 1):  # 32 chunks, every one decoded in epoch 0, none in epoch 1
+        loader.set_epoch(epoch)
+        for patches, batch in loader:
+            np.testing.assert_array_equal(patches, sliced_patches(pixels, batch))
+        assert reader.chunks_read == 32
+    assert reader.peak_held_bytes <= reader.cache_bytes
 
 
 def test_default_cache_over_a_store_larger_than_the_cap_is_the_cap(tmp_path):

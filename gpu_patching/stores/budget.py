@@ -78,19 +78,29 @@ def pass_rows_bytes(rows: PatchBatch) -> int:
     )
 
 
-def default_cache_bytes(stacks: Sequence[ChunkedStack]) -> int:
+def default_cache_bytes(stacks: Sequence[ChunkedStack], workers: int = DEFAULT_WORKERS) -> int:
     """Return the default ``cache_bytes`` of a :class:`ChunkReader` over ``stacks``.
 
-    The stacks' decoded bytes together (every element once: a chunk at a far
-    edge decodes to its part inside the stack), at most
-    :data:`DEFAULT_CACHE_BYTES`. A budget larger than the stores could never
-    be filled with chunks; it would only let the budget's other parts (reads
-    in flight, batches read ahead) grow past what the data needs.
+    Room for every chunk of the stacks in the cache beside the reads in
+    flight, twice over, at most :data:`DEFAULT_CACHE_BYTES`: twice the
+    stacks' decoded bytes (every element once: a chunk at a far edge decodes
+    to its part inside the stack) plus three chunk sizes (``read_bytes``)
+    for each read that can be in flight (``workers``, at most one per
+    chunk). Twice, because a pass may read batches ahead into up to half of
+    the budget (:meth:`ChunkReader.read_ahead`); the other half then still
+    caches every chunk, so each is decoded once and later epochs decode
+    none. A budget of the decoded bytes alone left the reads in flight and
+    the batches read ahead so little room that chunks were decoded again
+    (a 32 MiB store of 16 chunks: 76 decodes a shuffled epoch, 42 in chunk
+    order; 16 and 16 with this default, ``benchmarks/bench_stores.py``'s
+    quick stores). More could never be used.
 
     Parameters
     ----------
     stacks : sequence of ChunkedStack
-        The stacks (their shapes and dtypes; nothing is read).
+        The stacks (their shapes, chunks and dtypes; nothing is read).
+    workers : int, default DEFAULT_WORKERS
+        The reader's reads in flight at most.
 
     Returns
     -------
@@ -98,7 +108,9 @@ def default_cache_bytes(stacks: Sequence[ChunkedStack]) -> int:
         The budget in bytes.
     """
     decoded = sum(math.prod(s.shape) * s.dtype.itemsize for s in stacks)
-    return min(DEFAULT_CACHE_BYTES, decoded)
+    chunks = sum(math.prod(s.chunk_grid) for s in stacks)
+    read = CHUNK_SIZES_PER_READ * max((s.chunk_bytes for s in stacks), default=0)
+    return min(DEFAULT_CACHE_BYTES, 2 * (decoded + min(workers, chunks) * read))
 
 
 def check_reader_options(cache_bytes: Any, workers: Any) -> tuple[int | None, int]:

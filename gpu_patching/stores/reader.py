@@ -84,9 +84,9 @@ class ChunkReader:
         so a budget below :meth:`pass_floor_bytes` works too, holding that
         floor. With ``memory="call"``: the cache's bytes alone. 0 keeps no
         chunk between reads. Default: :func:`default_cache_bytes` of the
-        stacks, the smaller of their decoded bytes and
-        :data:`DEFAULT_CACHE_BYTES` (a budget larger than the stores would
-        only hold the reads' garbage longer).
+        stacks and ``workers``, room for every chunk beside the reads in
+        flight and the batches read ahead, at most
+        :data:`DEFAULT_CACHE_BYTES`.
     workers : int, default DEFAULT_WORKERS
         The most chunk reads in flight at once (zarr decodes them in its
         thread pool).
@@ -167,7 +167,7 @@ class ChunkReader:
                     f"({first.name}) has {first.shape[1]}, stacks[{k}] ({stack.name}) "
                     f"has {stack.shape[1]}"
                 )
-        self.cache_bytes = default_cache_bytes(self.stacks) if limit is None else limit
+        self.cache_bytes = default_cache_bytes(self.stacks, n_workers) if limit is None else limit
         self.workers = n_workers
         self.memory = memory
         self.read_bytes = CHUNK_SIZES_PER_READ * max(s.chunk_bytes for s in self.stacks)

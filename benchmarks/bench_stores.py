@@ -799,6 +799,8 @@ SHUFFLED_SECONDS = 60.0
 PER_PATCH_SECONDS = 30.0
 #: The store uploaded to the S3 server: small enough to upload in seconds, with
 #: enough chunks (256 of 128 KiB) for the orders to differ.
+#: The S3 section's image is this many times the loaders' cache_bytes.
+S3_STORE_PER_CACHE = 4
 S3_CASES = {
     False: Case("s3-2D", (4096, 4096), (256, 256), (64, 64)),
     True: Case("s3-2D", (1024, 1024), (128, 128), (64, 64)),
@@ -1491,9 +1493,20 @@ def s3_section(folder: Path, quick: bool, report: Report, case: Case | None = No
         shuffled = strategy.sample_epoch(0, shuffle=True).to_numpy()
         figures: dict[tuple[str, str], dict[str, Any]] = {}
 
+        # A store larger than the loader's memory, as remote data is: with the
+        # default budget this small store would sit whole in the cache.
+        cache_bytes = case.raw_bytes // S3_STORE_PER_CACHE
+
         def epoch(kind: str, order: str) -> Callable[[int], None]:
             def run(_k: int) -> None:
-                loader = PatchLoader([opened[kind][0]], strategy, BATCH, shuffle=True, order=order)
+                loader = PatchLoader(
+                    [opened[kind][0]],
+                    strategy,
+                    BATCH,
+                    shuffle=True,
+                    order=order,
+                    cache_bytes=cache_bytes,
+                )
                 before = server.requests()
                 start = time.perf_counter()
                 done, decodes = epoch_reads(loader)
@@ -1566,7 +1579,11 @@ def s3_section(folder: Path, quick: bool, report: Report, case: Case | None = No
         "one GET); *obstore*: `open_stack` of the group opened through zarr's "
         "`ObjectStore` on obstore's `S3Store`"
         + (f" ({_version('obstore')})" if "obstore" in kinds else " (not installed)")
-        + ". Loaders from a cold cache, default workers (requests in flight) and cache; "
+        + ". Loaders from a cold cache, default workers (requests in flight), "
+        + f"`cache_bytes` {fmt_bytes(case.raw_bytes // S3_STORE_PER_CACHE)}, "
+        + f"1/{S3_STORE_PER_CACHE} of the image (a store larger than the loader's memory, as "
+        + "remote data is; at the default budget this image would sit whole in the cache "
+        + "and either order read each chunk once); "
         + ("one epoch each" if quick else "best of 2 epochs each, in turns")
         + "; per-patch reads: one synchronous zarr read per patch of the shuffled epoch"
         + ("." if quick else f", for {PER_PATCH_SECONDS:g} s, the epoch's time scaled from it."),

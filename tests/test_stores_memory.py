@@ -15,7 +15,12 @@ import pytest
 from conftest import sliced_patches
 
 from gpu_patching import PatchLoader, StratifiedPatching
-from gpu_patching.stores import DEFAULT_CACHE_BYTES, ChunkReader, open_stack
+from gpu_patching.stores import (
+    DEFAULT_CACHE_BYTES,
+    ChunkReader,
+    default_cache_bytes,
+    open_stack,
+)
 
 zarr = pytest.importorskip("zarr", minversion="3")
 
@@ -44,6 +49,15 @@ def test_default_cache_counts_no_more_reads_in_flight_than_the_stores_have_chunk
     _store(tmp_path / "a.zarr", (1, 1, 32, 32), (1, 1, 16, 16))  # 4 chunks
     reader = ChunkReader([open_stack(tmp_path / "a.zarr")], workers=30)
     assert reader.cache_bytes == 2 * (32 * 32 * 2 + 4 * 3 * 16 * 16 * 2)
+
+
+@pytest.mark.parametrize(
+    ("workers", "error"), [(0, ValueError), (-3, ValueError), (2.5, TypeError)]
+)
+def test_default_cache_refuses_a_bad_number_of_workers_naming_it(tmp_path, workers, error):
+    _store(tmp_path / "a.zarr", (1, 1, 32, 32), (1, 1, 16, 16))
+    with pytest.raises(error, match="workers"):
+        default_cache_bytes([open_stack(tmp_path / "a.zarr")], workers)
 
 
 def test_default_cache_over_several_stores_holds_them_together(tmp_path):

@@ -106,11 +106,21 @@ def default_cache_bytes(stacks: Sequence[ChunkedStack], workers: int = DEFAULT_W
     -------
     int
         The budget in bytes.
+
+    Raises
+    ------
+    TypeError
+        If ``workers`` is not an integer.
+    ValueError
+        If ``workers`` is below 1.
     """
+    n_workers = check.as_int(workers, "workers")
+    if n_workers < 1:
+        raise ValueError(f"workers must be at least 1, got {n_workers}")
     decoded = sum(math.prod(s.shape) * s.dtype.itemsize for s in stacks)
     chunks = sum(math.prod(s.chunk_grid) for s in stacks)
     read = CHUNK_SIZES_PER_READ * max((s.chunk_bytes for s in stacks), default=0)
-    return min(DEFAULT_CACHE_BYTES, 2 * (decoded + min(workers, chunks) * read))
+    return min(DEFAULT_CACHE_BYTES, 2 * (decoded + min(n_workers, chunks) * read))
 
 
 def check_reader_options(cache_bytes: Any, workers: Any) -> tuple[int | None, int]:

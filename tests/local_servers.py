@@ -61,15 +61,30 @@ class _QuietFiles(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def start_https_server(folder: Path, certificate: Any) -> tuple[Any, str]:
-    """Serve ``folder`` over HTTPS on a free port of 127.0.0.1; return the server and its URL.
+class _CountingServer(http.server.ThreadingHTTPServer):
+    """An HTTP server that counts the connections it accepts (``.connections``).
 
-    ``certificate`` is a ``trustme`` leaf certificate for ``127.0.0.1``. The
-    server answers from a thread of this process; ``.shutdown()`` and
-    ``.server_close()`` end it.
+    Over TLS a connection is counted before its handshake, so a client that
+    refuses the server's certificate is counted too.
+    """
+
+    connections = 0
+
+    def get_request(self) -> Any:
+        self.connections += 1
+        return super().get_request()
+
+
+def start_https_server(folder: Path, certificate: Any, port: int = 0) -> tuple[Any, str]:
+    """Serve ``folder`` over HTTPS on 127.0.0.1; return the server and its URL.
+
+    ``certificate`` is a ``trustme`` leaf certificate for ``127.0.0.1``;
+    ``port`` 0 takes a free one. The server answers from a thread of this
+    process and counts the connections it accepts (``.connections``);
+    ``.shutdown()`` and ``.server_close()`` end it.
     """
     handler = functools.partial(_QuietFiles, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _CountingServer(("127.0.0.1", port), handler)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     certificate.configure_cert(context)
     server.socket = context.wrap_socket(server.socket, server_side=True)

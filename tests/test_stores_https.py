@@ -128,6 +128,37 @@ def test_a_server_stopped_mid_epoch_raises_store_error_naming_url_and_chunk(auth
     assert caught.value.chunk is not None and f"chunk {caught.value.chunk}" in str(caught.value)
 
 
+def test_a_certificate_that_turns_untrusted_mid_epoch_fails_the_read_without_retrying(
+    authority, folder
+):
+    # The server is replaced, on the same port, by one whose certificate no
+    # authority the client trusts has signed: a refusal, not a read that
+    # failed on its way, so the chunk is not asked for again (3 retries).
+    server, url = start_https_server(folder[0], authority.issue_cert("127.0.0.1"))
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    stack = open_stack(f"{url}/image.ome.zarr", storage_options={"ssl": trusting})
+    strategy = StratifiedPatching([stack.shape], (8, 16, 16), seed=2)
+    loader = PatchLoader([stack], strategy, batch_size=4, shuffle=True, cache_bytes=0, workers=1)
+    batches = iter(loader)
+    patches, batch = next(batches)
+    np.testing.assert_array_equal(patches, sliced_patches(folder[1], batch))
+    server.shutdown()
+    server.server_close()
+    impostor, _ = start_https_server(
+        folder[0], trustme.CA().issue_cert("127.0.0.1"), port=server.server_address[1]
+    )
+    try:
+        with pytest.raises(StoreError, match="CERTIFICATE_VERIFY_FAILED") as caught:
+            for _ in batches:
+                pass
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+    assert f"{url}/image.ome.zarr/0" in str(caught.value) and caught.value.chunk is not None
+    assert impostor.connections == 1
+
+
 def test_a_password_in_an_https_url_is_not_in_the_error_of_a_stopped_server(authority, folder):
     server, url = start_https_server(folder[0], authority.issue_cert("127.0.0.1"))
     server.shutdown()

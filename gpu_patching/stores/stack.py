@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -520,12 +521,29 @@ async def _in_own_thread(function: Callable[[], Any]) -> Any:
 
 
 def _is_transient(error: BaseException) -> bool:
-    """Tell a read that failed on its way (worth another try) from a refusal."""
-    if isinstance(error, _PERMANENT_ERRORS):
+    """Tell a read that failed on its way (worth another try) from a refusal.
+
+    A certificate the client does not trust is a refusal, whichever library
+    wraps the ``ssl`` error (aiohttp, botocore): asked again, the server shows
+    the same certificate.
+    """
+    if isinstance(error, _PERMANENT_ERRORS) or _from_untrusted_certificate(error):
         return False
     if isinstance(error, (OSError, asyncio.TimeoutError)):
         return True
     return (type(error).__module__ or "").split(".")[0] in _NETWORK_PACKAGES
+
+
+def _from_untrusted_certificate(error: BaseException) -> bool:
+    """Tell whether ``error`` or an error it was raised from failed a certificate check."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _tiff_backed(array: Any) -> bool:

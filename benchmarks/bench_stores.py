@@ -66,6 +66,7 @@ printed; ``--write-results`` writes them into ``benchmarks/results/stores.md``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import importlib.util
@@ -80,7 +81,7 @@ import sys
 import time
 import tracemalloc
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version as _version
@@ -317,7 +318,8 @@ def careamics_rate(cls: Any, path: Path, case: Case, rows: Any, seconds: float) 
     return rate_for(seconds, one, len(rows))[0]
 
 
-def loader_batches(loader: PatchLoader) -> Iterator[Any]:
+def loader_batches(loader: PatchLoader) -> Generator[Any, None, None]:
+    """The loader's batches of patches, as a generator the caller may close early."""
     for patches, _ in loader:
         yield patches
 
@@ -327,7 +329,7 @@ def loader_rate(
 ) -> tuple[float, int, ChunkReader]:
     """Patches/s and patches of a fresh PatchLoader (its default read-ahead)."""
     loader = PatchLoader([stack], strategy, BATCH, shuffle=shuffle, workers=workers)
-    batches = iter(loader_batches(loader))
+    batches = loader_batches(loader)
     rate, done = rate_for(seconds, lambda k: len(next(batches)), len(loader), min_batches)
     batches.close()
     assert loader._reader is not None
@@ -415,7 +417,7 @@ def reader_choice(path: Path, case: Case, tensorstore_path: str | None) -> list[
         results.append(
             (
                 f"zarr async (ChunkReader, {workers} in flight)",
-                best(lambda reader=reader: reader.read(rows, (1,) * len(case.shape))),
+                best(functools.partial(reader.read, rows, (1,) * len(case.shape))),
                 "ours",
             )
         )
@@ -478,7 +480,7 @@ def reader_choice(path: Path, case: Case, tensorstore_path: str | None) -> list[
 # -- one case ----------------------------------------------------------------------------
 
 
-def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[str, Any]:
+def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[Any, Any]:
     import zarr
 
     stack = open_stack(path)  # OME-Zarr: level 0, axes from the metadata
@@ -514,7 +516,8 @@ def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[str
         rows.append([why, "shuffled", "1", fmt_rate(rate), fmt_ratio(rate, slicing, 2), "same", ""])
     else:
         rows.append(["CAREamics ZarrImageStack", "shuffled", "1", "n/a", "n/a", "", why])
-    figures: dict[str, Any] = {"slicing": slicing, "slicing_reads": slicing_reads}
+    # Keyed by name, or by (order, workers) and (order, workers, "reads").
+    figures: dict[Any, Any] = {"slicing": slicing, "slicing_reads": slicing_reads}
     rate, done, reader = per_batch_rate(stack, shuffled, 2, seconds)
     rows.append(
         [
@@ -585,7 +588,7 @@ def run_case(path: Path, case: Case, seconds: float, report: Report) -> dict[str
     tracemalloc.start()
     start = time.perf_counter()
     loader = PatchLoader([stack], strategy, BATCH, shuffle=True, workers=2)
-    batches = iter(loader)
+    batches = loader_batches(loader)
     next(batches)
     n_batches = 1
     # As long as the shuffled throughput runs: the cache and the windows fill.
@@ -1712,8 +1715,9 @@ def throughput_section(args: Any, selected: list[Case], seconds: float, report: 
         f"Machine: {machine_line()}. Stores written by this script: OME-Zarr 0.5, zarr format 3, "
         "uint16, Blosc zstd level 3 with byte shuffle, on the local disk. Throughputs: patches "
         f"handed over per second for {seconds:g} s from a fresh loader (cold cache; the "
-        "consumer does nothing with them), the default cache (the store's bytes, at most "
-        f"{fmt_bytes(DEFAULT_CACHE_BYTES)}). "
+        "consumer does nothing with them), the default cache (room for the store's chunks "
+        f"beside the reads and the batches read ahead, at most {fmt_bytes(DEFAULT_CACHE_BYTES)}: "
+        "the cap, for these stores). "
         "Chunk reads per patch (how many chunks were decoded per patch handed over) do not "
         "depend on the machine's load; patches/s do, and this machine is shared: "
         f"{load_line()} at the start.",
@@ -1787,7 +1791,7 @@ def device_output_rate(
     is asked for (what a consumer using it does), so the time includes it.
     """
     loader = PatchLoader([stack], strategy, BATCH, shuffle=True, device_output=device_output)
-    batches = iter(loader_batches(loader))
+    batches = loader_batches(loader)
     stream = cupy.cuda.get_current_stream()
 
     def one(k: int) -> int:

@@ -33,6 +33,16 @@ def _stack(tmp_path):
     return data, open_stack(path)
 
 
+def _assert_epoch_equals_slicing(data, stack, strategy, order):
+    """A loader's epoch in ``order``, batches of 16: every patch equals slicing ``data``."""
+    loader = PatchLoader([stack], strategy, 16, shuffle=True, order=order)
+    n = 0
+    for patches, batch in loader:
+        np.testing.assert_array_equal(patches, sliced_patches(data, batch))
+        n += len(batch)
+    assert n == strategy.n_patches
+
+
 def test_the_patches_here_are_large_enough_to_be_cut_on_the_threads():
     assert 2 * 2 * int(np.prod(_PATCH)) >= THREAD_CUT_BYTES
 
@@ -41,12 +51,7 @@ def test_the_patches_here_are_large_enough_to_be_cut_on_the_threads():
 def test_large_patches_cut_on_the_threads_equal_the_sliced_patches(tmp_path, order):
     data, stack = _stack(tmp_path)
     strategy = StratifiedPatching([stack.shape], _PATCH, seed=5, backend="numpy")
-    loader = PatchLoader([stack], strategy, 16, shuffle=True, order=order)
-    n = 0
-    for patches, batch in loader:
-        np.testing.assert_array_equal(patches, sliced_patches(data, batch))
-        n += len(batch)
-    assert n == strategy.n_patches
+    _assert_epoch_equals_slicing(data, stack, strategy, order)
 
 
 def test_large_patches_in_a_cache_of_a_few_chunks_equal_the_sliced_patches(tmp_path):
@@ -76,9 +81,4 @@ def test_large_patches_inside_chunks_copied_one_by_one_equal_the_sliced_patches(
     )
     # Both kinds of piece are there: most patches lie inside a chunk, some straddle.
     assert plan.piece_whole.sum() > len(rows) and not plan.piece_whole.all()
-    loader = PatchLoader([stack], strategy, 16, shuffle=True, order=order)
-    n = 0
-    for patches, batch in loader:
-        np.testing.assert_array_equal(patches, sliced_patches(data, batch))
-        n += len(batch)
-    assert n == strategy.n_patches
+    _assert_epoch_equals_slicing(data, stack, strategy, order)
